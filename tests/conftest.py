@@ -1,0 +1,38 @@
+"""Shared fixtures: paths to the shared data (skipped cleanly when absent) and GPU auto-skip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is available")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of ../shared/data; tests that need it skip with a reason when it is missing."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (needed for real-photo tests)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def imagenet_samples(shared_data: Path) -> list[Path]:
+    """The 1000 ImageNet sample photos, sorted by file name."""
+    folder = shared_data / "imagenet-samples"
+    paths = sorted(folder.glob("*.JPEG"))
+    if not paths:
+        pytest.skip(f"no ImageNet sample photos in {folder}")
+    return paths
