@@ -1,0 +1,44 @@
+"""Safe file writing shared by every stage: atomic replace, never a half-written artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp_path)`` on a temp file in ``path``'s folder, then ``os.replace`` it into place.
+
+    A crash (or SIGKILL) leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | Path, doc: Any) -> Path:
+    """Atomically write ``doc`` as indented JSON."""
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n"))
+
+
+def write_safetensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Atomically write contiguous CPU copies of ``tensors`` as safetensors."""
+    flat = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=dict(metadata or {})))

@@ -1,0 +1,357 @@
+"""Training and evaluation of the Matryoshka BatchTopK SAE (paper App. B.2).
+
+Adam (lr 1e-4), ~16k patches per batch, 3 epochs, 10 % held out; aux loss (alpha 1/32) for latents
+that did not fire in the last 10M samples (capped at one epoch of data, so small datasets still
+revive dead latents); learned inference threshold = running mean of the smallest kept activation
+(dictionary_learning's rule: EMA with beta 0.999 after ``threshold_start_step``). Like
+dictionary_learning: b_dec starts at the geometric median of the first batch, gradients parallel to
+decoder rows are removed, grad norm clipped at 1, decoder rows renormalised after each step, linear
+warmup and optional linear decay of the learning rate.
+
+Training state (weights, Adam moments, counters, threshold) is checkpointed atomically as
+safetensors + JSON so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from insight_core.errors import CheckpointError, ConfigError
+from insight_core.features import FeatureSplit
+from insight_core.io import write_safetensors
+from insight_core.sae import MatryoshkaSAE, SAEConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TrainConfig:
+    """Optimisation settings (paper defaults where the paper gives them)."""
+
+    lr: float = 1e-4
+    """Adam learning rate."""
+    batch_size: int = 16_384
+    """Patches per step (~83 images x 196 patches in the paper)."""
+    epochs: float = 3.0
+    """Passes over the training split; ignored when ``steps`` is set."""
+    steps: int | None = None
+    """Total optimisation steps (overrides ``epochs``)."""
+    held_out_fraction: float = 0.1
+    """Fraction of images held out for evaluation."""
+    aux_alpha: float = 1 / 32
+    """Weight of the dead-latent aux loss (Eq. B.6); 0 disables it."""
+    aux_k: int | None = None
+    """Dead latents used per input by the aux loss; None = d_in // 2 (as OpenAI / dictionary_learning)."""
+    dead_after_samples: int = 10_000_000
+    """A latent is dead when it has not fired for this many training samples (capped at one epoch)."""
+    warmup_steps: int = 1000
+    """Linear learning-rate warmup (capped at 10 % of the run)."""
+    decay_start_fraction: float | None = 0.8
+    """Linear decay to zero from this fraction of the run; None keeps the rate constant."""
+    threshold_beta: float = 0.999
+    """EMA factor of the inference threshold."""
+    threshold_start_step: int = 1000
+    """Step from which the threshold is estimated (capped at half the run)."""
+    grad_clip: float | None = 1.0
+    """Max global gradient norm; None disables clipping."""
+    group_weights: tuple[float, ...] | None = None
+    """Weight of each shell's loss; None = 1 each (the sum of Eq. 4)."""
+    seed: int = 0
+    """Seed for initialisation, the split and batch order."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    eval_max_rows: int = 200_000
+    """Held-out rows used for the final metrics."""
+    checkpoint_every: int = 500
+    """Steps between resumable checkpoints (0 disables)."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lr": self.lr > 0,
+            "batch_size": self.batch_size >= 1,
+            "epochs": self.epochs > 0,
+            "steps": self.steps is None or self.steps >= 1,
+            "held_out_fraction": 0 <= self.held_out_fraction < 1,
+            "aux_alpha": self.aux_alpha >= 0,
+            "threshold_beta": 0 <= self.threshold_beta < 1,
+            "decay_start_fraction": self.decay_start_fraction is None or 0 <= self.decay_start_fraction <= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"invalid training config value(s) {bad}: {self}")
+
+
+@dataclasses.dataclass(slots=True)
+class TrainState:
+    """Mutable counters of a run (checkpointed with the weights)."""
+
+    step: int = 0
+    samples_seen: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def geometric_median(points_nd: torch.Tensor, iters: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld iterations; a robust centre for b_dec's initial value."""
+    guess = points_nd.mean(0)
+    for _ in range(iters):
+        weights = 1.0 / (points_nd - guess).norm(dim=1).clamp_min(1e-8)
+        new = (weights[:, None] * points_nd).sum(0) / weights.sum()
+        if (new - guess).norm() < tol:
+            return new
+        guess = new
+    return guess
+
+
+class SAETrainer:
+    """Trains a :class:`MatryoshkaSAE` on a :class:`FeatureSplit`."""
+
+    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, n_train_rows: int) -> None:
+        self.sae_cfg, self.cfg = sae_cfg, cfg
+        self.device = resolve_device(cfg.device)
+        self.sae = MatryoshkaSAE(sae_cfg, seed=cfg.seed).to(self.device)
+        self.steps_per_epoch = max(1, n_train_rows // cfg.batch_size)
+        self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.dead_window = min(cfg.dead_after_samples, max(n_train_rows, cfg.batch_size))
+        self.aux_k = cfg.aux_k or max(1, sae_cfg.d_in // 2)
+        self.threshold_start = min(cfg.threshold_start_step, self.total_steps // 2)
+        fused = self.device.type in ("cpu", "cuda")
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, fused=fused)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.since_fired_m = torch.zeros(sae_cfg.dict_size, dtype=torch.long, device=self.device)
+        weights = cfg.group_weights or (1.0,) * len(sae_cfg.group_sizes)
+        if len(weights) != len(sae_cfg.group_sizes):
+            raise ConfigError(
+                f"group_weights has {len(weights)} values for {len(sae_cfg.group_sizes)} groups"
+            )
+        self.group_weights_g = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        self.state = TrainState()
+
+    def _lr_factor(self, step: int) -> float:
+        warmup = min(self.cfg.warmup_steps, self.total_steps // 10)
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if self.cfg.decay_start_fraction is not None:
+            start = int(self.cfg.decay_start_fraction * self.total_steps)
+            if step >= start:
+                return max(0.0, (self.total_steps - step) / max(1, self.total_steps - start))
+        return 1.0
+
+    # ------------------------------------------------------------------------------------ step
+    def train_step(self, x_bd: torch.Tensor) -> dict[str, float]:
+        sae, st = self.sae, self.state
+        x_bd = x_bd.to(self.device, torch.float32, non_blocking=True)
+        if st.step == 0 and not st.samples_seen:
+            with torch.no_grad():
+                sae.b_dec_d.copy_(geometric_median(x_bd))
+        out = sae.matryoshka_loss(x_bd, self.group_weights_g)
+        fired = torch.zeros_like(self.since_fired_m, dtype=torch.bool)
+        fired[out.selection.cols_k] = True
+        self.since_fired_m += x_bd.shape[0]
+        self.since_fired_m[fired] = 0
+        dead_m = self.since_fired_m >= self.dead_window
+        loss, aux = out.loss, torch.zeros((), device=self.device)
+        if self.cfg.aux_alpha > 0 and bool(dead_m.any()):
+            aux = sae.aux_loss(x_bd, out.residual_bd, dead_m, self.aux_k)
+            loss = loss + self.cfg.aux_alpha * aux
+        loss.backward()
+        sae.remove_parallel_decoder_grad()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        sae.normalize_decoder()
+        if st.step >= self.threshold_start and out.selection.vals_k.numel():
+            self._update_threshold(out.selection.vals_k.min())
+        st.step += 1
+        st.samples_seen += x_bd.shape[0]
+        total_var = (x_bd - x_bd.mean(0)).pow(2).sum(-1).mean()
+        return {
+            "loss": float(out.loss.detach()),
+            "aux": float(aux.detach()),
+            "fve": float(1 - out.shell_mse_g[-1] / total_var.clamp_min(1e-12)),
+            "dead": int(dead_m.sum()),
+        }
+
+    @torch.no_grad()
+    def _update_threshold(self, min_act: torch.Tensor) -> None:
+        thr = self.sae.threshold
+        if thr < 0:
+            thr.copy_(min_act)
+        else:
+            thr.mul_(self.cfg.threshold_beta).add_((1 - self.cfg.threshold_beta) * min_act)
+
+    # ------------------------------------------------------------------------------------ loop
+    def fit(
+        self,
+        train: FeatureSplit,
+        *,
+        checkpoint: Path | None = None,
+        progress: bool = True,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> TrainState:
+        """Train to ``total_steps``; resumes from ``checkpoint`` when it exists and matches."""
+        if checkpoint is not None and checkpoint.exists():
+            self.load_checkpoint(checkpoint)
+            log.info("resumed from %s at step %d", checkpoint, self.state.step)
+        st = self.state
+        bar = tqdm(
+            total=self.total_steps,
+            initial=st.step,
+            disable=not progress,
+            unit="step",
+            desc="train-sae",
+            dynamic_ncols=True,
+        )
+        t0, rows0, last = time.perf_counter(), st.samples_seen, {}
+        while st.step < self.total_steps:
+            for x_bd in self._epoch_batches(train, shard):
+                last = self.train_step(x_bd)
+                st.batch_in_epoch += 1
+                if on_step is not None:
+                    on_step(st.step, last)
+                if st.step % 50 == 0 or st.step == self.total_steps:
+                    st.history.append({"step": st.step, **last})
+                    rate = (st.samples_seen - rows0) / max(1e-9, time.perf_counter() - t0)
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.4g}",
+                        fve=f"{last['fve']:.3f}",
+                        dead=last["dead"],
+                        patches_s=f"{rate:,.0f}",
+                    )
+                bar.update(1)
+                if (
+                    checkpoint is not None
+                    and self.cfg.checkpoint_every
+                    and st.step % self.cfg.checkpoint_every == 0
+                ):
+                    self.save_checkpoint(checkpoint)
+                if st.step >= self.total_steps:
+                    break
+            else:
+                st.epoch += 1
+                st.batch_in_epoch = 0
+        bar.close()
+        return st
+
+    def _epoch_batches(self, train: FeatureSplit, shard: tuple[int, int]) -> Iterator[torch.Tensor]:
+        """This epoch's batches, skipping those already consumed before a resume."""
+        st = self.state
+        batches = train.iter_batches(
+            self.cfg.batch_size, shuffle=True, seed=self.cfg.seed + st.epoch, shard=shard
+        )
+        for i, x_bd in enumerate(batches):
+            if i >= st.batch_in_epoch:
+                yield x_bd
+        if st.batch_in_epoch == 0:
+            raise ConfigError(
+                f"the training split has fewer rows than one batch ({self.cfg.batch_size}); "
+                "lower --batch-size"
+            )
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def fingerprint(self) -> str:
+        doc = json.dumps([self.sae_cfg.to_json(), dataclasses.asdict(self.cfg)], sort_keys=True, default=str)
+        return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+    def save_checkpoint(self, path: Path) -> None:
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        tensors["since_fired_m"] = self.since_fired_m
+        for i, p in enumerate(self.sae.parameters()):
+            for key, value in self.opt.state.get(p, {}).items():
+                tensors[f"adam.{i}.{key}"] = value.reshape(-1) if value.ndim == 0 else value
+        meta = {
+            "fingerprint": self.fingerprint(),
+            "state": json.dumps(dataclasses.asdict(self.state)),
+            "sched": json.dumps(self.sched.state_dict()),
+        }
+        write_safetensors(path, tensors, meta)
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read training checkpoint {path}: {err}") from err
+        if meta.get("fingerprint") != self.fingerprint():
+            raise CheckpointError(
+                f"training checkpoint {path} was written with a different SAE/training config; "
+                "delete it to start over or rerun with the original settings"
+            )
+        self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        self.since_fired_m.copy_(tensors["since_fired_m"])
+        self.opt.zero_grad(set_to_none=True)
+        for i, p in enumerate(self.sae.parameters()):
+            state = {
+                key.split(".", 2)[2]: v.to(self.device)
+                for key, v in tensors.items()
+                if key.startswith(f"adam.{i}.")
+            }
+            if state:
+                state["step"] = state["step"].reshape(())
+                self.opt.state[p] = state
+        self.sched.load_state_dict(json.loads(meta["sched"]))
+        for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr(), strict=True):
+            group["lr"] = lr  # the scheduler restores its counter, not the optimizer's current lr
+        self.state = TrainState(**json.loads(meta["state"]))
+
+
+@torch.no_grad()
+def evaluate(sae: MatryoshkaSAE, x_nd: torch.Tensor, batch_size: int = 8192) -> dict[str, Any]:
+    """Held-out metrics: FVE (full and per shell), L0, never-active fraction, relative MSE.
+
+    Uses thresholded (batch-independent) codes when the SAE has a learned threshold, otherwise
+    BatchTopK codes.
+    """
+    device = next(sae.parameters()).device
+    n_groups = len(sae.cfg.group_sizes)
+    sq_err_g = torch.zeros(n_groups, dtype=torch.float64)
+    l0_total, fired_m = 0.0, torch.zeros(sae.cfg.dict_size, dtype=torch.bool, device=device)
+    mean_d = x_nd.double().mean(0)
+    total_var = float((x_nd.double() - mean_d).pow(2).sum())
+    for s in range(0, len(x_nd), batch_size):
+        x_bd = x_nd[s : s + batch_size].to(device, torch.float32)
+        codes_bm = sae.encode(x_bd, use_threshold=sae.has_threshold)
+        shells_gbd = sae.shell_reconstructions(codes_bm)
+        sq_err_g += (x_bd[None] - shells_gbd).pow(2).sum((1, 2)).double().cpu()
+        active = codes_bm > 0
+        l0_total += float(active.sum())
+        fired_m |= active.any(0)
+    n = max(1, len(x_nd))
+    fve_g = (1 - sq_err_g / max(total_var, 1e-12)).tolist()
+    return {
+        "n_eval_rows": len(x_nd),
+        "fve": fve_g[-1],
+        "fve_per_shell": fve_g,
+        "l0": l0_total / n,
+        "never_active_fraction": float((~fired_m).float().mean()),
+        "mse": float(sq_err_g[-1]) / n,
+        "thresholded": sae.has_threshold,
+        "threshold": float(sae.threshold),
+    }
