@@ -1,0 +1,552 @@
+"""CLIP ViT backbone: dense, text-aligned patch features (MaskCLIP) and text embeddings.
+
+The paper (Sec. 3.1, App. B.1) uses the *value* vectors of the last attention block of CLIP
+ViT-B/16 as patch features: the block's query-key mixing, residual and MLP are skipped, and the
+value of every patch goes through the attention out-projection, ``ln_post`` and the visual
+projection, which puts it in CLIP's joint image-text space (MaskCLIP, Zhou et al. 2022).
+
+:class:`ClipBackbone` computes those patch features and the standard CLIP image embedding in one
+pass that costs slightly *less* than ``model.encode_image``: blocks ``0..L-2`` run as usual; the
+last block projects keys/values once, reuses the values for the patches and runs attention and
+the MLP for the CLS query only.
+
+Weights come from an open_clip hub tag, a local weights file (through the very same
+``open_clip.create_model`` code path) or random init (``pretrained="none"``, for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Literal
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from PIL import Image
+from torch import Tensor, nn
+
+from insight_core.errors import CheckpointError, ConfigError, ImageLoadError
+from insight_core.images import load_image
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+ResizeMode = Literal["crop", "squash"]
+
+_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_RESIZE_TO_OPEN_CLIP = {"crop": "shortest", "squash": "squash"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackboneConfig:
+    """Which CLIP model to load and how to run it."""
+
+    arch: str = "ViT-B-16"
+    """open_clip model name (``open_clip.list_models()``). Must be an open_clip ``VisionTransformer``
+    with standard ``ResidualAttentionBlock``s. Local files of weights trained with QuickGELU
+    (OpenAI, DFN, MetaCLIP) need the ``-quickgelu`` variant, e.g. ``ViT-B-16-quickgelu``."""
+
+    pretrained: str = "openai"
+    """An open_clip hub tag for ``arch`` (``"openai"``, ``"laion2b_s34b_b88k"``, ...), a path to a
+    local weights file (.safetensors/.bin/.pt) or ``"none"`` for random init (tests only)."""
+
+    device: str = "auto"
+    """Torch device; ``"auto"`` = ``cuda`` when available, else ``cpu``."""
+
+    precision: Precision = "auto"
+    """Compute precision (weights stay fp32; fp16/bf16 run under autocast, outputs are fp32).
+    ``"auto"`` = fp32 on CPU, bf16 on CUDA when supported, else fp16."""
+
+    resize: ResizeMode = "crop"
+    """``"crop"``: CLIP's own preprocessing (resize the shorter side, centre crop). ``"squash"``:
+    resize the whole image to the square input, so the patch grid covers the full image
+    (for overlays)."""
+
+    batch_size: int = 64
+    """Images per forward pass when a list of images is given."""
+
+    def __post_init__(self) -> None:
+        if not self.arch:
+            raise ConfigError("BackboneConfig.arch must be a non-empty open_clip model name")
+        if not self.pretrained:
+            raise ConfigError(
+                "BackboneConfig.pretrained must be a hub tag, a weights file path or 'none', got ''"
+            )
+        if self.precision not in _PRECISIONS:
+            raise ConfigError(
+                f"BackboneConfig.precision must be one of {_PRECISIONS}, got {self.precision!r}"
+            )
+        if self.resize not in _RESIZE_TO_OPEN_CLIP:
+            raise ConfigError(f"BackboneConfig.resize must be 'crop' or 'squash', got {self.resize!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"BackboneConfig.batch_size must be a positive int, got {self.batch_size!r}")
+
+    @property
+    def is_random(self) -> bool:
+        """True when ``pretrained`` asks for random init."""
+        return self.pretrained.strip().lower() == "none"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DenseFeatures:
+    """Output of :meth:`ClipBackbone.dense_features` (float32, on CPU)."""
+
+    patches_bhwd: Tensor
+    """Per-patch features in the joint text-aligned space, (B, gh, gw, D), unnormalised."""
+
+    image_bd: Tensor
+    """Standard CLIP image embedding (= ``model.encode_image``), (B, D), unnormalised."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or "/" in value or value.lower().endswith(_WEIGHT_SUFFIXES) or Path(value).exists()
+
+
+def _check_weights_file(path: Path) -> None:
+    """Fail before building the model (which can take long) when the file is obviously unusable."""
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r} (BackboneConfig.pretrained) does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"weights file {str(path)!r} is empty")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"weights file {str(path)!r} is not a valid safetensors file: {e}") from e
+
+
+def _check_vision_cfg(arch: str) -> None:
+    """Reject non-ViT towers from the model config alone, before spending time building them."""
+    vision_cfg = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
+    if "timm_model_name" in vision_cfg:
+        raise ConfigError(
+            f"BackboneConfig.arch={arch!r} uses a timm vision tower ({vision_cfg['timm_model_name']}); "
+            "only open_clip VisionTransformer towers are supported"
+        )
+    if isinstance(vision_cfg.get("layers"), (list, tuple)):
+        raise ConfigError(
+            f"BackboneConfig.arch={arch!r} is a ResNet; dense MaskCLIP features need a ViT (e.g. ViT-B-16)"
+        )
+
+
+def _resolve_weights(cfg: BackboneConfig) -> tuple[str | None, bool]:
+    """Return (value for open_clip's ``pretrained`` argument, force QuickGELU)."""
+    if cfg.is_random:
+        return None, False
+    if _looks_like_path(cfg.pretrained):
+        path = Path(cfg.pretrained).expanduser()
+        _check_weights_file(path)
+        return str(path), False
+    tags = open_clip.list_pretrained_tags_by_model(cfg.arch)
+    if cfg.pretrained not in tags:
+        raise ConfigError(
+            f"BackboneConfig.pretrained={cfg.pretrained!r} is neither a weights file nor a known tag for "
+            f"{cfg.arch!r}; known tags: {tags}, or 'none' for random init"
+        )
+    # open_clip 3.x only *warns* when a tag was trained with QuickGELU but the arch uses GELU;
+    # force it so e.g. ViT-B-16 + "openai" computes what OpenAI trained.
+    quick_gelu = bool(open_clip.get_pretrained_cfg(cfg.arch, cfg.pretrained).get("quick_gelu", False))
+    return cfg.pretrained, quick_gelu
+
+
+def _create_model(cfg: BackboneConfig) -> nn.Module:
+    if cfg.arch not in open_clip.list_models():
+        raise ConfigError(
+            f"BackboneConfig.arch={cfg.arch!r} is not an open_clip model name "
+            "(see open_clip.list_models(), e.g. 'ViT-B-16')"
+        )
+    _check_vision_cfg(cfg.arch)
+    weights, quick_gelu = _resolve_weights(cfg)
+    try:
+        model = open_clip.create_model(
+            cfg.arch,
+            pretrained=weights,
+            precision="fp32",
+            device="cpu",
+            force_quick_gelu=quick_gelu,
+            pretrained_image=False,  # never fetch separate tower weights behind the user's back
+            pretrained_text=False,
+        )
+    except Exception as e:  # open_clip reports download/format/shape problems as assorted errors
+        if weights is None:
+            raise
+        msg = str(e)
+        msg = msg if len(msg) < 600 else msg[:600] + " ..."
+        hint = "" if _looks_like_path(weights) else " (offline? pass a local weights file path instead)"
+        raise CheckpointError(
+            f"could not load {cfg.arch!r} weights from {weights!r} (BackboneConfig.pretrained): {msg}{hint}"
+        ) from e
+    return model
+
+
+def _check_structure(visual: nn.Module, arch: str) -> None:
+    """The dense path re-implements the last block, so only accept blocks whose maths we know."""
+    if not isinstance(visual, VisionTransformer):
+        raise ConfigError(
+            f"{arch!r}: vision tower is {type(visual).__name__}, need an open_clip VisionTransformer"
+        )
+    if getattr(visual, "attn_pool", None) is not None or visual.pool_type not in ("tok", "avg"):
+        raise ConfigError(f"{arch!r}: attentional or 'none' pooling is not supported (need 'tok' or 'avg')")
+    if not hasattr(visual, "_embeds"):
+        raise ConfigError("installed open_clip is too old (VisionTransformer has no _embeds); need >= 3.0")
+    for i, blk in enumerate(visual.transformer.resblocks):
+        attn = getattr(blk, "attn", None)
+        if type(blk) is not ResidualAttentionBlock or not isinstance(attn, nn.MultiheadAttention):
+            raise ConfigError(
+                f"{arch!r}: block {i} is {type(blk).__name__} with {type(attn).__name__}; only "
+                "ResidualAttentionBlock with nn.MultiheadAttention is supported (no custom attention)"
+            )
+        if attn.in_proj_weight is None or hasattr(blk, "ln_1_kv"):
+            raise ConfigError(f"{arch!r}: block {i} uses separate q/k/v projections or cross-attention")
+
+
+def _resolve_device(cfg: BackboneConfig) -> torch.device:
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"BackboneConfig.device={cfg.device!r} is not a torch device: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"BackboneConfig.device={cfg.device!r} but CUDA is not available")
+    return device
+
+
+def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return _DTYPES.get(precision, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward maths (pure functions of the open_clip modules, testable on their own)
+# --------------------------------------------------------------------------------------------
+
+
+def _run_blocks(transformer: nn.Module, x_bld: Tensor, blocks: Sequence[nn.Module]) -> Tensor:
+    """Run ``blocks`` on batch-first tokens, honouring the transformer's own layout."""
+    batch_first = getattr(transformer, "batch_first", True)
+    x = x_bld if batch_first else x_bld.transpose(0, 1)
+    for blk in blocks:
+        x = blk(x, attn_mask=None)
+    return x if batch_first else x.transpose(0, 1)
+
+
+def _split_heads(x_bld: Tensor, n_heads: int) -> Tensor:
+    b, n, d = x_bld.shape
+    return x_bld.view(b, n, n_heads, d // n_heads).transpose(1, 2)  # (B, H, L, hd)
+
+
+def _last_block_fast(blk: ResidualAttentionBlock, x_bld: Tensor) -> tuple[Tensor, Tensor]:
+    """Last block for the CLS query only + MaskCLIP values of the patch tokens.
+
+    Returns (CLS token after the full block (B, 1, W), value path of the patch tokens (B, L-1, W),
+    i.e. the block's attention-branch output if each token attended only to itself).
+    """
+    attn: nn.MultiheadAttention = blk.attn
+    width = x_bld.shape[-1]
+    w_in, b_in = attn.in_proj_weight, attn.in_proj_bias
+    b_q, b_kv = (None, None) if b_in is None else (b_in[:width], b_in[width:])
+
+    h = blk.ln_1(x_bld)
+    kv = F.linear(h, w_in[width:], b_kv)  # one matmul for keys and values of every token
+    k, v = kv[..., :width], kv[..., width:]
+    q = F.linear(h[:, :1], w_in[:width], b_q)  # only the CLS query is needed for pooling
+
+    heads = attn.num_heads
+    o = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads))
+    o = o.transpose(1, 2).reshape(q.shape)
+    cls = x_bld[:, :1] + blk.ls_1(attn.out_proj(o))
+    cls = cls + blk.ls_2(blk.mlp(blk.ln_2(cls)))
+
+    # MaskCLIP: skip query-key mixing (identity attention), keep out-proj (and layer scale, which
+    # is part of what the branch adds to the residual stream); no residual, no MLP.
+    values = blk.ls_1(attn.out_proj(v[:, 1:]))
+    return cls, values
+
+
+def _value_path(blk: ResidualAttentionBlock, x_bld: Tensor) -> Tensor:
+    """MaskCLIP values of the patch tokens, (B, L-1, W) (when the full block must run anyway)."""
+    width = x_bld.shape[-1]
+    b_in = blk.attn.in_proj_bias
+    b_v = None if b_in is None else b_in[2 * width :]
+    v = F.linear(blk.ln_1(x_bld[:, 1:]), blk.attn.in_proj_weight[2 * width :], b_v)
+    return blk.ls_1(blk.attn.out_proj(v))
+
+
+def _project(visual: VisionTransformer, tokens_bld: Tensor) -> Tensor:
+    """``ln_post`` and the visual projection into the joint space."""
+    out = visual.ln_post(tokens_bld)
+    return out @ visual.proj if visual.proj is not None else out
+
+
+def dense_forward(visual: VisionTransformer, pixels_bchw: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense MaskCLIP patch features and the pooled image embedding in one pass.
+
+    Parameters
+    ----------
+    visual
+        An open_clip ``VisionTransformer`` in eval mode (checked by :class:`ClipBackbone`).
+    pixels_bchw
+        Normalised pixels, (B, 3, H, W) at the model's input size.
+
+    Returns
+    -------
+    (patches_bpd, image_bd)
+        Patch features (B, gh*gw, D) in row-major grid order and the image embedding (B, D),
+        equal to ``visual(pixels)``; both in the compute dtype.
+    """
+    x = visual._embeds(pixels_bchw)  # conv1 + CLS + pos-emb + patch dropout + ln_pre
+    blocks = visual.transformer.resblocks
+    x = _run_blocks(visual.transformer, x, blocks[:-1])
+    if visual.pool_type == "tok":
+        cls, values = _last_block_fast(blocks[-1], x)
+        image = _project(visual, cls[:, 0])
+    else:  # e.g. 'avg' pools every token, so the full last block is needed
+        values = _value_path(blocks[-1], x)
+        pooled, _ = visual._pool(_run_blocks(visual.transformer, x, blocks[-1:]))
+        image = pooled @ visual.proj if visual.proj is not None else pooled
+    return _project(visual, values), image
+
+
+# --------------------------------------------------------------------------------------------
+# Public class
+# --------------------------------------------------------------------------------------------
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+class ClipBackbone:
+    """A frozen open_clip CLIP ViT that yields dense text-aligned patch features.
+
+    Parameters
+    ----------
+    cfg
+        :class:`BackboneConfig`; defaults to ViT-B/16 with OpenAI weights.
+
+    Raises
+    ------
+    ConfigError
+        Unknown arch/tag, unsupported architecture or unavailable device.
+    CheckpointError
+        Weights file missing, corrupt or incompatible with ``arch``, or a tag that cannot be fetched.
+    """
+
+    def __init__(self, cfg: BackboneConfig | None = None) -> None:
+        self.cfg = cfg = cfg or BackboneConfig()
+        self._device = _resolve_device(cfg)
+        self._dtype = _resolve_dtype(cfg.precision, self._device)
+        model = _create_model(cfg)
+        _check_structure(model.visual, cfg.arch)
+        model.eval().requires_grad_(False)
+        self.model = model.to(self._device)
+        self._transform = self._build_transform()
+        self._tokenizer = None  # built lazily: image-only users never need it
+        if cfg.is_random:
+            logger.warning(
+                "ClipBackbone %s: random-init weights, features carry no semantics "
+                "(BackboneConfig.pretrained='none'; use only for tests)",
+                cfg.arch,
+            )
+        logger.info("ClipBackbone %s/%s on %s (%s)", cfg.arch, cfg.pretrained, self._device, self._dtype)
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def visual(self) -> VisionTransformer:
+        return self.model.visual
+
+    @property
+    def arch(self) -> str:
+        return self.cfg.arch
+
+    @property
+    def pretrained(self) -> str:
+        return self.cfg.pretrained
+
+    @property
+    def is_random(self) -> bool:
+        return self.cfg.is_random
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.visual.output_dim)
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        gh, gw = self.visual.grid_size
+        return int(gh), int(gw)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        h, w = self.visual.image_size
+        return int(h), int(w)
+
+    @property
+    def preprocess_cfg(self) -> dict:
+        """open_clip's preprocessing config (size, mean, std, interpolation, ...) of these weights."""
+        return dict(open_clip.get_model_preprocess_cfg(self.model))
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _build_transform(self):
+        pp = PreprocessCfg(**open_clip.get_model_preprocess_cfg(self.model))
+        # open_clip's own eval transform; only the resize mode is ours to choose
+        pp = dataclasses.replace(pp, resize_mode=_RESIZE_TO_OPEN_CLIP[self.cfg.resize])
+        return image_transform_v2(pp, is_train=False)
+
+    def _autocast(self) -> AbstractContextManager:
+        if self._dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self._device.type, dtype=self._dtype)
+
+    def _check_pixels(self, pixels: Tensor) -> Tensor:
+        expected = (3, *self.image_size)
+        if pixels.ndim == 3:
+            pixels = pixels.unsqueeze(0)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected or not pixels.is_floating_point():
+            raise ImageLoadError(
+                f"pixels must be a float tensor (B, {', '.join(map(str, expected))}) from "
+                f"ClipBackbone.preprocess, got {pixels.dtype} {tuple(pixels.shape)}"
+            )
+        return pixels
+
+    def _pixel_batches(self, images: Sequence[Image.Image] | Tensor) -> Iterator[Tensor]:
+        bs = self.cfg.batch_size
+        if isinstance(images, Tensor):
+            pixels = self._check_pixels(images)
+            for sl in _chunks(pixels.shape[0], bs):
+                yield pixels[sl]
+        else:
+            images = list(images)
+            for sl in _chunks(len(images), bs):
+                yield self.preprocess(images[sl])
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        """Resize (per ``cfg.resize``), convert to RGB and normalise with the model's mean/std.
+
+        Returns float32 pixels (B, 3, H, W) on CPU.
+        """
+        if isinstance(images, Image.Image):
+            images = [images]
+        out = []
+        for i, img in enumerate(images):
+            if not isinstance(img, Image.Image):
+                raise ImageLoadError(f"images[{i}] is a {type(img).__name__}, expected a PIL.Image.Image")
+            out.append(self._transform(img if img.mode == "RGB" else load_image(img, name=f"images[{i}]")))
+        if not out:
+            return torch.empty(0, 3, *self.image_size)
+        return torch.stack(out).float()
+
+    @torch.no_grad()  # not inference_mode: callers may train heads (DINOiser) on these tensors
+    def dense_features(self, images: Sequence[Image.Image] | Tensor) -> DenseFeatures:
+        """MaskCLIP patch features and the CLIP image embedding.
+
+        Parameters
+        ----------
+        images
+            PIL images (any mode, any size; preprocessed and run ``cfg.batch_size`` at a time) or
+            a preprocessed pixel tensor (B, 3, H, W).
+
+        Returns
+        -------
+        DenseFeatures
+            ``patches_bhwd`` (B, gh, gw, D) and ``image_bd`` (B, D), float32 on CPU.
+        """
+        gh, gw = self.grid_hw
+        patches, pooled = [], []
+        for pixels in self._pixel_batches(images):
+            with self._autocast():
+                p_bpd, i_bd = dense_forward(self.visual, pixels.to(self._device, non_blocking=True))
+            patches.append(p_bpd.float().reshape(-1, gh, gw, p_bpd.shape[-1]).cpu())
+            pooled.append(i_bd.float().cpu())
+        if not patches:
+            return DenseFeatures(torch.empty(0, gh, gw, self.embed_dim), torch.empty(0, self.embed_dim))
+        return DenseFeatures(torch.cat(patches), torch.cat(pooled))
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image] | Tensor) -> Tensor:
+        """L2-normalised CLIP image embeddings (B, D), float32 on CPU."""
+        out = []
+        for pixels in self._pixel_batches(images):
+            with self._autocast():
+                emb = self.model.encode_image(pixels.to(self._device, non_blocking=True))
+            out.append(F.normalize(emb.float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    @torch.no_grad()
+    def encode_text(
+        self, texts: Sequence[str], templates: Sequence[str] = ("{}",), batch_size: int = 256
+    ) -> Tensor:
+        """Template-averaged text embeddings (T, D), unit norm, float32 on CPU.
+
+        Each text fills every template (``template.format(text)``); the prompts are encoded and
+        L2-normalised, averaged over templates and renormalised (CLIP zero-shot recipe).
+        """
+        if isinstance(texts, str):
+            raise ConfigError("texts must be a sequence of strings, got a single str")
+        templates = list(templates)
+        _check_templates(templates)
+        if batch_size < 1:
+            raise ConfigError(f"encode_text batch_size must be >= 1, got {batch_size}")
+        if self._tokenizer is None:
+            self._tokenizer = open_clip.get_tokenizer(self.cfg.arch)
+        prompts = [t.format(text) for text in texts for t in templates]
+        embs = []
+        for sl in _chunks(len(prompts), batch_size):
+            tokens = self._tokenizer(prompts[sl]).to(self._device)
+            with self._autocast():
+                emb = self.model.encode_text(tokens)
+            embs.append(F.normalize(emb.float(), dim=-1).cpu())
+        if not embs:
+            return torch.empty(0, self.embed_dim)
+        emb_ttd = torch.cat(embs).view(len(texts), len(templates), -1)
+        return F.normalize(emb_ttd.mean(dim=1), dim=-1)
+
+
+def _check_templates(templates: list[str]) -> None:
+    if not templates:
+        raise ConfigError("templates must hold at least one template such as '{}' or 'a photo of a {}.'")
+    for t in templates:
+        try:
+            filled = t.format("\x00")
+        except (IndexError, KeyError, ValueError) as e:
+            raise ConfigError(f"template {t!r} is not a valid format string with one '{{}}' slot: {e}") from e
+        if "\x00" not in filled:
+            raise ConfigError(f"template {t!r} has no '{{}}' slot for the text")
+
+
+def load_backbone(cfg: BackboneConfig | None = None) -> ClipBackbone:
+    """Build a :class:`ClipBackbone` (same as ``ClipBackbone(cfg)``)."""
+    return ClipBackbone(cfg)
