@@ -178,7 +178,7 @@ class FeatureSplit:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = True,
-        chunk_rows: int = 32_768,
+        chunk_rows: int = 16_384,
         buffer_chunks: int = 8,
         shard: tuple[int, int] = (0, 1),
     ) -> Iterator[torch.Tensor]:
@@ -196,12 +196,11 @@ class FeatureSplit:
         for start in range(0, len(chunks), buffer_chunks):
             blocks = [pending] + [self._read_chunk(*c) for c in chunks[start : start + buffer_chunks]]
             buf = np.concatenate(blocks)
-            if shuffle:
-                buf = buf[rng.permutation(len(buf))]
+            order = rng.permutation(len(buf)) if shuffle else np.arange(len(buf))
             n_full = len(buf) // batch_size
-            for j in range(n_full):
-                yield torch.from_numpy(buf[j * batch_size : (j + 1) * batch_size])
-            pending = buf[n_full * batch_size :]
+            for j in range(n_full):  # gather batch by batch: no second copy of the whole buffer
+                yield torch.from_numpy(buf[order[j * batch_size : (j + 1) * batch_size]])
+            pending = buf[order[n_full * batch_size :]]
         if len(pending) and not drop_last:
             yield torch.from_numpy(pending)
 

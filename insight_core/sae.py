@@ -484,7 +484,7 @@ class _SparseShellLoss(torch.autograd.Function):
         err_bgd = (plan.shells @ w_dec_md).view(b, plan.n_groups, d)
         err_bgd.cumsum_(1)
         err_bgd.sub_((x_bd - b_dec_d)[:, None, :]).neg_()  # x - (b_dec + partial sums)
-        shell_mse_g = torch.einsum("bgd,bgd->g", err_bgd, err_bgd) / b
+        shell_mse_g = torch.linalg.vector_norm(err_bgd, dim=(0, 2)).square() / b
         ctx.save_for_backward(x_bd, w_enc_md, w_dec_md, b_dec_d, err_bgd)
         ctx.plan = plan
         residual_bd = err_bgd[:, -1].clone()

@@ -189,7 +189,7 @@ class SAETrainer:
             self._update_threshold(out.selection.vals_k.min())
         st.step += 1
         st.samples_seen += x_bd.shape[0]
-        total_var = (x_bd - x_bd.mean(0)).pow(2).sum(-1).mean()
+        total_var = x_bd.var(0, unbiased=False).sum()
         return {
             "loss": float(out.loss.detach()),
             "aux": float(aux.detach()),
