@@ -1,0 +1,46 @@
+"""``python -m precompute <stage>``: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tyro
+
+from insight_core.errors import InsightError
+from precompute import demo, synth, train_sae
+from precompute.common import setup_logging
+
+log = logging.getLogger("precompute")
+
+# subcommand -> (config dataclass, runner)
+STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "train-sae": (train_sae.TrainSaeJob, train_sae.run),
+    "synth": (synth.SynthJob, synth.run_synth),
+    "eval-synth": (synth.EvalSynthJob, synth.run_eval_synth),
+    "demo": (demo.DemoJob, demo.run),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the subcommand, run it; input errors print one clear line and exit with status 2."""
+    job = tyro.extras.subcommand_cli_from_dict(
+        {name: cls for name, (cls, _) in STAGES.items()}, prog="python -m precompute", args=argv
+    )
+    setup_logging()
+    runner = next(fn for cls, fn in STAGES.values() if isinstance(job, cls))
+    try:
+        runner(job)
+    except InsightError as err:
+        log.error("%s", err)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; rerun the same command to resume")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

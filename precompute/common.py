@@ -1,0 +1,35 @@
+"""Shared helpers of the precompute jobs: logging, input fingerprints, short summaries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def fingerprint(files: Iterable[Path], config: Mapping[str, Any]) -> str:
+    """Hash of input files (name, size, mtime) and a config: detects changed inputs cheaply."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for f in sorted(Path(p) for p in files):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def fmt_metrics(metrics: Mapping[str, Any], keys: Iterable[str]) -> str:
+    parts = []
+    for key in keys:
+        value = metrics.get(key)
+        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)

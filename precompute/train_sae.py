@@ -1,0 +1,130 @@
+"""``train-sae``: Matryoshka BatchTopK SAE on a feature directory -> ``ATLAS/sae.safetensors``.
+
+Writes ``sae.safetensors`` (dictionary_learning names) + ``sae.json`` (config) and
+``sae_metrics.json`` (held-out FVE, L0, dead fraction, per-shell FVE, throughput). Rerunning with
+the same inputs and settings is a no-op; an interrupted run resumes from ``.train_state.safetensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+from insight_core.features import scan_features
+from insight_core.io import write_json
+from insight_core.sae import PAPER_GROUP_FRACTIONS, SAEConfig
+from insight_core.sae_train import SAETrainer, TrainConfig, evaluate
+from precompute.common import fingerprint, fmt_metrics
+
+log = logging.getLogger(__name__)
+
+SAE_FILE, METRICS_FILE, STATE_FILE = "sae.safetensors", "sae_metrics.json", ".train_state.safetensors"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TrainSaeJob:
+    """Train the Matryoshka BatchTopK SAE on .npy features shaped (n, d) or (n_images, n_patches, d)."""
+
+    features: Path
+    """Directory of .npy feature arrays (float16/float32), or one .npy file."""
+    out: Path
+    """Atlas directory to write sae.safetensors, sae.json and sae_metrics.json into."""
+    dict_size: int = 8192
+    """Number of concepts m."""
+    k: int = 12
+    """Mean active concepts per patch (BatchTopK)."""
+    group_fractions: tuple[float, ...] = PAPER_GROUP_FRACTIONS
+    """Nested Matryoshka group size ratios (coarse to fine), summing to 1."""
+    epochs: float = 3.0
+    """Passes over the training split (ignored if --steps is given)."""
+    steps: int | None = None
+    """Total optimisation steps; overrides --epochs."""
+    batch_size: int = 16_384
+    """Patches per step."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
+    seed: int = 0
+    """Seed for initialisation, split and batch order."""
+    held_out_fraction: float = 0.1
+    """Fraction of images held out for the metrics."""
+    aux_alpha: float = 1 / 32
+    """Dead-latent aux loss weight (0 disables)."""
+    dead_after_samples: int = 10_000_000
+    """Samples without firing after which a latent counts as dead (capped at one epoch)."""
+    warmup_steps: int = 1000
+    """Learning-rate warmup steps (capped at 10 % of the run)."""
+    threshold_start_step: int = 1000
+    """Step from which the inference threshold is estimated (capped at half the run)."""
+    checkpoint_every: int = 500
+    """Steps between resumable checkpoints."""
+    force: bool = False
+    """Retrain even if an up-to-date sae.safetensors exists."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def sae_config(self, d_in: int) -> SAEConfig:
+        return SAEConfig(d_in=d_in, dict_size=self.dict_size, k=self.k, group_fractions=self.group_fractions)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, steps=self.steps,
+            held_out_fraction=self.held_out_fraction, aux_alpha=self.aux_alpha,
+            dead_after_samples=self.dead_after_samples, warmup_steps=self.warmup_steps,
+            threshold_start_step=self.threshold_start_step, seed=self.seed, device=self.device,
+            checkpoint_every=self.checkpoint_every,
+        )  # fmt: skip
+
+
+def run(job: TrainSaeJob) -> dict:
+    """Train (or reuse) the SAE; returns the metrics dict that is also written to sae_metrics.json."""
+    features = scan_features(job.features)
+    sae_cfg, train_cfg = job.sae_config(features.d), job.train_config()
+    stamp = fingerprint(
+        [f.path for f in features.files], {"sae": sae_cfg.to_json(), "train": dataclasses.asdict(train_cfg)}
+    )
+    out = Path(job.out)
+    metrics_path = out / METRICS_FILE
+    if not job.force and (out / SAE_FILE).is_file() and metrics_path.is_file():
+        previous = json.loads(metrics_path.read_text())
+        if previous.get("input_fingerprint") == stamp:
+            log.info("%s is up to date with its inputs; skipping (use --force to retrain)", out / SAE_FILE)
+            return previous
+    train, held = features.split(train_cfg.held_out_fraction, seed=train_cfg.seed)
+    log.info(
+        "training SAE d=%d m=%d k=%d on %s rows from %d files (%s held out)",
+        *(features.d, sae_cfg.dict_size, sae_cfg.k),
+        *(f"{train.n_rows:,}", len(features.files), f"{held.n_rows:,}"),
+    )
+    trainer = SAETrainer(sae_cfg, train_cfg, train.n_rows)
+    t0, seen0 = time.perf_counter(), trainer.state.samples_seen
+    state = trainer.fit(train, checkpoint=out / STATE_FILE, progress=job.progress)
+    seconds = time.perf_counter() - t0
+    eval_rows = (held if held.n_rows else train).sample(train_cfg.eval_max_rows, seed=train_cfg.seed)
+    metrics = evaluate(trainer.sae, eval_rows)
+    metrics.update(
+        steps=state.step,
+        samples_seen=state.samples_seen,
+        train_seconds=round(seconds, 2),
+        patches_per_second=round((state.samples_seen - seen0) / max(seconds, 1e-9), 1),
+        dead_fraction=float((trainer.since_fired_m >= trainer.dead_window).float().mean()),
+        dead_window_samples=trainer.dead_window,
+        device=str(trainer.device),
+        input_fingerprint=stamp,
+        sae_config=sae_cfg.to_json(),
+        train_config=dataclasses.asdict(train_cfg),
+        features=str(job.features),
+    )
+    trainer.sae.cpu().save(out / SAE_FILE, extra_metadata={"input_fingerprint": stamp})
+    write_json(metrics_path, metrics)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    log.info(
+        "wrote %s: %s",
+        out / SAE_FILE,
+        fmt_metrics(metrics, ["fve", "l0", "dead_fraction", "patches_per_second"]),
+    )
+    return metrics
