@@ -424,7 +424,8 @@ class ClipBackbone:
         pp = dataclasses.replace(pp, resize_mode=_RESIZE_TO_OPEN_CLIP[self.cfg.resize])
         return image_transform_v2(pp, is_train=False)
 
-    def _autocast(self) -> AbstractContextManager:
+    def autocast(self) -> AbstractContextManager:
+        """The configured mixed-precision context (a no-op for fp32)."""
         if self._dtype == torch.float32:
             return nullcontext()
         return torch.autocast(device_type=self._device.type, dtype=self._dtype)
@@ -487,7 +488,7 @@ class ClipBackbone:
         gh, gw = self.grid_hw
         patches, pooled = [], []
         for pixels in self._pixel_batches(images):
-            with self._autocast():
+            with self.autocast():
                 p_bpd, i_bd = dense_forward(self.visual, pixels.to(self._device, non_blocking=True))
             patches.append(p_bpd.float().reshape(-1, gh, gw, p_bpd.shape[-1]).cpu())
             pooled.append(i_bd.float().cpu())
@@ -500,7 +501,7 @@ class ClipBackbone:
         """L2-normalised CLIP image embeddings (B, D), float32 on CPU."""
         out = []
         for pixels in self._pixel_batches(images):
-            with self._autocast():
+            with self.autocast():
                 emb = self.model.encode_image(pixels.to(self._device, non_blocking=True))
             out.append(F.normalize(emb.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
@@ -526,7 +527,7 @@ class ClipBackbone:
         embs = []
         for sl in _chunks(len(prompts), batch_size):
             tokens = self._tokenizer(prompts[sl]).to(self._device)
-            with self._autocast():
+            with self.autocast():
                 emb = self.model.encode_text(tokens)
             embs.append(F.normalize(emb.float(), dim=-1).cpu())
         if not embs:

@@ -117,26 +117,29 @@ def batch_topk(pre_bm: torch.Tensor, k: int) -> TopKSelection:
     """Exact BatchTopK: the ``B*k`` largest positive entries of ``pre_bm`` over the whole batch.
 
     A flat ``topk`` over B*m values is slower than the encoder matmul on CPU. Instead take each row's
-    top ``c*k`` candidates, select globally among them, and verify: if a row had *all* of its
-    candidates selected it might own more, so retry with more candidates (rare; exact in the end).
+    top ``4k`` candidates and select globally among them. A row whose candidates were *all* selected
+    may own more (BatchTopK lets busy inputs take many latents), so only those rows get a wider
+    candidate set and the selection reruns; once no row is saturated the result is exact.
     """
     b, m = pre_bm.shape
-    total = b * k
-    per_row = min(m, 4 * k)
+    width = min(m, 4 * k)
+    vals, cols = (t.reshape(-1) for t in pre_bm.topk(width, dim=1, sorted=False))
+    rows = torch.arange(b, device=pre_bm.device).repeat_interleave(width)
+    width_b = torch.full((b,), width, device=pre_bm.device)
     while True:
-        cand_vals, cand_cols = pre_bm.topk(per_row, dim=1, sorted=False)
-        flat_vals, flat_pos = cand_vals.reshape(-1).topk(min(total, cand_vals.numel()), sorted=False)
-        keep = flat_vals > 0
-        flat_vals, flat_pos = flat_vals[keep], flat_pos[keep]
-        rows = torch.div(flat_pos, per_row, rounding_mode="floor")
-        if per_row == m:
-            break
-        row_counts = torch.bincount(rows, minlength=b)
-        if not bool((row_counts >= per_row).any()):
-            break
-        per_row = min(m, per_row * 4)
-    cols = cand_cols.reshape(-1)[flat_pos]
-    return TopKSelection(rows_k=rows, cols_k=cols, vals_k=flat_vals)
+        top_vals, pos = vals.topk(min(b * k, vals.numel()), sorted=False)
+        pos = pos[top_vals > 0]
+        saturated_b = (torch.bincount(rows[pos], minlength=b) >= width_b) & (width_b < m)
+        if not bool(saturated_b.any()):
+            return TopKSelection(rows_k=rows[pos], cols_k=cols[pos], vals_k=vals[pos])
+        sat = saturated_b.nonzero().squeeze(1)
+        wider = min(m, 4 * int(width_b[sat].max()))
+        sub_vals, sub_cols = pre_bm[sat].topk(wider, dim=1, sorted=False)
+        keep = ~saturated_b[rows]
+        vals = torch.cat([vals[keep], sub_vals.reshape(-1)])
+        cols = torch.cat([cols[keep], sub_cols.reshape(-1)])
+        rows = torch.cat([rows[keep], sat.repeat_interleave(wider)])
+        width_b[sat] = wider
 
 
 class MatryoshkaSAE(nn.Module):
