@@ -41,9 +41,9 @@ class DemoJob:
     """Output directory (planted world, atlas, reports)."""
     n_images: int = 2000
     """Planted-world images (196 patches each)."""
-    dict_size: int = 1024
+    dict_size: int = 512
     """SAE concepts for the planted world (it has 464 true concepts)."""
-    k: int = 4
+    k: int = 3
     """Mean active concepts per patch."""
     steps: int = 1200
     """SAE training steps (batch 4096)."""
