@@ -11,11 +11,12 @@ from typing import Any
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """INFO for our own loggers; third-party libraries (open_clip logs its whole config) only warn."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+        level=logging.WARNING, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    for name in ("insight_core", "precompute"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def fingerprint(files: Iterable[Path], config: Mapping[str, Any]) -> str:
