@@ -465,7 +465,7 @@ class ClipBackbone:
         for i, img in enumerate(images):
             if not isinstance(img, Image.Image):
                 raise ImageLoadError(f"images[{i}] is a {type(img).__name__}, expected a PIL.Image.Image")
-            out.append(self._transform(img if img.mode == "RGB" else load_image(img, name=f"images[{i}]")))
+            out.append(self._transform(load_image(img, name=f"images[{i}]")))  # mode, EXIF, alpha
         if not out:
             return torch.empty(0, 3, *self.image_size)
         return torch.stack(out).float()

@@ -39,7 +39,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
+from insight_core.io import write_safetensors
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -244,25 +244,13 @@ class Dinoiser(nn.Module):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the head weights and config to a safetensors file (atomically)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         metadata = {
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_json(),
             "mode": self.mode,
             "trained": json.dumps(self.trained),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_safetensors(path, self.head.state_dict(), metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Dinoiser:

@@ -352,3 +352,21 @@ def test_cuda_autocast_matches_fp32(pixels: torch.Tensor) -> None:
     assert feats["auto"].patches_bhwd.dtype == torch.float32
     half, full = feats["auto"].patches_bhwd.flatten(0, 2), feats["fp32"].patches_bhwd.flatten(0, 2)
     assert F.cosine_similarity(half, full, dim=-1).min() > 0.98
+
+
+def test_exif_orientation_of_open_rgb_images_is_applied(backbone: ClipBackbone, tmp_path) -> None:
+    """An RGB JPEG opened by the caller still gets its EXIF rotation (tall content stays tall)."""
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 32), "white")
+    img.paste((255, 0, 0), (0, 0, 32, 32))  # red left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    img.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    with Image.open(tmp_path / "rot.jpg") as opened:
+        assert opened.mode == "RGB"
+        pixels = backbone.preprocess([opened])
+    upright = Image.new("RGB", (32, 64), "white")
+    upright.paste((255, 0, 0), (0, 0, 32, 32))  # after rotation the red half is on top
+    expected = backbone.preprocess([upright])
+    assert (pixels - expected).abs().mean() < 0.1
