@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -42,3 +43,13 @@ def write_safetensors(
     """Atomically write contiguous CPU copies of ``tensors`` as safetensors."""
     flat = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=dict(metadata or {})))
+
+
+def write_npy(path: str | Path, arr: Any) -> Path:
+    """Atomically write one array as ``.npy`` (no pickle)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would append '.npy' to a str name
+            np.save(fh, arr, allow_pickle=False)
+
+    return atomic_write(path, write)

@@ -10,13 +10,14 @@ from typing import Any
 import tyro
 
 from insight_core.errors import InsightError
-from precompute import demo, synth, train_sae
+from precompute import demo, extract, synth, train_sae
 from precompute.common import setup_logging
 
 log = logging.getLogger("precompute")
 
 # subcommand -> (config dataclass, runner)
 STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "extract": (extract.ExtractJob, extract.run),
     "train-sae": (train_sae.TrainSaeJob, train_sae.run),
     "synth": (synth.SynthJob, synth.run_synth),
     "eval-synth": (synth.EvalSynthJob, synth.run_eval_synth),
