@@ -1,0 +1,657 @@
+"""Concept statistics in one streaming pass (DESIGN "precompute stats"; paper Eq. 5 and App. B.4).
+
+:class:`StatsAccumulator` consumes batches of thresholded SAE codes, one row per patch, and keeps:
+
+- per concept: active patches, distinct images, sum and max of the activation;
+- the co-occurrence numerator ``N[j, j'] = sum_i A_ij * 1[j' active on i]`` (float64, m x m), so that
+  ``D = N / diag(N)[:, None]`` is Eq. 5: ``D[j, j'] = sum_i 1[j' active on i] A_ij / sum_i A_ij``;
+- the top-``N`` exemplar patches of each concept (activation, image id, patch index) and, for the
+  top-``top_w`` of them, the patch's full sparse code, so that ``w(i, a)`` (mean activation of
+  concept ``a`` on the top-30 patches of concept ``i``, App. B.4) can be read for any pair later.
+
+Memory is O(m^2) for ``N`` (512 MiB at m = 8192) plus O(m * top_n) and O(m * top_w * k_max) for the
+exemplars, whatever the dataset size. Codes are handled sparsely: a patch has ~k active concepts, so
+co-occurrence costs O(B * k^2) per batch (one ``index_add_`` of all ordered pairs of active concepts
+of every patch into the flattened ``N``), never a dense (B, m)^T (B, m) product.
+
+Contract: all patches of an image arrive in the same :meth:`StatsAccumulator.update` call (images
+are never split across batches), and different accumulators that are :meth:`merged
+<StatsAccumulator.merge>` saw disjoint images. Distinct-image counts rely on it; ``update`` checks
+cheaply that no image id of a batch occurred in the previous batch (the way a batch boundary that
+cuts an image shows up), not against every earlier batch.
+
+Exemplar order is total and therefore independent of batching: activation descending, then image id
+ascending, then patch index ascending.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from insight_core.errors import CheckpointError, ConfigError
+from insight_core.io import write_json, write_safetensors
+
+logger = logging.getLogger(__name__)
+
+STATS_TENSORS = "concept_stats.safetensors"
+STATS_JSON = "concept_stats.json"
+_FORMAT = "insight-concept-stats"
+_FORMAT_VERSION = 1
+_MAX_PAIRS = 1 << 23  # ordered (patch, j, j') pairs per index_add_ chunk (~200 MiB of temporaries)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StatsConfig:
+    """What the statistics pass keeps besides counts and co-occurrence."""
+
+    top_n: int = 64
+    """Exemplar patches kept per concept (highest activations), for the app and thumbnails."""
+    top_w: int = 30
+    """Top exemplars per concept whose full sparse code is kept, for ``w(i, a)`` (paper App. B.4: 30)."""
+    min_activation: float = 0.0
+    """A concept counts as active on a patch when its code is strictly greater than this."""
+
+    def __post_init__(self) -> None:
+        if self.top_n < 1:
+            raise ConfigError(f"StatsConfig.top_n must be >= 1, got {self.top_n}")
+        if not 1 <= self.top_w <= self.top_n:
+            raise ConfigError(f"StatsConfig.top_w must be in [1, top_n={self.top_n}], got {self.top_w}")
+        if not (np.isfinite(self.min_activation) and self.min_activation >= 0):
+            raise ConfigError(
+                f"StatsConfig.min_activation must be finite and >= 0, got {self.min_activation}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Sorting helpers
+
+
+def _lexsort_rows(keys: list[torch.Tensor]) -> torch.Tensor:
+    """Permutation (along the last dim) sorting by ``keys[0]``, then ``keys[1]``, ... (all ascending).
+
+    Successive stable sorts from the least significant key; works row-wise on (T, L) or on 1-D keys.
+    """
+    perm = torch.arange(keys[0].shape[-1], device=keys[0].device).expand_as(keys[0]).contiguous()
+    for key in reversed(keys):
+        order = torch.sort(key.gather(-1, perm), dim=-1, stable=True).indices
+        perm = perm.gather(-1, order)
+    return perm
+
+
+@dataclasses.dataclass
+class _Exemplars:
+    """Top-N exemplars of ``T`` concepts, sorted by (act desc, image asc, patch asc); -inf/-1 padding."""
+
+    act_tn: torch.Tensor
+    image_tn: torch.Tensor
+    patch_tn: torch.Tensor
+    code_cols_twk: torch.Tensor
+    """Active concepts of the top-``top_w`` exemplar patches (int32, -1 padding)."""
+    code_vals_twk: torch.Tensor
+    """Their activations (float32, 0 padding)."""
+
+
+def _pad_k(t: torch.Tensor, k: int, fill: float) -> torch.Tensor:
+    if t.shape[-1] >= k:
+        return t
+    pad = t.new_full((*t.shape[:-1], k - t.shape[-1]), fill)
+    return torch.cat([t, pad], dim=-1)
+
+
+def _merge_exemplars(cur: _Exemplars, new: _Exemplars, top_n: int, top_w: int) -> _Exemplars:
+    """Merge two sorted exemplar sets of the same concepts into the sorted top ``top_n``.
+
+    Because both inputs are sorted, an entry can only move *down* in rank; so an entry that ends in the
+    merged top ``top_w`` was in the top ``top_w`` of its own input, where its code is available.
+    """
+    k = max(cur.code_cols_twk.shape[-1], new.code_cols_twk.shape[-1])
+    act = torch.cat([cur.act_tn, new.act_tn], dim=1)
+    img = torch.cat([cur.image_tn, new.image_tn], dim=1)
+    patch = torch.cat([cur.patch_tn, new.patch_tn], dim=1)
+    perm = _lexsort_rows([-act, img, patch])[:, :top_n]
+    n_cur = cur.act_tn.shape[1]
+    src = perm[:, :top_w]
+    code_src = torch.where(src < n_cur, src, src - n_cur + top_w)  # index into cat of the two code sets
+    cols = torch.cat([_pad_k(cur.code_cols_twk, k, -1), _pad_k(new.code_cols_twk, k, -1)], dim=1)
+    vals = torch.cat([_pad_k(cur.code_vals_twk, k, 0.0), _pad_k(new.code_vals_twk, k, 0.0)], dim=1)
+    idx = code_src[:, :, None].expand(-1, -1, k)
+    return _Exemplars(
+        act_tn=act.gather(1, perm),
+        image_tn=img.gather(1, perm),
+        patch_tn=patch.gather(1, perm),
+        code_cols_twk=cols.gather(1, idx),
+        code_vals_twk=vals.gather(1, idx),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Accumulator
+
+
+class StatsAccumulator:
+    """Streaming concept statistics; feed :meth:`update` with batches, then call :meth:`finalize`.
+
+    Parameters
+    ----------
+    m:
+        Number of concepts (SAE dictionary size).
+    cfg:
+        What to keep (exemplar counts, activity threshold).
+    device:
+        Where the buffers live (the ``m x m`` float64 co-occurrence buffer is 8 m^2 bytes).
+    """
+
+    def __init__(self, m: int, cfg: StatsConfig | None = None, *, device: str | torch.device = "cpu") -> None:
+        if m < 1:
+            raise ConfigError(f"m (number of concepts) must be >= 1, got {m}")
+        self.m = int(m)
+        self.cfg = cfg or StatsConfig()
+        self.device = torch.device(device)
+        dev, n, w = self.device, self.cfg.top_n, self.cfg.top_w
+        self.n_patches = 0
+        self.n_images = 0
+        self.freq_patches_m = torch.zeros(m, dtype=torch.int64, device=dev)
+        self.freq_images_m = torch.zeros(m, dtype=torch.int64, device=dev)
+        self.max_act_m = torch.zeros(m, dtype=torch.float32, device=dev)
+        self.N_flat = torch.zeros(m * m, dtype=torch.float64, device=dev)
+        """Co-occurrence numerator, row-major ``N[j, j'] = N_flat[j * m + j']``; ``diag(N) = S``."""
+        self.ex = _Exemplars(
+            act_tn=torch.full((m, n), -torch.inf, device=dev),
+            image_tn=torch.full((m, n), -1, dtype=torch.int64, device=dev),
+            patch_tn=torch.full((m, n), -1, dtype=torch.int64, device=dev),
+            code_cols_twk=torch.full((m, w, 1), -1, dtype=torch.int32, device=dev),
+            code_vals_twk=torch.zeros((m, w, 1), device=dev),
+        )
+        self._prev_images: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------- update
+    def update(
+        self,
+        codes_bm: torch.Tensor | np.ndarray,
+        image_ids_b: torch.Tensor | np.ndarray,
+        patch_ids_b: torch.Tensor | np.ndarray,
+    ) -> None:
+        """Add a batch of patch codes (B, m), with the image id and patch index of every row.
+
+        Codes must be finite and non-negative (thresholded SAE codes); entries > ``min_activation``
+        are active. Every image in the batch must be complete (see the module docstring).
+        """
+        codes_bm = torch.as_tensor(codes_bm, device=self.device)
+        image_ids_b = torch.as_tensor(image_ids_b, device=self.device)
+        patch_ids_b = torch.as_tensor(patch_ids_b, device=self.device)
+        self._check_batch(codes_bm, image_ids_b, patch_ids_b)
+        image_ids_b, patch_ids_b = image_ids_b.long(), patch_ids_b.long()
+        b = codes_bm.shape[0]
+        uniq_images = torch.unique(image_ids_b)
+        if self._prev_images is not None and bool(torch.isin(uniq_images, self._prev_images).any()):
+            dup = uniq_images[torch.isin(uniq_images, self._prev_images)][:5].tolist()
+            raise ConfigError(
+                f"image_ids_b: image ids {dup} also occurred in the previous batch; every image's patches "
+                "must arrive in a single update() call (batch whole images)"
+            )
+        self._prev_images = uniq_images
+        self.n_patches += b
+        self.n_images += int(uniq_images.numel())
+        if b == 0:
+            return
+        rows, cols = torch.nonzero(codes_bm > self.cfg.min_activation, as_tuple=True)  # row-major order
+        if rows.numel() == 0:
+            return
+        vals = codes_bm[rows, cols].float()
+        m = self.m
+        # per-concept counts
+        self.freq_patches_m += torch.bincount(cols, minlength=m)
+        self.max_act_m.scatter_reduce_(0, cols, vals, reduce="amax")
+        local_img = torch.searchsorted(uniq_images, image_ids_b)
+        pairs = torch.unique(local_img[rows] * m + cols)
+        self.freq_images_m += torch.bincount(pairs % m, minlength=m)
+        # co-occurrence
+        row_counts = torch.bincount(rows, minlength=b)
+        row_start = torch.cumsum(row_counts, 0) - row_counts
+        self._add_pairs(rows, cols, vals, row_counts, row_start)
+        # exemplars
+        self._update_exemplars(rows, cols, vals, image_ids_b, patch_ids_b, row_counts, row_start)
+
+    def _check_batch(self, codes: torch.Tensor, images: torch.Tensor, patches: torch.Tensor) -> None:
+        if codes.ndim != 2 or codes.shape[1] != self.m:
+            raise ConfigError(f"codes_bm must have shape (B, {self.m}), got {tuple(codes.shape)}")
+        if not codes.is_floating_point():
+            raise ConfigError(f"codes_bm must be floating point, got {codes.dtype}")
+        b = codes.shape[0]
+        for name, ids in (("image_ids_b", images), ("patch_ids_b", patches)):
+            if ids.shape != (b,):
+                raise ConfigError(f"{name} must have shape ({b},) to match codes_bm, got {tuple(ids.shape)}")
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise ConfigError(f"{name} must hold integers, got {ids.dtype}")
+            if b and int(ids.min()) < 0:
+                raise ConfigError(
+                    f"{name} must be >= 0 (-1 marks empty exemplar slots), got {int(ids.min())}"
+                )
+        if b and not bool(torch.isfinite(codes).all()):
+            raise ConfigError("codes_bm contains NaN or inf values")
+        if b and float(codes.min()) < 0:
+            raise ConfigError(
+                f"codes_bm has negative entries (min {float(codes.min()):.4g}); expected thresholded, "
+                "non-negative SAE codes, not pre-activations"
+            )
+
+    def _add_pairs(
+        self,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        vals: torch.Tensor,
+        row_counts: torch.Tensor,
+        row_start: torch.Tensor,
+    ) -> None:
+        """``N[j, j'] += A_ij`` for every patch ``i`` and every ordered pair of its active (j, j')."""
+        cnt_e = row_counts[rows]  # partners of each nonzero (its row's count, itself included)
+        pairs_cum = torch.cumsum(cnt_e, 0)
+        total = int(pairs_cum[-1])
+        # chunk over nonzeros so that huge batches (many actives per patch) bound the temporaries
+        bounds = [0]
+        if total > _MAX_PAIRS:
+            cuts = torch.searchsorted(
+                pairs_cum, torch.arange(_MAX_PAIRS, total, _MAX_PAIRS, device=rows.device)
+            )
+            bounds += sorted(set(cuts.tolist()) - {0})
+        bounds.append(rows.numel())
+        for lo, hi in itertools.pairwise(bounds):
+            if hi <= lo:
+                continue
+            cnt = cnt_e[lo:hi]
+            src = torch.repeat_interleave(torch.arange(lo, hi, device=rows.device), cnt)
+            first = torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
+            partner = row_start[rows[src]] + (torch.arange(src.numel(), device=rows.device) - first)
+            self.N_flat.index_add_(0, cols[src] * self.m + cols[partner], vals[src].double())
+
+    def _update_exemplars(
+        self,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        vals: torch.Tensor,
+        image_ids_b: torch.Tensor,
+        patch_ids_b: torch.Tensor,
+        row_counts: torch.Tensor,
+        row_start: torch.Tensor,
+    ) -> None:
+        """Vectorised streaming top-N: rank the batch's entries within their concept, merge with buffers."""
+        n, w, dev = self.cfg.top_n, self.cfg.top_w, self.device
+        all_cols, all_vals = cols, vals  # row-major nonzeros: row r's code is [row_start[r], +row_counts[r])
+        img, patch = image_ids_b[rows], patch_ids_b[rows]
+        order = _lexsort_rows([cols, -vals, img, patch])
+        rows, cols, vals, img, patch = (t[order] for t in (rows, cols, vals, img, patch))
+        counts = torch.bincount(cols, minlength=self.m)
+        rank = torch.arange(cols.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[cols]
+        keep = rank < n
+        rows, cols, vals, img, patch, rank = (t[keep] for t in (rows, cols, vals, img, patch, rank))
+        touched = torch.nonzero(counts, as_tuple=True)[0]
+        pos = torch.full((self.m,), -1, dtype=torch.int64, device=dev)
+        pos[touched] = torch.arange(touched.numel(), device=dev)
+        t = touched.numel()
+        slot = pos[cols]
+        new_act = torch.full((t, n), -torch.inf, device=dev)
+        new_img = torch.full((t, n), -1, dtype=torch.int64, device=dev)
+        new_patch = torch.full((t, n), -1, dtype=torch.int64, device=dev)
+        new_act[slot, rank], new_img[slot, rank], new_patch[slot, rank] = vals, img, patch
+        # full codes of the rows that enter the top-w of some concept in this batch
+        in_w = rank < w
+        code_rows = rows[in_w]
+        k = int(row_counts[code_rows].max()) if code_rows.numel() else 1
+        offs = torch.arange(k, device=dev)
+        src = row_start[code_rows][:, None] + offs  # (R, k) indices into the row-major nonzeros
+        valid = offs < row_counts[code_rows][:, None]
+        src = torch.where(valid, src, 0)
+        new_cols = torch.full((t, w, k), -1, dtype=torch.int32, device=dev)
+        new_vals = torch.zeros((t, w, k), device=dev)
+        new_cols[slot[in_w], rank[in_w]] = torch.where(valid, all_cols[src], -1).int()
+        new_vals[slot[in_w], rank[in_w]] = torch.where(valid, all_vals[src], 0.0)
+        self._grow_k(k)
+        cur = _Exemplars(
+            self.ex.act_tn[touched],
+            self.ex.image_tn[touched],
+            self.ex.patch_tn[touched],
+            self.ex.code_cols_twk[touched],
+            self.ex.code_vals_twk[touched],
+        )
+        merged = _merge_exemplars(cur, _Exemplars(new_act, new_img, new_patch, new_cols, new_vals), n, w)
+        self._store_exemplars(touched, merged)
+
+    def _grow_k(self, k: int) -> None:
+        if k > self.ex.code_cols_twk.shape[-1]:
+            self.ex.code_cols_twk = _pad_k(self.ex.code_cols_twk, k, -1)
+            self.ex.code_vals_twk = _pad_k(self.ex.code_vals_twk, k, 0.0)
+
+    def _store_exemplars(self, touched: torch.Tensor, merged: _Exemplars) -> None:
+        self._grow_k(merged.code_cols_twk.shape[-1])
+        k = self.ex.code_cols_twk.shape[-1]
+        self.ex.act_tn[touched] = merged.act_tn
+        self.ex.image_tn[touched] = merged.image_tn
+        self.ex.patch_tn[touched] = merged.patch_tn
+        self.ex.code_cols_twk[touched] = _pad_k(merged.code_cols_twk, k, -1)
+        self.ex.code_vals_twk[touched] = _pad_k(merged.code_vals_twk, k, 0.0)
+
+    # -------------------------------------------------------------------------------------- merge
+    def merge(self, other: StatsAccumulator) -> StatsAccumulator:
+        """Add ``other``'s statistics into this accumulator (in place; returns ``self``).
+
+        The two accumulators must have seen disjoint sets of images (e.g. one per process).
+        """
+        if other.m != self.m or other.cfg != self.cfg:
+            raise ConfigError(
+                "cannot merge accumulators with different m/config: "
+                f"{self.m}/{self.cfg} vs {other.m}/{other.cfg}"
+            )
+        dev = self.device
+        self.n_patches += other.n_patches
+        self.n_images += other.n_images
+        self.freq_patches_m += other.freq_patches_m.to(dev)
+        self.freq_images_m += other.freq_images_m.to(dev)
+        self.max_act_m = torch.maximum(self.max_act_m, other.max_act_m.to(dev))
+        self.N_flat += other.N_flat.to(dev)
+        o = other.ex
+        theirs = _Exemplars(
+            *(x.to(dev) for x in (o.act_tn, o.image_tn, o.patch_tn, o.code_cols_twk, o.code_vals_twk))
+        )
+        merged = _merge_exemplars(self.ex, theirs, self.cfg.top_n, self.cfg.top_w)
+        self._store_exemplars(torch.arange(self.m, device=dev), merged)
+        self._prev_images = None
+        return self
+
+    # ------------------------------------------------------------------------------ serialisation
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All running state as tensors (e.g. to ship a worker's accumulator to the merging process)."""
+        ex = self.ex
+        return {
+            "n_patches": torch.tensor(self.n_patches, dtype=torch.int64),
+            "n_images": torch.tensor(self.n_images, dtype=torch.int64),
+            "freq_patches_m": self.freq_patches_m,
+            "freq_images_m": self.freq_images_m,
+            "max_act_m": self.max_act_m,
+            "N_flat": self.N_flat,
+            "ex_act_mn": ex.act_tn,
+            "ex_image_mn": ex.image_tn,
+            "ex_patch_mn": ex.patch_tn,
+            "ex_code_cols_mwk": ex.code_cols_twk,
+            "ex_code_vals_mwk": ex.code_vals_twk,
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: dict[str, torch.Tensor],
+        cfg: StatsConfig | None = None,
+        *,
+        device: str | torch.device = "cpu",
+    ) -> StatsAccumulator:
+        """Rebuild an accumulator from :meth:`state_dict` (``cfg`` must be the one it was built with)."""
+        cfg = cfg or StatsConfig()
+        if "freq_patches_m" not in state or state["freq_patches_m"].ndim != 1:
+            raise ConfigError("accumulator state needs a 1-D 'freq_patches_m' tensor")
+        m, n, w = int(state["freq_patches_m"].shape[0]), cfg.top_n, cfg.top_w
+        k = int(state["ex_code_cols_mwk"].shape[-1]) if "ex_code_cols_mwk" in state else 1
+        expected = {
+            "n_patches": ((), torch.int64),
+            "n_images": ((), torch.int64),
+            "freq_patches_m": ((m,), torch.int64),
+            "freq_images_m": ((m,), torch.int64),
+            "max_act_m": ((m,), torch.float32),
+            "N_flat": ((m * m,), torch.float64),
+            "ex_act_mn": ((m, n), torch.float32),
+            "ex_image_mn": ((m, n), torch.int64),
+            "ex_patch_mn": ((m, n), torch.int64),
+            "ex_code_cols_mwk": ((m, w, k), torch.int32),
+            "ex_code_vals_mwk": ((m, w, k), torch.float32),
+        }
+        for name, (shape, dtype) in expected.items():
+            got = state.get(name)
+            if got is None or tuple(got.shape) != shape or got.dtype != dtype:
+                found = "missing" if got is None else f"{got.dtype} {tuple(got.shape)}"
+                raise ConfigError(f"accumulator state {name!r} is {found}, expected {dtype} {shape}")
+        acc = cls.__new__(cls)
+        acc.m, acc.cfg, acc.device = m, cfg, torch.device(device)
+        acc._prev_images = None
+        acc.n_patches, acc.n_images = int(state["n_patches"]), int(state["n_images"])
+        dev = acc.device
+        acc.freq_patches_m, acc.freq_images_m, acc.max_act_m, acc.N_flat = (
+            state[k_].to(dev).clone() for k_ in ("freq_patches_m", "freq_images_m", "max_act_m", "N_flat")
+        )
+        acc.ex = _Exemplars(
+            *(
+                state[k_].to(dev).clone()
+                for k_ in ("ex_act_mn", "ex_image_mn", "ex_patch_mn", "ex_code_cols_mwk", "ex_code_vals_mwk")
+            )
+        )
+        return acc
+
+    # ----------------------------------------------------------------------------------- finalize
+    def finalize(self) -> ConceptStats:
+        """The statistics so far as a :class:`ConceptStats` (CPU tensors); the accumulator stays usable."""
+        m = self.m
+        n_mm = self.N_flat.view(m, m)
+        s_m = n_mm.diagonal().clone()  # S[j] = sum_i A_ij  (= N[j, j])
+        active = s_m > 0
+        denom_m = torch.where(active, s_m, 1.0)
+        d_mm = torch.empty((m, m), dtype=torch.float32, device=self.device)
+        for r in range(0, m, 1024):  # row blocks: no second float64 m x m temporary
+            d_mm[r : r + 1024] = (n_mm[r : r + 1024] / denom_m[r : r + 1024, None]).clamp_(0.0, 1.0)
+        d_mm[~active] = 0.0
+        d_mm.diagonal()[active] = 1.0
+        freq = self.freq_patches_m
+        mean = torch.where(freq > 0, s_m / freq.clamp_min(1), 0.0).float()
+        ex = self.ex
+        filled = ex.image_tn >= 0
+        act = torch.where(filled, ex.act_tn, torch.nan)
+        return ConceptStats(
+            freq_patches_m=freq.cpu().clone(),
+            freq_images_m=self.freq_images_m.cpu().clone(),
+            mean_act_m=mean.cpu(),
+            max_act_m=self.max_act_m.cpu().clone(),
+            D_mm=d_mm.cpu(),
+            ex_act_mn=act.cpu(),
+            ex_image_mn=ex.image_tn.cpu().clone(),
+            ex_patch_mn=ex.patch_tn.cpu().clone(),
+            ex_code_cols_mwk=ex.code_cols_twk.cpu().clone(),
+            ex_code_vals_mwk=ex.code_vals_twk.cpu().clone(),
+            n_patches=self.n_patches,
+            n_images=self.n_images,
+            config=self.cfg,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclasses.dataclass
+class ConceptStats:
+    """Finalised concept statistics (CPU tensors). ``m`` concepts, ``n = top_n``, ``w = top_w``."""
+
+    freq_patches_m: torch.Tensor
+    """(m,) int64: patches where the concept is active."""
+    freq_images_m: torch.Tensor
+    """(m,) int64: distinct images where the concept is active on at least one patch."""
+    mean_act_m: torch.Tensor
+    """(m,) float32: mean activation over the patches where it is active (0 if never active)."""
+    max_act_m: torch.Tensor
+    """(m,) float32: max activation (0 if never active)."""
+    D_mm: torch.Tensor
+    """(m, m) float32: Eq. 5 co-occurrence confidence ``D[j, j']`` (fraction of j's activation mass on
+    patches where j' is active); diagonal 1 for active concepts, all-zero rows for inactive ones."""
+    ex_act_mn: torch.Tensor
+    """(m, n) float32: top activations per concept, sorted (act desc, image asc, patch asc); NaN pad."""
+    ex_image_mn: torch.Tensor
+    """(m, n) int64: image id of each exemplar; -1 pad."""
+    ex_patch_mn: torch.Tensor
+    """(m, n) int64: patch index of each exemplar within its image; -1 pad."""
+    ex_code_cols_mwk: torch.Tensor
+    """(m, w, k_max) int32: active concepts on each of the top-``w`` exemplar patches; -1 pad."""
+    ex_code_vals_mwk: torch.Tensor
+    """(m, w, k_max) float32: their activations; 0 pad."""
+    n_patches: int
+    """Patches seen."""
+    n_images: int
+    """Images seen."""
+    config: StatsConfig
+    """The configuration of the pass."""
+
+    @property
+    def m(self) -> int:
+        """Number of concepts."""
+        return int(self.freq_patches_m.shape[0])
+
+    @property
+    def n_exemplars_m(self) -> torch.Tensor:
+        """(m,) int64: exemplars stored per concept (min(top_n, freq_patches))."""
+        return (self.ex_image_mn >= 0).sum(1)
+
+    def w_pairs(self, i_idx: Any, a_idx: Any, *, chunk: int = 4096) -> torch.Tensor:
+        """``w(i, a)`` for parallel index arrays: mean activation of concept ``a`` over the top-``top_w``
+        exemplar patches of concept ``i`` (0 where ``a`` is inactive on a patch; 0 if ``i`` never fired).
+        Returns float32 of the broadcast shape of the inputs."""
+        i_t = torch.as_tensor(i_idx, dtype=torch.int64)
+        a_t = torch.as_tensor(a_idx, dtype=torch.int64)
+        i_t, a_t = torch.broadcast_tensors(i_t, a_t)
+        shape = i_t.shape
+        i_t, a_t = i_t.reshape(-1), a_t.reshape(-1)
+        m = self.m
+        for name, t in (("i_idx", i_t), ("a_idx", a_t)):
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= m):
+                raise ConfigError(
+                    f"{name} must hold concept ids in [0, {m}), got range [{int(t.min())}, {int(t.max())}]"
+                )
+        n_w = (self.ex_image_mn[:, : self.config.top_w] >= 0).sum(1)
+        out = torch.zeros(i_t.numel(), dtype=torch.float32)
+        for s in range(0, i_t.numel(), chunk):
+            i, a = i_t[s : s + chunk], a_t[s : s + chunk]
+            match = self.ex_code_cols_mwk[i] == a[:, None, None].int()
+            total = (self.ex_code_vals_mwk[i] * match).sum((1, 2))
+            out[s : s + chunk] = total / n_w[i].clamp_min(1)
+        return out.reshape(shape)
+
+    def w(self, i: int, a: int) -> float:
+        """``w(i, a)`` for one pair (see :meth:`w_pairs`)."""
+        return float(self.w_pairs([i], [a])[0])
+
+    # ---------------------------------------------------------------------------------------- I/O
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name.endswith(("_m", "_mm", "_mn", "_mwk"))
+        }
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``concept_stats.safetensors`` and ``concept_stats.json`` (counts, config) atomically."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_safetensors(out_dir / STATS_TENSORS, self._tensors(), {"format": _FORMAT})
+        doc = {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "m": self.m,
+            "n_patches": self.n_patches,
+            "n_images": self.n_images,
+            "k_max": int(self.ex_code_cols_mwk.shape[-1]),
+            "config": dataclasses.asdict(self.config),
+        }
+        write_json(out_dir / STATS_JSON, doc)
+        return out_dir
+
+    @classmethod
+    def load(cls, in_dir: str | Path) -> ConceptStats:
+        """Read :meth:`save`'s files; raises ``CheckpointError`` naming a missing or malformed file."""
+        in_dir = Path(in_dir)
+        json_path, st_path = in_dir / STATS_JSON, in_dir / STATS_TENSORS
+        try:
+            doc = json.loads(json_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read concept statistics metadata {json_path}: {e}") from e
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT or doc.get("version") != _FORMAT_VERSION:
+            raise CheckpointError(
+                f"{json_path} is not a concept statistics file ({_FORMAT} v{_FORMAT_VERSION})"
+            )
+        try:
+            cfg = StatsConfig(**doc["config"])
+            m, k = int(doc["m"]), int(doc["k_max"])
+            n_patches, n_images = int(doc["n_patches"]), int(doc["n_images"])
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
+            raise CheckpointError(f"{json_path}: missing or invalid entry: {e}") from e
+        try:
+            tensors = load_file(str(st_path))
+        except (OSError, SafetensorError, ValueError) as e:
+            raise CheckpointError(f"cannot read concept statistics tensors {st_path}: {e}") from e
+        n, w = cfg.top_n, cfg.top_w
+        expected = {
+            "freq_patches_m": ((m,), torch.int64),
+            "freq_images_m": ((m,), torch.int64),
+            "mean_act_m": ((m,), torch.float32),
+            "max_act_m": ((m,), torch.float32),
+            "D_mm": ((m, m), torch.float32),
+            "ex_act_mn": ((m, n), torch.float32),
+            "ex_image_mn": ((m, n), torch.int64),
+            "ex_patch_mn": ((m, n), torch.int64),
+            "ex_code_cols_mwk": ((m, w, k), torch.int32),
+            "ex_code_vals_mwk": ((m, w, k), torch.float32),
+        }
+        for name, (shape, dtype) in expected.items():
+            t = tensors.get(name)
+            if t is None:
+                raise CheckpointError(f"{st_path}: missing tensor {name!r}; found {sorted(tensors)}")
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise CheckpointError(
+                    f"{st_path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} "
+                    f"(m={m}, top_n={n}, top_w={w}, k_max={k} from {json_path.name})"
+                )
+        return cls(
+            **{name: tensors[name] for name in expected}, n_patches=n_patches, n_images=n_images, config=cfg
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Convenience
+
+
+@torch.no_grad()
+def compute_stats(
+    sae: Any,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    cfg: StatsConfig | None = None,
+    *,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> ConceptStats:
+    """Encode ``(feats_bpd, image_ids_b)`` batches with ``sae`` (thresholded codes) and accumulate.
+
+    ``feats_bpd`` holds whole images (B, P, d) and ``image_ids_b`` their ids (B,); patch indices are
+    0..P-1. Encoding runs on the SAE's device, accumulation on ``device``.
+    """
+    from tqdm.auto import tqdm
+
+    sae_device = next(sae.parameters()).device
+    acc = StatsAccumulator(sae.cfg.dict_size, cfg, device=device)
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    with tqdm(total=total, desc="stats", unit="batch", disable=not progress, dynamic_ncols=True) as bar:
+        for feats_bpd, image_ids_b in batches:
+            feats_bpd = torch.as_tensor(feats_bpd)
+            if feats_bpd.ndim != 3:
+                raise ConfigError(f"feats_bpd must have shape (B, P, d), got {tuple(feats_bpd.shape)}")
+            b, p, d = feats_bpd.shape
+            codes = sae.encode(feats_bpd.reshape(b * p, d).to(sae_device).float())
+            ids = torch.as_tensor(image_ids_b, dtype=torch.int64).reshape(-1)
+            if ids.shape != (b,):
+                raise ConfigError(f"image_ids_b must have shape ({b},), got {tuple(ids.shape)}")
+            acc.update(codes.to(acc.device), ids.repeat_interleave(p), torch.arange(p).repeat(b))
+            bar.update(1)
+            bar.set_postfix(images=acc.n_images)
+    return acc.finalize()

@@ -1,0 +1,363 @@
+"""Tests of the streaming concept statistics against a naive dense computation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import insight_core.stats as stats_mod
+from insight_core.errors import CheckpointError, ConfigError
+from insight_core.io import write_safetensors
+from insight_core.sae import MatryoshkaSAE, SAEConfig
+from insight_core.stats import (
+    STATS_JSON,
+    STATS_TENSORS,
+    ConceptStats,
+    StatsAccumulator,
+    StatsConfig,
+    compute_stats,
+)
+
+M, N_IMAGES, P = 24, 40, 6
+CFG = StatsConfig(top_n=7, top_w=3)
+
+
+def _random_codes(seed: int = 0, n_images: int = N_IMAGES, m: int = M, density: float = 0.2):
+    """Sparse codes with ties (values on a 0.1 grid), dead concepts and varying actives per patch."""
+    rng = np.random.default_rng(seed)
+    b = n_images * P
+    dens = rng.uniform(0.3, 1.7, size=(b, 1)) * density  # some patches much busier than others
+    codes = np.where(rng.random((b, m)) < dens, rng.integers(1, 6, (b, m)) / 10, 0.0).astype(np.float32)
+    codes[:, [3, 17]] = 0.0  # never active
+    codes[: b // 2, 5] = 0.0  # active only in the second half
+    image_ids = np.repeat(rng.permutation(1000)[:n_images] + 7, P).astype(np.int64)
+    patch_ids = np.tile(np.arange(P), n_images).astype(np.int64)
+    return codes, image_ids, patch_ids
+
+
+def _naive(codes: np.ndarray, image_ids: np.ndarray, patch_ids: np.ndarray, cfg: StatsConfig) -> dict:
+    c = codes.astype(np.float64)
+    act = c > cfg.min_activation
+    a = np.where(act, c, 0.0)
+    m = c.shape[1]
+    s = a.sum(0)
+    d = (a.T @ act) / np.where(s > 0, s, 1.0)[:, None]
+    freq = act.sum(0)
+    out = {
+        "freq_patches": freq,
+        "freq_images": np.array([len(set(image_ids[act[:, j]].tolist())) for j in range(m)]),
+        "mean": np.where(freq > 0, s / np.maximum(freq, 1), 0.0),
+        "max": np.where(freq > 0, a.max(0), 0.0),
+        "D": d,
+        "ex": [],
+        "w": np.zeros((m, m)),
+    }
+    for j in range(m):
+        rows = sorted(
+            np.flatnonzero(act[:, j]).tolist(), key=lambda i: (-c[i, j], image_ids[i], patch_ids[i])
+        )
+        top = rows[: cfg.top_n]
+        out["ex"].append([(float(codes[i, j]), int(image_ids[i]), int(patch_ids[i])) for i in top])
+        top_w = top[: cfg.top_w]
+        if top_w:
+            out["w"][j] = a[top_w].mean(0)
+    return out
+
+
+def _accumulate(
+    codes, image_ids, patch_ids, images_per_batch: int, cfg: StatsConfig = CFG
+) -> StatsAccumulator:
+    acc = StatsAccumulator(codes.shape[1], cfg)
+    step = images_per_batch * P
+    for s in range(0, len(codes), step):
+        acc.update(torch.from_numpy(codes[s : s + step]), image_ids[s : s + step], patch_ids[s : s + step])
+    return acc
+
+
+def _assert_same(a: ConceptStats, b: ConceptStats, d_atol: float = 0.0) -> None:
+    for f in dataclasses.fields(ConceptStats):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            if f.name == "ex_code_cols_mwk" or f.name == "ex_code_vals_mwk":
+                k = min(x.shape[-1], y.shape[-1])  # padding width may differ; extra columns are pads
+                assert torch.equal(x[..., :k], y[..., :k]), f.name
+                for t, pad in ((x, -1 if f.name.endswith("cols_mwk") else 0), (y, None)):
+                    if pad is not None:
+                        assert (t[..., k:] == pad).all()
+            elif f.name == "D_mm" or f.name == "mean_act_m":
+                torch.testing.assert_close(x, y, atol=max(d_atol, 1e-6), rtol=0)
+            else:
+                assert torch.equal(x.nan_to_num(-7.0), y.nan_to_num(-7.0)), f.name
+        else:
+            assert x == y, f.name
+
+
+# --------------------------------------------------------------------------------------------------
+# Correctness
+
+
+def test_matches_naive_dense_computation() -> None:
+    codes, image_ids, patch_ids = _random_codes()
+    ref = _naive(codes, image_ids, patch_ids, CFG)
+    st_ = _accumulate(codes, image_ids, patch_ids, images_per_batch=5).finalize()
+
+    assert st_.n_patches == len(codes)
+    assert st_.n_images == N_IMAGES
+    np.testing.assert_array_equal(st_.freq_patches_m.numpy(), ref["freq_patches"])
+    np.testing.assert_array_equal(st_.freq_images_m.numpy(), ref["freq_images"])
+    np.testing.assert_allclose(st_.mean_act_m.numpy(), ref["mean"], atol=1e-6)
+    np.testing.assert_allclose(st_.max_act_m.numpy(), ref["max"], atol=0)
+    np.testing.assert_allclose(st_.D_mm.numpy(), ref["D"], atol=1e-6)
+    assert st_.D_mm.dtype == torch.float32
+    assert st_.D_mm.shape == (M, M)
+    for j in range(M):
+        n = len(ref["ex"][j])
+        got = list(
+            zip(
+                st_.ex_act_mn[j, :n].tolist(),
+                st_.ex_image_mn[j, :n].tolist(),
+                st_.ex_patch_mn[j, :n].tolist(),
+                strict=True,
+            )
+        )
+        assert [(round(a, 6), i, p) for a, i, p in got] == [
+            (round(a, 6), i, p) for a, i, p in ref["ex"][j]
+        ], j
+        assert torch.isnan(st_.ex_act_mn[j, n:]).all()
+        assert (st_.ex_image_mn[j, n:] == -1).all()
+        assert (st_.ex_patch_mn[j, n:] == -1).all()
+    assert int(st_.n_exemplars_m[3]) == 0
+    assert torch.isnan(st_.ex_act_mn[3]).all()
+    # w(i, a) for every pair, vectorised and scalar
+    ii, aa = np.meshgrid(np.arange(M), np.arange(M), indexing="ij")
+    np.testing.assert_allclose(st_.w_pairs(ii, aa).numpy(), ref["w"], atol=1e-6)
+    assert st_.w(0, 1) == pytest.approx(ref["w"][0, 1], abs=1e-6)
+    assert st_.w(3, 0) == 0.0  # never-active concept
+
+
+def test_ties_are_broken_by_image_then_patch() -> None:
+    codes = np.zeros((4 * P, 3), dtype=np.float32)
+    codes[:, 0] = 1.0  # every patch ties
+    image_ids = np.repeat([40, 10, 30, 20], P)
+    patch_ids = np.tile(np.arange(P)[::-1], 4)
+    acc = StatsAccumulator(3, StatsConfig(top_n=8, top_w=2))
+    for s in range(0, len(codes), 2 * P):
+        acc.update(torch.from_numpy(codes[s : s + 2 * P]), image_ids[s : s + 2 * P], patch_ids[s : s + 2 * P])
+    st_ = acc.finalize()
+    assert st_.ex_image_mn[0].tolist() == [10] * P + [20] * 2
+    assert st_.ex_patch_mn[0].tolist() == [*range(P), 0, 1]
+
+
+def test_min_activation_threshold() -> None:
+    codes, image_ids, patch_ids = _random_codes(seed=4)
+    cfg = StatsConfig(top_n=5, top_w=2, min_activation=0.25)
+    ref = _naive(codes, image_ids, patch_ids, cfg)
+    st_ = _accumulate(codes, image_ids, patch_ids, 7, cfg).finalize()
+    np.testing.assert_array_equal(st_.freq_patches_m.numpy(), ref["freq_patches"])
+    np.testing.assert_allclose(st_.D_mm.numpy(), ref["D"], atol=1e-6)
+    ii, aa = np.meshgrid(np.arange(M), np.arange(M), indexing="ij")
+    np.testing.assert_allclose(st_.w_pairs(ii, aa).numpy(), ref["w"], atol=1e-6)
+
+
+@pytest.mark.parametrize("images_per_batch", [1, 3, 7])
+def test_streaming_equals_one_batch(images_per_batch: int) -> None:
+    codes, image_ids, patch_ids = _random_codes(seed=1)
+    whole = _accumulate(codes, image_ids, patch_ids, N_IMAGES).finalize()
+    streamed = _accumulate(codes, image_ids, patch_ids, images_per_batch).finalize()
+    _assert_same(whole, streamed)
+
+
+def test_codes_of_earlier_exemplars_survive_k_growth() -> None:
+    """Early batches have few actives per patch, later ones many: stored codes are padded, not lost."""
+    codes, image_ids, patch_ids = _random_codes(seed=2, density=0.08)
+    busy, _, _ = _random_codes(seed=3, density=0.5)
+    half = len(codes) // 2
+    codes[half:] = busy[half:] * 0.5  # busy patches with small values: early exemplars stay on top
+    ref = _naive(codes, image_ids, patch_ids, CFG)
+    acc = _accumulate(codes, image_ids, patch_ids, 4)
+    st_ = acc.finalize()
+    assert st_.ex_code_cols_mwk.shape[-1] > 1
+    ii, aa = np.meshgrid(np.arange(M), np.arange(M), indexing="ij")
+    np.testing.assert_allclose(st_.w_pairs(ii, aa).numpy(), ref["w"], atol=1e-6)
+
+
+def test_chunked_pair_accumulation(monkeypatch: pytest.MonkeyPatch) -> None:
+    codes, image_ids, patch_ids = _random_codes(seed=5)
+    whole = _accumulate(codes, image_ids, patch_ids, N_IMAGES).finalize()
+    monkeypatch.setattr(stats_mod, "_MAX_PAIRS", 37)
+    chunked = _accumulate(codes, image_ids, patch_ids, N_IMAGES).finalize()
+    _assert_same(whole, chunked, d_atol=1e-6)
+
+
+def test_merge_of_halves_equals_whole() -> None:
+    codes, image_ids, patch_ids = _random_codes(seed=6)
+    whole = _accumulate(codes, image_ids, patch_ids, 5).finalize()
+    h = (N_IMAGES // 2) * P
+    a = _accumulate(codes[:h], image_ids[:h], patch_ids[:h], 3)
+    b = _accumulate(codes[h:], image_ids[h:], patch_ids[h:], 6)
+    _assert_same(whole, a.merge(b).finalize(), d_atol=1e-6)
+    with pytest.raises(ConfigError, match="merge"):
+        a.merge(StatsAccumulator(M + 1, CFG))
+
+
+def test_state_dict_round_trip_for_distributed_merge(tmp_path: Path) -> None:
+    """A worker's accumulator survives safetensors serialisation and merges like the original."""
+    codes, image_ids, patch_ids = _random_codes(seed=9)
+    whole = _accumulate(codes, image_ids, patch_ids, 5).finalize()
+    h = (N_IMAGES // 2) * P
+    a = _accumulate(codes[:h], image_ids[:h], patch_ids[:h], 4)
+    b = _accumulate(codes[h:], image_ids[h:], patch_ids[h:], 4)
+    write_safetensors(tmp_path / "worker1.safetensors", b.state_dict())
+    b_back = StatsAccumulator.from_state_dict(load_file(str(tmp_path / "worker1.safetensors")), CFG)
+    _assert_same(b.finalize(), b_back.finalize())
+    _assert_same(whole, a.merge(b_back).finalize(), d_atol=1e-6)
+    state = b.state_dict()
+    with pytest.raises(ConfigError, match="'N_flat' is missing"):
+        StatsAccumulator.from_state_dict({k: v for k, v in state.items() if k != "N_flat"}, CFG)
+    with pytest.raises(ConfigError, match="'ex_act_mn'"):
+        StatsAccumulator.from_state_dict(state, StatsConfig(top_n=8, top_w=3))
+
+
+def test_compute_stats_with_sae() -> None:
+    sae = MatryoshkaSAE(SAEConfig(d_in=16, dict_size=32, k=4, group_fractions=(0.25, 0.75)), seed=0)
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(10, P, 16, generator=gen)
+    batches = [(feats[s : s + 4], torch.arange(s, min(s + 4, 10)) + 100) for s in range(0, 10, 4)]
+    got = compute_stats(sae, batches, CFG, progress=False)
+    codes = sae.encode(feats.reshape(-1, 16)).detach()
+    assert (codes > 0).any()
+    acc = StatsAccumulator(32, CFG)
+    acc.update(codes, torch.arange(100, 110).repeat_interleave(P), torch.arange(P).repeat(10))
+    _assert_same(acc.finalize(), got, d_atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    m=st.integers(1, 12),
+    n_images=st.integers(1, 6),
+    density=st.floats(0.0, 1.0),
+)
+def test_property_d_is_a_confidence(seed: int, m: int, n_images: int, density: float) -> None:
+    rng = np.random.default_rng(seed)
+    b = n_images * 3
+    codes = np.where(rng.random((b, m)) < density, rng.exponential(1.0, (b, m)) + 1e-3, 0.0).astype(
+        np.float32
+    )
+    acc = StatsAccumulator(m, StatsConfig(top_n=2, top_w=1))
+    for i in range(n_images):
+        sl = slice(3 * i, 3 * i + 3)
+        acc.update(torch.from_numpy(codes[sl]), np.full(3, i), np.arange(3))
+    st_ = acc.finalize()
+    d = st_.D_mm
+    active = st_.freq_patches_m > 0
+    assert ((d >= 0) & (d <= 1)).all()
+    assert (d.diagonal()[active] == 1).all()
+    assert (d[~active] == 0).all()
+    assert (st_.freq_images_m <= st_.freq_images_m.new_tensor(n_images)).all()
+    assert (st_.freq_images_m <= st_.freq_patches_m).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Input validation
+
+
+def test_update_rejects_bad_input() -> None:
+    acc = StatsAccumulator(4, CFG)
+    ids, pids = np.zeros(2, np.int64), np.arange(2)
+    with pytest.raises(ConfigError, match="codes_bm"):
+        acc.update(torch.zeros(2, 5), ids, pids)
+    with pytest.raises(ConfigError, match="negative"):
+        acc.update(-torch.ones(2, 4), ids, pids)
+    with pytest.raises(ConfigError, match="NaN"):
+        acc.update(torch.full((2, 4), float("nan")), ids, pids)
+    with pytest.raises(ConfigError, match="image_ids_b"):
+        acc.update(torch.ones(2, 4), np.zeros(3, np.int64), pids)
+    with pytest.raises(ConfigError, match="patch_ids_b"):
+        acc.update(torch.ones(2, 4), ids, np.arange(2.0))
+    with pytest.raises(ConfigError, match="image_ids_b must be >= 0"):
+        acc.update(torch.ones(2, 4), -np.ones(2, np.int64), pids)
+    assert acc.n_patches == 0  # rejected batches leave no trace
+
+
+def test_update_detects_image_split_across_batches() -> None:
+    acc = StatsAccumulator(4, CFG)
+    acc.update(torch.ones(3, 4), np.array([0, 0, 1]), np.array([0, 1, 0]))
+    with pytest.raises(ConfigError, match=r"image ids \[1\] also occurred in the previous batch"):
+        acc.update(torch.ones(2, 4), np.array([1, 2]), np.array([1, 0]))
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="top_w"):
+        StatsConfig(top_n=4, top_w=5)
+    with pytest.raises(ConfigError, match="top_n"):
+        StatsConfig(top_n=0)
+    with pytest.raises(ConfigError, match="min_activation"):
+        StatsConfig(min_activation=-1.0)
+    with pytest.raises(ConfigError, match="m "):
+        StatsAccumulator(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Persistence
+
+
+@pytest.fixture
+def small_stats() -> ConceptStats:
+    codes, image_ids, patch_ids = _random_codes(seed=8)
+    return _accumulate(codes, image_ids, patch_ids, 5).finalize()
+
+
+def test_save_load_round_trip(tmp_path: Path, small_stats: ConceptStats) -> None:
+    small_stats.save(tmp_path / "stats")
+    assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == sorted([STATS_JSON, STATS_TENSORS])
+    back = ConceptStats.load(tmp_path / "stats")
+    _assert_same(small_stats, back)
+    assert back.w(1, 2) == small_stats.w(1, 2)
+    doc = json.loads((tmp_path / "stats" / STATS_JSON).read_text())
+    assert doc["m"] == M
+    assert doc["n_images"] == N_IMAGES
+    assert doc["config"]["top_n"] == CFG.top_n
+
+
+def test_load_bad_files(tmp_path: Path, small_stats: ConceptStats) -> None:
+    with pytest.raises(CheckpointError, match=STATS_JSON):
+        ConceptStats.load(tmp_path / "missing")
+    out = small_stats.save(tmp_path / "s")
+    json_path, st_path = out / STATS_JSON, out / STATS_TENSORS
+    good_json = json_path.read_text()
+
+    json_path.write_text("{not json")
+    with pytest.raises(CheckpointError, match=STATS_JSON):
+        ConceptStats.load(out)
+    json_path.write_text(json.dumps({"format": "something-else", "version": 1}))
+    with pytest.raises(CheckpointError, match="not a concept statistics file"):
+        ConceptStats.load(out)
+    json_path.write_text(good_json.replace('"top_n": 7', '"top_n": 0'))
+    with pytest.raises(CheckpointError, match="invalid entry"):
+        ConceptStats.load(out)
+    json_path.write_text(good_json.replace(f'"m": {M}', f'"m": {M + 1}'))
+    with pytest.raises(CheckpointError, match=rf"{STATS_TENSORS}.*'freq_patches_m'"):
+        ConceptStats.load(out)
+    json_path.write_text(good_json)
+
+    tensors = small_stats._tensors()
+    write_safetensors(st_path, {k: v for k, v in tensors.items() if k != "D_mm"})
+    with pytest.raises(CheckpointError, match=r"missing tensor 'D_mm'"):
+        ConceptStats.load(out)
+    write_safetensors(st_path, {**tensors, "ex_image_mn": tensors["ex_image_mn"].int()})
+    with pytest.raises(CheckpointError, match=r"'ex_image_mn' is torch.int32"):
+        ConceptStats.load(out)
+    st_path.write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match=STATS_TENSORS):
+        ConceptStats.load(out)
