@@ -109,6 +109,20 @@ class FeatureSet:
             held.append(held_mask)
         return FeatureSplit(self, tuple(train)), FeatureSplit(self, tuple(held))
 
+    def iter_image_batches(self, images_per_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """In-order ``(feats_bpd float32, image_ids_b int64)`` batches of whole images.
+
+        Image ids count images across files in order (a 2-D file's rows are one-patch images).
+        Batches never mix files, so every batch has a single patch count.
+        """
+        everything, next_id = self.all_rows(), 0
+        for index, f in enumerate(self.files):
+            for start in range(0, f.n_units, images_per_batch):
+                end = min(start + images_per_batch, f.n_units)
+                block = everything._read_chunk(index, start, end).reshape(end - start, f.rows_per_unit, f.d)
+                yield torch.from_numpy(block), torch.arange(next_id + start, next_id + end)
+            next_id += f.n_units
+
     def all_rows(self) -> FeatureSplit:
         return FeatureSplit(self, tuple(np.ones(f.n_units, dtype=bool) for f in self.files))
 
