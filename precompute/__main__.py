@@ -10,7 +10,7 @@ from typing import Any
 import tyro
 
 from insight_core.errors import InsightError
-from precompute import demo, extract, synth, train_sae
+from precompute import demo, extract, families, name, stats, synth, train_sae
 from precompute.common import setup_logging
 
 log = logging.getLogger("precompute")
@@ -19,6 +19,9 @@ log = logging.getLogger("precompute")
 STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "extract": (extract.ExtractJob, extract.run),
     "train-sae": (train_sae.TrainSaeJob, train_sae.run),
+    "stats": (stats.StatsJob, stats.run),
+    "families": (families.FamiliesJob, families.run),
+    "name": (name.NameJob, name.run),
     "synth": (synth.SynthJob, synth.run_synth),
     "eval-synth": (synth.EvalSynthJob, synth.run_eval_synth),
     "demo": (demo.DemoJob, demo.run),

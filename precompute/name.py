@@ -1,0 +1,128 @@
+"""``name``: hierarchy-aware concept names -> ``ATLAS/concepts.parquet`` (paper Sec. 3.4, App. B.4).
+
+Family-informed concept vectors (Eq. B.9: the concept's decoder row plus its parents', weighted by
+co-occurrence confidence and activations on the concept's top-30 patches) are matched against a
+vocabulary embedded with noun / verb / adjective templates; the best word names the concept and
+the top-5 are kept as alternatives. ``--vocab-embeddings FILE.npz`` (``words``, ``embeddings``)
+bypasses the text encoder. Runs ``stats``/``families`` first when given ``--features``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from insight_core.backbone import BackboneConfig, ClipBackbone
+from insight_core.errors import ConfigError
+from insight_core.families import Families
+from insight_core.io import atomic_write
+from insight_core.naming import (
+    VocabEmbeddings,
+    build_vocabulary,
+    cached_vocab_embeddings,
+    concept_vectors,
+    load_vocab_embeddings,
+    name_concepts,
+    paper_vocab_sources,
+    parents_from_edges,
+)
+from precompute import families as families_stage
+from precompute.stats import load_atlas_sae
+
+log = logging.getLogger(__name__)
+
+CONCEPTS_FILE = "concepts.parquet"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NameJob:
+    """Name every concept of the atlas against a vocabulary, using its family context."""
+
+    atlas: Path
+    """Atlas directory (sae.safetensors; stats/ and edges.parquet are built when missing)."""
+    features: Path | None = None
+    """Feature directory, needed when stats/ is missing or stale."""
+    vocab_embeddings: Path | None = None
+    """Precomputed vocabulary embeddings (.npz with 'words' and 'embeddings'); bypasses the text encoder."""
+    vocab_dir: Path | None = None
+    """Folder with the paper's word lists (CLIP-Dissect 20k, LAION uni/bigrams, Brysbaert concreteness)."""
+    arch: str = "ViT-B-16"
+    """open_clip architecture of the text encoder (must match the atlas backbone)."""
+    pretrained: str = "openai"
+    """open_clip pretrained tag or local weights file of the text encoder."""
+    alpha: float = 1.33
+    """Weight of the concept's own decoder row in Eq. B.9."""
+    top_k: int = 5
+    """Names kept per concept (best + alternatives)."""
+    use_parents: bool = True
+    """Family-informed vectors (Eq. B.9); --no-use-parents names decoder rows alone."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def _families(job: NameJob, m: int) -> Families:
+    edges = Path(job.atlas) / families_stage.EDGES_FILE
+    if job.features is not None or not edges.is_file():
+        return families_stage.run(
+            families_stage.FamiliesJob(atlas=job.atlas, features=job.features, progress=job.progress)
+        )
+    table = pq.read_table(edges)
+    return Families.from_arrays(m, *(table.column(c).to_numpy() for c in ("parent", "child", "confidence")))
+
+
+def _vocabulary(job: NameJob) -> VocabEmbeddings:
+    if job.vocab_embeddings is not None:
+        return load_vocab_embeddings(job.vocab_embeddings)
+    if job.vocab_dir is None:
+        raise ConfigError("give --vocab-embeddings FILE.npz or --vocab-dir WORD_LIST_DIR")
+    vocab = build_vocabulary(paper_vocab_sources(job.vocab_dir))
+    backbone = ClipBackbone(BackboneConfig(arch=job.arch, pretrained=job.pretrained))
+    if backbone.is_random:
+        log.warning("RANDOM-INIT TEXT ENCODER: concept names will be meaningless")
+    return cached_vocab_embeddings(
+        Path(job.atlas) / "cache", vocab.words, f"{job.arch}/{job.pretrained}", backbone.encode_text
+    )
+
+
+def run(job: NameJob) -> list[dict]:
+    sae = load_atlas_sae(job.atlas)
+    fam = _families(job, sae.cfg.dict_size)
+    stats = families_stage.ensure_stats(job.atlas, None, job.progress)
+    vocab = _vocabulary(job)
+    if vocab.dim != sae.cfg.d_in:
+        raise ConfigError(f"vocabulary embeddings have d={vocab.dim} but the SAE has d_in={sae.cfg.d_in}")
+    parents = parents_from_edges(fam.parent_e, fam.child_e, sae.cfg.dict_size)
+    vectors = concept_vectors(
+        sae.W_dec_md.detach(),
+        sae.b_dec_d.detach(),
+        parents,
+        stats.D_mm.numpy(),
+        stats.w_pairs,
+        alpha=job.alpha,
+        use_parents=job.use_parents,
+    )
+    result = name_concepts(vectors, vocab, top_k=job.top_k)
+    records = result.to_records()
+    group_m = np.repeat(np.arange(len(sae.cfg.group_sizes)), sae.cfg.group_sizes)
+    n_patches = max(1, stats.n_patches)
+    for rec in records:
+        i = rec["id"]
+        rec.update(
+            group=int(group_m[i]),
+            freq_patches=int(stats.freq_patches_m[i]),
+            frequency=float(stats.freq_patches_m[i]) / n_patches,
+            freq_images=int(stats.freq_images_m[i]),
+            mean_activation=float(stats.mean_act_m[i]),
+            n_parents=len(parents[i]),
+            n_children=len(fam.children(i)),
+        )
+    table = pa.Table.from_pylist(records)
+    path = Path(job.atlas) / CONCEPTS_FILE
+    atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
+    log.info("named %d concepts against %d words -> %s", len(records), vocab.n_words, path)
+    return records

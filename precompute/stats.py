@@ -1,0 +1,103 @@
+"""``stats``: one streaming pass of the atlas SAE over the feature shards -> ``ATLAS/stats/``.
+
+Per-concept frequency and mean activation, top-N exemplar patches, the w_ia values of the top-30
+patches, and the co-occurrence confidence matrix D (Eq. 5). Memory O(m^2) whatever the data size.
+Skipped when ``stats/`` was computed from the same SAE and features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from insight_core.errors import CheckpointError
+from insight_core.features import scan_features
+from insight_core.sae import MatryoshkaSAE
+from insight_core.sae_train import resolve_device
+from insight_core.stats import ConceptStats, StatsConfig, compute_stats
+from precompute.common import fingerprint
+
+log = logging.getLogger(__name__)
+
+STATS_DIR = "stats"
+STAMP_FILE = "input_fingerprint.json"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StatsJob:
+    """Concept statistics and co-occurrence of the atlas's SAE over a feature directory."""
+
+    atlas: Path
+    """Atlas directory holding sae.safetensors (trained or imported)."""
+    features: Path
+    """Feature directory (.npy (n_images, n_patches, d) or (n, d))."""
+    images_per_batch: int = 64
+    """Images encoded per step."""
+    top_n: int = 64
+    """Exemplar patches kept per concept."""
+    top_w: int = 30
+    """Top patches per concept used for w_ia (paper App. B.4)."""
+    device: str = "auto"
+    """Device for SAE encoding."""
+    force: bool = False
+    """Recompute even if up to date."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def load_atlas_sae(atlas: Path) -> MatryoshkaSAE:
+    path = Path(atlas) / "sae.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: run train-sae first, or place an SAE checkpoint there")
+    return MatryoshkaSAE.load(path)
+
+
+def run(job: StatsJob) -> ConceptStats:
+    features = scan_features(job.features)
+    sae_path = Path(job.atlas) / "sae.safetensors"
+    sae = load_atlas_sae(job.atlas)
+    if sae.cfg.d_in != features.d:
+        raise CheckpointError(
+            f"{sae_path}: SAE d_in={sae.cfg.d_in} but features in {job.features} have d={features.d}"
+        )
+    cfg = StatsConfig(top_n=job.top_n, top_w=job.top_w)
+    stamp = fingerprint([f.path for f in features.files] + [sae_path], dataclasses.asdict(cfg))
+    out = Path(job.atlas) / STATS_DIR
+    if not job.force and (out / STAMP_FILE).is_file() and json.loads((out / STAMP_FILE).read_text()) == stamp:
+        log.info("%s is up to date; skipping (use --force to recompute)", out)
+        return ConceptStats.load(out)
+    sae = sae.to(resolve_device(job.device))
+    n_batches = sum(math.ceil(f.n_units / job.images_per_batch) for f in features.files)
+    batches = _Sized(features.iter_image_batches(job.images_per_batch), n_batches)
+    with torch.no_grad():
+        stats = compute_stats(sae, batches, cfg, progress=job.progress)
+    stats.save(out)
+    (out / STAMP_FILE).write_text(json.dumps(stamp))
+    active = int((stats.freq_patches_m > 0).sum())
+    log.info(
+        "stats over %d images / %d patches: %d of %d concepts active -> %s",
+        stats.n_images,
+        stats.n_patches,
+        active,
+        stats.m,
+        out,
+    )
+    return stats
+
+
+class _Sized:
+    """An iterator with a length, so the progress bar can show an ETA."""
+
+    def __init__(self, it, n: int) -> None:
+        self._it, self._n = it, n
+
+    def __iter__(self):
+        return iter(self._it)
+
+    def __len__(self) -> int:
+        return self._n
