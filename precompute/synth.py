@@ -17,7 +17,7 @@ import torch
 
 from insight_core.errors import ConfigError
 from insight_core.io import write_json
-from insight_core.sae import MatryoshkaSAE
+from insight_core.sae import MatryoshkaSAE, SAEConfig
 from insight_core.synthetic import (
     WorldConfig,
     atom_recovery,
@@ -53,6 +53,8 @@ class SynthJob:
     """Images per .npy shard."""
     world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
     """World structure (atoms, hierarchy, noise)."""
+    oracle_atlas: bool = True
+    """Also write oracle_atlas/sae.safetensors: the true atoms as an SAE (to validate later stages alone)."""
 
 
 def run_synth(job: SynthJob) -> dict:
@@ -65,9 +67,28 @@ def run_synth(job: SynthJob) -> dict:
         sample, job.out / "features", shard_size=job.shard_size, dtype=np.dtype(job.dtype)
     )
     kinds = {k: int(sum(1 for x in world.kinds if x == k)) for k in dict.fromkeys(world.kinds)}
+    if job.oracle_atlas:
+        oracle_sae(world).save(job.out / "oracle_atlas" / "sae.safetensors")
     summary = {"n_atoms": world.n_atoms, "kinds": kinds, "n_images": job.n_images, "n_shards": len(shards)}
     log.info("planted world: %d atoms %s, %d images -> %s", world.n_atoms, kinds, job.n_images, job.out)
     return summary
+
+
+def oracle_sae(world, threshold: float = 0.25) -> MatryoshkaSAE:
+    """The planted atoms as a one-group SAE: decoder = encoder = atoms, b_dec = the world's offset.
+
+    Atoms (and the offset) are orthonormal, so ``(x - offset) . atom`` is the planted coefficient
+    (0.5-1.5) plus noise of std ~0.01: a 0.25 threshold recovers the planted codes.
+    """
+    n_atoms, d = world.atoms_ad.shape
+    sae = MatryoshkaSAE(SAEConfig(d_in=d, dict_size=n_atoms, k=3, group_fractions=(1.0,)), seed=None)
+    with torch.no_grad():
+        sae.W_dec_md.copy_(torch.from_numpy(world.atoms_ad))
+        sae.W_enc_md.copy_(torch.from_numpy(world.atoms_ad))
+        sae.b_enc_m.zero_()
+        sae.b_dec_d.copy_(torch.from_numpy(world.offset_d))
+        sae.threshold.fill_(threshold)
+    return sae
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
