@@ -10,18 +10,21 @@ from typing import Any
 import tyro
 
 from insight_core.errors import InsightError
-from precompute import demo, extract, families, name, stats, synth, train_sae
+from precompute import build, demo, extract, families, manifest, name, stats, synth, train_sae
 from precompute.common import setup_logging
 
 log = logging.getLogger("precompute")
 
 # subcommand -> (config dataclass, runner)
 STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "build": (build.BuildJob, build.run),
     "extract": (extract.ExtractJob, extract.run),
     "train-sae": (train_sae.TrainSaeJob, train_sae.run),
     "stats": (stats.StatsJob, stats.run),
     "families": (families.FamiliesJob, families.run),
     "name": (name.NameJob, name.run),
+    "manifest": (manifest.ManifestJob, manifest.run_manifest),
+    "validate": (manifest.ValidateJob, manifest.run_validate),
     "synth": (synth.SynthJob, synth.run_synth),
     "eval-synth": (synth.EvalSynthJob, synth.run_eval_synth),
     "demo": (demo.DemoJob, demo.run),

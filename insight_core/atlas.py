@@ -1,0 +1,204 @@
+"""The atlas: the one contract between the precompute jobs and the app (see docs/atlas.md).
+
+An atlas is a directory with ``manifest.json`` and the files it lists. The manifest records the
+schema version, the backbone, each stage's configuration and input fingerprint, counts, and the
+size and SHA-256 of every file, so that opening an atlas can tell a missing, stale (changed after
+the manifest was written) or corrupt file, or an atlas written by an incompatible version, with a
+message that says what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from insight_core.errors import CheckpointError
+from insight_core.io import write_json
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ATLAS_FORMAT = "insight-atlas"
+
+# role -> path inside the atlas; roles in REQUIRED must exist for the app to open the atlas
+FILES: dict[str, str] = {
+    "sae": "sae.safetensors",
+    "sae_config": "sae.json",
+    "sae_metrics": "sae_metrics.json",
+    "concepts": "concepts.parquet",
+    "edges": "edges.parquet",
+    "families": "families.json",
+    "stats": "stats/concept_stats.safetensors",
+    "stats_meta": "stats/concept_stats.json",
+    "concept_vectors": "concept_vectors.safetensors",
+    "concept_index": "index/concepts.faiss",
+    "exemplar_index": "index/exemplars.faiss",
+    "index_meta": "index/index.json",
+    "exemplars": "exemplars.parquet",
+    "thumbnails": "thumbs/index.json",
+    "dinoiser": "dinoiser.safetensors",
+}
+REQUIRED = ("sae", "concepts", "edges", "stats")
+
+
+class AtlasError(CheckpointError):
+    """The atlas is missing, incomplete, stale, corrupt or from an incompatible schema."""
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise AtlasError(f"{path}: unreadable JSON ({err})") from err
+
+
+def write_manifest(
+    root: str | Path, *, backbone: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+) -> dict:
+    """(Re)write ``manifest.json`` describing every known file present in the atlas."""
+    root = Path(root)
+    files = {}
+    for role, rel in FILES.items():
+        path = root / rel
+        if path.is_file():
+            files[role] = {"path": rel, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    missing = [r for r in REQUIRED if r not in files]
+    if missing:
+        raise AtlasError(
+            f"{root}: cannot write a manifest, required files missing: {[FILES[r] for r in missing]}"
+        )
+    previous = _read_json(root / MANIFEST) if (root / MANIFEST).is_file() else {}
+    manifest = {
+        "format": ATLAS_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "backbone": backbone if backbone is not None else previous.get("backbone", {}),
+        "configs": _configs(root),
+        "counts": _counts(root),
+        "stages": _stage_fingerprints(root),
+        "files": files,
+        **(extra or {}),
+    }
+    write_json(root / MANIFEST, manifest)
+    return manifest
+
+
+def _configs(root: Path) -> dict:
+    out = {}
+    if (root / FILES["sae_config"]).is_file():
+        out["sae"] = _read_json(root / FILES["sae_config"])
+    if (root / FILES["families"]).is_file():
+        out["families"] = _read_json(root / FILES["families"]).get("config")
+    if (root / FILES["stats_meta"]).is_file():
+        out["stats"] = _read_json(root / FILES["stats_meta"]).get("config")
+    return out
+
+
+def _counts(root: Path) -> dict:
+    counts: dict[str, Any] = {}
+    if (root / FILES["stats_meta"]).is_file():
+        meta = _read_json(root / FILES["stats_meta"])
+        counts.update(
+            n_concepts=meta.get("m"), n_images=meta.get("n_images"), n_patches=meta.get("n_patches")
+        )
+    if (root / FILES["families"]).is_file():
+        fam = _read_json(root / FILES["families"])
+        counts.update(n_edges=fam.get("n_edges"), max_depth=fam.get("max_depth"))
+    return counts
+
+
+def _stage_fingerprints(root: Path) -> dict:
+    stages = {}
+    if (root / FILES["sae_metrics"]).is_file():
+        stages["train-sae"] = _read_json(root / FILES["sae_metrics"]).get("input_fingerprint")
+    if (root / "stats" / "input_fingerprint.json").is_file():
+        stages["stats"] = _read_json(root / "stats" / "input_fingerprint.json")
+    if (root / FILES["index_meta"]).is_file():
+        stages["index"] = _read_json(root / FILES["index_meta"]).get("input_hash")
+    return stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Atlas:
+    """An opened, validated atlas directory."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(
+        cls, root: str | Path, *, require: Iterable[str] = REQUIRED, verify_hashes: bool = False
+    ) -> Atlas:
+        """Open and validate; ``verify_hashes`` also re-hashes every file (slow for large atlases)."""
+        root = Path(root)
+        if not root.is_dir():
+            raise AtlasError(f"atlas not found: {root} is not a directory")
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file():
+            raise AtlasError(
+                f"{root}: no {MANIFEST}; build the atlas with `python -m precompute build` "
+                "or write one with `python -m precompute manifest --atlas ...`"
+            )
+        manifest = _read_json(manifest_path)
+        if not isinstance(manifest, dict) or manifest.get("format") != ATLAS_FORMAT:
+            raise AtlasError(f"{manifest_path}: not an INSIGHT atlas manifest")
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise AtlasError(
+                f"{manifest_path}: atlas schema version {version}, this code reads version "
+                f"{SCHEMA_VERSION}; rebuild the atlas with this version of the precompute jobs"
+            )
+        files = manifest.get("files", {})
+        for role in require:
+            if role not in files:
+                raise AtlasError(f"{root}: the manifest lists no {role!r} file ({FILES.get(role, role)})")
+        for role, entry in files.items():
+            _check_file(root, role, entry, verify_hashes)
+        return cls(root=root, manifest=manifest)
+
+    def path(self, role: str) -> Path:
+        entry = self.manifest["files"].get(role)
+        if entry is None:
+            raise AtlasError(f"{self.root}: this atlas has no {role!r} file ({FILES.get(role, role)})")
+        return self.root / entry["path"]
+
+    def has(self, role: str) -> bool:
+        return role in self.manifest["files"]
+
+    @property
+    def backbone(self) -> dict[str, Any]:
+        return self.manifest.get("backbone", {})
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the atlas was built on a random-init backbone (its concepts carry no semantics)."""
+        return bool(self.backbone.get("random_weights", False))
+
+
+def _check_file(root: Path, role: str, entry: dict, verify_hashes: bool) -> None:
+    path = root / entry["path"]
+    if not path.is_file():
+        raise AtlasError(
+            f"{path}: listed in the manifest but missing; rebuild the atlas (or restore the file)"
+        )
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        raise AtlasError(
+            f"{path}: {size} bytes but the manifest says {entry.get('bytes')}: the file changed after "
+            "the manifest was written (stale or corrupt); rerun the stage that writes it"
+        )
+    if verify_hashes and _sha256(path) != entry.get("sha256"):
+        raise AtlasError(f"{path}: content hash differs from the manifest (stale or corrupt)")

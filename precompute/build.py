@@ -1,0 +1,123 @@
+"""``build``: every stage in order, images (or features) -> a complete, validated atlas.
+
+extract -> train-sae -> stats -> families -> name -> (index) -> manifest. Each stage is idempotent,
+so an interrupted build resumes where it stopped when rerun with the same arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from insight_core.atlas import Atlas, write_manifest
+from insight_core.errors import ConfigError
+from insight_core.sae import PAPER_GROUP_FRACTIONS
+from precompute import extract, families, name, train_sae
+from precompute.manifest import backbone_info
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BuildJob:
+    """Build an atlas from an image folder (or an existing feature directory)."""
+
+    atlas: Path
+    """Output atlas directory."""
+    images: Path | None = None
+    """Image folder to extract features from."""
+    features: Path | None = None
+    """Feature directory (written by extract from --images, or your own .npy features)."""
+    arch: str = "ViT-B-16"
+    """open_clip architecture."""
+    pretrained: str = "openai"
+    """open_clip tag, local weights file, or 'none' (random init: no semantics)."""
+    pool: str = "raw"
+    """DINOiser pooling: none, raw or head (with --dinoiser)."""
+    dinoiser: Path | None = None
+    """Trained DINOiser head for --pool head."""
+    max_images: int | None = None
+    """Use only the first N images."""
+    dict_size: int = 8192
+    """SAE concepts."""
+    k: int = 12
+    """Mean active concepts per patch."""
+    group_fractions: tuple[float, ...] = PAPER_GROUP_FRACTIONS
+    """Matryoshka group size ratios (small dictionaries need coarser ones)."""
+    epochs: float = 3.0
+    """SAE epochs (ignored with --steps)."""
+    steps: int | None = None
+    """SAE steps."""
+    batch_size: int = 16_384
+    """SAE batch (patches)."""
+    lr: float = 1e-4
+    """SAE learning rate."""
+    vocab_embeddings: Path | None = None
+    """Precomputed vocabulary embeddings (.npz: words, embeddings)."""
+    vocab_dir: Path | None = None
+    """Folder with the paper's word lists (embedded with the backbone's text encoder, cached)."""
+    device: str = "auto"
+    """Device for all stages."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def run(job: BuildJob) -> Atlas:
+    atlas = Path(job.atlas)
+    features = job.features or (atlas.parent / f"{atlas.name}-features" if job.images else None)
+    if features is None:
+        raise ConfigError("give --images (a folder to extract) or --features (an existing feature directory)")
+    if job.images is not None:
+        extract.run(
+            extract.ExtractJob(
+                images=job.images,
+                out=features,
+                arch=job.arch,
+                pretrained=job.pretrained,
+                pool=job.pool,
+                dinoiser=job.dinoiser,
+                max_images=job.max_images,
+                device=job.device,
+                progress=job.progress,
+            )
+        )
+    train_sae.run(
+        train_sae.TrainSaeJob(
+            features=features,
+            out=atlas,
+            dict_size=job.dict_size,
+            k=job.k,
+            group_fractions=job.group_fractions,
+            epochs=job.epochs,
+            steps=job.steps,
+            batch_size=job.batch_size,
+            lr=job.lr,
+            device=job.device,
+            progress=job.progress,
+        )
+    )
+    families.run(families.FamiliesJob(atlas=atlas, features=features, progress=job.progress))
+    name.run(
+        name.NameJob(
+            atlas=atlas,
+            vocab_embeddings=job.vocab_embeddings,
+            vocab_dir=job.vocab_dir,
+            arch=job.arch,
+            pretrained=job.pretrained,
+            progress=job.progress,
+        )
+    )
+    backbone = backbone_info(features) or {
+        "arch": job.arch,
+        "pretrained": job.pretrained,
+        "source": str(features),
+    }
+    write_manifest(atlas, backbone=backbone)
+    opened = Atlas.open(atlas)
+    log.info(
+        "atlas ready: %s%s",
+        atlas,
+        " (RANDOM-INIT BACKBONE: concepts carry no semantics)" if opened.random_weights else "",
+    )
+    return opened

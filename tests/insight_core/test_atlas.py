@@ -1,0 +1,81 @@
+"""Atlas manifest: written from the files present; opening detects missing, stale, corrupt, old."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from insight_core.atlas import FILES, REQUIRED, SCHEMA_VERSION, Atlas, AtlasError, write_manifest
+
+
+@pytest.fixture
+def atlas_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "atlas"
+    for role in REQUIRED:
+        path = root / FILES[role]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"content of {role}".encode())
+    (root / FILES["families"]).write_text(
+        json.dumps({"config": {"min_confidence": 0.75}, "n_edges": 3, "max_depth": 1})
+    )
+    return root
+
+
+def test_manifest_round_trip(atlas_dir: Path) -> None:
+    manifest = write_manifest(atlas_dir, backbone={"arch": "ViT-B-16", "random_weights": True})
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    assert set(manifest["files"]) == {*REQUIRED, "families"}
+    assert manifest["counts"]["n_edges"] == 3
+    atlas = Atlas.open(atlas_dir, verify_hashes=True)
+    assert atlas.random_weights
+    assert atlas.path("edges") == atlas_dir / "edges.parquet"
+    assert not atlas.has("concept_index")
+    with pytest.raises(AtlasError, match="no 'concept_index'"):
+        atlas.path("concept_index")
+    write_manifest(atlas_dir)  # rewriting keeps the backbone block
+    assert Atlas.open(atlas_dir).backbone["arch"] == "ViT-B-16"
+
+
+def test_missing_required_file_cannot_be_manifested(atlas_dir: Path) -> None:
+    (atlas_dir / "edges.parquet").unlink()
+    with pytest.raises(AtlasError, match=r"edges\.parquet"):
+        write_manifest(atlas_dir)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda root: (root / "concepts.parquet").unlink(), "missing"),
+        (lambda root: (root / "edges.parquet").write_bytes(b"something else entirely"), "changed after"),
+        (lambda root: (root / "manifest.json").write_text("{not json"), "unreadable JSON"),
+        (lambda root: (root / "manifest.json").unlink(), "no manifest.json"),
+    ],
+)
+def test_open_reports_damage(atlas_dir: Path, damage, message: str) -> None:
+    write_manifest(atlas_dir)
+    damage(atlas_dir)
+    with pytest.raises(AtlasError, match=message):
+        Atlas.open(atlas_dir)
+
+
+def test_same_size_corruption_needs_hash_check(atlas_dir: Path) -> None:
+    write_manifest(atlas_dir)
+    path = atlas_dir / "sae.safetensors"
+    path.write_bytes(path.read_bytes()[::-1])  # same size, other content
+    Atlas.open(atlas_dir)  # the cheap check passes
+    with pytest.raises(AtlasError, match="hash differs"):
+        Atlas.open(atlas_dir, verify_hashes=True)
+
+
+def test_schema_mismatch_and_foreign_manifest(atlas_dir: Path, tmp_path: Path) -> None:
+    manifest = write_manifest(atlas_dir)
+    (atlas_dir / "manifest.json").write_text(json.dumps({**manifest, "schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(AtlasError, match="schema version"):
+        Atlas.open(atlas_dir)
+    (atlas_dir / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(AtlasError, match="not an INSIGHT atlas"):
+        Atlas.open(atlas_dir)
+    with pytest.raises(AtlasError, match="not a directory"):
+        Atlas.open(tmp_path / "nowhere")

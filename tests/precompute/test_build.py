@@ -1,0 +1,102 @@
+"""``build``: example photos -> complete, validated atlas; reruns are no-ops; damage is reported."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from insight_core.atlas import Atlas
+from precompute.__main__ import main
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("build")
+    images = root / "photos"
+    images.mkdir()
+    for p in sorted(EXAMPLES.glob("*.jpg")):
+        shutil.copy(p, images / p.name)
+    rng = np.random.default_rng(0)
+    vocab = root / "vocab.npz"
+    emb = rng.normal(size=(40, 512)).astype(np.float32)
+    np.savez(vocab, words=np.array([f"word{i}" for i in range(40)]), embeddings=emb)
+    args = [
+        "build",
+        "--atlas",
+        str(root / "atlas"),
+        "--images",
+        str(images),
+        "--pretrained",
+        "none",
+        "--dict-size",
+        "128",
+        "--k",
+        "4",
+        "--group-fractions",
+        "0.25",
+        "0.75",
+        "--steps",
+        "40",
+        "--batch-size",
+        "256",
+        "--lr",
+        "3e-3",
+        "--vocab-embeddings",
+        str(vocab),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    return root, args
+
+
+def test_build_writes_a_valid_atlas(built) -> None:
+    root, _ = built
+    atlas = Atlas.open(root / "atlas", verify_hashes=True)
+    assert atlas.random_weights
+    assert atlas.backbone["arch"] == "ViT-B-16"
+    counts = atlas.manifest["counts"]
+    assert counts["n_concepts"] == 128
+    assert counts["n_images"] == 6
+    assert counts["n_patches"] == 6 * 196
+    concepts = pq.read_table(atlas.path("concepts")).to_pydict()
+    assert concepts["id"] == list(range(128))
+    assert all(name.startswith("word") for name in concepts["name"])
+    assert set(concepts["group"]) == {0, 1}
+    assert (root / "atlas-features" / "manifest.json").is_file()  # features kept outside the atlas
+
+
+def test_rerun_is_a_no_op(built, caplog) -> None:
+    root, args = built
+    sae = root / "atlas" / "sae.safetensors"
+    before = sae.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    assert sae.stat().st_mtime_ns == before
+    assert "up to date" in caplog.text
+
+
+def test_validate_command(built, caplog) -> None:
+    root, _ = built
+    assert main(["validate", "--atlas", str(root / "atlas")]) == 0
+    broken = root / "broken"
+    shutil.copytree(root / "atlas", broken)
+    with open(broken / "edges.parquet", "ab") as fh:
+        fh.write(b"junk")
+    with caplog.at_level(logging.ERROR):
+        assert main(["validate", "--atlas", str(broken)]) == 2
+    assert "changed after the manifest was written" in caplog.text
+    manifest = json.loads((broken / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+
+
+def test_build_needs_images_or_features(tmp_path: Path, caplog) -> None:
+    assert main(["build", "--atlas", str(tmp_path / "a")]) == 2
+    assert "--images" in caplog.text
