@@ -166,6 +166,10 @@ def _resolve_weights(cfg: BackboneConfig) -> tuple[str | None, bool]:
     return cfg.pretrained, quick_gelu
 
 
+RANDOM_INIT_SEED = 0
+"""Seed of ``pretrained='none'`` models: random, but the same in every process."""
+
+
 def _create_model(cfg: BackboneConfig) -> nn.Module:
     if cfg.arch not in open_clip.list_models():
         raise ConfigError(
@@ -175,15 +179,19 @@ def _create_model(cfg: BackboneConfig) -> nn.Module:
     _check_vision_cfg(cfg.arch)
     weights, quick_gelu = _resolve_weights(cfg)
     try:
-        model = open_clip.create_model(
-            cfg.arch,
-            pretrained=weights,
-            precision="fp32",
-            device="cpu",
-            force_quick_gelu=quick_gelu,
-            pretrained_image=False,  # never fetch separate tower weights behind the user's back
-            pretrained_text=False,
-        )
+        # Random init is seeded so that every process (resumed jobs, torchrun ranks) gets the same
+        # model; fork_rng leaves the caller's RNG state untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = open_clip.create_model(
+                cfg.arch,
+                pretrained=weights,
+                precision="fp32",
+                device="cpu",
+                force_quick_gelu=quick_gelu,
+                pretrained_image=False,  # never fetch separate tower weights behind the user's back
+                pretrained_text=False,
+            )
     except Exception as e:  # open_clip reports download/format/shape problems as assorted errors
         if weights is None:
             raise

@@ -370,3 +370,15 @@ def test_exif_orientation_of_open_rgb_images_is_applied(backbone: ClipBackbone, 
     upright.paste((255, 0, 0), (0, 0, 32, 32))  # after rotation the red half is on top
     expected = backbone.preprocess([upright])
     assert (pixels - expected).abs().mean() < 0.1
+
+
+def test_random_init_is_the_same_in_every_process_and_keeps_caller_rng() -> None:
+    """Resumed jobs and torchrun ranks must see one random model, not one per process."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = ClipBackbone(BackboneConfig(arch="ViT-B-16", pretrained="none"))
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's RNG stream is untouched
+    b = ClipBackbone(BackboneConfig(arch="ViT-B-16", pretrained="none"))
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name

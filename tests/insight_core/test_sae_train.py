@@ -118,7 +118,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path) -> None:
     for (name, a), b in zip(
         reference.sae.state_dict().items(), resumed.sae.state_dict().values(), strict=True
     ):
-        assert torch.allclose(a, b, atol=1e-6), name
+        assert torch.equal(a, b), name  # bitwise: resuming is exact, not approximate
 
 
 def test_checkpoint_from_other_config_is_refused(tmp_path: Path) -> None:
