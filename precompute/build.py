@@ -39,6 +39,8 @@ class BuildJob:
     """Trained DINOiser head for --pool head."""
     max_images: int | None = None
     """Use only the first N images."""
+    shard_size: int = 1024
+    """Images per feature shard (the unit of resumption of extract)."""
     dict_size: int = 8192
     """SAE concepts."""
     k: int = 12
@@ -53,6 +55,8 @@ class BuildJob:
     """SAE batch (patches)."""
     lr: float = 1e-4
     """SAE learning rate."""
+    checkpoint_every: int = 500
+    """SAE steps between resumable checkpoints."""
     vocab_embeddings: Path | None = None
     """Precomputed vocabulary embeddings (.npz: words, embeddings)."""
     vocab_dir: Path | None = None
@@ -78,6 +82,7 @@ def run(job: BuildJob) -> Atlas:
                 pool=job.pool,
                 dinoiser=job.dinoiser,
                 max_images=job.max_images,
+                shard_size=job.shard_size,
                 device=job.device,
                 progress=job.progress,
             )
@@ -93,6 +98,7 @@ def run(job: BuildJob) -> Atlas:
             steps=job.steps,
             batch_size=job.batch_size,
             lr=job.lr,
+            checkpoint_every=job.checkpoint_every,
             device=job.device,
             progress=job.progress,
         )
