@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from insight_core.backbone import BackboneConfig, ClipBackbone
 from insight_core.errors import ConfigError
 from insight_core.families import Families
-from insight_core.io import atomic_write
+from insight_core.io import atomic_write, write_safetensors
 from insight_core.naming import (
     VocabEmbeddings,
     build_vocabulary,
@@ -37,6 +38,8 @@ from precompute.stats import load_atlas_sae
 log = logging.getLogger(__name__)
 
 CONCEPTS_FILE = "concepts.parquet"
+VECTORS_FILE = "concept_vectors.safetensors"
+"""Family-informed concept vectors: tensor ``vectors_md`` (m, d) float32; metadata alpha, use_parents."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -105,6 +108,12 @@ def run(job: NameJob) -> list[dict]:
         stats.w_pairs,
         alpha=job.alpha,
         use_parents=job.use_parents,
+    )
+    vectors_md = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    write_safetensors(  # the index stage and the app search these
+        Path(job.atlas) / VECTORS_FILE,
+        {"vectors_md": vectors_md},
+        {"alpha": str(job.alpha), "use_parents": str(job.use_parents)},
     )
     result = name_concepts(vectors, vocab, top_k=job.top_k)
     records = result.to_records()

@@ -1,0 +1,500 @@
+"""``index``: FAISS indexes of concepts and exemplar patches, and exemplar thumbnails.
+
+Reads the atlas (``concept_vectors.safetensors`` from ``name``, ``stats/`` from ``stats``) and the
+feature directory the stats came from, and writes::
+
+    index/concepts.faiss     concept vectors (row i = concept i), cosine (inner product on unit vectors)
+    index/exemplars.faiss    patch features of the top exemplars of every concept, same metric
+    exemplars.parquet        row (= exemplar index id), concept, rank, image_id, patch, activation
+    thumbs/<image_id>.webp   longest side thumb_size, for every image of an indexed exemplar
+    thumbs/index.json        {image_id: {"path": source path relative to the image folder,
+                              "width", "height"}} of the ORIGINAL image (EXIF-oriented, as extracted)
+    index/index.json         input hashes, counts, index types, dimension, thumbnail summary
+
+Thumbnails need an ``extract`` feature directory (``manifest.json`` with the image folder and
+``shard_*.ids.json``); other feature directories (planted world, bring-your-own) get none. Each part
+is rebuilt only when its inputs (file names, sizes, mtimes, settings) changed; a thumbnail whose
+file is newer than its source image is reused.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
+from insight_core.features import FeatureSet, scan_features
+from insight_core.images import load_image
+from insight_core.index import IndexConfig, build_index, describe_index, save_index
+from insight_core.io import atomic_write, write_json
+from insight_core.stats import STATS_JSON, STATS_TENSORS, ConceptStats
+from precompute.common import fingerprint
+from precompute.name import VECTORS_FILE
+from precompute.stats import STATS_DIR
+
+log = logging.getLogger(__name__)
+
+INDEX_DIR = "index"
+CONCEPT_INDEX = "index/concepts.faiss"
+EXEMPLAR_INDEX = "index/exemplars.faiss"
+INDEX_META = "index/index.json"
+EXEMPLARS_FILE = "exemplars.parquet"
+THUMBS_DIR = "thumbs"
+THUMBS_INDEX = "thumbs/index.json"
+INDEX_FORMAT = "insight-index"
+INDEX_VERSION = 1
+THUMB_QUALITY = 80
+
+EXEMPLAR_SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("concept", pa.int32()),
+        ("rank", pa.int32()),
+        ("image_id", pa.int64()),
+        ("patch", pa.int32()),
+        ("activation", pa.float32()),
+    ]
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IndexJob:
+    """Build the concept and exemplar FAISS indexes and the exemplar thumbnails of an atlas."""
+
+    atlas: Path
+    """Atlas directory (concept_vectors.safetensors from `name`, stats/ from `stats`)."""
+    features: Path
+    """The feature directory the stats were computed from (exemplar patch features, image paths)."""
+    images: Path | None = None
+    """Image folder for thumbnails (default: the 'source' recorded in the features' manifest.json)."""
+    thumb_size: int = 160
+    """Longest side of the WebP thumbnails, in pixels."""
+    max_exemplars: int = 16
+    """Top exemplar patches per concept to index (at most the stats' top_n)."""
+    ivf_threshold: int = 1_000_000
+    """Use IVF-PQ at or above this many vectors, an exact flat index below."""
+    nlist: int | None = None
+    """IVF inverted lists (None: about 4 * sqrt(n))."""
+    pq_m: int = 64
+    """PQ sub-quantizers of IVF-PQ indexes (falls back to a divisor of d)."""
+    nprobe: int = 16
+    """Inverted lists visited per query, stored in IVF indexes."""
+    use_gpu: str = "auto"
+    """IVF k-means on a GPU: 'auto' (when faiss sees one), 'never' or 'always'."""
+    threads: int | None = None
+    """OpenMP threads for faiss while building (None: all cores)."""
+    thumb_workers: int = 4
+    """Threads decoding and resizing images for thumbnails."""
+    force: bool = False
+    """Rebuild everything even if the inputs are unchanged."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if self.thumb_size < 8:
+            raise ConfigError(f"--thumb-size must be >= 8 pixels, got {self.thumb_size}")
+        if self.max_exemplars < 1:
+            raise ConfigError(f"--max-exemplars must be >= 1, got {self.max_exemplars}")
+        if self.thumb_workers < 1:
+            raise ConfigError(f"--thumb-workers must be >= 1, got {self.thumb_workers}")
+
+    def index_config(self) -> IndexConfig:
+        return IndexConfig(
+            ivf_threshold=self.ivf_threshold,
+            nlist=self.nlist,
+            pq_m=self.pq_m,
+            nprobe=self.nprobe,
+            use_gpu=self.use_gpu,
+            threads=self.threads,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_concept_vectors(atlas: Path) -> tuple[np.ndarray, dict[str, str]]:
+    """``vectors_md`` (m, d) float32 and the metadata of ``ATLAS/concept_vectors.safetensors``."""
+    path = Path(atlas) / VECTORS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: run the name stage first (python -m precompute name ...)")
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            meta = dict(fh.metadata() or {})
+            if "vectors_md" not in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                raise CheckpointError(f"{path}: no tensor 'vectors_md' (found {sorted(fh.keys())})")
+            vectors = fh.get_tensor("vectors_md")
+    except (OSError, SafetensorError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read concept vectors ({err}); rerun the name stage") from err
+    if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
+        raise CheckpointError(
+            f"{path}: 'vectors_md' is {vectors.dtype} {vectors.shape}, expected (m, d) float"
+        )
+    return np.asarray(vectors, dtype=np.float32), meta
+
+
+def _load_stats(atlas: Path) -> ConceptStats:
+    stats_dir = Path(atlas) / STATS_DIR
+    if not stats_dir.is_dir():
+        raise CheckpointError(
+            f"{stats_dir} not found: run the stats stage first (python -m precompute stats)"
+        )
+    return ConceptStats.load(stats_dir)
+
+
+def select_exemplars(stats: ConceptStats, max_exemplars: int) -> dict[str, np.ndarray]:
+    """The top ``max_exemplars`` exemplars of every concept, padding dropped, concept-major order.
+
+    Returns columns ``concept``, ``rank``, ``image_id``, ``patch``, ``activation`` (one entry per
+    exemplar) and ``row`` (0..n-1: the id of the exemplar in the exemplar index).
+    """
+    n = min(max_exemplars, stats.config.top_n)
+    image_mn = stats.ex_image_mn[:, :n].numpy()
+    valid = image_mn >= 0
+    concept, rank = np.nonzero(valid)  # row-major: concept ascending, then rank ascending
+    cols = {
+        "concept": concept.astype(np.int32),
+        "rank": rank.astype(np.int32),
+        "image_id": image_mn[concept, rank].astype(np.int64),
+        "patch": stats.ex_patch_mn[:, :n].numpy()[concept, rank].astype(np.int32),
+        "activation": stats.ex_act_mn[:, :n].numpy()[concept, rank].astype(np.float32),
+    }
+    return {"row": np.arange(len(concept), dtype=np.int64), **cols}
+
+
+def gather_patch_features(
+    features: FeatureSet, image_ids_n: np.ndarray, patches_n: np.ndarray, *, progress: bool = False
+) -> np.ndarray:
+    """Feature vectors (n, d) float32 of the given (global image id, patch) pairs.
+
+    Image ids count images over ``features.files`` in order (as :meth:`FeatureSet.iter_image_batches`).
+    Each file is memory-mapped once and only the needed rows are read (sorted, deduplicated).
+
+    Raises
+    ------
+    FeatureFileError
+        An id or patch outside the feature directory (stale statistics?), or NaN/inf features.
+    """
+    image_ids_n = np.asarray(image_ids_n, dtype=np.int64)
+    patches_n = np.asarray(patches_n, dtype=np.int64)
+    out = np.empty((len(image_ids_n), features.d), dtype=np.float32)
+    if not len(image_ids_n):
+        return out
+    ends = np.cumsum([f.n_units for f in features.files])
+    total = int(ends[-1])
+    if int(image_ids_n.min()) < 0 or int(image_ids_n.max()) >= total:
+        raise FeatureFileError(
+            f"image ids in [{int(image_ids_n.min())}, {int(image_ids_n.max())}] but the feature directory "
+            f"has {total} images: the statistics were computed on other features; rerun the stats stage"
+        )
+    file_n = np.searchsorted(ends, image_ids_n, side="right")
+    for i in tqdm(np.unique(file_n), desc="gather", unit="file", disable=not progress, dynamic_ncols=True):
+        f = features.files[i]
+        sel = np.nonzero(file_n == i)[0]
+        start = int(ends[i]) - f.n_units
+        patch = patches_n[sel]
+        if int(patch.min()) < 0 or int(patch.max()) >= f.rows_per_unit:
+            raise FeatureFileError(
+                f"{f.path}: exemplar patch index {int(patch.max())} outside [0, {f.rows_per_unit}): "
+                "the statistics were computed on other features; rerun the stats stage"
+            )
+        rows = (image_ids_n[sel] - start) * f.rows_per_unit + patch
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        block = np.asarray(f.open_rows()[uniq], dtype=np.float32)
+        if not np.isfinite(block).all():
+            bad = int(uniq[np.argwhere(~np.isfinite(block))[0, 0]])
+            raise FeatureFileError(f"{f.path}: NaN or inf values in row {bad}; features must be finite")
+        out[sel] = block[inverse.reshape(-1)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Thumbnails
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImageSource:
+    """Where the images of an ``extract`` feature directory live."""
+
+    root: Path
+    """The image folder."""
+    paths: dict[int, str]
+    """Global image id -> path relative to ``root``."""
+    manifest: dict[str, Any]
+    """The feature directory's manifest.json."""
+
+
+def image_source(features_dir: Path, features: FeatureSet, images: Path | None = None) -> ImageSource | str:
+    """Map global image ids to source image paths, or return why that is impossible (a message)."""
+    features_dir = Path(features_dir)
+    manifest_path = features_dir / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return f"no extract manifest.json in {features_dir} (features not extracted from an image folder)"
+    if not isinstance(manifest, dict) or not manifest.get("source"):
+        return f"{manifest_path} names no image 'source' folder"
+    if images is not None:
+        root = Path(images)
+    else:
+        root = Path(manifest["source"])
+        if not root.is_dir() and not root.is_absolute() and (features_dir / root).is_dir():
+            root = features_dir / root
+    if not root.is_dir():
+        return f"image folder {root} (from {manifest_path}) not found; pass --images"
+    paths: dict[int, str] = {}
+    start = 0
+    for f in features.files:
+        ids_path = f.path.with_name(f.path.name.removesuffix(".npy") + ".ids.json")
+        try:
+            ids = json.loads(ids_path.read_text())["ids"]
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s missing or unreadable: no thumbnails for the images of %s", ids_path, f.path.name)
+            ids = None
+        if ids is not None and len(ids) != f.n_units:
+            log.warning(
+                "%s lists %d images but %s has %d: no thumbnails for them",
+                ids_path,
+                len(ids),
+                f.path,
+                f.n_units,
+            )
+            ids = None
+        if ids is not None:
+            paths.update((start + j, str(p)) for j, p in enumerate(ids))
+        start += f.n_units
+    return ImageSource(root=root, paths=paths, manifest=manifest)
+
+
+def _make_thumb(src: Path, dst: Path, size: int) -> tuple[int, int]:
+    """Write ``dst`` (WebP, longest side <= ``size``); return the original (width, height)."""
+    img = load_image(src)
+    width, height = img.size
+    img.thumbnail((size, size), Image.Resampling.LANCZOS)
+    atomic_write(dst, lambda tmp: img.save(tmp, format="WEBP", quality=THUMB_QUALITY, method=4))
+    return width, height
+
+
+def write_thumbnails(
+    atlas: Path, source: ImageSource, image_ids: np.ndarray, job: IndexJob, reuse: bool
+) -> dict[str, Any]:
+    """Thumbnails of ``image_ids`` and ``thumbs/index.json``; returns counts (written, reused, failed)."""
+    thumbs = Path(atlas) / THUMBS_DIR
+    thumbs.mkdir(parents=True, exist_ok=True)
+    previous: dict[str, Any] = {}
+    if reuse and (Path(atlas) / THUMBS_INDEX).is_file():
+        try:
+            previous = json.loads((Path(atlas) / THUMBS_INDEX).read_text())
+        except (OSError, ValueError):
+            previous = {}
+    entries: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[int, str]] = []
+    n_unmapped = 0
+    for image_id in (int(i) for i in image_ids):
+        rel = source.paths.get(image_id)
+        if rel is None:
+            n_unmapped += 1
+            continue
+        old, dst, src = previous.get(str(image_id)), thumbs / f"{image_id}.webp", source.root / rel
+        if (
+            old is not None
+            and old.get("path") == rel
+            and dst.is_file()
+            and src.is_file()
+            and dst.stat().st_mtime_ns >= src.stat().st_mtime_ns
+        ):
+            entries[str(image_id)] = old
+        else:
+            todo.append((image_id, rel))
+    n_reused, failed = len(entries), 0
+
+    def work(item: tuple[int, str]) -> tuple[int, str, tuple[int, int] | str]:
+        image_id, rel = item
+        try:
+            return image_id, rel, _make_thumb(source.root / rel, thumbs / f"{image_id}.webp", job.thumb_size)
+        except (ImageLoadError, OSError, ValueError) as err:
+            return image_id, rel, str(err)
+
+    with (
+        concurrent.futures.ThreadPoolExecutor(max_workers=job.thumb_workers) as pool,
+        tqdm(total=len(todo), desc="thumbs", unit="img", disable=not job.progress, dynamic_ncols=True) as bar,
+    ):
+        for image_id, rel, result in pool.map(work, todo):
+            if isinstance(result, str):
+                failed += 1
+                log.warning("no thumbnail for image %d (%s): %s", image_id, rel, result)
+            else:
+                entries[str(image_id)] = {"path": rel, "width": result[0], "height": result[1]}
+            bar.update(1)
+    entries = dict(sorted(entries.items(), key=lambda kv: int(kv[0])))
+    for stale in thumbs.glob("*.webp"):  # images no longer referenced by any indexed exemplar
+        if stale.stem not in entries:
+            stale.unlink()
+    write_json(Path(atlas) / THUMBS_INDEX, entries)
+    if n_unmapped:
+        log.warning("%d exemplar images have no known source path: no thumbnails", n_unmapped)
+    return {
+        "n": len(entries),
+        "written": len(entries) - n_reused,
+        "reused": n_reused,
+        "failed": failed,
+        "unmapped": n_unmapped,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Job
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) and doc.get("format") == INDEX_FORMAT else {}
+
+
+def run(job: IndexJob) -> dict[str, Any]:
+    """Build (or bring up to date) the indexes and thumbnails of ``job.atlas``; returns index.json."""
+    atlas = Path(job.atlas)
+    vectors_path = atlas / VECTORS_FILE
+    vectors_md, vec_meta = load_concept_vectors(atlas)
+    stats = _load_stats(atlas)
+    features = scan_features(job.features)
+    m, d = vectors_md.shape
+    if m != stats.m:
+        raise CheckpointError(
+            f"{vectors_path} has {m} concepts but {atlas / STATS_DIR} has {stats.m}: rerun stats and name"
+        )
+    if d != features.d:
+        raise CheckpointError(f"{vectors_path} has d={d} but features in {job.features} have d={features.d}")
+    max_ex = min(job.max_exemplars, stats.config.top_n)
+    if max_ex < job.max_exemplars:
+        log.warning("--max-exemplars %d > stats top_n %d: indexing %d", job.max_exemplars, max_ex, max_ex)
+    cfg = job.index_config()
+    cfg_doc = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("use_gpu", "threads")}
+    stats_files = [atlas / STATS_DIR / STATS_TENSORS, atlas / STATS_DIR / STATS_JSON]
+    feature_files = [f.path for f in features.files]
+    side_files = sorted(Path(job.features).glob("shard_*.ids.json"))
+    if (Path(job.features) / "manifest.json").is_file():
+        side_files.append(Path(job.features) / "manifest.json")
+    parts = {
+        "concepts": fingerprint([vectors_path], {"index": cfg_doc}),
+        "exemplars": fingerprint(stats_files + feature_files, {"index": cfg_doc, "max_exemplars": max_ex}),
+        "thumbs": fingerprint(
+            stats_files + feature_files + side_files,
+            {"size": job.thumb_size, "max_exemplars": max_ex, "images": str(job.images), "q": THUMB_QUALITY},
+        ),
+    }
+    old = {} if job.force else _read_meta(atlas / INDEX_META)
+    old_parts = old.get("parts", {})
+
+    def fresh(part: str, *files: str) -> bool:
+        return old_parts.get(part) == parts[part] and all((atlas / f).is_file() for f in files)
+
+    thumbs_files = (THUMBS_INDEX,) if "n" in old.get("thumbs", {}) else ()
+    up_to_date = (
+        fresh("concepts", CONCEPT_INDEX)
+        and fresh("exemplars", EXEMPLAR_INDEX, EXEMPLARS_FILE)
+        and fresh("thumbs", *thumbs_files)
+    )
+    if up_to_date:
+        log.info("%s is up to date; skipping (use --force to rebuild)", atlas / INDEX_DIR)
+        return old
+
+    meta: dict[str, Any] = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "input_hash": _hash(parts),
+        "parts": parts,
+        "dim": d,
+        "metric": "cosine (inner product of L2-normalised vectors)",
+        "config": {**cfg_doc, "max_exemplars": max_ex, "thumb_size": job.thumb_size},
+    }
+    # concept index: row i = concept i
+    if fresh("concepts", CONCEPT_INDEX) and "concepts" in old:
+        meta["concepts"] = old["concepts"]
+    else:
+        index = build_index(vectors_md, cfg)
+        save_index(index, atlas / CONCEPT_INDEX)
+        meta["concepts"] = {"file": CONCEPT_INDEX, **describe_index(index), "vector_meta": vec_meta}
+        log.info("concept index: %d vectors (%s) -> %s", m, meta["concepts"]["type"], atlas / CONCEPT_INDEX)
+    # exemplar index: the top exemplar patches of every concept
+    ex = select_exemplars(stats, max_ex)
+    if fresh("exemplars", EXEMPLAR_INDEX, EXEMPLARS_FILE) and "exemplars" in old:
+        meta["exemplars"] = old["exemplars"]
+    else:
+        feats_nd = gather_patch_features(features, ex["image_id"], ex["patch"], progress=job.progress)
+        index = build_index(feats_nd, cfg)
+        table = pa.Table.from_pydict(ex, schema=EXEMPLAR_SCHEMA)
+        atomic_write(atlas / EXEMPLARS_FILE, lambda tmp: pq.write_table(table, str(tmp)))
+        save_index(index, atlas / EXEMPLAR_INDEX)
+        n_concepts = len(np.unique(ex["concept"]))
+        meta["exemplars"] = {
+            "file": EXEMPLAR_INDEX,
+            "table": EXEMPLARS_FILE,
+            **describe_index(index),
+            "max_exemplars": max_ex,
+            "n_concepts": int(n_concepts),
+        }
+        log.info(
+            "exemplar index: %d patches of %d concepts (%s) -> %s",
+            len(feats_nd),
+            n_concepts,
+            meta["exemplars"]["type"],
+            atlas / EXEMPLAR_INDEX,
+        )
+    # thumbnails of every image with an indexed exemplar
+    if fresh("thumbs", *thumbs_files) and "thumbs" in old:
+        meta["thumbs"] = old["thumbs"]
+    else:
+        same_size = old.get("thumbs", {}).get("size") == job.thumb_size
+        meta["thumbs"] = _thumbnails(atlas, features, ex["image_id"], job, reuse=same_size and not job.force)
+    write_json(atlas / INDEX_META, meta)  # last: its hashes mark the parts as complete
+    return meta
+
+
+def _thumbnails(
+    atlas: Path, features: FeatureSet, image_ids: np.ndarray, job: IndexJob, reuse: bool
+) -> dict[str, Any]:
+    source = image_source(Path(job.features), features, job.images)
+    if isinstance(source, str):
+        log.info("thumbnails skipped: %s", source)
+        return {"skipped": source}
+    wanted = np.unique(image_ids)
+    counts = write_thumbnails(atlas, source, wanted, job, reuse)
+    backbone = source.manifest.get("backbone", {}) if isinstance(source.manifest, dict) else {}
+    log.info(
+        "thumbnails: %d images (%d written, %d reused, %d unreadable) -> %s",
+        counts["n"],
+        counts["written"],
+        counts["reused"],
+        counts["failed"],
+        atlas / THUMBS_DIR,
+    )
+    return {
+        "dir": THUMBS_DIR,
+        "index": THUMBS_INDEX,
+        "size": job.thumb_size,
+        "format": "webp",
+        **counts,
+        "source": str(source.root),
+        "resize": backbone.get("resize"),
+        "grid": backbone.get("grid"),
+    }
