@@ -10,7 +10,7 @@ from typing import Any
 import tyro
 
 from insight_core.errors import InsightError
-from precompute import build, demo, extract, families, manifest, name, stats, synth, train_sae
+from precompute import build, demo, extract, families, index, manifest, name, stats, synth, train_sae
 from precompute.common import setup_logging
 
 log = logging.getLogger("precompute")
@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "stats": (stats.StatsJob, stats.run),
     "families": (families.FamiliesJob, families.run),
     "name": (name.NameJob, name.run),
+    "index": (index.IndexJob, index.run),
     "manifest": (manifest.ManifestJob, manifest.run_manifest),
     "validate": (manifest.ValidateJob, manifest.run_validate),
     "synth": (synth.SynthJob, synth.run_synth),

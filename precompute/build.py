@@ -1,6 +1,6 @@
 """``build``: every stage in order, images (or features) -> a complete, validated atlas.
 
-extract -> train-sae -> stats -> families -> name -> (index) -> manifest. Each stage is idempotent,
+extract -> train-sae -> stats -> families -> name -> index -> manifest. Each stage is idempotent,
 so an interrupted build resumes where it stopped when rerun with the same arguments.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from insight_core.atlas import Atlas, write_manifest
 from insight_core.errors import ConfigError
 from insight_core.sae import PAPER_GROUP_FRACTIONS
-from precompute import extract, families, name, train_sae
+from precompute import extract, families, index, name, train_sae
 from precompute.manifest import backbone_info
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ def run(job: BuildJob) -> Atlas:
             progress=job.progress,
         )
     )
+    index.run(index.IndexJob(atlas=atlas, features=features, progress=job.progress))
     backbone = backbone_info(features) or {
         "arch": job.arch,
         "pretrained": job.pretrained,
