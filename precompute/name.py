@@ -23,6 +23,7 @@ from insight_core.errors import ConfigError
 from insight_core.families import Families
 from insight_core.io import atomic_write, write_safetensors
 from insight_core.naming import (
+    TEMPLATES_BY_POS,
     VocabEmbeddings,
     build_vocabulary,
     cached_vocab_embeddings,
@@ -58,6 +59,10 @@ class NameJob:
     """open_clip architecture of the text encoder (must match the atlas backbone)."""
     pretrained: str = "openai"
     """open_clip pretrained tag or local weights file of the text encoder."""
+    max_words: int | None = None
+    """Keep only the first N vocabulary words (CPU runs: the full ~60k-word vocabulary is a GPU job)."""
+    templates_per_pos: int | None = None
+    """Use only the first N of the ten templates per part of speech (None: all ten, as in the paper)."""
     alpha: float = 1.33
     """Weight of the concept's own decoder row in Eq. B.9."""
     top_k: int = 5
@@ -83,12 +88,18 @@ def _vocabulary(job: NameJob) -> VocabEmbeddings:
         return load_vocab_embeddings(job.vocab_embeddings)
     if job.vocab_dir is None:
         raise ConfigError("give --vocab-embeddings FILE.npz or --vocab-dir WORD_LIST_DIR")
-    vocab = build_vocabulary(paper_vocab_sources(job.vocab_dir))
+    vocab = build_vocabulary(paper_vocab_sources(job.vocab_dir), max_words=job.max_words)
+    n = job.templates_per_pos
+    templates = {pos: tuple(t[:n] if n else t) for pos, t in TEMPLATES_BY_POS.items()}
     backbone = ClipBackbone(BackboneConfig(arch=job.arch, pretrained=job.pretrained))
     if backbone.is_random:
         log.warning("RANDOM-INIT TEXT ENCODER: concept names will be meaningless")
     return cached_vocab_embeddings(
-        Path(job.atlas) / "cache", vocab.words, f"{job.arch}/{job.pretrained}", backbone.encode_text
+        Path(job.atlas) / "cache",
+        vocab.words,
+        f"{job.arch}/{job.pretrained}",
+        backbone.encode_text,
+        templates,
     )
 
 

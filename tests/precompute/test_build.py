@@ -100,3 +100,34 @@ def test_validate_command(built, caplog) -> None:
 def test_build_needs_images_or_features(tmp_path: Path, caplog) -> None:
     assert main(["build", "--atlas", str(tmp_path / "a")]) == 2
     assert "--images" in caplog.text
+
+
+def test_name_from_word_lists_with_cache(built, shared_data: Path, caplog) -> None:
+    """The paper's word lists, embedded by the (random-init) text encoder, cached for reruns."""
+    root, _ = built
+    atlas = root / "atlas"
+    args = [
+        "name",
+        "--atlas",
+        str(atlas),
+        "--vocab-dir",
+        str(shared_data / "vocab"),
+        "--pretrained",
+        "none",
+        "--max-words",
+        "25",
+        "--templates-per-pos",
+        "1",
+        "--no-progress",
+    ]
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == 0
+    assert "RANDOM-INIT TEXT ENCODER" in caplog.text
+    cache = sorted((atlas / "cache").glob("vocab_emb_*.npz"))
+    assert len(cache) == 1
+    names = set(pq.read_table(atlas / "concepts.parquet").column("name").to_pylist())
+    assert names
+    assert not any(n.startswith("word") for n in names)  # real words now, not the fixture's
+    mtime = cache[0].stat().st_mtime_ns
+    assert main(args) == 0
+    assert cache[0].stat().st_mtime_ns == mtime  # reused, not re-encoded
