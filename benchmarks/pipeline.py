@@ -132,7 +132,7 @@ def main() -> None:
         f"# Pipeline throughput ({args.device}, {report['torch_threads']} threads)",
         "",
         f"- extract: {ext:.2f} img/s vs plain encode_image {enc:.2f} img/s = **{e['ratio']:.3f}x** "
-        f"({e['n_images']} images, batch {e['batch']}; decode, preprocess and writes counted in extract only)",
+        f"({e['n_images']} images, batch {e['batch']}; decode, preprocess, writes in extract only)",
         f"- stats: **{s['patches_per_s']:,.0f} patches/s** at m={s['m']}, ~{s['k']} active per patch "
         f"({s['patches']:,} patches); peak RSS {s['peak_rss_mb']:.0f} MB",
         "",
