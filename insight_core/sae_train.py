@@ -10,6 +10,17 @@ warmup and optional linear decay of the learning rate.
 
 Training state (weights, Adam moments, counters, threshold) is checkpointed atomically as
 safetensors + JSON so an interrupted run resumes where it stopped.
+
+Data-parallel training (``torchrun``, see :mod:`insight_core.distributed`): every process holds an
+identical replica and trains on its shard of the batches (every world-th chunk) with a per-process
+batch of ``batch_size // world_size``, so the global batch is unchanged. The replicas stay equal:
+b_dec's initial value comes from rank 0, gradients are all-reduced and averaged right after
+``backward()`` (before the parallel-gradient removal, clipping and the Adam step), the "fired" mask
+is OR-reduced so all ranks agree on dead latents, the threshold EMA uses the global minimum of the
+kept activations and the sample counters count the global batch. BatchTopK itself stays per process
+(``k * local batch`` activations per process): the standard data-parallel approximation of a
+global BatchTopK, exact in expectation. Only rank 0 writes checkpoints; they record every rank's
+position in its data stream so a resume with the same number of processes continues exactly.
 """
 
 from __future__ import annotations
@@ -29,12 +40,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from insight_core import distributed
+from insight_core.distributed import DistInfo
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.features import FeatureSplit
 from insight_core.io import write_safetensors
 from insight_core.sae import MatryoshkaSAE, SAEConfig
 
 log = logging.getLogger(__name__)
+
+_CHUNK_ROWS = 16_384  # FeatureSplit.iter_batches' default read/shuffle unit
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,9 +144,29 @@ def geometric_median(points_nd: torch.Tensor, iters: int = 100, tol: float = 1e-
 class SAETrainer:
     """Trains a :class:`MatryoshkaSAE` on a :class:`FeatureSplit`."""
 
-    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, n_train_rows: int) -> None:
+    def __init__(
+        self, sae_cfg: SAEConfig, cfg: TrainConfig, n_train_rows: int, *, dist: DistInfo | None = None
+    ) -> None:
+        """``dist``: this process's place in a data-parallel run; None = the active process group
+        (single process when none is initialised)."""
         self.sae_cfg, self.cfg = sae_cfg, cfg
-        self.device = resolve_device(cfg.device)
+        self.dist = dist if dist is not None else distributed.current()
+        world = self.dist.world_size
+        self.device = distributed.local_device(resolve_device(cfg.device), self.dist)
+        self.local_batch_size = cfg.batch_size // world
+        if self.local_batch_size < 1:
+            raise ConfigError(
+                f"batch_size={cfg.batch_size} is smaller than the number of processes ({world})"
+            )
+        if cfg.batch_size % world:
+            log.warning(
+                "batch_size=%d is not divisible by %d processes: the global batch is %d",
+                cfg.batch_size,
+                world,
+                self.local_batch_size * world,
+            )
+        # data-parallel: chunks small enough that every rank gets several, even on small datasets
+        self.chunk_rows = min(_CHUNK_ROWS, max(1, n_train_rows // (4 * world))) if world > 1 else _CHUNK_ROWS
         self.sae = MatryoshkaSAE(sae_cfg, seed=cfg.seed).to(self.device)
         self.steps_per_epoch = max(1, n_train_rows // cfg.batch_size)
         self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
@@ -162,15 +197,20 @@ class SAETrainer:
 
     # ------------------------------------------------------------------------------------ step
     def train_step(self, x_bd: torch.Tensor) -> dict[str, float]:
-        sae, st = self.sae, self.state
+        """One optimisation step on this process's batch (collective in data-parallel runs)."""
+        sae, st, world = self.sae, self.state, self.dist.world_size
         x_bd = x_bd.to(self.device, torch.float32, non_blocking=True)
         if st.step == 0 and not st.samples_seen:
             with torch.no_grad():
                 sae.b_dec_d.copy_(geometric_median(x_bd))
+                distributed.broadcast_(sae.b_dec_d.data, src=0)  # no-op in a single process
         out = sae.matryoshka_loss(x_bd, self.group_weights_g)
         fired = torch.zeros_like(self.since_fired_m, dtype=torch.bool)
         fired[out.selection.cols_k] = True
-        self.since_fired_m += x_bd.shape[0]
+        global_min: torch.Tensor | None = None
+        if world > 1:
+            fired, global_min = self._reduce_selection(fired, out.selection.vals_k)
+        self.since_fired_m += x_bd.shape[0] * world
         self.since_fired_m[fired] = 0
         dead_m = self.since_fired_m >= self.dead_window
         loss, aux = out.loss, torch.zeros((), device=self.device)
@@ -178,6 +218,10 @@ class SAETrainer:
             aux = sae.aux_loss(x_bd, out.residual_bd, dead_m, self.aux_k)
             loss = loss + self.cfg.aux_alpha * aux
         loss.backward()
+        total_var = x_bd.var(0, unbiased=False).sum()
+        if world > 1:  # averaged gradients, and the step's statistics averaged over ranks
+            stats = torch.stack([out.loss.detach(), aux.detach(), out.shell_mse_g[-1], total_var])
+            loss_v, aux_v, mse_v, var_v = self._average_grads(stats).tolist()
         sae.remove_parallel_decoder_grad()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
@@ -185,17 +229,89 @@ class SAETrainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         sae.normalize_decoder()
-        if st.step >= self.threshold_start and out.selection.vals_k.numel():
+        if world > 1:
+            if st.step >= self.threshold_start and bool(torch.isfinite(global_min)):
+                self._update_threshold(global_min)
+        elif st.step >= self.threshold_start and out.selection.vals_k.numel():
             self._update_threshold(out.selection.vals_k.min())
         st.step += 1
-        st.samples_seen += x_bd.shape[0]
-        total_var = x_bd.var(0, unbiased=False).sum()
+        st.samples_seen += x_bd.shape[0] * world
+        if world > 1:
+            return {
+                "loss": loss_v,
+                "aux": aux_v,
+                "fve": 1 - mse_v / max(var_v, 1e-12),
+                "dead": int(dead_m.sum()),
+            }
         return {
             "loss": float(out.loss.detach()),
             "aux": float(aux.detach()),
             "fve": float(1 - out.shell_mse_g[-1] / total_var.clamp_min(1e-12)),
             "dead": int(dead_m.sum()),
         }
+
+    # ------------------------------------------------------------------------------------ data-parallel
+    def _reduce_selection(
+        self, fired_m: torch.Tensor, vals_k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MAX all-reduce: the OR of every rank's fired mask and the global min kept activation
+        (as the max of ``-min``; +inf when no rank kept anything)."""
+        buf = torch.empty(fired_m.numel() + 1, dtype=torch.float32, device=self.device)
+        buf[:-1] = fired_m
+        buf[-1] = -vals_k.min() if vals_k.numel() else -math.inf
+        distributed.all_reduce_(buf, "max")
+        return buf[:-1] > 0, -buf[-1]
+
+    def _average_grads(self, stats: torch.Tensor) -> torch.Tensor:
+        """Average the gradients (and the step's loss statistics) over ranks with one flat all-reduce."""
+        params = list(self.sae.parameters())
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+            + [stats.to(self.device, torch.float32)]
+        )
+        distributed.all_reduce_(flat, "sum")
+        flat /= self.dist.world_size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.copy_(flat[offset : offset + n].view_as(p))
+            offset += n
+        return flat[offset:].cpu()
+
+    @torch.no_grad()
+    def _sync_replicas(self) -> None:
+        """Copy rank 0's weights and threshold to every rank (they should already be equal)."""
+        for tensor in [*self.sae.parameters(), self.sae.threshold]:
+            distributed.broadcast_(tensor.data, src=0)
+
+    @torch.no_grad()
+    def _replicas_agree(self) -> bool:
+        """True when every rank holds bitwise the same weights (checksums compared across ranks)."""
+        sums = torch.stack([p.double().sum() for p in self.sae.parameters()])
+        both = torch.cat([sums, -sums])
+        distributed.all_reduce_(both, "max")
+        return bool(torch.equal(both[: len(sums)], -both[len(sums) :]))
+
+    def _checkpoint_exists(self, checkpoint: Path) -> bool:
+        """Whether to resume; every rank must see the same answer (the file lives on shared storage)."""
+        exists = checkpoint.exists()
+        if self.dist.world_size == 1:
+            return exists
+        flags = distributed.all_reduce_(torch.tensor([int(exists), -int(exists)]), "max")
+        if int(flags[0]) != -int(flags[1]):
+            raise CheckpointError(
+                f"training checkpoint {checkpoint} is visible to some processes but not to others; "
+                "the output folder must be on storage shared by all ranks"
+            )
+        return exists
+
+    def _rank_positions(self) -> list[list[int]]:
+        """Every rank's (epoch, batch_in_epoch): their data streams advance independently."""
+        pos = torch.zeros(self.dist.world_size, 2, dtype=torch.int64)
+        pos[self.dist.rank] = torch.tensor([self.state.epoch, self.state.batch_in_epoch])
+        return distributed.all_reduce_(pos, "sum").tolist()
 
     @torch.no_grad()
     def _update_threshold(self, min_act: torch.Tensor) -> None:
@@ -213,12 +329,21 @@ class SAETrainer:
         checkpoint: Path | None = None,
         progress: bool = True,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
-        shard: tuple[int, int] = (0, 1),
+        shard: tuple[int, int] | None = None,
     ) -> TrainState:
-        """Train to ``total_steps``; resumes from ``checkpoint`` when it exists and matches."""
-        if checkpoint is not None and checkpoint.exists():
+        """Train to ``total_steps``; resumes from ``checkpoint`` when it exists and matches.
+
+        ``shard=(rank, world_size)`` selects this process's chunks; None = from ``self.dist``
+        ((0, 1) in a single process). In a data-parallel run every rank calls ``fit`` (all steps are
+        collective) and only rank 0 writes the checkpoint.
+        """
+        if shard is None:
+            shard = (self.dist.rank, self.dist.world_size)
+        if checkpoint is not None and self._checkpoint_exists(checkpoint):
             self.load_checkpoint(checkpoint)
             log.info("resumed from %s at step %d", checkpoint, self.state.step)
+        if self.dist.world_size > 1:
+            self._sync_replicas()
         st = self.state
         bar = tqdm(
             total=self.total_steps,
@@ -250,25 +375,41 @@ class SAETrainer:
                     and self.cfg.checkpoint_every
                     and st.step % self.cfg.checkpoint_every == 0
                 ):
-                    self.save_checkpoint(checkpoint)
+                    if self.dist.world_size > 1:
+                        positions = self._rank_positions()
+                        if self.dist.is_main:
+                            self.save_checkpoint(checkpoint, rank_positions=positions)
+                    else:
+                        self.save_checkpoint(checkpoint)
                 if st.step >= self.total_steps:
                     break
             else:
                 st.epoch += 1
                 st.batch_in_epoch = 0
         bar.close()
+        if self.dist.world_size > 1 and not self._replicas_agree():
+            log.warning("data-parallel replicas diverged numerically; rank 0's weights are the result")
         return st
 
     def _epoch_batches(self, train: FeatureSplit, shard: tuple[int, int]) -> Iterator[torch.Tensor]:
         """This epoch's batches, skipping those already consumed before a resume."""
         st = self.state
         batches = train.iter_batches(
-            self.cfg.batch_size, shuffle=True, seed=self.cfg.seed + st.epoch, shard=shard
+            self.local_batch_size,
+            shuffle=True,
+            seed=self.cfg.seed + st.epoch,
+            shard=shard,
+            chunk_rows=self.chunk_rows,
         )
         for i, x_bd in enumerate(batches):
             if i >= st.batch_in_epoch:
                 yield x_bd
         if st.batch_in_epoch == 0:
+            if shard[1] > 1:
+                raise ConfigError(
+                    f"the training rows of process {shard[0]} of {shard[1]} are fewer than one "
+                    f"per-process batch ({self.local_batch_size}); lower --batch-size or use fewer processes"
+                )
             raise ConfigError(
                 f"the training split has fewer rows than one batch ({self.cfg.batch_size}); "
                 "lower --batch-size"
@@ -279,7 +420,9 @@ class SAETrainer:
         doc = json.dumps([self.sae_cfg.to_json(), dataclasses.asdict(self.cfg)], sort_keys=True, default=str)
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
-    def save_checkpoint(self, path: Path) -> None:
+    def save_checkpoint(self, path: Path, *, rank_positions: list[list[int]] | None = None) -> None:
+        """Write the training state; ``rank_positions``: every rank's (epoch, batch) in a
+        data-parallel run (rank 0 writes for all)."""
         tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         tensors["since_fired_m"] = self.since_fired_m
         for i, p in enumerate(self.sae.parameters()):
@@ -290,6 +433,8 @@ class SAETrainer:
             "state": json.dumps(dataclasses.asdict(self.state)),
             "sched": json.dumps(self.sched.state_dict()),
         }
+        if rank_positions is not None:
+            meta["rank_positions"] = json.dumps(rank_positions)
         write_safetensors(path, tensors, meta)
 
     def load_checkpoint(self, path: Path) -> None:
@@ -320,6 +465,18 @@ class SAETrainer:
         for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr(), strict=True):
             group["lr"] = lr  # the scheduler restores its counter, not the optimizer's current lr
         self.state = TrainState(**json.loads(meta["state"]))
+        positions = json.loads(meta["rank_positions"]) if "rank_positions" in meta else None
+        world = self.dist.world_size
+        if positions is not None and len(positions) == world:
+            self.state.epoch, self.state.batch_in_epoch = positions[self.dist.rank]
+        elif positions is not None or world > 1:
+            log.warning(
+                "checkpoint %s was written by %d process(es), resuming with %d: the resumed epoch "
+                "visits the data in another order",
+                path,
+                len(positions) if positions else 1,
+                world,
+            )
 
 
 @torch.no_grad()

@@ -9,11 +9,17 @@ Output folder (read by ``train-sae`` like any feature directory)::
 Images are planned into shards from the sorted source list, so shard k always holds the same
 images: a rerun skips shards whose id file matches the plan (resume after an interruption), and
 a changed source list or backbone re-extracts. Unreadable images are skipped, counted and listed.
+
+Under ``torchrun --nproc_per_node N -m precompute extract ...`` shard k is extracted by rank
+``k % N`` (on ``cuda:LOCAL_RANK`` when CUDA is used); each rank writes its own shard files, and
+after a barrier rank 0 reads every ``shard_*.ids.json`` and writes ``manifest.json``. The output is
+the same as a single-process run's. ``--out`` must be on storage that every rank sees.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
@@ -25,9 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from insight_core import distributed
 from insight_core.backbone import BackboneConfig, ClipBackbone
 from insight_core.dinoiser import Dinoiser
-from insight_core.errors import ConfigError, ImageLoadError
+from insight_core.distributed import DistInfo
+from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
 from insight_core.images import list_image_files, load_image
 from insight_core.io import write_json, write_npy
 
@@ -125,13 +133,28 @@ def _batches(paths: Sequence[Path], size: int, job: ExtractJob, skipped: list) -
 
 
 def run(job: ExtractJob) -> dict:
+    """Extract (or resume) every shard and write the manifest; returns the manifest.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; see the module docstring.
+    """
+    owns_group = not distributed.is_initialized()
+    # ranks meet only at the end, after very different amounts of work when resuming: wait long
+    info = distributed.init_from_env(job.device, timeout=datetime.timedelta(hours=24))
+    distributed.quiet_non_main_logging(info)
+    manifest = _run(job, info)
+    if owns_group:
+        distributed.cleanup()
+    return manifest
+
+
+def _run(job: ExtractJob, info: DistInfo) -> dict:
     paths = _plan(job)
     if job.resize not in ("squash", "crop"):
         raise ConfigError(f"--resize must be squash or crop, got {job.resize!r}")
     bb_cfg = BackboneConfig(
         arch=job.arch,
         pretrained=job.pretrained,
-        device=job.device,
+        device=distributed.local_device_name(job.device, info),
         resize=job.resize,
         batch_size=job.batch_size,
     )
@@ -143,9 +166,17 @@ def run(job: ExtractJob) -> dict:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     shards = [paths[s : s + job.shard_size] for s in range(0, len(paths), job.shard_size)]
+    mine = [k for k in range(len(shards)) if k % info.world_size == info.rank]
     entries, t0, done_images = [], time.perf_counter(), 0
-    bar = tqdm(total=len(paths), disable=not job.progress, unit="img", desc="extract", dynamic_ncols=True)
-    for k, shard in enumerate(shards):
+    bar = tqdm(
+        total=sum(len(shards[k]) for k in mine),
+        disable=not (job.progress and info.is_main),
+        unit="img",
+        desc="extract",
+        dynamic_ncols=True,
+    )
+    for k in mine:
+        shard = shards[k]
         key = _shard_key(job.images, shard, stamp)
         ids_path, npy_path = out / f"shard_{k:05d}.ids.json", out / f"shard_{k:05d}.npy"
         previous = _read_entry(ids_path)
@@ -172,9 +203,16 @@ def run(job: ExtractJob) -> dict:
         write_json(ids_path, entry)  # written last: its key marks the shard as complete
         entries.append(entry)
     bar.close()
+    if info.is_distributed:
+        done_images = int(distributed.all_reduce_(torch.tensor([done_images]), "sum")[0])  # also a barrier
+        if not info.is_main:  # rank 0 writes the manifest
+            distributed.barrier()
+            return _read_entry(out / "manifest.json")
+        entries = _collect_entries(job, out, shards, stamp)
     _remove_stale(out, len(shards))
     manifest = _manifest(job, backbone, stamp, entries, len(paths))
     write_json(out / "manifest.json", manifest)
+    distributed.barrier()
     seconds = time.perf_counter() - t0
     rate = done_images / max(seconds, 1e-9)
     log.info(
@@ -185,6 +223,20 @@ def run(job: ExtractJob) -> dict:
         rate,
     )
     return manifest
+
+
+def _collect_entries(job: ExtractJob, out: Path, shards: list[list[Path]], stamp: dict) -> list[dict]:
+    """Rank 0, after every rank finished: the id files of all shards, checked against the plan."""
+    entries = []
+    for k, shard in enumerate(shards):
+        ids_path = out / f"shard_{k:05d}.ids.json"
+        entry = _read_entry(ids_path)
+        if entry.get("key") != _shard_key(job.images, shard, stamp):
+            raise FeatureFileError(
+                f"{ids_path}: missing or out of date after all ranks finished; rerun the same command"
+            )
+        entries.append(entry)
+    return entries
 
 
 def _read_entry(ids_path: Path) -> dict:

@@ -3,6 +3,16 @@
 Writes ``sae.safetensors`` (dictionary_learning names) + ``sae.json`` (config) and
 ``sae_metrics.json`` (held-out FVE, L0, dead fraction, per-shell FVE, throughput). Rerunning with
 the same inputs and settings is a no-op; an interrupted run resumes from ``.train_state.safetensors``.
+
+Data-parallel on several processes (GPUs: NCCL, one per process; CPU: gloo)::
+
+    torchrun --nproc_per_node 4 -m precompute train-sae --features F --out ATLAS ...
+
+Each rank trains on its shard of the batches with ``--batch-size / N`` rows, so the global batch,
+the step count and the schedule are those of a single-process run (see ``insight_core.sae_train``).
+Rank 0 decides whether the atlas is up to date, writes checkpoints, evaluates and writes
+``sae.safetensors`` / ``sae_metrics.json``; the other ranks wait for it. ``--out`` must be on storage
+that every rank sees.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ import logging
 import time
 from pathlib import Path
 
+from insight_core import distributed
+from insight_core.distributed import DistInfo
 from insight_core.features import scan_features
 from insight_core.io import write_json
 from insight_core.sae import PAPER_GROUP_FRACTIONS, SAEConfig
@@ -81,7 +93,27 @@ class TrainSaeJob:
 
 
 def run(job: TrainSaeJob) -> dict:
-    """Train (or reuse) the SAE; returns the metrics dict that is also written to sae_metrics.json."""
+    """Train (or reuse) the SAE; returns the metrics dict that is also written to sae_metrics.json.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; see the module docstring.
+    """
+    owns_group = not distributed.is_initialized()
+    info = distributed.init_from_env(job.device)
+    distributed.quiet_non_main_logging(info)
+    metrics = _run(job, info)
+    if owns_group:
+        distributed.cleanup()
+    return metrics
+
+
+def _read_metrics(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _run(job: TrainSaeJob, info: DistInfo) -> dict:
     features = scan_features(job.features)
     sae_cfg, train_cfg = job.sae_config(features.d), job.train_config()
     stamp = fingerprint(
@@ -89,21 +121,26 @@ def run(job: TrainSaeJob) -> dict:
     )
     out = Path(job.out)
     metrics_path = out / METRICS_FILE
-    if not job.force and (out / SAE_FILE).is_file() and metrics_path.is_file():
+    up_to_date, previous = False, {}
+    if info.is_main and not job.force and (out / SAE_FILE).is_file() and metrics_path.is_file():
         previous = json.loads(metrics_path.read_text())
-        if previous.get("input_fingerprint") == stamp:
-            log.info("%s is up to date with its inputs; skipping (use --force to retrain)", out / SAE_FILE)
-            return previous
+        up_to_date = previous.get("input_fingerprint") == stamp
+    if distributed.broadcast_flag(up_to_date, src=0):  # rank 0 decides for every rank
+        log.info("%s is up to date with its inputs; skipping (use --force to retrain)", out / SAE_FILE)
+        return previous if info.is_main else _read_metrics(metrics_path)
     train, held = features.split(train_cfg.held_out_fraction, seed=train_cfg.seed)
     log.info(
         "training SAE d=%d m=%d k=%d on %s rows from %d files (%s held out)",
         *(features.d, sae_cfg.dict_size, sae_cfg.k),
         *(f"{train.n_rows:,}", len(features.files), f"{held.n_rows:,}"),
     )
-    trainer = SAETrainer(sae_cfg, train_cfg, train.n_rows)
+    trainer = SAETrainer(sae_cfg, train_cfg, train.n_rows, dist=info)
     t0, seen0 = time.perf_counter(), trainer.state.samples_seen
-    state = trainer.fit(train, checkpoint=out / STATE_FILE, progress=job.progress)
+    state = trainer.fit(train, checkpoint=out / STATE_FILE, progress=job.progress and info.is_main)
     seconds = time.perf_counter() - t0
+    if not info.is_main:  # rank 0 evaluates and writes the atlas files
+        distributed.barrier()
+        return _read_metrics(metrics_path)
     eval_rows = (held if held.n_rows else train).sample(train_cfg.eval_max_rows, seed=train_cfg.seed)
     metrics = evaluate(trainer.sae, eval_rows)
     metrics.update(
@@ -114,6 +151,7 @@ def run(job: TrainSaeJob) -> dict:
         dead_fraction=float((trainer.since_fired_m >= trainer.dead_window).float().mean()),
         dead_window_samples=trainer.dead_window,
         device=str(trainer.device),
+        world_size=info.world_size,
         input_fingerprint=stamp,
         sae_config=sae_cfg.to_json(),
         train_config=dataclasses.asdict(train_cfg),
@@ -127,4 +165,5 @@ def run(job: TrainSaeJob) -> dict:
         out / SAE_FILE,
         fmt_metrics(metrics, ["fve", "l0", "dead_fraction", "patches_per_second"]),
     )
+    distributed.barrier()
     return metrics
