@@ -21,14 +21,26 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BuildJob:
-    """Build an atlas from an image folder (or an existing feature directory)."""
+    """Build an atlas from images (folder, webdataset shards, HF dataset) or a feature directory."""
 
     atlas: Path
     """Output atlas directory."""
     images: Path | None = None
     """Image folder to extract features from."""
+    webdataset: str | None = None
+    """Or webdataset tar shards (folder, .tar, glob or brace pattern) to extract features from."""
+    hf_dataset: str | None = None
+    """Or a Hugging Face dataset (hub name or local folder), streamed."""
+    hf_split: str = "train"
+    """Split of --hf-dataset."""
+    hf_config: str | None = None
+    """Configuration (subset) of --hf-dataset."""
+    hf_image_column: str | None = None
+    """Image column of --hf-dataset (default: the first Image column)."""
+    hf_revision: str | None = None
+    """Revision of --hf-dataset."""
     features: Path | None = None
-    """Feature directory (written by extract from --images, or your own .npy features)."""
+    """Feature directory (written by extract from the image source, or your own .npy features)."""
     arch: str = "ViT-B-16"
     """open_clip architecture."""
     pretrained: str = "openai"
@@ -69,13 +81,22 @@ class BuildJob:
 
 def run(job: BuildJob) -> Atlas:
     atlas = Path(job.atlas)
-    features = job.features or (atlas.parent / f"{atlas.name}-features" if job.images else None)
+    has_source = any(x is not None for x in (job.images, job.webdataset, job.hf_dataset))
+    features = job.features or (atlas.parent / f"{atlas.name}-features" if has_source else None)
     if features is None:
-        raise ConfigError("give --images (a folder to extract) or --features (an existing feature directory)")
-    if job.images is not None:
+        raise ConfigError(
+            "give an image source (--images, --webdataset or --hf-dataset) or --features (feature folder)"
+        )
+    if has_source:
         extract.run(
             extract.ExtractJob(
                 images=job.images,
+                webdataset=job.webdataset,
+                hf_dataset=job.hf_dataset,
+                hf_split=job.hf_split,
+                hf_config=job.hf_config,
+                hf_image_column=job.hf_image_column,
+                hf_revision=job.hf_revision,
                 out=features,
                 arch=job.arch,
                 pretrained=job.pretrained,

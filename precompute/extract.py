@@ -1,14 +1,18 @@
 """``extract``: images -> CLIP dense features (+ DINOiser pooling) -> fp16 feature shards.
 
+Images come from a folder (``--images``), webdataset tar shards (``--webdataset``) or a Hugging Face
+dataset split, streamed (``--hf-dataset``); see :mod:`precompute.sources` for the image ids.
+
 Output folder (read by ``train-sae`` like any feature directory)::
 
     shard_00000.npy         (n_images_in_shard, grid_h * grid_w, d) float16, row-major patch order
     shard_00000.ids.json    the images of that shard, in order, and the ones skipped (with reasons)
     manifest.json           backbone, pooling, grid, dim, counts, shard list, input fingerprint
 
-Images are planned into shards from the sorted source list, so shard k always holds the same
-images: a rerun skips shards whose id file matches the plan (resume after an interruption), and
-a changed source list or backbone re-extracts. Unreadable images are skipped, counted and listed.
+Images are planned into shards in source order, so shard k always holds the same images: a rerun
+skips shards whose id file matches the plan (resume after an interruption), and a changed source
+(files, sizes, mtimes; dataset name/split/revision) or backbone re-extracts. Unreadable images are
+skipped, counted and listed. A streamed dataset is read past finished shards without decoding.
 
 Under ``torchrun --nproc_per_node N -m precompute extract ...`` shard k is extracted by rank
 ``k % N`` (on ``cuda:LOCAL_RANK`` when CUDA is used); each rank writes its own shard files, and
@@ -24,7 +28,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +40,8 @@ from insight_core.backbone import BackboneConfig, ClipBackbone
 from insight_core.dinoiser import Dinoiser
 from insight_core.distributed import DistInfo
 from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
-from insight_core.images import list_image_files, load_image
 from insight_core.io import write_json, write_npy
+from precompute.sources import HFDatasetSpec, ImageSource, PlannedShard, Record, make_source
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +53,26 @@ FEATURES_VERSION = 1
 class ExtractJob:
     """Extract dense joint-space patch features from a folder of images into fp16 shards."""
 
-    images: Path
-    """Folder of images (searched recursively; jpg, png, webp, bmp, gif, tiff)."""
     out: Path
     """Output feature folder (shards + manifest.json)."""
+    images: Path | None = None
+    """Image source 1: a folder of images (searched recursively; jpg, png, webp, bmp, gif, tiff)."""
+    webdataset: str | None = None
+    """Image source 2: webdataset tar shards: a folder of .tar files, one .tar, a glob or a brace
+    pattern (``shards/train-{0000..0099}.tar``); image members are used, others ignored."""
+    hf_dataset: str | None = None
+    """Image source 3: a Hugging Face dataset (hub name, local dataset folder or builder such as
+    ``imagefolder``), streamed."""
+    hf_split: str = "train"
+    """Split of --hf-dataset."""
+    hf_config: str | None = None
+    """Configuration (subset) of --hf-dataset."""
+    hf_image_column: str | None = None
+    """Image column of --hf-dataset (default: the first Image column)."""
+    hf_revision: str | None = None
+    """Revision of --hf-dataset (pin it for reproducible atlases)."""
+    hf_data_dir: str | None = None
+    """data_dir of --hf-dataset (for builders such as imagefolder)."""
     arch: str = "ViT-B-16"
     """open_clip architecture."""
     pretrained: str = "openai"
@@ -64,7 +84,7 @@ class ExtractJob:
     resize: str = "squash"
     """'squash' (whole image, patch maps cover it) or 'crop' (CLIP's centre crop)."""
     max_images: int | None = None
-    """Use only the first N images of the sorted list."""
+    """Use only the first N images (of the sorted folder, the shard order, or the stream)."""
     shard_size: int = 1024
     """Images per shard."""
     batch_size: int = 32
@@ -77,13 +97,18 @@ class ExtractJob:
     """Show a progress bar."""
 
 
-def _plan(job: ExtractJob) -> list[Path]:
-    paths = list_image_files(job.images)
-    if job.max_images is not None:
-        paths = paths[: job.max_images]
-    if not paths:
-        raise ImageLoadError(f"{job.images}: no images found")
-    return paths
+def _source(job: ExtractJob) -> ImageSource:
+    hf = None
+    if job.hf_dataset:
+        hf = HFDatasetSpec(
+            name=job.hf_dataset,
+            split=job.hf_split,
+            config=job.hf_config,
+            image_column=job.hf_image_column,
+            revision=job.hf_revision,
+            data_dir=job.hf_data_dir,
+        )
+    return make_source(job.images, job.webdataset, hf, job.max_pixels)
 
 
 def _model_stamp(job: ExtractJob, backbone: ClipBackbone) -> dict:
@@ -97,12 +122,9 @@ def _model_stamp(job: ExtractJob, backbone: ClipBackbone) -> dict:
     }
 
 
-def _shard_key(root: Path, shard: Sequence[Path], stamp: dict) -> str:
-    h = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode())
-    for p in shard:
-        st = p.stat()
-        h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+def _shard_key(shard: PlannedShard, stamp: dict) -> str:
+    """The source's key for the shard's images, combined with the model that extracts them."""
+    return hashlib.sha256(json.dumps([stamp, shard.key], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _load_dinoiser(job: ExtractJob) -> Dinoiser:
@@ -115,21 +137,21 @@ def _load_dinoiser(job: ExtractJob) -> Dinoiser:
     return Dinoiser(mode=job.pool)
 
 
-def _batches(paths: Sequence[Path], size: int, job: ExtractJob, skipped: list) -> Iterator[tuple[list, list]]:
+def _batches(records: Iterator[Record], size: int, skipped: list) -> Iterator[tuple[list[str], list]]:
     """Decoded images in batches; unreadable ones are logged, recorded and skipped."""
-    names, images = [], []
-    for path in paths:
+    ids, images = [], []
+    for record in records:
         try:
-            images.append(load_image(path, max_pixels=job.max_pixels))
-            names.append(path)
+            images.append(record.load())
+            ids.append(record.id)
         except ImageLoadError as err:
             log.warning("skipping %s", err)
-            skipped.append([str(path.relative_to(job.images)), str(err)])
+            skipped.append([record.id, str(err)])
         if len(images) == size:
-            yield names, images
-            names, images = [], []
+            yield ids, images
+            ids, images = [], []
     if images:
-        yield names, images
+        yield ids, images
 
 
 def run(job: ExtractJob) -> dict:
@@ -148,50 +170,53 @@ def run(job: ExtractJob) -> dict:
 
 
 def _run(job: ExtractJob, info: DistInfo) -> dict:
-    paths = _plan(job)
+    source = _source(job)
+    n_total = source.n_total(job.max_images)  # lists a folder / tar headers: fails early on no images
     if job.resize not in ("squash", "crop"):
         raise ConfigError(f"--resize must be squash or crop, got {job.resize!r}")
-    bb_cfg = BackboneConfig(
-        arch=job.arch,
-        pretrained=job.pretrained,
-        device=distributed.local_device_name(job.device, info),
-        resize=job.resize,
-        batch_size=job.batch_size,
+    pool = _load_dinoiser(job)
+    backbone = ClipBackbone(
+        BackboneConfig(
+            arch=job.arch,
+            pretrained=job.pretrained,
+            device=distributed.local_device_name(job.device, info),
+            resize=job.resize,
+            batch_size=job.batch_size,
+        )
     )
-    backbone = ClipBackbone(bb_cfg)
     if backbone.is_random:
         log.warning("RANDOM-INIT BACKBONE (pretrained='none'): extracted features carry no semantics")
-    pool = _load_dinoiser(job).to(backbone.device)
+    pool = pool.to(backbone.device)
     stamp = _model_stamp(job, backbone)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
-    shards = [paths[s : s + job.shard_size] for s in range(0, len(paths), job.shard_size)]
-    mine = [k for k in range(len(shards)) if k % info.world_size == info.rank]
+    keys: list[str] = []  # every shard's key, in plan order (all ranks walk the whole plan)
     entries, t0, done_images = [], time.perf_counter(), 0
     bar = tqdm(
-        total=sum(len(shards[k]) for k in mine),
+        total=_my_share(n_total, job.shard_size, info),
         disable=not (job.progress and info.is_main),
         unit="img",
         desc="extract",
         dynamic_ncols=True,
     )
-    for k in mine:
-        shard = shards[k]
-        key = _shard_key(job.images, shard, stamp)
-        ids_path, npy_path = out / f"shard_{k:05d}.ids.json", out / f"shard_{k:05d}.npy"
+    for shard in source.shards(job.shard_size, job.max_images):
+        keys.append(key := _shard_key(shard, stamp))
+        if shard.index % info.world_size != info.rank:
+            continue
+        ids_path, npy_path = out / f"shard_{shard.index:05d}.ids.json", out / f"shard_{shard.index:05d}.npy"
         previous = _read_entry(ids_path)
         if previous.get("key") == key and (npy_path.is_file() or previous.get("n_images") == 0):
             entries.append(previous)  # finished by an earlier run
-            bar.update(len(shard))
+            bar.update(previous["n_images"] + len(previous.get("skipped", [])))
             continue
         skipped: list = []
         feats, ids = [], []
-        for names, images in _batches(shard, job.batch_size, job, skipped):
+        for batch_ids, images in _batches(shard.records(), job.batch_size, skipped):
             dense = backbone.dense_features(images)
             with torch.no_grad():
                 pooled = pool(dense.patches_bhwd.to(backbone.device)).cpu()
             feats.append(pooled.reshape(len(images), -1, pooled.shape[-1]).to(torch.float16).numpy())
-            ids += [str(p.relative_to(job.images)) for p in names]
+            ids += batch_ids
             bar.update(len(images))
             done_images += len(images)
         bar.update(len(skipped))
@@ -203,18 +228,19 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
         write_json(ids_path, entry)  # written last: its key marks the shard as complete
         entries.append(entry)
     bar.close()
+    if not keys:
+        raise ImageLoadError(f"{_describe(source)}: no images")
     if info.is_distributed:
         done_images = int(distributed.all_reduce_(torch.tensor([done_images]), "sum")[0])  # also a barrier
         if not info.is_main:  # rank 0 writes the manifest
             distributed.barrier()
             return _read_entry(out / "manifest.json")
-        entries = _collect_entries(job, out, shards, stamp)
-    _remove_stale(out, len(shards))
-    manifest = _manifest(job, backbone, stamp, entries, len(paths))
+        entries = _collect_entries(out, keys)
+    _remove_stale(out, len(keys))
+    manifest = _manifest(source, backbone, stamp, entries)
     write_json(out / "manifest.json", manifest)
     distributed.barrier()
-    seconds = time.perf_counter() - t0
-    rate = done_images / max(seconds, 1e-9)
+    rate = done_images / max(time.perf_counter() - t0, 1e-9)
     log.info(
         "extracted %d images (%d skipped) -> %s; %.1f img/s",
         manifest["n_images"],
@@ -225,13 +251,27 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
     return manifest
 
 
-def _collect_entries(job: ExtractJob, out: Path, shards: list[list[Path]], stamp: dict) -> list[dict]:
+def _describe(source: ImageSource) -> str:
+    desc = source.describe()
+    return f"{desc['kind']} {desc.get('path') or desc.get('name')}"
+
+
+def _my_share(n_total: int | None, shard_size: int, info: DistInfo) -> int | None:
+    """Images this rank extracts, when the source knows its size (progress bar total)."""
+    if n_total is None:
+        return None
+    n_shards = -(-n_total // shard_size)
+    mine = range(info.rank, n_shards, info.world_size)
+    return sum(min(shard_size, n_total - k * shard_size) for k in mine)
+
+
+def _collect_entries(out: Path, keys: list[str]) -> list[dict]:
     """Rank 0, after every rank finished: the id files of all shards, checked against the plan."""
     entries = []
-    for k, shard in enumerate(shards):
+    for k, key in enumerate(keys):
         ids_path = out / f"shard_{k:05d}.ids.json"
         entry = _read_entry(ids_path)
-        if entry.get("key") != _shard_key(job.images, shard, stamp):
+        if entry.get("key") != key:
             raise FeatureFileError(
                 f"{ids_path}: missing or out of date after all ranks finished; rerun the same command"
             )
@@ -254,14 +294,14 @@ def _remove_stale(out: Path, n_shards: int) -> None:
             path.unlink()
 
 
-def _manifest(job: ExtractJob, backbone: ClipBackbone, stamp: dict, entries: list, n_planned: int) -> dict:
+def _manifest(source: ImageSource, backbone: ClipBackbone, stamp: dict, entries: list) -> dict:
     return {
         "format": FEATURES_FORMAT,
         "version": FEATURES_VERSION,
         "backbone": {**stamp, "embed_dim": backbone.embed_dim, "grid": list(backbone.grid_hw)},
         "dtype": "float16",
-        "source": str(job.images),
-        "n_planned": n_planned,
+        "source": source.describe(),
+        "n_planned": sum(e["n_images"] + len(e["skipped"]) for e in entries),
         "n_images": sum(e["n_images"] for e in entries),
         "n_skipped": sum(len(e["skipped"]) for e in entries),
         "shards": [

@@ -7,19 +7,19 @@ feature directory the stats came from, and writes::
     index/exemplars.faiss    patch features of the top exemplars of every concept, same metric
     exemplars.parquet        row (= exemplar index id), concept, rank, image_id, patch, activation
     thumbs/<image_id>.webp   longest side thumb_size, for every image of an indexed exemplar
-    thumbs/index.json        {image_id: {"path": source path relative to the image folder,
+    thumbs/index.json        {image_id: {"path": the source's image id (path relative to the folder, ...),
                               "width", "height"}} of the ORIGINAL image (EXIF-oriented, as extracted)
     index/index.json         input hashes, counts, index types, dimension, thumbnail summary
 
-Thumbnails need an ``extract`` feature directory (``manifest.json`` with the image folder and
-``shard_*.ids.json``); other feature directories (planted world, bring-your-own) get none. Each part
-is rebuilt only when its inputs (file names, sizes, mtimes, settings) changed; a thumbnail whose
-file is newer than its source image is reused.
+Thumbnails need an ``extract`` feature directory (``manifest.json`` with the image source and
+``shard_*.ids.json``; folder, webdataset or Hugging Face dataset, see :mod:`precompute.sources`);
+other feature directories (planted world, bring-your-own) get none. Each part is rebuilt only when
+its inputs (file names, sizes, mtimes, settings) changed; a thumbnail newer than its source image
+(or tar shard; any, for a streamed dataset) is reused.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -36,12 +36,12 @@ from tqdm.auto import tqdm
 
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
 from insight_core.features import FeatureSet, scan_features
-from insight_core.images import load_image
 from insight_core.index import IndexConfig, build_index, describe_index, save_index
 from insight_core.io import atomic_write, write_json
 from insight_core.stats import STATS_JSON, STATS_TENSORS, ConceptStats
 from precompute.common import fingerprint
 from precompute.name import VECTORS_FILE
+from precompute.sources import ImageSource, open_source
 from precompute.stats import STATS_DIR
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ class IndexJob:
     features: Path
     """The feature directory the stats were computed from (exemplar patch features, image paths)."""
     images: Path | None = None
-    """Image folder for thumbnails (default: the 'source' recorded in the features' manifest.json)."""
+    """Image folder (or webdataset shards) for thumbnails, when they moved since extract (default: the
+    'source' recorded in the features' manifest.json)."""
     thumb_size: int = 160
     """Longest side of the WebP thumbnails, in pixels."""
     max_exemplars: int = 16
@@ -225,35 +226,55 @@ def gather_patch_features(
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ImageSource:
-    """Where the images of an ``extract`` feature directory live."""
+class ExemplarImages:
+    """Where the images of an ``extract`` feature directory come from."""
 
-    root: Path
-    """The image folder."""
+    source: ImageSource
+    """The extract's image source (folder, webdataset shards or Hugging Face dataset)."""
     paths: dict[int, str]
-    """Global image id -> path relative to ``root``."""
+    """Global image id -> the source's image id (path relative to the folder, tar::member, split[row])."""
     manifest: dict[str, Any]
     """The feature directory's manifest.json."""
 
 
-def image_source(features_dir: Path, features: FeatureSet, images: Path | None = None) -> ImageSource | str:
-    """Map global image ids to source image paths, or return why that is impossible (a message)."""
+def _reopen_source(manifest: dict[str, Any], features_dir: Path, images: Path | None) -> ImageSource | str:
+    desc = manifest["source"]
+    if isinstance(desc, str):  # features written before sources had kinds: an image folder
+        desc = {"kind": "folder", "path": desc}
+    if not isinstance(desc, dict):
+        return f"{features_dir / 'manifest.json'}: 'source' is neither a folder nor a source description"
+    desc = dict(desc)
+    if images is not None:
+        if desc.get("kind") not in ("folder", "webdataset"):
+            log.warning("--images ignored: the features come from a %s source", desc.get("kind"))
+        else:
+            desc["path"] = str(images)
+    elif desc.get("kind") in ("folder", "webdataset"):
+        path = Path(desc["path"])
+        if not path.exists() and not path.is_absolute() and (features_dir / path).exists():
+            desc["path"] = str(features_dir / path)
+    try:
+        return open_source(desc)
+    except (ImageLoadError, ConfigError) as err:
+        hint = "; pass --images" if desc.get("kind") in ("folder", "webdataset") else ""
+        return f"image source of {features_dir} unavailable: {err}{hint}"
+
+
+def exemplar_images(
+    features_dir: Path, features: FeatureSet, images: Path | None = None
+) -> ExemplarImages | str:
+    """Map global image ids to source image ids, or return why that is impossible (a message)."""
     features_dir = Path(features_dir)
     manifest_path = features_dir / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
-        return f"no extract manifest.json in {features_dir} (features not extracted from an image folder)"
+        return f"no extract manifest.json in {features_dir} (features not extracted from images)"
     if not isinstance(manifest, dict) or not manifest.get("source"):
-        return f"{manifest_path} names no image 'source' folder"
-    if images is not None:
-        root = Path(images)
-    else:
-        root = Path(manifest["source"])
-        if not root.is_dir() and not root.is_absolute() and (features_dir / root).is_dir():
-            root = features_dir / root
-    if not root.is_dir():
-        return f"image folder {root} (from {manifest_path}) not found; pass --images"
+        return f"{manifest_path} names no image 'source'"
+    source = _reopen_source(manifest, features_dir, images)
+    if isinstance(source, str):
+        return source
     paths: dict[int, str] = {}
     start = 0
     for f in features.files:
@@ -275,20 +296,26 @@ def image_source(features_dir: Path, features: FeatureSet, images: Path | None =
         if ids is not None:
             paths.update((start + j, str(p)) for j, p in enumerate(ids))
         start += f.n_units
-    return ImageSource(root=root, paths=paths, manifest=manifest)
+    return ExemplarImages(source=source, paths=paths, manifest=manifest)
 
 
-def _make_thumb(src: Path, dst: Path, size: int) -> tuple[int, int]:
+def _save_thumb(img: Image.Image, dst: Path, size: int) -> tuple[int, int]:
     """Write ``dst`` (WebP, longest side <= ``size``); return the original (width, height)."""
-    img = load_image(src)
     width, height = img.size
     img.thumbnail((size, size), Image.Resampling.LANCZOS)
     atomic_write(dst, lambda tmp: img.save(tmp, format="WEBP", quality=THUMB_QUALITY, method=4))
     return width, height
 
 
+def _reusable(old: dict[str, Any] | None, rel: str, dst: Path, source: ImageSource) -> bool:
+    if old is None or old.get("path") != rel or not dst.is_file():
+        return False
+    src_ns = source.modified_ns(rel)  # None for streamed datasets: their identity is in the index hash
+    return src_ns is None or dst.stat().st_mtime_ns >= src_ns
+
+
 def write_thumbnails(
-    atlas: Path, source: ImageSource, image_ids: np.ndarray, job: IndexJob, reuse: bool
+    atlas: Path, images: ExemplarImages, image_ids: np.ndarray, job: IndexJob, reuse: bool
 ) -> dict[str, Any]:
     """Thumbnails of ``image_ids`` and ``thumbs/index.json``; returns counts (written, reused, failed)."""
     thumbs = Path(atlas) / THUMBS_DIR
@@ -300,43 +327,31 @@ def write_thumbnails(
         except (OSError, ValueError):
             previous = {}
     entries: dict[str, dict[str, Any]] = {}
-    todo: list[tuple[int, str]] = []
+    todo: dict[str, int] = {}  # source id -> global image id
     n_unmapped = 0
     for image_id in (int(i) for i in image_ids):
-        rel = source.paths.get(image_id)
+        rel = images.paths.get(image_id)
         if rel is None:
             n_unmapped += 1
-            continue
-        old, dst, src = previous.get(str(image_id)), thumbs / f"{image_id}.webp", source.root / rel
-        if (
-            old is not None
-            and old.get("path") == rel
-            and dst.is_file()
-            and src.is_file()
-            and dst.stat().st_mtime_ns >= src.stat().st_mtime_ns
-        ):
-            entries[str(image_id)] = old
+        elif _reusable(previous.get(str(image_id)), rel, thumbs / f"{image_id}.webp", images.source):
+            entries[str(image_id)] = previous[str(image_id)]
         else:
-            todo.append((image_id, rel))
+            todo[rel] = image_id
     n_reused, failed = len(entries), 0
-
-    def work(item: tuple[int, str]) -> tuple[int, str, tuple[int, int] | str]:
-        image_id, rel = item
-        try:
-            return image_id, rel, _make_thumb(source.root / rel, thumbs / f"{image_id}.webp", job.thumb_size)
-        except (ImageLoadError, OSError, ValueError) as err:
-            return image_id, rel, str(err)
-
-    with (
-        concurrent.futures.ThreadPoolExecutor(max_workers=job.thumb_workers) as pool,
-        tqdm(total=len(todo), desc="thumbs", unit="img", disable=not job.progress, dynamic_ncols=True) as bar,
-    ):
-        for image_id, rel, result in pool.map(work, todo):
-            if isinstance(result, str):
+    with tqdm(
+        total=len(todo), desc="thumbs", unit="img", disable=not job.progress, dynamic_ncols=True
+    ) as bar:
+        for rel, result in images.source.fetch(list(todo), workers=job.thumb_workers):
+            image_id = todo[rel]
+            if not isinstance(result, ImageLoadError):
+                try:
+                    width, height = _save_thumb(result, thumbs / f"{image_id}.webp", job.thumb_size)
+                    entries[str(image_id)] = {"path": rel, "width": width, "height": height}
+                except (OSError, ValueError) as err:
+                    result = ImageLoadError(f"{rel}: {err}")
+            if isinstance(result, ImageLoadError):
                 failed += 1
                 log.warning("no thumbnail for image %d (%s): %s", image_id, rel, result)
-            else:
-                entries[str(image_id)] = {"path": rel, "width": result[0], "height": result[1]}
             bar.update(1)
     entries = dict(sorted(entries.items(), key=lambda kv: int(kv[0])))
     for stale in thumbs.glob("*.webp"):  # images no longer referenced by any indexed exemplar
@@ -473,13 +488,13 @@ def run(job: IndexJob) -> dict[str, Any]:
 def _thumbnails(
     atlas: Path, features: FeatureSet, image_ids: np.ndarray, job: IndexJob, reuse: bool
 ) -> dict[str, Any]:
-    source = image_source(Path(job.features), features, job.images)
-    if isinstance(source, str):
-        log.info("thumbnails skipped: %s", source)
-        return {"skipped": source}
+    images = exemplar_images(Path(job.features), features, job.images)
+    if isinstance(images, str):
+        log.info("thumbnails skipped: %s", images)
+        return {"skipped": images}
     wanted = np.unique(image_ids)
-    counts = write_thumbnails(atlas, source, wanted, job, reuse)
-    backbone = source.manifest.get("backbone", {}) if isinstance(source.manifest, dict) else {}
+    counts = write_thumbnails(atlas, images, wanted, job, reuse)
+    backbone = images.manifest.get("backbone", {})
     log.info(
         "thumbnails: %d images (%d written, %d reused, %d unreadable) -> %s",
         counts["n"],
@@ -494,7 +509,7 @@ def _thumbnails(
         "size": job.thumb_size,
         "format": "webp",
         **counts,
-        "source": str(source.root),
+        "source": images.source.describe(),
         "resize": backbone.get("resize"),
         "grid": backbone.get("grid"),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +179,33 @@ def test_photos_get_thumbnails_with_original_sizes(photo_atlas, caplog) -> None:
     assert victim not in doc
     assert len(doc) == len(wanted) - 1
     assert not (atlas / "thumbs" / f"{victim}.webp").exists()
+
+
+def test_thumbnails_from_webdataset_shards(photo_atlas, tmp_path: Path) -> None:
+    """The same features, as if extracted from a tar shard: thumbnails are read from the tar."""
+    _, feats, atlas = photo_atlas
+    tar_path, wds_feats, wds_atlas = tmp_path / "photos.tar", tmp_path / "feats", tmp_path / "atlas"
+    shutil.copytree(feats, wds_feats)
+    shutil.copytree(atlas, wds_atlas, ignore=shutil.ignore_patterns("index", "thumbs", "exemplars.parquet"))
+    with tarfile.open(tar_path, "w") as tf:
+        for ids_file in sorted(wds_feats.glob("shard_*.ids.json")):
+            entry = json.loads(ids_file.read_text())
+            for rel in entry["ids"]:
+                tf.add(EXAMPLES / Path(rel).name, arcname=rel)  # pristine: an earlier test truncates one
+            entry["ids"] = [f"photos.tar::{rel}" for rel in entry["ids"]]
+            ids_file.write_text(json.dumps(entry))
+    manifest = json.loads((wds_feats / "manifest.json").read_text())
+    manifest["source"] = {"kind": "webdataset", "path": str(tar_path)}
+    (wds_feats / "manifest.json").write_text(json.dumps(manifest))
+
+    meta = run(IndexJob(atlas=wds_atlas, features=wds_feats, thumb_size=48, progress=False))
+    assert meta["thumbs"]["source"] == manifest["source"]
+    doc = json.loads((wds_atlas / "thumbs" / "index.json").read_text())
+    assert meta["thumbs"]["n"] == len(doc) > 0
+    assert meta["thumbs"]["failed"] == 0
+    for key, entry in doc.items():
+        assert entry["path"].startswith("photos.tar::")
+        original = load_image(EXAMPLES / Path(entry["path"].split("::")[1]).name)
+        assert (entry["width"], entry["height"]) == original.size
+        with Image.open(wds_atlas / "thumbs" / f"{key}.webp") as thumb:
+            assert max(thumb.size) == 48

@@ -69,7 +69,7 @@ def _args(root: Path, photos: Path, vocab: Path) -> list[str]:
     ]
 
 
-def _wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, timeout: float = 180) -> None:
+def _wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, timeout: float = 600) -> None:
     folder, pattern = path_glob
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
