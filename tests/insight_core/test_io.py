@@ -1,0 +1,42 @@
+"""Atomic writes: all-or-nothing, no temp files left, normal file permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from insight_core.io import atomic_write, write_json
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "doc.json"
+    write_json(target, {"a": 1})
+    write_json(target, {"a": 2})
+    assert target.read_text().strip().endswith("}")
+    assert '"a": 2' in target.read_text()
+    assert [p.name for p in target.parent.iterdir()] == ["doc.json"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "doc.json"
+    write_json(target, {"a": 1})
+
+    def boom(tmp: Path) -> None:
+        tmp.write_text("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, boom)
+    assert '"a": 1' in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["doc.json"]
+
+
+def test_files_get_umask_permissions_not_mkstemp_0600(tmp_path: Path) -> None:
+    """An atlas written by one user must be readable by the server user (e.g. a Space)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = write_json(tmp_path / "doc.json", {})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
