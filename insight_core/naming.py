@@ -130,6 +130,9 @@ class VocabSource:
     min_concreteness: float = 2.5
     """``"brysbaert"`` only: keep entries (words and bigrams) whose mean rating ``Conc.M`` is
     strictly greater than this (paper: 2.5)."""
+    required: bool = True
+    """False: a missing file is skipped with a WARNING instead of raising (the Brysbaert table,
+    which is not shipped in ``assets/vocab``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -241,17 +244,26 @@ def load_source(source: VocabSource) -> list[str]:
     return load_word_list(source.path)
 
 
+BRYSBAERT_FILE = "Concreteness_ratings_Brysbaert_et_al_BRM.txt"
+"""File name of the Brysbaert et al. (2014) concreteness table in a vocabulary folder."""
+
+
 def paper_vocab_sources(vocab_dir: str | Path, min_concreteness: float = 2.5) -> list[VocabSource]:
     """The paper's word lists as found in ``vocab_dir`` (Muraki multi-word expressions are not included).
 
     CLIP-Dissect 20k common words, Brysbaert words + bigrams with ``Conc.M > min_concreteness``,
-    LAION-400M unigrams and bigrams (MSAE file names).
+    LAION-400M unigrams and bigrams (MSAE file names). The Brysbaert table is optional (its licence
+    is unclear, so ``assets/vocab`` does not ship it): when absent it is skipped with a WARNING.
     """
     d = Path(vocab_dir)
     return [
         VocabSource("clip_dissect_20k", d / "msae_clip_disect_20k.txt"),
         VocabSource(
-            "brysbaert", d / "Concreteness_ratings_Brysbaert_et_al_BRM.txt", "brysbaert", min_concreteness
+            "brysbaert",
+            d / BRYSBAERT_FILE,
+            "brysbaert",
+            min_concreteness,
+            required=False,
         ),
         VocabSource("laion_unigram", d / "msae_laion_400_unigram.txt"),
         VocabSource("laion_bigram", d / "msae_laion_400_bigram.txt"),
@@ -285,6 +297,23 @@ class Vocabulary:
         return counts
 
 
+def _present_sources(sources: Sequence[VocabSource]) -> list[VocabSource]:
+    """Drop optional sources whose file is missing (one WARNING each); required ones fail later."""
+    present = []
+    for src in sources:
+        if not src.required and not Path(src.path).is_file():
+            logger.warning(
+                "vocabulary source %s skipped: %s not found (optional; see assets/vocab/PROVENANCE.md)",
+                src.name,
+                src.path,
+            )
+            continue
+        present.append(src)
+    if not present:
+        raise ConfigError(f"no vocabulary source found: {[str(s.path) for s in sources]} are all missing")
+    return present
+
+
 def build_vocabulary(sources: Sequence[VocabSource], max_words: int | None = None) -> Vocabulary:
     """Union of the entries of ``sources``, deduplicated, in a deterministic order.
 
@@ -303,6 +332,8 @@ def build_vocabulary(sources: Sequence[VocabSource], max_words: int | None = Non
         raise ConfigError(f"VocabSource names must be unique, got {names}")
     if max_words is not None and (not isinstance(max_words, int) or max_words < 1):
         raise ConfigError(f"max_words must be None or a positive int, got {max_words!r}")
+    sources = _present_sources(sources)
+    names = [s.name for s in sources]
     origin: dict[str, list[str]] = {}
     for src in sources:
         entries = load_source(src)

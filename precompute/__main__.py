@@ -10,7 +10,20 @@ from typing import Any
 import tyro
 
 from insight_core.errors import InsightError
-from precompute import build, demo, extract, families, index, manifest, name, stats, synth, train_sae
+from precompute import (
+    build,
+    demo,
+    extract,
+    families,
+    hub,
+    index,
+    manifest,
+    name,
+    stats,
+    synth,
+    train_adapter,
+    train_sae,
+)
 from precompute.common import setup_logging
 
 log = logging.getLogger("precompute")
@@ -19,6 +32,7 @@ log = logging.getLogger("precompute")
 STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "build": (build.BuildJob, build.run),
     "extract": (extract.ExtractJob, extract.run),
+    "train-adapter": (train_adapter.TrainAdapterJob, train_adapter.run),
     "train-sae": (train_sae.TrainSaeJob, train_sae.run),
     "stats": (stats.StatsJob, stats.run),
     "families": (families.FamiliesJob, families.run),
@@ -26,6 +40,8 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "index": (index.IndexJob, index.run),
     "manifest": (manifest.ManifestJob, manifest.run_manifest),
     "validate": (manifest.ValidateJob, manifest.run_validate),
+    "push": (hub.PushJob, hub.run_push),
+    "pull": (hub.PullJob, hub.run_pull),
     "synth": (synth.SynthJob, synth.run_synth),
     "eval-synth": (synth.EvalSynthJob, synth.run_eval_synth),
     "demo": (demo.DemoJob, demo.run),

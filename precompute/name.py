@@ -4,7 +4,9 @@ Family-informed concept vectors (Eq. B.9: the concept's decoder row plus its par
 co-occurrence confidence and activations on the concept's top-30 patches) are matched against a
 vocabulary embedded with noun / verb / adjective templates; the best word names the concept and
 the top-5 are kept as alternatives. ``--vocab-embeddings FILE.npz`` (``words``, ``embeddings``)
-bypasses the text encoder. Runs ``stats``/``families`` first when given ``--features``.
+bypasses the text encoder; without it, the word lists of ``--vocab-dir`` (default: the shipped
+``assets/vocab``, see its PROVENANCE.md) are embedded. Runs ``stats``/``families`` first when given
+``--features``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from precompute.stats import load_atlas_sae
 log = logging.getLogger(__name__)
 
 CONCEPTS_FILE = "concepts.parquet"
+DEFAULT_VOCAB_DIR = Path(__file__).resolve().parents[1] / "assets" / "vocab"
+"""Word lists shipped with the project (MIT; no Brysbaert table): the default of --vocab-dir."""
 VECTORS_FILE = "concept_vectors.safetensors"
 """Family-informed concept vectors: tensor ``vectors_md`` (m, d) float32; metadata alpha, use_parents."""
 
@@ -54,7 +58,8 @@ class NameJob:
     vocab_embeddings: Path | None = None
     """Precomputed vocabulary embeddings (.npz with 'words' and 'embeddings'); bypasses the text encoder."""
     vocab_dir: Path | None = None
-    """Folder with the paper's word lists (CLIP-Dissect 20k, LAION uni/bigrams, Brysbaert concreteness)."""
+    """Folder with the paper's word lists (CLIP-Dissect 20k, LAION uni/bigrams, optional Brysbaert
+    concreteness table); default: the shipped assets/vocab (without the Brysbaert table)."""
     arch: str = "ViT-B-16"
     """open_clip architecture of the text encoder (must match the atlas backbone)."""
     pretrained: str = "openai"
@@ -86,9 +91,14 @@ def _families(job: NameJob, m: int) -> Families:
 def _vocabulary(job: NameJob) -> VocabEmbeddings:
     if job.vocab_embeddings is not None:
         return load_vocab_embeddings(job.vocab_embeddings)
-    if job.vocab_dir is None:
-        raise ConfigError("give --vocab-embeddings FILE.npz or --vocab-dir WORD_LIST_DIR")
-    vocab = build_vocabulary(paper_vocab_sources(job.vocab_dir), max_words=job.max_words)
+    vocab_dir = Path(job.vocab_dir) if job.vocab_dir is not None else DEFAULT_VOCAB_DIR
+    if not vocab_dir.is_dir():
+        what = "--vocab-dir" if job.vocab_dir is not None else "the shipped word lists"
+        raise ConfigError(
+            f"{what} {vocab_dir}: not a directory; "
+            "give --vocab-dir WORD_LIST_DIR or --vocab-embeddings FILE.npz"
+        )
+    vocab = build_vocabulary(paper_vocab_sources(vocab_dir), max_words=job.max_words)
     n = job.templates_per_pos
     templates = {pos: tuple(t[:n] if n else t) for pos, t in TEMPLATES_BY_POS.items()}
     backbone = ClipBackbone(BackboneConfig(arch=job.arch, pretrained=job.pretrained))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -213,6 +214,30 @@ def test_real_word_lists_have_plausible_sizes(vocab_dir: Path) -> None:
     assert all(w == w.strip().lower() and w and not w.startswith("#") for w in vocab.words)
     car = vocab.words.index("car")
     assert {"clip_dissect_20k", "brysbaert"} <= set(vocab.sources[car])
+
+
+def test_shipped_word_lists_without_brysbaert_warn_once(tmp_path: Path, caplog) -> None:
+    shipped = Path(__file__).resolve().parents[2] / "assets" / "vocab"
+    with caplog.at_level("WARNING", logger="insight_core.naming"):
+        vocab = build_vocabulary(paper_vocab_sources(shipped))
+    skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1
+    assert "brysbaert" in skipped[0].getMessage()
+    assert "Concreteness_ratings_Brysbaert_et_al_BRM.txt" in skipped[0].getMessage()
+    assert vocab.source_names == ("clip_dissect_20k", "laion_unigram", "laion_bigram")
+    assert vocab.source_counts() == {
+        "clip_dissect_20k": 20_000,
+        "laion_unigram": 37_441,
+        "laion_bigram": 15_000,
+    }
+    assert len(vocab) == 45_501
+    partial = tmp_path / "partial"  # any other missing list is still an error
+    partial.mkdir()
+    shutil.copy(shipped / "msae_clip_disect_20k.txt", partial)
+    with pytest.raises(ConfigError, match=r"msae_laion_400_unigram\.txt.*does not exist"):
+        build_vocabulary(paper_vocab_sources(partial))
+    with pytest.raises(ConfigError, match="no vocabulary source found"):
+        build_vocabulary([VocabSource("only", tmp_path / "absent.txt", required=False)])
 
 
 # ----------------------------------------------------------------------------------------------
