@@ -166,6 +166,48 @@ def _resolve_weights(cfg: BackboneConfig) -> tuple[str | None, bool]:
     return cfg.pretrained, quick_gelu
 
 
+_HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _cached_hf_weights(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in _HF_WEIGHT_FILES)
+
+
+def _hub_reachable(timeout: float) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def weights_available(arch: str, pretrained: str, timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether ``pretrained`` weights for ``arch`` can be loaded now, and why not; a quick check
+    (local file, Hugging Face cache, or a TCP connection to the Hub) instead of open_clip's
+    minute-long download retries when offline."""
+    if pretrained.lower() == "none":
+        return False, "pretrained='none' asks for random weights"
+    if _looks_like_path(pretrained):
+        path = Path(pretrained).expanduser()
+        return path.is_file(), f"weights file {path} {'found' if path.is_file() else 'does not exist'}"
+    if pretrained not in open_clip.list_pretrained_tags_by_model(arch):
+        return False, f"{pretrained!r} is not a known open_clip tag for {arch!r}"
+    repo_id = (open_clip.get_pretrained_cfg(arch, pretrained).get("hf_hub") or "").strip("/")
+    if repo_id and _cached_hf_weights(repo_id):
+        return True, f"{repo_id} is in the Hugging Face cache"
+    if _hub_reachable(timeout):
+        return True, "the Hugging Face Hub is reachable"
+    return False, f"no cached {arch}/{pretrained} weights and the Hugging Face Hub is unreachable (offline?)"
+
+
 RANDOM_INIT_SEED = 0
 """Seed of ``pretrained='none'`` models: random, but the same in every process."""
 

@@ -13,6 +13,7 @@ from insight_core.errors import InsightError
 from precompute import (
     build,
     demo,
+    demo_planted,
     extract,
     families,
     hub,
@@ -45,6 +46,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "synth": (synth.SynthJob, synth.run_synth),
     "eval-synth": (synth.EvalSynthJob, synth.run_eval_synth),
     "demo": (demo.DemoJob, demo.run),
+    "demo-planted": (demo_planted.PlantedDemoJob, demo_planted.run),
 }
 
 

@@ -67,12 +67,21 @@ class BuildJob:
     """SAE batch (patches)."""
     lr: float = 1e-4
     """SAE learning rate."""
+    warmup_steps: int = 1000
+    """SAE learning-rate warmup steps."""
+    threshold_start_step: int = 1000
+    """SAE step from which the inference threshold is estimated."""
     checkpoint_every: int = 500
     """SAE steps between resumable checkpoints."""
     vocab_embeddings: Path | None = None
     """Precomputed vocabulary embeddings (.npz: words, embeddings)."""
     vocab_dir: Path | None = None
-    """Folder with the paper's word lists (embedded with the backbone's text encoder, cached)."""
+    """Folder with the paper's word lists (default: the shipped assets/vocab; embedded with the
+    backbone's text encoder, cached)."""
+    max_words: int | None = None
+    """Use only the first N vocabulary words (CPU-sized naming; None: all)."""
+    templates_per_pos: int | None = None
+    """Prompt templates per part of speech (None: all ten)."""
     device: str = "auto"
     """Device for all stages."""
     progress: bool = True
@@ -119,6 +128,8 @@ def run(job: BuildJob) -> Atlas:
             steps=job.steps,
             batch_size=job.batch_size,
             lr=job.lr,
+            warmup_steps=job.warmup_steps,
+            threshold_start_step=job.threshold_start_step,
             checkpoint_every=job.checkpoint_every,
             device=job.device,
             progress=job.progress,
@@ -130,6 +141,8 @@ def run(job: BuildJob) -> Atlas:
             atlas=atlas,
             vocab_embeddings=job.vocab_embeddings,
             vocab_dir=job.vocab_dir,
+            max_words=job.max_words,
+            templates_per_pos=job.templates_per_pos,
             arch=job.arch,
             pretrained=job.pretrained,
             progress=job.progress,

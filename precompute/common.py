@@ -9,6 +9,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+RANDOM_BANNER = (
+    "\n"
+    + "!" * 88
+    + "\n!! RANDOM-INIT BACKBONE: the CLIP weights are random (pretrained='none'), so its features\n"
+    "!! carry NO semantics. Pass --pretrained openai (or a local weights file) where weights are reachable.\n"
+    + "!"
+    * 88
+)
+"""Logged as a WARNING whenever a job runs on random CLIP weights."""
+
 
 def setup_logging(verbose: bool = False) -> None:
     """INFO for our own loggers; third-party libraries (open_clip logs its whole config) only warn."""

@@ -1,121 +1,168 @@
-"""``demo``: the end-to-end demo pipeline on a planted-concept world plus the backbone on photos.
+"""``demo``: a small but complete atlas from the shipped example photos (plus a folder of yours).
 
-1. ``synth``: a planted world (known concepts, hierarchy, masks, names) and its feature shards;
-2. ``train-sae``: the Matryoshka BatchTopK SAE on those features (a size that fits the world);
-3. ``eval-synth``: recovery of the planted concepts (atoms, concept maps, names);
-4. the CLIP backbone's dense joint-space features on example photos (``assets/examples``).
-
-Every step is idempotent, so rerunning ``make demo`` reuses finished work. The explorer app will
-replace this as the README's main command once it exists.
+The README's main command builds it when no atlas is configured. It runs every ``build`` stage with
+sizes that fit 2 CPU cores in a few minutes: the SAE dictionary scales with the number of patches,
+naming uses the first ``max_words`` words of the shipped vocabulary with one template per part of
+speech. ``--pretrained auto`` uses OpenAI's CLIP weights when they are cached or the Hub is
+reachable, and otherwise a random-init backbone -- announced loudly, and recorded in the atlas
+manifest so the app shows it. Rerunning reuses finished stages.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
 import time
 from pathlib import Path
 
-from insight_core.backbone import BackboneConfig, ClipBackbone
-from insight_core.images import LoadReport, iter_images, list_image_files
-from precompute import synth, train_sae
+from insight_core.atlas import Atlas
+from insight_core.backbone import weights_available
+from insight_core.errors import ConfigError, ImageLoadError
+from insight_core.images import list_image_files
+from precompute import build
+from precompute.common import RANDOM_BANNER
 
 log = logging.getLogger(__name__)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
-RANDOM_BANNER = (
-    "\n"
-    + "!" * 88
-    + "\n!! RANDOM-INIT BACKBONE: the CLIP weights are random (pretrained='none'), so its features\n"
-    "!! carry NO semantics. Pass --pretrained openai (or a local weights file) where weights are reachable.\n"
-    + "!"
-    * 88
-)
+DEMO_GROUP_FRACTIONS = (0.05, 0.1, 0.2, 0.65)
+"""Four coarse-to-fine Matryoshka groups: the paper's six shells are too fine for a 128-concept SAE."""
+PATCHES_PER_IMAGE = 196
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DemoJob:
-    """Run the demo pipeline: planted world -> SAE -> recovery report, and the backbone on example photos."""
+    """Build the demo atlas: example photos (+ --images FOLDER) -> a complete atlas."""
 
-    out: Path = Path("demo_out")
-    """Output directory (planted world, atlas, reports)."""
-    n_images: int = 2000
-    """Planted-world images (196 patches each)."""
-    dict_size: int = 512
-    """SAE concepts for the planted world (it has 464 true concepts)."""
-    k: int = 3
-    """Mean active concepts per patch."""
-    steps: int = 1200
-    """SAE training steps (batch 4096)."""
+    out: Path = Path("demo_atlas")
+    """Atlas directory (the work folder with features and the image links is OUT-work next to it)."""
     images: Path | None = None
-    """Folder of photos for the backbone step (default: assets/examples)."""
+    """A folder of your own photos to add (searched recursively)."""
+    examples: bool = True
+    """Include the shipped example photos (assets/examples, CC BY 2.0 COCO images)."""
+    max_images: int = 1500
+    """Cap on your photos (1500 photos take about 10 minutes on 2 CPU cores)."""
     arch: str = "ViT-B-16"
-    """open_clip architecture for the backbone step."""
-    pretrained: str = "none"
-    """open_clip pretrained tag, a local weights file, or 'none' (random init; no downloads in the demo)."""
+    """open_clip architecture."""
+    pretrained: str = "auto"
+    """'auto' (OpenAI weights when reachable, else random init), an open_clip tag, weights file or 'none'."""
+    dict_size: int | None = None
+    """SAE concepts (None: patches / 8, as a power of two in [128, 4096])."""
+    k: int = 8
+    """Mean active concepts per patch."""
+    steps: int = 800
+    """SAE training steps."""
+    max_words: int = 1000
+    """Vocabulary words embedded for naming (the shipped lists start with the most common words)."""
+    templates_per_pos: int = 1
+    """Prompt templates per part of speech for naming."""
     device: str = "auto"
-    """Device for both the SAE and the backbone."""
+    """'auto', 'cpu' or 'cuda'."""
+    progress: bool = True
+    """Show progress bars."""
 
 
-def run(job: DemoJob) -> dict:
+def resolve_pretrained(arch: str, pretrained: str) -> str:
+    """'auto' -> 'openai' when its weights can be loaded now, else 'none' (with the reason logged)."""
+    if pretrained != "auto":
+        return pretrained
+    ok, why = weights_available(arch, "openai")
+    if ok:
+        log.info("using OpenAI CLIP weights (%s)", why)
+        return "openai"
+    log.warning("pretrained weights unavailable: %s", why)
+    return "none"
+
+
+def auto_dict_size(n_images: int) -> int:
+    """A power of two near patches / 8, in [128, 4096]: small data gets a small dictionary."""
+    target = max(n_images * PATCHES_PER_IMAGE / 8, 1.0)
+    return int(min(4096, max(128, 2 ** round(math.log2(target)))))
+
+
+def stage_images(job: DemoJob, folder: Path) -> int:
+    """Link the example photos and the user's photos into ``folder`` (one tree, stable names)."""
+    sources: list[tuple[str, Path, list[Path]]] = []
+    if job.examples:
+        sources.append(("examples", EXAMPLES, list_image_files(EXAMPLES)))
+    if job.images is not None:
+        if not Path(job.images).is_dir():
+            raise ImageLoadError(f"--images {job.images}: folder not found")
+        yours = list_image_files(job.images)
+        if len(yours) > job.max_images:
+            log.warning(
+                "using the first %d of %d photos in %s (--max-images)", job.max_images, len(yours), job.images
+            )
+        sources.append(("yours", Path(job.images), yours[: job.max_images]))
+    wanted: dict[Path, Path] = {}
+    for prefix, root, files in sources:
+        for f in files:
+            wanted[folder / prefix / f.relative_to(root)] = f.resolve()
+    if not wanted:
+        raise ConfigError("no photos: keep the examples (--examples) or give --images FOLDER with photos")
+    for link in sorted(folder.rglob("*")):  # photos removed since the last run
+        if link.is_symlink() and link not in wanted:
+            link.unlink()
+    for link, target in wanted.items():
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+    return len(wanted)
+
+
+def run(job: DemoJob) -> Atlas:
     t0 = time.perf_counter()
-    planted, atlas = job.out / "planted", job.out / "atlas"
-    if not (planted / "world" / "world.json").is_file() or not (planted / "features").is_dir():
-        synth.run_synth(synth.SynthJob(out=planted, n_images=job.n_images))
-    sae_job = train_sae.TrainSaeJob(
-        features=planted / "features",
-        out=atlas,
-        dict_size=job.dict_size,
-        k=job.k,
-        batch_size=4096,
-        steps=job.steps,
-        lr=1e-3,
-        warmup_steps=100,
-        threshold_start_step=job.steps // 3,
-        device=job.device,
-    )
-    sae_metrics = train_sae.run(sae_job)
-    recovery = synth.run_eval_synth(synth.EvalSynthJob(planted=planted, atlas=atlas))
-    backbone = _backbone_step(job)
-    print(_summary(sae_metrics, recovery, backbone, time.perf_counter() - t0, job))
-    return {"sae": sae_metrics, "recovery": recovery, "backbone": backbone}
-
-
-def _backbone_step(job: DemoJob) -> dict:
-    folder = job.images or EXAMPLES
-    report = LoadReport()
-    images = [img for _, img in iter_images(list_image_files(folder), report=report)]
-    model = ClipBackbone(BackboneConfig(arch=job.arch, pretrained=job.pretrained, device=job.device))
-    if model.is_random:
+    out = Path(job.out)
+    work = out.parent / f"{out.name}-work"
+    n_images = stage_images(job, work / "images")
+    pretrained = resolve_pretrained(job.arch, job.pretrained)
+    if pretrained == "none":
         log.warning(RANDOM_BANNER)
-    t = time.perf_counter()
-    dense = model.dense_features(images) if images else None
-    seconds = time.perf_counter() - t
-    return {
-        "folder": str(folder),
-        "images": len(images),
-        "skipped": report.skipped,
-        "shape": list(dense.patches_bhwd.shape) if dense is not None else None,
-        "images_per_second": len(images) / seconds if images else 0.0,
-        "random_weights": model.is_random,
-        "arch": job.arch,
-        "pretrained": job.pretrained,
-    }
+    dict_size = job.dict_size or auto_dict_size(n_images)
+    log.info("demo atlas: %d photos, %d concepts, k=%d -> %s", n_images, dict_size, job.k, out)
+    atlas = build.run(
+        build.BuildJob(
+            atlas=out,
+            images=work / "images",
+            features=work / "features",
+            arch=job.arch,
+            pretrained=pretrained,
+            shard_size=256,
+            dict_size=dict_size,
+            k=job.k,
+            group_fractions=DEMO_GROUP_FRACTIONS,
+            steps=job.steps,
+            batch_size=min(2048, n_images * PATCHES_PER_IMAGE // 2),  # the train split must hold a batch
+            lr=1e-3,
+            warmup_steps=min(100, job.steps // 4),
+            threshold_start_step=job.steps // 2,
+            checkpoint_every=max(job.steps // 2, 1),
+            max_words=job.max_words,
+            templates_per_pos=job.templates_per_pos,
+            device=job.device,
+            progress=job.progress,
+        )
+    )
+    print(_summary(atlas, n_images, time.perf_counter() - t0))
+    return atlas
 
 
-def _summary(sae: dict, rec: dict, bb: dict, seconds: float, job: DemoJob) -> str:
-    shells = " ".join(f"{v:.2f}" for v in sae["fve_per_shell"])
-    size = f"m={sae['sae_config']['dict_size']} k={sae['sae_config']['k']}"
+def _summary(atlas: Atlas, n_images: int, seconds: float) -> str:
+    manifest = atlas.manifest
+    counts = manifest.get("counts", {})
     lines = [
         "",
-        f"INSIGHT demo finished in {seconds:.0f} s -> {job.out}",
-        f"  SAE        {size}: held-out FVE {sae['fve']:.3f} "
-        f"(per shell {shells}), L0 {sae['l0']:.1f}, dead {sae['dead_fraction']:.1%}, "
-        f"{sae['patches_per_second']:,.0f} patches/s",
-        f"  recovery   atoms {rec['atoms_recovered']:.1%} (mean best cos {rec['mean_max_cos']:.3f}), "
-        f"concept-map IoU {rec['map_iou_mean']:.3f}, bare names {rec['names_recovered_bare']:.1%}",
-        f"  backbone   {bb['arch']} ({'RANDOM weights' if bb['random_weights'] else bb['pretrained']}): "
-        f"{bb['images']} photos -> dense features {bb['shape']}, {bb['images_per_second']:.1f} img/s"
-        + (f", {bb['skipped']} unreadable skipped" if bb["skipped"] else ""),
+        f"demo atlas ready in {seconds:.0f} s: {atlas.root}",
+        f"  {n_images} photos, {counts.get('n_concepts', '?')} concepts, "
+        f"{counts.get('n_edges', '?')} family edges (depth {counts.get('max_depth', '?')})",
+        f"  backbone {manifest['backbone'].get('arch')} / {manifest['backbone'].get('pretrained')}",
     ]
+    if atlas.random_weights:
+        lines.append(
+            "  RANDOM-INIT BACKBONE: concepts, names and heatmaps carry no semantics (plumbing demo only)"
+        )
     return "\n".join(lines)

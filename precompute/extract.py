@@ -238,7 +238,8 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
         entries = _collect_entries(out, keys)
     _remove_stale(out, len(keys))
     manifest = _manifest(source, backbone, stamp, entries)
-    write_json(out / "manifest.json", manifest)
+    if _read_entry(out / "manifest.json") != manifest:  # unchanged: keep its mtime (later stages hash it)
+        write_json(out / "manifest.json", manifest)
     distributed.barrier()
     rate = done_images / max(time.perf_counter() - t0, 1e-9)
     log.info(

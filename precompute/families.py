@@ -2,12 +2,14 @@
 
 Edges parent -> child (general -> specific) where the child is active on >= 75 % of its
 activation mass together with the parent (Eq. 5, inverted); multi-parent, transitive edges kept,
-guaranteed acyclic. Runs ``stats`` first when given ``--features`` and stats are missing or stale.
+guaranteed acyclic. Runs ``stats`` first when given ``--features`` and stats are missing or stale;
+skips the work when the statistics and settings are unchanged (fingerprint in families.json).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from insight_core.families import Families, FamilyConfig, build_families
 from insight_core.io import atomic_write, write_json
 from insight_core.stats import ConceptStats
 from precompute import stats as stats_stage
+from precompute.common import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,8 @@ class FamiliesJob:
     """Minimum active patches of the child concept for an edge."""
     keep_transitive: bool = True
     """Keep grandparent edges (as the paper does)."""
+    force: bool = False
+    """Rebuild even if the statistics and settings are unchanged."""
     progress: bool = True
     """Show progress bars."""
 
@@ -61,15 +66,36 @@ def write_edges(path: Path, fam: Families) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
 
 
+def read_edges(path: Path, m: int) -> Families:
+    table = pq.read_table(path)
+    return Families.from_arrays(m, *(table.column(c).to_numpy() for c in ("parent", "child", "confidence")))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def run(job: FamiliesJob) -> Families:
     stats = ensure_stats(job.atlas, job.features, job.progress)
     cfg = FamilyConfig(
         min_confidence=job.min_confidence, min_support=job.min_support, keep_transitive=job.keep_transitive
     )
+    atlas = Path(job.atlas)
+    stats_dir = atlas / stats_stage.STATS_DIR
+    key = fingerprint(sorted(stats_dir.glob("*")), {"families": dataclasses.asdict(cfg)})
+    done = _read_json(atlas / SUMMARY_FILE).get("input_fingerprint") == key and (atlas / EDGES_FILE).is_file()
+    if done and not job.force:
+        log.info("%s is up to date; skipping (use --force to rebuild)", atlas / EDGES_FILE)
+        return read_edges(atlas / EDGES_FILE, stats.m)
     fam = build_families(stats.D_mm, stats.freq_patches_m, cfg)
-    write_edges(Path(job.atlas) / EDGES_FILE, fam)
+    write_edges(atlas / EDGES_FILE, fam)
     summary = fam.summary()
-    write_json(Path(job.atlas) / SUMMARY_FILE, {"config": dataclasses.asdict(cfg), **summary})
+    doc = {"config": dataclasses.asdict(cfg), **summary, "input_fingerprint": key}
+    write_json(atlas / SUMMARY_FILE, doc)  # last: its fingerprint marks edges.parquet as complete
     log.info(
         "families: %d edges, %d concepts with parents, max depth %d -> %s",
         summary["n_edges"],

@@ -12,6 +12,7 @@ bypasses the text encoder; without it, the word lists of ``--vocab-dir`` (defaul
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 from insight_core.backbone import BackboneConfig, ClipBackbone
 from insight_core.errors import ConfigError
 from insight_core.families import Families
-from insight_core.io import atomic_write, write_safetensors
+from insight_core.io import atomic_write, write_json, write_safetensors
 from insight_core.naming import (
     TEMPLATES_BY_POS,
     VocabEmbeddings,
@@ -36,13 +37,16 @@ from insight_core.naming import (
     parents_from_edges,
 )
 from precompute import families as families_stage
-from precompute.stats import load_atlas_sae
+from precompute.common import fingerprint
+from precompute.stats import STATS_DIR, load_atlas_sae
 
 log = logging.getLogger(__name__)
 
 CONCEPTS_FILE = "concepts.parquet"
 DEFAULT_VOCAB_DIR = Path(__file__).resolve().parents[1] / "assets" / "vocab"
 """Word lists shipped with the project (MIT; no Brysbaert table): the default of --vocab-dir."""
+NAME_META = "names.json"
+"""Input fingerprint of the last naming run (written last: marks concepts.parquet as complete)."""
 VECTORS_FILE = "concept_vectors.safetensors"
 """Family-informed concept vectors: tensor ``vectors_md`` (m, d) float32; metadata alpha, use_parents."""
 
@@ -72,6 +76,8 @@ class NameJob:
     """Weight of the concept's own decoder row in Eq. B.9."""
     top_k: int = 5
     """Names kept per concept (best + alternatives)."""
+    force: bool = False
+    """Rename even if the inputs (SAE, edges, stats, vocabulary) and settings are unchanged."""
     use_parents: bool = True
     """Family-informed vectors (Eq. B.9); --no-use-parents names decoder rows alone."""
     progress: bool = True
@@ -113,10 +119,32 @@ def _vocabulary(job: NameJob) -> VocabEmbeddings:
     )
 
 
+def _vocab_files(job: NameJob) -> list[Path]:
+    if job.vocab_embeddings is not None:
+        return [Path(job.vocab_embeddings)]
+    vocab_dir = Path(job.vocab_dir) if job.vocab_dir is not None else DEFAULT_VOCAB_DIR
+    return [Path(src.path) for src in paper_vocab_sources(vocab_dir) if Path(src.path).is_file()]
+
+
+def _input_key(job: NameJob) -> str:
+    atlas = Path(job.atlas)
+    files = [atlas / "sae.safetensors", atlas / families_stage.EDGES_FILE, *_vocab_files(job)]
+    files += sorted((atlas / STATS_DIR).glob("*"))
+    settings = {
+        k: v for k, v in dataclasses.asdict(job).items() if k not in ("force", "progress", "features")
+    }
+    return fingerprint([f for f in files if f.is_file()], {"name": settings})
+
+
 def run(job: NameJob) -> list[dict]:
     sae = load_atlas_sae(job.atlas)
     fam = _families(job, sae.cfg.dict_size)
     stats = families_stage.ensure_stats(job.atlas, None, job.progress)
+    atlas, key = Path(job.atlas), _input_key(job)
+    outputs = (atlas / CONCEPTS_FILE, atlas / VECTORS_FILE)
+    if not job.force and all(p.is_file() for p in outputs) and _read_key(atlas / NAME_META) == key:
+        log.info("%s is up to date; skipping (use --force to rename)", atlas / CONCEPTS_FILE)
+        return pq.read_table(atlas / CONCEPTS_FILE).to_pylist()
     vocab = _vocabulary(job)
     if vocab.dim != sae.cfg.d_in:
         raise ConfigError(f"vocabulary embeddings have d={vocab.dim} but the SAE has d_in={sae.cfg.d_in}")
@@ -154,5 +182,15 @@ def run(job: NameJob) -> list[dict]:
     table = pa.Table.from_pylist(records)
     path = Path(job.atlas) / CONCEPTS_FILE
     atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
+    write_json(
+        atlas / NAME_META, {"input_fingerprint": key, "n_concepts": len(records), "n_words": vocab.n_words}
+    )
     log.info("named %d concepts against %d words -> %s", len(records), vocab.n_words, path)
     return records
+
+
+def _read_key(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("input_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -121,10 +121,10 @@ def test_synth_then_eval_synth(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path: Path, capsys, caplog) -> None:
+def test_planted_demo_end_to_end(tmp_path: Path, capsys, caplog) -> None:
     with caplog.at_level(logging.WARNING):
-        code = main(["demo", "--out", str(tmp_path / "demo"), "--n-images", "200", "--dict-size", "512",
-                     "--steps", "60"])  # fmt: skip
+        args = ["--out", str(tmp_path / "demo"), "--n-images", "200", "--dict-size", "512", "--steps", "60"]
+        code = main(["demo-planted", *args])
     assert code == 0
     out = capsys.readouterr().out
     assert "held-out FVE" in out

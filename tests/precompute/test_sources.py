@@ -189,3 +189,17 @@ def test_exactly_one_source(tmp_path: Path) -> None:
 def test_cli_reports_missing_source(tmp_path: Path) -> None:
     assert main(["extract", "--out", str(tmp_path / "f"), "--pretrained", "none", "--no-progress"]) == 2
     assert main(["extract", "--webdataset", str(tmp_path / "x.tar"), "--out", str(tmp_path / "f")]) == 2
+
+
+def test_folder_fetch_follows_symlinks_but_refuses_escapes(tmp_path: Path) -> None:
+    """The demo links photos into one tree: links are followed; ids escaping the folder are refused."""
+    (tmp_path / "tree" / "examples").mkdir(parents=True)
+    (tmp_path / "tree" / "examples" / "a.jpg").symlink_to(PHOTOS[0])
+    source = FolderSource(tmp_path / "tree")
+    got = dict(source.fetch(["examples/a.jpg", "../tree/examples/a.jpg", str(PHOTOS[0])]))
+    assert (
+        got["examples/a.jpg"].size
+        == dict(FolderSource(EXAMPLES).fetch([PHOTOS[0].name]))[PHOTOS[0].name].size
+    )
+    assert isinstance(got["../tree/examples/a.jpg"], ImageLoadError)
+    assert isinstance(got[str(PHOTOS[0])], ImageLoadError)
