@@ -12,6 +12,7 @@ import tyro
 from insight_core.errors import InsightError
 from precompute import (
     build,
+    captioner,
     demo,
     demo_planted,
     extract,
@@ -47,6 +48,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "eval-synth": (synth.EvalSynthJob, synth.run_eval_synth),
     "demo": (demo.DemoJob, demo.run),
     "demo-planted": (demo_planted.PlantedDemoJob, demo_planted.run),
+    "captioner": (captioner.CaptionerJob, captioner.run),
 }
 
 

@@ -1,0 +1,503 @@
+"""``captioner``: train the steerable prefix captioner on COCO captions -> ``ATLAS/captioner/``.
+
+Backbone and SAE are frozen: patch features are extracted once per split (cached as fp16 ``.npy``
+memory maps in ``ATLAS/captioner/.cache/``, reused on a rerun) together with their SAE
+reconstructions. The INSIGHT captioner (adapter over SAE reconstructions) and, with ``--baseline``,
+the dense-backbone baseline (the same adapter over the raw features) are trained with the weights of
+the best validation-loss epoch kept, then evaluated (BLEU-4, METEOR, CIDEr) as in the paper's table.
+
+Data sources (one of):
+
+- ``--captions captions_train2017.json --images train2017/`` (COCO format), optionally with
+  ``--val-captions/--val-images``; without them ``--val-fraction`` of the images is held out;
+- ``--captions dataset_coco.json --images COCO_ROOT`` (Karpathy split file: ``split`` train/restval
+  -> train, val, test; images at ``COCO_ROOT/filepath/filename``);
+- ``--dataset NAME`` (Hugging Face ``datasets``; ``--image-column``, ``--caption-column``, splits).
+
+Written: ``captioner/config.json`` + ``adapter.safetensors`` (+ ``lm/`` when the LM was fine-tuned or
+is local), ``captioner/dense/`` (baseline, same layout) and ``captioner/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from insight_core.backbone import BackboneConfig, ClipBackbone
+from insight_core.captioner import (
+    CaptionData,
+    CaptionerConfig,
+    CaptionTrainConfig,
+    SteerableCaptioner,
+    build_tiny_lm,
+    caption_all,
+    evaluate_loss,
+    reproduction_rate,
+    score_captions,
+    train_captioner,
+)
+from insight_core.dinoiser import Dinoiser
+from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
+from insight_core.images import load_image
+from insight_core.io import write_json
+from insight_core.sae import MatryoshkaSAE
+from precompute.common import fingerprint, fmt_metrics
+
+log = logging.getLogger(__name__)
+
+OUT_DIR, METRICS_FILE, CACHE_DIR = "captioner", "metrics.json", ".cache"
+TINY_LM = "tiny"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CaptionerJob:
+    """Train and evaluate the steerable captioner (frozen backbone and SAE) into ATLAS/captioner/."""
+
+    atlas: Path
+    """Atlas directory holding sae.safetensors; the captioner is written to ATLAS/captioner/."""
+    captions: Path | None = None
+    """COCO captions json (captions_*.json) or a Karpathy split file (dataset_coco.json)."""
+    images: Path | None = None
+    """Image folder of --captions (Karpathy: the COCO root holding the 'filepath' folders)."""
+    val_captions: Path | None = None
+    """COCO captions json of the validation images (COCO format only)."""
+    val_images: Path | None = None
+    """Image folder of --val-captions."""
+    dataset: str | None = None
+    """Hugging Face datasets name (instead of --captions)."""
+    dataset_config: str | None = None
+    """datasets configuration name."""
+    image_column: str = "image"
+    """Column with the images (PIL images or paths)."""
+    caption_column: str = "caption"
+    """Column with a caption or a list of captions."""
+    train_split: str = "train"
+    """Training split of --dataset."""
+    val_split: str | None = "validation"
+    """Validation split of --dataset (None: hold out --val-fraction)."""
+    test_split: str | None = None
+    """Test split of --dataset for the final evaluation (default: the validation split)."""
+    val_fraction: float = 0.1
+    """Images held out for validation when no validation split is given."""
+    max_images: int | None = None
+    """Use at most this many images per split (quick runs)."""
+    lm: str = "gpt2"
+    """Causal LM: hub name, local save_pretrained directory, or 'tiny' (random-init test LM built
+    from the training captions; implies --finetune-lm)."""
+    finetune_lm: bool = False
+    """Also train the LM (ClipCap's fine-tuned variant); default: frozen LM, adapter only."""
+    n_layers: int = 8
+    """Adapter transformer layers."""
+    n_queries: int = 10
+    """Learnable queries (LM prefix length)."""
+    n_heads: int = 8
+    """Adapter attention heads."""
+    d_model: int | None = None
+    """Adapter width (default: the LM's hidden size)."""
+    epochs: int = 10
+    """Training epochs over (image, caption) pairs."""
+    batch_size: int = 40
+    """Caption pairs per step."""
+    lr: float = 2e-5
+    """AdamW learning rate."""
+    warmup_steps: int = 5000
+    """Learning-rate warmup steps (capped at 10 % of the run)."""
+    baseline: bool = True
+    """Also train and evaluate the dense-backbone baseline (same adapter on un-reconstructed features)."""
+    num_beams: int = 1
+    """Beam width for the evaluation captions (1 = greedy)."""
+    max_new_tokens: int = 20
+    """Maximum caption length in LM tokens at evaluation."""
+    meteor: Literal["auto", "off"] = "auto"
+    """'auto': METEOR when Java is installed (else reported unavailable); 'off': skip it."""
+    arch: str = "ViT-B-16"
+    """open_clip architecture (must match the atlas)."""
+    pretrained: str | None = None
+    """open_clip weights tag/file or 'none'; default: the atlas manifest's backbone, else 'openai'."""
+    pool: str = "raw"
+    """DINOiser pooling of the atlas features: 'none', 'raw' or 'head' (needs --dinoiser)."""
+    dinoiser: Path | None = None
+    """Trained DINOiser head for --pool head (default: ATLAS/dinoiser.safetensors if present)."""
+    resize: str = "squash"
+    """Backbone resize mode, as in extract."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
+    seed: int = 0
+    """Seed for the held-out split, initialisation and batch order."""
+    force: bool = False
+    """Retrain even if the captioner is up to date with its inputs."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if (self.captions is None) == (self.dataset is None):
+            raise ConfigError("captioner: give exactly one of --captions (with --images) or --dataset")
+        if self.captions is not None and self.images is None:
+            raise ConfigError("captioner: --captions needs --images (the image folder)")
+        if (self.val_captions is None) != (self.val_images is None):
+            raise ConfigError("captioner: --val-captions and --val-images go together")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"captioner: --val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.meteor not in ("auto", "off"):
+            raise ConfigError(f"captioner: --meteor must be 'auto' or 'off', got {self.meteor!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class Split:
+    """Images of one split (loaders, so HF datasets and files look alike) and their captions."""
+
+    name: str
+    keys: list[str]
+    """Stable identifier of each image (path or dataset index), for caching and reports."""
+    loaders: list[Callable[[], Image.Image]]
+    captions: list[list[str]]
+
+    def head(self, n: int | None) -> Split:
+        if n is None:
+            return self
+        return Split(self.name, self.keys[:n], self.loaders[:n], self.captions[:n])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise FeatureFileError(f"{path}: cannot read captions json ({err})") from err
+
+
+def _file_loader(path: Path) -> Callable[[], Image.Image]:
+    return lambda: load_image(path)
+
+
+def coco_split(name: str, captions_json: Path, images: Path) -> Split:
+    """Images with at least one caption in a COCO ``captions_*.json``, sorted by image id."""
+    doc = _read_json(captions_json)
+    if "images" not in doc or "annotations" not in doc:
+        raise FeatureFileError(
+            f"{captions_json}: not a COCO captions file (needs 'images' and 'annotations')"
+        )
+    caps: dict[int, list[str]] = {}
+    for ann in doc["annotations"]:
+        caps.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]).strip())
+    files = {int(im["id"]): im["file_name"] for im in doc["images"]}
+    ids = sorted(i for i in caps if i in files)
+    if not ids:
+        raise FeatureFileError(f"{captions_json}: no image has a caption")
+    paths = [Path(images) / files[i] for i in ids]
+    return Split(name, [str(p) for p in paths], [_file_loader(p) for p in paths], [caps[i] for i in ids])
+
+
+def karpathy_splits(split_json: Path, root: Path) -> dict[str, Split]:
+    """train (train + restval), val and test of a Karpathy ``dataset_coco.json``."""
+    doc = _read_json(split_json)
+    out = {s: Split(s, [], [], []) for s in ("train", "val", "test")}
+    for im in doc["images"]:
+        split = {"restval": "train"}.get(im.get("split"), im.get("split"))
+        if split not in out:
+            continue
+        path = Path(root) / im.get("filepath", "") / im["filename"]
+        out[split].keys.append(str(path))
+        out[split].loaders.append(_file_loader(path))
+        out[split].captions.append([s["raw"].strip() for s in im["sentences"]])
+    return {k: v for k, v in out.items() if v.keys}
+
+
+def is_karpathy(path: Path) -> bool:
+    doc = _read_json(path)
+    images = doc.get("images") or [{}]
+    return "annotations" not in doc and "sentences" in images[0] and "split" in images[0]
+
+
+def hf_split(job: CaptionerJob, split: str) -> Split:
+    """A split of a Hugging Face dataset (images decoded lazily, one at a time)."""
+    import datasets  # optional dependency of this source only
+
+    try:
+        ds = datasets.load_dataset(job.dataset, job.dataset_config, split=split)
+    except Exception as err:  # datasets raises many unrelated types for a bad name/split
+        raise ConfigError(f"--dataset {job.dataset!r} split {split!r}: cannot load ({err})") from err
+    for col in (job.image_column, job.caption_column):
+        if col not in ds.column_names:
+            raise ConfigError(f"--dataset {job.dataset!r}: no column {col!r}, columns are {ds.column_names}")
+    caps = [[c] if isinstance(c, str) else [str(x) for x in c] for c in ds[job.caption_column]]
+
+    def loader(i: int) -> Callable[[], Image.Image]:
+        return lambda: load_image(ds[i][job.image_column], name=f"{job.dataset}[{split}][{i}]")
+
+    return Split(
+        split,
+        [f"{job.dataset}:{split}:{i}" for i in range(len(ds))],
+        [loader(i) for i in range(len(ds))],
+        caps,
+    )
+
+
+def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Split images (not captions) into train and validation, seeded."""
+    order = list(range(len(split.keys)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(fraction * len(order)))
+    if len(order) - n_val < 1:
+        raise ConfigError(f"captioner: {len(order)} images are too few to hold out a validation split")
+
+    def take(name: str, idx: list[int]) -> Split:
+        idx = sorted(idx)
+        return Split(
+            name,
+            [split.keys[i] for i in idx],
+            [split.loaders[i] for i in idx],
+            [split.captions[i] for i in idx],
+        )
+
+    return take("train", order[n_val:]), take("val", order[:n_val])
+
+
+def load_splits(job: CaptionerJob) -> dict[str, Split]:
+    """train, val and (optionally) test splits of the configured source, cut to --max-images."""
+    if job.dataset is not None:
+        splits = {"train": hf_split(job, job.train_split)}
+        if job.val_split:
+            splits["val"] = hf_split(job, job.val_split)
+        if job.test_split:
+            splits["test"] = hf_split(job, job.test_split)
+    elif is_karpathy(job.captions):
+        splits = karpathy_splits(job.captions, job.images)
+    else:
+        splits = {"train": coco_split("train", job.captions, job.images)}
+        if job.val_captions is not None:
+            splits["val"] = coco_split("val", job.val_captions, job.val_images)
+    if "train" not in splits:
+        raise ConfigError(
+            f"captioner: the data source has no training images ({job.captions or job.dataset})"
+        )
+    if "val" not in splits:
+        splits["train"], splits["val"] = hold_out(splits["train"], job.val_fraction, job.seed)
+    return {k: v.head(job.max_images) for k, v in splits.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Features (frozen backbone + SAE), cached as fp16 memory maps
+# --------------------------------------------------------------------------------------------------
+
+
+def _backbone_cfg(job: CaptionerJob, device: str) -> BackboneConfig:
+    pretrained = job.pretrained
+    manifest = Path(job.atlas) / "manifest.json"
+    if pretrained is None and manifest.is_file():
+        pretrained = json.loads(manifest.read_text()).get("backbone", {}).get("pretrained")
+    return BackboneConfig(arch=job.arch, pretrained=pretrained or "openai", device=device, resize=job.resize)
+
+
+def _pooling(job: CaptionerJob) -> Dinoiser:
+    if job.pool not in ("none", "raw", "head"):
+        raise ConfigError(f"--pool must be none, raw or head, got {job.pool!r}")
+    if job.pool != "head":
+        return Dinoiser(mode=job.pool)
+    head = job.dinoiser or Path(job.atlas) / "dinoiser.safetensors"
+    if not Path(head).is_file():
+        raise ConfigError(f"--pool head needs a trained head: {head} not found (pass --dinoiser)")
+    return Dinoiser.load(head)
+
+
+def extract_split(
+    split: Split,
+    backbone: ClipBackbone,
+    pool: Dinoiser,
+    sae: MatryoshkaSAE,
+    cache: Path,
+    stamp: str,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense features and SAE reconstructions (n, gh, gw, d) fp16 memmaps; unreadable images fail the job."""
+    dense_path, recon_path, key_path = (
+        cache / f"{split.name}_{s}" for s in ("dense.npy", "insight.npy", "key.json")
+    )
+    key = {"stamp": stamp, "keys": split.keys}
+    if key_path.is_file() and json.loads(key_path.read_text()) == key:
+        return np.load(dense_path, mmap_mode="c"), np.load(recon_path, mmap_mode="c")  # lazy, writable view
+    gh, gw = backbone.grid_hw
+    shape = (len(split.keys), gh, gw, backbone.embed_dim)
+    cache.mkdir(parents=True, exist_ok=True)
+    key_path.unlink(missing_ok=True)  # the key is written last: a crash leaves no valid-looking cache
+    dense = np.lib.format.open_memmap(dense_path, mode="w+", dtype=np.float16, shape=shape)
+    recon = np.lib.format.open_memmap(recon_path, mode="w+", dtype=np.float16, shape=shape)
+    bs = backbone.cfg.batch_size
+    for start in tqdm(
+        range(0, shape[0], bs), desc=f"features {split.name}", disable=not progress, unit="batch"
+    ):
+        images = []
+        for key_i, load in zip(
+            split.keys[start : start + bs], split.loaders[start : start + bs], strict=False
+        ):
+            try:
+                images.append(load())
+            except ImageLoadError as err:
+                raise ImageLoadError(f"captioner {split.name} image {key_i}: {err}") from err
+        with torch.no_grad():
+            x_bhwd = pool(backbone.dense_features(images).patches_bhwd)
+            x_nd = x_bhwd.reshape(-1, x_bhwd.shape[-1])
+            r_bhwd = sae.decode(sae.encode(x_nd)).reshape(x_bhwd.shape)
+        dense[start : start + len(images)] = x_bhwd.numpy().astype(np.float16)
+        recon[start : start + len(images)] = r_bhwd.numpy().astype(np.float16)
+    dense.flush()
+    recon.flush()
+    write_json(key_path, key)
+    return dense, recon
+
+
+# --------------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _data(arr: np.ndarray, split: Split) -> CaptionData:
+    return CaptionData(torch.from_numpy(np.asarray(arr)), split.captions)
+
+
+def _stamp(job: CaptionerJob, sae_path: Path, backbone_cfg: BackboneConfig) -> str:
+    files = [sae_path] + [p for p in (job.captions, job.val_captions) if p is not None]
+    config = {
+        k: v for k, v in dataclasses.asdict(job).items() if k not in ("force", "progress", "device", "atlas")
+    }
+    return fingerprint(files, {"job": config, "backbone": dataclasses.asdict(backbone_cfg)})
+
+
+def run(job: CaptionerJob) -> dict:
+    """Train (or reuse) the captioner(s); returns the metrics also written to captioner/metrics.json."""
+    atlas = Path(job.atlas)
+    sae_path = atlas / "sae.safetensors"
+    if not sae_path.is_file():
+        raise ConfigError(f"--atlas {atlas}: no sae.safetensors (run train-sae first or import an SAE)")
+    device = _device(job.device)
+    out = atlas / OUT_DIR
+    bb_cfg = _backbone_cfg(job, device)
+    stamp = _stamp(job, sae_path, bb_cfg)
+    metrics_path = out / METRICS_FILE
+    if not job.force and metrics_path.is_file():
+        previous = json.loads(metrics_path.read_text())
+        if previous.get("input_fingerprint") == stamp and (out / "config.json").is_file():
+            log.info("%s is up to date with its inputs; skipping (use --force to retrain)", out)
+            return previous
+    sae = MatryoshkaSAE.load(sae_path).requires_grad_(False)
+    splits = load_splits(job)
+    log.info("captioner data: %s", {k: f"{len(v.keys)} images" for k, v in splits.items()})
+    backbone, pool = ClipBackbone(bb_cfg), _pooling(job)
+    feats = {
+        name: extract_split(s, backbone, pool, sae, out / CACHE_DIR, stamp, job.progress)
+        for name, s in splits.items()
+    }
+    del backbone
+    lm, finetune = _resolve_lm(job, splits["train"], out / CACHE_DIR)
+    train_cfg = CaptionTrainConfig(
+        epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, warmup_steps=job.warmup_steps,
+        finetune_lm=finetune, seed=job.seed, device=device,
+    )  # fmt: skip
+    sources = ["insight", "dense"] if job.baseline else ["insight"]
+    results = {}
+    for source in sources:
+        cfg = CaptionerConfig(
+            d_in=sae.cfg.d_in, grid=backbone_grid(feats), n_queries=job.n_queries, n_layers=job.n_layers,
+            n_heads=job.n_heads, d_model=job.d_model, lm=lm, source=source,
+        )  # fmt: skip
+        model, results[source] = _train_eval(job, cfg, sae, splits, feats, train_cfg)
+        save_lm = finetune or Path(lm).is_dir()
+        model.save(
+            out if source == "insight" else out / "dense", save_lm=save_lm, extra={"metrics": results[source]}
+        )
+    metrics = {
+        "input_fingerprint": stamp,
+        "backbone": {**dataclasses.asdict(bb_cfg), "random_weights": bb_cfg.is_random},
+        "lm": job.lm,
+        "lm_random_init": job.lm == TINY_LM,
+        "finetune_lm": finetune,
+        "splits": {k: len(v.keys) for k, v in splits.items()},
+        "eval_split": "test" if "test" in splits else "val",
+        "results": results,
+        "job": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(job).items()},
+    }
+    write_json(metrics_path, metrics)
+    for source, res in results.items():
+        log.info(
+            "%s captioner: %s",
+            source,
+            fmt_metrics(res, ["bleu4", "meteor", "cider", "train_reproduction", "val_loss"]),
+        )
+    return metrics
+
+
+def backbone_grid(feats: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[int, int]:
+    dense, _ = feats["train"]
+    return int(dense.shape[1]), int(dense.shape[2])
+
+
+def _resolve_lm(job: CaptionerJob, train: Split, cache: Path) -> tuple[str, bool]:
+    if job.lm != TINY_LM:
+        return job.lm, job.finetune_lm
+    texts = [c for caps in train.captions for c in caps]
+    lm_dir = build_tiny_lm(texts, cache / "tiny_lm", seed=job.seed)
+    if not job.finetune_lm:
+        log.warning("--lm tiny is a random-init LM: fine-tuning it with the adapter (--finetune-lm implied)")
+    return str(lm_dir), True
+
+
+def _train_eval(
+    job: CaptionerJob,
+    cfg: CaptionerConfig,
+    sae: MatryoshkaSAE,
+    splits: dict[str, Split],
+    feats: dict[str, tuple[np.ndarray, np.ndarray]],
+    train_cfg: CaptionTrainConfig,
+) -> tuple[SteerableCaptioner, dict[str, Any]]:
+    col = 1 if cfg.source == "insight" else 0
+    train, val = _data(feats["train"][col], splits["train"]), _data(feats["val"][col], splits["val"])
+    model = SteerableCaptioner.build(cfg, sae, seed=job.seed)
+    log.info(
+        "training the %s captioner (%s)",
+        cfg.source,
+        "adapter + LM" if train_cfg.finetune_lm else "adapter only",
+    )
+    hist = train_captioner(model, train, val, train_cfg, progress=job.progress)
+    eval_name = "test" if "test" in splits else "val"
+    ev = _data(feats[eval_name][col], splits[eval_name])
+    gen = {"num_beams": job.num_beams, "max_new_tokens": job.max_new_tokens}
+    preds = caption_all(model, ev.tokens_bhwd.float(), **gen)
+    scores = score_captions(preds, ev.captions, meteor=job.meteor)
+    n_rep = min(100, len(splits["train"].keys))
+    train_preds = caption_all(model, train.tokens_bhwd[:n_rep].float(), **gen)
+    return model, {
+        **scores,
+        "eval_split": eval_name,
+        "val_loss": evaluate_loss(model, val, batch_size=train_cfg.batch_size),
+        "train_loss_first_batch": hist.first_batch_loss,
+        "train_loss_per_epoch": hist.train_loss,
+        "val_loss_per_epoch": hist.val_loss,
+        "best_epoch": hist.best_epoch,
+        "train_reproduction": reproduction_rate(train_preds, train.captions[:n_rep]),
+        "examples": [
+            {"image": k, "caption": p, "references": r[:2]}
+            for k, p, r in zip(splits[eval_name].keys[:5], preds[:5], ev.captions[:5], strict=False)
+        ],
+        "train_examples": [
+            {"caption": p, "references": r[:2]}
+            for p, r in zip(train_preds[:5], train.captions[:5], strict=False)
+        ],
+    }
