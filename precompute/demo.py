@@ -5,7 +5,8 @@ sizes that fit 2 CPU cores in a few minutes: the SAE dictionary scales with the 
 naming uses the first ``max_words`` words of the shipped vocabulary with one template per part of
 speech. ``--pretrained auto`` uses OpenAI's CLIP weights when they are cached or the Hub is
 reachable, and otherwise a random-init backbone -- announced loudly, and recorded in the atlas
-manifest so the app shows it. Rerunning reuses finished stages.
+manifest so the app shows it. A tiny captioner learns the example photos' COCO captions so that
+caption steering can be tried. Rerunning reuses finished stages.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from insight_core.atlas import Atlas
 from insight_core.backbone import weights_available
 from insight_core.errors import ConfigError, ImageLoadError
 from insight_core.images import list_image_files
-from precompute import build
+from precompute import build, captioner
 from precompute.common import RANDOM_BANNER
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,11 @@ class DemoJob:
     """Vocabulary words embedded for naming (the shipped lists start with the most common words)."""
     templates_per_pos: int = 1
     """Prompt templates per part of speech for naming."""
+    captioner: bool = True
+    """Train the demo captioner (a tiny LM trained from scratch on the 30 COCO captions of the example
+    photos, assets/examples/captions.json): enough to watch captions change when steering concepts."""
+    captioner_epochs: int = 60
+    """Epochs of the demo captioner."""
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'."""
     progress: bool = True
@@ -147,8 +153,36 @@ def run(job: DemoJob) -> Atlas:
             progress=job.progress,
         )
     )
+    if job.captioner:
+        _train_captioner(job, out, pretrained)
     print(_summary(atlas, n_images, time.perf_counter() - t0))
     return atlas
+
+
+def _train_captioner(job: DemoJob, out: Path, pretrained: str) -> None:
+    """Memorise the example captions (validation = training images: a plumbing demo, not a model)."""
+    captions = EXAMPLES / "captions.json"
+    captioner.run(
+        captioner.CaptionerJob(
+            atlas=out,
+            captions=captions,
+            images=EXAMPLES,
+            val_captions=captions,
+            val_images=EXAMPLES,
+            lm="tiny",
+            d_model=128,
+            epochs=job.captioner_epochs,
+            batch_size=30,
+            lr=1e-3,
+            warmup_steps=10,
+            baseline=False,
+            meteor="off",
+            arch=job.arch,
+            pretrained=pretrained,
+            device=job.device,
+            progress=job.progress,
+        )
+    )
 
 
 def _summary(atlas: Atlas, n_images: int, seconds: float) -> str:

@@ -45,6 +45,7 @@ def test_demo_builds_a_valid_atlas_from_examples_and_a_user_folder(
     (yours / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     out = tmp_path / "atlas"
     args = ["demo", "--out", str(out), "--images", str(yours), "--steps", "60", "--max-words", "40"]
+    args += ["--captioner-epochs", "2"]
     with caplog.at_level(logging.WARNING):
         assert main([*args, "--no-progress"]) == 0
     assert "RANDOM-INIT BACKBONE" in caplog.text
@@ -58,6 +59,7 @@ def test_demo_builds_a_valid_atlas_from_examples_and_a_user_folder(
     features = out.parent / "atlas-work" / "features"
     manifest = json.loads((features / "manifest.json").read_text())
     assert manifest["n_skipped"] == 1
+    assert (out / "captioner" / "config.json").is_file()
     thumbs = json.loads((out / "thumbs" / "index.json").read_text())
     assert thumbs, "exemplar images get thumbnails"
     assert all(e["path"].startswith(("examples/", "yours/")) for e in thumbs.values())
