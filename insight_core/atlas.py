@@ -43,6 +43,9 @@ FILES: dict[str, str] = {
     "exemplars": "exemplars.parquet",
     "thumbnails": "thumbs/index.json",
     "dinoiser": "dinoiser.safetensors",
+    "captioner": "captioner/config.json",
+    "captioner_adapter": "captioner/adapter.safetensors",
+    "captioner_metrics": "captioner/metrics.json",
 }
 REQUIRED = ("sae", "concepts", "edges", "stats")
 

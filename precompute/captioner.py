@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from insight_core.atlas import MANIFEST, write_manifest
 from insight_core.backbone import BackboneConfig, ClipBackbone
 from insight_core.captioner import (
     CaptionData,
@@ -435,6 +436,8 @@ def run(job: CaptionerJob) -> dict:
         "job": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(job).items()},
     }
     write_json(metrics_path, metrics)
+    if (atlas / MANIFEST).is_file():  # list the captioner in a finished atlas (keeps its backbone block)
+        write_manifest(atlas)
     for source, res in results.items():
         log.info(
             "%s captioner: %s",
