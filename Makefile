@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-planted test lint bench clean
+.PHONY: setup demo demo-atlas demo-planted test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml | $(BIN)/python
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python app.py
+
+demo-atlas: $(STAMP)
 	$(BIN)/python -m precompute demo
 
 demo-planted: $(STAMP)
@@ -29,6 +32,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/captioner.py --threads 2
+	$(BIN)/python benchmarks/app.py
 
 clean:
 	rm -rf $(VENV) demo_atlas demo_atlas-work demo_planted .pytest_cache .ruff_cache

@@ -1,21 +1,38 @@
 """Hugging Face Space / local entry point of the INSIGHT concept explorer.
 
-The Gradio explorer is not built yet (see the README's Status table); this entry point says so
-instead of pretending. Run ``make demo`` for the pipeline that exists today.
+    python app.py [--atlas PATH_OR_HUB_REPO] [--host 0.0.0.0] [--port 7860]
+
+The atlas comes from --atlas, else $INSIGHT_ATLAS, else ./demo_atlas (built first with
+``precompute demo`` when missing). See docs/app.md.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
 import sys
 
+from app.server import create_demo, ensure_demo_atlas, launch
 
-def main() -> int:
-    print(
-        "The INSIGHT explorer app is not implemented yet (see README, Status).\n"
-        "Run `make demo` for the current pipeline: planted-concept world -> SAE -> recovery report.",
-        file=sys.stderr,
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="INSIGHT concept explorer (Gradio)")
+    parser.add_argument(
+        "--atlas", default=None, help="atlas folder or Hub repo id (default: $INSIGHT_ATLAS or ./demo_atlas)"
     )
-    return 1
+    parser.add_argument(
+        "--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="interface to bind (0.0.0.0 for all)"
+    )
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    location = ensure_demo_atlas(args.atlas, dict(os.environ))
+    demo, _ = create_demo(location)
+    launch(demo, args.host, args.port)
+    return 0
 
 
 if __name__ == "__main__":

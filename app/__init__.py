@@ -1,5 +1,6 @@
-"""The Gradio concept explorer (heatmaps, concept pages, family DAG, caption steering).
+"""The Gradio concept explorer: heatmaps, concept pages, family DAG, caption steering (docs/app.md).
 
-Not implemented yet: it arrives with the explorer-app issue and will read only an atlas built by
-``precompute``. Until then ``app.py`` says so and ``make demo`` runs the pipeline that exists.
+It reads only an atlas (local folder or Hub repo id) and the backbone its manifest names.
+``app.state`` loads everything once; ``app.explain``, ``app.concepts``, ``app.families`` and
+``app.steer`` are pure functions (testable without Gradio); ``app.ui`` is the Gradio layer.
 """
