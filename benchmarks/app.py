@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -30,6 +31,19 @@ def _timed(fn, n: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t)
     return out
+
+
+def _synthetic_family(n: int) -> dict:
+    """A family_data-shaped DAG of n nodes (a tree plus extra parents), for the 200-node figure."""
+    rng = random.Random(0)
+    nodes = [
+        {"id": i, "name": f"concept <{i}>", "group": i % 6, "frequency": 1 / (i + 1),
+         "role": "center" if i == 0 else "descendant"}
+        for i in range(n)
+    ]  # fmt: skip
+    edges = [{"parent": rng.randrange(i), "child": i, "confidence": 0.8} for i in range(1, n)]
+    edges += [{"parent": rng.randrange(i // 2), "child": i, "confidence": 0.76} for i in range(2, n, 3)]
+    return {"center": 0, "depth": 6, "truncated": False, "nodes": nodes, "edges": edges}
 
 
 def main() -> int:
@@ -69,6 +83,7 @@ def main() -> int:
     sizes = [(len(state.families.family_of(int(c), 6).nodes), int(c)) for c in state.concepts.index]
     n_nodes, big = max(sizes)
     family = _timed(lambda: F.graph_html(F.family_data(state, big, 6)), 5)
+    family200 = _timed(lambda: F.graph_html(_synthetic_family(200)), 5)  # atlases may have no 200-node family
     rss_steady = proc.memory_info().rss / 2**30
 
     def one(k: int) -> bool:
@@ -94,6 +109,7 @@ def main() -> int:
         "concept_p50_s": statistics.median(concept),
         "family_nodes": n_nodes,
         "family_s": statistics.median(family),
+        "family200_s": statistics.median(family200),
         "rss_steady_gb": rss_steady,
         "rss_peak_gb": rss_peak,
         "concurrent_20_ok": sum(r is True for r in results),
@@ -104,6 +120,7 @@ def main() -> int:
         "explain_p50_s": report["explain_p50_s"] <= TARGETS["explain_p50_s"],
         "concept_p50_s": report["concept_p50_s"] <= TARGETS["concept_p50_s"],
         "family_s": report["family_s"] <= TARGETS["family_s"],
+        "family200_s": report["family200_s"] <= TARGETS["family_s"],
         "rss_gb": report["rss_steady_gb"] <= TARGETS["rss_gb"],
         "concurrent": report["concurrent_20_ok"] == 20,
     }
@@ -123,6 +140,8 @@ def main() -> int:
         f"| {ok['concept_p50_s']} |",
         f"| family graph ({n_nodes} nodes) | {report['family_s']:.3f} s | <= 1 s (200 nodes) "
         f"| {ok['family_s']} |",
+        f"| family graph, synthetic 200-node DAG (server-side HTML; the browser's layout not timed) "
+        f"| {report['family200_s']:.3f} s | <= 1 s | {ok['family200_s']} |",
         f"| steady RSS | {report['rss_steady_gb']:.2f} GB (peak {rss_peak:.2f}) | <= 4 GB | {ok['rss_gb']} |",
         f"| 20 concurrent /explain | {report['concurrent_20_ok']}/20 ok in {concurrent_s:.1f} s | no errors "
         f"| {ok['concurrent']} |",
