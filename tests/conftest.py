@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,12 @@ def imagenet_samples(shared_data: Path) -> list[Path]:
     if not paths:
         pytest.skip(f"no ImageNet sample photos in {folder}")
     return paths
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread, especially on a busy shared machine (module-wide)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
