@@ -29,6 +29,16 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def read_json_dict(path: str | Path) -> dict[str, Any]:
+    """A JSON object file, or ``{}`` when it is missing, torn or not an object: stages treat that as
+    'not done yet' and redo the work."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def fingerprint(files: Iterable[Path], config: Mapping[str, Any]) -> str:
     """Hash of input files (name, size, mtime) and a config: detects changed inputs cheaply."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())

@@ -41,6 +41,7 @@ from insight_core.dinoiser import Dinoiser
 from insight_core.distributed import DistInfo
 from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
 from insight_core.io import write_json, write_npy
+from precompute.common import read_json_dict
 from precompute.sources import HFDatasetSpec, ImageSource, PlannedShard, Record, make_source
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
         if shard.index % info.world_size != info.rank:
             continue
         ids_path, npy_path = out / f"shard_{shard.index:05d}.ids.json", out / f"shard_{shard.index:05d}.npy"
-        previous = _read_entry(ids_path)
+        previous = read_json_dict(ids_path)
         if previous.get("key") == key and (npy_path.is_file() or previous.get("n_images") == 0):
             entries.append(previous)  # finished by an earlier run
             bar.update(previous["n_images"] + len(previous.get("skipped", [])))
@@ -234,11 +235,11 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
         done_images = int(distributed.all_reduce_(torch.tensor([done_images]), "sum")[0])  # also a barrier
         if not info.is_main:  # rank 0 writes the manifest
             distributed.barrier()
-            return _read_entry(out / "manifest.json")
+            return read_json_dict(out / "manifest.json")
         entries = _collect_entries(out, keys)
     _remove_stale(out, len(keys))
     manifest = _manifest(source, backbone, stamp, entries)
-    if _read_entry(out / "manifest.json") != manifest:  # unchanged: keep its mtime (later stages hash it)
+    if read_json_dict(out / "manifest.json") != manifest:  # unchanged: keep its mtime (later stages hash it)
         write_json(out / "manifest.json", manifest)
     distributed.barrier()
     rate = done_images / max(time.perf_counter() - t0, 1e-9)
@@ -271,20 +272,13 @@ def _collect_entries(out: Path, keys: list[str]) -> list[dict]:
     entries = []
     for k, key in enumerate(keys):
         ids_path = out / f"shard_{k:05d}.ids.json"
-        entry = _read_entry(ids_path)
+        entry = read_json_dict(ids_path)
         if entry.get("key") != key:
             raise FeatureFileError(
                 f"{ids_path}: missing or out of date after all ranks finished; rerun the same command"
             )
         entries.append(entry)
     return entries
-
-
-def _read_entry(ids_path: Path) -> dict:
-    try:
-        return json.loads(ids_path.read_text())
-    except (OSError, ValueError):  # missing or torn: extract the shard again
-        return {}
 
 
 def _remove_stale(out: Path, n_shards: int) -> None:

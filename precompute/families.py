@@ -9,7 +9,6 @@ skips the work when the statistics and settings are unchanged (fingerprint in fa
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from insight_core.families import Families, FamilyConfig, build_families
 from insight_core.io import atomic_write, write_json
 from insight_core.stats import ConceptStats
 from precompute import stats as stats_stage
-from precompute.common import fingerprint
+from precompute.common import fingerprint, read_json_dict
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +70,6 @@ def read_edges(path: Path, m: int) -> Families:
     return Families.from_arrays(m, *(table.column(c).to_numpy() for c in ("parent", "child", "confidence")))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
 def run(job: FamiliesJob) -> Families:
     stats = ensure_stats(job.atlas, job.features, job.progress)
     cfg = FamilyConfig(
@@ -87,8 +78,8 @@ def run(job: FamiliesJob) -> Families:
     atlas = Path(job.atlas)
     stats_dir = atlas / stats_stage.STATS_DIR
     key = fingerprint(sorted(stats_dir.glob("*")), {"families": dataclasses.asdict(cfg)})
-    done = _read_json(atlas / SUMMARY_FILE).get("input_fingerprint") == key and (atlas / EDGES_FILE).is_file()
-    if done and not job.force:
+    done = read_json_dict(atlas / SUMMARY_FILE).get("input_fingerprint") == key
+    if done and (atlas / EDGES_FILE).is_file() and not job.force:
         log.info("%s is up to date; skipping (use --force to rebuild)", atlas / EDGES_FILE)
         return read_edges(atlas / EDGES_FILE, stats.m)
     fam = build_families(stats.D_mm, stats.freq_patches_m, cfg)

@@ -39,7 +39,7 @@ from insight_core.features import FeatureSet, scan_features
 from insight_core.index import IndexConfig, build_index, describe_index, save_index
 from insight_core.io import atomic_write, write_json
 from insight_core.stats import STATS_JSON, STATS_TENSORS, ConceptStats
-from precompute.common import fingerprint
+from precompute.common import fingerprint, read_json_dict
 from precompute.name import VECTORS_FILE
 from precompute.sources import ImageSource, open_source
 from precompute.stats import STATS_DIR
@@ -378,11 +378,8 @@ def _hash(*parts: Any) -> str:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) and doc.get("format") == INDEX_FORMAT else {}
+    doc = read_json_dict(path)
+    return doc if doc.get("format") == INDEX_FORMAT else {}
 
 
 def run(job: IndexJob) -> dict[str, Any]:

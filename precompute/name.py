@@ -12,7 +12,6 @@ bypasses the text encoder; without it, the word lists of ``--vocab-dir`` (defaul
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from insight_core.naming import (
     parents_from_edges,
 )
 from precompute import families as families_stage
-from precompute.common import fingerprint
+from precompute.common import fingerprint, read_json_dict
 from precompute.stats import STATS_DIR, load_atlas_sae
 
 log = logging.getLogger(__name__)
@@ -142,7 +141,8 @@ def run(job: NameJob) -> list[dict]:
     stats = families_stage.ensure_stats(job.atlas, None, job.progress)
     atlas, key = Path(job.atlas), _input_key(job)
     outputs = (atlas / CONCEPTS_FILE, atlas / VECTORS_FILE)
-    if not job.force and all(p.is_file() for p in outputs) and _read_key(atlas / NAME_META) == key:
+    done = read_json_dict(atlas / NAME_META).get("input_fingerprint") == key
+    if done and all(p.is_file() for p in outputs) and not job.force:
         log.info("%s is up to date; skipping (use --force to rename)", atlas / CONCEPTS_FILE)
         return pq.read_table(atlas / CONCEPTS_FILE).to_pylist()
     vocab = _vocabulary(job)
@@ -187,10 +187,3 @@ def run(job: NameJob) -> list[dict]:
     )
     log.info("named %d concepts against %d words -> %s", len(records), vocab.n_words, path)
     return records
-
-
-def _read_key(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text()).get("input_fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None

@@ -43,7 +43,7 @@ from insight_core.dinoiser import (
 from insight_core.errors import ConfigError, ImageLoadError
 from insight_core.images import DEFAULT_MAX_PIXELS, LoadReport, iter_images, list_image_files
 from insight_core.io import write_json, write_safetensors
-from precompute.common import fingerprint, fmt_metrics
+from precompute.common import fingerprint, fmt_metrics, read_json_dict
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +253,7 @@ def _up_to_date(out: Path, stamp: str) -> dict | None:
     metrics_path = out / METRICS_FILE
     if not ((out / ADAPTER_FILE).is_file() and metrics_path.is_file()):
         return None
-    try:
-        previous = json.loads(metrics_path.read_text())
-    except (OSError, ValueError):
-        return None
+    previous = read_json_dict(metrics_path)
     return previous if previous.get("input_fingerprint") == stamp else None
 
 

@@ -18,7 +18,6 @@ that every rank sees.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from insight_core.features import scan_features
 from insight_core.io import write_json
 from insight_core.sae import PAPER_GROUP_FRACTIONS, SAEConfig
 from insight_core.sae_train import SAETrainer, TrainConfig, evaluate
-from precompute.common import fingerprint, fmt_metrics
+from precompute.common import fingerprint, fmt_metrics, read_json_dict
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +105,6 @@ def run(job: TrainSaeJob) -> dict:
     return metrics
 
 
-def _read_metrics(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _run(job: TrainSaeJob, info: DistInfo) -> dict:
     features = scan_features(job.features)
     sae_cfg, train_cfg = job.sae_config(features.d), job.train_config()
@@ -123,11 +115,11 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
     metrics_path = out / METRICS_FILE
     up_to_date, previous = False, {}
     if info.is_main and not job.force and (out / SAE_FILE).is_file() and metrics_path.is_file():
-        previous = json.loads(metrics_path.read_text())
+        previous = read_json_dict(metrics_path)  # torn or missing: retrain
         up_to_date = previous.get("input_fingerprint") == stamp
     if distributed.broadcast_flag(up_to_date, src=0):  # rank 0 decides for every rank
         log.info("%s is up to date with its inputs; skipping (use --force to retrain)", out / SAE_FILE)
-        return previous if info.is_main else _read_metrics(metrics_path)
+        return previous if info.is_main else read_json_dict(metrics_path)
     train, held = features.split(train_cfg.held_out_fraction, seed=train_cfg.seed)
     log.info(
         "training SAE d=%d m=%d k=%d on %s rows from %d files (%s held out)",
@@ -140,7 +132,7 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
     seconds = time.perf_counter() - t0
     if not info.is_main:  # rank 0 evaluates and writes the atlas files
         distributed.barrier()
-        return _read_metrics(metrics_path)
+        return read_json_dict(metrics_path)
     eval_rows = (held if held.n_rows else train).sample(train_cfg.eval_max_rows, seed=train_cfg.seed)
     metrics = evaluate(trainer.sae, eval_rows)
     metrics.update(
