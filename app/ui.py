@@ -548,50 +548,45 @@ def _api_endpoints(views: Views) -> None:
         num = gr.Number(label="number", value=8)
         num2 = gr.Number(label="number2", value=-1)
         out = gr.JSON(label="result")
-        btns = {
-            name: gr.Button(name) for name in ("explain", "concept", "search", "family", "caption", "steer")
+        # name -> (handler, inputs, description, runs a model)
+        endpoints = {
+            "explain": (
+                views.api_explain,
+                [image, num, num2],
+                "Top concepts, their 14x14 maps and the hierarchy of an image "
+                "(image, top_k, max_group; -1 = all groups)",
+                True,
+            ),
+            "concept": (
+                views.api_concept,
+                [text],
+                "A concept page: names, group, frequency, parents, children, exemplars",
+                False,
+            ),
+            "search": (
+                views.api_search,
+                [text, text2, num],
+                "Search concepts (query, mode 'text'|'name', k)",
+                False,
+            ),
+            "family": (
+                views.api_family,
+                [text, num],
+                "A concept's family DAG (id, depth): nodes and edges",
+                False,
+            ),
+            "caption": (views.api_caption, [image], "Caption of an image (needs an atlas captioner)", True),
+            "steer": (
+                views.api_steer,
+                [image, text],
+                'Steered caption: image, edits JSON {"concept id": scale}',
+                True,
+            ),
         }
-    model = dict(concurrency_limit=MODEL_CONCURRENCY, concurrency_id="model")
-    btns["explain"].click(_api(views.api_explain), [image, num, num2], out, api_name="explain",
-                          api_description="Top concepts, their 14x14 maps and the hierarchy of an image "
-                          "(image, top_k, max_group; -1 = all groups)", **model)  # fmt: skip
-    btns["concept"].click(
-        _api(views.api_concept),
-        [text],
-        out,
-        api_name="concept",
-        api_description="A concept page: names, group, frequency, parents, children, exemplars",
-    )
-    btns["search"].click(
-        _api(views.api_search),
-        [text, text2, num],
-        out,
-        api_name="search",
-        api_description="Search concepts (query, mode 'text' or 'name', k)",
-    )
-    btns["family"].click(
-        _api(views.api_family),
-        [text, num],
-        out,
-        api_name="family",
-        api_description="A concept's family DAG (concept id, depth): nodes and edges",
-    )
-    btns["caption"].click(
-        _api(views.api_caption),
-        [image],
-        out,
-        api_name="caption",
-        api_description="Caption of an image (needs an atlas captioner)",
-        **model,
-    )
-    btns["steer"].click(
-        _api(views.api_steer),
-        [image, text],
-        out,
-        api_name="steer",
-        api_description='Steered caption: image and edits as JSON {"concept id": scale}',
-        **model,
-    )
+        for name, (handler, inputs, description, heavy) in endpoints.items():
+            button = gr.Button(name)
+            limits = {"concurrency_limit": MODEL_CONCURRENCY, "concurrency_id": "model"} if heavy else {}
+            button.click(_api(handler), inputs, out, api_name=name, api_description=description, **limits)
 
 
 def json_default(obj: Any) -> Any:  # numpy scalars in API payloads
