@@ -222,7 +222,8 @@ class WebDatasetSource(ImageSource):
         self.spec = str(spec)
         self.max_pixels = max_pixels
         self.base, self.tars = resolve_tars(spec)
-        self._members: list[tuple[Path, tarfile.TarInfo]] | None = None
+        self._members: list[tuple[Path, tarfile.TarInfo]] = []
+        self._complete = False  # _members holds every image member (not just a prefix)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "webdataset", "path": self.spec}
@@ -239,7 +240,7 @@ class WebDatasetSource(ImageSource):
 
     def members(self, limit: int | None = None) -> list[tuple[Path, tarfile.TarInfo]]:
         """Every image member (tar, header); reads only tar headers."""
-        if self._members is None or (limit is not None and len(self._members) < limit):
+        if not self._complete and (limit is None or len(self._members) < limit):
             found: list[tuple[Path, tarfile.TarInfo]] = []
             for tar in self.tars:
                 try:
@@ -253,6 +254,8 @@ class WebDatasetSource(ImageSource):
                     raise ImageLoadError(f"{tar}: unreadable webdataset shard ({err})") from err
                 if limit is not None and len(found) >= limit:
                     break
+            else:
+                self._complete = True
             self._members = found
         return self._members if limit is None else self._members[:limit]
 

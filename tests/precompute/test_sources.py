@@ -203,3 +203,11 @@ def test_folder_fetch_follows_symlinks_but_refuses_escapes(tmp_path: Path) -> No
     )
     assert isinstance(got["../tree/examples/a.jpg"], ImageLoadError)
     assert isinstance(got[str(PHOTOS[0])], ImageLoadError)
+
+
+def test_webdataset_member_listing_prefix_then_all(tar_shards: Path) -> None:
+    """A listing limited to a prefix must not be mistaken for the whole listing later."""
+    source = WebDatasetSource(tar_shards)
+    assert len(source.members(2)) == 2
+    assert len(source.members()) == 7  # 6 photos + the truncated one (decoded only at extract time)
+    assert source.n_total(100) == 7
