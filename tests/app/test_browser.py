@@ -63,6 +63,7 @@ def _drag_slider(page, elem_id: str, to_max: bool) -> None:
 
 def test_end_to_end(page, app_state) -> None:
     example, slider, value = _steerable_slider(app_state)
+    page.locator("#random-banner").wait_for(state="visible")  # Gradio renders after the load event
     assert page.locator("#random-banner").is_visible()
     page.screenshot(path=str(ARTIFACTS / "0_start.png"))
 
