@@ -61,6 +61,32 @@ def _drag_slider(page, elem_id: str, to_max: bool) -> None:
     page.mouse.up()
 
 
+def _node_to_click(page, frame_el, center: int) -> dict | None:
+    """A non-centre node of the family graph and its position in the page, once the layout is still."""
+    frame = frame_el.element_handle().content_frame()
+    nodes = frame.locator("body").evaluate(
+        """async (_, center) => {
+             const still = () => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+             network.fit({animation: false}); await still();
+             const ids = network.body.data.nodes.getIds().filter(i => i !== center);
+             if (!ids.length) return null;
+             // nodes drawn inside the iframe, really under their centre point, topmost first
+             const h = document.body.clientHeight, w = document.body.clientWidth;
+             const pts = ids.map(id => ({id, ...network.canvasToDOM(network.getPositions([id])[id])}))
+                            .filter(p => p.x > 0 && p.y > 0 && p.x < w && p.y < h)
+                            .filter(p => network.getNodeAt({x: p.x, y: p.y}) === p.id)
+                            .sort((a, b) => a.y - b.y);
+             return pts; }""",
+        center,
+    )
+    box, view = frame_el.bounding_box(), page.viewport_size
+    for n in nodes:
+        x, y = box["x"] + n["x"], box["y"] + n["y"]
+        if 0 < x < view["width"] and 0 < y < view["height"]:  # the mouse only reaches the viewport
+            return {"id": n["id"], "x": x, "y": y}
+    return None
+
+
 def test_end_to_end(page, app_state) -> None:
     example, slider, value = _steerable_slider(app_state)
     page.locator("#random-banner").wait_for(state="visible")  # Gradio renders after the load event
@@ -92,19 +118,24 @@ def test_end_to_end(page, app_state) -> None:
     frame_el = page.locator("#family-graph iframe")
     frame_el.wait_for()
     frame_el.content_frame.locator("canvas").wait_for()
-    frame = frame_el.element_handle().content_frame()
-    frame.wait_for_function("() => window.insightReady && document.body.clientWidth > 0")
-    target = frame.locator("body").evaluate(
-        """(_, center) => { network.fit({animation: false});
-             const ids = network.body.data.nodes.getIds().filter(i => i !== center);
-             if (!ids.length) return null; const pos = network.getPositions([ids[0]])[ids[0]];
-             const p = network.canvasToDOM(pos); return {id: ids[0], x: p.x, y: p.y}; }""",
-        cid,
+    frame_el.element_handle().content_frame().wait_for_function(
+        "() => window.insightReady && document.body.clientWidth > 0"
     )
-    assert target is not None, f"concept {cid} has no family to click"
     page.screenshot(path=str(ARTIFACTS / "3_family.png"), full_page=True)
-    box = frame_el.bounding_box()
-    page.mouse.click(box["x"] + target["x"], box["y"] + target["y"])
+    # A full-page screenshot resizes the viewport (the graph refits) and the node may lie below the
+    # fold: bring the iframe into view, then locate and click the node with nothing in between.
+    frame_el.scroll_into_view_if_needed()
+    target = None
+    for _ in range(3):
+        target = _node_to_click(page, frame_el, cid)
+        assert target is not None, f"concept {cid} has no family node in view to click"
+        page.mouse.click(target["x"], target["y"])
+        opened = page.locator(f"#concept-page [data-concept-id='{target['id']}']")
+        try:
+            opened.wait_for(timeout=T // 3)
+            break
+        except sync_api.TimeoutError:
+            continue  # the graph moved under the pointer (a late resize); locate the node again
     page.locator(f"#concept-page [data-concept-id='{target['id']}']").wait_for()
     page.screenshot(path=str(ARTIFACTS / "4_node_clicked.png"), full_page=True)
 
