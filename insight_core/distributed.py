@@ -12,11 +12,13 @@ reduced through a temporary copy on the process's GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -230,3 +232,21 @@ def quiet_non_main_logging(info: DistInfo, names: tuple[str, ...] = ("insight_co
     if info.is_distributed and not info.is_main:
         for name in names:
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def job_group(
+    device: str | torch.device = "auto", timeout: datetime.timedelta | None = None
+) -> Iterator[DistInfo]:
+    """A stage's process group: join it (:func:`init_from_env`), quiet non-main ranks, and leave it
+    at the end if this call created it (a caller's group, e.g. ``build``'s, stays up).
+
+    On an error the group is left as is: the barrier of :func:`cleanup` could wait forever on a
+    rank that died, and torchrun tears the processes down anyway.
+    """
+    owns_group = not is_initialized()
+    info = init_from_env(device, timeout)
+    quiet_non_main_logging(info)
+    yield info
+    if owns_group:
+        cleanup()

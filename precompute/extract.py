@@ -160,14 +160,9 @@ def run(job: ExtractJob) -> dict:
 
     Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; see the module docstring.
     """
-    owns_group = not distributed.is_initialized()
     # ranks meet only at the end, after very different amounts of work when resuming: wait long
-    info = distributed.init_from_env(job.device, timeout=datetime.timedelta(hours=24))
-    distributed.quiet_non_main_logging(info)
-    manifest = _run(job, info)
-    if owns_group:
-        distributed.cleanup()
-    return manifest
+    with distributed.job_group(job.device, timeout=datetime.timedelta(hours=24)) as info:
+        return _run(job, info)
 
 
 def _run(job: ExtractJob, info: DistInfo) -> dict:

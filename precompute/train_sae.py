@@ -96,13 +96,8 @@ def run(job: TrainSaeJob) -> dict:
 
     Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; see the module docstring.
     """
-    owns_group = not distributed.is_initialized()
-    info = distributed.init_from_env(job.device)
-    distributed.quiet_non_main_logging(info)
-    metrics = _run(job, info)
-    if owns_group:
-        distributed.cleanup()
-    return metrics
+    with distributed.job_group(job.device) as info:
+        return _run(job, info)
 
 
 def _run(job: TrainSaeJob, info: DistInfo) -> dict:

@@ -95,3 +95,32 @@ def test_collectives_on_a_one_rank_gloo_group() -> None:
     finally:
         distributed.cleanup()
     assert not dist.is_initialized()
+
+
+@pytest.mark.usefixtures("no_torchrun")
+def test_job_group_leaves_a_callers_group_up_and_stays_up_on_error() -> None:
+    with distributed.job_group("cpu") as info:  # single process: nothing to join or leave
+        assert info == DistInfo()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with distributed.job_group("cpu"):  # e.g. extract called by build, which owns the group
+            pass
+        assert dist.is_initialized()
+    finally:
+        distributed.cleanup()
+
+
+def test_job_group_leaves_the_group_it_joined(monkeypatch: pytest.MonkeyPatch) -> None:
+    joined: list[str] = []
+    monkeypatch.setattr(
+        distributed, "init_from_env", lambda device, timeout: joined.append("init") or DistInfo()
+    )
+    monkeypatch.setattr(distributed, "is_initialized", lambda: bool(joined) and joined[-1] == "init")
+    monkeypatch.setattr(distributed, "cleanup", lambda: joined.append("cleanup"))
+    with distributed.job_group("cpu"):
+        assert joined == ["init"]
+    assert joined == ["init", "cleanup"]
+    joined.clear()
+    with pytest.raises(RuntimeError), distributed.job_group("cpu"):
+        raise RuntimeError("a rank failed")
+    assert joined == ["init"]  # no barrier that could wait forever on a dead peer
