@@ -12,8 +12,8 @@ from pathlib import Path
 
 from insight_core.atlas import Atlas, write_manifest
 from insight_core.errors import ConfigError
-from insight_core.sae import PAPER_GROUP_FRACTIONS
 from precompute import extract, families, index, name, train_sae
+from precompute.common import default_of
 from precompute.manifest import backbone_info
 
 log = logging.getLogger(__name__)
@@ -41,37 +41,37 @@ class BuildJob:
     """Revision of --hf-dataset."""
     features: Path | None = None
     """Feature directory (written by extract from the image source, or your own .npy features)."""
-    arch: str = "ViT-B-16"
+    arch: str = default_of(extract.ExtractJob, "arch")
     """open_clip architecture."""
-    pretrained: str = "openai"
+    pretrained: str = default_of(extract.ExtractJob, "pretrained")
     """open_clip tag, local weights file, or 'none' (random init: no semantics)."""
-    pool: str = "raw"
+    pool: str = default_of(extract.ExtractJob, "pool")
     """DINOiser pooling: none, raw or head (with --dinoiser)."""
     dinoiser: Path | None = None
     """Trained DINOiser head for --pool head."""
     max_images: int | None = None
     """Use only the first N images."""
-    shard_size: int = 1024
+    shard_size: int = default_of(extract.ExtractJob, "shard_size")
     """Images per feature shard (the unit of resumption of extract)."""
-    dict_size: int = 8192
+    dict_size: int = default_of(train_sae.TrainSaeJob, "dict_size")
     """SAE concepts."""
-    k: int = 12
+    k: int = default_of(train_sae.TrainSaeJob, "k")
     """Mean active concepts per patch."""
-    group_fractions: tuple[float, ...] = PAPER_GROUP_FRACTIONS
+    group_fractions: tuple[float, ...] = default_of(train_sae.TrainSaeJob, "group_fractions")
     """Matryoshka group size ratios (small dictionaries need coarser ones)."""
-    epochs: float = 3.0
+    epochs: float = default_of(train_sae.TrainSaeJob, "epochs")
     """SAE epochs (ignored with --steps)."""
     steps: int | None = None
     """SAE steps."""
-    batch_size: int = 16_384
+    batch_size: int = default_of(train_sae.TrainSaeJob, "batch_size")
     """SAE batch (patches)."""
-    lr: float = 1e-4
+    lr: float = default_of(train_sae.TrainSaeJob, "lr")
     """SAE learning rate."""
-    warmup_steps: int = 1000
+    warmup_steps: int = default_of(train_sae.TrainSaeJob, "warmup_steps")
     """SAE learning-rate warmup steps."""
-    threshold_start_step: int = 1000
+    threshold_start_step: int = default_of(train_sae.TrainSaeJob, "threshold_start_step")
     """SAE step from which the inference threshold is estimated."""
-    checkpoint_every: int = 500
+    checkpoint_every: int = default_of(train_sae.TrainSaeJob, "checkpoint_every")
     """SAE steps between resumable checkpoints."""
     vocab_embeddings: Path | None = None
     """Precomputed vocabulary embeddings (.npz: words, embeddings)."""

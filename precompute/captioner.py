@@ -52,7 +52,7 @@ from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
 from insight_core.images import load_image
 from insight_core.io import write_json
 from insight_core.sae import MatryoshkaSAE
-from precompute.common import fingerprint, fmt_metrics
+from precompute.common import default_of, fingerprint, fmt_metrics
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +92,18 @@ class CaptionerJob:
     """Images held out for validation when no validation split is given."""
     max_images: int | None = None
     """Use at most this many images per split (quick runs)."""
-    lm: str = "gpt2"
+    lm: str = default_of(CaptionerConfig, "lm")
     """Causal LM: hub name, local save_pretrained directory, or 'tiny' (random-init test LM built
     from the training captions; implies --finetune-lm)."""
     finetune_lm: bool = False
     """Also train the LM (ClipCap's fine-tuned variant); default: frozen LM, adapter only."""
-    n_layers: int = 8
+    n_layers: int = default_of(CaptionerConfig, "n_layers")
     """Adapter transformer layers."""
-    n_queries: int = 10
+    n_queries: int = default_of(CaptionerConfig, "n_queries")
     """Learnable queries (LM prefix length)."""
-    n_heads: int = 8
+    n_heads: int = default_of(CaptionerConfig, "n_heads")
     """Adapter attention heads."""
-    d_model: int | None = None
+    d_model: int | None = default_of(CaptionerConfig, "d_model")
     """Adapter width (default: the LM's hidden size)."""
     epochs: int = 10
     """Training epochs over (image, caption) pairs."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -54,3 +55,14 @@ def fmt_metrics(metrics: Mapping[str, Any], keys: Iterable[str]) -> str:
         value = metrics.get(key)
         parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
     return " ".join(parts)
+
+
+def default_of(job: type, field: str) -> Any:
+    """The default of a dataclass field, so a combined job (build) takes its stages' defaults instead
+    of repeating the values (slots dataclasses keep no class attribute to read it from)."""
+    for f in dataclasses.fields(job):
+        if f.name == field:
+            if f.default is dataclasses.MISSING:
+                raise TypeError(f"{job.__name__}.{field} has no plain default")
+            return f.default
+    raise TypeError(f"{job.__name__} has no field {field!r}")
