@@ -33,7 +33,7 @@ def search_text(state: AppState, query: str, k: int = 10) -> list[dict]:
         raise AppError("search: type some text to search for")
     if state.concept_index is None:
         raise AppError("this atlas has no concept index (run `python -m precompute index`); use name search")
-    from insight_core.index import search
+    from insight_core.concepts.index import search
 
     with state.lock:
         emb = state.backbone.encode_text([query]).numpy()
@@ -152,7 +152,7 @@ def more_like_this(state: AppState, cid: int, k: int = 8) -> list[dict]:
     """Other concepts whose exemplar patches lie nearest this concept's vector (exemplar index)."""
     if state.exemplar_index is None or state.concept_vectors_md is None or state.exemplars is None:
         return []
-    from insight_core.index import search
+    from insight_core.concepts.index import search
 
     vec = state.concept_vectors_md[int(cid)]
     if not np.isfinite(vec).all() or not np.any(vec):

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from app.state import AppError, AppState
+from insight_core.data.images import ImageSource, load_image
 from insight_core.errors import ImageLoadError
-from insight_core.images import ImageSource, load_image
 
 DISPLAY_SIDE = 448
 """Longest side of the displayed image and heatmaps (enough to read 14x14 patches, cheap to send)."""

@@ -20,12 +20,12 @@ import pandas as pd
 import torch
 
 from insight_core.atlas import Atlas, AtlasError
-from insight_core.backbone import BackboneConfig, ClipBackbone
-from insight_core.dinoiser import Dinoiser
+from insight_core.atlas.hub import resolve_atlas
+from insight_core.concepts.families import Families
 from insight_core.errors import InsightError
-from insight_core.families import Families
-from insight_core.hub import resolve_atlas
-from insight_core.sae import MatryoshkaSAE
+from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.models.dinoiser import Dinoiser
+from insight_core.models.sae import MatryoshkaSAE
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,9 @@ def _families(atlas: Atlas, m: int) -> Families:
 
 
 def _indexes(state: AppState) -> None:
-    from insight_core.index import load_index  # faiss import is slow; only when the atlas has indexes
+    from insight_core.concepts.index import (
+        load_index,  # faiss import is slow; only when the atlas has indexes
+    )
 
     atlas = state.atlas
     if atlas.has("concept_index"):
@@ -177,8 +179,8 @@ def _captioner(state: AppState) -> None:
             "This atlas has no captioner (build one with `python -m precompute captioner`)."
         )
         return
-    from insight_core.captioner import SteerableCaptioner
-    from insight_core.steering import ConceptNames, Steerer
+    from insight_core.concepts.steering import ConceptNames, Steerer
+    from insight_core.models.captioner import SteerableCaptioner
 
     try:
         cap = SteerableCaptioner.load(folder, state.sae)

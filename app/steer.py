@@ -10,8 +10,8 @@ import torch
 
 from app import html as H
 from app.state import AppError, AppState
+from insight_core.concepts.steering import MAX_SCALE, ConceptEdit
 from insight_core.errors import ConfigError
-from insight_core.steering import MAX_SCALE, ConceptEdit
 
 SLIDER_MAX = 10.0
 """Largest scale the UI sliders offer (the library allows up to MAX_SCALE through the API)."""

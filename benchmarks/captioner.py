@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from insight_core.captioner import CaptionerConfig, PrefixAdapter, SteerableCaptioner
-from insight_core.sae import MatryoshkaSAE, SAEConfig
-from insight_core.steering import ConceptEdit, Steerer
+from insight_core.concepts.steering import ConceptEdit, Steerer
+from insight_core.models.captioner import CaptionerConfig, PrefixAdapter, SteerableCaptioner
+from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 

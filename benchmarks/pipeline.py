@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from insight_core.backbone import BackboneConfig, ClipBackbone
-from insight_core.images import list_image_files, load_image
-from insight_core.sae import MatryoshkaSAE, SAEConfig
-from insight_core.stats import StatsAccumulator
+from insight_core.concepts.stats import StatsAccumulator
+from insight_core.data.images import list_image_files, load_image
+from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 from precompute import extract
 
 REPORTS = Path(__file__).resolve().parent / "reports"

@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from insight_core.backbone import BackboneConfig, ClipBackbone
-from insight_core.sae import SAEConfig
-from insight_core.sae_train import SAETrainer, TrainConfig, evaluate
-from insight_core.synthetic import WorldConfig, make_world, sample_images
+from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.models.sae import SAEConfig
+from insight_core.planted.world import WorldConfig, make_world, sample_images
+from insight_core.training.sae import SAETrainer, TrainConfig, evaluate
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 

@@ -34,8 +34,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from insight_core.atlas import MANIFEST, write_manifest
-from insight_core.backbone import BackboneConfig, ClipBackbone
-from insight_core.captioner import (
+from insight_core.data.images import load_image
+from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
+from insight_core.io import write_json
+from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.models.captioner import (
     CaptionData,
     CaptionerConfig,
     CaptionTrainConfig,
@@ -47,11 +50,8 @@ from insight_core.captioner import (
     score_captions,
     train_captioner,
 )
-from insight_core.dinoiser import Dinoiser
-from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
-from insight_core.images import load_image
-from insight_core.io import write_json
-from insight_core.sae import MatryoshkaSAE
+from insight_core.models.dinoiser import Dinoiser
+from insight_core.models.sae import MatryoshkaSAE
 from precompute.common import default_of, fingerprint, fmt_metrics
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from insight_core.atlas import Atlas
-from insight_core.backbone import weights_available
+from insight_core.data.images import list_image_files
 from insight_core.errors import ConfigError, ImageLoadError
-from insight_core.images import list_image_files
+from insight_core.models.backbone import weights_available
 from precompute import build, captioner
 from precompute.common import RANDOM_BANNER
 

@@ -16,8 +16,8 @@ import logging
 import time
 from pathlib import Path
 
-from insight_core.backbone import BackboneConfig, ClipBackbone
-from insight_core.images import LoadReport, iter_images, list_image_files
+from insight_core.data.images import LoadReport, iter_images, list_image_files
+from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from precompute import synth, train_sae
 from precompute.common import RANDOM_BANNER
 

@@ -1,7 +1,7 @@
 """``extract``: images -> CLIP dense features (+ DINOiser pooling) -> fp16 feature shards.
 
 Images come from a folder (``--images``), webdataset tar shards (``--webdataset``) or a Hugging Face
-dataset split, streamed (``--hf-dataset``); see :mod:`precompute.sources` for the image ids.
+dataset split, streamed (``--hf-dataset``); see :mod:`insight_core.data.sources` for the image ids.
 
 Output folder (read by ``train-sae`` like any feature directory)::
 
@@ -36,13 +36,13 @@ import torch
 from tqdm.auto import tqdm
 
 from insight_core import distributed
-from insight_core.backbone import BackboneConfig, ClipBackbone
-from insight_core.dinoiser import Dinoiser
+from insight_core.data.sources import HFDatasetSpec, ImageSource, PlannedShard, Record, make_source
 from insight_core.distributed import DistInfo
 from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
 from insight_core.io import write_json, write_npy
+from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.models.dinoiser import Dinoiser
 from precompute.common import read_json_dict
-from precompute.sources import HFDatasetSpec, ImageSource, PlannedShard, Record, make_source
 
 log = logging.getLogger(__name__)
 

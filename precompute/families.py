@@ -15,10 +15,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from insight_core.concepts.families import Families, FamilyConfig, build_families
+from insight_core.concepts.stats import ConceptStats
 from insight_core.errors import CheckpointError
-from insight_core.families import Families, FamilyConfig, build_families
 from insight_core.io import atomic_write, write_json
-from insight_core.stats import ConceptStats
 from precompute import stats as stats_stage
 from precompute.common import fingerprint, read_json_dict
 

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from insight_core.hub import DEFAULT_REPO_TYPE, RepoType, pull_atlas, push_atlas
+from insight_core.atlas.hub import DEFAULT_REPO_TYPE, RepoType, pull_atlas, push_atlas
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ feature directory the stats came from, and writes::
     index/index.json         input hashes, counts, index types, dimension, thumbnail summary
 
 Thumbnails need an ``extract`` feature directory (``manifest.json`` with the image source and
-``shard_*.ids.json``; folder, webdataset or Hugging Face dataset, see :mod:`precompute.sources`);
+``shard_*.ids.json``; folder, webdataset or Hugging Face dataset, see :mod:`insight_core.data.sources`);
 other feature directories (planted world, bring-your-own) get none. Each part is rebuilt only when
 its inputs (file names, sizes, mtimes, settings) changed; a thumbnail newer than its source image
 (or tar shard; any, for a streamed dataset) is reused.
@@ -34,14 +34,14 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from insight_core.concepts.index import IndexConfig, build_index, describe_index, save_index
+from insight_core.concepts.stats import STATS_JSON, STATS_TENSORS, ConceptStats
+from insight_core.data.features import FeatureSet, scan_features
+from insight_core.data.sources import ImageSource, open_source
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
-from insight_core.features import FeatureSet, scan_features
-from insight_core.index import IndexConfig, build_index, describe_index, save_index
 from insight_core.io import atomic_write, write_json
-from insight_core.stats import STATS_JSON, STATS_TENSORS, ConceptStats
 from precompute.common import fingerprint, read_json_dict
 from precompute.name import VECTORS_FILE
-from precompute.sources import ImageSource, open_source
 from precompute.stats import STATS_DIR
 
 log = logging.getLogger(__name__)

@@ -20,11 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from insight_core.backbone import BackboneConfig, ClipBackbone
-from insight_core.errors import ConfigError
-from insight_core.families import Families
-from insight_core.io import atomic_write, write_json, write_safetensors
-from insight_core.naming import (
+from insight_core.concepts.families import Families
+from insight_core.concepts.naming import (
     TEMPLATES_BY_POS,
     VocabEmbeddings,
     build_vocabulary,
@@ -35,6 +32,9 @@ from insight_core.naming import (
     paper_vocab_sources,
     parents_from_edges,
 )
+from insight_core.errors import ConfigError
+from insight_core.io import atomic_write, write_json, write_safetensors
+from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from precompute import families as families_stage
 from precompute.common import fingerprint, read_json_dict
 from precompute.stats import STATS_DIR, load_atlas_sae

@@ -17,8 +17,8 @@ import torch
 
 from insight_core.errors import ConfigError
 from insight_core.io import write_json
-from insight_core.sae import MatryoshkaSAE, SAEConfig
-from insight_core.synthetic import (
+from insight_core.models.sae import MatryoshkaSAE, SAEConfig
+from insight_core.planted.world import (
     WorldConfig,
     atom_recovery,
     context_naming_accuracy,

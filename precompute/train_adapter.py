@@ -4,7 +4,7 @@ Both frozen models see the same pixels: each image is first made square (``--res
 as ``extract`` does by default, or a centre ``crop``) at CLIP's input size, then the CLIP backbone
 gives dense joint-space features (B, 14, 14, 512) and the timm teacher (DINOv2 by default) patch
 tokens whose cosine affinities ``> gamma`` are the binary targets. The 3x3 conv ``g`` is trained with
-BCE against them (``insight_core.dinoiser``). Writes::
+BCE against them (``insight_core.models.dinoiser``). Writes::
 
     OUT/dinoiser.safetensors       the head; ``extract --pool head --dinoiser OUT/dinoiser.safetensors``
     OUT/dinoiser_metrics.json      loss per epoch, images used/skipped, teacher, backbone, fingerprint
@@ -30,8 +30,11 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from insight_core.backbone import BackboneConfig, ClipBackbone
-from insight_core.dinoiser import (
+from insight_core.data.images import DEFAULT_MAX_PIXELS, LoadReport, iter_images, list_image_files
+from insight_core.errors import ConfigError, ImageLoadError
+from insight_core.io import write_json, write_safetensors
+from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.models.dinoiser import (
     AffinityHead,
     Dinoiser,
     DinoiserConfig,
@@ -40,9 +43,6 @@ from insight_core.dinoiser import (
     teacher_targets,
     train_affinity_head,
 )
-from insight_core.errors import ConfigError, ImageLoadError
-from insight_core.images import DEFAULT_MAX_PIXELS, LoadReport, iter_images, list_image_files
-from insight_core.io import write_json, write_safetensors
 from precompute.common import fingerprint, fmt_metrics, read_json_dict
 
 log = logging.getLogger(__name__)

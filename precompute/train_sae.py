@@ -9,7 +9,7 @@ Data-parallel on several processes (GPUs: NCCL, one per process; CPU: gloo)::
     torchrun --nproc_per_node 4 -m precompute train-sae --features F --out ATLAS ...
 
 Each rank trains on its shard of the batches with ``--batch-size / N`` rows, so the global batch,
-the step count and the schedule are those of a single-process run (see ``insight_core.sae_train``).
+the step count and the schedule are those of a single-process run (see ``insight_core.training.sae``).
 Rank 0 decides whether the atlas is up to date, writes checkpoints, evaluates and writes
 ``sae.safetensors`` / ``sae_metrics.json``; the other ranks wait for it. ``--out`` must be on storage
 that every rank sees.
@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 from insight_core import distributed
+from insight_core.data.features import scan_features
 from insight_core.distributed import DistInfo
-from insight_core.features import scan_features
 from insight_core.io import write_json
-from insight_core.sae import PAPER_GROUP_FRACTIONS, SAEConfig
-from insight_core.sae_train import SAETrainer, TrainConfig, evaluate
+from insight_core.models.sae import PAPER_GROUP_FRACTIONS, SAEConfig
+from insight_core.training.sae import SAETrainer, TrainConfig, evaluate
 from precompute.common import fingerprint, fmt_metrics, read_json_dict
 
 log = logging.getLogger(__name__)

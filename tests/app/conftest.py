@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def _train_captioner(atlas: Path, work: Path) -> None:
     """A tiny offline captioner (random-init GPT-2 + BPE on the example captions) that memorises the
     six example photos, saved as ATLAS/captioner (the layout ``precompute captioner`` writes)."""
-    from insight_core.captioner import (
+    from insight_core.models.captioner import (
         CaptionData,
         CaptionerConfig,
         CaptionTrainConfig,
@@ -32,7 +32,7 @@ def _train_captioner(atlas: Path, work: Path) -> None:
         build_tiny_lm,
         train_captioner,
     )
-    from insight_core.sae import MatryoshkaSAE
+    from insight_core.models.sae import MatryoshkaSAE
 
     doc = json.loads((EXAMPLES / "captions.json").read_text())
     by_id = {im["id"]: im["file_name"] for im in doc["images"]}

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from insight_core.captioner import SteerableCaptioner
 from insight_core.errors import ConfigError
-from insight_core.sae import MatryoshkaSAE, SAEConfig
+from insight_core.models.captioner import SteerableCaptioner
+from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 from precompute import captioner as job_mod
 from precompute.__main__ import main
 from precompute.captioner import CaptionerJob, hold_out, is_karpathy, karpathy_splits, load_splits

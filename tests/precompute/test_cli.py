@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from insight_core.sae import MatryoshkaSAE
+from insight_core.models.sae import MatryoshkaSAE
 from precompute.__main__ import main
 
 SMALL_SAE_ARGS = (

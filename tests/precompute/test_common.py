@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from insight_core.captioner import CaptionerConfig
-from insight_core.sae import PAPER_GROUP_FRACTIONS
+from insight_core.models.captioner import CaptionerConfig
+from insight_core.models.sae import PAPER_GROUP_FRACTIONS
 from precompute import build, captioner, extract, train_sae
 from precompute.common import default_of
 

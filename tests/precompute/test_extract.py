@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from insight_core.backbone import BackboneConfig, ClipBackbone
-from insight_core.dinoiser import Dinoiser
-from insight_core.features import scan_features
-from insight_core.images import load_image
+from insight_core.data.features import scan_features
+from insight_core.data.images import load_image
+from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.models.dinoiser import Dinoiser
 from precompute.__main__ import main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"

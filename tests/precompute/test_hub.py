@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError, filter_repo_objects
 
-from insight_core import hub
-from insight_core.atlas import FILES, MANIFEST, REQUIRED, Atlas, AtlasError, write_manifest
-from insight_core.hub import HubError, resolve_atlas
+from insight_core.atlas import FILES, MANIFEST, REQUIRED, Atlas, AtlasError, hub, write_manifest
+from insight_core.atlas.hub import HubError, resolve_atlas
 from precompute.__main__ import main
 
 HF_DEFAULT_IGNORE = [".git", ".git/*", "*/.git", "**/.git/**", ".cache/huggingface", ".cache/huggingface/*",

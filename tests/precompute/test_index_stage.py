@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from insight_core.concepts.index import faiss_threads, load_index, search
+from insight_core.data.features import scan_features
+from insight_core.data.images import load_image
 from insight_core.errors import CheckpointError
-from insight_core.features import scan_features
-from insight_core.images import load_image
-from insight_core.index import faiss_threads, load_index, search
 from precompute.__main__ import main
 from precompute.index import IndexJob, load_concept_vectors, run
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from insight_core.sae import MatryoshkaSAE
+from insight_core.models.sae import MatryoshkaSAE
 from precompute.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]

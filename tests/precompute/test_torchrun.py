@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 from safetensors.torch import save_file
 
-from insight_core.backbone import BackboneConfig, ClipBackbone
-from insight_core.sae import MatryoshkaSAE
+from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.models.sae import MatryoshkaSAE
 from precompute.__main__ import main
-from tests.insight_core.test_sae_train import planted_features
+from tests.insight_core.training.test_sae import planted_features
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "assets" / "examples"
@@ -121,9 +121,9 @@ RESUME_SCRIPT = textwrap.dedent(
     from pathlib import Path
 
     from insight_core import distributed
-    from insight_core.features import scan_features
-    from insight_core.sae import SAEConfig
-    from insight_core.sae_train import SAETrainer, TrainConfig
+    from insight_core.data.features import scan_features
+    from insight_core.models.sae import SAEConfig
+    from insight_core.training.sae import SAETrainer, TrainConfig
 
     features, out = Path(sys.argv[1]), Path(sys.argv[2])
     info = distributed.init_from_env("cpu")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from insight_core.dinoiser import AffinityHead, Dinoiser, affinities, guided_pool
 from insight_core.errors import ImageLoadError
+from insight_core.models.dinoiser import AffinityHead, Dinoiser, affinities, guided_pool
 from precompute import extract, train_adapter
 from precompute.__main__ import main
 

@@ -15,8 +15,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from insight_core.backbone import BackboneConfig, ClipBackbone, DenseFeatures, _resolve_weights, load_backbone
 from insight_core.errors import CheckpointError, ConfigError, ImageLoadError
+from insight_core.models.backbone import (
+    BackboneConfig,
+    ClipBackbone,
+    DenseFeatures,
+    _resolve_weights,
+    load_backbone,
+)
 
 ATOL = 1e-4
 
@@ -248,7 +254,7 @@ def test_encode_text_bad_templates(backbone: ClipBackbone) -> None:
 
 
 def test_random_init_logs_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="insight_core.backbone"):
+    with caplog.at_level(logging.WARNING, logger="insight_core.models.backbone"):
         bb = load_backbone(BackboneConfig(pretrained="none", device="cpu"))
     assert bb.is_random
     assert any(
@@ -328,7 +334,7 @@ def test_cuda_requested_without_cuda() -> None:
 
 
 def test_real_photos(backbone: ClipBackbone, imagenet_samples: list[Path]) -> None:
-    from insight_core.images import load_image
+    from insight_core.data.images import load_image
 
     photos = [load_image(p) for p in imagenet_samples[:8]]
     feats = backbone.dense_features(photos)

@@ -31,8 +31,8 @@ from typing import Any
 
 from PIL import Image
 
+from insight_core.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_image_files, load_image
 from insight_core.errors import ConfigError, ImageLoadError
-from insight_core.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_image_files, load_image
 
 log = logging.getLogger(__name__)
 

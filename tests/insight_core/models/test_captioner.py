@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from insight_core import captioner as cap
-from insight_core.captioner import (
+from insight_core.errors import CheckpointError, ConfigError
+from insight_core.models import captioner as cap
+from insight_core.models.captioner import (
     CaptionData,
     CaptionerConfig,
     CaptionTrainConfig,
@@ -22,8 +23,7 @@ from insight_core.captioner import (
     score_captions,
     train_captioner,
 )
-from insight_core.errors import CheckpointError, ConfigError
-from insight_core.sae import MatryoshkaSAE, SAEConfig
+from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 
 D = 24
 CAPTIONS = [

@@ -1,6 +1,6 @@
 """Concept families: a DAG of general -> specific edges from co-occurrence (paper Sec. 3.3, App. B.3).
 
-``D[j, j']`` (Eq. 5, :mod:`insight_core.stats`) is the fraction of concept j's activation mass that
+``D[j, j']`` (Eq. 5, :mod:`insight_core.concepts.stats`) is the fraction of concept j's activation mass that
 falls on patches where j' is also active. ``D[j, j'] >= min_confidence`` reads "j implies j'", so j' is
 the more general concept: the edge is inverted to ``parent = j' -> child = j``. Multiple parents are
 allowed and grandparent (transitive) edges are kept by default, as in the paper.

@@ -1,4 +1,4 @@
-"""Tests for insight_core.images: every odd input is generated on the fly with PIL/numpy."""
+"""Tests for insight_core.data.images: every odd input is generated on the fly with PIL/numpy."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from insight_core.errors import ConfigError, ImageLoadError
-from insight_core.images import (
+from insight_core.data.images import (
     IMAGE_EXTENSIONS,
     LoadReport,
     iter_images,
     list_image_files,
     load_image,
 )
+from insight_core.errors import ConfigError, ImageLoadError
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -389,7 +389,7 @@ def test_iter_images_skips_and_counts_bad_images(tmp_path: Path, caplog: pytest.
     missing = tmp_path / "6_missing.png"
 
     report = LoadReport()
-    with caplog.at_level(logging.WARNING, logger="insight_core.images"):
+    with caplog.at_level(logging.WARNING, logger="insight_core.data.images"):
         loaded = list(iter_images([*list_image_files(tmp_path), missing], report=report))
 
     assert [p for p, _ in loaded] == [good1, good2]

@@ -8,8 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from insight_core.errors import CheckpointError, ConfigError
-from insight_core.index import (
+from insight_core.concepts.index import (
     IndexConfig,
     build_index,
     default_nlist,
@@ -21,6 +20,7 @@ from insight_core.index import (
     save_index,
     search,
 )
+from insight_core.errors import CheckpointError, ConfigError
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from insight_core.errors import ConfigError, ImageLoadError
-from insight_core.features import scan_features
-from precompute.__main__ import main
-from precompute.sources import (
+from insight_core.data.features import scan_features
+from insight_core.data.sources import (
     FolderSource,
     HFDatasetSource,
     HFDatasetSpec,
@@ -23,8 +21,10 @@ from precompute.sources import (
     make_source,
     open_source,
 )
+from insight_core.errors import ConfigError, ImageLoadError
+from precompute.__main__ import main
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "assets" / "examples"
 PHOTOS = sorted(EXAMPLES.glob("*.jpg"))
 
 

@@ -27,9 +27,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from insight_core.captioner import SteerableCaptioner
+from insight_core.data.images import ImageSource, load_image
 from insight_core.errors import CheckpointError, ConfigError, ImageLoadError
-from insight_core.images import ImageSource, load_image
+from insight_core.models.captioner import SteerableCaptioner
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Tests for CLIP-DINOiser guided pooling (insight_core.dinoiser)."""
+"""Tests for CLIP-DINOiser guided pooling (insight_core.models.dinoiser)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from insight_core.dinoiser import (
+from insight_core.errors import CheckpointError, ConfigError, FeatureFileError
+from insight_core.models.dinoiser import (
     AffinityHead,
     Dinoiser,
     DinoiserConfig,
@@ -25,7 +26,6 @@ from insight_core.dinoiser import (
     teacher_targets,
     train_affinity_head,
 )
-from insight_core.errors import CheckpointError, ConfigError, FeatureFileError
 
 SMALL = DinoiserConfig(in_dim=32, head_dim=8)
 

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from insight_core.backbone import BackboneConfig, ClipBackbone
-from insight_core.errors import ConfigError, FeatureFileError
-from insight_core.naming import (
+from insight_core.concepts.naming import (
     ADJECTIVE_TEMPLATES,
     NOUN_TEMPLATES,
     SINGLE_POS,
@@ -34,7 +32,9 @@ from insight_core.naming import (
     parents_from_edges,
     vocab_cache_key,
 )
-from insight_core.synthetic import (
+from insight_core.errors import ConfigError, FeatureFileError
+from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.planted.world import (
     PlantedWorld,
     WorldConfig,
     make_world,
@@ -217,8 +217,8 @@ def test_real_word_lists_have_plausible_sizes(vocab_dir: Path) -> None:
 
 
 def test_shipped_word_lists_without_brysbaert_warn_once(tmp_path: Path, caplog) -> None:
-    shipped = Path(__file__).resolve().parents[2] / "assets" / "vocab"
-    with caplog.at_level("WARNING", logger="insight_core.naming"):
+    shipped = Path(__file__).resolve().parents[3] / "assets" / "vocab"
+    with caplog.at_level("WARNING", logger="insight_core.concepts.naming"):
         vocab = build_vocabulary(paper_vocab_sources(shipped))
     skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 1

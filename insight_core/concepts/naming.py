@@ -356,7 +356,7 @@ def build_vocabulary(sources: Sequence[VocabSource], max_words: int | None = Non
 
 EncodeText = Callable[[Sequence[str], Sequence[str]], Any]
 """``encode_text(texts, templates) -> (T, d)`` unit-norm template-averaged embeddings (numpy or torch),
-e.g. :meth:`insight_core.backbone.ClipBackbone.encode_text`."""
+e.g. :meth:`insight_core.models.backbone.ClipBackbone.encode_text`."""
 
 
 def _np(x: Any) -> np.ndarray:
@@ -879,7 +879,7 @@ class NamingResult:
         return [[self.pos_names[p] for p in row] for row in self.top_pos.tolist()]
 
     def names(self) -> dict[int, str]:
-        """``{concept id: name}`` (the form :func:`insight_core.synthetic.name_recovery` takes)."""
+        """``{concept id: name}`` (the form :func:`insight_core.planted.world.name_recovery` takes)."""
         return dict(enumerate(self.best_word))
 
     def to_records(self, concept_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:

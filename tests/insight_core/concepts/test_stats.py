@@ -13,11 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-import insight_core.stats as stats_mod
-from insight_core.errors import CheckpointError, ConfigError
-from insight_core.io import write_safetensors
-from insight_core.sae import MatryoshkaSAE, SAEConfig
-from insight_core.stats import (
+import insight_core.concepts.stats as stats_mod
+from insight_core.concepts.stats import (
     STATS_JSON,
     STATS_TENSORS,
     ConceptStats,
@@ -25,6 +22,9 @@ from insight_core.stats import (
     StatsConfig,
     compute_stats,
 )
+from insight_core.errors import CheckpointError, ConfigError
+from insight_core.io import write_safetensors
+from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 
 M, N_IMAGES, P = 24, 40, 6
 CFG = StatsConfig(top_n=7, top_w=3)

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from insight_core.captioner import (
+from insight_core.concepts.steering import MAX_SCALE, ConceptEdit, ConceptNames, Steerer
+from insight_core.errors import ConfigError, ImageLoadError, InsightError
+from insight_core.models.captioner import (
     CaptionData,
     CaptionerConfig,
     CaptionTrainConfig,
@@ -25,9 +27,7 @@ from insight_core.captioner import (
     build_tiny_lm,
     train_captioner,
 )
-from insight_core.errors import ConfigError, ImageLoadError, InsightError
-from insight_core.sae import MatryoshkaSAE, SAEConfig
-from insight_core.steering import MAX_SCALE, ConceptEdit, ConceptNames, Steerer
+from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 
 D, GRID = 32, 14
 OBJECTS = ("dog", "cat", "car", "boat")

@@ -41,11 +41,11 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from insight_core import distributed
+from insight_core.data.features import FeatureSplit
 from insight_core.distributed import DistInfo
 from insight_core.errors import CheckpointError, ConfigError
-from insight_core.features import FeatureSplit
 from insight_core.io import write_safetensors
-from insight_core.sae import MatryoshkaSAE, SAEConfig
+from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 
 log = logging.getLogger(__name__)
 

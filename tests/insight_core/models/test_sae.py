@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from insight_core.errors import CheckpointError, ConfigError
-from insight_core.sae import (
+from insight_core.models.sae import (
     PAPER_GROUP_FRACTIONS,
     MatryoshkaSAE,
     SAEConfig,

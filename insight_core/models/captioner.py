@@ -7,7 +7,7 @@ transformer adapter (8 layers) with 10 learnable queries turns it into 10 prefix
 causal language model (default ``gpt2``, any ``AutoModelForCausalLM`` + tokenizer by hub name or
 local directory). Decoding is greedy or beam search with a KV cache; both are deterministic.
 
-Steering (editing concept activations before decoding) lives in :mod:`insight_core.steering`.
+Steering (editing concept activations before decoding) lives in :mod:`insight_core.concepts.steering`.
 
 On disk a captioner is a directory: ``config.json`` (:class:`CaptionerConfig` + metadata),
 ``adapter.safetensors`` and, when the LM was fine-tuned or built locally, ``lm/``
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json, write_safetensors
-from insight_core.sae import MatryoshkaSAE
+from insight_core.models.sae import MatryoshkaSAE
 
 log = logging.getLogger(__name__)
 

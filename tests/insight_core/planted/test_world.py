@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis.extra.numpy import arrays
 
 from insight_core.errors import ConfigError, FeatureFileError
-from insight_core.synthetic import (
+from insight_core.planted.world import (
     LAYOUT_NPZ,
     PlantedWorld,
     WorldConfig,

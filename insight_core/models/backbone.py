@@ -32,8 +32,8 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from PIL import Image
 from torch import Tensor, nn
 
+from insight_core.data.images import load_image
 from insight_core.errors import CheckpointError, ConfigError, ImageLoadError
-from insight_core.images import load_image
 
 logger = logging.getLogger(__name__)
 

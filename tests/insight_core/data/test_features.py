@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from insight_core.data.features import inspect_file, scan_features
 from insight_core.errors import FeatureFileError
-from insight_core.features import inspect_file, scan_features
 
 
 def _write(path: Path, arr: np.ndarray) -> Path:
