@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from insight_core.atlas import Atlas, AtlasError
 from insight_core.atlas.hub import resolve_atlas
@@ -98,10 +97,6 @@ def atlas_location(cli_value: str | None) -> str:
     return cli_value or os.environ.get(ENV_ATLAS) or DEFAULT_ATLAS
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _backbone(atlas: Atlas) -> tuple[ClipBackbone, Dinoiser]:
     bb = atlas.backbone
     if not bb.get("arch"):
@@ -109,7 +104,7 @@ def _backbone(atlas: Atlas) -> tuple[ClipBackbone, Dinoiser]:
     resize = bb.get("resize") or "squash"
     backbone = ClipBackbone(
         BackboneConfig(
-            arch=bb["arch"], pretrained=bb.get("pretrained") or "openai", device=_device(), resize=resize
+            arch=bb["arch"], pretrained=bb.get("pretrained") or "openai", device="auto", resize=resize
         )
     )
     if bb.get("embed_dim") and int(bb["embed_dim"]) != backbone.embed_dim:

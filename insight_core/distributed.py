@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from insight_core.device import wants_cuda
 from insight_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -91,18 +92,12 @@ def current() -> DistInfo:
     )
 
 
-def _wants_cuda(device: str | torch.device) -> bool:
-    if str(device) == "auto":
-        return torch.cuda.is_available()
-    return torch.device(device).type == "cuda"
-
-
 def local_device_name(device: str, info: DistInfo) -> str:
     """The device a process should use: ``cuda:LOCAL_RANK`` for CUDA devices in distributed runs.
 
     Single-process runs get ``device`` back unchanged ('auto' stays 'auto').
     """
-    if not info.is_distributed or not _wants_cuda(device):
+    if not info.is_distributed or not wants_cuda(device):
         return device
     if str(device) not in ("auto", "cuda", f"cuda:{info.local_rank}"):
         log.warning("device %s replaced by cuda:%d (LOCAL_RANK) under torchrun", device, info.local_rank)
@@ -145,7 +140,7 @@ def init_from_env(device: str | torch.device = "auto", timeout: datetime.timedel
     # threads then outlive the interpreter and can abort the process at exit ("terminate called
     # without an active exception"). Importing it before the group exists avoids that.
     importlib.import_module("torch._dynamo")
-    if _wants_cuda(device):
+    if wants_cuda(device):
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} requested but CUDA is not available")
         torch.cuda.set_device(info.local_rank)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from insight_core.atlas import MANIFEST, write_manifest
 from insight_core.data.images import load_image
+from insight_core.device import resolve_device
 from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
 from insight_core.io import write_json
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
@@ -366,10 +367,6 @@ def extract_split(
 # --------------------------------------------------------------------------------------------------
 
 
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def _data(arr: np.ndarray, split: Split) -> CaptionData:
     return CaptionData(torch.from_numpy(np.asarray(arr)), split.captions)
 
@@ -388,7 +385,7 @@ def run(job: CaptionerJob) -> dict:
     sae_path = atlas / "sae.safetensors"
     if not sae_path.is_file():
         raise ConfigError(f"--atlas {atlas}: no sae.safetensors (run train-sae first or import an SAE)")
-    device = _device(job.device)
+    device = str(resolve_device(job.device, what="--device"))
     out = atlas / OUT_DIR
     bb_cfg = _backbone_cfg(job, device)
     stamp = _stamp(job, sae_path, bb_cfg)

@@ -17,9 +17,9 @@ import torch
 
 from insight_core.concepts.stats import ConceptStats, StatsConfig, compute_stats
 from insight_core.data.features import scan_features
+from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError
 from insight_core.models.sae import MatryoshkaSAE
-from insight_core.training.sae import resolve_device
 from precompute.common import fingerprint
 
 log = logging.getLogger(__name__)

@@ -1,15 +1,39 @@
-"""The atlas: the one contract between the precompute jobs and the app (see docs/atlas.md)."""
+"""The atlas: the one contract between the precompute jobs and the app (see docs/atlas.md).
 
-from insight_core.atlas.manifest import (
-    ATLAS_FORMAT,
-    FILES,
+- :mod:`~insight_core.atlas.layout`: where every file lives (the only place paths are spelled);
+- :mod:`~insight_core.atlas.records`: stage records, how a stage knows it is already done;
+- :mod:`~insight_core.atlas.manifest`: ``manifest.json``, opening and validating an atlas;
+- :mod:`~insight_core.atlas.hub`: sharing atlases on the Hugging Face Hub.
+"""
+
+from insight_core.atlas.layout import (
+    ATLAS_FILES,
     MANIFEST,
-    REQUIRED,
-    SCHEMA_VERSION,
-    Atlas,
-    AtlasError,
-    write_manifest,
+    REQUIRED_ROLES,
+    AtlasLayout,
+    CaptionerLayout,
+    FeaturesLayout,
+    PlantedLayout,
+    WorldLayout,
 )
+from insight_core.atlas.manifest import ATLAS_FORMAT, SCHEMA_VERSION, Atlas, AtlasError, write_manifest
+from insight_core.atlas.records import StageRecord, fingerprint, read_json_dict
 
-__all__ = ["ATLAS_FORMAT", "FILES", "MANIFEST", "REQUIRED", "SCHEMA_VERSION", "Atlas", "AtlasError",
-           "write_manifest"]
+__all__ = [
+    "ATLAS_FILES",
+    "ATLAS_FORMAT",
+    "MANIFEST",
+    "REQUIRED_ROLES",
+    "SCHEMA_VERSION",
+    "Atlas",
+    "AtlasError",
+    "AtlasLayout",
+    "CaptionerLayout",
+    "FeaturesLayout",
+    "PlantedLayout",
+    "StageRecord",
+    "WorldLayout",
+    "fingerprint",
+    "read_json_dict",
+    "write_manifest",
+]

@@ -17,37 +17,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from insight_core.atlas.layout import ATLAS_FILES, MANIFEST, REQUIRED_ROLES, AtlasLayout
 from insight_core.errors import CheckpointError
 from insight_core.io import write_json
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 ATLAS_FORMAT = "insight-atlas"
-
-# role -> path inside the atlas; roles in REQUIRED must exist for the app to open the atlas
-FILES: dict[str, str] = {
-    "sae": "sae.safetensors",
-    "sae_config": "sae.json",
-    "sae_metrics": "sae_metrics.json",
-    "concepts": "concepts.parquet",
-    "edges": "edges.parquet",
-    "families": "families.json",
-    "stats": "stats/concept_stats.safetensors",
-    "stats_meta": "stats/concept_stats.json",
-    "concept_vectors": "concept_vectors.safetensors",
-    "concept_index": "index/concepts.faiss",
-    "exemplar_index": "index/exemplars.faiss",
-    "index_meta": "index/index.json",
-    "exemplars": "exemplars.parquet",
-    "thumbnails": "thumbs/index.json",
-    "dinoiser": "dinoiser.safetensors",
-    "captioner": "captioner/config.json",
-    "captioner_adapter": "captioner/adapter.safetensors",
-    "captioner_metrics": "captioner/metrics.json",
-}
-REQUIRED = ("sae", "concepts", "edges", "stats")
 
 
 class AtlasError(CheckpointError):
@@ -73,65 +50,55 @@ def write_manifest(
     root: str | Path, *, backbone: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
 ) -> dict:
     """(Re)write ``manifest.json`` describing every known file present in the atlas."""
-    root = Path(root)
+    layout = AtlasLayout(Path(root))
     files = {}
-    for role, rel in FILES.items():
-        path = root / rel
+    for role in ATLAS_FILES:
+        path = layout.file(role)
         if path.is_file():
-            files[role] = {"path": rel, "bytes": path.stat().st_size, "sha256": _sha256(path)}
-    missing = [r for r in REQUIRED if r not in files]
+            files[role] = {"path": layout.rel(path), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    missing = [r for r in REQUIRED_ROLES if r not in files]
     if missing:
         raise AtlasError(
-            f"{root}: cannot write a manifest, required files missing: {[FILES[r] for r in missing]}"
+            f"{layout.root}: cannot write a manifest, required files missing: "
+            f"{[ATLAS_FILES[r] for r in missing]}"
         )
-    previous = _read_json(root / MANIFEST) if (root / MANIFEST).is_file() else {}
+    previous = _read_json(layout.manifest) if layout.manifest.is_file() else {}
     manifest = {
         "format": ATLAS_FORMAT,
         "schema_version": SCHEMA_VERSION,
         "backbone": backbone if backbone is not None else previous.get("backbone", {}),
-        "configs": _configs(root),
-        "counts": _counts(root),
-        "stages": _stage_fingerprints(root),
+        "configs": _configs(layout),
+        "counts": _counts(layout),
+        "stages": {name: rec.read().get("input_fingerprint") for name, rec in layout.stage_records().items()},
         "files": files,
         **(extra or {}),
     }
-    write_json(root / MANIFEST, manifest)
+    write_json(layout.manifest, manifest)
     return manifest
 
 
-def _configs(root: Path) -> dict:
+def _configs(layout: AtlasLayout) -> dict:
     out = {}
-    if (root / FILES["sae_config"]).is_file():
-        out["sae"] = _read_json(root / FILES["sae_config"])
-    if (root / FILES["families"]).is_file():
-        out["families"] = _read_json(root / FILES["families"]).get("config")
-    if (root / FILES["stats_meta"]).is_file():
-        out["stats"] = _read_json(root / FILES["stats_meta"]).get("config")
+    if layout.sae_config.is_file():
+        out["sae"] = _read_json(layout.sae_config)
+    if layout.families.is_file():
+        out["families"] = _read_json(layout.families).get("config")
+    if layout.stats_meta.is_file():
+        out["stats"] = _read_json(layout.stats_meta).get("config")
     return out
 
 
-def _counts(root: Path) -> dict:
+def _counts(layout: AtlasLayout) -> dict:
     counts: dict[str, Any] = {}
-    if (root / FILES["stats_meta"]).is_file():
-        meta = _read_json(root / FILES["stats_meta"])
+    if layout.stats_meta.is_file():
+        meta = _read_json(layout.stats_meta)
         counts.update(
             n_concepts=meta.get("m"), n_images=meta.get("n_images"), n_patches=meta.get("n_patches")
         )
-    if (root / FILES["families"]).is_file():
-        fam = _read_json(root / FILES["families"])
+    if layout.families.is_file():
+        fam = _read_json(layout.families)
         counts.update(n_edges=fam.get("n_edges"), max_depth=fam.get("max_depth"))
     return counts
-
-
-def _stage_fingerprints(root: Path) -> dict:
-    stages = {}
-    if (root / FILES["sae_metrics"]).is_file():
-        stages["train-sae"] = _read_json(root / FILES["sae_metrics"]).get("input_fingerprint")
-    if (root / "stats" / "input_fingerprint.json").is_file():
-        stages["stats"] = _read_json(root / "stats" / "input_fingerprint.json")
-    if (root / FILES["index_meta"]).is_file():
-        stages["index"] = _read_json(root / FILES["index_meta"]).get("input_hash")
-    return stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +110,7 @@ class Atlas:
 
     @classmethod
     def open(
-        cls, root: str | Path, *, require: Iterable[str] = REQUIRED, verify_hashes: bool = False
+        cls, root: str | Path, *, require: Iterable[str] = REQUIRED_ROLES, verify_hashes: bool = False
     ) -> Atlas:
         """Open and validate; ``verify_hashes`` also re-hashes every file (slow for large atlases)."""
         root = Path(root)
@@ -167,7 +134,9 @@ class Atlas:
         files = manifest.get("files", {})
         for role in require:
             if role not in files:
-                raise AtlasError(f"{root}: the manifest lists no {role!r} file ({FILES.get(role, role)})")
+                raise AtlasError(
+                    f"{root}: the manifest lists no {role!r} file ({ATLAS_FILES.get(role, role)})"
+                )
         for role, entry in files.items():
             _check_file(root, role, entry, verify_hashes)
         return cls(root=root, manifest=manifest)
@@ -175,8 +144,12 @@ class Atlas:
     def path(self, role: str) -> Path:
         entry = self.manifest["files"].get(role)
         if entry is None:
-            raise AtlasError(f"{self.root}: this atlas has no {role!r} file ({FILES.get(role, role)})")
+            raise AtlasError(f"{self.root}: this atlas has no {role!r} file ({ATLAS_FILES.get(role, role)})")
         return self.root / entry["path"]
+
+    @property
+    def layout(self) -> AtlasLayout:
+        return AtlasLayout(self.root)
 
     def has(self, role: str) -> bool:
         return role in self.manifest["files"]

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from insight_core.data.images import load_image
+from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError, ConfigError, ImageLoadError
 
 logger = logging.getLogger(__name__)
@@ -267,17 +268,6 @@ def _check_structure(visual: nn.Module, arch: str) -> None:
             raise ConfigError(f"{arch!r}: block {i} uses separate q/k/v projections or cross-attention")
 
 
-def _resolve_device(cfg: BackboneConfig) -> torch.device:
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"BackboneConfig.device={cfg.device!r} is not a torch device: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"BackboneConfig.device={cfg.device!r} but CUDA is not available")
-    return device
-
-
 def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         if device.type != "cuda":
@@ -405,7 +395,7 @@ class ClipBackbone:
 
     def __init__(self, cfg: BackboneConfig | None = None) -> None:
         self.cfg = cfg = cfg or BackboneConfig()
-        self._device = _resolve_device(cfg)
+        self._device = resolve_device(cfg.device, what="BackboneConfig.device")
         self._dtype = _resolve_dtype(cfg.precision, self._device)
         model = _create_model(cfg)
         _check_structure(model.visual, cfg.arch)

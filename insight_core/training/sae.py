@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from insight_core import distributed
 from insight_core.data.features import FeatureSplit
+from insight_core.device import resolve_device
 from insight_core.distributed import DistInfo
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_safetensors
@@ -118,15 +119,6 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def geometric_median(points_nd: torch.Tensor, iters: int = 100, tol: float = 1e-5) -> torch.Tensor:

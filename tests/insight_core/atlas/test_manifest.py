@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from insight_core.atlas import FILES, REQUIRED, SCHEMA_VERSION, Atlas, AtlasError, write_manifest
+from insight_core.atlas import ATLAS_FILES, REQUIRED_ROLES, SCHEMA_VERSION, Atlas, AtlasError, write_manifest
 
 
 @pytest.fixture
 def atlas_dir(tmp_path: Path) -> Path:
     root = tmp_path / "atlas"
-    for role in REQUIRED:
-        path = root / FILES[role]
+    for role in REQUIRED_ROLES:
+        path = root / ATLAS_FILES[role]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(f"content of {role}".encode())
-    (root / FILES["families"]).write_text(
+    (root / ATLAS_FILES["families"]).write_text(
         json.dumps({"config": {"min_confidence": 0.75}, "n_edges": 3, "max_depth": 1})
     )
     return root
@@ -26,7 +26,7 @@ def atlas_dir(tmp_path: Path) -> Path:
 def test_manifest_round_trip(atlas_dir: Path) -> None:
     manifest = write_manifest(atlas_dir, backbone={"arch": "ViT-B-16", "random_weights": True})
     assert manifest["schema_version"] == SCHEMA_VERSION
-    assert set(manifest["files"]) == {*REQUIRED, "families"}
+    assert set(manifest["files"]) == {*REQUIRED_ROLES, "families"}
     assert manifest["counts"]["n_edges"] == 3
     atlas = Atlas.open(atlas_dir, verify_hashes=True)
     assert atlas.random_weights

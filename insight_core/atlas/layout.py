@@ -1,0 +1,368 @@
+"""Where every file of an atlas (and of the folders around it) lives: the only place paths are spelled.
+
+An atlas is a directory (docs/atlas.md). Stages, the manifest, validation, the Hub helpers and the
+app all ask an :class:`AtlasLayout` for paths (``layout.sae``, ``layout.thumb(7)``,
+``layout.stage_record("stats")``, ``layout.probe("imagenet")``) instead of joining names themselves,
+so moving a file is a one-line change here. The same goes for the folders the pipeline reads and
+writes beside an atlas: extracted features (:class:`FeaturesLayout`), the captioner inside the atlas
+(:class:`CaptionerLayout`) and planted worlds (:class:`PlantedLayout`).
+
+Roles (:data:`ATLAS_FILES`) are the keys of the manifest's ``files`` block; :data:`REQUIRED_ROLES`
+are the ones the app cannot open an atlas without.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from insight_core.atlas.records import StageRecord
+from insight_core.errors import ConfigError
+
+MANIFEST = "manifest.json"
+_STATS_DIR = "stats"
+_INDEX_DIR = "index"
+_THUMBS_DIR = "thumbs"
+_CAPTIONER_DIR = "captioner"
+_RECORDS_DIR = "stages"
+_PROBES_DIR = "probes"
+_EVALS_DIR = "evals"
+_VOCAB_CACHE_DIR = "cache"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CaptionerLayout:
+    """A captioner folder (``ATLAS/captioner/``; its dense baseline is the same layout in ``dense/``)."""
+
+    root: Path
+
+    CONFIG = "config.json"
+    ADAPTER = "adapter.safetensors"
+    LM_DIR = "lm"
+    METRICS = "metrics.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / self.CONFIG
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / self.ADAPTER
+
+    @property
+    def lm_dir(self) -> Path:
+        """The bundled LM + tokenizer (``save_pretrained``), when fine-tuned or local."""
+        return self.root / self.LM_DIR
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / self.METRICS
+
+    @property
+    def dense(self) -> CaptionerLayout:
+        """The dense-backbone baseline captioner."""
+        return CaptionerLayout(self.root / "dense")
+
+    @property
+    def cache_dir(self) -> Path:
+        """fp16 feature caches of the training job (hidden: not uploaded, not needed by the app)."""
+        return self.root / ".cache"
+
+    def cache_file(self, split: str, part: str) -> Path:
+        """One cached array or key of a split (``part``: dense.npy, insight.npy, key.json)."""
+        return self.cache_dir / f"{split}_{part}"
+
+
+ATLAS_FILES: dict[str, str] = {
+    "sae": "sae.safetensors",
+    "sae_config": "sae.json",
+    "sae_metrics": "sae_metrics.json",
+    "concepts": "concepts.parquet",
+    "edges": "edges.parquet",
+    "families": "families.json",
+    "stats": f"{_STATS_DIR}/concept_stats.safetensors",
+    "stats_meta": f"{_STATS_DIR}/concept_stats.json",
+    "concept_vectors": "concept_vectors.safetensors",
+    "concept_index": f"{_INDEX_DIR}/concepts.faiss",
+    "exemplar_index": f"{_INDEX_DIR}/exemplars.faiss",
+    "index_meta": f"{_INDEX_DIR}/index.json",
+    "exemplars": "exemplars.parquet",
+    "thumbnails": f"{_THUMBS_DIR}/index.json",
+    "dinoiser": "dinoiser.safetensors",
+    "dinoiser_metrics": "dinoiser_metrics.json",
+    "captioner": f"{_CAPTIONER_DIR}/{CaptionerLayout.CONFIG}",
+    "captioner_adapter": f"{_CAPTIONER_DIR}/{CaptionerLayout.ADAPTER}",
+    "captioner_metrics": f"{_CAPTIONER_DIR}/{CaptionerLayout.METRICS}",
+}
+"""Role -> path inside the atlas of every file the manifest can list."""
+
+REQUIRED_ROLES = ("sae", "concepts", "edges", "stats")
+"""Roles without which the app cannot open an atlas."""
+
+UPLOAD_IGNORE = [".*", "*/.*", "*.tmp", "*.lock", f"{_VOCAB_CACHE_DIR}/*", "__pycache__/*", "*/__pycache__/*"]
+"""Patterns (``huggingface_hub`` style) of atlas files never uploaded: hidden training state and
+caches, temp and lock files, the vocabulary-embedding cache."""
+
+
+def check_name(name: str, what: str) -> str:
+    """A user-chosen name that is safe as one path component (probe, evaluation, stage)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(
+            f"{what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AtlasLayout:
+    """Paths of one atlas directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def file(self, role: str) -> Path:
+        """The path of a manifest role (see :data:`ATLAS_FILES`)."""
+        try:
+            return self.root / ATLAS_FILES[role]
+        except KeyError:
+            raise ConfigError(f"unknown atlas file role {role!r} (known: {sorted(ATLAS_FILES)})") from None
+
+    def rel(self, path: Path) -> str:
+        """``path`` relative to the atlas root, with forward slashes (manifest and record entries)."""
+        return Path(path).relative_to(self.root).as_posix()
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    # -- SAE ------------------------------------------------------------------------------------
+    @property
+    def sae(self) -> Path:
+        return self.file("sae")
+
+    @property
+    def sae_config(self) -> Path:
+        return self.file("sae_config")
+
+    @property
+    def sae_metrics(self) -> Path:
+        return self.file("sae_metrics")
+
+    @property
+    def sae_train_state(self) -> Path:
+        """Resumable training checkpoint (hidden; removed when training finishes)."""
+        return self.root / ".train_state.safetensors"
+
+    # -- statistics, families, names ---------------------------------------------------------------
+    @property
+    def stats_dir(self) -> Path:
+        return self.root / _STATS_DIR
+
+    @property
+    def stats_tensors(self) -> Path:
+        return self.file("stats")
+
+    @property
+    def stats_meta(self) -> Path:
+        return self.file("stats_meta")
+
+    @property
+    def edges(self) -> Path:
+        return self.file("edges")
+
+    @property
+    def families(self) -> Path:
+        """Family config and summary."""
+        return self.file("families")
+
+    @property
+    def concepts(self) -> Path:
+        return self.file("concepts")
+
+    @property
+    def concept_vectors(self) -> Path:
+        return self.file("concept_vectors")
+
+    @property
+    def vocab_cache_dir(self) -> Path:
+        """Cached vocabulary text embeddings (not uploaded)."""
+        return self.root / _VOCAB_CACHE_DIR
+
+    # -- indexes and thumbnails ---------------------------------------------------------------------
+    @property
+    def concept_index(self) -> Path:
+        return self.file("concept_index")
+
+    @property
+    def exemplar_index(self) -> Path:
+        return self.file("exemplar_index")
+
+    @property
+    def index_meta(self) -> Path:
+        return self.file("index_meta")
+
+    @property
+    def exemplars(self) -> Path:
+        return self.file("exemplars")
+
+    @property
+    def thumbs_dir(self) -> Path:
+        return self.root / _THUMBS_DIR
+
+    @property
+    def thumbs_index(self) -> Path:
+        return self.file("thumbnails")
+
+    def thumb(self, image_id: int) -> Path:
+        """The WebP thumbnail of a (global) image id."""
+        return self.thumbs_dir / f"{int(image_id)}.webp"
+
+    # -- models beside the SAE ----------------------------------------------------------------------
+    @property
+    def dinoiser(self) -> Path:
+        return self.file("dinoiser")
+
+    @property
+    def dinoiser_metrics(self) -> Path:
+        return self.file("dinoiser_metrics")
+
+    @property
+    def dinoiser_inputs_cache(self) -> Path:
+        """Encoded training inputs of train-adapter, kept across interruptions (hidden)."""
+        return self.root / ".dinoiser_inputs.safetensors"
+
+    @property
+    def captioner(self) -> CaptionerLayout:
+        return CaptionerLayout(self.root / _CAPTIONER_DIR)
+
+    # -- bookkeeping, probes, evaluations -------------------------------------------------------
+    @property
+    def records_dir(self) -> Path:
+        return self.root / _RECORDS_DIR
+
+    def stage_record(self, stage: str) -> StageRecord:
+        """The record a stage writes when it finishes (input fingerprint, outputs, summary)."""
+        return StageRecord(self.records_dir / f"{check_name(stage, 'stage')}.json", self.root)
+
+    def stage_records(self) -> dict[str, StageRecord]:
+        """Every stage record present, by stage name."""
+        if not self.records_dir.is_dir():
+            return {}
+        return {p.stem: StageRecord(p, self.root) for p in sorted(self.records_dir.glob("*.json"))}
+
+    @property
+    def probes_dir(self) -> Path:
+        return self.root / _PROBES_DIR
+
+    def probe(self, name: str) -> Path:
+        """The folder of a named probe (``probes/NAME/``)."""
+        return self.probes_dir / check_name(name, "probe name")
+
+    @property
+    def evals_dir(self) -> Path:
+        return self.root / _EVALS_DIR
+
+    @property
+    def planted_recovery(self) -> Path:
+        """``eval-synth``'s report on this atlas against a planted world."""
+        return self.root / "planted_recovery.json"
+
+    def evaluation(self, name: str) -> Path:
+        """The folder of a named evaluation (``evals/NAME/``)."""
+        return self.evals_dir / check_name(name, "evaluation name")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FeaturesLayout:
+    """A feature folder written by ``extract`` (or ``synth``): fp16 shards, their image ids, a manifest."""
+
+    root: Path
+
+    SHARD_GLOB = "shard_*.npy"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    def shard(self, index: int) -> Path:
+        return self.root / f"shard_{index:05d}.npy"
+
+    def shard_ids(self, index: int) -> Path:
+        """The images of a shard, in order, and the skipped ones (extract's per-shard record)."""
+        return self.root / f"shard_{index:05d}.ids.json"
+
+    @staticmethod
+    def ids_of(shard: Path) -> Path:
+        """The ids file beside a shard file."""
+        return shard.with_name(shard.name.removesuffix(".npy") + ".ids.json")
+
+    @staticmethod
+    def shard_index(path: Path) -> int | None:
+        """The index of a ``shard_XXXXX.*`` file, or None for other files."""
+        match = re.fullmatch(r"shard_(\d{5})\.(npy|ids\.json)", Path(path).name)
+        return int(match.group(1)) if match else None
+
+    def shard_files(self) -> list[Path]:
+        """Every ``shard_*`` file (arrays and id files), sorted."""
+        return sorted(p for p in self.root.glob("shard_*") if self.shard_index(p) is not None)
+
+    def ids_files(self) -> list[Path]:
+        return sorted(self.root.glob("shard_*.ids.json"))
+
+    @property
+    def planted_layout(self) -> Path:
+        """Masks and atom placements of a planted world's images (``synth``)."""
+        return self.root / "planted_layout.npz"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorldLayout:
+    """A saved planted world: its truth (atoms, hierarchy, names) and its vocabulary embeddings."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "world.json"
+
+    @property
+    def tensors(self) -> Path:
+        return self.root / "world.safetensors"
+
+    @property
+    def vocab(self) -> Path:
+        """Word embeddings of the world's vocabulary (the ``--vocab-embeddings`` format)."""
+        return self.root / "vocab.npz"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlantedLayout:
+    """A planted world's output folder (``synth``): the world, its features, its oracle atlas."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def world(self) -> WorldLayout:
+        return WorldLayout(self.root / "world")
+
+    @property
+    def features(self) -> FeaturesLayout:
+        return FeaturesLayout(self.root / "features")
+
+    @property
+    def oracle_atlas(self) -> AtlasLayout:
+        """The true atoms as an SAE, to test later stages alone."""
+        return AtlasLayout(self.root / "oracle_atlas")

@@ -1,0 +1,98 @@
+"""Stage records: how every pipeline stage knows it is already done.
+
+A stage hashes its inputs (file names, sizes, mtimes and its settings: :func:`fingerprint`), does
+its work, writes its outputs atomically, and *last* writes a :class:`StageRecord` (atomically too)
+with that fingerprint and the size of every output. On the next run the stage is skipped when the
+record's fingerprint equals the new one and every recorded output is still there with its size.
+A missing, torn or foreign record, or an output deleted or replaced since, means "not done": the
+stage runs again. One mechanism for all stages; records live in ``ATLAS/stages/NAME.json``
+(:meth:`insight_core.atlas.layout.AtlasLayout.stage_record`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from insight_core.io import write_json
+
+RECORD_FORMAT = "insight-stage-record"
+
+
+def read_json_dict(path: str | Path) -> dict[str, Any]:
+    """A JSON object file, or ``{}`` when it is missing, torn or not an object."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def fingerprint(files: Iterable[str | Path], config: Mapping[str, Any]) -> str:
+    """Hash of input files (name, size, mtime) and a config: detects changed inputs cheaply."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for f in sorted(Path(p) for p in files):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StageRecord:
+    """The record file of one stage; ``root`` is the folder output paths are recorded relative to."""
+
+    path: Path
+    root: Path
+
+    @property
+    def stage(self) -> str:
+        return self.path.stem
+
+    def read(self) -> dict[str, Any]:
+        """The record, or ``{}`` when it is missing, torn or not a stage record."""
+        doc = read_json_dict(self.path)
+        return doc if doc.get("format") == RECORD_FORMAT else {}
+
+    def is_current(self, key: str) -> bool:
+        """True when the stage finished with inputs ``key`` and its outputs are unchanged since."""
+        doc = self.read()
+        if doc.get("input_fingerprint") != key:
+            return False
+        outputs = doc.get("outputs")
+        if not isinstance(outputs, dict):
+            return False
+        for rel, size in outputs.items():
+            path = self.root / rel
+            if not path.is_file() or path.stat().st_size != size:
+                return False
+        return True
+
+    def info(self) -> dict[str, Any]:
+        """What the stage stored beside its bookkeeping (summary, config)."""
+        return self.read().get("info", {})
+
+    def write(self, key: str, outputs: Iterable[str | Path] = (), **info: Any) -> dict[str, Any]:
+        """Mark the stage done: call after every output is written."""
+        sizes = {}
+        for out in outputs:
+            path = Path(out)
+            sizes[path.relative_to(self.root).as_posix()] = path.stat().st_size
+        doc = {
+            "format": RECORD_FORMAT,
+            "stage": self.stage,
+            "input_fingerprint": key,
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "outputs": sizes,
+            "info": info,
+        }
+        write_json(self.path, doc)
+        return doc
+
+    def clear(self) -> None:
+        """Forget the stage (its outputs are about to be rewritten)."""
+        self.path.unlink(missing_ok=True)

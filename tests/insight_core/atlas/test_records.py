@@ -1,0 +1,66 @@
+"""Stage records: done only with the same inputs and untouched outputs; torn records mean 'redo'."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from insight_core.atlas import AtlasLayout, fingerprint
+from insight_core.errors import ConfigError
+
+
+def _touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_record_marks_done_until_inputs_or_outputs_change(tmp_path: Path) -> None:
+    layout = AtlasLayout(tmp_path / "atlas")
+    inp = _touch(tmp_path / "input.npy", b"features")
+    out = _touch(layout.edges, b"edges")
+    key = fingerprint([inp], {"min_confidence": 0.75})
+    record = layout.stage_record("families")
+    assert not record.is_current(key)  # never ran
+    record.write(key, [out], n_edges=3)
+    assert record.is_current(key)
+    assert record.info() == {"n_edges": 3}
+    assert record.read()["outputs"] == {"edges.parquet": 5}
+    # other settings, or a changed input: not current
+    assert not record.is_current(fingerprint([inp], {"min_confidence": 0.5}))
+    os.utime(inp, ns=(1, 1))
+    assert fingerprint([inp], {"min_confidence": 0.75}) != key
+    # an output replaced (other size) or deleted since: not current
+    out.write_bytes(b"other edges")
+    assert not record.is_current(key)
+    out.unlink()
+    assert not record.is_current(key)
+
+
+def test_torn_or_foreign_records_mean_not_done(tmp_path: Path) -> None:
+    layout = AtlasLayout(tmp_path)
+    record = layout.stage_record("stats")
+    record.write("abc")
+    assert record.is_current("abc")
+    text = record.path.read_text()
+    record.path.write_text(text[: len(text) // 2])  # torn by a crash mid-write (not atomic elsewhere)
+    assert record.read() == {}
+    assert not record.is_current("abc")
+    record.path.write_text('{"input_fingerprint": "abc", "outputs": {}}')  # not a stage record
+    assert not record.is_current("abc")
+    record.path.write_text("[1, 2]")
+    assert not record.is_current("abc")
+
+
+def test_layout_lists_records_and_rejects_unsafe_names(tmp_path: Path) -> None:
+    layout = AtlasLayout(tmp_path)
+    layout.stage_record("train-sae").write("k1")
+    layout.stage_record("name").write("k2")
+    assert sorted(layout.stage_records()) == ["name", "train-sae"]
+    for bad in ("../escape", "a/b", "", ".hidden"):
+        with pytest.raises(ConfigError, match="use 1-64 letters"):
+            layout.probe(bad)
+    assert layout.probe("imagenet-l1") == tmp_path / "probes" / "imagenet-l1"
+    assert layout.thumb(12) == tmp_path / "thumbs" / "12.webp"
