@@ -10,7 +10,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from insight_core.atlas import Atlas, write_manifest
+from insight_core.atlas import Atlas, AtlasLayout, write_manifest
 from insight_core.errors import ConfigError
 from precompute import extract, families, index, name, train_sae
 from precompute.common import default_of
@@ -91,7 +91,7 @@ class BuildJob:
 def run(job: BuildJob) -> Atlas:
     atlas = Path(job.atlas)
     has_source = any(x is not None for x in (job.images, job.webdataset, job.hf_dataset))
-    features = job.features or (atlas.parent / f"{atlas.name}-features" if has_source else None)
+    features = job.features or (AtlasLayout(atlas).default_features_dir if has_source else None)
     if features is None:
         raise ConfigError(
             "give an image source (--images, --webdataset or --hf-dataset) or --features (feature folder)"

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from insight_core.atlas import MANIFEST, write_manifest
+from insight_core.atlas import AtlasLayout, CaptionerLayout, fingerprint, read_json_dict, write_manifest
 from insight_core.data.images import load_image
 from insight_core.device import resolve_device
 from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
@@ -53,11 +53,11 @@ from insight_core.models.captioner import (
 )
 from insight_core.models.dinoiser import Dinoiser
 from insight_core.models.sae import MatryoshkaSAE
-from precompute.common import default_of, fingerprint, fmt_metrics
+from precompute.common import default_of, fmt_metrics
 
 log = logging.getLogger(__name__)
 
-OUT_DIR, METRICS_FILE, CACHE_DIR = "captioner", "metrics.json", ".cache"
+STAGE = "captioner"
 TINY_LM = "tiny"
 
 
@@ -299,9 +299,8 @@ def load_splits(job: CaptionerJob) -> dict[str, Split]:
 
 def _backbone_cfg(job: CaptionerJob, device: str) -> BackboneConfig:
     pretrained = job.pretrained
-    manifest = Path(job.atlas) / "manifest.json"
-    if pretrained is None and manifest.is_file():
-        pretrained = json.loads(manifest.read_text()).get("backbone", {}).get("pretrained")
+    if pretrained is None:
+        pretrained = read_json_dict(AtlasLayout(job.atlas).manifest).get("backbone", {}).get("pretrained")
     return BackboneConfig(arch=job.arch, pretrained=pretrained or "openai", device=device, resize=job.resize)
 
 
@@ -310,7 +309,7 @@ def _pooling(job: CaptionerJob) -> Dinoiser:
         raise ConfigError(f"--pool must be none, raw or head, got {job.pool!r}")
     if job.pool != "head":
         return Dinoiser(mode=job.pool)
-    head = job.dinoiser or Path(job.atlas) / "dinoiser.safetensors"
+    head = job.dinoiser or AtlasLayout(job.atlas).dinoiser
     if not Path(head).is_file():
         raise ConfigError(f"--pool head needs a trained head: {head} not found (pass --dinoiser)")
     return Dinoiser.load(head)
@@ -321,20 +320,18 @@ def extract_split(
     backbone: ClipBackbone,
     pool: Dinoiser,
     sae: MatryoshkaSAE,
-    cache: Path,
+    files: CaptionerLayout,
     stamp: str,
     progress: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dense features and SAE reconstructions (n, gh, gw, d) fp16 memmaps; unreadable images fail the job."""
-    dense_path, recon_path, key_path = (
-        cache / f"{split.name}_{s}" for s in ("dense.npy", "insight.npy", "key.json")
-    )
+    dense_path, recon_path, key_path = files.split_cache(split.name)
     key = {"stamp": stamp, "keys": split.keys}
-    if key_path.is_file() and json.loads(key_path.read_text()) == key:
+    if read_json_dict(key_path) == key:
         return np.load(dense_path, mmap_mode="c"), np.load(recon_path, mmap_mode="c")  # lazy, writable view
     gh, gw = backbone.grid_hw
     shape = (len(split.keys), gh, gw, backbone.embed_dim)
-    cache.mkdir(parents=True, exist_ok=True)
+    files.cache_dir.mkdir(parents=True, exist_ok=True)
     key_path.unlink(missing_ok=True)  # the key is written last: a crash leaves no valid-looking cache
     dense = np.lib.format.open_memmap(dense_path, mode="w+", dtype=np.float16, shape=shape)
     recon = np.lib.format.open_memmap(recon_path, mode="w+", dtype=np.float16, shape=shape)
@@ -381,30 +378,29 @@ def _stamp(job: CaptionerJob, sae_path: Path, backbone_cfg: BackboneConfig) -> s
 
 def run(job: CaptionerJob) -> dict:
     """Train (or reuse) the captioner(s); returns the metrics also written to captioner/metrics.json."""
-    atlas = Path(job.atlas)
-    sae_path = atlas / "sae.safetensors"
-    if not sae_path.is_file():
-        raise ConfigError(f"--atlas {atlas}: no sae.safetensors (run train-sae first or import an SAE)")
+    layout = AtlasLayout(job.atlas)
+    if not layout.sae.is_file():
+        raise ConfigError(
+            f"--atlas {layout.root}: no {layout.sae.name} (run train-sae first or import an SAE)"
+        )
     device = str(resolve_device(job.device, what="--device"))
-    out = atlas / OUT_DIR
+    out = layout.captioner
     bb_cfg = _backbone_cfg(job, device)
-    stamp = _stamp(job, sae_path, bb_cfg)
-    metrics_path = out / METRICS_FILE
-    if not job.force and metrics_path.is_file():
-        previous = json.loads(metrics_path.read_text())
-        if previous.get("input_fingerprint") == stamp and (out / "config.json").is_file():
-            log.info("%s is up to date with its inputs; skipping (use --force to retrain)", out)
-            return previous
-    sae = MatryoshkaSAE.load(sae_path).requires_grad_(False)
+    stamp = _stamp(job, layout.sae, bb_cfg)
+    record = layout.stage_record(STAGE)
+    if not job.force and record.is_current(stamp):
+        log.info("%s is up to date with its inputs; skipping (use --force to retrain)", out.root)
+        return read_json_dict(out.metrics)
+    sae = MatryoshkaSAE.load(layout.sae).requires_grad_(False)
     splits = load_splits(job)
     log.info("captioner data: %s", {k: f"{len(v.keys)} images" for k, v in splits.items()})
     backbone, pool = ClipBackbone(bb_cfg), _pooling(job)
     feats = {
-        name: extract_split(s, backbone, pool, sae, out / CACHE_DIR, stamp, job.progress)
+        name: extract_split(s, backbone, pool, sae, out, stamp, job.progress)
         for name, s in splits.items()
     }
     del backbone
-    lm, finetune = _resolve_lm(job, splits["train"], out / CACHE_DIR)
+    lm, finetune = _resolve_lm(job, splits["train"], out)
     train_cfg = CaptionTrainConfig(
         epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, warmup_steps=job.warmup_steps,
         finetune_lm=finetune, seed=job.seed, device=device,
@@ -418,9 +414,8 @@ def run(job: CaptionerJob) -> dict:
         )  # fmt: skip
         model, results[source] = _train_eval(job, cfg, sae, splits, feats, train_cfg)
         save_lm = finetune or Path(lm).is_dir()
-        model.save(
-            out if source == "insight" else out / "dense", save_lm=save_lm, extra={"metrics": results[source]}
-        )
+        files = out if source == "insight" else out.dense
+        model.save(files.root, save_lm=save_lm, extra={"metrics": results[source]})
     metrics = {
         "input_fingerprint": stamp,
         "backbone": {**dataclasses.asdict(bb_cfg), "random_weights": bb_cfg.is_random},
@@ -432,9 +427,11 @@ def run(job: CaptionerJob) -> dict:
         "results": results,
         "job": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(job).items()},
     }
-    write_json(metrics_path, metrics)
-    if (atlas / MANIFEST).is_file():  # list the captioner in a finished atlas (keeps its backbone block)
-        write_manifest(atlas)
+    write_json(out.metrics, metrics)
+    written = [out.config, out.adapter, out.metrics] + ([out.dense.config] if job.baseline else [])
+    record.write(stamp, written, sources=sources)
+    if layout.manifest.is_file():  # list the captioner in a finished atlas (keeps its backbone block)
+        write_manifest(layout.root)
     for source, res in results.items():
         log.info(
             "%s captioner: %s",
@@ -449,11 +446,11 @@ def backbone_grid(feats: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[int,
     return int(dense.shape[1]), int(dense.shape[2])
 
 
-def _resolve_lm(job: CaptionerJob, train: Split, cache: Path) -> tuple[str, bool]:
+def _resolve_lm(job: CaptionerJob, train: Split, files: CaptionerLayout) -> tuple[str, bool]:
     if job.lm != TINY_LM:
         return job.lm, job.finetune_lm
     texts = [c for caps in train.captions for c in caps]
-    lm_dir = build_tiny_lm(texts, cache / "tiny_lm", seed=job.seed)
+    lm_dir = build_tiny_lm(texts, files.tiny_lm_dir, seed=job.seed)
     if not job.finetune_lm:
         log.warning("--lm tiny is a random-init LM: fine-tuning it with the adapter (--finetune-lm implied)")
     return str(lm_dir), True

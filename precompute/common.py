@@ -1,14 +1,16 @@
-"""Shared helpers of the precompute jobs: logging, input fingerprints, short summaries."""
+"""Shared helpers of the precompute jobs: logging, loading an atlas's SAE and statistics, summaries."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
+
+from insight_core.atlas import AtlasLayout
+from insight_core.concepts.stats import ConceptStats
+from insight_core.errors import CheckpointError
+from insight_core.models.sae import MatryoshkaSAE
 
 RANDOM_BANNER = (
     "\n"
@@ -30,23 +32,23 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def read_json_dict(path: str | Path) -> dict[str, Any]:
-    """A JSON object file, or ``{}`` when it is missing, torn or not an object: stages treat that as
-    'not done yet' and redo the work."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+def load_atlas_sae(layout: AtlasLayout) -> MatryoshkaSAE:
+    """The atlas's SAE (trained by train-sae, or an imported checkpoint placed there)."""
+    if not layout.sae.is_file():
+        raise CheckpointError(
+            f"{layout.sae} not found: run train-sae first, or place an SAE checkpoint there"
+        )
+    return MatryoshkaSAE.load(layout.sae)
 
 
-def fingerprint(files: Iterable[Path], config: Mapping[str, Any]) -> str:
-    """Hash of input files (name, size, mtime) and a config: detects changed inputs cheaply."""
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for f in sorted(Path(p) for p in files):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+def load_atlas_stats(layout: AtlasLayout) -> ConceptStats:
+    """The atlas's concept statistics (written by the stats stage)."""
+    if not layout.stats_meta.is_file():
+        raise CheckpointError(
+            f"{layout.stats_meta} not found: run the stats stage first (python -m precompute stats, "
+            "or pass --features)"
+        )
+    return ConceptStats.load(layout.stats_tensors, layout.stats_meta)
 
 
 def fmt_metrics(metrics: Mapping[str, Any], keys: Iterable[str]) -> str:

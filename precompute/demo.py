@@ -18,7 +18,8 @@ import os
 import time
 from pathlib import Path
 
-from insight_core.atlas import Atlas
+from insight_core.atlas import Atlas, AtlasLayout
+from insight_core.atlas.layout import EXAMPLE_CAPTIONS, EXAMPLES_DIR
 from insight_core.data.images import list_image_files
 from insight_core.errors import ConfigError, ImageLoadError
 from insight_core.models.backbone import weights_available
@@ -27,7 +28,6 @@ from precompute.common import RANDOM_BANNER
 
 log = logging.getLogger(__name__)
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 DEMO_GROUP_FRACTIONS = (0.05, 0.1, 0.2, 0.65)
 """Four coarse-to-fine Matryoshka groups: the paper's six shells are too fine for a 128-concept SAE."""
 PATCHES_PER_IMAGE = 196
@@ -92,7 +92,7 @@ def stage_images(job: DemoJob, folder: Path) -> int:
     """Link the example photos and the user's photos into ``folder`` (one tree, stable names)."""
     sources: list[tuple[str, Path, list[Path]]] = []
     if job.examples:
-        sources.append(("examples", EXAMPLES, list_image_files(EXAMPLES)))
+        sources.append(("examples", EXAMPLES_DIR, list_image_files(EXAMPLES_DIR)))
     if job.images is not None:
         if not Path(job.images).is_dir():
             raise ImageLoadError(f"--images {job.images}: folder not found")
@@ -123,8 +123,8 @@ def stage_images(job: DemoJob, folder: Path) -> int:
 def run(job: DemoJob) -> Atlas:
     t0 = time.perf_counter()
     out = Path(job.out)
-    work = out.parent / f"{out.name}-work"
-    n_images = stage_images(job, work / "images")
+    layout = AtlasLayout(out)
+    n_images = stage_images(job, layout.demo_images_dir)
     pretrained = resolve_pretrained(job.arch, job.pretrained)
     if pretrained == "none":
         log.warning(RANDOM_BANNER)
@@ -133,8 +133,8 @@ def run(job: DemoJob) -> Atlas:
     atlas = build.run(
         build.BuildJob(
             atlas=out,
-            images=work / "images",
-            features=work / "features",
+            images=layout.demo_images_dir,
+            features=layout.demo_features_dir,
             arch=job.arch,
             pretrained=pretrained,
             shard_size=256,
@@ -161,14 +161,14 @@ def run(job: DemoJob) -> Atlas:
 
 def _train_captioner(job: DemoJob, out: Path, pretrained: str) -> None:
     """Memorise the example captions (validation = training images: a plumbing demo, not a model)."""
-    captions = EXAMPLES / "captions.json"
+    captions = EXAMPLE_CAPTIONS
     captioner.run(
         captioner.CaptionerJob(
             atlas=out,
             captions=captions,
-            images=EXAMPLES,
+            images=EXAMPLES_DIR,
             val_captions=captions,
-            val_images=EXAMPLES,
+            val_images=EXAMPLES_DIR,
             lm="tiny",
             d_model=128,
             epochs=job.captioner_epochs,

@@ -16,6 +16,8 @@ import logging
 import time
 from pathlib import Path
 
+from insight_core.atlas import SynthLayout
+from insight_core.atlas.layout import EXAMPLES_DIR
 from insight_core.data.images import LoadReport, iter_images, list_image_files
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from precompute import synth, train_sae
@@ -23,7 +25,6 @@ from precompute.common import RANDOM_BANNER
 
 log = logging.getLogger(__name__)
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -52,11 +53,11 @@ class PlantedDemoJob:
 
 def run(job: PlantedDemoJob) -> dict:
     t0 = time.perf_counter()
-    planted, atlas = job.out / "planted", job.out / "atlas"
-    if not (planted / "world" / "world.json").is_file() or not (planted / "features").is_dir():
-        synth.run_synth(synth.SynthJob(out=planted, n_images=job.n_images))
+    planted, atlas = SynthLayout(job.out / "planted"), job.out / "atlas"
+    if not planted.world.config.is_file() or not planted.features.root.is_dir():
+        synth.run_synth(synth.SynthJob(out=planted.root, n_images=job.n_images))
     sae_job = train_sae.TrainSaeJob(
-        features=planted / "features",
+        features=planted.features.root,
         out=atlas,
         dict_size=job.dict_size,
         k=job.k,
@@ -68,14 +69,14 @@ def run(job: PlantedDemoJob) -> dict:
         device=job.device,
     )
     sae_metrics = train_sae.run(sae_job)
-    recovery = synth.run_eval_synth(synth.EvalSynthJob(planted=planted, atlas=atlas))
+    recovery = synth.run_eval_synth(synth.EvalSynthJob(planted=planted.root, atlas=atlas))
     backbone = _backbone_step(job)
     print(_summary(sae_metrics, recovery, backbone, time.perf_counter() - t0, job))
     return {"sae": sae_metrics, "recovery": recovery, "backbone": backbone}
 
 
 def _backbone_step(job: PlantedDemoJob) -> dict:
-    folder = job.images or EXAMPLES
+    folder = job.images or EXAMPLES_DIR
     report = LoadReport()
     images = [img for _, img in iter_images(list_image_files(folder), report=report)]
     model = ClipBackbone(BackboneConfig(arch=job.arch, pretrained=job.pretrained, device=job.device))

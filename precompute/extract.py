@@ -36,13 +36,13 @@ import torch
 from tqdm.auto import tqdm
 
 from insight_core import distributed
+from insight_core.atlas import FeaturesLayout, read_json_dict
 from insight_core.data.sources import HFDatasetSpec, ImageSource, PlannedShard, Record, make_source
 from insight_core.distributed import DistInfo
 from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
 from insight_core.io import write_json, write_npy
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from insight_core.models.dinoiser import Dinoiser
-from precompute.common import read_json_dict
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,8 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
         log.warning("RANDOM-INIT BACKBONE (pretrained='none'): extracted features carry no semantics")
     pool = pool.to(backbone.device)
     stamp = _model_stamp(job, backbone)
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = FeaturesLayout(job.out)
+    out.root.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []  # every shard's key, in plan order (all ranks walk the whole plan)
     entries, t0, done_images = [], time.perf_counter(), 0
     bar = tqdm(
@@ -199,7 +199,7 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
         keys.append(key := _shard_key(shard, stamp))
         if shard.index % info.world_size != info.rank:
             continue
-        ids_path, npy_path = out / f"shard_{shard.index:05d}.ids.json", out / f"shard_{shard.index:05d}.npy"
+        ids_path, npy_path = out.shard_ids(shard.index), out.shard(shard.index)
         previous = read_json_dict(ids_path)
         if previous.get("key") == key and (npy_path.is_file() or previous.get("n_images") == 0):
             entries.append(previous)  # finished by an earlier run
@@ -230,19 +230,19 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
         done_images = int(distributed.all_reduce_(torch.tensor([done_images]), "sum")[0])  # also a barrier
         if not info.is_main:  # rank 0 writes the manifest
             distributed.barrier()
-            return read_json_dict(out / "manifest.json")
+            return read_json_dict(out.manifest)
         entries = _collect_entries(out, keys)
     _remove_stale(out, len(keys))
     manifest = _manifest(source, backbone, stamp, entries)
-    if read_json_dict(out / "manifest.json") != manifest:  # unchanged: keep its mtime (later stages hash it)
-        write_json(out / "manifest.json", manifest)
+    if read_json_dict(out.manifest) != manifest:  # unchanged: keep its mtime (later stages hash it)
+        write_json(out.manifest, manifest)
     distributed.barrier()
     rate = done_images / max(time.perf_counter() - t0, 1e-9)
     log.info(
         "extracted %d images (%d skipped) -> %s; %.1f img/s",
         manifest["n_images"],
         manifest["n_skipped"],
-        out,
+        out.root,
         rate,
     )
     return manifest
@@ -262,11 +262,11 @@ def _my_share(n_total: int | None, shard_size: int, info: DistInfo) -> int | Non
     return sum(min(shard_size, n_total - k * shard_size) for k in mine)
 
 
-def _collect_entries(out: Path, keys: list[str]) -> list[dict]:
+def _collect_entries(out: FeaturesLayout, keys: list[str]) -> list[dict]:
     """Rank 0, after every rank finished: the id files of all shards, checked against the plan."""
     entries = []
     for k, key in enumerate(keys):
-        ids_path = out / f"shard_{k:05d}.ids.json"
+        ids_path = out.shard_ids(k)
         entry = read_json_dict(ids_path)
         if entry.get("key") != key:
             raise FeatureFileError(
@@ -276,10 +276,10 @@ def _collect_entries(out: Path, keys: list[str]) -> list[dict]:
     return entries
 
 
-def _remove_stale(out: Path, n_shards: int) -> None:
-    for path in sorted(out.glob("shard_*")):
-        index = path.name.split(".")[0].removeprefix("shard_")
-        if index.isdigit() and int(index) >= n_shards:
+def _remove_stale(out: FeaturesLayout, n_shards: int) -> None:
+    for path in out.shard_files():
+        index = out.shard_index(path)
+        if index is not None and index >= n_shards:
             log.warning("removing stale shard file %s from an earlier, larger run", path)
             path.unlink()
 

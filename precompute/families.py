@@ -3,7 +3,7 @@
 Edges parent -> child (general -> specific) where the child is active on >= 75 % of its
 activation mass together with the parent (Eq. 5, inverted); multi-parent, transitive edges kept,
 guaranteed acyclic. Runs ``stats`` first when given ``--features`` and stats are missing or stale;
-skips the work when the statistics and settings are unchanged (fingerprint in families.json).
+skips the work when the statistics and settings are unchanged (stage record ``stages/families.json``).
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from insight_core.atlas import AtlasLayout, fingerprint
 from insight_core.concepts.families import Families, FamilyConfig, build_families
 from insight_core.concepts.stats import ConceptStats
-from insight_core.errors import CheckpointError
 from insight_core.io import atomic_write, write_json
 from precompute import stats as stats_stage
-from precompute.common import fingerprint, read_json_dict
+from precompute.common import load_atlas_stats
 
 log = logging.getLogger(__name__)
 
-EDGES_FILE, SUMMARY_FILE = "edges.parquet", "families.json"
+STAGE = "families"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -51,10 +51,7 @@ def ensure_stats(atlas: Path, features: Path | None, progress: bool) -> ConceptS
     """Stats of the atlas: recomputed from ``features`` when given (a no-op if up to date), else loaded."""
     if features is not None:
         return stats_stage.run(stats_stage.StatsJob(atlas=atlas, features=features, progress=progress))
-    stats_dir = Path(atlas) / stats_stage.STATS_DIR
-    if not stats_dir.is_dir():
-        raise CheckpointError(f"{stats_dir} not found: pass --features to compute concept statistics")
-    return ConceptStats.load(stats_dir)
+    return load_atlas_stats(AtlasLayout(atlas))
 
 
 def write_edges(path: Path, fam: Families) -> None:
@@ -75,23 +72,22 @@ def run(job: FamiliesJob) -> Families:
     cfg = FamilyConfig(
         min_confidence=job.min_confidence, min_support=job.min_support, keep_transitive=job.keep_transitive
     )
-    atlas = Path(job.atlas)
-    stats_dir = atlas / stats_stage.STATS_DIR
-    key = fingerprint(sorted(stats_dir.glob("*")), {"families": dataclasses.asdict(cfg)})
-    done = read_json_dict(atlas / SUMMARY_FILE).get("input_fingerprint") == key
-    if done and (atlas / EDGES_FILE).is_file() and not job.force:
-        log.info("%s is up to date; skipping (use --force to rebuild)", atlas / EDGES_FILE)
-        return read_edges(atlas / EDGES_FILE, stats.m)
+    layout = AtlasLayout(job.atlas)
+    key = fingerprint([layout.stats_tensors, layout.stats_meta], {"families": dataclasses.asdict(cfg)})
+    record = layout.stage_record(STAGE)
+    if not job.force and record.is_current(key):
+        log.info("%s is up to date; skipping (use --force to rebuild)", layout.edges)
+        return read_edges(layout.edges, stats.m)
     fam = build_families(stats.D_mm, stats.freq_patches_m, cfg)
-    write_edges(atlas / EDGES_FILE, fam)
+    write_edges(layout.edges, fam)
     summary = fam.summary()
-    doc = {"config": dataclasses.asdict(cfg), **summary, "input_fingerprint": key}
-    write_json(atlas / SUMMARY_FILE, doc)  # last: its fingerprint marks edges.parquet as complete
+    write_json(layout.families, {"config": dataclasses.asdict(cfg), **summary})
+    record.write(key, [layout.edges, layout.families], n_edges=summary["n_edges"])
     log.info(
         "families: %d edges, %d concepts with parents, max depth %d -> %s",
         summary["n_edges"],
         summary["n_with_parents"],
         summary["max_depth"],
-        Path(job.atlas) / EDGES_FILE,
+        layout.edges,
     )
     return fam

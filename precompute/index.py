@@ -21,7 +21,6 @@ its inputs (file names, sizes, mtimes, settings) changed; a thumbnail newer than
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -34,25 +33,20 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from insight_core.atlas import AtlasLayout, FeaturesLayout, fingerprint, read_json_dict
 from insight_core.concepts.index import IndexConfig, build_index, describe_index, save_index
-from insight_core.concepts.stats import STATS_JSON, STATS_TENSORS, ConceptStats
+from insight_core.concepts.stats import ConceptStats
 from insight_core.data.features import FeatureSet, scan_features
 from insight_core.data.sources import ImageSource, open_source
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
 from insight_core.io import atomic_write, write_json
-from precompute.common import fingerprint, read_json_dict
-from precompute.name import VECTORS_FILE
-from precompute.stats import STATS_DIR
+from precompute.common import load_atlas_stats
 
 log = logging.getLogger(__name__)
 
-INDEX_DIR = "index"
-CONCEPT_INDEX = "index/concepts.faiss"
-EXEMPLAR_INDEX = "index/exemplars.faiss"
-INDEX_META = "index/index.json"
-EXEMPLARS_FILE = "exemplars.parquet"
-THUMBS_DIR = "thumbs"
-THUMBS_INDEX = "thumbs/index.json"
+PARTS = {"index-concepts": "concepts", "index-exemplars": "exemplars", "thumbnails": "thumbs"}
+"""The index stage's three parts: stage record name -> block of index.json. Each part is rebuilt
+only when its own inputs change."""
 INDEX_FORMAT = "insight-index"
 INDEX_VERSION = 1
 THUMB_QUALITY = 80
@@ -127,8 +121,8 @@ class IndexJob:
 
 
 def load_concept_vectors(atlas: Path) -> tuple[np.ndarray, dict[str, str]]:
-    """``vectors_md`` (m, d) float32 and the metadata of ``ATLAS/concept_vectors.safetensors``."""
-    path = Path(atlas) / VECTORS_FILE
+    """``vectors_md`` (m, d) float32 and the metadata of the atlas's concept vectors (from ``name``)."""
+    path = AtlasLayout(atlas).concept_vectors
     if not path.is_file():
         raise CheckpointError(f"{path} not found: run the name stage first (python -m precompute name ...)")
     try:
@@ -144,15 +138,6 @@ def load_concept_vectors(atlas: Path) -> tuple[np.ndarray, dict[str, str]]:
             f"{path}: 'vectors_md' is {vectors.dtype} {vectors.shape}, expected (m, d) float"
         )
     return np.asarray(vectors, dtype=np.float32), meta
-
-
-def _load_stats(atlas: Path) -> ConceptStats:
-    stats_dir = Path(atlas) / STATS_DIR
-    if not stats_dir.is_dir():
-        raise CheckpointError(
-            f"{stats_dir} not found: run the stats stage first (python -m precompute stats)"
-        )
-    return ConceptStats.load(stats_dir)
 
 
 def select_exemplars(stats: ConceptStats, max_exemplars: int) -> dict[str, np.ndarray]:
@@ -265,7 +250,7 @@ def exemplar_images(
 ) -> ExemplarImages | str:
     """Map global image ids to source image ids, or return why that is impossible (a message)."""
     features_dir = Path(features_dir)
-    manifest_path = features_dir / "manifest.json"
+    manifest_path = FeaturesLayout(features_dir).manifest
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
@@ -278,11 +263,11 @@ def exemplar_images(
     paths: dict[int, str] = {}
     start = 0
     for f in features.files:
-        ids_path = f.path.with_name(f.path.name.removesuffix(".npy") + ".ids.json")
+        ids_path = FeaturesLayout.ids_of(f.path)
         try:
             ids = json.loads(ids_path.read_text())["ids"]
         except (OSError, ValueError, KeyError, TypeError):
-            log.warning("%s missing or unreadable: no thumbnails for the images of %s", ids_path, f.path.name)
+            log.warning("%s missing or unreadable: no thumbnails for the images of %s", ids_path, f.path)
             ids = None
         if ids is not None and len(ids) != f.n_units:
             log.warning(
@@ -318,14 +303,9 @@ def write_thumbnails(
     atlas: Path, images: ExemplarImages, image_ids: np.ndarray, job: IndexJob, reuse: bool
 ) -> dict[str, Any]:
     """Thumbnails of ``image_ids`` and ``thumbs/index.json``; returns counts (written, reused, failed)."""
-    thumbs = Path(atlas) / THUMBS_DIR
-    thumbs.mkdir(parents=True, exist_ok=True)
-    previous: dict[str, Any] = {}
-    if reuse and (Path(atlas) / THUMBS_INDEX).is_file():
-        try:
-            previous = json.loads((Path(atlas) / THUMBS_INDEX).read_text())
-        except (OSError, ValueError):
-            previous = {}
+    layout = AtlasLayout(atlas)
+    layout.thumbs_dir.mkdir(parents=True, exist_ok=True)
+    previous = read_json_dict(layout.thumbs_index) if reuse else {}
     entries: dict[str, dict[str, Any]] = {}
     todo: dict[str, int] = {}  # source id -> global image id
     n_unmapped = 0
@@ -333,7 +313,7 @@ def write_thumbnails(
         rel = images.paths.get(image_id)
         if rel is None:
             n_unmapped += 1
-        elif _reusable(previous.get(str(image_id)), rel, thumbs / f"{image_id}.webp", images.source):
+        elif _reusable(previous.get(str(image_id)), rel, layout.thumb(image_id), images.source):
             entries[str(image_id)] = previous[str(image_id)]
         else:
             todo[rel] = image_id
@@ -345,7 +325,7 @@ def write_thumbnails(
             image_id = todo[rel]
             if not isinstance(result, ImageLoadError):
                 try:
-                    width, height = _save_thumb(result, thumbs / f"{image_id}.webp", job.thumb_size)
+                    width, height = _save_thumb(result, layout.thumb(image_id), job.thumb_size)
                     entries[str(image_id)] = {"path": rel, "width": width, "height": height}
                 except (OSError, ValueError) as err:
                     result = ImageLoadError(f"{rel}: {err}")
@@ -354,10 +334,11 @@ def write_thumbnails(
                 log.warning("no thumbnail for image %d (%s): %s", image_id, rel, result)
             bar.update(1)
     entries = dict(sorted(entries.items(), key=lambda kv: int(kv[0])))
-    for stale in thumbs.glob("*.webp"):  # images no longer referenced by any indexed exemplar
-        if stale.stem not in entries:
+    wanted = {layout.thumb(int(i)) for i in entries}
+    for stale in layout.thumbs_dir.glob("*.webp"):  # images no longer referenced by any indexed exemplar
+        if stale not in wanted:
             stale.unlink()
-    write_json(Path(atlas) / THUMBS_INDEX, entries)
+    write_json(layout.thumbs_index, entries)
     if n_unmapped:
         log.warning("%d exemplar images have no known source path: no thumbnails", n_unmapped)
     return {
@@ -373,124 +354,125 @@ def write_thumbnails(
 # Job
 
 
-def _hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _read_meta(path: Path) -> dict[str, Any]:
     doc = read_json_dict(path)
     return doc if doc.get("format") == INDEX_FORMAT else {}
 
 
+def _part_keys(job: IndexJob, layout: AtlasLayout, features: FeatureSet, cfg_doc: dict, max_ex: int) -> dict:
+    """Input fingerprint of each part: concept vectors; stats + features; + image ids and source."""
+    stats_files = [layout.stats_tensors, layout.stats_meta]
+    feature_files = [f.path for f in features.files]
+    feats = FeaturesLayout(job.features)
+    side_files = feats.ids_files() + ([feats.manifest] if feats.manifest.is_file() else [])
+    return {
+        "index-concepts": fingerprint([layout.concept_vectors], {"index": cfg_doc}),
+        "index-exemplars": fingerprint(
+            stats_files + feature_files, {"index": cfg_doc, "max_exemplars": max_ex}
+        ),
+        "thumbnails": fingerprint(
+            stats_files + feature_files + side_files,
+            {"size": job.thumb_size, "max_exemplars": max_ex, "images": str(job.images), "q": THUMB_QUALITY},
+        ),
+    }
+
+
 def run(job: IndexJob) -> dict[str, Any]:
     """Build (or bring up to date) the indexes and thumbnails of ``job.atlas``; returns index.json."""
-    atlas = Path(job.atlas)
-    vectors_path = atlas / VECTORS_FILE
-    vectors_md, vec_meta = load_concept_vectors(atlas)
-    stats = _load_stats(atlas)
+    layout = AtlasLayout(job.atlas)
+    vectors_md, vec_meta = load_concept_vectors(layout.root)
+    stats = load_atlas_stats(layout)
     features = scan_features(job.features)
     m, d = vectors_md.shape
     if m != stats.m:
         raise CheckpointError(
-            f"{vectors_path} has {m} concepts but {atlas / STATS_DIR} has {stats.m}: rerun stats and name"
+            f"{layout.concept_vectors} has {m} concepts but {layout.stats_dir} has {stats.m}: "
+            "rerun stats and name"
         )
     if d != features.d:
-        raise CheckpointError(f"{vectors_path} has d={d} but features in {job.features} have d={features.d}")
+        raise CheckpointError(
+            f"{layout.concept_vectors} has d={d} but features in {job.features} have d={features.d}"
+        )
     max_ex = min(job.max_exemplars, stats.config.top_n)
     if max_ex < job.max_exemplars:
         log.warning("--max-exemplars %d > stats top_n %d: indexing %d", job.max_exemplars, max_ex, max_ex)
     cfg = job.index_config()
     cfg_doc = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("use_gpu", "threads")}
-    stats_files = [atlas / STATS_DIR / STATS_TENSORS, atlas / STATS_DIR / STATS_JSON]
-    feature_files = [f.path for f in features.files]
-    side_files = sorted(Path(job.features).glob("shard_*.ids.json"))
-    if (Path(job.features) / "manifest.json").is_file():
-        side_files.append(Path(job.features) / "manifest.json")
-    parts = {
-        "concepts": fingerprint([vectors_path], {"index": cfg_doc}),
-        "exemplars": fingerprint(stats_files + feature_files, {"index": cfg_doc, "max_exemplars": max_ex}),
-        "thumbs": fingerprint(
-            stats_files + feature_files + side_files,
-            {"size": job.thumb_size, "max_exemplars": max_ex, "images": str(job.images), "q": THUMB_QUALITY},
-        ),
-    }
-    old = {} if job.force else _read_meta(atlas / INDEX_META)
-    old_parts = old.get("parts", {})
+    keys = _part_keys(job, layout, features, cfg_doc, max_ex)
+    old = _read_meta(layout.index_meta)
 
-    def fresh(part: str, *files: str) -> bool:
-        return old_parts.get(part) == parts[part] and all((atlas / f).is_file() for f in files)
+    def fresh(stage: str) -> bool:
+        return not job.force and PARTS[stage] in old and layout.stage_record(stage).is_current(keys[stage])
 
-    thumbs_files = (THUMBS_INDEX,) if "n" in old.get("thumbs", {}) else ()
-    up_to_date = (
-        fresh("concepts", CONCEPT_INDEX)
-        and fresh("exemplars", EXEMPLAR_INDEX, EXEMPLARS_FILE)
-        and fresh("thumbs", *thumbs_files)
-    )
-    if up_to_date:
-        log.info("%s is up to date; skipping (use --force to rebuild)", atlas / INDEX_DIR)
+    if all(fresh(stage) for stage in PARTS):
+        log.info("%s is up to date; skipping (use --force to rebuild)", layout.index_meta.parent)
         return old
-
     meta: dict[str, Any] = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
-        "input_hash": _hash(parts),
-        "parts": parts,
         "dim": d,
         "metric": "cosine (inner product of L2-normalised vectors)",
         "config": {**cfg_doc, "max_exemplars": max_ex, "thumb_size": job.thumb_size},
     }
     # concept index: row i = concept i
-    if fresh("concepts", CONCEPT_INDEX) and "concepts" in old:
+    if fresh("index-concepts"):
         meta["concepts"] = old["concepts"]
     else:
         index = build_index(vectors_md, cfg)
-        save_index(index, atlas / CONCEPT_INDEX)
-        meta["concepts"] = {"file": CONCEPT_INDEX, **describe_index(index), "vector_meta": vec_meta}
-        log.info("concept index: %d vectors (%s) -> %s", m, meta["concepts"]["type"], atlas / CONCEPT_INDEX)
+        save_index(index, layout.concept_index)
+        meta["concepts"] = {"file": layout.rel(layout.concept_index), **describe_index(index),
+                            "vector_meta": vec_meta}  # fmt: skip
+        layout.stage_record("index-concepts").write(keys["index-concepts"], [layout.concept_index])
+        log.info("concept index: %d vectors (%s) -> %s", m, meta["concepts"]["type"], layout.concept_index)
     # exemplar index: the top exemplar patches of every concept
     ex = select_exemplars(stats, max_ex)
-    if fresh("exemplars", EXEMPLAR_INDEX, EXEMPLARS_FILE) and "exemplars" in old:
+    if fresh("index-exemplars"):
         meta["exemplars"] = old["exemplars"]
     else:
         feats_nd = gather_patch_features(features, ex["image_id"], ex["patch"], progress=job.progress)
         index = build_index(feats_nd, cfg)
         table = pa.Table.from_pydict(ex, schema=EXEMPLAR_SCHEMA)
-        atomic_write(atlas / EXEMPLARS_FILE, lambda tmp: pq.write_table(table, str(tmp)))
-        save_index(index, atlas / EXEMPLAR_INDEX)
+        atomic_write(layout.exemplars, lambda tmp: pq.write_table(table, str(tmp)))
+        save_index(index, layout.exemplar_index)
         n_concepts = len(np.unique(ex["concept"]))
         meta["exemplars"] = {
-            "file": EXEMPLAR_INDEX,
-            "table": EXEMPLARS_FILE,
+            "file": layout.rel(layout.exemplar_index),
+            "table": layout.rel(layout.exemplars),
             **describe_index(index),
             "max_exemplars": max_ex,
             "n_concepts": int(n_concepts),
         }
+        layout.stage_record("index-exemplars").write(
+            keys["index-exemplars"], [layout.exemplar_index, layout.exemplars]
+        )
         log.info(
             "exemplar index: %d patches of %d concepts (%s) -> %s",
             len(feats_nd),
             n_concepts,
             meta["exemplars"]["type"],
-            atlas / EXEMPLAR_INDEX,
+            layout.exemplar_index,
         )
     # thumbnails of every image with an indexed exemplar
-    if fresh("thumbs", *thumbs_files) and "thumbs" in old:
+    if fresh("thumbnails"):
         meta["thumbs"] = old["thumbs"]
     else:
         same_size = old.get("thumbs", {}).get("size") == job.thumb_size
-        meta["thumbs"] = _thumbnails(atlas, features, ex["image_id"], job, reuse=same_size and not job.force)
-    write_json(atlas / INDEX_META, meta)  # last: its hashes mark the parts as complete
+        meta["thumbs"] = _thumbnails(layout, features, ex["image_id"], job, reuse=same_size and not job.force)
+        written = [layout.thumbs_index] if layout.thumbs_index.is_file() and "n" in meta["thumbs"] else []
+        layout.stage_record("thumbnails").write(keys["thumbnails"], written)
+    write_json(layout.index_meta, meta)
     return meta
 
 
 def _thumbnails(
-    atlas: Path, features: FeatureSet, image_ids: np.ndarray, job: IndexJob, reuse: bool
+    layout: AtlasLayout, features: FeatureSet, image_ids: np.ndarray, job: IndexJob, reuse: bool
 ) -> dict[str, Any]:
     images = exemplar_images(Path(job.features), features, job.images)
     if isinstance(images, str):
         log.info("thumbnails skipped: %s", images)
         return {"skipped": images}
     wanted = np.unique(image_ids)
-    counts = write_thumbnails(atlas, images, wanted, job, reuse)
+    counts = write_thumbnails(layout.root, images, wanted, job, reuse)
     backbone = images.manifest.get("backbone", {})
     log.info(
         "thumbnails: %d images (%d written, %d reused, %d unreadable) -> %s",
@@ -498,11 +480,11 @@ def _thumbnails(
         counts["written"],
         counts["reused"],
         counts["failed"],
-        atlas / THUMBS_DIR,
+        layout.thumbs_dir,
     )
     return {
-        "dir": THUMBS_DIR,
-        "index": THUMBS_INDEX,
+        "dir": layout.rel(layout.thumbs_dir),
+        "index": layout.rel(layout.thumbs_index),
         "size": job.thumb_size,
         "format": "webp",
         **counts,

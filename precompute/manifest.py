@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
-from insight_core.atlas import Atlas, write_manifest
+from insight_core.atlas import Atlas, AtlasLayout, FeaturesLayout, read_json_dict, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +23,16 @@ class ManifestJob:
 
 def backbone_info(features: Path | None) -> dict | None:
     """The backbone block of an extract manifest, if the features came from ``extract``."""
-    if features is None or not (Path(features) / "manifest.json").is_file():
+    if features is None:
         return None
-    return json.loads((Path(features) / "manifest.json").read_text()).get("backbone")
+    return read_json_dict(FeaturesLayout(features).manifest).get("backbone")
 
 
 def run_manifest(job: ManifestJob) -> dict:
     manifest = write_manifest(job.atlas, backbone=backbone_info(job.features))
     log.info(
         "wrote %s (%d files, schema v%d)",
-        Path(job.atlas) / "manifest.json",
+        AtlasLayout(job.atlas).manifest,
         len(manifest["files"]),
         manifest["schema_version"],
     )

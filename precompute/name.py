@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from insight_core.atlas import AtlasLayout, fingerprint
+from insight_core.atlas.layout import VOCAB_DIR
 from insight_core.concepts.families import Families
 from insight_core.concepts.naming import (
     TEMPLATES_BY_POS,
@@ -33,21 +35,14 @@ from insight_core.concepts.naming import (
     parents_from_edges,
 )
 from insight_core.errors import ConfigError
-from insight_core.io import atomic_write, write_json, write_safetensors
+from insight_core.io import atomic_write, write_safetensors
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from precompute import families as families_stage
-from precompute.common import fingerprint, read_json_dict
-from precompute.stats import STATS_DIR, load_atlas_sae
+from precompute.common import load_atlas_sae, load_atlas_stats
 
 log = logging.getLogger(__name__)
 
-CONCEPTS_FILE = "concepts.parquet"
-DEFAULT_VOCAB_DIR = Path(__file__).resolve().parents[1] / "assets" / "vocab"
-"""Word lists shipped with the project (MIT; no Brysbaert table): the default of --vocab-dir."""
-NAME_META = "names.json"
-"""Input fingerprint of the last naming run (written last: marks concepts.parquet as complete)."""
-VECTORS_FILE = "concept_vectors.safetensors"
-"""Family-informed concept vectors: tensor ``vectors_md`` (m, d) float32; metadata alpha, use_parents."""
+STAGE = "name"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,19 +79,22 @@ class NameJob:
 
 
 def _families(job: NameJob, m: int) -> Families:
-    edges = Path(job.atlas) / families_stage.EDGES_FILE
+    edges = AtlasLayout(job.atlas).edges
     if job.features is not None or not edges.is_file():
         return families_stage.run(
             families_stage.FamiliesJob(atlas=job.atlas, features=job.features, progress=job.progress)
         )
-    table = pq.read_table(edges)
-    return Families.from_arrays(m, *(table.column(c).to_numpy() for c in ("parent", "child", "confidence")))
+    return families_stage.read_edges(edges, m)
+
+
+def _vocab_dir(job: NameJob) -> Path:
+    return Path(job.vocab_dir) if job.vocab_dir is not None else VOCAB_DIR
 
 
 def _vocabulary(job: NameJob) -> VocabEmbeddings:
     if job.vocab_embeddings is not None:
         return load_vocab_embeddings(job.vocab_embeddings)
-    vocab_dir = Path(job.vocab_dir) if job.vocab_dir is not None else DEFAULT_VOCAB_DIR
+    vocab_dir = _vocab_dir(job)
     if not vocab_dir.is_dir():
         what = "--vocab-dir" if job.vocab_dir is not None else "the shipped word lists"
         raise ConfigError(
@@ -110,7 +108,7 @@ def _vocabulary(job: NameJob) -> VocabEmbeddings:
     if backbone.is_random:
         log.warning("RANDOM-INIT TEXT ENCODER: concept names will be meaningless")
     return cached_vocab_embeddings(
-        Path(job.atlas) / "cache",
+        AtlasLayout(job.atlas).vocab_cache_dir,
         vocab.words,
         f"{job.arch}/{job.pretrained}",
         backbone.encode_text,
@@ -121,14 +119,12 @@ def _vocabulary(job: NameJob) -> VocabEmbeddings:
 def _vocab_files(job: NameJob) -> list[Path]:
     if job.vocab_embeddings is not None:
         return [Path(job.vocab_embeddings)]
-    vocab_dir = Path(job.vocab_dir) if job.vocab_dir is not None else DEFAULT_VOCAB_DIR
-    return [Path(src.path) for src in paper_vocab_sources(vocab_dir) if Path(src.path).is_file()]
+    return [Path(src.path) for src in paper_vocab_sources(_vocab_dir(job)) if Path(src.path).is_file()]
 
 
 def _input_key(job: NameJob) -> str:
-    atlas = Path(job.atlas)
-    files = [atlas / "sae.safetensors", atlas / families_stage.EDGES_FILE, *_vocab_files(job)]
-    files += sorted((atlas / STATS_DIR).glob("*"))
+    layout = AtlasLayout(job.atlas)
+    files = [layout.sae, layout.edges, layout.stats_tensors, layout.stats_meta, *_vocab_files(job)]
     settings = {
         k: v for k, v in dataclasses.asdict(job).items() if k not in ("force", "progress", "features")
     }
@@ -136,15 +132,14 @@ def _input_key(job: NameJob) -> str:
 
 
 def run(job: NameJob) -> list[dict]:
-    sae = load_atlas_sae(job.atlas)
+    layout = AtlasLayout(job.atlas)
+    sae = load_atlas_sae(layout)
     fam = _families(job, sae.cfg.dict_size)
-    stats = families_stage.ensure_stats(job.atlas, None, job.progress)
-    atlas, key = Path(job.atlas), _input_key(job)
-    outputs = (atlas / CONCEPTS_FILE, atlas / VECTORS_FILE)
-    done = read_json_dict(atlas / NAME_META).get("input_fingerprint") == key
-    if done and all(p.is_file() for p in outputs) and not job.force:
-        log.info("%s is up to date; skipping (use --force to rename)", atlas / CONCEPTS_FILE)
-        return pq.read_table(atlas / CONCEPTS_FILE).to_pylist()
+    stats = load_atlas_stats(layout)
+    key, record = _input_key(job), layout.stage_record(STAGE)
+    if not job.force and record.is_current(key):
+        log.info("%s is up to date; skipping (use --force to rename)", layout.concepts)
+        return pq.read_table(layout.concepts).to_pylist()
     vocab = _vocabulary(job)
     if vocab.dim != sae.cfg.d_in:
         raise ConfigError(f"vocabulary embeddings have d={vocab.dim} but the SAE has d_in={sae.cfg.d_in}")
@@ -160,7 +155,7 @@ def run(job: NameJob) -> list[dict]:
     )
     vectors_md = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
     write_safetensors(  # the index stage and the app search these
-        Path(job.atlas) / VECTORS_FILE,
+        layout.concept_vectors,
         {"vectors_md": vectors_md},
         {"alpha": str(job.alpha), "use_parents": str(job.use_parents)},
     )
@@ -180,10 +175,9 @@ def run(job: NameJob) -> list[dict]:
             n_children=len(fam.children(i)),
         )
     table = pa.Table.from_pylist(records)
-    path = Path(job.atlas) / CONCEPTS_FILE
-    atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
-    write_json(
-        atlas / NAME_META, {"input_fingerprint": key, "n_concepts": len(records), "n_words": vocab.n_words}
+    atomic_write(layout.concepts, lambda tmp: pq.write_table(table, str(tmp)))
+    record.write(
+        key, [layout.concepts, layout.concept_vectors], n_concepts=len(records), n_words=vocab.n_words
     )
-    log.info("named %d concepts against %d words -> %s", len(records), vocab.n_words, path)
+    log.info("named %d concepts against %d words -> %s", len(records), vocab.n_words, layout.concepts)
     return records

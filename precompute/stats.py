@@ -8,24 +8,22 @@ Skipped when ``stats/`` was computed from the same SAE and features.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
 
 import torch
 
+from insight_core.atlas import AtlasLayout, fingerprint
 from insight_core.concepts.stats import ConceptStats, StatsConfig, compute_stats
 from insight_core.data.features import scan_features
 from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError
-from insight_core.models.sae import MatryoshkaSAE
-from precompute.common import fingerprint
+from precompute.common import load_atlas_sae, load_atlas_stats
 
 log = logging.getLogger(__name__)
 
-STATS_DIR = "stats"
-STAMP_FILE = "input_fingerprint.json"
+STAGE = "stats"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,42 +48,35 @@ class StatsJob:
     """Show a progress bar."""
 
 
-def load_atlas_sae(atlas: Path) -> MatryoshkaSAE:
-    path = Path(atlas) / "sae.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: run train-sae first, or place an SAE checkpoint there")
-    return MatryoshkaSAE.load(path)
-
-
 def run(job: StatsJob) -> ConceptStats:
+    layout = AtlasLayout(job.atlas)
     features = scan_features(job.features)
-    sae_path = Path(job.atlas) / "sae.safetensors"
-    sae = load_atlas_sae(job.atlas)
+    sae = load_atlas_sae(layout)
     if sae.cfg.d_in != features.d:
         raise CheckpointError(
-            f"{sae_path}: SAE d_in={sae.cfg.d_in} but features in {job.features} have d={features.d}"
+            f"{layout.sae}: SAE d_in={sae.cfg.d_in} but features in {job.features} have d={features.d}"
         )
     cfg = StatsConfig(top_n=job.top_n, top_w=job.top_w)
-    stamp = fingerprint([f.path for f in features.files] + [sae_path], dataclasses.asdict(cfg))
-    out = Path(job.atlas) / STATS_DIR
-    if not job.force and (out / STAMP_FILE).is_file() and json.loads((out / STAMP_FILE).read_text()) == stamp:
-        log.info("%s is up to date; skipping (use --force to recompute)", out)
-        return ConceptStats.load(out)
-    sae = sae.to(resolve_device(job.device))
+    key = fingerprint([f.path for f in features.files] + [layout.sae], dataclasses.asdict(cfg))
+    record = layout.stage_record(STAGE)
+    if not job.force and record.is_current(key):
+        log.info("%s is up to date; skipping (use --force to recompute)", layout.stats_dir)
+        return load_atlas_stats(layout)
+    sae = sae.to(resolve_device(job.device, what="--device"))
     n_batches = sum(math.ceil(f.n_units / job.images_per_batch) for f in features.files)
     batches = _Sized(features.iter_image_batches(job.images_per_batch), n_batches)
     with torch.no_grad():
         stats = compute_stats(sae, batches, cfg, progress=job.progress)
-    stats.save(out)
-    (out / STAMP_FILE).write_text(json.dumps(stamp))
+    stats.save(layout.stats_tensors, layout.stats_meta)
     active = int((stats.freq_patches_m > 0).sum())
+    record.write(key, [layout.stats_tensors, layout.stats_meta], active_concepts=active)
     log.info(
         "stats over %d images / %d patches: %d of %d concepts active -> %s",
         stats.n_images,
         stats.n_patches,
         active,
         stats.m,
-        out,
+        layout.stats_dir,
     )
     return stats
 

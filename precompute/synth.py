@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from insight_core.atlas import AtlasLayout, FeaturesLayout, SynthLayout
 from insight_core.errors import ConfigError
 from insight_core.io import write_json
 from insight_core.models.sae import MatryoshkaSAE, SAEConfig
@@ -33,9 +34,6 @@ from insight_core.planted.world import (
 )
 
 log = logging.getLogger(__name__)
-
-RECOVERY_FILE = "planted_recovery.json"
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SynthJob:
@@ -61,14 +59,16 @@ def run_synth(job: SynthJob) -> dict:
     if job.dtype not in ("float16", "float32"):
         raise ConfigError(f"--dtype must be float16 or float32, got {job.dtype!r}")
     world = make_world(job.world)
-    save_world(world, job.out / "world")
+    out = SynthLayout(job.out)
+    save_world(world, out.world.root)
     sample = sample_images(world, job.n_images, seed=job.seed)
     shards = write_feature_shards(
-        sample, job.out / "features", shard_size=job.shard_size, dtype=np.dtype(job.dtype)
+        sample, out.features.root, shard_size=job.shard_size, dtype=np.dtype(job.dtype)
     )
     kinds = {k: int(sum(1 for x in world.kinds if x == k)) for k in dict.fromkeys(world.kinds)}
     if job.oracle_atlas:
-        oracle_sae(world).save(job.out / "oracle_atlas" / "sae.safetensors")
+        oracle = out.oracle_atlas
+        oracle_sae(world).save(oracle.sae, config_path=oracle.sae_config)
     summary = {"n_atoms": world.n_atoms, "kinds": kinds, "n_images": job.n_images, "n_shards": len(shards)}
     log.info("planted world: %d atoms %s, %d images -> %s", world.n_atoms, kinds, job.n_images, job.out)
     return summary
@@ -106,18 +106,19 @@ class EvalSynthJob:
 
 
 def run_eval_synth(job: EvalSynthJob) -> dict:
-    world = load_world(job.planted / "world")
-    sae = MatryoshkaSAE.load(job.atlas / "sae.safetensors")
+    planted, atlas = SynthLayout(job.planted), AtlasLayout(job.atlas)
+    world = load_world(planted.world.root)
+    sae = MatryoshkaSAE.load(atlas.sae)
     if sae.cfg.d_in != world.config.d:
         raise ConfigError(f"SAE d_in={sae.cfg.d_in} does not match the planted world's d={world.config.d}")
     rec = atom_recovery(world.atoms_ad, sae.W_dec_md.detach(), threshold=job.cos_threshold)
-    feats_npd, idx = _first_images(job.planted / "features", job.n_images)
+    feats_npd, idx = _first_images(planted.features, job.n_images)
     with torch.no_grad():
         flat = torch.from_numpy(feats_npd.reshape(-1, feats_npd.shape[-1]))
         codes = (
             sae.encode(flat, use_threshold=sae.has_threshold).numpy().reshape(len(idx), -1, sae.cfg.dict_size)
         )
-    masks = load_layout(job.planted / "features").dense_masks(idx)
+    masks = load_layout(planted.features.planted_layout).dense_masks(idx)
     iou = map_iou(codes, masks, rec.atom_to_latent, kinds=world.kinds)
     names = name_recovery(_bare_names(sae, world), rec.latent_to_atom, world)
     report = {
@@ -132,7 +133,7 @@ def run_eval_synth(job: EvalSynthJob) -> dict:
         "cos_threshold": job.cos_threshold,
         "thresholded_codes": sae.has_threshold,
     }
-    write_json(job.atlas / RECOVERY_FILE, report)
+    write_json(atlas.planted_recovery, report)
     log.info(
         "recovery: atoms %.3f (mean cos %.3f), map IoU %.3f, bare names %.3f",
         *(rec.recovered_fraction, rec.mean_max_cos, iou.mean, names.accuracy),
@@ -140,17 +141,17 @@ def run_eval_synth(job: EvalSynthJob) -> dict:
     return report
 
 
-def _first_images(feature_dir: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _first_images(features: FeaturesLayout, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``n`` images of the shards (in order), as float32 (n, patches, d)."""
     parts, total = [], 0
-    for shard in sorted(feature_dir.glob("shard_*.npy")):
+    for shard in sorted(features.root.glob(features.SHARD_GLOB)):
         arr = np.load(shard, mmap_mode="r", allow_pickle=False)
         parts.append(np.asarray(arr[: n - total], dtype=np.float32))
         total += len(parts[-1])
         if total >= n:
             break
     if not parts:
-        raise ConfigError(f"{feature_dir}: no shard_*.npy files; run `python -m precompute synth` first")
+        raise ConfigError(f"{features.root}: no feature shards; run `python -m precompute synth` first")
     return np.concatenate(parts), np.arange(total)
 
 

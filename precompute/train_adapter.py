@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
 from insight_core.data.images import DEFAULT_MAX_PIXELS, LoadReport, iter_images, list_image_files
 from insight_core.errors import ConfigError, ImageLoadError
 from insight_core.io import write_json, write_safetensors
@@ -43,15 +44,11 @@ from insight_core.models.dinoiser import (
     teacher_targets,
     train_affinity_head,
 )
-from precompute.common import fingerprint, fmt_metrics, read_json_dict
+from precompute.common import fmt_metrics
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILE, METRICS_FILE, CACHE_FILE = (
-    "dinoiser.safetensors",
-    "dinoiser_metrics.json",
-    ".dinoiser_inputs.safetensors",
-)
+STAGE = "train-adapter"
 _PAPER = DinoiserConfig()
 
 
@@ -249,14 +246,6 @@ def _pair_accuracy(head: AffinityHead, enc: _Encoded, device: torch.device) -> f
     return agree / max(total, 1)
 
 
-def _up_to_date(out: Path, stamp: str) -> dict | None:
-    metrics_path = out / METRICS_FILE
-    if not ((out / ADAPTER_FILE).is_file() and metrics_path.is_file()):
-        return None
-    previous = read_json_dict(metrics_path)
-    return previous if previous.get("input_fingerprint") == stamp else None
-
-
 def _load_backbone(job: TrainAdapterJob) -> ClipBackbone:
     cfg = BackboneConfig(
         arch=job.arch, pretrained=job.pretrained, device=job.device, batch_size=job.encode_batch_size
@@ -275,7 +264,7 @@ def _encoded_inputs(job: TrainAdapterJob, paths: list[Path], backbone: ClipBackb
         log.warning(
             "RANDOM-INIT TEACHER %s (--no-teacher-pretrained): its targets are meaningless", job.teacher
         )
-    cache, key = Path(job.out) / CACHE_FILE, fingerprint(paths, job.input_settings())
+    cache, key = AtlasLayout(job.out).dinoiser_inputs_cache, fingerprint(paths, job.input_settings())
     enc = _load_cache(cache, key)
     if enc is not None:
         log.info("reusing the encoded images of an interrupted run (%s)", cache)
@@ -296,11 +285,11 @@ def run(job: TrainAdapterJob) -> dict:
     paths = _plan(job)
     cfg_json = dataclasses.asdict(job.dinoiser_config())
     stamp = fingerprint(paths, {"inputs": job.input_settings(), "dinoiser": cfg_json})
-    out = Path(job.out)
-    previous = None if job.force else _up_to_date(out, stamp)
-    if previous is not None:
-        log.info("%s is up to date with its inputs; skipping (use --force to retrain)", out / ADAPTER_FILE)
-        return previous
+    layout = AtlasLayout(job.out)
+    record = layout.stage_record(STAGE)
+    if not job.force and record.is_current(stamp):
+        log.info("%s is up to date with its inputs; skipping (use --force to retrain)", layout.dinoiser)
+        return read_json_dict(layout.dinoiser_metrics)
     backbone = _load_backbone(job)
     t0 = time.perf_counter()
     enc = _encoded_inputs(job, paths, backbone)
@@ -333,10 +322,11 @@ def run(job: TrainAdapterJob) -> dict:
         "images": str(job.images),
         "input_fingerprint": stamp,
     }  # fmt: skip
-    dinoiser.cpu().save(out / ADAPTER_FILE)
-    write_json(out / METRICS_FILE, metrics)  # written last: its fingerprint marks the run complete
-    (out / CACHE_FILE).unlink(missing_ok=True)
+    dinoiser.cpu().save(layout.dinoiser)
+    write_json(layout.dinoiser_metrics, metrics)
+    record.write(stamp, [layout.dinoiser, layout.dinoiser_metrics], final_loss=metrics["final_loss"])
+    layout.dinoiser_inputs_cache.unlink(missing_ok=True)
     log.info(
-        "wrote %s: %s", out / ADAPTER_FILE, fmt_metrics(metrics, ["final_loss", "pair_accuracy", "n_images"])
+        "wrote %s: %s", layout.dinoiser, fmt_metrics(metrics, ["final_loss", "pair_accuracy", "n_images"])
     )
     return metrics

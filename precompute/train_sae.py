@@ -23,16 +23,17 @@ import time
 from pathlib import Path
 
 from insight_core import distributed
+from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
 from insight_core.data.features import scan_features
 from insight_core.distributed import DistInfo
 from insight_core.io import write_json
 from insight_core.models.sae import PAPER_GROUP_FRACTIONS, SAEConfig
 from insight_core.training.sae import SAETrainer, TrainConfig, evaluate
-from precompute.common import fingerprint, fmt_metrics, read_json_dict
+from precompute.common import fmt_metrics
 
 log = logging.getLogger(__name__)
 
-SAE_FILE, METRICS_FILE, STATE_FILE = "sae.safetensors", "sae_metrics.json", ".train_state.safetensors"
+STAGE = "train-sae"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,15 +107,12 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
     stamp = fingerprint(
         [f.path for f in features.files], {"sae": sae_cfg.to_json(), "train": dataclasses.asdict(train_cfg)}
     )
-    out = Path(job.out)
-    metrics_path = out / METRICS_FILE
-    up_to_date, previous = False, {}
-    if info.is_main and not job.force and (out / SAE_FILE).is_file() and metrics_path.is_file():
-        previous = read_json_dict(metrics_path)  # torn or missing: retrain
-        up_to_date = previous.get("input_fingerprint") == stamp
+    layout = AtlasLayout(job.out)
+    record = layout.stage_record(STAGE)
+    up_to_date = info.is_main and not job.force and record.is_current(stamp)
     if distributed.broadcast_flag(up_to_date, src=0):  # rank 0 decides for every rank
-        log.info("%s is up to date with its inputs; skipping (use --force to retrain)", out / SAE_FILE)
-        return previous if info.is_main else read_json_dict(metrics_path)
+        log.info("%s is up to date with its inputs; skipping (use --force to retrain)", layout.sae)
+        return read_json_dict(layout.sae_metrics)
     train, held = features.split(train_cfg.held_out_fraction, seed=train_cfg.seed)
     log.info(
         "training SAE d=%d m=%d k=%d on %s rows from %d files (%s held out)",
@@ -123,11 +121,11 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
     )
     trainer = SAETrainer(sae_cfg, train_cfg, train.n_rows, dist=info)
     t0, seen0 = time.perf_counter(), trainer.state.samples_seen
-    state = trainer.fit(train, checkpoint=out / STATE_FILE, progress=job.progress and info.is_main)
+    state = trainer.fit(train, checkpoint=layout.sae_train_state, progress=job.progress and info.is_main)
     seconds = time.perf_counter() - t0
     if not info.is_main:  # rank 0 evaluates and writes the atlas files
         distributed.barrier()
-        return read_json_dict(metrics_path)
+        return read_json_dict(layout.sae_metrics)
     eval_rows = (held if held.n_rows else train).sample(train_cfg.eval_max_rows, seed=train_cfg.seed)
     metrics = evaluate(trainer.sae, eval_rows)
     metrics.update(
@@ -144,12 +142,14 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
         train_config=dataclasses.asdict(train_cfg),
         features=str(job.features),
     )
-    trainer.sae.cpu().save(out / SAE_FILE, extra_metadata={"input_fingerprint": stamp})
-    write_json(metrics_path, metrics)
-    (out / STATE_FILE).unlink(missing_ok=True)
+    meta = {"input_fingerprint": stamp}
+    trainer.sae.cpu().save(layout.sae, config_path=layout.sae_config, extra_metadata=meta)
+    write_json(layout.sae_metrics, metrics)
+    record.write(stamp, [layout.sae, layout.sae_config, layout.sae_metrics], fve=metrics.get("fve"))
+    layout.sae_train_state.unlink(missing_ok=True)
     log.info(
         "wrote %s: %s",
-        out / SAE_FILE,
+        layout.sae,
         fmt_metrics(metrics, ["fve", "l0", "dead_fraction", "patches_per_second"]),
     )
     distributed.barrier()

@@ -13,7 +13,7 @@ from insight_core.atlas.layout import (
     AtlasLayout,
     CaptionerLayout,
     FeaturesLayout,
-    PlantedLayout,
+    SynthLayout,
     WorldLayout,
 )
 from insight_core.atlas.manifest import ATLAS_FORMAT, SCHEMA_VERSION, Atlas, AtlasError, write_manifest
@@ -30,8 +30,8 @@ __all__ = [
     "AtlasLayout",
     "CaptionerLayout",
     "FeaturesLayout",
-    "PlantedLayout",
     "StageRecord",
+    "SynthLayout",
     "WorldLayout",
     "fingerprint",
     "read_json_dict",

@@ -24,7 +24,8 @@ from huggingface_hub.utils import (
     filter_repo_objects,
 )
 
-from insight_core.atlas import Atlas, AtlasError
+from insight_core.atlas.layout import UPLOAD_IGNORE
+from insight_core.atlas.manifest import Atlas, AtlasError
 from insight_core.errors import ConfigError, InsightError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 RepoType = Literal["dataset", "model"]
 REPO_TYPES: tuple[str, ...] = get_args(RepoType)
 DEFAULT_REPO_TYPE: RepoType = "dataset"
-UPLOAD_IGNORE = [".*", "*/.*", "*.tmp", "*.lock", "cache/*", "__pycache__/*", "*/__pycache__/*"]
 """Patterns (fnmatch on paths relative to the atlas, ``*`` also matches ``/``) that are never pushed."""
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

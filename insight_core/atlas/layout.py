@@ -5,7 +5,7 @@ app all ask an :class:`AtlasLayout` for paths (``layout.sae``, ``layout.thumb(7)
 ``layout.stage_record("stats")``, ``layout.probe("imagenet")``) instead of joining names themselves,
 so moving a file is a one-line change here. The same goes for the folders the pipeline reads and
 writes beside an atlas: extracted features (:class:`FeaturesLayout`), the captioner inside the atlas
-(:class:`CaptionerLayout`) and planted worlds (:class:`PlantedLayout`).
+(:class:`CaptionerLayout`) and planted worlds (:class:`SynthLayout`).
 
 Roles (:data:`ATLAS_FILES`) are the keys of the manifest's ``files`` block; :data:`REQUIRED_ROLES`
 are the ones the app cannot open an atlas without.
@@ -21,6 +21,14 @@ from insight_core.atlas.records import StageRecord
 from insight_core.errors import ConfigError
 
 MANIFEST = "manifest.json"
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
+"""Files shipped with the project (example photos, word lists)."""
+EXAMPLES_DIR = ASSETS_DIR / "examples"
+"""CC BY example photos (see its ATTRIBUTION.md)."""
+EXAMPLE_CAPTIONS = EXAMPLES_DIR / "captions.json"
+"""The example photos' COCO captions (CC BY 4.0), in COCO captions format."""
+VOCAB_DIR = ASSETS_DIR / "vocab"
+"""The MIT word lists naming uses by default (see its PROVENANCE.md)."""
 _STATS_DIR = "stats"
 _INDEX_DIR = "index"
 _THUMBS_DIR = "thumbs"
@@ -70,9 +78,14 @@ class CaptionerLayout:
         """fp16 feature caches of the training job (hidden: not uploaded, not needed by the app)."""
         return self.root / ".cache"
 
-    def cache_file(self, split: str, part: str) -> Path:
-        """One cached array or key of a split (``part``: dense.npy, insight.npy, key.json)."""
-        return self.cache_dir / f"{split}_{part}"
+    @property
+    def tiny_lm_dir(self) -> Path:
+        """The offline test LM built from the training captions (``--lm tiny``)."""
+        return self.cache_dir / "tiny_lm"
+
+    def split_cache(self, split: str) -> tuple[Path, Path, Path]:
+        """A split's cached dense features, SAE reconstructions (``.npy``) and their key (JSON)."""
+        return tuple(self.cache_dir / f"{split}_{part}" for part in ("dense.npy", "insight.npy", "key.json"))
 
 
 ATLAS_FILES: dict[str, str] = {
@@ -138,6 +151,21 @@ class AtlasLayout:
     @property
     def manifest(self) -> Path:
         return self.root / MANIFEST
+
+    @property
+    def default_features_dir(self) -> Path:
+        """Where ``build`` keeps the extracted features: beside the atlas, not in it (large; build-only)."""
+        return self.root.parent / f"{self.root.name}-features"
+
+    @property
+    def demo_images_dir(self) -> Path:
+        """``demo``'s links to the photos it uses, in a work folder beside the atlas."""
+        return self.root.parent / f"{self.root.name}-work" / "images"
+
+    @property
+    def demo_features_dir(self) -> Path:
+        """``demo``'s extracted features, in the same work folder."""
+        return self.root.parent / f"{self.root.name}-work" / "features"
 
     # -- SAE ------------------------------------------------------------------------------------
     @property
@@ -346,7 +374,7 @@ class WorldLayout:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class PlantedLayout:
+class SynthLayout:
     """A planted world's output folder (``synth``): the world, its features, its oracle atlas."""
 
     root: Path

@@ -44,8 +44,6 @@ from insight_core.io import write_json, write_safetensors
 
 logger = logging.getLogger(__name__)
 
-STATS_TENSORS = "concept_stats.safetensors"
-STATS_JSON = "concept_stats.json"
 _FORMAT = "insight-concept-stats"
 _FORMAT_VERSION = 1
 _MAX_PAIRS = 1 << 23  # ordered (patch, j, j') pairs per index_add_ chunk (~200 MiB of temporaries)
@@ -551,11 +549,12 @@ class ConceptStats:
             if f.name.endswith(("_m", "_mm", "_mn", "_mwk"))
         }
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write ``concept_stats.safetensors`` and ``concept_stats.json`` (counts, config) atomically."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_safetensors(out_dir / STATS_TENSORS, self._tensors(), {"format": _FORMAT})
+    def save(self, tensors_path: str | Path, meta_path: str | Path) -> None:
+        """Write the tensors (safetensors) and the counts and config (JSON), each atomically.
+
+        An atlas keeps them at ``AtlasLayout.stats_tensors`` and ``AtlasLayout.stats_meta``.
+        """
+        write_safetensors(tensors_path, self._tensors(), {"format": _FORMAT})
         doc = {
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
@@ -565,14 +564,12 @@ class ConceptStats:
             "k_max": int(self.ex_code_cols_mwk.shape[-1]),
             "config": dataclasses.asdict(self.config),
         }
-        write_json(out_dir / STATS_JSON, doc)
-        return out_dir
+        write_json(meta_path, doc)
 
     @classmethod
-    def load(cls, in_dir: str | Path) -> ConceptStats:
+    def load(cls, tensors_path: str | Path, meta_path: str | Path) -> ConceptStats:
         """Read :meth:`save`'s files; raises ``CheckpointError`` naming a missing or malformed file."""
-        in_dir = Path(in_dir)
-        json_path, st_path = in_dir / STATS_JSON, in_dir / STATS_TENSORS
+        json_path, st_path = Path(meta_path), Path(tensors_path)
         try:
             doc = json.loads(json_path.read_text())
         except (OSError, ValueError) as e:

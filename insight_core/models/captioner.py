@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from insight_core.atlas.layout import CaptionerLayout
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json, write_safetensors
 from insight_core.models.sae import MatryoshkaSAE
@@ -43,7 +44,8 @@ from insight_core.models.sae import MatryoshkaSAE
 log = logging.getLogger(__name__)
 
 CAPTIONER_FORMAT = "insight-captioner"
-CONFIG_FILE, ADAPTER_FILE, LM_DIR = "config.json", "adapter.safetensors", "lm"
+BUNDLED_LM = "lm"
+"""``config.lm`` of a saved captioner whose LM is bundled in its folder (``CaptionerLayout.lm_dir``)."""
 RANDOM_INIT_FLAG = "insight_random_init"
 """Key set in the HF config of LMs built by :func:`build_tiny_lm` (random init, never pretrained)."""
 
@@ -408,16 +410,16 @@ class SteerableCaptioner(nn.Module):
     # ------------------------------------------------------------------------------------ I/O
     def save(self, out_dir: str | Path, *, save_lm: bool, extra: Mapping[str, Any] | None = None) -> Path:
         """Write ``config.json`` + ``adapter.safetensors`` (+ ``lm/`` when ``save_lm``), each atomically."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        files = CaptionerLayout(Path(out_dir))
+        files.root.mkdir(parents=True, exist_ok=True)
         lm_ref = self.cfg.lm
         if save_lm:
-            _save_lm_dir(self.lm, self.tokenizer, out_dir / LM_DIR)
-            lm_ref = LM_DIR
-        elif (out_dir / LM_DIR).is_dir():
-            shutil.rmtree(out_dir / LM_DIR)  # a stale fine-tuned LM must not shadow the named one
+            _save_lm_dir(self.lm, self.tokenizer, files.lm_dir)
+            lm_ref = BUNDLED_LM
+        elif files.lm_dir.is_dir():
+            shutil.rmtree(files.lm_dir)  # a stale fine-tuned LM must not shadow the named one
         meta = {"format": CAPTIONER_FORMAT}
-        write_safetensors(out_dir / ADAPTER_FILE, self.adapter.state_dict(), meta)
+        write_safetensors(files.adapter, self.adapter.state_dict(), meta)
         doc = {
             "format": CAPTIONER_FORMAT,
             "config": {**self.cfg.to_json(), "lm": lm_ref},
@@ -425,28 +427,27 @@ class SteerableCaptioner(nn.Module):
             "d_lm": self.d_lm,
             **(extra or {}),
         }
-        write_json(out_dir / CONFIG_FILE, doc)
-        return out_dir
+        write_json(files.config, doc)
+        return files.root
 
     @classmethod
     def load(cls, in_dir: str | Path, sae: MatryoshkaSAE | None = None) -> SteerableCaptioner:
         """Read a captioner directory written by :meth:`save`; ``lm`` "lm" means the bundled ``lm/``."""
-        in_dir = Path(in_dir)
-        doc = _read_config(in_dir)
+        files = CaptionerLayout(Path(in_dir))
+        doc = _read_config(files.config)
         try:
             cfg = CaptionerConfig.from_json(doc["config"])
         except (KeyError, TypeError) as err:
-            raise CheckpointError(f"{in_dir / CONFIG_FILE}: bad captioner config ({err})") from err
-        lm_name = str(in_dir / LM_DIR) if cfg.lm == LM_DIR else cfg.lm
+            raise CheckpointError(f"{files.config}: bad captioner config ({err})") from err
+        lm_name = str(files.lm_dir) if cfg.lm == BUNDLED_LM else cfg.lm
         lm, tokenizer = load_lm(lm_name)
         cfg = dataclasses.replace(cfg, lm=lm_name)
         adapter = PrefixAdapter(cfg, int(lm.config.hidden_size))
-        _load_adapter(adapter, in_dir / ADAPTER_FILE)
+        _load_adapter(adapter, files.adapter)
         return cls(cfg, lm, tokenizer, sae, adapter)
 
 
-def _read_config(in_dir: Path) -> dict[str, Any]:
-    path = in_dir / CONFIG_FILE
+def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; expected a captioner directory written by the captioner job")
     try:

@@ -333,18 +333,27 @@ class MatryoshkaSAE(nn.Module):
                 raise CheckpointError(f"{source}: parameter {name} contains NaN or inf values")
         return sae
 
-    def save(self, path: str | Path, *, extra_metadata: Mapping[str, str] | None = None) -> Path:
-        """Write ``path`` (safetensors, dictionary_learning names) and ``path.with_suffix('.json')``."""
+    def save(
+        self,
+        path: str | Path,
+        *,
+        config_path: str | Path | None = None,
+        extra_metadata: Mapping[str, str] | None = None,
+    ) -> Path:
+        """Write ``path`` (safetensors, dictionary_learning names; the config in its metadata) and,
+        when given, ``config_path``: the config as readable JSON (an atlas's ``sae.json``)."""
         path = Path(path)
         meta = {"format": SAE_FORMAT, "config": json.dumps(self.cfg.to_json()), **(extra_metadata or {})}
         write_safetensors(path, self.dl_state_dict(), meta)
+        if config_path is None:
+            return path
         config_doc = {
             "format": SAE_FORMAT,
             **self.cfg.to_json(),
             "group_sizes": list(self.cfg.group_sizes),
             "threshold": float(self.threshold),
         }
-        write_json(path.with_suffix(".json"), config_doc)
+        write_json(config_path, config_doc)
         return path
 
     @classmethod

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,16 +36,13 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from insight_core.atlas.layout import FeaturesLayout, WorldLayout
 from insight_core.errors import ConfigError, FeatureFileError
 from insight_core.io import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("object", "part", "subpart", "attribute", "background")
-WORLD_JSON = "world.json"
-WORLD_TENSORS = "world.safetensors"
-VOCAB_NPZ = "vocab.npz"
-LAYOUT_NPZ = "planted_layout.npz"
 _FORMAT = "insight-planted-world"
 _FORMAT_VERSION = 1
 
@@ -429,12 +425,13 @@ def context_naming_accuracy(world: PlantedWorld) -> dict[str, dict[str, float]]:
 
 
 def save_world(world: PlantedWorld, out_dir: str | Path) -> Path:
-    """Write ``world.json``, ``world.safetensors`` and ``vocab.npz`` (naming-stage format) atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write the world's config + names (JSON), tensors (safetensors) and vocabulary embeddings (``.npz``
+    in the naming stage's ``--vocab-embeddings`` format), each atomically; see ``WorldLayout``."""
+    files = WorldLayout(Path(out_dir))
+    files.root.mkdir(parents=True, exist_ok=True)
     tensors = {"atoms_ad": world.atoms_ad, "offset_d": world.offset_d, "vocab_emb_wd": world.vocab_emb_wd}
     atomic_write(
-        out_dir / WORLD_TENSORS,
+        files.tensors,
         lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp)),
     )
     doc = {
@@ -448,22 +445,22 @@ def save_world(world: PlantedWorld, out_dir: str | Path) -> Path:
         "true_word_index": world.true_word_index.tolist(),
         "vocab_atom": world.vocab_atom.tolist(),
     }
-    write_json(out_dir / WORLD_JSON, doc)
+    write_json(files.config, doc)
     words = np.array(world.vocab_words, dtype=str)
-    _atomic_savez(out_dir / VOCAB_NPZ, words=words, embeddings=world.vocab_emb_wd)
-    return out_dir
+    _atomic_savez(files.vocab, words=words, embeddings=world.vocab_emb_wd)
+    return files.root
 
 
 def load_world(in_dir: str | Path) -> PlantedWorld:
     """Read a world written by :func:`save_world`; raises ``FeatureFileError`` naming a bad file."""
     in_dir = Path(in_dir)
-    json_path, st_path = in_dir / WORLD_JSON, in_dir / WORLD_TENSORS
+    json_path, st_path = WorldLayout(in_dir).config, WorldLayout(in_dir).tensors
     try:
         doc = json.loads(json_path.read_text())
         tensors = load_file(str(st_path))
     except (OSError, ValueError, SafetensorError) as e:
         raise FeatureFileError(
-            f"cannot read planted world from {in_dir} ({WORLD_JSON} + {WORLD_TENSORS}): {e}"
+            f"cannot read planted world from {in_dir} ({json_path.name} + {st_path.name}): {e}"
         ) from e
     if not isinstance(doc, dict) or doc.get("format") != _FORMAT or doc.get("version") != _FORMAT_VERSION:
         raise FeatureFileError(
@@ -765,7 +762,7 @@ def _patch_slots(layout: PlantedLayout, s: int, e: int) -> tuple[np.ndarray, np.
 def write_feature_shards(
     sample: PlantedSample, out_dir: str | Path, shard_size: int = 500, dtype: type | np.dtype = np.float16
 ) -> list[Path]:
-    """Write features as ``shard_00000.npy``... (n_in_shard, grid*grid, d) plus ``planted_layout.npz``.
+    """Write features as feature shards (n_in_shard, grid*grid, d) plus the images' planted layout.
 
     Shard k holds images ``k*shard_size`` onwards, in order. The layout file (non-pickle npz with
     ``grid``, ``n_atoms``, ``image_ptr``, ``entry_atom``, ``entry_coef``, ``entry_coef_ep``) is read
@@ -777,21 +774,20 @@ def write_feature_shards(
         raise ConfigError(f"dtype must be float16 or float32, got {dt}")
     if shard_size < 1:
         raise ConfigError(f"shard_size must be >= 1, got {shard_size}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = FeaturesLayout(Path(out_dir))
+    out.root.mkdir(parents=True, exist_ok=True)
     n = sample.feats_npd.shape[0]
     paths = []
     for k, s in enumerate(range(0, n, shard_size)):
         arr = np.ascontiguousarray(sample.feats_npd[s : s + shard_size].astype(dt))
-        paths.append(_atomic_save_npy(out_dir / f"shard_{k:05d}.npy", arr))
-    keep = {p.name for p in paths}
-    for stale in sorted(out_dir.glob("shard_*.npy")):
-        if re.fullmatch(r"shard_\d{5}\.npy", stale.name) and stale.name not in keep:
+        paths.append(_atomic_save_npy(out.shard(k), arr))
+    for stale in out.shard_files():
+        if stale.suffix == ".npy" and stale not in paths:
             logger.warning("removing stale feature shard %s from an earlier run", stale)
             stale.unlink()
     lay = sample.layout
     _atomic_savez(
-        out_dir / LAYOUT_NPZ,
+        out.planted_layout,
         grid=np.int64(lay.grid),
         n_atoms=np.int64(lay.n_atoms),
         image_ptr=lay.image_ptr,
@@ -803,10 +799,10 @@ def write_feature_shards(
 
 
 def load_layout(path: str | Path) -> PlantedLayout:
-    """Read a ``planted_layout.npz`` (a file, or the shard folder holding it)."""
+    """Read the planted layout written by :func:`write_feature_shards` (its file, or the shard folder)."""
     path = Path(path)
     if path.is_dir():
-        path = path / LAYOUT_NPZ
+        path = FeaturesLayout(path).planted_layout
     try:
         with np.load(path, allow_pickle=False) as z:
             lay = PlantedLayout(

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from insight_core.atlas import Atlas
+from insight_core.atlas.layout import EXAMPLES_DIR as EXAMPLES
 from precompute.__main__ import main
-from precompute.demo import EXAMPLES, auto_dict_size, resolve_pretrained
+from precompute.demo import auto_dict_size, resolve_pretrained
 
 
 @pytest.fixture

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError, filter_repo_objects
 
-from insight_core.atlas import FILES, MANIFEST, REQUIRED, Atlas, AtlasError, hub, write_manifest
+from insight_core.atlas import ATLAS_FILES, MANIFEST, REQUIRED_ROLES, Atlas, AtlasError, hub, write_manifest
 from insight_core.atlas.hub import HubError, resolve_atlas
 from precompute.__main__ import main
 
 HF_DEFAULT_IGNORE = [".git", ".git/*", "*/.git", "**/.git/**", ".cache/huggingface", ".cache/huggingface/*",
                      "*/.cache/huggingface", "**/.cache/huggingface/**"]  # fmt: skip
-ATLAS_FILES = {
+UPLOADED = {
     MANIFEST, "sae.safetensors", "concepts.parquet", "edges.parquet", "stats/concept_stats.safetensors",
     "families.json", "dinoiser.safetensors", "dinoiser_metrics.json", "thumbs/7.webp", "thumbs/index.json",
 }  # fmt: skip
@@ -30,11 +30,11 @@ ATLAS_FILES = {
 @pytest.fixture
 def atlas_dir(tmp_path: Path) -> Path:
     root = tmp_path / "atlas"
-    for role in (*REQUIRED, "dinoiser", "thumbnails"):
-        path = root / FILES[role]
+    for role in (*REQUIRED_ROLES, "dinoiser", "thumbnails"):
+        path = root / ATLAS_FILES[role]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(f"content of {role}".encode())
-    (root / FILES["families"]).write_text(json.dumps({"config": {}, "n_edges": 3, "max_depth": 1}))
+    (root / ATLAS_FILES["families"]).write_text(json.dumps({"config": {}, "n_edges": 3, "max_depth": 1}))
     (root / "dinoiser_metrics.json").write_text("{}")
     (root / "thumbs" / "7.webp").write_bytes(b"RIFF....WEBP")
     # what must stay home: interrupted-run state, atomic-write temp files, caches
@@ -117,9 +117,9 @@ def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
 
 
 def test_push_uploads_the_atlas_without_temp_state_or_caches(atlas_dir: Path, fake_hub: FakeHub) -> None:
-    assert hub.upload_files(atlas_dir) == sorted(ATLAS_FILES)
+    assert hub.upload_files(atlas_dir) == sorted(UPLOADED)
     assert main(["push", "--atlas", str(atlas_dir), "--repo-id", "me/atlas", "--private"]) == 0
-    assert fake_hub.uploaded("me/atlas") == ATLAS_FILES
+    assert fake_hub.uploaded("me/atlas") == UPLOADED
     (_, repo_id, create), (_, _, upload) = fake_hub.calls
     assert repo_id == "me/atlas"
     assert create == {"repo_type": "dataset", "private": True, "exist_ok": True, "token": None}
@@ -133,7 +133,7 @@ def test_push_to_a_branch_of_a_model_repo(atlas_dir: Path, fake_hub: FakeHub) ->
     assert [c[0] for c in fake_hub.calls] == ["create_repo", "create_branch", "upload_folder"]
     assert fake_hub.calls[1][2]["branch"] == "v1"
     assert fake_hub.calls[0][2]["private"] is None  # not --private: the Hub's default visibility
-    assert fake_hub.uploaded("me/atlas", "v1", "model") == ATLAS_FILES
+    assert fake_hub.uploaded("me/atlas", "v1", "model") == UPLOADED
 
 
 @pytest.mark.parametrize("damage", ["manifest", "stale", "same_size"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from insight_core.atlas.layout import VOCAB_DIR
 from insight_core.errors import ConfigError
 from precompute import name as name_stage
 
@@ -34,13 +35,13 @@ def fake_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("fake_encoder")
 def test_name_uses_the_shipped_word_lists_by_default(tmp_path: Path, caplog) -> None:
     shipped = Path(__file__).resolve().parents[2] / "assets" / "vocab"
-    assert shipped == name_stage.DEFAULT_VOCAB_DIR
+    assert shipped == VOCAB_DIR
     job = name_stage.NameJob(atlas=tmp_path, max_words=40, templates_per_pos=1, progress=False)
     with caplog.at_level(logging.INFO):
         vocab = name_stage._vocabulary(job)
     assert vocab.words[:3] == ("the", "of", "and")  # msae_clip_disect_20k.txt comes first
     assert vocab.n_words == 40
-    assert str(name_stage.DEFAULT_VOCAB_DIR / "msae_laion_400_bigram.txt") in caplog.text
+    assert str(VOCAB_DIR / "msae_laion_400_bigram.txt") in caplog.text
     assert caplog.text.count("vocabulary source brysbaert skipped") == 1
     with pytest.raises(ConfigError, match=r"--vocab-dir .*nowhere: not a directory"):
         name_stage._vocabulary(name_stage.NameJob(atlas=tmp_path, vocab_dir=tmp_path / "nowhere"))

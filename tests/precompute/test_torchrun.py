@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import save_file
 
+from insight_core.atlas import AtlasLayout
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from insight_core.models.sae import MatryoshkaSAE
 from precompute.__main__ import main
@@ -96,7 +97,9 @@ def test_train_sae_on_two_processes_matches_one(tmp_path: Path) -> None:
     _run([*args, "--out", str(two)], processes=2)
     _run([*args, "--out", str(one)])
     for atlas in (one, two):  # one set of atlas files, no checkpoint or temp file left behind
-        assert sorted(p.name for p in atlas.iterdir()) == ["sae.json", "sae.safetensors", "sae_metrics.json"]
+        assert sorted(p.name for p in atlas.iterdir()) == ["sae.json", "sae.safetensors", "sae_metrics.json",
+                                                            "stages"]  # fmt: skip
+        assert sorted(AtlasLayout(atlas).stage_records()) == ["train-sae"]
     m1 = json.loads((one / "sae_metrics.json").read_text())
     m2 = json.loads((two / "sae_metrics.json").read_text())
     assert (m1["world_size"], m2["world_size"]) == (1, 2)

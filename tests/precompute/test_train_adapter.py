@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from insight_core.atlas import AtlasLayout
 from insight_core.errors import ImageLoadError
 from insight_core.models.dinoiser import AffinityHead, Dinoiser, affinities, guided_pool
 from precompute import extract, train_adapter
@@ -42,7 +43,7 @@ def trained(image_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 def test_trains_head_skips_bad_images_and_records_metrics(trained: tuple[Path, list[str]]) -> None:
     out, _ = trained
-    metrics = json.loads((out / train_adapter.METRICS_FILE).read_text())
+    metrics = json.loads((AtlasLayout(out).dinoiser_metrics).read_text())
     assert metrics["n_images"] == 4
     assert metrics["n_skipped"] == 2
     assert {name for name, _ in metrics["skipped"]} == {"broken.jpg", "empty.png"}
@@ -53,14 +54,14 @@ def test_trains_head_skips_bad_images_and_records_metrics(trained: tuple[Path, l
     assert metrics["backbone"]["random_weights"] is True
     assert metrics["backbone"]["grid"] == [14, 14]
     assert 0.5 < metrics["pair_accuracy"] <= 1.0
-    assert not (out / train_adapter.CACHE_FILE).exists()  # removed after success
+    assert not (AtlasLayout(out).dinoiser_inputs_cache).exists()  # removed after success
 
 
 def test_saved_head_is_what_extract_loads_and_it_changes_pooling(
     trained: tuple[Path, list[str]], image_dir: Path
 ) -> None:
     out, _ = trained
-    path = out / train_adapter.ADAPTER_FILE
+    path = AtlasLayout(out).dinoiser
     job = extract.ExtractJob(images=image_dir, out=out / "feats", pool="head", dinoiser=path)
     dino = extract._load_dinoiser(job)  # exactly how extract --pool head reads it
     assert isinstance(dino, Dinoiser)
@@ -80,7 +81,7 @@ def test_saved_head_is_what_extract_loads_and_it_changes_pooling(
 
 def test_rerun_is_a_no_op_and_force_retrains(trained: tuple[Path, list[str]], caplog) -> None:
     out, args = trained
-    head, metrics = out / train_adapter.ADAPTER_FILE, out / train_adapter.METRICS_FILE
+    head, metrics = AtlasLayout(out).dinoiser, AtlasLayout(out).dinoiser_metrics
     stamps = head.stat().st_mtime_ns, metrics.stat().st_mtime_ns
     with caplog.at_level(logging.INFO):
         assert main(args) == 0
@@ -117,7 +118,7 @@ def test_empty_or_unreadable_folder_is_a_clear_error(tmp_path: Path, caplog) -> 
     )
     with pytest.raises(ImageLoadError, match=r"bad: none of the 1 images could be read"):
         train_adapter.run(job)
-    assert not (tmp_path / "o2" / train_adapter.ADAPTER_FILE).exists()
+    assert not (AtlasLayout(tmp_path / "o2").dinoiser).exists()
 
 
 def test_interrupted_run_reuses_the_encoded_images(
@@ -131,10 +132,10 @@ def test_interrupted_run_reuses_the_encoded_images(
     with monkeypatch.context() as m:
         m.setattr(train_adapter, "_fit", interrupt)
         assert main(args) == 130
-    assert (tmp_path / train_adapter.CACHE_FILE).is_file()
-    assert not (tmp_path / train_adapter.ADAPTER_FILE).exists()
+    assert (AtlasLayout(tmp_path).dinoiser_inputs_cache).is_file()
+    assert not (AtlasLayout(tmp_path).dinoiser).exists()
     with caplog.at_level(logging.INFO):
         assert main(args) == 0
     assert "reusing the encoded images" in caplog.text
-    assert json.loads((tmp_path / train_adapter.METRICS_FILE).read_text())["n_images"] == 4
-    assert not (tmp_path / train_adapter.CACHE_FILE).exists()
+    assert json.loads((AtlasLayout(tmp_path).dinoiser_metrics).read_text())["n_images"] == 4
+    assert not (AtlasLayout(tmp_path).dinoiser_inputs_cache).exists()

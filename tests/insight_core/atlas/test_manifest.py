@@ -79,3 +79,14 @@ def test_schema_mismatch_and_foreign_manifest(atlas_dir: Path, tmp_path: Path) -
         Atlas.open(atlas_dir)
     with pytest.raises(AtlasError, match="not a directory"):
         Atlas.open(tmp_path / "nowhere")
+
+
+def test_atlas_from_before_stage_records_still_opens(atlas_dir: Path) -> None:
+    """Schema-1 atlases written before stage records (no ``stages/``, per-stage stamp files) open as is."""
+    manifest = write_manifest(atlas_dir)
+    legacy = {**manifest, "stages": {"train-sae": "0123abcd", "stats": "4567ef01", "index": "89ab"}}
+    (atlas_dir / "manifest.json").write_text(json.dumps(legacy))
+    (atlas_dir / "stats" / "input_fingerprint.json").write_text('"4567ef01"')
+    atlas = Atlas.open(atlas_dir, verify_hashes=True)
+    assert atlas.layout.stage_records() == {}
+    assert atlas.path("stats") == atlas.layout.stats_tensors

@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import insight_core.concepts.stats as stats_mod
+from insight_core.atlas import AtlasLayout
 from insight_core.concepts.stats import (
-    STATS_JSON,
-    STATS_TENSORS,
     ConceptStats,
     StatsAccumulator,
     StatsConfig,
@@ -319,45 +318,49 @@ def small_stats() -> ConceptStats:
 
 
 def test_save_load_round_trip(tmp_path: Path, small_stats: ConceptStats) -> None:
-    small_stats.save(tmp_path / "stats")
-    assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == sorted([STATS_JSON, STATS_TENSORS])
-    back = ConceptStats.load(tmp_path / "stats")
+    layout = AtlasLayout(tmp_path)
+    small_stats.save(layout.stats_tensors, layout.stats_meta)
+    assert sorted(layout.stats_dir.iterdir()) == sorted([layout.stats_meta, layout.stats_tensors])
+    back = ConceptStats.load(layout.stats_tensors, layout.stats_meta)
     _assert_same(small_stats, back)
     assert back.w(1, 2) == small_stats.w(1, 2)
-    doc = json.loads((tmp_path / "stats" / STATS_JSON).read_text())
+    doc = json.loads(layout.stats_meta.read_text())
     assert doc["m"] == M
     assert doc["n_images"] == N_IMAGES
     assert doc["config"]["top_n"] == CFG.top_n
 
 
 def test_load_bad_files(tmp_path: Path, small_stats: ConceptStats) -> None:
-    with pytest.raises(CheckpointError, match=STATS_JSON):
-        ConceptStats.load(tmp_path / "missing")
-    out = small_stats.save(tmp_path / "s")
-    json_path, st_path = out / STATS_JSON, out / STATS_TENSORS
+    missing = AtlasLayout(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match=missing.stats_meta.name):
+        ConceptStats.load(missing.stats_tensors, missing.stats_meta)
+    layout = AtlasLayout(tmp_path / "s")
+    json_path, st_path = layout.stats_meta, layout.stats_tensors
+    small_stats.save(st_path, json_path)
     good_json = json_path.read_text()
+    STATS_JSON, STATS_TENSORS = json_path.name, st_path.name
 
     json_path.write_text("{not json")
     with pytest.raises(CheckpointError, match=STATS_JSON):
-        ConceptStats.load(out)
+        ConceptStats.load(st_path, json_path)
     json_path.write_text(json.dumps({"format": "something-else", "version": 1}))
     with pytest.raises(CheckpointError, match="not a concept statistics file"):
-        ConceptStats.load(out)
+        ConceptStats.load(st_path, json_path)
     json_path.write_text(good_json.replace('"top_n": 7', '"top_n": 0'))
     with pytest.raises(CheckpointError, match="invalid entry"):
-        ConceptStats.load(out)
+        ConceptStats.load(st_path, json_path)
     json_path.write_text(good_json.replace(f'"m": {M}', f'"m": {M + 1}'))
     with pytest.raises(CheckpointError, match=rf"{STATS_TENSORS}.*'freq_patches_m'"):
-        ConceptStats.load(out)
+        ConceptStats.load(st_path, json_path)
     json_path.write_text(good_json)
 
     tensors = small_stats._tensors()
     write_safetensors(st_path, {k: v for k, v in tensors.items() if k != "D_mm"})
     with pytest.raises(CheckpointError, match=r"missing tensor 'D_mm'"):
-        ConceptStats.load(out)
+        ConceptStats.load(st_path, json_path)
     write_safetensors(st_path, {**tensors, "ex_image_mn": tensors["ex_image_mn"].int()})
     with pytest.raises(CheckpointError, match=r"'ex_image_mn' is torch.int32"):
-        ConceptStats.load(out)
+        ConceptStats.load(st_path, json_path)
     st_path.write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match=STATS_TENSORS):
-        ConceptStats.load(out)
+        ConceptStats.load(st_path, json_path)

@@ -169,7 +169,7 @@ def test_decoder_normalisation_and_parallel_grad_removal() -> None:
 def test_safetensors_round_trip(tmp_path) -> None:
     sae = _trained_like(SMALL)
     sae.threshold.fill_(0.25)
-    path = sae.save(tmp_path / "sae.safetensors")
+    path = sae.save(tmp_path / "sae.safetensors", config_path=tmp_path / "sae.json")
     back = MatryoshkaSAE.load(path)
     assert back.cfg == sae.cfg
     for a, b in zip(sae.state_dict().values(), back.state_dict().values(), strict=True):

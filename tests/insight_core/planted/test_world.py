@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis.extra.numpy import arrays
 
+from insight_core.atlas import FeaturesLayout
 from insight_core.errors import ConfigError, FeatureFileError
 from insight_core.planted.world import (
-    LAYOUT_NPZ,
     PlantedWorld,
     WorldConfig,
     ancestor_pairs,
@@ -277,7 +277,7 @@ def test_write_feature_shards(world: PlantedWorld, sample, tmp_path: Path) -> No
     lay = load_layout(tmp_path)
     np.testing.assert_array_equal(lay.entry_coef_ep, sample.layout.entry_coef_ep)
     np.testing.assert_array_equal(lay.dense_masks([5]), sample.dense_masks([5]))
-    with np.load(tmp_path / LAYOUT_NPZ, allow_pickle=False) as z:
+    with np.load(FeaturesLayout(tmp_path).planted_layout, allow_pickle=False) as z:
         assert set(z.files) >= {"image_ptr", "entry_atom", "entry_coef", "entry_coef_ep"}
     p32 = write_feature_shards(sample, tmp_path / "f32", shard_size=1000, dtype=np.float32)
     np.testing.assert_array_equal(np.load(p32[0], allow_pickle=False), sample.feats_npd)
