@@ -30,6 +30,7 @@ from insight_core.data.images import list_image_files, load_image
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 from precompute import extract
+from precompute.options import BackboneOptions, SourceOptions
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 
@@ -45,9 +46,9 @@ def bench_extract(images: list[Path], device: str, batch: int) -> dict:
         for p in images:
             shutil.copy(p, folder / p.name)
         job = extract.ExtractJob(
-            images=folder,
             out=Path(tmp) / "feats",
-            pretrained="none",
+            source=SourceOptions(images=folder),
+            backbone=BackboneOptions(pretrained="none"),
             batch_size=batch,
             device=device,
             progress=False,

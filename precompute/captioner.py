@@ -54,6 +54,7 @@ from insight_core.models.captioner import (
 from insight_core.models.dinoiser import Dinoiser
 from insight_core.models.sae import MatryoshkaSAE
 from precompute.common import default_of, fmt_metrics
+from precompute.options import BackboneOptions
 
 log = logging.getLogger(__name__)
 
@@ -304,17 +305,6 @@ def _backbone_cfg(job: CaptionerJob, device: str) -> BackboneConfig:
     return BackboneConfig(arch=job.arch, pretrained=pretrained or "openai", device=device, resize=job.resize)
 
 
-def _pooling(job: CaptionerJob) -> Dinoiser:
-    if job.pool not in ("none", "raw", "head"):
-        raise ConfigError(f"--pool must be none, raw or head, got {job.pool!r}")
-    if job.pool != "head":
-        return Dinoiser(mode=job.pool)
-    head = job.dinoiser or AtlasLayout(job.atlas).dinoiser
-    if not Path(head).is_file():
-        raise ConfigError(f"--pool head needs a trained head: {head} not found (pass --dinoiser)")
-    return Dinoiser.load(head)
-
-
 def extract_split(
     split: Split,
     backbone: ClipBackbone,
@@ -394,7 +384,9 @@ def run(job: CaptionerJob) -> dict:
     sae = MatryoshkaSAE.load(layout.sae).requires_grad_(False)
     splits = load_splits(job)
     log.info("captioner data: %s", {k: f"{len(v.keys)} images" for k, v in splits.items()})
-    backbone, pool = ClipBackbone(bb_cfg), _pooling(job)
+    pooling = BackboneOptions(pool=job.pool, dinoiser=job.dinoiser, resize=job.resize)
+    pool = pooling.pooling(head=layout.dinoiser)
+    backbone = ClipBackbone(bb_cfg)
     feats = {
         name: extract_split(s, backbone, pool, sae, out, stamp, job.progress)
         for name, s in splits.items()

@@ -25,6 +25,7 @@ from insight_core.errors import ConfigError, ImageLoadError
 from insight_core.models.backbone import weights_available
 from precompute import build, captioner
 from precompute.common import RANDOM_BANNER
+from precompute.options import BackboneOptions, NamingOptions, SaeOptions, SourceOptions
 
 log = logging.getLogger(__name__)
 
@@ -133,22 +134,21 @@ def run(job: DemoJob) -> Atlas:
     atlas = build.run(
         build.BuildJob(
             atlas=out,
-            images=layout.demo_images_dir,
             features=layout.demo_features_dir,
-            arch=job.arch,
-            pretrained=pretrained,
-            shard_size=256,
-            dict_size=dict_size,
-            k=job.k,
-            group_fractions=DEMO_GROUP_FRACTIONS,
-            steps=job.steps,
-            batch_size=min(2048, n_images * PATCHES_PER_IMAGE // 2),  # the train split must hold a batch
-            lr=1e-3,
-            warmup_steps=min(100, job.steps // 4),
-            threshold_start_step=job.steps // 2,
-            checkpoint_every=max(job.steps // 2, 1),
-            max_words=job.max_words,
-            templates_per_pos=job.templates_per_pos,
+            source=SourceOptions(images=layout.demo_images_dir, shard_size=256),
+            backbone=BackboneOptions(arch=job.arch, pretrained=pretrained),
+            sae=SaeOptions(
+                dict_size=dict_size,
+                k=job.k,
+                group_fractions=DEMO_GROUP_FRACTIONS,
+                steps=job.steps,
+                batch_size=min(2048, n_images * PATCHES_PER_IMAGE // 2),  # the train split must hold a batch
+                lr=1e-3,
+                warmup_steps=min(100, job.steps // 4),
+                threshold_start_step=job.steps // 2,
+                checkpoint_every=max(job.steps // 2, 1),
+            ),
+            naming=NamingOptions(max_words=job.max_words, templates_per_pos=job.templates_per_pos),
             device=job.device,
             progress=job.progress,
         )

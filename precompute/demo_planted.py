@@ -22,6 +22,7 @@ from insight_core.data.images import LoadReport, iter_images, list_image_files
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from precompute import synth, train_sae
 from precompute.common import RANDOM_BANNER
+from precompute.options import SaeOptions
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,10 @@ def run(job: PlantedDemoJob) -> dict:
     sae_job = train_sae.TrainSaeJob(
         features=planted.features.root,
         out=atlas,
-        dict_size=job.dict_size,
-        k=job.k,
-        batch_size=4096,
-        steps=job.steps,
-        lr=1e-3,
-        warmup_steps=100,
-        threshold_start_step=job.steps // 3,
+        sae=SaeOptions(dict_size=job.dict_size, k=job.k, batch_size=4096, steps=job.steps, lr=1e-3,
+                       warmup_steps=100, threshold_start_step=job.steps // 3),
         device=job.device,
-    )
+    )  # fmt: skip
     sae_metrics = train_sae.run(sae_job)
     recovery = synth.run_eval_synth(synth.EvalSynthJob(planted=planted.root, atlas=atlas))
     backbone = _backbone_step(job)

@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -37,12 +38,12 @@ from tqdm.auto import tqdm
 
 from insight_core import distributed
 from insight_core.atlas import FeaturesLayout, read_json_dict
-from insight_core.data.sources import HFDatasetSpec, ImageSource, PlannedShard, Record, make_source
+from insight_core.data.sources import ImageSource, PlannedShard, Record
 from insight_core.distributed import DistInfo
-from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
+from insight_core.errors import FeatureFileError, ImageLoadError
 from insight_core.io import write_json, write_npy
-from insight_core.models.backbone import BackboneConfig, ClipBackbone
-from insight_core.models.dinoiser import Dinoiser
+from insight_core.models.backbone import ClipBackbone
+from precompute.options import BackboneOptions, Flat, SourceOptions
 
 log = logging.getLogger(__name__)
 
@@ -52,90 +53,36 @@ FEATURES_VERSION = 1
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ExtractJob:
-    """Extract dense joint-space patch features from a folder of images into fp16 shards."""
+    """Extract dense joint-space patch features from images into fp16 shards."""
 
     out: Path
     """Output feature folder (shards + manifest.json)."""
-    images: Path | None = None
-    """Image source 1: a folder of images (searched recursively; jpg, png, webp, bmp, gif, tiff)."""
-    webdataset: str | None = None
-    """Image source 2: webdataset tar shards: a folder of .tar files, one .tar, a glob or a brace
-    pattern (``shards/train-{0000..0099}.tar``); image members are used, others ignored."""
-    hf_dataset: str | None = None
-    """Image source 3: a Hugging Face dataset (hub name, local dataset folder or builder such as
-    ``imagefolder``), streamed."""
-    hf_split: str = "train"
-    """Split of --hf-dataset."""
-    hf_config: str | None = None
-    """Configuration (subset) of --hf-dataset."""
-    hf_image_column: str | None = None
-    """Image column of --hf-dataset (default: the first Image column)."""
-    hf_revision: str | None = None
-    """Revision of --hf-dataset (pin it for reproducible atlases)."""
-    hf_data_dir: str | None = None
-    """data_dir of --hf-dataset (for builders such as imagefolder)."""
-    arch: str = "ViT-B-16"
-    """open_clip architecture."""
-    pretrained: str = "openai"
-    """open_clip pretrained tag, a local weights file, or 'none' (random init, for tests)."""
-    pool: str = "raw"
-    """DINOiser guided pooling: 'none', 'raw' (CLIP's own affinities) or 'head' (needs --dinoiser)."""
-    dinoiser: Path | None = None
-    """Trained DINOiser head (safetensors) for --pool head."""
-    resize: str = "squash"
-    """'squash' (whole image, patch maps cover it) or 'crop' (CLIP's centre crop)."""
-    max_images: int | None = None
-    """Use only the first N images (of the sorted folder, the shard order, or the stream)."""
-    shard_size: int = 1024
-    """Images per shard."""
+    source: Annotated[SourceOptions, Flat] = dataclasses.field(default_factory=SourceOptions)
+    """The images."""
+    backbone: Annotated[BackboneOptions, Flat] = dataclasses.field(default_factory=BackboneOptions)
+    """The backbone and pooling."""
     batch_size: int = 32
     """Images per forward pass."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda' or 'cuda:N'."""
-    max_pixels: int = 50_000_000
-    """Larger images are refused as decompression bombs."""
     progress: bool = True
     """Show a progress bar."""
 
 
-def _source(job: ExtractJob) -> ImageSource:
-    hf = None
-    if job.hf_dataset:
-        hf = HFDatasetSpec(
-            name=job.hf_dataset,
-            split=job.hf_split,
-            config=job.hf_config,
-            image_column=job.hf_image_column,
-            revision=job.hf_revision,
-            data_dir=job.hf_data_dir,
-        )
-    return make_source(job.images, job.webdataset, hf, job.max_pixels)
-
-
-def _model_stamp(job: ExtractJob, backbone: ClipBackbone) -> dict:
+def _model_stamp(opts: BackboneOptions, backbone: ClipBackbone) -> dict:
     return {
-        "arch": job.arch,
-        "pretrained": job.pretrained,
+        "arch": opts.arch,
+        "pretrained": opts.pretrained,
         "random_weights": backbone.is_random,
-        "resize": job.resize,
-        "pool": job.pool,
-        "dinoiser": str(job.dinoiser) if job.dinoiser else None,
+        "resize": opts.resize,
+        "pool": opts.pool,
+        "dinoiser": str(opts.dinoiser) if opts.dinoiser else None,
     }
 
 
 def _shard_key(shard: PlannedShard, stamp: dict) -> str:
     """The source's key for the shard's images, combined with the model that extracts them."""
     return hashlib.sha256(json.dumps([stamp, shard.key], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _load_dinoiser(job: ExtractJob) -> Dinoiser:
-    if job.pool not in ("none", "raw", "head"):
-        raise ConfigError(f"--pool must be none, raw or head, got {job.pool!r}")
-    if job.pool == "head":
-        if job.dinoiser is None:
-            raise ConfigError("--pool head needs --dinoiser PATH (a head trained by train-adapter)")
-        return Dinoiser.load(job.dinoiser)
-    return Dinoiser(mode=job.pool)
 
 
 def _batches(records: Iterator[Record], size: int, skipped: list) -> Iterator[tuple[list[str], list]]:
@@ -166,36 +113,28 @@ def run(job: ExtractJob) -> dict:
 
 
 def _run(job: ExtractJob, info: DistInfo) -> dict:
-    source = _source(job)
-    n_total = source.n_total(job.max_images)  # lists a folder / tar headers: fails early on no images
-    if job.resize not in ("squash", "crop"):
-        raise ConfigError(f"--resize must be squash or crop, got {job.resize!r}")
-    pool = _load_dinoiser(job)
-    backbone = ClipBackbone(
-        BackboneConfig(
-            arch=job.arch,
-            pretrained=job.pretrained,
-            device=distributed.local_device_name(job.device, info),
-            resize=job.resize,
-            batch_size=job.batch_size,
-        )
-    )
+    src, opts = job.source, job.backbone
+    source = src.open()
+    n_total = source.n_total(src.max_images)  # lists a folder / tar headers: fails early on no images
+    pool = opts.pooling()
+    device = distributed.local_device_name(job.device, info)
+    backbone = ClipBackbone(opts.backbone_config(device, job.batch_size))
     if backbone.is_random:
         log.warning("RANDOM-INIT BACKBONE (pretrained='none'): extracted features carry no semantics")
     pool = pool.to(backbone.device)
-    stamp = _model_stamp(job, backbone)
+    stamp = _model_stamp(opts, backbone)
     out = FeaturesLayout(job.out)
     out.root.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []  # every shard's key, in plan order (all ranks walk the whole plan)
     entries, t0, done_images = [], time.perf_counter(), 0
     bar = tqdm(
-        total=_my_share(n_total, job.shard_size, info),
+        total=_my_share(n_total, src.shard_size, info),
         disable=not (job.progress and info.is_main),
         unit="img",
         desc="extract",
         dynamic_ncols=True,
     )
-    for shard in source.shards(job.shard_size, job.max_images):
+    for shard in source.shards(src.shard_size, src.max_images):
         keys.append(key := _shard_key(shard, stamp))
         if shard.index % info.world_size != info.rank:
             continue

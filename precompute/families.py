@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,6 +22,7 @@ from insight_core.concepts.stats import ConceptStats
 from insight_core.io import atomic_write, write_json
 from precompute import stats as stats_stage
 from precompute.common import load_atlas_stats
+from precompute.options import Flat
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,8 @@ class FamiliesJob:
     """Atlas directory (sae.safetensors; stats/ is computed from --features when missing)."""
     features: Path | None = None
     """Feature directory, needed when stats/ is missing or stale."""
-    min_confidence: float = 0.75
-    """Minimum co-occurrence confidence D[child, parent] of an edge (paper: 0.75)."""
-    min_support: int = 5
-    """Minimum active patches of the child concept for an edge."""
-    keep_transitive: bool = True
-    """Keep grandparent edges (as the paper does)."""
+    families: Annotated[FamilyConfig, Flat] = dataclasses.field(default_factory=FamilyConfig)
+    """How the DAG is extracted (paper: confidence >= 0.75, transitive edges kept)."""
     force: bool = False
     """Rebuild even if the statistics and settings are unchanged."""
     progress: bool = True
@@ -69,9 +67,7 @@ def read_edges(path: Path, m: int) -> Families:
 
 def run(job: FamiliesJob) -> Families:
     stats = ensure_stats(job.atlas, job.features, job.progress)
-    cfg = FamilyConfig(
-        min_confidence=job.min_confidence, min_support=job.min_support, keep_transitive=job.keep_transitive
-    )
+    cfg = job.families
     layout = AtlasLayout(job.atlas)
     key = fingerprint([layout.stats_tensors, layout.stats_meta], {"families": dataclasses.asdict(cfg)})
     record = layout.stage_record(STAGE)

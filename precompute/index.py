@@ -24,7 +24,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,13 +34,14 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from insight_core.atlas import AtlasLayout, FeaturesLayout, fingerprint, read_json_dict
-from insight_core.concepts.index import IndexConfig, build_index, describe_index, save_index
+from insight_core.concepts.index import build_index, describe_index, save_index
 from insight_core.concepts.stats import ConceptStats
 from insight_core.data.features import FeatureSet, scan_features
 from insight_core.data.sources import ImageSource, open_source
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
 from insight_core.io import atomic_write, write_json
 from precompute.common import load_atlas_stats
+from precompute.options import Flat, IndexOptions
 
 log = logging.getLogger(__name__)
 
@@ -74,46 +75,12 @@ class IndexJob:
     images: Path | None = None
     """Image folder (or webdataset shards) for thumbnails, when they moved since extract (default: the
     'source' recorded in the features' manifest.json)."""
-    thumb_size: int = 160
-    """Longest side of the WebP thumbnails, in pixels."""
-    max_exemplars: int = 16
-    """Top exemplar patches per concept to index (at most the stats' top_n)."""
-    ivf_threshold: int = 1_000_000
-    """Use IVF-PQ at or above this many vectors, an exact flat index below."""
-    nlist: int | None = None
-    """IVF inverted lists (None: about 4 * sqrt(n))."""
-    pq_m: int = 64
-    """PQ sub-quantizers of IVF-PQ indexes (falls back to a divisor of d)."""
-    nprobe: int = 16
-    """Inverted lists visited per query, stored in IVF indexes."""
-    use_gpu: str = "auto"
-    """IVF k-means on a GPU: 'auto' (when faiss sees one), 'never' or 'always'."""
-    threads: int | None = None
-    """OpenMP threads for faiss while building (None: all cores)."""
-    thumb_workers: int = 4
-    """Threads decoding and resizing images for thumbnails."""
+    index: Annotated[IndexOptions, Flat] = dataclasses.field(default_factory=IndexOptions)
+    """Index types and thumbnails."""
     force: bool = False
     """Rebuild everything even if the inputs are unchanged."""
     progress: bool = True
     """Show progress bars."""
-
-    def __post_init__(self) -> None:
-        if self.thumb_size < 8:
-            raise ConfigError(f"--thumb-size must be >= 8 pixels, got {self.thumb_size}")
-        if self.max_exemplars < 1:
-            raise ConfigError(f"--max-exemplars must be >= 1, got {self.max_exemplars}")
-        if self.thumb_workers < 1:
-            raise ConfigError(f"--thumb-workers must be >= 1, got {self.thumb_workers}")
-
-    def index_config(self) -> IndexConfig:
-        return IndexConfig(
-            ivf_threshold=self.ivf_threshold,
-            nlist=self.nlist,
-            pq_m=self.pq_m,
-            nprobe=self.nprobe,
-            use_gpu=self.use_gpu,
-            threads=self.threads,
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,11 +288,11 @@ def write_thumbnails(
     with tqdm(
         total=len(todo), desc="thumbs", unit="img", disable=not job.progress, dynamic_ncols=True
     ) as bar:
-        for rel, result in images.source.fetch(list(todo), workers=job.thumb_workers):
+        for rel, result in images.source.fetch(list(todo), workers=job.index.thumb_workers):
             image_id = todo[rel]
             if not isinstance(result, ImageLoadError):
                 try:
-                    width, height = _save_thumb(result, layout.thumb(image_id), job.thumb_size)
+                    width, height = _save_thumb(result, layout.thumb(image_id), job.index.thumb_size)
                     entries[str(image_id)] = {"path": rel, "width": width, "height": height}
                 except (OSError, ValueError) as err:
                     result = ImageLoadError(f"{rel}: {err}")
@@ -372,7 +339,12 @@ def _part_keys(job: IndexJob, layout: AtlasLayout, features: FeatureSet, cfg_doc
         ),
         "thumbnails": fingerprint(
             stats_files + feature_files + side_files,
-            {"size": job.thumb_size, "max_exemplars": max_ex, "images": str(job.images), "q": THUMB_QUALITY},
+            {
+                "size": job.index.thumb_size,
+                "max_exemplars": max_ex,
+                "images": str(job.images),
+                "q": THUMB_QUALITY,
+            },
         ),
     }
 
@@ -393,10 +365,11 @@ def run(job: IndexJob) -> dict[str, Any]:
         raise CheckpointError(
             f"{layout.concept_vectors} has d={d} but features in {job.features} have d={features.d}"
         )
-    max_ex = min(job.max_exemplars, stats.config.top_n)
-    if max_ex < job.max_exemplars:
-        log.warning("--max-exemplars %d > stats top_n %d: indexing %d", job.max_exemplars, max_ex, max_ex)
-    cfg = job.index_config()
+    wanted = job.index.max_exemplars
+    max_ex = min(wanted, stats.config.top_n)
+    if max_ex < wanted:
+        log.warning("--max-exemplars %d > stats top_n %d: indexing %d", wanted, max_ex, max_ex)
+    cfg = job.index.index_config()
     cfg_doc = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("use_gpu", "threads")}
     keys = _part_keys(job, layout, features, cfg_doc, max_ex)
     old = _read_meta(layout.index_meta)
@@ -412,7 +385,7 @@ def run(job: IndexJob) -> dict[str, Any]:
         "version": INDEX_VERSION,
         "dim": d,
         "metric": "cosine (inner product of L2-normalised vectors)",
-        "config": {**cfg_doc, "max_exemplars": max_ex, "thumb_size": job.thumb_size},
+        "config": {**cfg_doc, "max_exemplars": max_ex, "thumb_size": job.index.thumb_size},
     }
     # concept index: row i = concept i
     if fresh("index-concepts"):
@@ -456,7 +429,7 @@ def run(job: IndexJob) -> dict[str, Any]:
     if fresh("thumbnails"):
         meta["thumbs"] = old["thumbs"]
     else:
-        same_size = old.get("thumbs", {}).get("size") == job.thumb_size
+        same_size = old.get("thumbs", {}).get("size") == job.index.thumb_size
         meta["thumbs"] = _thumbnails(layout, features, ex["image_id"], job, reuse=same_size and not job.force)
         written = [layout.thumbs_index] if layout.thumbs_index.is_file() and "n" in meta["thumbs"] else []
         layout.stage_record("thumbnails").write(keys["thumbnails"], written)
@@ -485,7 +458,7 @@ def _thumbnails(
     return {
         "dir": layout.rel(layout.thumbs_dir),
         "index": layout.rel(layout.thumbs_index),
-        "size": job.thumb_size,
+        "size": job.index.thumb_size,
         "format": "webp",
         **counts,
         "source": images.source.describe(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +40,7 @@ from insight_core.io import atomic_write, write_safetensors
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from precompute import families as families_stage
 from precompute.common import load_atlas_sae, load_atlas_stats
+from precompute.options import Flat, NamingOptions
 
 log = logging.getLogger(__name__)
 
@@ -53,27 +55,14 @@ class NameJob:
     """Atlas directory (sae.safetensors; stats/ and edges.parquet are built when missing)."""
     features: Path | None = None
     """Feature directory, needed when stats/ is missing or stale."""
-    vocab_embeddings: Path | None = None
-    """Precomputed vocabulary embeddings (.npz with 'words' and 'embeddings'); bypasses the text encoder."""
-    vocab_dir: Path | None = None
-    """Folder with the paper's word lists (CLIP-Dissect 20k, LAION uni/bigrams, optional Brysbaert
-    concreteness table); default: the shipped assets/vocab (without the Brysbaert table)."""
+    naming: Annotated[NamingOptions, Flat] = dataclasses.field(default_factory=NamingOptions)
+    """The vocabulary and how concepts are matched against it."""
     arch: str = "ViT-B-16"
     """open_clip architecture of the text encoder (must match the atlas backbone)."""
     pretrained: str = "openai"
     """open_clip pretrained tag or local weights file of the text encoder."""
-    max_words: int | None = None
-    """Keep only the first N vocabulary words (CPU runs: the full ~60k-word vocabulary is a GPU job)."""
-    templates_per_pos: int | None = None
-    """Use only the first N of the ten templates per part of speech (None: all ten, as in the paper)."""
-    alpha: float = 1.33
-    """Weight of the concept's own decoder row in Eq. B.9."""
-    top_k: int = 5
-    """Names kept per concept (best + alternatives)."""
     force: bool = False
     """Rename even if the inputs (SAE, edges, stats, vocabulary) and settings are unchanged."""
-    use_parents: bool = True
-    """Family-informed vectors (Eq. B.9); --no-use-parents names decoder rows alone."""
     progress: bool = True
     """Show progress bars."""
 
@@ -88,21 +77,22 @@ def _families(job: NameJob, m: int) -> Families:
 
 
 def _vocab_dir(job: NameJob) -> Path:
-    return Path(job.vocab_dir) if job.vocab_dir is not None else VOCAB_DIR
+    return Path(job.naming.vocab_dir) if job.naming.vocab_dir is not None else VOCAB_DIR
 
 
 def _vocabulary(job: NameJob) -> VocabEmbeddings:
-    if job.vocab_embeddings is not None:
-        return load_vocab_embeddings(job.vocab_embeddings)
+    opts = job.naming
+    if opts.vocab_embeddings is not None:
+        return load_vocab_embeddings(opts.vocab_embeddings)
     vocab_dir = _vocab_dir(job)
     if not vocab_dir.is_dir():
-        what = "--vocab-dir" if job.vocab_dir is not None else "the shipped word lists"
+        what = "--vocab-dir" if opts.vocab_dir is not None else "the shipped word lists"
         raise ConfigError(
             f"{what} {vocab_dir}: not a directory; "
             "give --vocab-dir WORD_LIST_DIR or --vocab-embeddings FILE.npz"
         )
-    vocab = build_vocabulary(paper_vocab_sources(vocab_dir), max_words=job.max_words)
-    n = job.templates_per_pos
+    vocab = build_vocabulary(paper_vocab_sources(vocab_dir), max_words=opts.max_words)
+    n = opts.templates_per_pos
     templates = {pos: tuple(t[:n] if n else t) for pos, t in TEMPLATES_BY_POS.items()}
     backbone = ClipBackbone(BackboneConfig(arch=job.arch, pretrained=job.pretrained))
     if backbone.is_random:
@@ -117,8 +107,8 @@ def _vocabulary(job: NameJob) -> VocabEmbeddings:
 
 
 def _vocab_files(job: NameJob) -> list[Path]:
-    if job.vocab_embeddings is not None:
-        return [Path(job.vocab_embeddings)]
+    if job.naming.vocab_embeddings is not None:
+        return [Path(job.naming.vocab_embeddings)]
     return [Path(src.path) for src in paper_vocab_sources(_vocab_dir(job)) if Path(src.path).is_file()]
 
 
@@ -150,16 +140,16 @@ def run(job: NameJob) -> list[dict]:
         parents,
         stats.D_mm.numpy(),
         stats.w_pairs,
-        alpha=job.alpha,
-        use_parents=job.use_parents,
+        alpha=job.naming.alpha,
+        use_parents=job.naming.use_parents,
     )
     vectors_md = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
     write_safetensors(  # the index stage and the app search these
         layout.concept_vectors,
         {"vectors_md": vectors_md},
-        {"alpha": str(job.alpha), "use_parents": str(job.use_parents)},
+        {"alpha": str(job.naming.alpha), "use_parents": str(job.naming.use_parents)},
     )
-    result = name_concepts(vectors, vocab, top_k=job.top_k)
+    result = name_concepts(vectors, vocab, top_k=job.naming.top_k)
     records = result.to_records()
     group_m = np.repeat(np.arange(len(sae.cfg.group_sizes)), sae.cfg.group_sizes)
     n_patches = max(1, stats.n_patches)

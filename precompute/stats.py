@@ -11,15 +11,17 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
 from insight_core.atlas import AtlasLayout, fingerprint
-from insight_core.concepts.stats import ConceptStats, StatsConfig, compute_stats
+from insight_core.concepts.stats import ConceptStats, compute_stats
 from insight_core.data.features import scan_features
 from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError
 from precompute.common import load_atlas_sae, load_atlas_stats
+from precompute.options import Flat, StatsOptions
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +36,8 @@ class StatsJob:
     """Atlas directory holding sae.safetensors (trained or imported)."""
     features: Path
     """Feature directory (.npy (n_images, n_patches, d) or (n, d))."""
-    images_per_batch: int = 64
-    """Images encoded per step."""
-    top_n: int = 64
-    """Exemplar patches kept per concept."""
-    top_w: int = 30
-    """Top patches per concept used for w_ia (paper App. B.4)."""
+    stats: Annotated[StatsOptions, Flat] = dataclasses.field(default_factory=StatsOptions)
+    """What the pass keeps."""
     device: str = "auto"
     """Device for SAE encoding."""
     force: bool = False
@@ -56,15 +54,16 @@ def run(job: StatsJob) -> ConceptStats:
         raise CheckpointError(
             f"{layout.sae}: SAE d_in={sae.cfg.d_in} but features in {job.features} have d={features.d}"
         )
-    cfg = StatsConfig(top_n=job.top_n, top_w=job.top_w)
+    cfg = job.stats.stats_config()
     key = fingerprint([f.path for f in features.files] + [layout.sae], dataclasses.asdict(cfg))
     record = layout.stage_record(STAGE)
     if not job.force and record.is_current(key):
         log.info("%s is up to date; skipping (use --force to recompute)", layout.stats_dir)
         return load_atlas_stats(layout)
     sae = sae.to(resolve_device(job.device, what="--device"))
-    n_batches = sum(math.ceil(f.n_units / job.images_per_batch) for f in features.files)
-    batches = _Sized(features.iter_image_batches(job.images_per_batch), n_batches)
+    per_batch = job.stats.images_per_batch
+    n_batches = sum(math.ceil(f.n_units / per_batch) for f in features.files)
+    batches = _Sized(features.iter_image_batches(per_batch), n_batches)
     with torch.no_grad():
         stats = compute_stats(sae, batches, cfg, progress=job.progress)
     stats.save(layout.stats_tensors, layout.stats_meta)

@@ -21,15 +21,16 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Annotated
 
 from insight_core import distributed
 from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
 from insight_core.data.features import scan_features
 from insight_core.distributed import DistInfo
 from insight_core.io import write_json
-from insight_core.models.sae import PAPER_GROUP_FRACTIONS, SAEConfig
-from insight_core.training.sae import SAETrainer, TrainConfig, evaluate
+from insight_core.training.sae import SAETrainer, evaluate
 from precompute.common import fmt_metrics
+from precompute.options import Flat, SaeOptions
 
 log = logging.getLogger(__name__)
 
@@ -44,52 +45,14 @@ class TrainSaeJob:
     """Directory of .npy feature arrays (float16/float32), or one .npy file."""
     out: Path
     """Atlas directory to write sae.safetensors, sae.json and sae_metrics.json into."""
-    dict_size: int = 8192
-    """Number of concepts m."""
-    k: int = 12
-    """Mean active concepts per patch (BatchTopK)."""
-    group_fractions: tuple[float, ...] = PAPER_GROUP_FRACTIONS
-    """Nested Matryoshka group size ratios (coarse to fine), summing to 1."""
-    epochs: float = 3.0
-    """Passes over the training split (ignored if --steps is given)."""
-    steps: int | None = None
-    """Total optimisation steps; overrides --epochs."""
-    batch_size: int = 16_384
-    """Patches per step."""
-    lr: float = 1e-4
-    """Adam learning rate."""
+    sae: Annotated[SaeOptions, Flat] = dataclasses.field(default_factory=SaeOptions)
+    """The SAE and its training."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda' or 'cuda:N'."""
-    seed: int = 0
-    """Seed for initialisation, split and batch order."""
-    held_out_fraction: float = 0.1
-    """Fraction of images held out for the metrics."""
-    aux_alpha: float = 1 / 32
-    """Dead-latent aux loss weight (0 disables)."""
-    dead_after_samples: int = 10_000_000
-    """Samples without firing after which a latent counts as dead (capped at one epoch)."""
-    warmup_steps: int = 1000
-    """Learning-rate warmup steps (capped at 10 % of the run)."""
-    threshold_start_step: int = 1000
-    """Step from which the inference threshold is estimated (capped at half the run)."""
-    checkpoint_every: int = 500
-    """Steps between resumable checkpoints."""
     force: bool = False
     """Retrain even if an up-to-date sae.safetensors exists."""
     progress: bool = True
     """Show a progress bar."""
-
-    def sae_config(self, d_in: int) -> SAEConfig:
-        return SAEConfig(d_in=d_in, dict_size=self.dict_size, k=self.k, group_fractions=self.group_fractions)
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, steps=self.steps,
-            held_out_fraction=self.held_out_fraction, aux_alpha=self.aux_alpha,
-            dead_after_samples=self.dead_after_samples, warmup_steps=self.warmup_steps,
-            threshold_start_step=self.threshold_start_step, seed=self.seed, device=self.device,
-            checkpoint_every=self.checkpoint_every,
-        )  # fmt: skip
 
 
 def run(job: TrainSaeJob) -> dict:
@@ -103,7 +66,7 @@ def run(job: TrainSaeJob) -> dict:
 
 def _run(job: TrainSaeJob, info: DistInfo) -> dict:
     features = scan_features(job.features)
-    sae_cfg, train_cfg = job.sae_config(features.d), job.train_config()
+    sae_cfg, train_cfg = job.sae.sae_config(features.d), job.sae.train_config(job.device)
     stamp = fingerprint(
         [f.path for f in features.files], {"sae": sae_cfg.to_json(), "train": dataclasses.asdict(train_cfg)}
     )

@@ -1,44 +1,81 @@
-"""``precompute.common``: combined jobs take their stages' defaults."""
+"""Option groups: one definition per setting, shared by the stage jobs and ``build``; flat CLI flags."""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
+import tyro
 
 from insight_core.models.captioner import CaptionerConfig
 from insight_core.models.sae import PAPER_GROUP_FRACTIONS
-from precompute import build, captioner, extract, train_sae
+from precompute import build, captioner, extract, families, index, name, stats, train_sae
+from precompute.__main__ import STAGES
 from precompute.common import default_of
+from precompute.options import SaeOptions, SourceOptions
 
 
-def _shared_defaults(combined: type, stage: type) -> dict[str, tuple[object, object]]:
-    theirs = {f.name: f.default for f in dataclasses.fields(stage)}
-    return {
-        f.name: (f.default, theirs[f.name])
-        for f in dataclasses.fields(combined)
-        if f.name in theirs and theirs[f.name] is not dataclasses.MISSING
-    }
+def _groups(job: type) -> dict[str, type]:
+    """Nested option groups of a job: field name -> group class."""
+    hints = typing.get_type_hints(job, include_extras=True)
+    out = {}
+    for f in dataclasses.fields(job):
+        hint = hints[f.name]
+        base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+        if dataclasses.is_dataclass(base):
+            out[f.name] = base
+    return out
 
 
 @pytest.mark.parametrize(
-    ("combined", "stage", "skip"),
+    "stage",
     [
-        (build.BuildJob, extract.ExtractJob, {"batch_size"}),  # build's batch_size is the SAE's
-        (build.BuildJob, train_sae.TrainSaeJob, set()),
-        (captioner.CaptionerJob, CaptionerConfig, set()),
+        extract.ExtractJob,
+        train_sae.TrainSaeJob,
+        stats.StatsJob,
+        families.FamiliesJob,
+        name.NameJob,
+        index.IndexJob,
     ],
 )
-def test_combined_jobs_follow_their_stages_defaults(combined: type, stage: type, skip: set[str]) -> None:
-    shared = {k: v for k, v in _shared_defaults(combined, stage).items() if k not in skip}
+def test_build_nests_the_same_option_groups_as_its_stages(stage: type) -> None:
+    ours, theirs = _groups(build.BuildJob), _groups(stage)
+    assert theirs, f"{stage.__name__} has no option group"
+    for field, group in theirs.items():
+        assert ours[field] is group, f"BuildJob.{field} is not {group.__name__}"
+
+
+def test_flags_stay_flat_and_map_into_the_groups() -> None:
+    job = tyro.extras.subcommand_cli_from_dict(
+        {"build": build.BuildJob},
+        args=["build", "--atlas", "A", "--images", "P", "--dict-size", "256", "--k", "4", "--max-words", "9",
+              "--min-confidence", "0.8", "--thumb-size", "96", "--shard-size", "64"],
+    )  # fmt: skip
+    assert job.source == SourceOptions(images=job.source.images, shard_size=64)
+    assert (job.sae.dict_size, job.sae.k, job.sae.lr) == (256, 4, SaeOptions().lr)
+    assert (job.naming.max_words, job.families.min_confidence, job.index.thumb_size) == (9, 0.8, 96)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_subcommand_parses_its_help_without_flag_clashes(stage: str, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        tyro.extras.subcommand_cli_from_dict({stage: STAGES[stage][0]}, args=[stage, "--help"])
+    assert done.value.code == 0
+    assert "--" in capsys.readouterr().out
+
+
+def test_captioner_job_follows_the_captioner_config_defaults() -> None:
+    theirs = {f.name: f.default for f in dataclasses.fields(CaptionerConfig)}
+    shared = {f.name: f.default for f in dataclasses.fields(captioner.CaptionerJob) if f.name in theirs}
     assert len(shared) >= 4
-    assert {k: ours for k, (ours, _) in shared.items()} == {k: theirs for k, (_, theirs) in shared.items()}
+    assert shared == {k: theirs[k] for k in shared}
 
 
 def test_default_of_reads_the_paper_defaults_and_names_bad_fields() -> None:
-    assert default_of(train_sae.TrainSaeJob, "dict_size") == 8192
-    assert default_of(train_sae.TrainSaeJob, "group_fractions") == PAPER_GROUP_FRACTIONS
+    assert default_of(SaeOptions, "dict_size") == 8192
+    assert default_of(SaeOptions, "group_fractions") == PAPER_GROUP_FRACTIONS
     with pytest.raises(TypeError, match="no field 'nope'"):
-        default_of(train_sae.TrainSaeJob, "nope")
+        default_of(SaeOptions, "nope")
     with pytest.raises(TypeError, match="features has no plain default"):
         default_of(train_sae.TrainSaeJob, "features")

@@ -19,6 +19,7 @@ from insight_core.data.images import load_image
 from insight_core.errors import CheckpointError
 from precompute.__main__ import main
 from precompute.index import IndexJob, load_concept_vectors, run
+from precompute.options import IndexOptions
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
 WORLD = "--world.d 128 --world.n-objects 8 --world.n-attributes 8 --world.n-backgrounds 4"
@@ -71,7 +72,7 @@ def test_planted_world_indexes_map_back_to_concepts_and_patches(planted: Path, c
     exemplars = load_index(atlas / "index" / "exemplars.faiss")
     assert exemplars.ntotal == n == meta["exemplars"]["ntotal"]
     assert table["row"] == list(range(n))
-    assert max(table["rank"]) == job.max_exemplars - 1
+    assert max(table["rank"]) == job.index.max_exemplars - 1
     assert all(a > 0 for a in table["activation"])
     # a search hit maps back to the (image, patch) whose feature was the query
     fs = scan_features(feats)
@@ -133,7 +134,9 @@ def photo_atlas(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 def test_photos_get_thumbnails_with_original_sizes(photo_atlas, caplog) -> None:
     images, feats, atlas = photo_atlas
-    job = IndexJob(atlas=atlas, features=feats, thumb_size=64, progress=False, thumb_workers=2)
+    job = IndexJob(
+        atlas=atlas, features=feats, index=IndexOptions(thumb_size=64, thumb_workers=2), progress=False
+    )
     meta = run(job)
     table = pq.read_table(atlas / "exemplars.parquet").to_pydict()
     assert len(table["row"]) > 0
@@ -160,7 +163,7 @@ def test_photos_get_thumbnails_with_original_sizes(photo_atlas, caplog) -> None:
     mtimes = {p: p.stat().st_mtime_ns for p in [*thumb_files, *(atlas / f for f in OUTPUTS)]}
     assert run(job) == meta
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
-    meta = run(IndexJob(atlas=atlas, features=feats, thumb_size=32, progress=False))
+    meta = run(IndexJob(atlas=atlas, features=feats, index=IndexOptions(thumb_size=32), progress=False))
     assert (meta["thumbs"]["written"], meta["thumbs"]["reused"]) == (len(wanted), 0)
     with Image.open(atlas / "thumbs" / f"{wanted[0]}.webp") as thumb:
         assert max(thumb.size) == 32
@@ -172,7 +175,11 @@ def test_photos_get_thumbnails_with_original_sizes(photo_atlas, caplog) -> None:
     path.write_bytes(path.read_bytes()[:300])
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        meta = run(IndexJob(atlas=atlas, features=feats, thumb_size=64, progress=False, force=True))
+        meta = run(
+            IndexJob(
+                atlas=atlas, features=feats, index=IndexOptions(thumb_size=64), progress=False, force=True
+            )
+        )
     assert meta["thumbs"]["failed"] == 1
     assert f"no thumbnail for image {victim}" in caplog.text
     doc = json.loads((atlas / "thumbs" / "index.json").read_text())
@@ -198,7 +205,9 @@ def test_thumbnails_from_webdataset_shards(photo_atlas, tmp_path: Path) -> None:
     manifest["source"] = {"kind": "webdataset", "path": str(tar_path)}
     (wds_feats / "manifest.json").write_text(json.dumps(manifest))
 
-    meta = run(IndexJob(atlas=wds_atlas, features=wds_feats, thumb_size=48, progress=False))
+    meta = run(
+        IndexJob(atlas=wds_atlas, features=wds_feats, index=IndexOptions(thumb_size=48), progress=False)
+    )
     assert meta["thumbs"]["source"] == manifest["source"]
     doc = json.loads((wds_atlas / "thumbs" / "index.json").read_text())
     assert meta["thumbs"]["n"] == len(doc) > 0

@@ -15,6 +15,7 @@ from insight_core.errors import ImageLoadError
 from insight_core.models.dinoiser import AffinityHead, Dinoiser, affinities, guided_pool
 from precompute import extract, train_adapter
 from precompute.__main__ import main
+from precompute.options import BackboneOptions, SourceOptions
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
 TEACHER = "vit_tiny_patch16_224"  # small timm ViT, random weights: no download
@@ -62,8 +63,12 @@ def test_saved_head_is_what_extract_loads_and_it_changes_pooling(
 ) -> None:
     out, _ = trained
     path = AtlasLayout(out).dinoiser
-    job = extract.ExtractJob(images=image_dir, out=out / "feats", pool="head", dinoiser=path)
-    dino = extract._load_dinoiser(job)  # exactly how extract --pool head reads it
+    job = extract.ExtractJob(
+        out=out / "feats",
+        source=SourceOptions(images=image_dir),
+        backbone=BackboneOptions(pool="head", dinoiser=path),
+    )
+    dino = job.backbone.pooling()  # exactly how extract --pool head reads it
     assert isinstance(dino, Dinoiser)
     assert dino.mode == "head"
     assert dino.trained

@@ -1,0 +1,230 @@
+"""Option groups shared by the stage jobs and ``build``: one definition per setting.
+
+Each stage job nests the groups it needs (``ExtractJob.source``, ``TrainSaeJob.sae``, ...) and
+``build`` nests all of them, so a setting, its default and its help text are written once. On the
+command line the groups are flattened (``Flat``): ``--dict-size 4096`` works for ``train-sae`` and
+``build`` alike, and ``--help`` lists each group under its own heading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import tyro
+
+from insight_core.concepts.index import IndexConfig
+from insight_core.concepts.stats import StatsConfig
+from insight_core.data.images import DEFAULT_MAX_PIXELS
+from insight_core.data.sources import HFDatasetSpec, ImageSource, make_source
+from insight_core.errors import ConfigError
+from insight_core.models.backbone import BackboneConfig
+from insight_core.models.dinoiser import Dinoiser
+from insight_core.models.sae import PAPER_GROUP_FRACTIONS, SAEConfig
+from insight_core.training.sae import TrainConfig
+
+Flat = tyro.conf.OmitArgPrefixes
+"""``Annotated[Group, Flat]``: the group's flags keep their plain names (no ``--group.`` prefix)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SourceOptions:
+    """Where the images come from (one of three sources) and how they are planned into shards."""
+
+    images: Path | None = None
+    """Image source 1: a folder of images (searched recursively; jpg, png, webp, bmp, gif, tiff)."""
+    webdataset: str | None = None
+    """Image source 2: webdataset tar shards: a folder of .tar files, one .tar, a glob or a brace
+    pattern (``shards/train-{0000..0099}.tar``); image members are used, others ignored."""
+    hf_dataset: str | None = None
+    """Image source 3: a Hugging Face dataset (hub name, local dataset folder or builder such as
+    ``imagefolder``), streamed."""
+    hf_split: str = "train"
+    """Split of --hf-dataset."""
+    hf_config: str | None = None
+    """Configuration (subset) of --hf-dataset."""
+    hf_image_column: str | None = None
+    """Image column of --hf-dataset (default: the first Image column)."""
+    hf_revision: str | None = None
+    """Revision of --hf-dataset (pin it for reproducible atlases)."""
+    hf_data_dir: str | None = None
+    """data_dir of --hf-dataset (for builders such as imagefolder)."""
+    max_images: int | None = None
+    """Use only the first N images (of the sorted folder, the shard order, or the stream)."""
+    shard_size: int = 1024
+    """Images per feature shard (the unit of resumption of extract)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Larger images are refused as decompression bombs."""
+
+    @property
+    def given(self) -> bool:
+        """Whether any image source is set."""
+        return any(x is not None for x in (self.images, self.webdataset, self.hf_dataset))
+
+    def open(self) -> ImageSource:
+        """The image source (exactly one must be given; ``make_source`` says so otherwise)."""
+        hf = None
+        if self.hf_dataset:
+            hf = HFDatasetSpec(
+                name=self.hf_dataset,
+                split=self.hf_split,
+                config=self.hf_config,
+                image_column=self.hf_image_column,
+                revision=self.hf_revision,
+                data_dir=self.hf_data_dir,
+            )
+        return make_source(self.images, self.webdataset, hf, self.max_pixels)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackboneOptions:
+    """The vision backbone and the pooling that produce the features."""
+
+    arch: str = "ViT-B-16"
+    """open_clip architecture."""
+    pretrained: str = "openai"
+    """open_clip pretrained tag, a local weights file, or 'none' (random init: no semantics)."""
+    pool: str = "raw"
+    """DINOiser guided pooling: 'none', 'raw' (CLIP's own affinities) or 'head' (needs --dinoiser)."""
+    dinoiser: Path | None = None
+    """Trained DINOiser head (safetensors) for --pool head."""
+    resize: str = "squash"
+    """'squash' (whole image, patch maps cover it) or 'crop' (CLIP's centre crop)."""
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("none", "raw", "head"):
+            raise ConfigError(f"--pool must be none, raw or head, got {self.pool!r}")
+        if self.resize not in ("squash", "crop"):
+            raise ConfigError(f"--resize must be squash or crop, got {self.resize!r}")
+
+    def backbone_config(self, device: str = "auto", batch_size: int = 32) -> BackboneConfig:
+        return BackboneConfig(arch=self.arch, pretrained=self.pretrained, device=device, resize=self.resize,
+                              batch_size=batch_size)  # fmt: skip
+
+    def pooling(self, head: Path | None = None) -> Dinoiser:
+        """The guided pooling; ``head`` is where to find a trained head when --dinoiser is not given."""
+        if self.pool != "head":
+            return Dinoiser(mode=self.pool)
+        path = self.dinoiser or head
+        if path is None:
+            raise ConfigError("--pool head needs --dinoiser PATH (a head trained by train-adapter)")
+        if not Path(path).is_file():
+            raise ConfigError(f"--pool head needs a trained head: {path} not found (pass --dinoiser)")
+        return Dinoiser.load(path)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SaeOptions:
+    """The Matryoshka BatchTopK SAE and its training (paper App. B.2 defaults)."""
+
+    dict_size: int = 8192
+    """Number of concepts m."""
+    k: int = 12
+    """Mean active concepts per patch (BatchTopK)."""
+    group_fractions: tuple[float, ...] = PAPER_GROUP_FRACTIONS
+    """Nested Matryoshka group size ratios (coarse to fine), summing to 1."""
+    epochs: float = 3.0
+    """Passes over the training split (ignored if --steps is given)."""
+    steps: int | None = None
+    """Total optimisation steps; overrides --epochs."""
+    batch_size: int = 16_384
+    """Patches per step."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    seed: int = 0
+    """Seed for initialisation, split and batch order."""
+    held_out_fraction: float = 0.1
+    """Fraction of images held out for the metrics."""
+    aux_alpha: float = 1 / 32
+    """Dead-latent aux loss weight (0 disables)."""
+    dead_after_samples: int = 10_000_000
+    """Samples without firing after which a latent counts as dead (capped at one epoch)."""
+    warmup_steps: int = 1000
+    """Learning-rate warmup steps (capped at 10 % of the run)."""
+    threshold_start_step: int = 1000
+    """Step from which the inference threshold is estimated (capped at half the run)."""
+    checkpoint_every: int = 500
+    """Steps between resumable checkpoints."""
+
+    def sae_config(self, d_in: int) -> SAEConfig:
+        return SAEConfig(d_in=d_in, dict_size=self.dict_size, k=self.k, group_fractions=self.group_fractions)
+
+    def train_config(self, device: str) -> TrainConfig:
+        return TrainConfig(**_shared(self, TrainConfig), device=device)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StatsOptions:
+    """The statistics pass (exemplars, w_ia, co-occurrence)."""
+
+    images_per_batch: int = 64
+    """Images encoded per step."""
+    top_n: int = 64
+    """Exemplar patches kept per concept."""
+    top_w: int = 30
+    """Top patches per concept used for w_ia (paper App. B.4)."""
+
+    def stats_config(self) -> StatsConfig:
+        return StatsConfig(top_n=self.top_n, top_w=self.top_w)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NamingOptions:
+    """Naming concepts against a vocabulary (paper Sec. 3.4, App. B.4)."""
+
+    vocab_embeddings: Path | None = None
+    """Precomputed vocabulary embeddings (.npz with 'words' and 'embeddings'); bypasses the text encoder."""
+    vocab_dir: Path | None = None
+    """Folder with the paper's word lists (CLIP-Dissect 20k, LAION uni/bigrams, optional Brysbaert
+    concreteness table); default: the shipped assets/vocab (without the Brysbaert table)."""
+    max_words: int | None = None
+    """Keep only the first N vocabulary words (CPU runs: the full ~60k-word vocabulary is a GPU job)."""
+    templates_per_pos: int | None = None
+    """Use only the first N of the ten templates per part of speech (None: all ten, as in the paper)."""
+    alpha: float = 1.33
+    """Weight of the concept's own decoder row in Eq. B.9."""
+    top_k: int = 5
+    """Names kept per concept (best + alternatives)."""
+    use_parents: bool = True
+    """Family-informed vectors (Eq. B.9); --no-use-parents names decoder rows alone."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IndexOptions:
+    """FAISS indexes of concepts and exemplar patches, and exemplar thumbnails."""
+
+    thumb_size: int = 160
+    """Longest side of the WebP thumbnails, in pixels."""
+    max_exemplars: int = 16
+    """Top exemplar patches per concept to index (at most the stats' top_n)."""
+    ivf_threshold: int = 1_000_000
+    """Use IVF-PQ at or above this many vectors, an exact flat index below."""
+    nlist: int | None = None
+    """IVF inverted lists (None: about 4 * sqrt(n))."""
+    pq_m: int = 64
+    """PQ sub-quantizers of IVF-PQ indexes (falls back to a divisor of d)."""
+    nprobe: int = 16
+    """Inverted lists visited per query, stored in IVF indexes."""
+    use_gpu: str = "auto"
+    """IVF k-means on a GPU: 'auto' (when faiss sees one), 'never' or 'always'."""
+    threads: int | None = None
+    """OpenMP threads for faiss while building (None: all cores)."""
+    thumb_workers: int = 4
+    """Threads decoding and resizing images for thumbnails."""
+
+    def __post_init__(self) -> None:
+        if self.thumb_size < 8:
+            raise ConfigError(f"--thumb-size must be >= 8 pixels, got {self.thumb_size}")
+        if self.max_exemplars < 1:
+            raise ConfigError(f"--max-exemplars must be >= 1, got {self.max_exemplars}")
+        if self.thumb_workers < 1:
+            raise ConfigError(f"--thumb-workers must be >= 1, got {self.thumb_workers}")
+
+    def index_config(self) -> IndexConfig:
+        return IndexConfig(**_shared(self, IndexConfig))
+
+
+def _shared(options: Any, config: type) -> dict[str, Any]:
+    """The fields of ``options`` that ``config`` (a dataclass) also has."""
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(config) if hasattr(options, f.name)}
