@@ -8,7 +8,8 @@ from pathlib import Path
 import gradio as gr
 
 from app.state import DEFAULT_ATLAS, ENV_ATLAS, atlas_location, load_state
-from app.ui import Views, build_ui
+from app.ui import build_ui
+from app.views import Views
 from insight_core.errors import InsightError
 
 log = logging.getLogger(__name__)

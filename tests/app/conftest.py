@@ -92,7 +92,8 @@ def app_state(app_atlas: Path):
 def launched_app(app_atlas: Path, app_state) -> Iterator[str]:
     """The explorer launched on a free local port; yields its URL."""
     from app.server import MAX_FILE_SIZE, QUEUE_SIZE, example_images
-    from app.ui import Views, build_ui
+    from app.ui import build_ui
+    from app.views import Views
 
     demo = build_ui(Views(app_state), example_images())
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=4)
