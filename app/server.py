@@ -12,6 +12,7 @@ import gradio as gr
 from app.state import DEFAULT_ATLAS, ENV_ATLAS, AppError, atlas_location, load_state
 from app.ui import build_ui
 from app.views import Views
+from insight_core.atlas.layout import AtlasLayout
 from insight_core.errors import InsightError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def build_demo_atlas(out: str | Path) -> None:
 def ensure_demo_atlas(cli_atlas: str | None, env: dict[str, str]) -> str:
     """The atlas to serve; builds ./demo_atlas first when nothing is configured and it is missing."""
     location = atlas_location(cli_atlas) if cli_atlas or env.get(ENV_ATLAS) else DEFAULT_ATLAS
-    if not cli_atlas and not env.get(ENV_ATLAS) and not Path(DEFAULT_ATLAS, "manifest.json").is_file():
+    if not cli_atlas and not env.get(ENV_ATLAS) and not AtlasLayout(Path(DEFAULT_ATLAS)).manifest.is_file():
         log.warning(
             "no atlas configured and ./%s missing: building the demo atlas first (a few minutes)",
             DEFAULT_ATLAS,
