@@ -121,7 +121,7 @@ def exemplars(state: AppState, cid: int, max_images: int = 8) -> list[dict]:
 
 def thumbnail(state: AppState, image_id: int) -> Image.Image | None:
     """The exemplar thumbnail of an image (None when the atlas has none)."""
-    path = state.atlas.root / "thumbs" / f"{int(image_id)}.webp"
+    path = state.atlas.layout.thumb(image_id)
     if not path.is_file():
         return None
     with Image.open(path) as im:

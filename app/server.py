@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import gradio as gr
 
-from app.state import DEFAULT_ATLAS, ENV_ATLAS, atlas_location, load_state
-from app.ui import Views, build_ui
+from app.state import DEFAULT_ATLAS, ENV_ATLAS, AppError, atlas_location, load_state
+from app.ui import build_ui
+from app.views import Views
+from insight_core.atlas.layout import AtlasLayout
 from insight_core.errors import InsightError
 
 log = logging.getLogger(__name__)
@@ -35,17 +39,39 @@ def load_views(location: str | Path) -> Views:
         return Views(None, f"{location}: {err}")
 
 
+def demo_command(out: str | Path) -> list[str]:
+    """The command line that builds the demo atlas into ``out`` (the ``precompute demo`` CLI)."""
+    return [sys.executable, "-m", "precompute", "demo", "--out", str(out)]
+
+
+def build_demo_atlas(out: str | Path) -> None:
+    """Run ``precompute demo`` as a separate process (the app never imports ``precompute``).
+
+    Blocks until it finishes; its output goes to this terminal.
+
+    Raises
+    ------
+    AppError
+        The command failed (names the command and its exit code).
+    """
+    cmd = demo_command(out)
+    proc = subprocess.run(cmd, check=False)
+    if proc.returncode != 0:
+        raise AppError(
+            f"building the demo atlas failed: `{subprocess.list2cmdline(cmd)}` exited with code "
+            f"{proc.returncode} (see its output above)"
+        )
+
+
 def ensure_demo_atlas(cli_atlas: str | None, env: dict[str, str]) -> str:
     """The atlas to serve; builds ./demo_atlas first when nothing is configured and it is missing."""
     location = atlas_location(cli_atlas) if cli_atlas or env.get(ENV_ATLAS) else DEFAULT_ATLAS
-    if not cli_atlas and not env.get(ENV_ATLAS) and not Path(DEFAULT_ATLAS, "manifest.json").is_file():
-        from precompute import demo
-
+    if not cli_atlas and not env.get(ENV_ATLAS) and not AtlasLayout(Path(DEFAULT_ATLAS)).manifest.is_file():
         log.warning(
             "no atlas configured and ./%s missing: building the demo atlas first (a few minutes)",
             DEFAULT_ATLAS,
         )
-        demo.run(demo.DemoJob(out=Path(DEFAULT_ATLAS), progress=False))
+        build_demo_atlas(DEFAULT_ATLAS)
     return location
 
 

@@ -100,7 +100,7 @@ def atlas_location(cli_value: str | None) -> str:
 def _backbone(atlas: Atlas) -> tuple[ClipBackbone, Dinoiser]:
     bb = atlas.backbone
     if not bb.get("arch"):
-        raise AtlasError(f"{atlas.root}/manifest.json: no backbone block; rebuild with `precompute build`")
+        raise AtlasError(f"{atlas.layout.manifest}: no backbone block; rebuild with `precompute build`")
     resize = bb.get("resize") or "squash"
     backbone = ClipBackbone(
         BackboneConfig(
@@ -168,8 +168,8 @@ def _indexes(state: AppState) -> None:
 
 
 def _captioner(state: AppState) -> None:
-    folder = state.atlas.root / "captioner"
-    if not (folder / "config.json").is_file():
+    layout = state.atlas.layout.captioner
+    if not layout.config.is_file():
         state.captioner_note = (
             "This atlas has no captioner (build one with `python -m precompute captioner`)."
         )
@@ -178,7 +178,7 @@ def _captioner(state: AppState) -> None:
     from insight_core.models.captioner import SteerableCaptioner
 
     try:
-        cap = SteerableCaptioner.load(folder, state.sae)
+        cap = SteerableCaptioner.load(layout.root, state.sae)
     except InsightError as err:  # a broken captioner must not take the rest of the app down
         log.error("captioner not loaded: %s", err)
         state.captioner_note = f"The atlas captioner could not be loaded: {err}"

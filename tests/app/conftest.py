@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 def _train_captioner(atlas: Path, work: Path) -> None:
     """A tiny offline captioner (random-init GPT-2 + BPE on the example captions) that memorises the
     six example photos, saved as ATLAS/captioner (the layout ``precompute captioner`` writes)."""
+    from insight_core.atlas.layout import AtlasLayout, FeaturesLayout
     from insight_core.models.captioner import (
         CaptionData,
         CaptionerConfig,
@@ -39,13 +40,13 @@ def _train_captioner(atlas: Path, work: Path) -> None:
     caps: dict[str, list[str]] = {}
     for a in doc["annotations"]:
         caps.setdefault(by_id[a["image_id"]], []).append(a["caption"])
-    feats_dir = work / "features"
-    shard = sorted(feats_dir.glob("shard_*.npy"))[0]
-    ids = json.loads(shard.with_suffix("").with_suffix(".ids.json").read_text())
+    layout = AtlasLayout(atlas)
+    shard = FeaturesLayout(work / "features").shard(0)
+    ids = json.loads(FeaturesLayout.ids_of(shard).read_text())
     ids = ids["ids"] if isinstance(ids, dict) else ids
     names = [Path(str(i)).name for i in ids]
     feats = torch.from_numpy(np.load(shard).astype(np.float32)).reshape(len(names), 14, 14, -1)
-    sae = MatryoshkaSAE.load(atlas / "sae.safetensors")
+    sae = MatryoshkaSAE.load(layout.sae)
     lm_dir = build_tiny_lm([c for cs in caps.values() for c in cs] * 3, work / "tiny_lm", vocab_size=400,
                            n_embd=64, n_head=2, n_layer=2)  # fmt: skip
     cfg = CaptionerConfig(d_in=int(feats.shape[-1]), n_layers=1, n_heads=2, d_model=32, lm=str(lm_dir))
@@ -53,16 +54,18 @@ def _train_captioner(atlas: Path, work: Path) -> None:
     data = CaptionData(model.input_tokens(feats), [caps.get(n, ["a photo"])[:2] for n in names])
     train_cfg = CaptionTrainConfig(epochs=60, batch_size=12, lr=5e-3, finetune_lm=True)
     train_captioner(model, data, None, train_cfg, progress=False)
-    model.save(atlas / "captioner", save_lm=True, extra={"note": "tiny offline test captioner"})
+    model.save(layout.captioner.root, save_lm=True, extra={"note": "tiny offline test captioner"})
 
 
 @pytest.fixture(scope="session")
 def app_atlas(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete demo atlas (random-init backbone, 6 example photos) plus a tiny captioner."""
+    from insight_core.atlas.layout import AtlasLayout
     from precompute import demo
 
     prebuilt = os.environ.get("INSIGHT_TEST_APP_ATLAS")  # reuse one between local runs
-    if prebuilt and Path(prebuilt, "manifest.json").is_file() and Path(prebuilt, "captioner").is_dir():
+    reuse = AtlasLayout(prebuilt) if prebuilt else None
+    if reuse and reuse.manifest.is_file() and reuse.captioner.config.is_file():
         return Path(prebuilt)
     root = tmp_path_factory.mktemp("app") / "atlas"
     n = torch.get_num_threads()
@@ -92,7 +95,8 @@ def app_state(app_atlas: Path):
 def launched_app(app_atlas: Path, app_state) -> Iterator[str]:
     """The explorer launched on a free local port; yields its URL."""
     from app.server import MAX_FILE_SIZE, QUEUE_SIZE, example_images
-    from app.ui import Views, build_ui
+    from app.ui import build_ui
+    from app.views import Views
 
     demo = build_ui(Views(app_state), example_images())
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=4)

@@ -1,0 +1,78 @@
+"""Request handlers bound to one loaded state: the model calls the tabs share and the JSON API.
+
+The API methods back the named endpoints (``/explain``, ``/concept``, ``/search``, ``/family``,
+``/caption``, ``/steer``); they return JSON-ready values and raise :class:`~app.state.AppError` or
+``InsightError`` with a clear message (``app.components.api_handler`` turns those into ``gr.Error``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app import concepts as C
+from app import explain as X
+from app import families as F
+from app import steer as S
+from app.components import gpu
+from app.state import AppError, AppState
+
+
+class Views:
+    """Request handlers bound to one loaded state (or to the load error when the atlas failed)."""
+
+    def __init__(self, state: AppState | None, load_error: str | None = None) -> None:
+        self.state = state
+        self.load_error = load_error
+        self.explain = gpu(self._explain_impl)
+        """Explain an image (upload path, file or PIL image) -> :class:`~app.explain.Explanation`."""
+        self.steer = gpu(self._steer_impl)
+        """Caption an explained image with concept edits applied -> the steering result dict."""
+
+    # -- helpers -----------------------------------------------------------------------------
+    def s(self) -> AppState:
+        if self.state is None:
+            raise AppError(f"no atlas loaded: {self.load_error}")
+        return self.state
+
+    def _explain_impl(self, source: Any) -> X.Explanation:
+        state = self.s()
+        return X.explain_image(state, X.read_image(source))
+
+    def _steer_impl(self, expl: X.Explanation, edits: list) -> dict:
+        return S.steer(self.s(), expl.patches_hwd, edits)
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.state.group_ends) if self.state else 1
+
+    # -- API endpoints (JSON) ------------------------------------------------------------------
+    def api_explain(self, image: Any, top_k: float = 8, max_group: float = -1) -> dict:
+        expl = self.explain(image)
+        group = None if max_group is None or int(max_group) < 0 else int(max_group)
+        tops = X.top_concepts(self.s(), expl, int(top_k), group)
+        return {
+            "random_weights": self.s().random_weights,
+            "grid": list(expl.grid_hw),
+            "image_size": list(expl.image.size),
+            "top_concepts": tops,
+            "maps": {str(t["id"]): X.concept_map(expl, t["id"]).round(4).tolist() for t in tops},
+            "hierarchy": X.hierarchy(self.s(), expl, group),
+        }
+
+    def api_concept(self, concept_id: Any) -> dict:
+        return C.concept_page(self.s(), concept_id)
+
+    def api_search(self, query: str, mode: str = "text", k: float = 10) -> list[dict]:
+        return C.search(self.s(), query, mode or "text", int(k))
+
+    def api_family(self, concept_id: Any, depth: float = 2) -> dict:
+        return F.family_data(self.s(), concept_id, int(depth))
+
+    def api_caption(self, image: Any) -> dict:
+        S.require_captioner(self.s())
+        return self.steer(self.explain(image), [])
+
+    def api_steer(self, image: Any, edits: str) -> dict:
+        S.require_captioner(self.s())
+        parsed = S.parse_edits(self.s(), edits)
+        return self.steer(self.explain(image), parsed)
