@@ -12,12 +12,11 @@ import gradio as gr
 from app.state import DEFAULT_ATLAS, ENV_ATLAS, AppError, atlas_location, load_state
 from app.ui import build_ui
 from app.views import Views
-from insight_core.atlas.layout import AtlasLayout
+from insight_core.atlas.layout import EXAMPLES_DIR, AtlasLayout
 from insight_core.errors import InsightError
 
 log = logging.getLogger(__name__)
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
 MAX_FILE_SIZE = "25mb"
 """Largest upload; images are further limited to 50 MP by the loader (decompression bombs)."""
 QUEUE_SIZE = 64
