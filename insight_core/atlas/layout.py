@@ -85,7 +85,9 @@ class CaptionerLayout:
 
     def split_cache(self, split: str) -> tuple[Path, Path, Path]:
         """A split's cached dense features, SAE reconstructions (``.npy``) and their key (JSON)."""
-        return tuple(self.cache_dir / f"{split}_{part}" for part in ("dense.npy", "insight.npy", "key.json"))
+        prefix = self.cache_dir / split
+        return (prefix.with_name(f"{split}_dense.npy"), prefix.with_name(f"{split}_insight.npy"),
+                prefix.with_name(f"{split}_key.json"))  # fmt: skip
 
 
 ATLAS_FILES: dict[str, str] = {

@@ -149,7 +149,7 @@ def _to_cpu(index: faiss.Index) -> faiss.Index:
 def describe_index(index: faiss.Index) -> dict[str, Any]:
     """Type and parameters of an index for manifests: ``{"type": "flat" | "ivfpq", "ntotal", "d", ...}``."""
     info: dict[str, Any] = {"ntotal": int(index.ntotal), "d": int(index.d)}
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf: Any = faiss.try_extract_index_ivf(index)  # faiss's SWIG types are looser than its stubs
     if ivf is not None:
         ivf = faiss.downcast_index(ivf)
     if ivf is None:
@@ -213,7 +213,7 @@ def _build_ivfpq(x_nd: np.ndarray, cfg: IndexConfig) -> faiss.Index:
     nbits = min(8, max(1, int(math.log2(n_train / _MIN_TRAIN_PER_LIST))))
     # 'np': no polysemous training (an L2/Hamming feature we never use, and very slow)
     index = faiss.index_factory(d, f"IVF{nlist},PQ{pq_m}x{nbits}np", faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))  # SWIG attributes, not in the stubs
     ivf.cp.seed = cfg.seed
     ivf.pq.cp.seed = cfg.seed
     gpu_res = None
@@ -280,7 +280,7 @@ def search(
         if nprobe < 1:
             raise ConfigError(f"nprobe must be >= 1, got {nprobe}")
         # per-call parameters: the index is not modified, so concurrent searches are safe
-        params = faiss.SearchParametersIVF(nprobe=min(nprobe, ivf.nlist))
+        params = faiss.SearchParametersIVF(nprobe=min(nprobe, ivf.nlist))  # type: ignore[call-arg]
     scores_qk, ids_qk = index.search(q_qd, k, params=params)
     return scores_qk.astype(np.float32, copy=False), ids_qk.astype(np.int64, copy=False)
 

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -156,7 +156,7 @@ def _prepare_source(source: object, name: str | None) -> tuple[str, Path | io.By
         label, data = name or "<bytes>", bytes(source)
     elif hasattr(source, "read"):
         label = name or str(getattr(source, "name", "") or "<file object>")
-        data = _read_stream(source, label)
+        data = _read_stream(cast(BinaryIO, source), label)
     else:
         raise TypeError(
             f"image source must be a path, bytes, a binary file object or a PIL image, "
