@@ -255,7 +255,7 @@ class NamingResult:
         return [[self.pos_names[p] for p in row] for row in self.top_pos.tolist()]
 
     def names(self) -> dict[int, str]:
-        """``{concept id: name}`` (the form :func:`insight_core.planted.world.name_recovery` takes)."""
+        """``{concept id: name}`` (the form :func:`insight_core.planted.metrics.name_recovery` takes)."""
         return dict(enumerate(self.best_word))
 
     def to_records(self, concept_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from insight_core.concepts._util import as_numpy, chunks, sq_norms
 from insight_core.errors import ConfigError, FeatureFileError
-from insight_core.io import atomic_write
+from insight_core.io import write_npz
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +193,7 @@ class VocabEmbeddings:
             "embeddings": np.ascontiguousarray(self.emb_pwd, dtype=np.float32),
             "pos_names": np.array(self.pos_names, dtype=str),
         }
-
-        def write(tmp: Path) -> None:
-            with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a bare path
-                np.savez(f, **arrays)
-
-        return atomic_write(path, write)
+        return write_npz(path, **arrays)
 
 
 def load_vocab_embeddings(path: str | Path) -> VocabEmbeddings:

@@ -10,7 +10,7 @@ import torch
 from insight_core.concepts.naming import NamingConfig, concept_vectors, name_concepts, parents_from_edges
 from insight_core.concepts.vocab_embeddings import SINGLE_POS, VocabEmbeddings
 from insight_core.errors import ConfigError
-from insight_core.planted.world import (
+from insight_core.planted import (
     PlantedWorld,
     make_world,
     name_recovery,

@@ -25,7 +25,7 @@ from insight_core.concepts.vocab_embeddings import (
 )
 from insight_core.errors import ConfigError, FeatureFileError
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
-from insight_core.planted.world import WorldConfig, make_world, save_world
+from insight_core.planted import WorldConfig, make_world, save_world
 from tests.insight_core.concepts.test_vocabulary import _write
 
 D_FAKE = 16
