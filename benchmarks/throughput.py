@@ -29,10 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from insight_core.evaluation.sae import evaluate
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from insight_core.models.sae import SAEConfig
-from insight_core.planted.world import WorldConfig, make_world, sample_images
-from insight_core.training.sae import SAETrainer, TrainConfig, evaluate
+from insight_core.planted import WorldConfig, make_world, sample_images
+from insight_core.training.sae import SAETrainer, TrainConfig
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 

@@ -64,3 +64,13 @@ def write_npy(path: str | Path, arr: Any) -> Path:
             np.save(fh, arr, allow_pickle=False)
 
     return atomic_write(path, write)
+
+
+def write_npz(path: str | Path, **arrays: Any) -> Path:
+    """Atomically write ``arrays`` as an uncompressed ``.npz`` archive."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a bare path
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)

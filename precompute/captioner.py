@@ -37,22 +37,20 @@ from insight_core.atlas import AtlasLayout, CaptionerLayout, fingerprint, read_j
 from insight_core.data.images import load_image
 from insight_core.device import resolve_device
 from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
+from insight_core.evaluation.captions import reproduction_rate, score_captions
 from insight_core.io import write_json
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
-from insight_core.models.captioner import (
+from insight_core.models.captioner import CaptionerConfig, SteerableCaptioner
+from insight_core.models.dinoiser import Dinoiser
+from insight_core.models.lm import build_tiny_lm
+from insight_core.models.sae import MatryoshkaSAE
+from insight_core.training.captioner import (
     CaptionData,
-    CaptionerConfig,
     CaptionTrainConfig,
-    SteerableCaptioner,
-    build_tiny_lm,
     caption_all,
     evaluate_loss,
-    reproduction_rate,
-    score_captions,
     train_captioner,
 )
-from insight_core.models.dinoiser import Dinoiser
-from insight_core.models.sae import MatryoshkaSAE
 from precompute.common import default_of, fmt_metrics
 from precompute.options import BackboneOptions
 

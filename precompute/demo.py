@@ -22,7 +22,7 @@ from insight_core.atlas import Atlas, AtlasLayout
 from insight_core.atlas.layout import EXAMPLE_CAPTIONS, EXAMPLES_DIR
 from insight_core.data.images import list_image_files
 from insight_core.errors import ConfigError, ImageLoadError
-from insight_core.models.backbone import weights_available
+from insight_core.models.clip_weights import weights_available
 from precompute import build, captioner
 from precompute.common import RANDOM_BANNER
 from precompute.options import BackboneOptions, NamingOptions, SaeOptions, SourceOptions

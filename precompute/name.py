@@ -24,17 +24,14 @@ import torch
 from insight_core.atlas import AtlasLayout, fingerprint
 from insight_core.atlas.layout import VOCAB_DIR
 from insight_core.concepts.families import Families
-from insight_core.concepts.naming import (
+from insight_core.concepts.naming import concept_vectors, name_concepts, parents_from_edges
+from insight_core.concepts.vocab_embeddings import (
     TEMPLATES_BY_POS,
     VocabEmbeddings,
-    build_vocabulary,
     cached_vocab_embeddings,
-    concept_vectors,
     load_vocab_embeddings,
-    name_concepts,
-    paper_vocab_sources,
-    parents_from_edges,
 )
+from insight_core.concepts.vocabulary import build_vocabulary, paper_vocab_sources
 from insight_core.errors import ConfigError
 from insight_core.io import atomic_write, write_safetensors
 from insight_core.models.backbone import BackboneConfig, ClipBackbone

@@ -19,7 +19,7 @@ from insight_core.atlas import AtlasLayout, FeaturesLayout, SynthLayout
 from insight_core.errors import ConfigError
 from insight_core.io import write_json
 from insight_core.models.sae import MatryoshkaSAE, SAEConfig
-from insight_core.planted.world import (
+from insight_core.planted import (
     WorldConfig,
     atom_recovery,
     context_naming_accuracy,

@@ -35,15 +35,8 @@ from insight_core.data.images import DEFAULT_MAX_PIXELS, LoadReport, iter_images
 from insight_core.errors import ConfigError, ImageLoadError
 from insight_core.io import write_json, write_safetensors
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
-from insight_core.models.dinoiser import (
-    AffinityHead,
-    Dinoiser,
-    DinoiserConfig,
-    DinoTeacher,
-    affinities,
-    teacher_targets,
-    train_affinity_head,
-)
+from insight_core.models.dinoiser import AffinityHead, Dinoiser, DinoiserConfig, affinities
+from insight_core.training.dinoiser import DinoTeacher, teacher_targets, train_affinity_head
 from precompute.common import fmt_metrics
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,9 @@ from insight_core import distributed
 from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
 from insight_core.data.features import scan_features
 from insight_core.distributed import DistInfo
+from insight_core.evaluation.sae import evaluate
 from insight_core.io import write_json
-from insight_core.training.sae import SAETrainer, evaluate
+from insight_core.training.sae import SAETrainer
 from precompute.common import fmt_metrics
 from precompute.options import Flat, SaeOptions
 

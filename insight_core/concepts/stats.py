@@ -1,5 +1,9 @@
 """Concept statistics in one streaming pass (DESIGN "precompute stats"; paper Eq. 5 and App. B.4).
 
+Kept as one module (~600 lines) on purpose: the accumulator, its result :class:`ConceptStats` and
+their file format are one contract (``finalize`` builds exactly the tensors ``save``/``load`` check);
+the exemplar merging lives in :mod:`insight_core.concepts.exemplars`.
+
 :class:`StatsAccumulator` consumes batches of thresholded SAE codes, one row per patch, and keeps:
 
 - per concept: active patches, distinct images, sum and max of the activation;
@@ -39,6 +43,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from insight_core.concepts.exemplars import Exemplars, lexsort_rows, merge_exemplars, pad_k
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json, write_safetensors
 
@@ -72,68 +77,6 @@ class StatsConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Sorting helpers
-
-
-def _lexsort_rows(keys: list[torch.Tensor]) -> torch.Tensor:
-    """Permutation (along the last dim) sorting by ``keys[0]``, then ``keys[1]``, ... (all ascending).
-
-    Successive stable sorts from the least significant key; works row-wise on (T, L) or on 1-D keys.
-    """
-    perm = torch.arange(keys[0].shape[-1], device=keys[0].device).expand_as(keys[0]).contiguous()
-    for key in reversed(keys):
-        order = torch.sort(key.gather(-1, perm), dim=-1, stable=True).indices
-        perm = perm.gather(-1, order)
-    return perm
-
-
-@dataclasses.dataclass
-class _Exemplars:
-    """Top-N exemplars of ``T`` concepts, sorted by (act desc, image asc, patch asc); -inf/-1 padding."""
-
-    act_tn: torch.Tensor
-    image_tn: torch.Tensor
-    patch_tn: torch.Tensor
-    code_cols_twk: torch.Tensor
-    """Active concepts of the top-``top_w`` exemplar patches (int32, -1 padding)."""
-    code_vals_twk: torch.Tensor
-    """Their activations (float32, 0 padding)."""
-
-
-def _pad_k(t: torch.Tensor, k: int, fill: float) -> torch.Tensor:
-    if t.shape[-1] >= k:
-        return t
-    pad = t.new_full((*t.shape[:-1], k - t.shape[-1]), fill)
-    return torch.cat([t, pad], dim=-1)
-
-
-def _merge_exemplars(cur: _Exemplars, new: _Exemplars, top_n: int, top_w: int) -> _Exemplars:
-    """Merge two sorted exemplar sets of the same concepts into the sorted top ``top_n``.
-
-    Because both inputs are sorted, an entry can only move *down* in rank; so an entry that ends in the
-    merged top ``top_w`` was in the top ``top_w`` of its own input, where its code is available.
-    """
-    k = max(cur.code_cols_twk.shape[-1], new.code_cols_twk.shape[-1])
-    act = torch.cat([cur.act_tn, new.act_tn], dim=1)
-    img = torch.cat([cur.image_tn, new.image_tn], dim=1)
-    patch = torch.cat([cur.patch_tn, new.patch_tn], dim=1)
-    perm = _lexsort_rows([-act, img, patch])[:, :top_n]
-    n_cur = cur.act_tn.shape[1]
-    src = perm[:, :top_w]
-    code_src = torch.where(src < n_cur, src, src - n_cur + top_w)  # index into cat of the two code sets
-    cols = torch.cat([_pad_k(cur.code_cols_twk, k, -1), _pad_k(new.code_cols_twk, k, -1)], dim=1)
-    vals = torch.cat([_pad_k(cur.code_vals_twk, k, 0.0), _pad_k(new.code_vals_twk, k, 0.0)], dim=1)
-    idx = code_src[:, :, None].expand(-1, -1, k)
-    return _Exemplars(
-        act_tn=act.gather(1, perm),
-        image_tn=img.gather(1, perm),
-        patch_tn=patch.gather(1, perm),
-        code_cols_twk=cols.gather(1, idx),
-        code_vals_twk=vals.gather(1, idx),
-    )
-
-
-# --------------------------------------------------------------------------------------------------
 # Accumulator
 
 
@@ -164,7 +107,7 @@ class StatsAccumulator:
         self.max_act_m = torch.zeros(m, dtype=torch.float32, device=dev)
         self.N_flat = torch.zeros(m * m, dtype=torch.float64, device=dev)
         """Co-occurrence numerator, row-major ``N[j, j'] = N_flat[j * m + j']``; ``diag(N) = S``."""
-        self.ex = _Exemplars(
+        self.ex = Exemplars(
             act_tn=torch.full((m, n), -torch.inf, device=dev),
             image_tn=torch.full((m, n), -1, dtype=torch.int64, device=dev),
             patch_tn=torch.full((m, n), -1, dtype=torch.int64, device=dev),
@@ -287,7 +230,7 @@ class StatsAccumulator:
         n, w, dev = self.cfg.top_n, self.cfg.top_w, self.device
         all_cols, all_vals = cols, vals  # row-major nonzeros: row r's code is [row_start[r], +row_counts[r])
         img, patch = image_ids_b[rows], patch_ids_b[rows]
-        order = _lexsort_rows([cols, -vals, img, patch])
+        order = lexsort_rows([cols, -vals, img, patch])
         rows, cols, vals, img, patch = (t[order] for t in (rows, cols, vals, img, patch))
         counts = torch.bincount(cols, minlength=self.m)
         rank = torch.arange(cols.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[cols]
@@ -315,29 +258,29 @@ class StatsAccumulator:
         new_cols[slot[in_w], rank[in_w]] = torch.where(valid, all_cols[src], -1).int()
         new_vals[slot[in_w], rank[in_w]] = torch.where(valid, all_vals[src], 0.0)
         self._grow_k(k)
-        cur = _Exemplars(
+        cur = Exemplars(
             self.ex.act_tn[touched],
             self.ex.image_tn[touched],
             self.ex.patch_tn[touched],
             self.ex.code_cols_twk[touched],
             self.ex.code_vals_twk[touched],
         )
-        merged = _merge_exemplars(cur, _Exemplars(new_act, new_img, new_patch, new_cols, new_vals), n, w)
+        merged = merge_exemplars(cur, Exemplars(new_act, new_img, new_patch, new_cols, new_vals), n, w)
         self._store_exemplars(touched, merged)
 
     def _grow_k(self, k: int) -> None:
         if k > self.ex.code_cols_twk.shape[-1]:
-            self.ex.code_cols_twk = _pad_k(self.ex.code_cols_twk, k, -1)
-            self.ex.code_vals_twk = _pad_k(self.ex.code_vals_twk, k, 0.0)
+            self.ex.code_cols_twk = pad_k(self.ex.code_cols_twk, k, -1)
+            self.ex.code_vals_twk = pad_k(self.ex.code_vals_twk, k, 0.0)
 
-    def _store_exemplars(self, touched: torch.Tensor, merged: _Exemplars) -> None:
+    def _store_exemplars(self, touched: torch.Tensor, merged: Exemplars) -> None:
         self._grow_k(merged.code_cols_twk.shape[-1])
         k = self.ex.code_cols_twk.shape[-1]
         self.ex.act_tn[touched] = merged.act_tn
         self.ex.image_tn[touched] = merged.image_tn
         self.ex.patch_tn[touched] = merged.patch_tn
-        self.ex.code_cols_twk[touched] = _pad_k(merged.code_cols_twk, k, -1)
-        self.ex.code_vals_twk[touched] = _pad_k(merged.code_vals_twk, k, 0.0)
+        self.ex.code_cols_twk[touched] = pad_k(merged.code_cols_twk, k, -1)
+        self.ex.code_vals_twk[touched] = pad_k(merged.code_vals_twk, k, 0.0)
 
     # -------------------------------------------------------------------------------------- merge
     def merge(self, other: StatsAccumulator) -> StatsAccumulator:
@@ -358,10 +301,10 @@ class StatsAccumulator:
         self.max_act_m = torch.maximum(self.max_act_m, other.max_act_m.to(dev))
         self.N_flat += other.N_flat.to(dev)
         o = other.ex
-        theirs = _Exemplars(
+        theirs = Exemplars(
             *(x.to(dev) for x in (o.act_tn, o.image_tn, o.patch_tn, o.code_cols_twk, o.code_vals_twk))
         )
-        merged = _merge_exemplars(self.ex, theirs, self.cfg.top_n, self.cfg.top_w)
+        merged = merge_exemplars(self.ex, theirs, self.cfg.top_n, self.cfg.top_w)
         self._store_exemplars(torch.arange(self.m, device=dev), merged)
         self._prev_images = None
         return self
@@ -424,7 +367,7 @@ class StatsAccumulator:
         acc.freq_patches_m, acc.freq_images_m, acc.max_act_m, acc.N_flat = (
             state[k_].to(dev).clone() for k_ in ("freq_patches_m", "freq_images_m", "max_act_m", "N_flat")
         )
-        acc.ex = _Exemplars(
+        acc.ex = Exemplars(
             *(
                 state[k_].to(dev).clone()
                 for k_ in ("ex_act_mn", "ex_image_mn", "ex_patch_mn", "ex_code_cols_mwk", "ex_code_vals_mwk")

@@ -7,7 +7,9 @@ transformer adapter (8 layers) with 10 learnable queries turns it into 10 prefix
 causal language model (default ``gpt2``, any ``AutoModelForCausalLM`` + tokenizer by hub name or
 local directory). Decoding is greedy or beam search with a KV cache; both are deterministic.
 
-Steering (editing concept activations before decoding) lives in :mod:`insight_core.concepts.steering`.
+Steering (editing concept activations before decoding) lives in :mod:`insight_core.concepts.steering`,
+training in :mod:`insight_core.training.captioner`, caption metrics in
+:mod:`insight_core.evaluation.captions`, LM loading in :mod:`insight_core.models.lm`.
 
 On disk a captioner is a directory: ``config.json`` (:class:`CaptionerConfig` + metadata),
 ``adapter.safetensors`` and, when the LM was fine-tuned or built locally, ``lm/``
@@ -16,16 +18,14 @@ On disk a captioner is a directory: ``config.json`` (:class:`CaptionerConfig` + 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from insight_core.atlas.layout import CaptionerLayout
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json, write_safetensors
+from insight_core.models.lm import load_lm
 from insight_core.models.sae import MatryoshkaSAE
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 CAPTIONER_FORMAT = "insight-captioner"
 BUNDLED_LM = "lm"
 """``config.lm`` of a saved captioner whose LM is bundled in its folder (``CaptionerLayout.lm_dir``)."""
-RANDOM_INIT_FLAG = "insight_random_init"
-"""Key set in the HF config of LMs built by :func:`build_tiny_lm` (random init, never pretrained)."""
 
 Source = Literal["insight", "dense"]
 
@@ -123,104 +121,6 @@ class CaptionerConfig:
 def _require(ok: bool, field: str, expected: str) -> None:
     if not ok:
         raise ConfigError(f"CaptionerConfig.{field} must be {expected}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Language model loading and the offline tiny LM
-# --------------------------------------------------------------------------------------------------
-
-
-def load_lm(name_or_dir: str) -> tuple[nn.Module, Any]:
-    """Load a causal LM and its tokenizer by hub name or local directory (float32, eval mode).
-
-    Raises
-    ------
-    CheckpointError
-        The name cannot be resolved (hub unreachable, unknown name, missing/corrupt files).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy import, only when needed
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-        lm = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(
-            f"lm={name_or_dir!r}: could not load a causal LM + tokenizer ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); pass a Hugging Face hub name reachable "
-            "from here or a local directory written by save_pretrained"
-        ) from err
-    if tokenizer.eos_token_id is None:
-        raise CheckpointError(f"lm={name_or_dir!r}: its tokenizer has no end-of-text token (eos_token)")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; padding is masked anyway
-    if getattr(lm.config, RANDOM_INIT_FLAG, False):
-        log.warning(
-            "LM %s was built with random weights (build_tiny_lm): it knows no language beyond what "
-            "the captioner's training taught it; use only for tests",
-            name_or_dir,
-        )
-    return lm.eval(), tokenizer
-
-
-def build_tiny_lm(
-    texts: Iterable[str],
-    out_dir: str | Path,
-    *,
-    vocab_size: int = 1024,
-    n_layer: int = 2,
-    n_embd: int = 128,
-    n_head: int = 4,
-    n_positions: int = 128,
-    seed: int = 0,
-) -> Path:
-    """Build a small GPT-2 (random init) and a byte-level BPE tokenizer trained on ``texts``.
-
-    Saved with ``save_pretrained`` into ``out_dir`` so that :func:`load_lm` loads it through the same
-    code path as ``gpt2``. For offline tests and demos only: the weights are random.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise ConfigError("build_tiny_lm: texts is empty; need captions to train the BPE tokenizer on")
-    eos = "<|endoftext|>"
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[eos],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eos, eos_token=eos, pad_token=eos)
-    cfg = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **{RANDOM_INIT_FLAG: True},
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        lm = GPT2LMHeadModel(cfg)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out_dir)
-    lm.save_pretrained(out_dir, safe_serialization=True)
-    log.warning(
-        "built a tiny RANDOM-INIT GPT-2 (%d layers, width %d, vocab %d) in %s: for offline tests only",
-        n_layer,
-        n_embd,
-        len(tokenizer),
-        out_dir,
-    )
-    return out_dir
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,272 +465,3 @@ def _beam(
     norm_bk = scores_bk / lengths_bk.view(b, k).clamp_min(1)
     best_b = norm_bk.argmax(1)
     return [seqs[i * k + int(best_b[i])] for i in range(b)]
-
-
-# --------------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CaptionTrainConfig:
-    """Optimisation of the adapter (and optionally the LM); ClipCap's defaults."""
-
-    epochs: int = 10
-    """Passes over the (image, caption) training pairs."""
-    batch_size: int = 40
-    """Caption pairs per step."""
-    lr: float = 2e-5
-    """AdamW learning rate."""
-    warmup_steps: int = 5000
-    """Linear learning-rate warmup (capped at 10 % of the run)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    finetune_lm: bool = False
-    """Also train the LM (needed for a random-init LM); else it is frozen and only the adapter learns."""
-    grad_clip: float = 1.0
-    """Gradient norm clipping (0 disables)."""
-    seed: int = 0
-    """Seed for batch order and dropout."""
-    device: str = "cpu"
-    """Torch device for training."""
-
-    def __post_init__(self) -> None:
-        for name, ok in (
-            ("epochs", self.epochs >= 1),
-            ("batch_size", self.batch_size >= 1),
-            ("lr", self.lr > 0),
-            ("warmup_steps", self.warmup_steps >= 0),
-            ("weight_decay", self.weight_decay >= 0),
-            ("grad_clip", self.grad_clip >= 0),
-        ):
-            if not ok:
-                raise ConfigError(f"CaptionTrainConfig.{name} is out of range: {getattr(self, name)!r}")
-
-
-@dataclasses.dataclass(slots=True)
-class CaptionData:
-    """Adapter inputs and their captions: one row per image, several captions per image."""
-
-    tokens_bhwd: torch.Tensor
-    """Adapter inputs (SAE reconstructions or dense features), (n_images, gh, gw, d)."""
-    captions: list[list[str]]
-    """Reference captions of each image."""
-
-    def __post_init__(self) -> None:
-        if self.tokens_bhwd.shape[0] != len(self.captions):
-            raise ConfigError(
-                f"CaptionData: {self.tokens_bhwd.shape[0]} images but {len(self.captions)} caption lists"
-            )
-        if any(not caps for caps in self.captions):
-            raise ConfigError("CaptionData: every image needs at least one caption")
-
-    def pairs(self) -> list[tuple[int, str]]:
-        return [(i, c) for i, caps in enumerate(self.captions) for c in caps]
-
-
-@dataclasses.dataclass(slots=True)
-class TrainHistory:
-    """Per-epoch losses of :func:`train_captioner` and the epoch whose weights were kept."""
-
-    train_loss: list[float] = dataclasses.field(default_factory=list)
-    """Mean training loss of each epoch."""
-    val_loss: list[float] = dataclasses.field(default_factory=list)
-    """Validation loss after each epoch (empty without validation data)."""
-    first_batch_loss: float = float("nan")
-    """Loss of the very first batch (before any update)."""
-    best_epoch: int = -1
-    """0-based epoch with the lowest validation (else training) loss; its weights are kept."""
-
-
-def _lr_lambda(warmup: int) -> Callable[[int], float]:
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
-
-def train_captioner(
-    model: SteerableCaptioner,
-    train: CaptionData,
-    val: CaptionData | None,
-    cfg: CaptionTrainConfig,
-    *,
-    progress: bool = True,
-) -> TrainHistory:
-    """Train the adapter (+ LM if ``cfg.finetune_lm``); keeps the weights of the best validation epoch.
-
-    Reproducible: batch order and dropout draw from ``cfg.seed`` (the global RNG state is restored).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return _train(model, train, val, cfg, progress)
-
-
-def _train(
-    model: SteerableCaptioner,
-    train: CaptionData,
-    val: CaptionData | None,
-    cfg: CaptionTrainConfig,
-    progress: bool,
-) -> TrainHistory:
-    device = torch.device(cfg.device)
-    model.to(device)
-    model.lm.requires_grad_(cfg.finetune_lm)
-    params = [p for p in model.adapter.parameters()] + (
-        list(model.lm.parameters()) if cfg.finetune_lm else []
-    )
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    pairs = train.pairs()
-    steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
-    warmup = min(cfg.warmup_steps, max(1, steps_per_epoch * cfg.epochs // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    hist, best, best_loss = TrainHistory(), None, math.inf
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, desc="captioner", disable=not progress, unit="step")
-    for epoch in range(cfg.epochs):
-        model.adapter.train()
-        model.lm.train(cfg.finetune_lm)
-        total = 0.0
-        for batch in torch.randperm(len(pairs), generator=gen).split(cfg.batch_size):
-            idx = torch.tensor([pairs[j][0] for j in batch.tolist()])
-            loss = model.loss(
-                train.tokens_bhwd[idx].to(device).float(), [pairs[j][1] for j in batch.tolist()]
-            )
-            if math.isnan(hist.first_batch_loss):
-                hist.first_batch_loss = float(loss.detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(batch)
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", epoch=epoch)
-        hist.train_loss.append(total / len(pairs))
-        if val is not None:
-            hist.val_loss.append(evaluate_loss(model, val, batch_size=cfg.batch_size))
-        current = hist.val_loss[-1] if val is not None else hist.train_loss[-1]
-        if current < best_loss:
-            best_loss, hist.best_epoch = current, epoch
-            best = _snapshot(model, cfg.finetune_lm)
-        log.info(
-            "epoch %d: train loss %.4f%s",
-            epoch,
-            hist.train_loss[-1],
-            f" val loss {hist.val_loss[-1]:.4f}" if val else "",
-        )
-    bar.close()
-    if best is not None:
-        _restore(model, best)
-    model.lm.requires_grad_(False)
-    model.cpu().eval()
-    return hist
-
-
-def _snapshot(model: SteerableCaptioner, with_lm: bool) -> dict[str, dict[str, torch.Tensor]]:
-    snap = {"adapter": copy.deepcopy(model.adapter.state_dict())}
-    if with_lm:
-        snap["lm"] = {k: v.detach().clone() for k, v in model.lm.state_dict().items()}
-    return snap
-
-
-def _restore(model: SteerableCaptioner, snap: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    model.adapter.load_state_dict(snap["adapter"])
-    if "lm" in snap:
-        model.lm.load_state_dict(snap["lm"])
-
-
-@torch.no_grad()
-def evaluate_loss(model: SteerableCaptioner, data: CaptionData, *, batch_size: int = 64) -> float:
-    """Mean caption loss over all (image, caption) pairs of ``data`` (eval mode)."""
-    model.eval()
-    device = next(model.adapter.parameters()).device
-    pairs = data.pairs()
-    total = 0.0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        idx = torch.tensor([i for i, _ in chunk])
-        total += float(model.loss(data.tokens_bhwd[idx].to(device).float(), [c for _, c in chunk])) * len(
-            chunk
-        )
-    return total / max(len(pairs), 1)
-
-
-@torch.no_grad()
-def caption_all(
-    model: SteerableCaptioner, tokens_bhwd: torch.Tensor, *, batch_size: int = 32, **kwargs: Any
-) -> list[str]:
-    """Captions of many adapter inputs, ``batch_size`` at a time (see :meth:`SteerableCaptioner.generate`)."""
-    out: list[str] = []
-    for start in range(0, tokens_bhwd.shape[0], batch_size):
-        out += model.generate(tokens_bhwd[start : start + batch_size], **kwargs)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation: BLEU-4, METEOR, CIDEr (pycocoevalcap, the COCO caption evaluation code)
-# --------------------------------------------------------------------------------------------------
-
-_PUNCT = re.compile(r"[^\w\s']|_")
-
-
-def normalize_caption(text: str) -> str:
-    """Lower-case, punctuation removed, single spaces (close to the PTB tokenizer of the COCO toolkit)."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
-
-
-def java_available() -> bool:
-    return shutil.which("java") is not None
-
-
-def score_captions(
-    predictions: Sequence[str],
-    references: Sequence[Sequence[str]],
-    *,
-    meteor: Literal["auto", "off"] = "auto",
-) -> dict[str, Any]:
-    """Corpus BLEU-4, CIDEr (pure Python) and METEOR (needs Java; else reported as unavailable).
-
-    Captions are normalised with :func:`normalize_caption` (Java's PTB tokenizer is not required).
-    """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
-    if len(predictions) != len(references) or not predictions:
-        raise ConfigError(
-            f"score_captions: need one prediction per reference list, got {len(predictions)} "
-            f"and {len(references)}"
-        )
-    res = {i: [normalize_caption(p) or "empty"] for i, p in enumerate(predictions)}
-    gts = {i: [normalize_caption(r) for r in refs] for i, refs in enumerate(references)}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, _ = Cider().compute_score(gts, res)
-    out: dict[str, Any] = {"bleu4": float(bleu[3]), "cider": float(cider), "n_images": len(predictions)}
-    out["meteor"] = _meteor(gts, res) if meteor == "auto" else "off"
-    return out
-
-
-def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float | str:
-    if not java_available():
-        log.warning(
-            "METEOR unavailable: it needs Java (apt-get install default-jre-headless); "
-            "BLEU-4 and CIDEr are still computed"
-        )
-        return "unavailable (needs Java)"
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    try:
-        scorer = Meteor()
-        score, _ = scorer.compute_score(gts, res)
-    except (OSError, ValueError, BrokenPipeError) as err:
-        log.warning("METEOR unavailable: the Java scorer failed (%s)", err)
-        return f"unavailable ({type(err).__name__})"
-    return float(score)
-
-
-def reproduction_rate(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Fraction of predictions equal (after :func:`normalize_caption`) to one of their references."""
-    hits = sum(
-        normalize_caption(p) in {normalize_caption(r) for r in refs}
-        for p, refs in zip(predictions, references, strict=False)
-    )
-    return hits / max(len(predictions), 1)

@@ -25,15 +25,10 @@ def _train_captioner(atlas: Path, work: Path) -> None:
     """A tiny offline captioner (random-init GPT-2 + BPE on the example captions) that memorises the
     six example photos, saved as ATLAS/captioner (the layout ``precompute captioner`` writes)."""
     from insight_core.atlas.layout import AtlasLayout, FeaturesLayout
-    from insight_core.models.captioner import (
-        CaptionData,
-        CaptionerConfig,
-        CaptionTrainConfig,
-        SteerableCaptioner,
-        build_tiny_lm,
-        train_captioner,
-    )
+    from insight_core.models.captioner import CaptionerConfig, SteerableCaptioner
+    from insight_core.models.lm import build_tiny_lm
     from insight_core.models.sae import MatryoshkaSAE
+    from insight_core.training.captioner import CaptionData, CaptionTrainConfig, train_captioner
 
     doc = json.loads((EXAMPLES / "captions.json").read_text())
     by_id = {im["id"]: im["file_name"] for im in doc["images"]}

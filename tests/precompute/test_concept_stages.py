@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from insight_core.planted.world import edge_recovery, load_world, name_recovery
+from insight_core.planted import edge_recovery, load_world, name_recovery
 from precompute.__main__ import main
 
 WORLD = "--world.d 128 --world.n-objects 8 --world.n-attributes 8 --world.n-backgrounds 4"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from insight_core.concepts.families import Families, FamilyConfig, build_families
 from insight_core.concepts.stats import StatsAccumulator, StatsConfig
 from insight_core.errors import ConfigError
-from insight_core.planted.world import WorldConfig, edge_recovery, make_world, oracle_codes, sample_images
+from insight_core.planted import WorldConfig, edge_recovery, make_world, oracle_codes, sample_images
 
 # --------------------------------------------------------------------------------------------------
 # Hand-built hierarchy

@@ -19,15 +19,10 @@ import torch
 
 from insight_core.concepts.steering import MAX_SCALE, ConceptEdit, ConceptNames, Steerer
 from insight_core.errors import ConfigError, ImageLoadError, InsightError
-from insight_core.models.captioner import (
-    CaptionData,
-    CaptionerConfig,
-    CaptionTrainConfig,
-    SteerableCaptioner,
-    build_tiny_lm,
-    train_captioner,
-)
+from insight_core.models.captioner import CaptionerConfig, SteerableCaptioner
+from insight_core.models.lm import build_tiny_lm
 from insight_core.models.sae import MatryoshkaSAE, SAEConfig
+from insight_core.training.captioner import CaptionData, CaptionTrainConfig, train_captioner
 
 D, GRID = 32, 14
 OBJECTS = ("dog", "cat", "car", "boat")

@@ -10,8 +10,9 @@ import torch
 
 from insight_core.data.features import scan_features
 from insight_core.errors import CheckpointError, ConfigError
+from insight_core.evaluation.sae import evaluate
 from insight_core.models.sae import SAEConfig
-from insight_core.training.sae import SAETrainer, TrainConfig, evaluate, geometric_median
+from insight_core.training.sae import SAETrainer, TrainConfig, geometric_median
 
 
 def planted_features(tmp_path: Path, n: int = 4000, d: int = 32, n_atoms: int = 24, seed: int = 0) -> Path:

@@ -1,0 +1,1 @@
+"""Evaluation of trained models: SAE reconstruction metrics, caption scores."""

@@ -1,0 +1,303 @@
+"""Training of the CLIP-DINOiser affinity head ``g`` (INSIGHT Sec. 3.1): a frozen DINO(v2) teacher, its
+binarised patch affinities as targets, and the BCE training loop.
+
+Design decisions
+----------------
+* **BCE logits = ``logit_scale * cosine``** with ``logit_scale = 10`` and no bias. A raw cosine in
+  [-1, 1] used as a logit gives probabilities in [0.27, 0.73] only, so the loss can never become
+  confident and keeps pushing every pair. With a scale of 10, ``cos = 0.9`` reads as p = 0.9999 and
+  ``cos = -0.3`` as p = 0.05, so the head can satisfy the targets with moderate cosines. Keeping
+  the decision boundary at cosine 0 (no bias) makes it coincide with the pooling cut-off: pairs the
+  head learns to call "different" end up with negative cosine and therefore zero pooling weight.
+* The teacher sees the same pixels as CLIP (224 px, resize + centre crop without margin). DINOv2
+  (patch 14) then gives a 16x16 grid, resized bilinearly on the feature map to CLIP's 14x14 before
+  its affinities are thresholded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
+from insight_core.models.dinoiser import (
+    AffinityHead,
+    Dinoiser,
+    DinoiserConfig,
+    _check_feats,
+    _cosine_bnn,
+    affinities,
+)
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DinoTeacher",
+    "affinity_loss",
+    "fit_dinoiser",
+    "teacher_targets",
+    "train_affinity_head",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher (DINO / DINOv2 via timm) and targets
+# --------------------------------------------------------------------------------------------------
+
+
+class DinoTeacher(nn.Module):
+    """A frozen timm ViT whose patch-token affinities supervise the head.
+
+    Parameters
+    ----------
+    name
+        timm model name, e.g. ``"vit_base_patch14_dinov2.lvd142m"``.
+    pretrained
+        Load pretrained weights (needs the hub or a local cache). Random weights log a WARNING.
+    image_size
+        Square input side for :meth:`preprocess`; 224 matches CLIP's input so that both models see
+        the same pixels. ``None`` uses the model's own default (518 for DINOv2).
+    model_kwargs
+        Extra keyword arguments for ``timm.create_model`` (e.g. ``depth=2`` for fast tests).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        pretrained: bool = True,
+        image_size: int | None = 224,
+        model_kwargs: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        if not timm.is_model(name):
+            raise ConfigError(f"teacher: unknown timm model {name!r}")
+        self.name = name
+        self.model = _create_teacher(name, pretrained, model_kwargs or {}).eval().requires_grad_(False)
+        if not hasattr(self.model, "patch_embed") or not hasattr(self.model, "num_prefix_tokens"):
+            raise ConfigError(f"teacher: {name!r} is not a timm ViT with patch tokens")
+        self.image_size = image_size
+        self.transform = self._make_transform(image_size)
+        if not pretrained:
+            logger.warning("DinoTeacher %r has RANDOM weights: its affinity targets are meaningless", name)
+
+    @classmethod
+    def from_config(cls, cfg: DinoiserConfig, *, image_size: int | None = 224) -> DinoTeacher:
+        """The teacher named by ``cfg.teacher`` / ``cfg.teacher_pretrained``."""
+        return cls(cfg.teacher, pretrained=cfg.teacher_pretrained, image_size=image_size)
+
+    def _make_transform(self, image_size: int | None) -> Callable[[Image.Image], Tensor]:
+        from timm.data import create_transform, resolve_data_config
+
+        data_cfg = resolve_data_config({}, model=self.model)
+        if image_size is not None:
+            # Resize shortest side + centre crop with no margin, like CLIP's preprocessing.
+            data_cfg.update(input_size=(3, image_size, image_size), crop_pct=1.0, crop_mode="center")
+        return create_transform(**data_cfg, is_training=False)
+
+    def train(self, mode: bool = True) -> DinoTeacher:
+        """The teacher is frozen: it always stays in eval mode."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        """PIL images -> normalised pixels (B, 3, S, S) using the model's timm data config."""
+        if len(images) == 0:
+            raise ImageLoadError("images: expected at least one PIL image, got an empty sequence")
+        return torch.stack([self.transform(im.convert("RGB")) for im in images])
+
+    @torch.no_grad()
+    def patch_features(self, pixels_bchw: Tensor) -> Tensor:
+        """Final-layer patch tokens on their grid (B, h, w, C); CLS/register tokens are dropped."""
+        if pixels_bchw.ndim != 4 or pixels_bchw.shape[1] != 3:
+            raise ImageLoadError(f"pixels_bchw: expected (B, 3, H, W), got {tuple(pixels_bchw.shape)}")
+        ph, pw = self.model.patch_embed.patch_size
+        gh, gw = pixels_bchw.shape[2] // ph, pixels_bchw.shape[3] // pw
+        tokens_bnc = self.model.forward_features(pixels_bchw.to(self.device))
+        patches_bnc = tokens_bnc[:, self.model.num_prefix_tokens :]
+        if patches_bnc.shape[1] != gh * gw:
+            raise ImageLoadError(
+                f"pixels_bchw: {tuple(pixels_bchw.shape)} gave {patches_bnc.shape[1]} patch tokens, "
+                f"expected a {gh}x{gw} grid (image sides must be multiples of the patch size {ph})"
+            )
+        return patches_bnc.reshape(patches_bnc.shape[0], gh, gw, -1).float()
+
+    def forward(self, pixels_bchw: Tensor) -> Tensor:
+        return self.patch_features(pixels_bchw)
+
+
+def _create_teacher(name: str, pretrained: bool, model_kwargs: dict[str, object]) -> nn.Module:
+    import timm
+
+    kwargs = {"pretrained": pretrained, "num_classes": 0, **model_kwargs}
+    try:
+        try:
+            return timm.create_model(name, dynamic_img_size=True, **kwargs)
+        except TypeError:  # model family without dynamic_img_size support
+            return timm.create_model(name, **kwargs)
+    except OSError as e:  # hub unreachable / weights not cached
+        raise CheckpointError(f"teacher {name!r}: could not load pretrained weights ({e})") from e
+
+
+def teacher_targets(
+    teacher_feats_bhwc: Tensor, grid_hw: tuple[int, int] = (14, 14), gamma: float = 0.2
+) -> Tensor:
+    """Binary targets (B, H*W, H*W): teacher cosine affinity ``> gamma`` on the CLIP grid.
+
+    A teacher grid that differs from ``grid_hw`` (DINOv2 at 224 px gives 16x16) is resized
+    bilinearly on the feature map first, so that target pair (p, q) refers to CLIP patches p, q.
+    """
+    _check_feats(teacher_feats_bhwc, "teacher_feats_bhwc")
+    feats_bchw = teacher_feats_bhwc.float().permute(0, 3, 1, 2)
+    if tuple(feats_bchw.shape[-2:]) != tuple(grid_hw):
+        feats_bchw = F.interpolate(feats_bchw, size=tuple(grid_hw), mode="bilinear", align_corners=False)
+    return _cosine_bnn(feats_bchw.permute(0, 2, 3, 1)) > gamma
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+Batch = tuple[Tensor, Tensor]
+
+
+def _epoch_iter(batches: Iterable[Batch] | Callable[[], Iterator[Batch]]) -> Iterator[Batch]:
+    return iter(batches()) if callable(batches) else iter(batches)
+
+
+def _check_batch(feats_bhwd: Tensor, targets_bnn: Tensor, in_dim: int) -> None:
+    _check_feats(feats_bhwd, "batches[i][0] (feats_bhwd)", in_dim)
+    b, h, w, _ = feats_bhwd.shape
+    if targets_bnn.shape != (b, h * w, h * w):
+        raise FeatureFileError(
+            f"batches[i][1] (targets_bnn): expected shape {(b, h * w, h * w)}, got {tuple(targets_bnn.shape)}"
+        )
+
+
+def affinity_loss(head: AffinityHead, feats_bhwd: Tensor, targets_bnn: Tensor, logit_scale: float) -> Tensor:
+    """BCE-with-logits of ``logit_scale * cosine`` against the binary teacher targets."""
+    logits_bnn = logit_scale * affinities(feats_bhwd, head)
+    return F.binary_cross_entropy_with_logits(logits_bnn, targets_bnn.to(logits_bnn.dtype))
+
+
+def train_affinity_head(
+    head: AffinityHead,
+    batches: Iterable[Batch] | Callable[[], Iterator[Batch]],
+    cfg: DinoiserConfig,
+    *,
+    epochs: int | None = None,
+    progress: bool = True,
+) -> list[float]:
+    """Train ``head`` in place with Adam; returns the mean loss of each epoch.
+
+    Parameters
+    ----------
+    batches
+        ``(feats_bhwd, targets_bnn)`` pairs, re-iterated every epoch: a re-iterable (list, ...) or
+        a callable returning a fresh iterator. A one-shot iterator is rejected when ``epochs > 1``.
+    epochs
+        Overrides ``cfg.epochs``.
+    """
+    from tqdm.auto import tqdm
+
+    epochs = cfg.epochs if epochs is None else epochs
+    if epochs < 1:
+        raise ConfigError(f"epochs: expected >= 1, got {epochs}")
+    if not callable(batches) and iter(batches) is batches and epochs > 1:
+        raise ConfigError("batches: a one-shot iterator cannot be re-iterated; pass a list or a callable")
+    steps_per_epoch = len(batches) if hasattr(batches, "__len__") else None
+    device = head.conv.weight.device
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    head.train()
+    history: list[float] = []
+    total = steps_per_epoch * epochs if steps_per_epoch is not None else None
+    with tqdm(total=total, desc="dinoiser head", unit="step", disable=not progress) as bar:
+        for epoch in range(epochs):
+            losses = []
+            for feats_bhwd, targets_bnn in _epoch_iter(batches):
+                _check_batch(feats_bhwd, targets_bnn, cfg.in_dim)
+                loss = affinity_loss(head, feats_bhwd.to(device), targets_bnn.to(device), cfg.logit_scale)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                bar.update(1)
+            if not losses:
+                raise ConfigError(f"batches: epoch {epoch + 1} yielded no batches")
+            history.append(sum(losses) / len(losses))
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{history[-1]:.4f}")
+            logger.debug("dinoiser epoch %d/%d: loss %.4f", epoch + 1, epochs, history[-1])
+    head.eval()
+    return history
+
+
+def _all_targets(teacher_feats_nhwc: Tensor, grid_hw: tuple[int, int], gamma: float) -> Tensor:
+    # Chunked so the float affinity matrices of 1000s of images never coexist in memory.
+    chunks = [teacher_targets(c, grid_hw, gamma) for c in teacher_feats_nhwc.split(64)]
+    return torch.cat(chunks)
+
+
+def fit_dinoiser(
+    clip_feats_nhwd: Tensor,
+    teacher_feats_nhwc: Tensor,
+    cfg: DinoiserConfig | None = None,
+    *,
+    epochs: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> tuple[Dinoiser, list[float]]:
+    """Train a head on precomputed CLIP and teacher features of the same N images.
+
+    Targets are computed once; each epoch visits the images in a new (seeded) random order in
+    mini-batches of ``cfg.batch_size``. Returns a ``Dinoiser(mode="head", trained=True)`` and the
+    per-epoch mean losses.
+    """
+    cfg = cfg or DinoiserConfig()
+    _check_feats(clip_feats_nhwd, "clip_feats_nhwd", cfg.in_dim)
+    _check_feats(teacher_feats_nhwc, "teacher_feats_nhwc")
+    n, h, w, _ = clip_feats_nhwd.shape
+    if teacher_feats_nhwc.shape[0] != n:
+        raise FeatureFileError(
+            f"teacher_feats_nhwc: {teacher_feats_nhwc.shape[0]} images, but clip_feats_nhwd has {n}"
+        )
+    targets_nnn = _all_targets(teacher_feats_nhwc, (h, w), cfg.gamma)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        head = AffinityHead(cfg)
+    if device is not None:
+        head = head.to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def shuffled() -> Iterator[Batch]:
+        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            yield clip_feats_nhwd[idx], targets_nnn[idx]
+
+    n_batches = -(-n // cfg.batch_size)
+    history = train_affinity_head(head, _Sized(shuffled, n_batches), cfg, epochs=epochs, progress=progress)
+    return Dinoiser(cfg, mode="head", head=head, trained=True), history
+
+
+class _Sized:
+    """A callable batch source with a known number of batches (for the progress bar total)."""
+
+    def __init__(self, make: Callable[[], Iterator[Batch]], n_batches: int) -> None:
+        self.make, self.n_batches = make, n_batches
+
+    def __call__(self) -> Iterator[Batch]:
+        return self.make()
+
+    def __len__(self) -> int:
+        return self.n_batches
