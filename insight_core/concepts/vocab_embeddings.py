@@ -240,6 +240,7 @@ def load_vocab_embeddings(path: str | Path) -> VocabEmbeddings:
     words = _str_array(words_arr, f"{where} 'words'")
     if not np.issubdtype(emb.dtype, np.floating):
         raise FeatureFileError(f"{where}: 'embeddings' must be floating point, got {emb.dtype}")
+    pos_names: tuple[str, ...]
     if emb.ndim == 2:
         pos_names = (SINGLE_POS,)
         if pos_arr is not None and len(_str_array(pos_arr, f"{where} 'pos_names'")) == 1:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import dataclasses
+import functools
 import glob
 import hashlib
 import itertools
@@ -140,7 +141,8 @@ class FolderSource(ImageSource):
         def records() -> Iterator[Record]:
             for p in chunk:
                 yield Record(
-                    str(p.relative_to(self.root)), lambda p=p: load_image(p, max_pixels=self.max_pixels)
+                    str(p.relative_to(self.root)),
+                    functools.partial(load_image, p, max_pixels=self.max_pixels),
                 )
 
         return records
@@ -295,7 +297,7 @@ class WebDatasetSource(ImageSource):
                 with tarfile.open(tar, "r:*") as tf:
                     for _, member in group:
                         image_id = self._image_id(tar, member)
-                        yield Record(image_id, lambda m=member, i=image_id, tf=tf: self._read(tf, m, i))
+                        yield Record(image_id, functools.partial(self._read, tf, member, image_id))
 
         return records
 
@@ -435,7 +437,7 @@ class HFDatasetSource(ImageSource):
     def shards(self, shard_size: int, max_images: int | None = None) -> Iterator[PlannedShard]:
         _check_shard_size(shard_size)
         ds, column = self._stream()
-        rows = enumerate(ds)
+        rows: Iterator[tuple[int, Any]] = enumerate(ds)
         if max_images is not None:
             rows = itertools.islice(rows, max_images)
         ident = self.describe()
@@ -455,7 +457,7 @@ class HFDatasetSource(ImageSource):
         def records() -> Iterator[Record]:
             for row, example in chunk:
                 image_id = f"{self.spec.split}[{row}]"
-                yield Record(image_id, lambda v=example[column], i=image_id: self._decode(v, i))
+                yield Record(image_id, functools.partial(self._decode, example[column], image_id))
 
         return records
 
@@ -472,8 +474,9 @@ class HFDatasetSource(ImageSource):
         ds, column = self._stream()
         last = max(wanted)
         for row, example in enumerate(ds):  # one pass, stopping after the last wanted row
-            image_id = wanted.pop(row, None)
-            if image_id is not None:
+            found = wanted.pop(row) if row in wanted else None
+            if found is not None:
+                image_id = found
                 try:
                     yield image_id, self._decode(example[column], image_id)
                 except ImageLoadError as err:

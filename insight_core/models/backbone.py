@@ -21,7 +21,7 @@ import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Literal
+from typing import Any, Literal
 
 import open_clip
 import torch
@@ -262,12 +262,12 @@ class ClipBackbone:
         self.cfg = cfg = cfg or BackboneConfig()
         self._device = resolve_device(cfg.device, what="BackboneConfig.device")
         self._dtype = _resolve_dtype(cfg.precision, self._device)
-        model = create_model(cfg)
+        model: Any = create_model(cfg)  # an open_clip CLIP: .visual, .encode_text, ... (dynamic attributes)
         _check_structure(model.visual, cfg.arch)
         model.eval().requires_grad_(False)
         self.model = model.to(self._device)
         self._transform = self._build_transform()
-        self._tokenizer = None  # built lazily: image-only users never need it
+        self._tokenizer: Any = None  # built lazily: image-only users never need it
         if cfg.is_random:
             logger.warning(
                 "ClipBackbone %s: random-init weights, features carry no semantics "

@@ -115,7 +115,10 @@ class CaptionerConfig:
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> CaptionerConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in doc.items() if k in names})
+        kwargs: dict[str, Any] = {
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in doc.items() if k in names
+        }
+        return cls(**kwargs)
 
 
 def _require(ok: bool, field: str, expected: str) -> None:
@@ -182,7 +185,7 @@ class SteerableCaptioner(nn.Module):
     def __init__(
         self,
         cfg: CaptionerConfig,
-        lm: nn.Module,
+        lm: Any,
         tokenizer: Any,
         sae: MatryoshkaSAE | None = None,
         adapter: PrefixAdapter | None = None,
@@ -193,7 +196,7 @@ class SteerableCaptioner(nn.Module):
         if sae is not None and sae.cfg.d_in != cfg.d_in:
             raise ConfigError(f"SteerableCaptioner: SAE d_in={sae.cfg.d_in} differs from cfg.d_in={cfg.d_in}")
         self.cfg = cfg
-        self.lm = lm
+        self.lm: Any = lm  # a transformers causal LM (config, get_input_embeddings, save_pretrained, ...)
         self.tokenizer = tokenizer
         self.sae = sae.requires_grad_(False).eval() if sae is not None else None
         self.adapter = adapter if adapter is not None else PrefixAdapter(cfg, self.d_lm)
@@ -375,7 +378,7 @@ def _load_adapter(adapter: PrefixAdapter, path: Path) -> None:
     adapter.load_state_dict(state)
 
 
-def _save_lm_dir(lm: nn.Module, tokenizer: Any, target: Path) -> None:
+def _save_lm_dir(lm: Any, tokenizer: Any, target: Path) -> None:
     """``save_pretrained`` into a temp folder beside ``target``, then swap it in."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -233,7 +233,7 @@ class Dinoiser(nn.Module):
             "mode": self.mode,
             "trained": json.dumps(self.trained),
         }
-        write_safetensors(path, self.head.state_dict(), metadata)
+        write_safetensors(Path(path), self.head.state_dict(), metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Dinoiser:
@@ -253,7 +253,7 @@ class Dinoiser(nn.Module):
         head = AffinityHead(cfg)
         _check_state(path, head.state_dict(), tensors)
         head.load_state_dict(tensors)
-        return cls(cfg, mode=mode, head=head, trained=trained).to(device)
+        return cls(cfg, mode=cast(Mode, mode), head=head, trained=trained).to(device)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from insight_core.errors import CheckpointError, ConfigError
 
@@ -19,7 +18,7 @@ RANDOM_INIT_FLAG = "insight_random_init"
 """Key set in the HF config of LMs built by :func:`build_tiny_lm` (random init, never pretrained)."""
 
 
-def load_lm(name_or_dir: str) -> tuple[nn.Module, Any]:
+def load_lm(name_or_dir: str) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer by hub name or local directory (float32, eval mode).
 
     Raises
@@ -85,6 +84,7 @@ def build_tiny_lm(
     )
     bpe.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eos, eos_token=eos, pad_token=eos)
+    random_flag: dict[str, Any] = {RANDOM_INIT_FLAG: True}  # saved in config.json: the weights are random
     cfg = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=n_positions,
@@ -93,7 +93,7 @@ def build_tiny_lm(
         n_head=n_head,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        **{RANDOM_INIT_FLAG: True},
+        **random_flag,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

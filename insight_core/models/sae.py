@@ -149,6 +149,9 @@ class MatryoshkaSAE(nn.Module):
     one concept direction each), ``b_dec_d``; buffer ``threshold`` (-1 until learned).
     """
 
+    threshold: torch.Tensor
+    group_id_m: torch.Tensor
+
     def __init__(self, cfg: SAEConfig, *, seed: int | None = 0) -> None:
         super().__init__()
         self.cfg = cfg
@@ -259,7 +262,7 @@ class MatryoshkaSAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale decoder rows to unit norm (each latent's direction is W_dec[i])."""
-        self.W_dec_md /= self.W_dec_md.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec_md.div_(self.W_dec_md.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:

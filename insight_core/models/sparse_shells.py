@@ -95,7 +95,7 @@ class SparseShellLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_bd, w_enc_md, b_enc_m, w_dec_md, b_dec_d, plan: SparsePlan):  # type: ignore[override]
+    def forward(ctx, x_bd, w_enc_md, b_enc_m, w_dec_md, b_dec_d, plan: SparsePlan):
         b, d = x_bd.shape
         err_bgd = (plan.shells @ w_dec_md).view(b, plan.n_groups, d)
         err_bgd.cumsum_(1)
@@ -108,7 +108,7 @@ class SparseShellLoss(torch.autograd.Function):
         return shell_mse_g, residual_bd
 
     @staticmethod
-    def backward(ctx, grad_mse_g, _grad_residual):  # type: ignore[override]
+    def backward(ctx, grad_mse_g, _grad_residual):
         x_bd, w_enc_md, w_dec_md, b_dec_d, err_bgd = ctx.saved_tensors
         plan: SparsePlan = ctx.plan
         b, n_groups, d = err_bgd.shape

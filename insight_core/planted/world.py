@@ -457,7 +457,8 @@ def load_world(in_dir: str | Path) -> PlantedWorld:
             f"{json_path} is not a planted world file (format {_FORMAT} v{_FORMAT_VERSION})"
         )
     try:
-        cfg_doc = {k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items()}
+        config = doc["config"]
+        cfg_doc: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
         cfg = WorldConfig(**cfg_doc)
         parents = [int(p) for p in doc["parents"]]
         world = PlantedWorld(

@@ -17,8 +17,8 @@ Design decisions
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ class DinoTeacher(nn.Module):
         *,
         pretrained: bool = True,
         image_size: int | None = 224,
-        model_kwargs: dict[str, object] | None = None,
+        model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         import timm
@@ -83,7 +83,8 @@ class DinoTeacher(nn.Module):
         if not timm.is_model(name):
             raise ConfigError(f"teacher: unknown timm model {name!r}")
         self.name = name
-        self.model = _create_teacher(name, pretrained, model_kwargs or {}).eval().requires_grad_(False)
+        # a timm ViT (patch_embed, num_prefix_tokens, ...): typed Any, timm's stubs say nn.Module
+        self.model: Any = _create_teacher(name, pretrained, model_kwargs or {}).eval().requires_grad_(False)
         if not hasattr(self.model, "patch_embed") or not hasattr(self.model, "num_prefix_tokens"):
             raise ConfigError(f"teacher: {name!r} is not a timm ViT with patch tokens")
         self.image_size = image_size
@@ -139,10 +140,10 @@ class DinoTeacher(nn.Module):
         return self.patch_features(pixels_bchw)
 
 
-def _create_teacher(name: str, pretrained: bool, model_kwargs: dict[str, object]) -> nn.Module:
+def _create_teacher(name: str, pretrained: bool, model_kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
-    kwargs = {"pretrained": pretrained, "num_classes": 0, **model_kwargs}
+    kwargs: dict[str, Any] = {"pretrained": pretrained, "num_classes": 0, **model_kwargs}
     try:
         try:
             return timm.create_model(name, dynamic_img_size=True, **kwargs)
@@ -218,7 +219,7 @@ def train_affinity_head(
         raise ConfigError(f"epochs: expected >= 1, got {epochs}")
     if not callable(batches) and iter(batches) is batches and epochs > 1:
         raise ConfigError("batches: a one-shot iterator cannot be re-iterated; pass a list or a callable")
-    steps_per_epoch = len(batches) if hasattr(batches, "__len__") else None
+    steps_per_epoch = len(batches) if isinstance(batches, Sized) else None
     device = head.conv.weight.device
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     head.train()

@@ -222,8 +222,9 @@ class SAETrainer:
         self.opt.zero_grad(set_to_none=True)
         sae.normalize_decoder()
         if world > 1:
-            if st.step >= self.threshold_start and bool(torch.isfinite(global_min)):
-                self._update_threshold(global_min)
+            gmin = global_min
+            if gmin is not None and st.step >= self.threshold_start and bool(torch.isfinite(gmin)):
+                self._update_threshold(gmin)
         elif st.step >= self.threshold_start and out.selection.vals_k.numel():
             self._update_threshold(out.selection.vals_k.min())
         st.step += 1
