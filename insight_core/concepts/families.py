@@ -19,15 +19,29 @@ Making the result a DAG, deterministically:
    topological order (Pearce-Kelly) instead of a full reachability search per edge.
 4. **Transitive edges** (optional, ``keep_transitive=False``): an edge ``p -> c`` is dropped when ``c``
    is also reachable from ``p`` through another child of ``p`` (a path of length >= 2).
+
+networkx and hand-written code. :attr:`Families.graph` is the DAG as an ``nx.DiGraph`` (for
+exports, user code and display: :meth:`FamilyView.reduced` is ``nx.transitive_reduction``), and a
+cycle is reported with ``nx.find_cycle``. The passes that run on the whole graph at build and load
+time stay hand-written because each is measurably faster than its networkx counterpart at
+m = 8192..65536 (``python benchmarks/families.py``, report in ``benchmarks/reports/families-cpu.md``;
+the tests check each against networkx): strongly connected components (iterative Tarjan over CSR
+arrays vs ``nx.strongly_connected_components``, which first needs the graph built), the incremental
+cycle check (networkx has no dynamic topological order; ``nx.has_path`` per edge), depths (Kahn's
+order over CSR vs ``nx.topological_generations``), ancestor/descendant walks and family sizes
+(CSR slices vs ``nx.ancestors``/``nx.descendants``), and transitive edges (Python-int bitsets vs
+``nx.transitive_reduction``'s descendant sets).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import deque
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import torch
 
@@ -77,6 +91,21 @@ class FamilyView:
     """Child of each edge."""
     confidence_e: np.ndarray
     """``D[child, parent]`` of each edge."""
+
+    def reduced(self) -> FamilyView:
+        """The same view without transitive edges (``nx.transitive_reduction``): for drawing, where a
+        grandparent edge beside the parent -> child path only adds clutter."""
+        g = nx.DiGraph()
+        g.add_nodes_from(self.nodes.tolist())
+        g.add_edges_from(zip(self.parent_e.tolist(), self.child_e.tolist(), strict=True))
+        tr = nx.transitive_reduction(g)
+        keep = np.asarray(
+            [tr.has_edge(p, c) for p, c in zip(self.parent_e.tolist(), self.child_e.tolist(), strict=True)],
+            dtype=bool,
+        )
+        return FamilyView(
+            self.center, self.nodes, self.parent_e[keep], self.child_e[keep], self.confidence_e[keep]
+        )
 
 
 @dataclasses.dataclass
@@ -153,6 +182,8 @@ class Families:
         return cls(m=m, parent_e=parent_e, child_e=child_e, confidence_e=confidence_e)
 
     def _topological_order(self) -> np.ndarray:
+        # hand-written Kahn's order over the CSR arrays: with the depth pass it is faster than building
+        # the nx.DiGraph and running nx.topological_generations (benchmarks/families.py, "depth")
         indeg = np.diff(self.parent_ptr).copy()
         queue = deque(np.flatnonzero(indeg == 0).tolist())
         order = []
@@ -164,13 +195,34 @@ class Families:
                 if indeg[v] == 0:
                     queue.append(v)
         if len(order) != self.m:
-            stuck = np.flatnonzero(indeg > 0)[:10].tolist()
-            raise ConfigError(f"family edges contain a cycle (concepts on or after it include {stuck})")
+            g = nx.DiGraph()
+            g.add_edges_from(zip(self.parent_e.tolist(), self.child_e.tolist(), strict=True))
+            cycle = [int(u) for u, _ in nx.find_cycle(g)]
+            raise ConfigError(f"family edges contain a cycle: {' -> '.join(map(str, cycle[:10]))} -> ...")
         return np.asarray(order, dtype=np.int64)
 
     def topological_order(self) -> np.ndarray:
         """All concept ids, every parent before its children."""
         return self._topological_order()
+
+    @functools.cached_property
+    def graph(self) -> nx.DiGraph:
+        """The DAG as a networkx ``DiGraph``: nodes ``0..m-1`` (isolated concepts included), edges
+        parent -> child with attribute ``confidence`` (float). Built on first use; do not modify it."""
+        g = nx.DiGraph()
+        g.add_nodes_from(range(self.m))
+        g.add_weighted_edges_from(
+            zip(self.parent_e.tolist(), self.child_e.tolist(), self.confidence_e.tolist(), strict=True),
+            weight="confidence",
+        )
+        return g
+
+    def transitive_e(self) -> np.ndarray:
+        """(E,) bool: the edge is also implied by a longer path (a grandparent edge); these are the
+        edges ``nx.transitive_reduction`` would remove."""
+        return (
+            _transitive_redundant(self.m, self.parent_e, self.child_e) if self.n_edges else np.zeros(0, bool)
+        )
 
     # ------------------------------------------------------------------------------------ queries
     @property
@@ -187,6 +239,8 @@ class Families:
         return self.child_idx[self.child_ptr[i] : self.child_ptr[i + 1]]
 
     def _walk(self, i: int, step: Any, max_depth: int | None) -> np.ndarray:
+        # breadth-first over CSR slices: faster than nx.ancestors / nx.descendants and their
+        # depth-limited forms on the graph (benchmarks/families.py, "walks")
         if not 0 <= int(i) < self.m:
             raise ConfigError(f"concept id must be in [0, {self.m}), got {i}")
         seen = {int(i)}
@@ -256,7 +310,11 @@ class Families:
 
 
 def _strongly_connected(m: int, p_e: np.ndarray, c_e: np.ndarray) -> np.ndarray:
-    """Component id per node (iterative Tarjan) of the graph with edges ``p_e -> c_e``."""
+    """Component id per node (iterative Tarjan) of the graph with edges ``p_e -> c_e``.
+
+    Hand-written: faster than building an ``nx.DiGraph`` and running
+    ``nx.strongly_connected_components`` at m = 8192..65536 (``benchmarks/families.py``, "scc").
+    """
     ptr, nbr = _csr(m, p_e, c_e)
     index = np.full(m, -1, dtype=np.int64)
     low = np.zeros(m, dtype=np.int64)
@@ -306,7 +364,9 @@ class _DynamicTopoOrder:
 
     Keeps a topological order ``ord`` of the accepted edges; an edge ``x -> y`` with ``ord[x] < ord[y]``
     is accepted at once, otherwise only the nodes ordered between ``y`` and ``x`` are searched (and
-    reordered when no cycle is found). Much faster than a reachability search per edge.
+    reordered when no cycle is found). Hand-written: networkx has no incremental topological order,
+    and a reachability search per edge (``nx.has_path``) is several times slower
+    (``benchmarks/families.py``, "cycle check").
     """
 
     def __init__(self, m: int) -> None:
@@ -348,7 +408,12 @@ class _DynamicTopoOrder:
 
 
 def _transitive_redundant(m: int, p_e: np.ndarray, c_e: np.ndarray) -> np.ndarray:
-    """Bool per edge: ``c`` is reachable from ``p`` through another path (DAG input)."""
+    """Bool per edge: ``c`` is reachable from ``p`` through another path (DAG input).
+
+    The edges ``nx.transitive_reduction`` removes; hand-written with one Python-int bitset of strict
+    descendants per node because networkx's descendant sets are far slower at m = 8192..65536
+    (``benchmarks/families.py``, "transitive").
+    """
     fam = Families(m, p_e, c_e, np.zeros(len(p_e), np.float32))
     desc: dict[int, int] = {}  # node -> bitset of strict descendants (python int)
     for u in fam.topological_order()[::-1].tolist():
@@ -384,19 +449,47 @@ def build_families(D_mm: Any, freq_m: Any, cfg: FamilyConfig | None = None) -> F
     child_t, parent_t = torch.nonzero(mask, as_tuple=True)  # D[child, parent] >= thr: child implies parent
     conf = d[child_t, parent_t].float().cpu().numpy()
     p, c = parent_t.cpu().numpy().astype(np.int64), child_t.cpu().numpy().astype(np.int64)
-    f = freq.cpu().numpy()
-    n_candidates = len(p)
+    return _prune(m, p, c, conf, freq.cpu().numpy(), cfg)
 
-    # mutual pairs: keep parent = more frequent concept, ties -> lower id
-    key = p * m + c
-    key_sorted = np.sort(key)
-    rev = c * m + p
-    pos = np.searchsorted(key_sorted, rev)
-    mutual = (pos < len(key_sorted)) & (key_sorted[np.minimum(pos, max(len(key_sorted) - 1, 0))] == rev)
-    wins = (f[p] > f[c]) | ((f[p] == f[c]) & (p < c))
-    keep = ~mutual | wins
-    mutual_broken = int((~keep).sum())
+
+def build_from_candidates(
+    m: int, parent_e: Any, child_e: Any, confidence_e: Any, freq_m: Any, cfg: FamilyConfig | None = None
+) -> Families:
+    """The family DAG from candidate pairs (``confidence_e = D[child, parent]``) instead of a dense D.
+
+    Same rules and result as :func:`build_families` on a D holding these values (and anything below
+    ``cfg.min_confidence`` elsewhere); for a sparse D, or m too large to hold D densely (m = 65536
+    is 17 GB in float32). Candidates below the threshold, self-loops and children under
+    ``cfg.min_support`` are dropped first.
+    """
+    cfg = cfg or FamilyConfig()
+    p = np.asarray(parent_e, dtype=np.int64).reshape(-1)
+    c = np.asarray(child_e, dtype=np.int64).reshape(-1)
+    conf = np.asarray(confidence_e, dtype=np.float32).reshape(-1)
+    freq = np.asarray(freq_m).reshape(-1)
+    if not (len(p) == len(c) == len(conf)):
+        raise ConfigError(
+            f"candidate arrays differ in length: parent {len(p)}, child {len(c)}, conf {len(conf)}"
+        )
+    if freq.shape != (m,):
+        raise ConfigError(f"freq_m must have shape ({m},), got {freq.shape}")
+    if len(p) and (min(p.min(), c.min()) < 0 or max(p.max(), c.max()) >= m):
+        raise ConfigError(f"candidate endpoints must be concept ids in [0, {m})")
+    keep = (conf >= cfg.min_confidence) & (p != c) & (freq[c] >= cfg.min_support)
     p, c, conf = p[keep], c[keep], conf[keep]
+    order = np.lexsort((p, c))  # the order torch.nonzero gives build_families: by child, then parent
+    p, c, conf = p[order], c[order], conf[order]
+    if len(p) > 1 and np.any((p[1:] == p[:-1]) & (c[1:] == c[:-1])):
+        raise ConfigError("duplicate (parent, child) candidates")
+    return _prune(m, p, c, conf, freq, cfg)
+
+
+def _prune(
+    m: int, p: np.ndarray, c: np.ndarray, conf: np.ndarray, f: np.ndarray, cfg: FamilyConfig
+) -> Families:
+    """Candidates -> the DAG: mutual pairs, cycles, optional transitive edges (module docstring)."""
+    n_candidates = len(p)
+    p, c, conf, mutual_broken = _break_mutual(m, p, c, conf, f)
 
     # cycles: greedy in (confidence desc, parent, child) order, only inside strongly connected components
     order = np.lexsort((c, p, -conf.astype(np.float64)))
@@ -439,3 +532,16 @@ def build_families(D_mm: Any, freq_m: Any, cfg: FamilyConfig | None = None) -> F
         int(fam.depth_m.max()) if m else 0,
     )
     return fam
+
+
+def _break_mutual(
+    m: int, p: np.ndarray, c: np.ndarray, conf: np.ndarray, freq: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Drop one edge of every mutual pair: the parent is the more frequent concept, ties -> lower id."""
+    key_sorted = np.sort(p * m + c)
+    rev = c * m + p
+    pos = np.searchsorted(key_sorted, rev)
+    mutual = (pos < len(key_sorted)) & (key_sorted[np.minimum(pos, max(len(key_sorted) - 1, 0))] == rev)
+    wins = (freq[p] > freq[c]) | ((freq[p] == freq[c]) & (p < c))
+    keep = ~mutual | wins
+    return p[keep], c[keep], conf[keep], int((~keep).sum())

@@ -232,3 +232,91 @@ def test_planted_world_edge_recovery_with_noise(planted) -> None:
     )
     assert rec.precision >= 0.95, sorted(rec.spurious)
     assert rec.recall >= 0.95, sorted(rec.missing)
+
+
+# --------------------------------------------------------------------------------------------------
+# networkx: the graph object, and the reference for every hand-written pass
+
+
+def _random_dag_input(seed: int, m: int, density: float) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    values = np.array([0.0, 0.3, 0.75, 0.8, 0.9, 1.0], dtype=np.float32)
+    d = np.where(rng.random((m, m)) < density, rng.choice(values, (m, m)), 0.0).astype(np.float32)
+    np.fill_diagonal(d, 1.0)
+    return d, rng.integers(0, 4, m) * 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 100_000), m=st.integers(1, 14), density=st.floats(0.0, 1.0))
+def test_hand_written_passes_agree_with_networkx(seed: int, m: int, density: float) -> None:
+    import networkx as nx
+
+    from insight_core.concepts import families as F
+
+    d, freq = _random_dag_input(seed, m, density)
+    fam = build_families(d, freq)
+    g = fam.graph
+    assert sorted(g.nodes) == list(range(m))
+    assert sorted(g.edges) == sorted(zip(fam.parent_e.tolist(), fam.child_e.tolist(), strict=True))
+    depth = {n: lvl for lvl, nodes in enumerate(nx.topological_generations(g)) for n in nodes}
+    assert fam.depth_m.tolist() == [depth[i] for i in range(m)]
+    for i in range(m):
+        assert fam.ancestors(i).tolist() == sorted(nx.ancestors(g, i))
+        assert fam.descendants(i).tolist() == sorted(nx.descendants(g, i))
+        near = nx.single_source_shortest_path_length(g, i, cutoff=1)
+        assert fam.descendants(i, max_depth=1).tolist() == sorted(set(near) - {i})
+    reduced = nx.transitive_reduction(g)
+    expected = [
+        not reduced.has_edge(p, c) for p, c in zip(fam.parent_e.tolist(), fam.child_e.tolist(), strict=True)
+    ]
+    assert fam.transitive_e().tolist() == expected
+    # strongly connected components of the candidate graph (before cycles are broken)
+    cand = nx.DiGraph([(int(p), int(c)) for c, p in zip(*np.nonzero(d >= 0.75), strict=True) if c != p])
+    if cand.number_of_edges():
+        p_e, c_e = (np.asarray(x, np.int64) for x in zip(*cand.edges, strict=True))
+        comp = F._strongly_connected(m, p_e, c_e)
+        ref = {n: i for i, nodes in enumerate(nx.strongly_connected_components(cand)) for n in nodes}
+        assert ((comp[p_e] == comp[c_e]) == np.asarray([ref[p] == ref[c] for p, c in cand.edges])).all()
+    # the incremental cycle check rejects exactly the edges nx.has_path says close a cycle
+    topo, ref_g = F._DynamicTopoOrder(m), nx.DiGraph()
+    ref_g.add_nodes_from(range(m))
+    for p, c in cand.edges:
+        closes = nx.has_path(ref_g, c, p)
+        assert topo.add(p, c) is (not closes)
+        if not closes:
+            ref_g.add_edge(p, c)
+
+
+def test_graph_object_family_view_reduction_and_cycle_message() -> None:
+    d, freq = _hand_built()
+    fam = build_families(d, freq)
+    assert fam.graph.edges[0, 2]["confidence"] == pytest.approx(0.9)
+    assert fam.graph.number_of_nodes() == 11  # isolated concepts included
+    assert fam.graph is fam.graph  # built once
+    view = fam.family_of(2, depth=2)
+    assert list(zip(view.parent_e.tolist(), view.child_e.tolist(), strict=True)) == [(0, 1), (0, 2), (1, 2)]
+    flat = view.reduced()  # for drawing: the grandparent edge 0 -> 2 goes, the path 0 -> 1 -> 2 stays
+    assert list(zip(flat.parent_e.tolist(), flat.child_e.tolist(), strict=True)) == [(0, 1), (1, 2)]
+    assert flat.confidence_e.tolist() == pytest.approx([1.0, 0.95])
+    assert flat.nodes.tolist() == view.nodes.tolist()
+    with pytest.raises(ConfigError, match=r"cycle: (0 -> 1 -> 2|1 -> 2 -> 0|2 -> 0 -> 1) -> \.\.\."):
+        Families.from_arrays(4, [0, 1, 2], [1, 2, 0], [1.0, 1.0, 1.0])
+
+
+def test_build_from_candidates_matches_the_dense_build() -> None:
+    from insight_core.concepts.families import build_from_candidates
+
+    d, freq = _hand_built()
+    child, parent = np.nonzero(d.numpy() > 0)
+    conf = d.numpy()[child, parent]
+    for cfg in (FamilyConfig(), FamilyConfig(keep_transitive=False), FamilyConfig(min_support=0)):
+        dense = build_families(d, freq, cfg)
+        sparse = build_from_candidates(11, parent, child, conf, freq.numpy(), cfg)
+        assert sparse.parent_e.tolist() == dense.parent_e.tolist()
+        assert sparse.child_e.tolist() == dense.child_e.tolist()
+        assert sparse.confidence_e.tolist() == dense.confidence_e.tolist()
+        assert sparse.summary() == dense.summary()
+    with pytest.raises(ConfigError, match="differ in length"):
+        build_from_candidates(3, [0], [1, 2], [1.0], np.ones(3))
+    with pytest.raises(ConfigError, match="duplicate"):
+        build_from_candidates(3, [0, 0], [1, 1], [0.9, 0.8], np.full(3, 10))
