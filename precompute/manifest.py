@@ -50,7 +50,7 @@ class ValidateJob:
 
 
 def run_validate(job: ValidateJob) -> Atlas:
-    atlas = Atlas.open(job.atlas, verify_hashes=job.verify_hashes)
+    atlas = Atlas.open(job.atlas, verify="all" if job.verify_hashes else "read")
     counts = atlas.manifest.get("counts", {})
     log.info(
         "atlas OK: %s concepts, %s edges, %d files%s",

@@ -1,7 +1,9 @@
-"""Shared fixtures: paths to the shared data (skipped cleanly when absent) and GPU auto-skip."""
+"""Shared fixtures: paths to the shared data (skipped cleanly when absent), GPU auto-skip, and a
+temporary user cache (atlas verification results) for the whole session."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tests write the atlas verification cache into a temp folder, never into ~/.cache."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    previous = os.environ.get("INSIGHT_CACHE_DIR")
+    os.environ["INSIGHT_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("INSIGHT_CACHE_DIR", None)
+    else:
+        os.environ["INSIGHT_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 - :mod:`~insight_core.atlas.layout`: where every file lives (the only place paths are spelled);
 - :mod:`~insight_core.atlas.records`: stage records, how a stage knows it is already done;
 - :mod:`~insight_core.atlas.manifest`: ``manifest.json``, opening and validating an atlas;
+- :mod:`~insight_core.atlas.verify`: SHA-256 checks with a per-user cache (reopening is instant);
 - :mod:`~insight_core.atlas.hub`: sharing atlases on the Hugging Face Hub.
 """
 
@@ -16,7 +17,15 @@ from insight_core.atlas.layout import (
     SynthLayout,
     WorldLayout,
 )
-from insight_core.atlas.manifest import ATLAS_FORMAT, SCHEMA_VERSION, Atlas, AtlasError, write_manifest
+from insight_core.atlas.manifest import (
+    ATLAS_FORMAT,
+    SCHEMA_VERSION,
+    Atlas,
+    AtlasError,
+    VerifyMode,
+    reading,
+    write_manifest,
+)
 from insight_core.atlas.records import StageRecord, fingerprint, read_json_dict
 
 __all__ = [
@@ -32,8 +41,10 @@ __all__ = [
     "FeaturesLayout",
     "StageRecord",
     "SynthLayout",
+    "VerifyMode",
     "WorldLayout",
     "fingerprint",
     "read_json_dict",
+    "reading",
     "write_manifest",
 ]

@@ -110,7 +110,7 @@ def push_atlas(
         The commit URL reported by the Hub.
     """
     _check_repo_type(repo_type)
-    atlas = Atlas.open(root, verify_hashes=verify_hashes)  # raises AtlasError: nothing is uploaded
+    atlas = Atlas.open(root, verify="all" if verify_hashes else "sizes")  # AtlasError: nothing is uploaded
     files = upload_files(atlas.root)
     api = api or HfApi(token=token)
     counts = atlas.manifest.get("counts", {})

@@ -14,6 +14,8 @@ are the ones the app cannot open an atlas without.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -37,6 +39,9 @@ _RECORDS_DIR = "stages"
 _PROBES_DIR = "probes"
 _EVALS_DIR = "evals"
 _VOCAB_CACHE_DIR = "cache"
+_EXPORTS_DIR = "exports"
+GRAPH_FORMATS = ("graphml", "gexf")
+"""File formats of the family DAG export (``export-graph``)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -116,9 +121,52 @@ ATLAS_FILES: dict[str, str] = {
 REQUIRED_ROLES = ("sae", "concepts", "edges", "stats")
 """Roles without which the app cannot open an atlas."""
 
+ATLAS_FILE_SETS: dict[str, str] = {
+    "thumbs": _THUMBS_DIR,
+    "captioner_lm": f"{_CAPTIONER_DIR}/{CaptionerLayout.LM_DIR}",
+}
+"""Folders the manifest lists file by file (``file_sets`` block): every visible file below them that is
+not a role of its own (``thumbs/index.json``). The explorer reads thumbnails by image id and the
+captioner's bundled LM folder as a whole (``save_pretrained`` files), so each of their files is
+hashed like a role."""
+
+EXPLORER_ROLES = (
+    "sae",
+    "concepts",
+    "edges",
+    "concept_vectors",
+    "concept_index",
+    "exemplar_index",
+    "index_meta",
+    "exemplars",
+    "thumbnails",
+    "dinoiser",
+    "captioner",
+    "captioner_adapter",
+)
+"""Roles the explorer app reads (with every file of :data:`ATLAS_FILE_SETS`). Opening an atlas for
+the app checks their SHA-256 against the manifest; other files (statistics, metrics, configs the app
+never reads) are only checked for presence and size."""
+
 UPLOAD_IGNORE = [".*", "*/.*", "*.tmp", "*.lock", f"{_VOCAB_CACHE_DIR}/*", "__pycache__/*", "*/__pycache__/*"]
 """Patterns (``huggingface_hub`` style) of atlas files never uploaded: hidden training state and
 caches, temp and lock files, the vocabulary-embedding cache."""
+
+
+def user_cache_dir() -> Path:
+    """The per-user cache folder: ``$INSIGHT_CACHE_DIR``, else ``$XDG_CACHE_HOME/insight-explorer``,
+    else ``~/.cache/insight-explorer``."""
+    if os.environ.get("INSIGHT_CACHE_DIR"):
+        return Path(os.environ["INSIGHT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "insight-explorer"
+
+
+def verification_cache(root: Path) -> Path:
+    """The verification cache of one atlas folder (SHA-256 results keyed by file identity), in the
+    user cache: ``verified/<hash of the resolved atlas path>.json``."""
+    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:24]
+    return user_cache_dir() / "verified" / f"{key}.json"
 
 
 def check_name(name: str, what: str) -> str:
@@ -251,6 +299,28 @@ class AtlasLayout:
         """The WebP thumbnail of a (global) image id."""
         return self.thumbs_dir / f"{int(image_id)}.webp"
 
+    def file_set_dir(self, name: str) -> Path:
+        """The folder of a file set (see :data:`ATLAS_FILE_SETS`)."""
+        try:
+            return self.root / ATLAS_FILE_SETS[name]
+        except KeyError:
+            raise ConfigError(f"unknown atlas file set {name!r} (known: {sorted(ATLAS_FILE_SETS)})") from None
+
+    def file_set_members(self, name: str) -> list[Path]:
+        """The files of a file set present on disk, sorted: visible files (no part of the path
+        starting with '.') that are not a role of their own."""
+        folder = self.file_set_dir(name)
+        if not folder.is_dir():
+            return []
+        roles = {self.root / rel for rel in ATLAS_FILES.values()}
+        return sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file()
+            and p not in roles
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        )
+
     # -- models beside the SAE ----------------------------------------------------------------------
     @property
     def dinoiser(self) -> Path:
@@ -304,6 +374,18 @@ class AtlasLayout:
     def evaluation(self, name: str) -> Path:
         """The folder of a named evaluation (``evals/NAME/``)."""
         return self.evals_dir / check_name(name, "evaluation name")
+
+    @property
+    def exports_dir(self) -> Path:
+        """Default folder of ``export-graph`` (not part of the manifest; derived from the atlas)."""
+        return self.root / _EXPORTS_DIR
+
+    def graph_export(self, fmt: str, folder: Path | None = None) -> Path:
+        """The family DAG exported as ``families.<fmt>`` (``graphml`` or ``gexf``) in ``folder``
+        (default :attr:`exports_dir`)."""
+        if fmt not in GRAPH_FORMATS:
+            raise ConfigError(f"graph export format {fmt!r}: expected one of {GRAPH_FORMATS}")
+        return Path(folder if folder is not None else self.exports_dir) / f"families.{fmt}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

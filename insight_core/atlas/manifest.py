@@ -1,49 +1,99 @@
 """The atlas: the one contract between the precompute jobs and the app (see docs/atlas.md).
 
 An atlas is a directory with ``manifest.json`` and the files it lists. The manifest records the
-schema version, the backbone, each stage's configuration and input fingerprint, counts, and the
-size and SHA-256 of every file, so that opening an atlas can tell a missing, stale (changed after
-the manifest was written) or corrupt file, or an atlas written by an incompatible version, with a
-message that says what to do.
+schema version, the backbone, each stage's configuration and input fingerprint, counts, the size
+and SHA-256 of every file (roles, and the members of the file sets: thumbnails, the captioner's
+bundled LM) and a checksum of itself, so that opening an atlas can tell a missing, stale (changed
+after the manifest was written) or corrupt file, or an atlas written by an incompatible version,
+with a message that says what to do.
+
+Atlases from the Hub are someone else's files. :meth:`Atlas.open` therefore hashes every file the
+explorer reads before anything parses it (remembering results per file identity, see
+:mod:`insight_core.atlas.verify`), accepts only relative paths inside the atlas, and hands readers a
+path only through :meth:`Atlas.read_path` / :meth:`Atlas.member` / :meth:`Atlas.member_dir`, which
+refuse files that were not verified in this open.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, get_args
 
-from insight_core.atlas.layout import ATLAS_FILES, MANIFEST, REQUIRED_ROLES, AtlasLayout
-from insight_core.errors import CheckpointError
+from insight_core.atlas.layout import (
+    ATLAS_FILE_SETS,
+    ATLAS_FILES,
+    EXPLORER_ROLES,
+    MANIFEST,
+    REQUIRED_ROLES,
+    AtlasLayout,
+    verification_cache,
+)
+from insight_core.atlas.verify import VerificationCache, sha256_file
+from insight_core.errors import CheckpointError, InsightError
 from insight_core.io import write_json
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 ATLAS_FORMAT = "insight-atlas"
+CHECKSUM_KEY = "manifest_sha256"
+"""Manifest key holding the SHA-256 of the rest of the manifest (canonical JSON): catches a manifest
+corrupted or edited by hand after it was written (absent from manifests written before it existed)."""
+
+VerifyMode = Literal["read", "all", "sizes"]
+"""What :meth:`Atlas.open` hashes: ``"read"`` the files the explorer reads (:data:`EXPLORER_ROLES`
+and the file sets), ``"all"`` every listed file, ``"sizes"`` nothing (presence and sizes only)."""
 
 
 class AtlasError(CheckpointError):
     """The atlas is missing, incomplete, stale, corrupt or from an incompatible schema."""
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+@contextlib.contextmanager
+def reading(path: Path, what: str) -> Iterator[None]:
+    """Turn any failure while parsing ``path`` into one :class:`AtlasError` naming it.
+
+    Readers of untrusted files (pyarrow, safetensors, FAISS, transformers, json) raise many types;
+    inside this block each becomes ``AtlasError("PATH: unreadable WHAT (Type: message)")``.
+    """
+    try:
+        yield
+    except AtlasError:
+        raise
+    except InsightError as err:  # our readers' errors already say what is wrong
+        raise AtlasError(str(err) if str(path) in str(err) else f"{path}: {what}: {err}") from err
+    except Exception as err:  # parsers of untrusted input raise anything: one error type out
+        text = str(err).strip()
+        first = text.splitlines()[0][:300] if text else ""
+        raise AtlasError(f"{path}: unreadable {what} ({type(err).__name__}: {first})") from err
+
+
+def _sha256(path: Path) -> str:
+    return sha256_file(path)
 
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
         raise AtlasError(f"{path}: unreadable JSON ({err})") from err
+
+
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest without its checksum key, as canonical JSON (sorted keys, ASCII)."""
+    body = {k: v for k, v in manifest.items() if k != CHECKSUM_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _entry(layout: AtlasLayout, path: Path) -> dict[str, Any]:
+    return {"path": layout.rel(path), "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def write_manifest(
@@ -55,14 +105,20 @@ def write_manifest(
     for role in ATLAS_FILES:
         path = layout.file(role)
         if path.is_file():
-            files[role] = {"path": layout.rel(path), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[role] = _entry(layout, path)
     missing = [r for r in REQUIRED_ROLES if r not in files]
     if missing:
         raise AtlasError(
             f"{layout.root}: cannot write a manifest, required files missing: "
             f"{[ATLAS_FILES[r] for r in missing]}"
         )
+    file_sets = {
+        name: {_entry(layout, p)["path"]: _entry(layout, p) for p in layout.file_set_members(name)}
+        for name in ATLAS_FILE_SETS
+    }
     previous = _read_json(layout.manifest) if layout.manifest.is_file() else {}
+    if not isinstance(previous, dict):
+        previous = {}
     manifest = {
         "format": ATLAS_FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -71,8 +127,10 @@ def write_manifest(
         "counts": _counts(layout),
         "stages": {name: rec.read().get("input_fingerprint") for name, rec in layout.stage_records().items()},
         "files": files,
+        "file_sets": {name: members for name, members in file_sets.items() if members},
         **(extra or {}),
     }
+    manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
     write_json(layout.manifest, manifest)
     return manifest
 
@@ -107,20 +165,46 @@ class Atlas:
 
     root: Path
     manifest: dict[str, Any]
+    verified: frozenset[str] = frozenset()
+    """Paths (relative, posix) whose SHA-256 matched the manifest when this atlas was opened."""
 
     @classmethod
     def open(
-        cls, root: str | Path, *, require: Iterable[str] = REQUIRED_ROLES, verify_hashes: bool = False
+        cls,
+        root: str | Path,
+        *,
+        require: Iterable[str] = REQUIRED_ROLES,
+        verify: VerifyMode = "read",
+        cache: bool = True,
     ) -> Atlas:
-        """Open and validate; ``verify_hashes`` also re-hashes every file (slow for large atlases)."""
+        """Open and validate an atlas.
+
+        Parameters
+        ----------
+        require
+            Roles the manifest must list.
+        verify
+            ``"read"`` (default): SHA-256 of every file the explorer reads, sizes of the rest;
+            ``"all"``: SHA-256 of every listed file (``validate``, ``push``); ``"sizes"``: no hashing.
+        cache
+            Reuse hashes of unchanged files from the per-user verification cache (and record new ones).
+
+        Raises
+        ------
+        AtlasError
+            Naming the file: missing, unreadable or foreign manifest, schema or checksum mismatch, a
+            path outside the atlas, a listed file missing or with another size or hash.
+        """
+        if verify not in get_args(VerifyMode):
+            raise AtlasError(f"verify={verify!r}: expected one of {get_args(VerifyMode)}")
         root = Path(root)
         if not root.is_dir():
             raise AtlasError(f"atlas not found: {root} is not a directory")
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
             raise AtlasError(
-                f"{root}: no {MANIFEST}; build the atlas with `python -m precompute build` "
-                "or write one with `python -m precompute manifest --atlas ...`"
+                f"{root}: no {MANIFEST}; build the atlas with `insight build` "
+                "or write one with `insight manifest --atlas ...`"
             )
         manifest = _read_json(manifest_path)
         if not isinstance(manifest, dict) or manifest.get("format") != ATLAS_FORMAT:
@@ -131,21 +215,95 @@ class Atlas:
                 f"{manifest_path}: atlas schema version {version}, this code reads version "
                 f"{SCHEMA_VERSION}; rebuild the atlas with this version of the precompute jobs"
             )
+        if CHECKSUM_KEY in manifest and manifest[CHECKSUM_KEY] != manifest_checksum(manifest):
+            raise AtlasError(
+                f"{manifest_path}: checksum mismatch: the manifest was corrupted or edited after it was "
+                "written; download the atlas again, or rewrite it with `insight manifest --atlas ...`"
+            )
+        entries = _entries(manifest_path, manifest)
         files = manifest.get("files", {})
         for role in require:
             if role not in files:
                 raise AtlasError(
                     f"{root}: the manifest lists no {role!r} file ({ATLAS_FILES.get(role, role)})"
                 )
-        for role, entry in files.items():
-            _check_file(root, role, entry, verify_hashes)
-        return cls(root=root, manifest=manifest)
+        hashed = {_safe_rel(manifest_path, files[r]["path"]) for r in EXPLORER_ROLES if r in files}
+        hashed |= {rel for rel, key in entries.items() if key.startswith("set:")}
+        store = VerificationCache(verification_cache(root) if cache and verify != "sizes" else None)
+        verified = set()
+        try:
+            for rel, key in entries.items():
+                hash_it = verify == "all" or (verify == "read" and rel in hashed)
+                if _check_file(root, rel, _lookup(manifest, key), hash_it, store):
+                    verified.add(rel)
+        finally:
+            store.save()
+        log.debug("%s: %d files hashed or taken from the cache (%d)", root, len(verified), store.hits)
+        return cls(root=root, manifest=manifest, verified=frozenset(verified))
 
     def path(self, role: str) -> Path:
+        """Where a listed role's file is (no check of its contents: see :meth:`read_path`)."""
         entry = self.manifest["files"].get(role)
         if entry is None:
             raise AtlasError(f"{self.root}: this atlas has no {role!r} file ({ATLAS_FILES.get(role, role)})")
         return self.root / entry["path"]
+
+    def read_path(self, role: str) -> Path:
+        """The path of a role's file for reading: only if its SHA-256 matched the manifest in this open.
+
+        Raises
+        ------
+        AtlasError
+            The role is not listed, or its file was not hash-verified (opened with ``verify="sizes"``,
+            or a role outside :data:`EXPLORER_ROLES` opened with ``verify="read"``).
+        """
+        path = self.path(role)
+        rel = self.manifest["files"][role]["path"]
+        if rel not in self.verified:
+            raise AtlasError(
+                f"{path}: not verified against the manifest's SHA-256 in this open; refusing to read it "
+                "(open the atlas with verify='read' or 'all')"
+            )
+        return path
+
+    def members(self, file_set: str) -> list[str]:
+        """Relative paths of the verified files of a file set (see ``ATLAS_FILE_SETS``), sorted."""
+        listed = self.manifest.get("file_sets", {}).get(file_set, {})
+        return sorted(rel for rel in listed if rel in self.verified)
+
+    def member(self, file_set: str, path: Path) -> Path | None:
+        """``path`` if it is a verified member of the file set, else None (unlisted: untrusted)."""
+        try:
+            rel = Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            return None
+        listed = self.manifest.get("file_sets", {}).get(file_set, {})
+        return self.root / rel if rel in listed and rel in self.verified else None
+
+    def member_dir(self, file_set: str) -> Path:
+        """The folder of a file set, for readers that take a whole folder (the bundled LM).
+
+        Raises
+        ------
+        AtlasError
+            A visible file in the folder is not listed in the manifest (it would be read unverified),
+            or a listed file was not verified in this open.
+        """
+        layout = self.layout
+        folder = layout.file_set_dir(file_set)
+        listed = set(self.manifest.get("file_sets", {}).get(file_set, {}))
+        present = {layout.rel(p) for p in layout.file_set_members(file_set)}
+        extra = sorted(present - listed)
+        if extra:
+            raise AtlasError(
+                f"{self.root / extra[0]}: in {layout.rel(folder)}/ but not listed in the manifest "
+                f"({len(extra)} such file(s)); an unlisted file is untrusted: remove it, or rewrite the "
+                "manifest with `insight manifest --atlas ...` if you made it"
+            )
+        unverified = sorted(listed - self.verified)
+        if unverified:
+            raise AtlasError(f"{self.root / unverified[0]}: not verified against the manifest in this open")
+        return folder
 
     @property
     def layout(self) -> AtlasLayout:
@@ -156,7 +314,8 @@ class Atlas:
 
     @property
     def backbone(self) -> dict[str, Any]:
-        return self.manifest.get("backbone", {})
+        backbone = self.manifest.get("backbone", {})
+        return backbone if isinstance(backbone, dict) else {}
 
     @property
     def random_weights(self) -> bool:
@@ -164,8 +323,71 @@ class Atlas:
         return bool(self.backbone.get("random_weights", False))
 
 
-def _check_file(root: Path, role: str, entry: dict, verify_hashes: bool) -> None:
-    path = root / entry["path"]
+def _safe_rel(manifest_path: Path, rel: Any) -> str:
+    """A manifest path: relative, posix, inside the atlas (no '..', no absolute or drive paths)."""
+    pure = PurePosixPath(rel) if isinstance(rel, str) else None
+    if (
+        pure is None
+        or not rel
+        or pure.is_absolute()
+        or ".." in pure.parts
+        or "\\" in rel
+        or ":" in rel
+        or pure.as_posix() != rel
+    ):
+        raise AtlasError(f"{manifest_path}: file path {rel!r} is not a plain relative path inside the atlas")
+    return rel
+
+
+def _entries(manifest_path: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Relative path -> where its entry is (``role:NAME`` or ``set:NAME:PATH``), after checking shapes."""
+    files = manifest.get("files", {})
+    sets = manifest.get("file_sets", {})
+    if not isinstance(files, dict) or not isinstance(sets, dict):
+        raise AtlasError(f"{manifest_path}: 'files' and 'file_sets' must be JSON objects")
+    out: dict[str, str] = {}
+
+    def add(rel: Any, entry: Any, key: str, expected: str | None) -> None:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("bytes"), int)
+            or (not isinstance(entry.get("sha256"), str))
+        ):
+            raise AtlasError(f"{manifest_path}: malformed entry {key!r} (expected path, bytes, sha256)")
+        rel = _safe_rel(manifest_path, rel)
+        if expected is not None and rel != expected:
+            raise AtlasError(f"{manifest_path}: {key!r} must be at {expected!r}, the manifest says {rel!r}")
+        if rel in out:
+            raise AtlasError(f"{manifest_path}: {rel!r} is listed twice")
+        out[rel] = key
+
+    for role, entry in files.items():
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        add(rel, entry, f"role:{role}", ATLAS_FILES.get(role))
+    for name, members in sets.items():
+        if name not in ATLAS_FILE_SETS or not isinstance(members, dict):
+            raise AtlasError(f"{manifest_path}: unknown or malformed file set {name!r}")
+        prefix = ATLAS_FILE_SETS[name] + "/"
+        for rel, entry in members.items():
+            if not (isinstance(rel, str) and rel.startswith(prefix)):
+                raise AtlasError(f"{manifest_path}: file set {name!r} lists {rel!r} outside {prefix}")
+            if isinstance(entry, dict) and entry.get("path", rel) != rel:
+                raise AtlasError(f"{manifest_path}: file set {name!r}: entry {rel!r} names another path")
+            add(rel, entry, f"set:{name}:{rel}", None)
+    return out
+
+
+def _lookup(manifest: dict[str, Any], key: str) -> dict[str, Any]:
+    kind, _, rest = key.partition(":")
+    if kind == "role":
+        return manifest["files"][rest]
+    name, _, rel = rest.partition(":")
+    return manifest["file_sets"][name][rel]
+
+
+def _check_file(root: Path, rel: str, entry: dict, hash_it: bool, store: VerificationCache) -> bool:
+    """Presence and size (always) and SHA-256 (when ``hash_it``); returns whether it was hashed."""
+    path = root / rel
     if not path.is_file():
         raise AtlasError(
             f"{path}: listed in the manifest but missing; rebuild the atlas (or restore the file)"
@@ -176,5 +398,15 @@ def _check_file(root: Path, role: str, entry: dict, verify_hashes: bool) -> None
             f"{path}: {size} bytes but the manifest says {entry.get('bytes')}: the file changed after "
             "the manifest was written (stale or corrupt); rerun the stage that writes it"
         )
-    if verify_hashes and _sha256(path) != entry.get("sha256"):
-        raise AtlasError(f"{path}: content hash differs from the manifest (stale or corrupt)")
+    if not hash_it:
+        return False
+    try:
+        digest = store.sha256(path)
+    except OSError as err:
+        raise AtlasError(f"{path}: unreadable ({err})") from err
+    if digest != entry.get("sha256"):
+        raise AtlasError(
+            f"{path}: content hash differs from the manifest (stale or corrupt); download the atlas "
+            "again or rerun the stage that writes it"
+        )
+    return True

@@ -59,7 +59,7 @@ def built(tmp_path_factory) -> tuple[Path, list[str]]:
 
 def test_build_writes_a_valid_atlas(built) -> None:
     root, _ = built
-    atlas = Atlas.open(root / "atlas", verify_hashes=True)
+    atlas = Atlas.open(root / "atlas", verify="all")
     assert atlas.random_weights
     assert atlas.backbone["arch"] == "ViT-B-16"
     counts = atlas.manifest["counts"]

@@ -155,7 +155,7 @@ def test_pull_downloads_and_validates(atlas_dir: Path, fake_hub: FakeHub, tmp_pa
     assert main(["push", "--atlas", str(atlas_dir), "--repo-id", "me/atlas"]) == 0
     out = tmp_path / "pulled"
     assert main(["pull", "--repo-id", "me/atlas", "--out", str(out)]) == 0
-    atlas = Atlas.open(out, verify_hashes=True)
+    atlas = Atlas.open(out, verify="all")
     assert atlas.random_weights
     assert atlas.path("sae").read_bytes() == (atlas_dir / "sae.safetensors").read_bytes()
     assert not (out / "cache").exists()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from insight_core.atlas import ATLAS_FILES, REQUIRED_ROLES, SCHEMA_VERSION, Atlas, AtlasError, write_manifest
+from insight_core.atlas.layout import user_cache_dir, verification_cache
+from insight_core.atlas.manifest import CHECKSUM_KEY, manifest_checksum
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ def test_manifest_round_trip(atlas_dir: Path) -> None:
     assert manifest["schema_version"] == SCHEMA_VERSION
     assert set(manifest["files"]) == {*REQUIRED_ROLES, "families"}
     assert manifest["counts"]["n_edges"] == 3
-    atlas = Atlas.open(atlas_dir, verify_hashes=True)
+    atlas = Atlas.open(atlas_dir, verify="all")
     assert atlas.random_weights
     assert atlas.path("edges") == atlas_dir / "edges.parquet"
     assert not atlas.has("concept_index")
@@ -64,9 +67,132 @@ def test_same_size_corruption_needs_hash_check(atlas_dir: Path) -> None:
     write_manifest(atlas_dir)
     path = atlas_dir / "sae.safetensors"
     path.write_bytes(path.read_bytes()[::-1])  # same size, other content
-    Atlas.open(atlas_dir)  # the cheap check passes
+    Atlas.open(atlas_dir, verify="sizes")  # the cheap check passes
+    with pytest.raises(AtlasError, match=r"sae\.safetensors: content hash differs"):
+        Atlas.open(atlas_dir)  # the default hashes every file the explorer reads
     with pytest.raises(AtlasError, match="hash differs"):
-        Atlas.open(atlas_dir, verify_hashes=True)
+        Atlas.open(atlas_dir, verify="all")
+
+
+def test_default_open_hashes_what_the_explorer_reads_and_sizes_the_rest(atlas_dir: Path) -> None:
+    write_manifest(atlas_dir)
+    stats = atlas_dir / ATLAS_FILES["stats"]  # large, and never read by the app
+    stats.write_bytes(stats.read_bytes()[::-1])
+    atlas = Atlas.open(atlas_dir)
+    assert atlas.read_path("sae") == atlas_dir / "sae.safetensors"
+    with pytest.raises(AtlasError, match="not verified"):
+        atlas.read_path("stats")
+    with pytest.raises(AtlasError, match="hash differs"):
+        Atlas.open(atlas_dir, verify="all")
+    sizes_only = Atlas.open(atlas_dir, verify="sizes")
+    assert sizes_only.path("sae") == atlas_dir / "sae.safetensors"  # where it is: fine
+    with pytest.raises(AtlasError, match="refusing to read"):
+        sizes_only.read_path("sae")  # for reading: only verified files
+
+
+def test_manifest_checksum_catches_edits_that_keep_valid_json(atlas_dir: Path) -> None:
+    manifest = write_manifest(atlas_dir, backbone={"arch": "ViT-B-16", "random_weights": True})
+    assert manifest[CHECKSUM_KEY] == manifest_checksum(manifest)
+    text = (atlas_dir / "manifest.json").read_text()
+    (atlas_dir / "manifest.json").write_text(
+        text.replace('"random_weights": true', '"random_weights": false')
+    )
+    with pytest.raises(AtlasError, match="checksum mismatch"):
+        Atlas.open(atlas_dir)
+    doc = json.loads(text)
+    del doc[CHECKSUM_KEY]  # manifests written before the checksum existed still open
+    (atlas_dir / "manifest.json").write_text(json.dumps(doc))
+    assert Atlas.open(atlas_dir).random_weights
+
+
+def _rewrite(root: Path, edit) -> None:
+    doc = json.loads((root / "manifest.json").read_text())
+    edit(doc)
+    doc[CHECKSUM_KEY] = manifest_checksum(doc)
+    (root / "manifest.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["files"]["sae"].update(path="../outside.bin"), "not a plain relative path"),
+        (lambda d: d["files"]["sae"].update(path="/etc/hostname"), "not a plain relative path"),
+        (lambda d: d["files"]["sae"].update(path="concepts.parquet"), "must be at 'sae.safetensors'"),
+        (lambda d: d["files"]["sae"].pop("sha256"), "malformed entry"),
+        (lambda d: d.update(files=[]), "must be JSON objects"),
+        (
+            lambda d: d.update(file_sets={"thumbs": {"sae.safetensors": {"bytes": 1, "sha256": "x"}}}),
+            "outside",
+        ),
+        (lambda d: d.update(file_sets={"elsewhere": {}}), "unknown or malformed file set"),
+    ],
+)
+def test_manifest_paths_must_stay_inside_the_atlas(atlas_dir: Path, edit, message: str) -> None:
+    write_manifest(atlas_dir)
+    (atlas_dir.parent / "outside.bin").write_bytes(b"secret")
+    _rewrite(atlas_dir, edit)
+    with pytest.raises(AtlasError, match=message):
+        Atlas.open(atlas_dir)
+
+
+def test_file_sets_list_thumbnails_and_the_bundled_lm(atlas_dir: Path) -> None:
+    thumbs, lm = atlas_dir / "thumbs", atlas_dir / "captioner" / "lm"
+    lm.mkdir(parents=True)
+    thumbs.mkdir()
+    (thumbs / "3.webp").write_bytes(b"RIFF3")
+    (thumbs / "index.json").write_text("{}")  # a role of its own, not a set member
+    (lm / "config.json").write_text("{}")
+    (lm / "model.safetensors").write_bytes(b"weights")
+    (lm / ".hidden").write_text("never listed")
+    manifest = write_manifest(atlas_dir)
+    assert sorted(manifest["file_sets"]["thumbs"]) == ["thumbs/3.webp"]
+    assert sorted(manifest["file_sets"]["captioner_lm"]) == ["captioner/lm/config.json",
+                                                             "captioner/lm/model.safetensors"]  # fmt: skip
+    atlas = Atlas.open(atlas_dir)
+    assert atlas.member("thumbs", thumbs / "3.webp") == thumbs / "3.webp"
+    (thumbs / "4.webp").write_bytes(b"RIFF4")  # added after the manifest: untrusted
+    assert atlas.member("thumbs", thumbs / "4.webp") is None
+    assert atlas.members("captioner_lm") == ["captioner/lm/config.json", "captioner/lm/model.safetensors"]
+    assert atlas.member_dir("captioner_lm") == lm
+    (lm / "pytorch_model.bin").write_bytes(b"a pickle someone slipped in")
+    with pytest.raises(AtlasError, match=r"pytorch_model\.bin: in captioner/lm/ but not listed"):
+        atlas.member_dir("captioner_lm")
+    (thumbs / "3.webp").write_bytes(b"RIFF!")  # same size, other bytes
+    with pytest.raises(AtlasError, match=r"3\.webp: content hash differs"):
+        Atlas.open(atlas_dir)
+
+
+def test_verification_cache_makes_reopening_cheap_but_never_trusts_a_changed_file(
+    atlas_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from insight_core.atlas import verify
+
+    write_manifest(atlas_dir)
+    hashed: list[str] = []
+    real = verify.sha256_file
+    monkeypatch.setattr(verify, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    Atlas.open(atlas_dir)
+    assert sorted(hashed) == ["concepts.parquet", "edges.parquet", "sae.safetensors"]
+    cache_file = verification_cache(atlas_dir)
+    assert cache_file.is_file()
+    assert cache_file.is_relative_to(user_cache_dir())
+    hashed.clear()
+    Atlas.open(atlas_dir)
+    assert hashed == []  # every file unchanged: no hashing
+    sae = atlas_dir / "sae.safetensors"
+    st = sae.stat()
+    sae.write_bytes(sae.read_bytes()[::-1])  # same size ...
+    os.utime(sae, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and mtime set back: ctime still moved
+    with pytest.raises(AtlasError, match="hash differs"):
+        Atlas.open(atlas_dir)
+    assert hashed == ["sae.safetensors"]
+    sae.write_bytes(sae.read_bytes()[::-1])
+    cache_file.write_text("{torn")  # a broken cache is ignored, never an error
+    Atlas.open(atlas_dir)
+    assert json.loads(cache_file.read_text())["format"] == "insight-verification-cache"
+    hashed.clear()
+    Atlas.open(atlas_dir, cache=False)
+    assert len(hashed) == 3
 
 
 def test_schema_mismatch_and_foreign_manifest(atlas_dir: Path, tmp_path: Path) -> None:
@@ -85,8 +211,9 @@ def test_atlas_from_before_stage_records_still_opens(atlas_dir: Path) -> None:
     """Schema-1 atlases written before stage records (no ``stages/``, per-stage stamp files) open as is."""
     manifest = write_manifest(atlas_dir)
     legacy = {**manifest, "stages": {"train-sae": "0123abcd", "stats": "4567ef01", "index": "89ab"}}
+    del legacy[CHECKSUM_KEY]  # written before manifests had a checksum
     (atlas_dir / "manifest.json").write_text(json.dumps(legacy))
     (atlas_dir / "stats" / "input_fingerprint.json").write_text('"4567ef01"')
-    atlas = Atlas.open(atlas_dir, verify_hashes=True)
+    atlas = Atlas.open(atlas_dir, verify="all")
     assert atlas.layout.stage_records() == {}
     assert atlas.path("stats") == atlas.layout.stats_tensors
