@@ -3,6 +3,7 @@ exemplar galleries with heatmaps and "more like this" from the exemplar index.""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,10 @@ from PIL import Image
 
 from app import html as H
 from app.state import AppError, AppState
+from insight_core.data.images import load_image
+from insight_core.errors import InsightError
+
+log = logging.getLogger(__name__)
 
 THUMB_GRID = 14
 
@@ -121,11 +126,14 @@ def exemplars(state: AppState, cid: int, max_images: int = 8) -> list[dict]:
 
 def thumbnail(state: AppState, image_id: int) -> Image.Image | None:
     """The exemplar thumbnail of an image (None when the atlas has none)."""
-    path = state.atlas.layout.thumb(image_id)
-    if not path.is_file():
+    path = state.thumb_path(image_id)  # None unless listed in the manifest and hash-verified
+    if path is None:
         return None
-    with Image.open(path) as im:
-        img = im.convert("RGB")
+    try:
+        img = load_image(path)
+    except InsightError as err:  # a listed but undecodable file: no thumbnail, the page still renders
+        log.warning("thumbnail %s not shown: %s", path, err)
+        return None
     if state.thumb_resize == "crop":  # features saw the centre square only
         s = min(img.size)
         left, top = (img.width - s) // 2, (img.height - s) // 2

@@ -1,8 +1,11 @@
 """Everything the app reads, loaded once: atlas tables, backbone, pooling, SAE, indexes, captioner.
 
 The app reads only the atlas (a local folder or a Hub repo id) and the backbone its manifest names.
-Optional parts (indexes, thumbnails, captioner) degrade gracefully: :class:`AppState` records what is
-missing so each view can say so instead of failing.
+An atlas is untrusted input: ``Atlas.open`` first checks the SHA-256 of every file read here against
+the manifest, files are reached only through ``Atlas.read_path`` / ``member`` / ``member_dir`` (which
+refuse unverified or unlisted files), and any failure while parsing one becomes a single
+``AtlasError`` naming the file. Optional parts (indexes, thumbnails, captioner) degrade gracefully:
+:class:`AppState` records what is missing so each view can say so instead of failing.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from insight_core.atlas import Atlas, AtlasError
+from insight_core.atlas import Atlas, AtlasError, reading
 from insight_core.atlas.hub import resolve_atlas
 from insight_core.concepts.families import Families
 from insight_core.errors import InsightError
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 
 ENV_ATLAS = "INSIGHT_ATLAS"
 DEFAULT_ATLAS = "demo_atlas"
+CONCEPT_COLUMNS = ("id", "name", "name_score", "name_pos", "top_names", "top_scores", "top_pos", "group",
+                   "freq_patches", "frequency", "freq_images", "mean_activation")  # fmt: skip
+"""Columns of concepts.parquet the views read (a table without them is refused on load)."""
 
 
 class AppError(InsightError):
@@ -79,6 +85,10 @@ class AppState:
     def group_of(self, cid: int) -> int:
         return int(np.searchsorted(np.asarray(self.group_ends), int(cid), side="right"))
 
+    def thumb_path(self, image_id: int) -> Path | None:
+        """The verified thumbnail of an image, or None (none in the atlas, or not in its manifest)."""
+        return self.atlas.member("thumbs", self.atlas.layout.thumb(int(image_id)))
+
     def check_id(self, cid: Any) -> int:
         """A valid concept id from user input, else :class:`AppError` naming it."""
         try:
@@ -99,15 +109,21 @@ def atlas_location(cli_value: str | None) -> str:
 
 def _backbone(atlas: Atlas) -> tuple[ClipBackbone, Dinoiser]:
     bb = atlas.backbone
+    manifest = atlas.layout.manifest
     if not bb.get("arch"):
-        raise AtlasError(f"{atlas.layout.manifest}: no backbone block; rebuild with `precompute build`")
-    resize = bb.get("resize") or "squash"
-    backbone = ClipBackbone(
-        BackboneConfig(
-            arch=bb["arch"], pretrained=bb.get("pretrained") or "openai", device="auto", resize=resize
+        raise AtlasError(f"{manifest}: no backbone block; rebuild with `insight build`")
+    try:
+        resize = bb.get("resize") or "squash"
+        backbone = ClipBackbone(
+            BackboneConfig(
+                arch=bb["arch"], pretrained=bb.get("pretrained") or "openai", device="auto", resize=resize
+            )
         )
-    )
-    if bb.get("embed_dim") and int(bb["embed_dim"]) != backbone.embed_dim:
+    except InsightError:  # e.g. weights not downloadable: the message says what to do
+        raise
+    except Exception as err:  # a backbone block no open_clip model matches
+        raise AtlasError(f"{manifest}: backbone {bb} cannot be built ({type(err).__name__}: {err})") from err
+    if bb.get("embed_dim") and bb["embed_dim"] != backbone.embed_dim:
         raise AtlasError(
             f"{atlas.root}: manifest embed_dim {bb['embed_dim']} but {bb['arch']} gives {backbone.embed_dim}"
         )
@@ -117,22 +133,40 @@ def _backbone(atlas: Atlas) -> tuple[ClipBackbone, Dinoiser]:
             raise AtlasError(
                 f"{atlas.root}: features were pooled with a DINOiser head, but the atlas has none"
             )
-        pool = Dinoiser.load(atlas.path("dinoiser"))
+        path = atlas.read_path("dinoiser")
+        with reading(path, "DINOiser head"):
+            pool = Dinoiser.load(path)
     else:
-        pool = Dinoiser(mode=pool_mode)
+        with reading(manifest, f"backbone block (pool {pool_mode!r})"):
+            pool = Dinoiser(mode=pool_mode)
     return backbone, pool.eval()
 
 
-def _read_parquet(atlas: Atlas, role: str) -> pd.DataFrame:
-    try:
-        return pd.read_parquet(atlas.path(role))
-    except (OSError, ValueError) as err:
-        raise AtlasError(f"{atlas.path(role)}: unreadable parquet ({err})") from err
+def _read_parquet(atlas: Atlas, role: str, columns: tuple[str, ...]) -> pd.DataFrame:
+    path = atlas.read_path(role)
+    with reading(path, "parquet table"):
+        df = pd.read_parquet(path)
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise AtlasError(f"{path}: columns {missing} missing (has {list(df.columns)})")
+    return df
+
+
+def _read_json_object(atlas: Atlas, role: str) -> dict:
+    path = atlas.read_path(role)
+    with reading(path, "JSON"):
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    if not isinstance(doc, dict):
+        raise AtlasError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 def _concepts(atlas: Atlas, m: int) -> pd.DataFrame:
-    df = _read_parquet(atlas, "concepts").set_index("id", drop=False).sort_index()
-    if len(df) != m or not np.array_equal(df.index.to_numpy(), np.arange(m)):
+    df = _read_parquet(atlas, "concepts", CONCEPT_COLUMNS)
+    with reading(atlas.path("concepts"), "concept table"):
+        df = df.set_index("id", drop=False).sort_index()
+        ids_ok = len(df) == m and np.array_equal(df.index.to_numpy(), np.arange(m))
+    if not ids_ok:
         raise AtlasError(
             f"{atlas.path('concepts')}: {len(df)} concepts with ids not 0..{m - 1} (SAE has {m})"
         )
@@ -140,45 +174,75 @@ def _concepts(atlas: Atlas, m: int) -> pd.DataFrame:
 
 
 def _families(atlas: Atlas, m: int) -> Families:
-    edges = _read_parquet(atlas, "edges")
-    return Families.from_arrays(m, edges["parent"].to_numpy(), edges["child"].to_numpy(),
-                                edges["confidence"].to_numpy())  # fmt: skip
+    edges = _read_parquet(atlas, "edges", ("parent", "child", "confidence"))
+    with reading(atlas.path("edges"), "family edges"):
+        return Families.from_arrays(m, edges["parent"].to_numpy(), edges["child"].to_numpy(),
+                                    edges["confidence"].to_numpy())  # fmt: skip
+
+
+def _faiss(atlas: Atlas, role: str, ntotal: int, d: int) -> Any:
+    """A FAISS index, read only after its SHA-256 matched (``read_path``), checked against the atlas."""
+    from insight_core.concepts.index import load_index  # faiss import is slow; only when needed
+
+    path = atlas.read_path(role)
+    with reading(path, "FAISS index"):
+        index = load_index(path)
+    if (int(index.ntotal), int(index.d)) != (ntotal, d):
+        raise AtlasError(
+            f"{path}: index holds {index.ntotal} vectors of dimension {index.d}, expected {ntotal} x {d}"
+        )
+    return index
 
 
 def _indexes(state: AppState) -> None:
-    from insight_core.concepts.index import (
-        load_index,  # faiss import is slow; only when the atlas has indexes
-    )
-
-    atlas = state.atlas
+    atlas, m, d = state.atlas, state.m, state.backbone.embed_dim
     if atlas.has("concept_index"):
-        state.concept_index = load_index(atlas.path("concept_index"))
+        state.concept_index = _faiss(atlas, "concept_index", m, d)
     if atlas.has("concept_vectors"):
         from safetensors.numpy import load_file
 
-        state.concept_vectors_md = load_file(str(atlas.path("concept_vectors")))["vectors_md"]
+        path = atlas.read_path("concept_vectors")
+        with reading(path, "concept vectors"):
+            vectors = load_file(str(path))["vectors_md"]
+        if vectors.shape != (m, d):
+            raise AtlasError(f"{path}: vectors_md has shape {vectors.shape}, expected ({m}, {d})")
+        state.concept_vectors_md = vectors
     if atlas.has("exemplar_index") and atlas.has("exemplars"):
-        state.exemplar_index = load_index(atlas.path("exemplar_index"))
-        state.exemplars = _read_parquet(atlas, "exemplars")
+        exemplars = _read_parquet(atlas, "exemplars", ("concept", "rank", "image_id", "patch", "activation"))
+        concept = exemplars["concept"].to_numpy()
+        if len(concept) and (concept.min() < 0 or concept.max() >= m):
+            raise AtlasError(f"{atlas.path('exemplars')}: concept ids outside 0..{m - 1}")
+        state.exemplar_index = _faiss(atlas, "exemplar_index", len(exemplars), d)
+        state.exemplars = exemplars
     if atlas.has("thumbnails"):
-        state.thumbs = json.loads(atlas.path("thumbnails").read_text())
+        state.thumbs = _read_json_object(atlas, "thumbnails")
     if atlas.has("index_meta"):
-        meta = json.loads(atlas.path("index_meta").read_text())
-        state.thumb_resize = meta.get("thumbs", {}).get("resize", "squash")
+        thumbs_meta = _read_json_object(atlas, "index_meta").get("thumbs", {})
+        resize = thumbs_meta.get("resize", "squash") if isinstance(thumbs_meta, dict) else "squash"
+        state.thumb_resize = resize if resize in ("squash", "crop") else "squash"
 
 
 def _captioner(state: AppState) -> None:
-    layout = state.atlas.layout.captioner
-    if not layout.config.is_file():
+    atlas = state.atlas
+    layout = atlas.layout.captioner
+    if not atlas.has("captioner"):
         state.captioner_note = (
-            "This atlas has no captioner (build one with `python -m precompute captioner`)."
+            "This atlas has no captioner (build one with `insight captioner`)."
+            if not layout.config.is_file()
+            else f"{layout.config}: the captioner is not listed in the atlas manifest, so it is untrusted "
+            "and not loaded; rewrite the manifest with `insight manifest --atlas ...` if you built it"
         )
         return
     from insight_core.concepts.steering import ConceptNames, Steerer
     from insight_core.models.captioner import SteerableCaptioner
 
     try:
-        cap = SteerableCaptioner.load(layout.root, state.sae)
+        atlas.read_path("captioner")
+        atlas.read_path("captioner_adapter")
+        if layout.lm_dir.exists():  # the bundled LM is read as a folder: every file must be listed
+            atlas.member_dir("captioner_lm")
+        with reading(layout.root, "captioner"):
+            cap = SteerableCaptioner.load(layout.root, state.sae)
     except InsightError as err:  # a broken captioner must not take the rest of the app down
         log.error("captioner not loaded: %s", err)
         state.captioner_note = f"The atlas captioner could not be loaded: {err}"
@@ -199,9 +263,11 @@ def load_state(location: str | Path) -> AppState:
         Missing or incompatible atlas, backbone weights unavailable, or a corrupt file.
     """
     root = resolve_atlas(str(location))
-    atlas = Atlas.open(root)
+    atlas = Atlas.open(root)  # SHA-256 of every file read below (cached per file identity)
     backbone, pool = _backbone(atlas)
-    sae = MatryoshkaSAE.load(atlas.path("sae")).eval()
+    sae_path = atlas.read_path("sae")
+    with reading(sae_path, "SAE checkpoint"):
+        sae = MatryoshkaSAE.load(sae_path).eval()
     if sae.cfg.d_in != backbone.embed_dim:
         raise AtlasError(
             f"{atlas.root}: SAE input dimension {sae.cfg.d_in} does not match the backbone "

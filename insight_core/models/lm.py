@@ -26,12 +26,13 @@ def load_lm(name_or_dir: str) -> tuple[Any, Any]:
     CheckpointError
         The name cannot be resolved (hub unreachable, unknown name, missing/corrupt files).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy import, only when needed
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
         lm = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # SafetensorError: corrupt weights
         raise CheckpointError(
             f"lm={name_or_dir!r}: could not load a causal LM + tokenizer ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); pass a Hugging Face hub name reachable "

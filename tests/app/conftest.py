@@ -55,6 +55,7 @@ def _train_captioner(atlas: Path, work: Path) -> None:
 @pytest.fixture(scope="session")
 def app_atlas(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete demo atlas (random-init backbone, 6 example photos) plus a tiny captioner."""
+    from insight_core.atlas import write_manifest
     from insight_core.atlas.layout import AtlasLayout
     from precompute import demo
 
@@ -74,6 +75,7 @@ def app_atlas(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
         torch.set_num_threads(1)  # tiny models train faster on one thread
         _train_captioner(root, root.parent / "atlas-work")
+        write_manifest(root)  # list the captioner (and its LM files): the app reads only listed files
     finally:
         torch.set_num_threads(n)
     return root
