@@ -155,3 +155,16 @@ def test_end_to_end(page, app_state) -> None:
         page.locator("#captions .insight-caption-diff ins, #captions .insight-caption-diff del").count() >= 1
     )
     page.screenshot(path=str(ARTIFACTS / "5_steered.png"), full_page=True)
+
+
+def test_family_dag_download(page) -> None:
+    """The Families tab's button offers the whole DAG as GraphML and GEXF files."""
+    page.get_by_role("tab", name="Families").click()
+    page.locator("#family-export-btn").click()
+    page.locator("#family-export a").first.wait_for()
+    text = "".join(page.locator("#family-export").inner_text().split())  # the name is split over lines
+    assert "families.graphml" in text, text
+    assert "families.gexf" in text, text
+    assert page.locator("#family-export a").count() == 2
+    page.locator("#family-export").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "6_family_download.png"), full_page=True)
