@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-atlas demo-planted test lint bench clean
+.PHONY: setup setup-gpu demo demo-atlas demo-planted test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# CUDA machines: the same environment with the official faiss-gpu wheel instead of faiss-cpu
+setup-gpu: | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	-$(BIN)/python -m pip uninstall -q -y faiss-cpu
+	$(BIN)/python -m pip install -q -r requirements-gpu.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
 
 demo: $(STAMP)
 	$(BIN)/python app.py

@@ -2,38 +2,16 @@
 
     python app.py [--atlas PATH_OR_HUB_REPO] [--host 0.0.0.0] [--port 7860]
 
-The atlas comes from --atlas, else $INSIGHT_ATLAS, else ./demo_atlas (built first with
-``precompute demo`` when missing). See docs/app.md.
+Same as the ``insight-app`` console script (:mod:`app.cli`). The atlas comes from --atlas, else
+$INSIGHT_ATLAS, else ./demo_atlas (built first with ``insight demo`` when missing). Spaces run this
+file with $GRADIO_SERVER_NAME / $GRADIO_SERVER_PORT set. See docs/app.md and docs/spaces.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import sys
 
-from app.server import create_demo, ensure_demo_atlas, launch
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="INSIGHT concept explorer (Gradio)")
-    parser.add_argument(
-        "--atlas", default=None, help="atlas folder or Hub repo id (default: $INSIGHT_ATLAS or ./demo_atlas)"
-    )
-    parser.add_argument(
-        "--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="interface to bind (0.0.0.0 for all)"
-    )
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    location = ensure_demo_atlas(args.atlas, dict(os.environ))
-    demo, _ = create_demo(location)
-    launch(demo, args.host, args.port)
-    return 0
-
+from app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

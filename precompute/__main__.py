@@ -1,10 +1,11 @@
-"""``python -m precompute <stage>``: one subcommand per pipeline stage."""
+"""``insight <stage>`` (console script) or ``python -m precompute <stage>``: one subcommand per stage."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import tyro
@@ -22,6 +23,7 @@ from precompute import (
     index,
     manifest,
     name,
+    space_readme,
     stats,
     synth,
     train_adapter,
@@ -46,6 +48,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "export-graph": (export_graph.ExportGraphJob, export_graph.run),
     "push": (hub.PushJob, hub.run_push),
     "pull": (hub.PullJob, hub.run_pull),
+    "space-readme": (space_readme.SpaceReadmeJob, space_readme.run),
     "synth": (synth.SynthJob, synth.run_synth),
     "eval-synth": (synth.EvalSynthJob, synth.run_eval_synth),
     "demo": (demo.DemoJob, demo.run),
@@ -54,10 +57,16 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
 }
 
 
+def prog_name(argv0: str | None = None) -> str:
+    """How the user called us: ``insight`` (console script) or ``python -m precompute``."""
+    name = Path(argv0 if argv0 is not None else sys.argv[0]).name
+    return name if name.startswith("insight") else "python -m precompute"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the subcommand, run it; input errors print one clear line and exit with status 2."""
     job = tyro.extras.subcommand_cli_from_dict(
-        {name: cls for name, (cls, _) in STAGES.items()}, prog="python -m precompute", args=argv
+        {name: cls for name, (cls, _) in STAGES.items()}, prog=prog_name(), args=argv
     )
     setup_logging()
     runner = next(fn for cls, fn in STAGES.values() if isinstance(job, cls))

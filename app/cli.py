@@ -1,0 +1,58 @@
+"""Command line of the explorer: ``insight-app`` (console script) and ``python app.py`` (Spaces).
+
+    insight-app [--atlas PATH_OR_HUB_REPO] [--host 0.0.0.0] [--port 7860]
+
+The atlas comes from --atlas, else $INSIGHT_ATLAS, else ./demo_atlas (built first with
+``insight demo`` when missing). Host and port default to $GRADIO_SERVER_NAME and
+$GRADIO_SERVER_PORT, which is how Hugging Face Spaces starts the app. See docs/app.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from app.server import create_demo, ensure_demo_atlas, launch
+from insight_core.atlas.spaces import preload_hint
+
+log = logging.getLogger(__name__)
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+"""The Space configuration (front matter) when the app runs as a Hugging Face Space."""
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="insight-app", description="INSIGHT concept explorer (Gradio)")
+    ap.add_argument(
+        "--atlas", default=None, help="atlas folder or Hub repo id (default: $INSIGHT_ATLAS or ./demo_atlas)"
+    )
+    ap.add_argument(
+        "--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="interface to bind (0.0.0.0 for all)"
+    )
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    return ap
+
+
+def spaces_hint(location: str, env: Mapping[str, str], readme: Path = README) -> str | None:
+    """On a Space ($SPACE_ID set): how to preload the atlas at build time, if the README does not."""
+    if not env.get("SPACE_ID") or not readme.is_file():
+        return None
+    return preload_hint(readme.read_text(encoding="utf-8"), location)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, resolve (or build) the atlas, serve until interrupted."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    location = ensure_demo_atlas(args.atlas, dict(os.environ))
+    hint = spaces_hint(location, os.environ)
+    if hint:
+        log.warning("%s", hint)
+    demo, _ = create_demo(location)
+    launch(demo, args.host, args.port)
+    return 0
