@@ -43,6 +43,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/captioner.py --threads 2
 	$(BIN)/python benchmarks/app.py
+	$(BIN)/python benchmarks/families.py --before HEAD
+	$(BIN)/python benchmarks/atlas_open.py
 
 clean:
 	rm -rf $(VENV) demo_atlas demo_atlas-work demo_planted .pytest_cache .ruff_cache

@@ -100,8 +100,9 @@ def family_graph(
         }
         name = cols.get("name")
         attrs["name"] = attrs["label"] = _text(name[i]) if name is not None else f"#{i}"
-        if cols.get("top_names") is not None:
-            alts = cols["top_names"][i]
+        top_names = cols.get("top_names")
+        if top_names is not None:
+            alts = top_names[i]
             attrs["alt_names"] = "; ".join(_text(a) for a in (alts if alts is not None else []))
         for key in (*_NUMERIC, *_TEXT):
             col = cols.get(key)
