@@ -9,20 +9,30 @@
 from insight_core.atlas.layout import (
     ATLAS_FILES,
     MANIFEST,
+    PROBE_FILES,
     REQUIRED_ROLES,
     AtlasLayout,
     CaptionerLayout,
     FeaturesLayout,
+    ProbeLayout,
     SynthLayout,
     WorldLayout,
 )
-from insight_core.atlas.manifest import ATLAS_FORMAT, SCHEMA_VERSION, Atlas, AtlasError, write_manifest
+from insight_core.atlas.manifest import (
+    ATLAS_FORMAT,
+    SCHEMA_VERSION,
+    Atlas,
+    AtlasError,
+    register_probes,
+    write_manifest,
+)
 from insight_core.atlas.records import StageRecord, fingerprint, read_json_dict
 
 __all__ = [
     "ATLAS_FILES",
     "ATLAS_FORMAT",
     "MANIFEST",
+    "PROBE_FILES",
     "REQUIRED_ROLES",
     "SCHEMA_VERSION",
     "Atlas",
@@ -30,10 +40,12 @@ __all__ = [
     "AtlasLayout",
     "CaptionerLayout",
     "FeaturesLayout",
+    "ProbeLayout",
     "StageRecord",
     "SynthLayout",
     "WorldLayout",
     "fingerprint",
     "read_json_dict",
+    "register_probes",
     "write_manifest",
 ]

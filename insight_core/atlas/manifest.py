@@ -17,8 +17,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from insight_core.atlas.layout import ATLAS_FILES, MANIFEST, REQUIRED_ROLES, AtlasLayout
-from insight_core.errors import CheckpointError
+from insight_core.atlas.layout import (
+    ATLAS_FILES,
+    MANIFEST,
+    PROBE_FILES,
+    REQUIRED_ROLES,
+    AtlasLayout,
+    ProbeLayout,
+    check_name,
+)
+from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json
 
 log = logging.getLogger(__name__)
@@ -55,7 +63,7 @@ def write_manifest(
     for role in ATLAS_FILES:
         path = layout.file(role)
         if path.is_file():
-            files[role] = {"path": layout.rel(path), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[role] = _file_entry(layout, path)
     missing = [r for r in REQUIRED_ROLES if r not in files]
     if missing:
         raise AtlasError(
@@ -71,7 +79,55 @@ def write_manifest(
         "counts": _counts(layout),
         "stages": {name: rec.read().get("input_fingerprint") for name, rec in layout.stage_records().items()},
         "files": files,
+        "probes": _probes(layout),
         **(extra or {}),
+    }
+    write_json(layout.manifest, manifest)
+    return manifest
+
+
+def _file_entry(layout: AtlasLayout, path: Path) -> dict[str, Any]:
+    return {"path": layout.rel(path), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _probes(layout: AtlasLayout) -> dict[str, dict[str, Any]]:
+    """The ``probes`` block: every complete probe folder, its files (by role) and a summary."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in layout.probe_names():
+        probe = layout.probe_layout(name)
+        config = _read_json(probe.config)
+        metrics = _read_json(probe.metrics)
+        if not isinstance(config, dict) or not isinstance(metrics, dict):
+            raise AtlasError(f"{probe.root}: config.json and metrics.json must be JSON objects")
+        held = metrics.get("held_out", {}) if isinstance(metrics.get("held_out"), dict) else {}
+        out[name] = {
+            "n_classes": len(config.get("classes", [])),
+            "pooling": config.get("pooling"),
+            "codes": config.get("codes"),
+            "description": config.get("description", ""),
+            "top1": held.get("top1"),
+            "top5": held.get("top5"),
+            "files": {role: _file_entry(layout, probe.file(role)) for role in PROBE_FILES},
+        }
+    return out
+
+
+def register_probes(root: str | Path) -> dict[str, Any] | None:
+    """Rewrite only the ``probes`` block (and stage fingerprints) of an existing manifest.
+
+    Called by the probe stage after it wrote ``probes/NAME/``; hashes only the probe files. Returns
+    the new manifest, or None when the atlas has no manifest yet (``write_manifest`` lists the
+    probes when it is written).
+    """
+    layout = AtlasLayout(Path(root))
+    if not layout.manifest.is_file():
+        return None
+    manifest = _read_json(layout.manifest)
+    if not isinstance(manifest, dict) or manifest.get("format") != ATLAS_FORMAT:
+        raise AtlasError(f"{layout.manifest}: not an INSIGHT atlas manifest")
+    manifest["probes"] = _probes(layout)
+    manifest["stages"] = {
+        name: rec.read().get("input_fingerprint") for name, rec in layout.stage_records().items()
     }
     write_json(layout.manifest, manifest)
     return manifest
@@ -139,6 +195,11 @@ class Atlas:
                 )
         for role, entry in files.items():
             _check_file(root, role, entry, verify_hashes)
+        probes = manifest.get("probes", {})
+        if not isinstance(probes, dict):
+            raise AtlasError(f"{manifest_path}: 'probes' must be an object of probe name -> entry")
+        for name, entry in probes.items():
+            _check_probe(root, name, entry, verify_hashes)
         return cls(root=root, manifest=manifest)
 
     def path(self, role: str) -> Path:
@@ -155,6 +216,18 @@ class Atlas:
         return role in self.manifest["files"]
 
     @property
+    def probes(self) -> dict[str, dict[str, Any]]:
+        """The probes the manifest lists: name -> summary and files (see docs/atlas.md)."""
+        return dict(self.manifest.get("probes", {}))
+
+    def probe_layout(self, name: str) -> ProbeLayout:
+        """The files of a listed probe; :class:`AtlasError` naming the known ones otherwise."""
+        if name not in self.probes:
+            known = ", ".join(sorted(self.probes)) or "none"
+            raise AtlasError(f"{self.root}: no probe named {name!r} in the manifest (probes: {known})")
+        return self.layout.probe_layout(name)
+
+    @property
     def backbone(self) -> dict[str, Any]:
         return self.manifest.get("backbone", {})
 
@@ -162,6 +235,30 @@ class Atlas:
     def random_weights(self) -> bool:
         """True when the atlas was built on a random-init backbone (its concepts carry no semantics)."""
         return bool(self.backbone.get("random_weights", False))
+
+
+def _check_probe(root: Path, name: str, entry: Any, verify_hashes: bool) -> None:
+    try:
+        check_name(name, "probe name")
+    except ConfigError as err:
+        raise AtlasError(f"{root / MANIFEST}: {err}") from None
+    files = entry.get("files") if isinstance(entry, dict) else None
+    if not isinstance(files, dict):
+        files = {}
+    missing = [role for role in PROBE_FILES if role not in files]
+    if missing:
+        raise AtlasError(
+            f"{root / MANIFEST}: probe {name!r} lists no {missing} file(s); rerun "
+            f"`python -m precompute probe ... --name {name}` or `python -m precompute manifest`"
+        )
+    expected = AtlasLayout(root).probe_layout(name)
+    for role, file_entry in files.items():
+        if role in PROBE_FILES and root / file_entry.get("path", "") != expected.file(role):
+            raise AtlasError(
+                f"{root / MANIFEST}: probe {name!r} {role} file is {file_entry.get('path')!r}, "
+                f"expected {AtlasLayout(root).rel(expected.file(role))!r}"
+            )
+        _check_file(root, f"probe {name} {role}", file_entry, verify_hashes)
 
 
 def _check_file(root: Path, role: str, entry: dict, verify_hashes: bool) -> None:
