@@ -13,6 +13,7 @@ from insight_core.errors import InsightError
 from precompute import (
     build,
     captioner,
+    classify,
     demo,
     demo_planted,
     extract,
@@ -21,6 +22,7 @@ from precompute import (
     index,
     manifest,
     name,
+    probe,
     stats,
     synth,
     train_adapter,
@@ -49,6 +51,8 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "demo": (demo.DemoJob, demo.run),
     "demo-planted": (demo_planted.PlantedDemoJob, demo_planted.run),
     "captioner": (captioner.CaptionerJob, captioner.run),
+    "probe": (probe.ProbeJob, probe.run),
+    "classify": (classify.ClassifyJob, classify.run),
 }
 
 
