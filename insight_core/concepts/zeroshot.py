@@ -78,12 +78,14 @@ def zero_shot(
     dev = sae.W_dec_md.device
     z_pm = codes_pm.to(dev, torch.float32)
     t_ld = torch.nn.functional.normalize(text_ld.to(dev, torch.float32), dim=1)
-    recon_pd = sae.decode(z_pm)
+    active = (z_pm > 0).any(0).nonzero().squeeze(1)  # codes are sparse: decode the active rows only
+    z_pa, w_ad = z_pm[:, active], sae.W_dec_md[active]
+    recon_pd = z_pa @ w_ad + sae.b_dec_d
     inv_norm_p = 1.0 / recon_pd.norm(dim=1).clamp_min(1e-12)
     n_p = z_pm.shape[0]
-    weights_m = (z_pm * inv_norm_p[:, None]).sum(0) / n_p
-    active = (weights_m > 0).nonzero().squeeze(1)
-    dots_ml = sae.W_dec_md[active] @ t_ld.t()
+    weights_m = torch.zeros(z_pm.shape[1], dtype=torch.float32, device=dev)
+    weights_m[active] = (z_pa * inv_norm_p[:, None]).sum(0) / n_p
+    dots_ml = w_ad @ t_ld.t()
     bias_l = inv_norm_p.mean() * (sae.b_dec_d @ t_ld.t())
     maps_lp = (recon_pd @ t_ld.t() * inv_norm_p[:, None]).t()
     scores_l = maps_lp.mean(1)
@@ -95,5 +97,5 @@ def zero_shot(
         active=active.cpu().numpy(),
         bias_l=bias_l.double().cpu().numpy(),
         maps_lp=maps_lp.float().cpu().numpy(),
-        max_m=z_pm[:, active].amax(0).double().cpu().numpy() if n_p else np.zeros(0),
+        max_m=z_pa.amax(0).double().cpu().numpy() if n_p else np.zeros(0),
     )
