@@ -219,12 +219,14 @@ def api_doc(state: AppState, result: Classification, label: str | None = None, k
 
 # -------------------------------------------------------------------------------------- views
 def contribution_figure(doc: dict[str, Any]) -> go.Figure:
-    """Horizontal bars of the top contributions to the explained class (positive green, negative red)."""
+    """Horizontal bars of the top contributions to the explained class (positive green, negative red).
+
+    Plotly renders a subset of HTML in titles and tick labels, so names and labels are escaped."""
     rows = list(reversed(doc["concepts"]))  # plotly draws the first bar at the bottom
     fig = go.Figure(
         go.Bar(
             x=[c["contribution"] for c in rows],
-            y=[f"#{c['id']} {c['name']}" for c in rows],
+            y=[f"#{c['id']} {H.esc(c['name'])}" for c in rows],
             orientation="h",
             marker_color=["#16a34a" if c["contribution"] >= 0 else "#dc2626" for c in rows],
             customdata=[[100 * c["share"], c["activation"]] for c in rows],
@@ -233,7 +235,7 @@ def contribution_figure(doc: dict[str, Any]) -> go.Figure:
         )
     )
     fig.update_layout(
-        title=f"Concept contributions to '{doc['class']}' (score {doc['score']:.3f})",
+        title=f"Concept contributions to '{H.esc(doc['class'])}' (score {doc['score']:.3f})",
         xaxis_title="contribution to the score",
         height=max(260, 34 * len(rows) + 110),
         margin={"l": 10, "r": 10, "t": 50, "b": 40},

@@ -82,6 +82,7 @@ def test_zero_shot_labels_are_explained_and_escaped(app_state, explained) -> Non
     assert "<script>" not in page
     assert "&lt;script&gt;" in page
     assert len(K.heatmaps(app_state, result, doc)) == 1 + len(doc["maps"])  # the label's match map first
+    assert "<script>" not in K.contribution_figure(doc).layout.title.text  # plotly renders some HTML
     again = K.classify(
         app_state, expl, K.ZERO_SHOT, "bird, sandy beach, a <script>x</script>"
     )  # cached labels
