@@ -128,3 +128,23 @@ def test_pool_features_rejects_bad_inputs(sae: MatryoshkaSAE, tmp_path: Path) ->
     np.save(tmp_path / "f" / "shard_00000.npy", np.zeros((2, 9, 8), np.float16))
     with pytest.raises(ConfigError, match="d_in=16"):
         pool_features(sae, scan_features(tmp_path / "f"), progress=False)
+
+
+@pytest.mark.gpu
+def test_pooling_and_probe_training_on_cuda_match_cpu(sae: MatryoshkaSAE, tmp_path: Path) -> None:
+    from insight_core.models.probe import ProbeConfig
+    from insight_core.training.probe import ProbeTrainConfig, train_probe
+
+    _write_features(tmp_path / "f", seed=3, sizes=(5, 6))
+    feats = scan_features(tmp_path / "f")
+    cpu = pool_features(sae, feats, progress=False)
+    gpu = pool_features(sae.to("cuda"), feats, images_per_batch=4, progress=False)
+    assert gpu.device.type == "cpu"  # results come back to the CPU
+    torch.testing.assert_close(gpu.batch(None), cpu.batch(None), rtol=1e-4, atol=1e-5)
+    y = np.arange(cpu.n) % 2
+    rows = np.arange(cpu.n)
+    cfg = ProbeTrainConfig(lr=1e-2, batch_size=4, epochs=3)
+    res = train_probe(cpu, (rows, y), (rows, y), ["a", "b"], ProbeConfig(sae.cfg.dict_size, 2), cfg,
+                      device="cuda", progress=False)  # fmt: skip
+    assert res.probe.weight_cf.device.type == "cpu"
+    assert len(res.history) == 3
