@@ -23,14 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from insight_core.atlas.records import fingerprint
 from insight_core.data.features import FeatureFile, FeatureSet
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError
-from insight_core.io import write_safetensors
+from insight_core.io import read_safetensors, write_safetensors
 from insight_core.models.probe import CODES, POOLINGS, check_codes, check_pooling, n_features
 from insight_core.models.sae import MatryoshkaSAE
 
@@ -207,15 +205,8 @@ class PooledConcepts:
 
     @classmethod
     def load(cls, path: str | Path) -> PooledConcepts:
-        from safetensors import safe_open
-
         path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"cannot read pooled concepts {path}: {err}") from err
+        tensors, meta = read_safetensors(path, "pooled concepts")
         if meta.get("format") != _CACHE_FORMAT or meta.get("version") != str(_CACHE_VERSION):
             raise CheckpointError(f"{path}: not a pooled-concepts file (v{_CACHE_VERSION})")
         try:

@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from insight_core.errors import CheckpointError, ConfigError
-from insight_core.io import write_safetensors
+from insight_core.io import read_safetensors, write_safetensors
 
 PROBE_FORMAT = "insight-concept-probe"
 POOLINGS = ("max", "mean", "both")
@@ -159,14 +157,7 @@ class ConceptProbe(nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ConceptProbe:
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"probe weights not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"cannot read probe {path}: {err}") from err
+        tensors, meta = read_safetensors(path, "probe weights")
         if meta.get("format") != PROBE_FORMAT:
             raise CheckpointError(f"{path}: not a concept probe (format {meta.get('format')!r})")
         try:

@@ -4,37 +4,17 @@ $INSIGHT_ARTIFACTS (default tests/app/artifacts/)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path(os.environ.get("INSIGHT_CHROMIUM", "/usr/bin/chromium"))
+from tests.app.test_browser import ARTIFACTS, page  # noqa: F401  (the chromium page fixture)
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "assets" / "examples" / "coco_551780_clock_building.jpg"
-ARTIFACTS = Path(os.environ.get("INSIGHT_ARTIFACTS", Path(__file__).parent / "artifacts"))
-T = 60_000  # ms; a shared 2-core machine can be slow
-
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
-)
-if not CHROMIUM.is_file():
-    pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def page(launched_app: str):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.set_default_timeout(T)
-        pg.goto(launched_app)
-        yield pg
-        browser.close()
 
 
 @pytest.mark.slow
-def test_classify_tab(page) -> None:
+def test_classify_tab(page) -> None:  # noqa: F811  (page: the fixture imported above)
     page.get_by_role("tab", name="Classify").click()
     page.locator("#classify-image input[type=file]").set_input_files(str(EXAMPLE))
     page.locator("#classify-btn").click()
