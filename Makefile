@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/captioner.py --threads 2
+	$(BIN)/python benchmarks/probe.py --threads 2
 	$(BIN)/python benchmarks/app.py
 
 clean:
