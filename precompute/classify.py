@@ -14,9 +14,9 @@ One JSON object per image, in feature order::
 
 ``score`` is the logit; ``contribution`` = probe weight x pooled activation (they add up to the
 logit, plus the bias when the probe has one); ``share`` = contribution / sum of the positive ones;
-families group the evidence by the atlas's concept families (paper Fig. 4). Pooled codes come from
-the same cache as the ``probe`` stage, so classifying the training folder encodes nothing again.
-The file is written atomically (complete or absent).
+families group the evidence by the atlas's concept families (paper Fig. 4); floats have 6
+significant digits. Pooled codes come from the same cache as the ``probe`` stage, so classifying
+the training folder encodes nothing again. The file is written atomically (complete or absent).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def run(job: ClassifyJob) -> dict[str, Any]:
             rec["label"] = truth[row]
             rec["correct"] = rec["prediction"] == truth[row]
             correct += rec["correct"]
-        lines.append(json.dumps(rec))
+        lines.append(json.dumps(_compact(rec)))
     seconds = time.perf_counter() - t0
     atomic_write(job.out, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
     summary: dict[str, Any] = {
@@ -176,3 +176,14 @@ def explain_row(
     if job.top_families > 0:
         rec["families"] = family_breakdown(decision, families, names.__getitem__, job.top_families)
     return rec
+
+
+def _compact(value: Any) -> Any:
+    """Floats to 6 significant digits (a JSONL line per image stays short)."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_compact(v) for v in value]
+    return value

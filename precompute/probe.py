@@ -226,6 +226,10 @@ def _splits(
     train = data.train
     if data.val is not None:
         val_rows = data.val.rows + data.val_offset
+        shared = np.intersect1d(train.rows, val_rows).size
+        if shared:
+            log.warning("%d of the %d validation images are training images too: the validation accuracy "
+                        "measures memorisation for them", shared, len(val_rows))  # fmt: skip
         return (train.rows, train.y), (val_rows, data.val.y), "validation"
     tr, held = stratified_split(train.y, job.held_out_fraction, seed=job.train.seed)
     if len(held) == 0:
