@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/captioner.py --threads 2
+	$(BIN)/python benchmarks/probe.py --threads 2
 	$(BIN)/python benchmarks/app.py
 	$(BIN)/python benchmarks/families.py --before HEAD
 	$(BIN)/python benchmarks/atlas_open.py

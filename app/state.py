@@ -64,6 +64,12 @@ class AppState:
     captioner: Any = None
     steerer: Any = None
     captioner_note: str = ""
+    probes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Classification probes of the atlas by name (``ConceptProbe``; see :mod:`app.classify`)."""
+    probe_info: dict[str, dict] = dataclasses.field(default_factory=dict)
+    """Per probe: its ``config.json`` and held-out metrics summary (description, classes, top-1)."""
+    probe_note: str = ""
+    """Why probes are missing or were not loaded (shown by the Classify tab)."""
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     """Serialises the text encoder (its tokenizer is built lazily and not thread-safe)."""
 
@@ -285,6 +291,9 @@ def load_state(location: str | Path) -> AppState:
     )
     _indexes(state)
     _captioner(state)
+    from app.classify import load_probes  # the Classify tab's loader (app.classify imports this module)
+
+    load_probes(state)
     if state.random_weights:
         log.warning("atlas %s was built on a RANDOM-INIT backbone: concepts carry no semantics", atlas.root)
     log.info("loaded atlas %s: %d concepts, %d edges", atlas.root, m, state.families.n_edges)

@@ -14,7 +14,7 @@ import gradio as gr
 
 from app import html as H
 from app.components import MODEL_EVENT, api_handler, json_default, ui_handler
-from app.tabs import concepts, explain, families, steer
+from app.tabs import classify, concepts, explain, families, steer
 from app.views import Views
 
 
@@ -37,7 +37,8 @@ def build_ui(views: Views, examples: list[str] | None = None) -> gr.Blocks:
             concept_ui = concepts.build(views, n_groups, status)
             family_ui = families.build(views, status)
             steer.build(views, expl_state, status, explain_ui)
-        _wire_links(views, tabs, concept_ui, family_ui, status, explain_ui["links"])
+            classify_ui = classify.build(views, examples or [], status)
+        _wire_links(views, tabs, concept_ui, family_ui, status, explain_ui["links"] + classify_ui["links"])
         _api_endpoints(views)
     return demo
 
@@ -113,6 +114,13 @@ def _api_endpoints(views: Views) -> None:
                 views.api_steer,
                 [image, text],
                 'Steered caption: image, edits JSON {"concept id": scale}',
+                True,
+            ),
+            "classify": (
+                views.api_classify,
+                [image, text, text2, num],
+                "Classify and explain through concepts (image, probe name or 'zero-shot', "
+                "comma-separated zero-shot labels, top_k concepts)",
                 True,
             ),
         }

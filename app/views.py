@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app import classify as K
 from app import concepts as C
 from app import explain as X
 from app import families as F
@@ -71,6 +72,16 @@ class Views:
     def api_caption(self, image: Any) -> dict:
         S.require_captioner(self.s())
         return self.steer(self.explain(image), [])
+
+    def api_classify(self, image: Any, classifier: str = "", labels: str = "", top_k: float = 8) -> dict:
+        """Classify with a probe (``classifier`` = its name) or zero-shot (``labels``, comma-separated;
+        ``classifier`` empty or 'zero-shot') and explain the best class."""
+        state = self.s()
+        choice = (classifier or "").strip()
+        if not choice:
+            choice = K.ZERO_SHOT if (labels or "").strip() or not state.probes else next(iter(state.probes))
+        expl = self.explain(image)
+        return K.api_doc(state, K.classify(state, expl, choice, labels or ""), None, int(top_k))
 
     def api_steer(self, image: Any, edits: str) -> dict:
         S.require_captioner(self.s())

@@ -26,3 +26,7 @@ class CheckpointError(InsightError, ValueError):
 
 class ConfigError(InsightError, ValueError):
     """A configuration value is out of range or inconsistent with other values."""
+
+
+class LabelsError(InsightError, ValueError):
+    """A labels file (image -> class) is unreadable, empty, or names images the features do not have."""

@@ -11,7 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from insight_core.errors import CheckpointError
 
 
 def _umask() -> int:
@@ -74,3 +77,17 @@ def write_npz(path: str | Path, **arrays: Any) -> Path:
             np.savez(f, **arrays)
 
     return atomic_write(path, write)
+
+
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (on CPU) and the metadata of a safetensors file; :class:`CheckpointError` naming the
+    file and ``what`` it should be when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {what} {path}: {err}") from err

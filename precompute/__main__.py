@@ -14,6 +14,7 @@ from insight_core.errors import InsightError
 from precompute import (
     build,
     captioner,
+    classify,
     demo,
     demo_planted,
     export_graph,
@@ -23,6 +24,7 @@ from precompute import (
     index,
     manifest,
     name,
+    probe,
     space_readme,
     stats,
     synth,
@@ -54,6 +56,8 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "demo": (demo.DemoJob, demo.run),
     "demo-planted": (demo_planted.PlantedDemoJob, demo_planted.run),
     "captioner": (captioner.CaptionerJob, captioner.run),
+    "probe": (probe.ProbeJob, probe.run),
+    "classify": (classify.ClassifyJob, classify.run),
 }
 
 

@@ -6,7 +6,9 @@ naming uses the first ``max_words`` words of the shipped vocabulary with one tem
 speech. ``--pretrained auto`` uses OpenAI's CLIP weights when they are cached or the Hub is
 reachable, and otherwise a random-init backbone -- announced loudly, and recorded in the atlas
 manifest so the app shows it. A tiny captioner learns the example photos' COCO captions so that
-caption steering can be tried. Rerunning reuses finished stages.
+caption steering can be tried, and a tiny probe learns the example photos' main COCO objects (from
+their file names) so that the Classify tab has a probe: both are plumbing demos that memorise six
+photos, not models. Rerunning reuses finished stages.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from insight_core.atlas import Atlas, AtlasLayout
 from insight_core.atlas.layout import EXAMPLE_CAPTIONS, EXAMPLES_DIR
 from insight_core.data.images import list_image_files
 from insight_core.errors import ConfigError, ImageLoadError
+from insight_core.io import atomic_write
 from insight_core.models.clip_weights import weights_available
-from precompute import build, captioner
+from insight_core.training.probe import ProbeTrainConfig
+from precompute import build, captioner, probe
 from precompute.common import RANDOM_BANNER
 from precompute.options import BackboneOptions, NamingOptions, SaeOptions, SourceOptions
 
@@ -65,6 +69,9 @@ class DemoJob:
     photos, assets/examples/captions.json): enough to watch captions change when steering concepts."""
     captioner_epochs: int = 60
     """Epochs of the demo captioner."""
+    probe: bool = True
+    """Train the demo probe (needs --examples): the example photos' main objects from their file names
+    (bird, clock, horses, ...), one photo per class, validated on the same photos (a plumbing demo)."""
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'."""
     progress: bool = True
@@ -131,7 +138,7 @@ def run(job: DemoJob) -> Atlas:
         log.warning(RANDOM_BANNER)
     dict_size = job.dict_size or auto_dict_size(n_images)
     log.info("demo atlas: %d photos, %d concepts, k=%d -> %s", n_images, dict_size, job.k, out)
-    atlas = build.run(
+    build.run(
         build.BuildJob(
             atlas=out,
             features=layout.demo_features_dir,
@@ -153,10 +160,55 @@ def run(job: DemoJob) -> Atlas:
             progress=job.progress,
         )
     )
+    if job.probe and job.examples:
+        _train_probe(job, layout, pretrained)
     if job.captioner:
         _train_captioner(job, out, pretrained)
+    atlas = Atlas.open(out)  # reopened: the probe and the captioner listed themselves in the manifest
     print(_summary(atlas, n_images, time.perf_counter() - t0))
     return atlas
+
+
+DEMO_PROBE = "examples"
+"""Name of the demo atlas's probe."""
+
+
+def example_labels() -> list[tuple[str, str]]:
+    """(image id in the demo features, label) of every example photo: ``coco_<id>_<object>_<context>.jpg``
+    -> ``<object>``. The ids are the paths under the demo's image folder (``examples/<file>``)."""
+    out = []
+    for path in list_image_files(EXAMPLES_DIR):
+        parts = path.stem.split("_")
+        label = parts[2] if len(parts) > 2 else path.stem
+        out.append((f"examples/{path.relative_to(EXAMPLES_DIR).as_posix()}", label))
+    return out
+
+
+def _train_probe(job: DemoJob, layout: AtlasLayout, pretrained: str) -> None:
+    """A probe that memorises the example photos' objects (validation = training photos: plumbing only)."""
+    rows = example_labels()
+    text = "image,label\n" + "".join(f"{image},{label}\n" for image, label in rows)
+    if not layout.demo_labels.is_file() or layout.demo_labels.read_text() != text:  # same mtime: no retrain
+        atomic_write(layout.demo_labels, lambda tmp: tmp.write_text(text))
+    note = (
+        f"Plumbing demo: the {len(rows)} example photos, one per class (their main COCO object, from the "
+        "file name), validated on the same photos: it memorises them and is not a classifier."
+    )
+    if pretrained == "none":
+        note += " Built on a random-init backbone."
+    probe.run(
+        probe.ProbeJob(
+            atlas=layout.root,
+            features=layout.demo_features_dir,
+            labels=layout.demo_labels,
+            name=DEMO_PROBE,
+            val_labels=layout.demo_labels,
+            train=ProbeTrainConfig(lr=1e-2, batch_size=len(rows), epochs=100, l1=0.1),
+            description=note,
+            device=job.device,
+            progress=job.progress,
+        )
+    )
 
 
 def _train_captioner(job: DemoJob, out: Path, pretrained: str) -> None:
@@ -195,6 +247,8 @@ def _summary(atlas: Atlas, n_images: int, seconds: float) -> str:
         f"{counts.get('n_edges', '?')} family edges (depth {counts.get('max_depth', '?')})",
         f"  backbone {manifest['backbone'].get('arch')} / {manifest['backbone'].get('pretrained')}",
     ]
+    if atlas.probes:
+        lines.append(f"  classification probes: {', '.join(sorted(atlas.probes))} (Classify tab)")
     if atlas.random_weights:
         lines.append(
             "  RANDOM-INIT BACKBONE: concepts, names and heatmaps carry no semantics (plumbing demo only)"

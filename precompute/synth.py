@@ -18,7 +18,7 @@ import torch
 from insight_core.atlas import AtlasLayout, FeaturesLayout, SynthLayout
 from insight_core.errors import ConfigError
 from insight_core.io import write_json
-from insight_core.models.sae import MatryoshkaSAE, SAEConfig
+from insight_core.models.sae import MatryoshkaSAE
 from insight_core.planted import (
     WorldConfig,
     atom_recovery,
@@ -28,6 +28,7 @@ from insight_core.planted import (
     make_world,
     map_iou,
     name_recovery,
+    oracle_sae,
     sample_images,
     save_world,
     write_feature_shards,
@@ -72,23 +73,6 @@ def run_synth(job: SynthJob) -> dict:
     summary = {"n_atoms": world.n_atoms, "kinds": kinds, "n_images": job.n_images, "n_shards": len(shards)}
     log.info("planted world: %d atoms %s, %d images -> %s", world.n_atoms, kinds, job.n_images, job.out)
     return summary
-
-
-def oracle_sae(world, threshold: float = 0.25) -> MatryoshkaSAE:
-    """The planted atoms as a one-group SAE: decoder = encoder = atoms, b_dec = the world's offset.
-
-    Atoms (and the offset) are orthonormal, so ``(x - offset) . atom`` is the planted coefficient
-    (0.5-1.5) plus noise of std ~0.01: a 0.25 threshold recovers the planted codes.
-    """
-    n_atoms, d = world.atoms_ad.shape
-    sae = MatryoshkaSAE(SAEConfig(d_in=d, dict_size=n_atoms, k=3, group_fractions=(1.0,)), seed=None)
-    with torch.no_grad():
-        sae.W_dec_md.copy_(torch.from_numpy(world.atoms_ad))
-        sae.W_enc_md.copy_(torch.from_numpy(world.atoms_ad))
-        sae.b_enc_m.zero_()
-        sae.b_dec_d.copy_(torch.from_numpy(world.offset_d))
-        sae.threshold.fill_(threshold)
-    return sae
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -10,10 +10,12 @@
 from insight_core.atlas.layout import (
     ATLAS_FILES,
     MANIFEST,
+    PROBE_FILES,
     REQUIRED_ROLES,
     AtlasLayout,
     CaptionerLayout,
     FeaturesLayout,
+    ProbeLayout,
     SynthLayout,
     WorldLayout,
 )
@@ -24,6 +26,7 @@ from insight_core.atlas.manifest import (
     AtlasError,
     VerifyMode,
     reading,
+    register_probes,
     write_manifest,
 )
 from insight_core.atlas.records import StageRecord, fingerprint, read_json_dict
@@ -32,6 +35,7 @@ __all__ = [
     "ATLAS_FILES",
     "ATLAS_FORMAT",
     "MANIFEST",
+    "PROBE_FILES",
     "REQUIRED_ROLES",
     "SCHEMA_VERSION",
     "Atlas",
@@ -39,6 +43,7 @@ __all__ = [
     "AtlasLayout",
     "CaptionerLayout",
     "FeaturesLayout",
+    "ProbeLayout",
     "StageRecord",
     "SynthLayout",
     "VerifyMode",
@@ -46,5 +51,6 @@ __all__ = [
     "fingerprint",
     "read_json_dict",
     "reading",
+    "register_probes",
     "write_manifest",
 ]

@@ -95,6 +95,52 @@ class CaptionerLayout:
                 prefix.with_name(f"{split}_key.json"))  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProbeLayout:
+    """A probe folder (``ATLAS/probes/NAME/``): a linear classifier on pooled concept activations."""
+
+    root: Path
+
+    WEIGHTS = "probe.safetensors"
+    CONFIG = "config.json"
+    METRICS = "metrics.json"
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def weights(self) -> Path:
+        """The probe weights (safetensors) with its config and classes in the metadata."""
+        return self.root / self.WEIGHTS
+
+    @property
+    def config(self) -> Path:
+        """Classes, pooling, codes, training settings, data summary (readable JSON)."""
+        return self.root / self.CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        """Held-out top-1/top-5, per-class accuracy, active concepts per class, the sweep."""
+        return self.root / self.METRICS
+
+    def file(self, role: str) -> Path:
+        """The path of a probe file role (see :data:`PROBE_FILES`)."""
+        try:
+            return self.root / PROBE_FILES[role]
+        except KeyError:
+            raise ConfigError(f"unknown probe file role {role!r} (known: {sorted(PROBE_FILES)})") from None
+
+
+PROBE_FILES: dict[str, str] = {
+    "weights": ProbeLayout.WEIGHTS,
+    "config": ProbeLayout.CONFIG,
+    "metrics": ProbeLayout.METRICS,
+}
+"""Role -> file name inside a probe folder; the manifest's ``probes`` block lists each probe's files
+by these roles (all three are required for a probe to be listed)."""
+
+
 ATLAS_FILES: dict[str, str] = {
     "sae": "sae.safetensors",
     "sae_config": "sae.json",
@@ -216,6 +262,11 @@ class AtlasLayout:
     def demo_features_dir(self) -> Path:
         """``demo``'s extracted features, in the same work folder."""
         return self.root.parent / f"{self.root.name}-work" / "features"
+
+    @property
+    def demo_labels(self) -> Path:
+        """``demo``'s labels of the example photos (image,label CSV) for its plumbing-demo probe."""
+        return self.root.parent / f"{self.root.name}-work" / "example_labels.csv"
 
     # -- SAE ------------------------------------------------------------------------------------
     @property
@@ -361,6 +412,28 @@ class AtlasLayout:
     def probe(self, name: str) -> Path:
         """The folder of a named probe (``probes/NAME/``)."""
         return self.probes_dir / check_name(name, "probe name")
+
+    def probe_layout(self, name: str) -> ProbeLayout:
+        """The files of a named probe (``probes/NAME/probe.safetensors`` ...)."""
+        return ProbeLayout(self.probe(name))
+
+    def probe_names(self) -> list[str]:
+        """Names of the complete probes present (every file of :data:`PROBE_FILES`), sorted."""
+        if not self.probes_dir.is_dir():
+            return []
+        names = []
+        for folder in sorted(self.probes_dir.iterdir()):
+            if folder.is_dir() and _NAME.fullmatch(folder.name):
+                probe = ProbeLayout(folder)
+                if all(probe.file(role).is_file() for role in PROBE_FILES):
+                    names.append(folder.name)
+        return names
+
+    @property
+    def pooled_cache_dir(self) -> Path:
+        """Cached image-level concept vectors (max / mean pooled codes) of feature files, per SAE
+        (hidden: not uploaded, not needed by the app)."""
+        return self.root / ".cache" / "pooled"
 
     @property
     def evals_dir(self) -> Path:

@@ -30,12 +30,15 @@ from insight_core.atlas.layout import (
     ATLAS_FILES,
     EXPLORER_ROLES,
     MANIFEST,
+    PROBE_FILES,
     REQUIRED_ROLES,
     AtlasLayout,
+    ProbeLayout,
+    check_name,
     verification_cache,
 )
 from insight_core.atlas.verify import VerificationCache, sha256_file
-from insight_core.errors import CheckpointError, InsightError
+from insight_core.errors import CheckpointError, ConfigError, InsightError
 from insight_core.io import write_json
 
 log = logging.getLogger(__name__)
@@ -128,7 +131,52 @@ def write_manifest(
         "stages": {name: rec.read().get("input_fingerprint") for name, rec in layout.stage_records().items()},
         "files": files,
         "file_sets": {name: members for name, members in file_sets.items() if members},
+        "probes": _probes(layout),
         **(extra or {}),
+    }
+    manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
+    write_json(layout.manifest, manifest)
+    return manifest
+
+
+def _probes(layout: AtlasLayout) -> dict[str, dict[str, Any]]:
+    """The ``probes`` block: every complete probe folder, its files (by role) and a summary."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in layout.probe_names():
+        probe = layout.probe_layout(name)
+        config = _read_json(probe.config)
+        metrics = _read_json(probe.metrics)
+        if not isinstance(config, dict) or not isinstance(metrics, dict):
+            raise AtlasError(f"{probe.root}: the probe's config and metrics must be JSON objects")
+        held = metrics.get("held_out", {}) if isinstance(metrics.get("held_out"), dict) else {}
+        out[name] = {
+            "n_classes": len(config.get("classes", [])),
+            "pooling": config.get("pooling"),
+            "codes": config.get("codes"),
+            "description": config.get("description", ""),
+            "top1": held.get("top1"),
+            "top5": held.get("top5"),
+            "files": {role: _entry(layout, probe.file(role)) for role in PROBE_FILES},
+        }
+    return out
+
+
+def register_probes(root: str | Path) -> dict[str, Any] | None:
+    """Rewrite only the ``probes`` block (and stage fingerprints) of an existing manifest.
+
+    Called by the probe stage after it wrote ``probes/NAME/``; hashes only the probe files. Returns
+    the new manifest, or None when the atlas has no manifest yet (``write_manifest`` lists the
+    probes when it is written).
+    """
+    layout = AtlasLayout(Path(root))
+    if not layout.manifest.is_file():
+        return None
+    manifest = _read_json(layout.manifest)
+    if not isinstance(manifest, dict) or manifest.get("format") != ATLAS_FORMAT:
+        raise AtlasError(f"{layout.manifest}: not an INSIGHT atlas manifest")
+    manifest["probes"] = _probes(layout)
+    manifest["stages"] = {
+        name: rec.read().get("input_fingerprint") for name, rec in layout.stage_records().items()
     }
     manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
     write_json(layout.manifest, manifest)
@@ -228,7 +276,7 @@ class Atlas:
                     f"{root}: the manifest lists no {role!r} file ({ATLAS_FILES.get(role, role)})"
                 )
         hashed = {_safe_rel(manifest_path, files[r]["path"]) for r in EXPLORER_ROLES if r in files}
-        hashed |= {rel for rel, key in entries.items() if key.startswith("set:")}
+        hashed |= {rel for rel, key in entries.items() if not key.startswith("role:")}
         store = VerificationCache(verification_cache(root) if cache and verify != "sizes" else None)
         verified = set()
         try:
@@ -313,6 +361,23 @@ class Atlas:
         return role in self.manifest["files"]
 
     @property
+    def probes(self) -> dict[str, dict[str, Any]]:
+        """The probes the manifest lists: name -> summary and files (see docs/atlas.md)."""
+        return dict(self.manifest.get("probes", {}))
+
+    def probe_layout(self, name: str) -> ProbeLayout:
+        """The files of a listed probe, each hash-verified in this open; :class:`AtlasError` otherwise."""
+        if name not in self.probes:
+            known = ", ".join(sorted(self.probes)) or "none"
+            raise AtlasError(f"{self.root}: no probe named {name!r} in the manifest (probes: {known})")
+        files = self.layout.probe_layout(name)
+        for role in PROBE_FILES:
+            rel = self.layout.rel(files.file(role))
+            if rel not in self.verified:
+                raise AtlasError(f"{self.root / rel}: not verified against the manifest in this open")
+        return files
+
+    @property
     def backbone(self) -> dict[str, Any]:
         backbone = self.manifest.get("backbone", {})
         return backbone if isinstance(backbone, dict) else {}
@@ -340,11 +405,13 @@ def _safe_rel(manifest_path: Path, rel: Any) -> str:
 
 
 def _entries(manifest_path: Path, manifest: dict[str, Any]) -> dict[str, str]:
-    """Relative path -> where its entry is (``role:NAME`` or ``set:NAME:PATH``), after checking shapes."""
+    """Relative path -> where its entry is (``role:NAME``, ``set:NAME:PATH`` or ``probe:NAME:ROLE``),
+    after checking shapes."""
     files = manifest.get("files", {})
     sets = manifest.get("file_sets", {})
-    if not isinstance(files, dict) or not isinstance(sets, dict):
-        raise AtlasError(f"{manifest_path}: 'files' and 'file_sets' must be JSON objects")
+    probes = manifest.get("probes", {})
+    if not isinstance(files, dict) or not isinstance(sets, dict) or not isinstance(probes, dict):
+        raise AtlasError(f"{manifest_path}: 'files', 'file_sets' and 'probes' must be JSON objects")
     out: dict[str, str] = {}
 
     def add(rel: Any, entry: Any, key: str, expected: str | None) -> None:
@@ -374,6 +441,21 @@ def _entries(manifest_path: Path, manifest: dict[str, Any]) -> dict[str, str]:
             if isinstance(entry, dict) and entry.get("path", rel) != rel:
                 raise AtlasError(f"{manifest_path}: file set {name!r}: entry {rel!r} names another path")
             add(rel, entry, f"set:{name}:{rel}", None)
+    layout = AtlasLayout(manifest_path.parent)
+    for name, probe in probes.items():
+        try:
+            expected = layout.probe_layout(check_name(name, "probe name"))
+        except ConfigError as err:
+            raise AtlasError(f"{manifest_path}: {err}") from None
+        probe_files = probe.get("files") if isinstance(probe, dict) else None
+        if not isinstance(probe_files, dict) or set(probe_files) != set(PROBE_FILES):
+            raise AtlasError(
+                f"{manifest_path}: probe {name!r} must list exactly the files {sorted(PROBE_FILES)}; rerun "
+                f"`insight probe ... --name {name}` or `insight manifest --atlas ...`"
+            )
+        for role, entry in probe_files.items():
+            rel = entry.get("path") if isinstance(entry, dict) else None
+            add(rel, entry, f"probe:{name}:{role}", layout.rel(expected.file(role)))
     return out
 
 
@@ -382,6 +464,8 @@ def _lookup(manifest: dict[str, Any], key: str) -> dict[str, Any]:
     if kind == "role":
         return manifest["files"][rest]
     name, _, rel = rest.partition(":")
+    if kind == "probe":
+        return manifest["probes"][name]["files"][rel]
     return manifest["file_sets"][name][rel]
 
 

@@ -16,11 +16,13 @@ from insight_core.planted.metrics import (
     name_recovery,
     oracle_codes,
     oracle_decoder,
+    oracle_sae,
 )
 from insight_core.planted.sampling import (
     PlantedLayout,
     PlantedSample,
     load_layout,
+    object_labels,
     sample_images,
     write_feature_shards,
 )
@@ -54,8 +56,10 @@ __all__ = [
     "make_world",
     "map_iou",
     "name_recovery",
+    "object_labels",
     "oracle_codes",
     "oracle_decoder",
+    "oracle_sae",
     "sample_images",
     "save_world",
     "write_feature_shards",

@@ -5,7 +5,8 @@
 - :func:`name_recovery`: chosen names vs true names (and how often a decoy won);
 - :func:`map_iou`: concept activation maps vs the planted masks.
 
-:func:`oracle_decoder` / :func:`oracle_codes` give a perfect "SAE" so later stages can be tested alone.
+:func:`oracle_decoder` / :func:`oracle_codes` / :func:`oracle_sae` give a perfect "SAE" so later stages
+can be tested alone.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from insight_core.errors import ConfigError
+from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 from insight_core.planted.sampling import PlantedSample
 from insight_core.planted.world import PlantedWorld, _unit_rows, ancestor_pairs
 
@@ -33,6 +36,23 @@ def oracle_codes(
     if sample.layout.n_atoms != world.n_atoms:
         raise ConfigError(f"sample has {sample.layout.n_atoms} atoms but the world has {world.n_atoms}")
     return sample.layout.dense_codes(image_indices)
+
+
+def oracle_sae(world: PlantedWorld, threshold: float = 0.25) -> MatryoshkaSAE:
+    """The planted atoms as a one-group SAE: decoder = encoder = atoms, b_dec = the world's offset.
+
+    Atoms (and the offset) are orthonormal, so ``(x - offset) . atom`` is the planted coefficient
+    (0.5-1.5) plus noise of std ~0.01: a 0.25 threshold recovers the planted codes.
+    """
+    n_atoms, d = world.atoms_ad.shape
+    sae = MatryoshkaSAE(SAEConfig(d_in=d, dict_size=n_atoms, k=3, group_fractions=(1.0,)), seed=None)
+    with torch.no_grad():
+        sae.W_dec_md.copy_(torch.from_numpy(world.atoms_ad))
+        sae.W_enc_md.copy_(torch.from_numpy(world.atoms_ad))
+        sae.b_enc_m.zero_()
+        sae.b_dec_d.copy_(torch.from_numpy(world.offset_d))
+        sae.threshold.fill_(threshold)
+    return sae
 
 
 def _np(x: Any) -> np.ndarray:

@@ -262,6 +262,25 @@ def _patch_slots(layout: PlantedLayout, s: int, e: int) -> tuple[np.ndarray, np.
     return atom_nk, coef_nk
 
 
+def object_labels(world: PlantedWorld, layout: PlantedLayout) -> np.ndarray:
+    """Class label of each image for classification: its largest visible object (-1 when none).
+
+    With ``objects_per_image=(1, 1)`` every image holds exactly one object, the unambiguous case;
+    with several objects the "largest object" label is ambiguous for image-level pooled codes.
+    Ties (equal visible areas) go to the lower object id.
+    """
+    n_obj = world.config.n_objects
+    out = np.full(layout.n_images, -1, dtype=np.int64)
+    for i in range(layout.n_images):
+        lo, hi = layout.image_ptr[i], layout.image_ptr[i + 1]
+        atoms = layout.entry_atom[lo:hi]
+        is_obj = atoms < n_obj
+        if is_obj.any():
+            area = (layout.entry_coef_ep[lo:hi][is_obj] > 0).sum(axis=1)
+            out[i] = int(atoms[is_obj][int(np.argmax(area))])  # atoms are sorted: ties -> lower id
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Shards on disk
 

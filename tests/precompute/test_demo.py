@@ -61,6 +61,8 @@ def test_demo_builds_a_valid_atlas_from_examples_and_a_user_folder(
     manifest = json.loads((features / "manifest.json").read_text())
     assert manifest["n_skipped"] == 1
     assert atlas.has("captioner")  # the captioner job lists itself in the manifest
+    assert atlas.probes["examples"]["n_classes"] == 6  # the plumbing-demo probe on the example photos
+    assert "Plumbing demo" in atlas.probes["examples"]["description"]
     assert atlas.path("captioner_adapter").is_file()
     thumbs = json.loads((out / "thumbs" / "index.json").read_text())
     assert thumbs, "exemplar images get thumbnails"

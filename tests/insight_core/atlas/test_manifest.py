@@ -217,3 +217,71 @@ def test_atlas_from_before_stage_records_still_opens(atlas_dir: Path) -> None:
     atlas = Atlas.open(atlas_dir, verify="all")
     assert atlas.layout.stage_records() == {}
     assert atlas.path("stats") == atlas.layout.stats_tensors
+
+
+def _probe_folder(root: Path, name: str, top1: float = 0.9) -> None:
+    from insight_core.atlas import AtlasLayout
+
+    files = AtlasLayout(root).probe_layout(name)
+    files.root.mkdir(parents=True, exist_ok=True)
+    files.weights.write_bytes(b"weights of " + name.encode())
+    files.config.write_text(json.dumps({"classes": ["a", "b", "c"], "pooling": "both", "codes": "global",
+                                        "description": "three <classes>"}))  # fmt: skip
+    files.metrics.write_text(json.dumps({"held_out": {"top1": top1, "top5": 1.0}}))
+
+
+def test_probes_block_lists_complete_probes_and_open_validates_them(atlas_dir: Path) -> None:
+    from insight_core.atlas import register_probes
+
+    _probe_folder(atlas_dir, "birds")
+    (atlas_dir / "probes" / "half").mkdir()  # an incomplete folder (no files) is not a probe
+    (atlas_dir / "probes" / ".birds.tmp").mkdir()  # nor a temporary one
+    manifest = write_manifest(atlas_dir)
+    assert list(manifest["probes"]) == ["birds"]
+    entry = manifest["probes"]["birds"]
+    assert (entry["n_classes"], entry["pooling"], entry["top1"]) == (3, "both", 0.9)
+    assert entry["files"]["weights"]["path"] == "probes/birds/probe.safetensors"
+    atlas = Atlas.open(atlas_dir, verify_hashes=True)
+    assert atlas.probe_layout("birds").config == atlas_dir / "probes" / "birds" / "config.json"
+    with pytest.raises(AtlasError, match=r"no probe named 'cars' in the manifest \(probes: birds\)"):
+        atlas.probe_layout("cars")
+
+    _probe_folder(atlas_dir, "cars", top1=0.5)  # a new probe: only the probes block is rewritten
+    files_before = json.loads((atlas_dir / "manifest.json").read_text())["files"]
+    updated = register_probes(atlas_dir)
+    assert updated is not None
+    assert sorted(updated["probes"]) == ["birds", "cars"]
+    assert updated["files"] == files_before
+    assert sorted(Atlas.open(atlas_dir).probes) == ["birds", "cars"]
+
+    (atlas_dir / "probes" / "cars" / "metrics.json").write_text("{}")  # changed after the manifest
+    with pytest.raises(AtlasError, match=r"probes/cars/metrics\.json: .* changed after"):
+        Atlas.open(atlas_dir)
+    (atlas_dir / "probes" / "cars" / "probe.safetensors").unlink()
+    with pytest.raises(AtlasError, match=r"probe\.safetensors: listed in the manifest but missing"):
+        Atlas.open(atlas_dir)
+
+
+def test_malformed_probes_block(atlas_dir: Path) -> None:
+    from insight_core.atlas import register_probes
+
+    _probe_folder(atlas_dir, "birds")
+    manifest = write_manifest(atlas_dir)
+    path = atlas_dir / "manifest.json"
+    broken = {
+        **manifest,
+        "probes": {"birds": {"files": {"weights": manifest["probes"]["birds"]["files"]["weights"]}}},
+    }
+    path.write_text(json.dumps(broken))
+    with pytest.raises(AtlasError, match=r"probe 'birds' lists no \['config', 'metrics'\]"):
+        Atlas.open(atlas_dir)
+    path.write_text(json.dumps({**manifest, "probes": {"../x": {}}}))
+    with pytest.raises(AtlasError, match=r"probe name '\.\./x'"):
+        Atlas.open(atlas_dir)
+    entry = manifest["probes"]["birds"]
+    moved = {**entry, "files": {**entry["files"], "config": {**entry["files"]["config"], "path": "sae.json"}}}
+    path.write_text(json.dumps({**manifest, "probes": {"birds": moved}}))
+    with pytest.raises(AtlasError, match=r"expected 'probes/birds/config\.json'"):
+        Atlas.open(atlas_dir)
+    path.unlink()
+    assert register_probes(atlas_dir) is None  # no manifest yet: nothing to update
