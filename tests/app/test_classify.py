@@ -13,7 +13,7 @@ from gradio_client import handle_file
 from app import classify as K
 from app import explain as X
 from app.state import AppError
-from insight_core.atlas import Atlas
+from insight_core.atlas import Atlas, AtlasError, write_manifest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
 
@@ -112,7 +112,10 @@ def test_a_broken_probe_is_skipped_with_a_note(app_state, tmp_path: Path) -> Non
     root = tmp_path / "atlas"
     shutil.copytree(app_state.atlas.root, root)
     weights = root / "probes" / "examples" / "probe.safetensors"
-    weights.write_bytes(b"\0" * weights.stat().st_size)  # same size: the manifest check passes
+    weights.write_bytes(b"\0" * weights.stat().st_size)  # same size, other content
+    with pytest.raises(AtlasError, match=r"probe\.safetensors: content hash differs"):
+        Atlas.open(root)  # an atlas whose files changed after its manifest is refused, naming the file
+    write_manifest(root)  # a consistent manifest for an unreadable probe: the app skips the probe
     state = dataclasses.replace(app_state, atlas=Atlas.open(root), probes={}, probe_info={}, probe_note="")
     K.load_probes(state)
     assert state.probes == {}
