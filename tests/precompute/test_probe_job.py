@@ -50,7 +50,7 @@ def test_probe_and_classify_end_to_end(planted: Path, caplog) -> None:
     args = ["probe", "--atlas", str(atlas), "--features", str(features), "--labels", labels,
             "--name", "objects", "--description", "planted objects", *FAST]  # fmt: skip
     assert main(args) == 0
-    opened = Atlas.open(atlas, verify_hashes=True)
+    opened = Atlas.open(atlas, verify="all")
     entry = opened.probes["objects"]
     assert entry["n_classes"] == 8
     assert entry["pooling"] == "both"
@@ -119,7 +119,7 @@ def test_validation_features_with_ids_and_a_sweep(planted: Path, tmp_path: Path)
     assert metrics["train_config"]["lr"] == 1e-2
     assert metrics["held_out"]["split"] == "validation"
     assert metrics["held_out"]["n"] == n
-    assert "swept" in Atlas.open(atlas, verify_hashes=True).probes
+    assert "swept" in Atlas.open(atlas, verify="all").probes
 
 
 @pytest.mark.parametrize(

@@ -241,7 +241,7 @@ def test_probes_block_lists_complete_probes_and_open_validates_them(atlas_dir: P
     entry = manifest["probes"]["birds"]
     assert (entry["n_classes"], entry["pooling"], entry["top1"]) == (3, "both", 0.9)
     assert entry["files"]["weights"]["path"] == "probes/birds/probe.safetensors"
-    atlas = Atlas.open(atlas_dir, verify_hashes=True)
+    atlas = Atlas.open(atlas_dir, verify="all")
     assert atlas.probe_layout("birds").config == atlas_dir / "probes" / "birds" / "config.json"
     with pytest.raises(AtlasError, match=r"no probe named 'cars' in the manifest \(probes: birds\)"):
         atlas.probe_layout("cars")
@@ -264,24 +264,35 @@ def test_probes_block_lists_complete_probes_and_open_validates_them(atlas_dir: P
 
 def test_malformed_probes_block(atlas_dir: Path) -> None:
     from insight_core.atlas import register_probes
+    from insight_core.atlas.manifest import CHECKSUM_KEY, manifest_checksum
 
     _probe_folder(atlas_dir, "birds")
     manifest = write_manifest(atlas_dir)
     path = atlas_dir / "manifest.json"
-    broken = {
-        **manifest,
-        "probes": {"birds": {"files": {"weights": manifest["probes"]["birds"]["files"]["weights"]}}},
-    }
-    path.write_text(json.dumps(broken))
-    with pytest.raises(AtlasError, match=r"probe 'birds' lists no \['config', 'metrics'\]"):
+
+    def write(doc: dict) -> None:  # a consistent (checksummed) manifest with a malformed probes block
+        path.write_text(json.dumps({**doc, CHECKSUM_KEY: manifest_checksum(doc)}))
+
+    write(
+        {
+            **manifest,
+            "probes": {"birds": {"files": {"weights": manifest["probes"]["birds"]["files"]["weights"]}}},
+        }
+    )
+    with pytest.raises(
+        AtlasError, match=r"probe 'birds' must list exactly the files \['config', 'metrics', 'weights'\]"
+    ):
         Atlas.open(atlas_dir)
-    path.write_text(json.dumps({**manifest, "probes": {"../x": {}}}))
+    write({**manifest, "probes": {"../x": {}}})
     with pytest.raises(AtlasError, match=r"probe name '\.\./x'"):
         Atlas.open(atlas_dir)
     entry = manifest["probes"]["birds"]
     moved = {**entry, "files": {**entry["files"], "config": {**entry["files"]["config"], "path": "sae.json"}}}
-    path.write_text(json.dumps({**manifest, "probes": {"birds": moved}}))
-    with pytest.raises(AtlasError, match=r"expected 'probes/birds/config\.json'"):
+    write({**manifest, "probes": {"birds": moved}})
+    with pytest.raises(AtlasError, match=r"must be at 'probes/birds/config\.json'"):
+        Atlas.open(atlas_dir)
+    path.write_text(json.dumps({**manifest, "probes": {}}))  # edited by hand, checksum not updated
+    with pytest.raises(AtlasError, match="checksum mismatch"):
         Atlas.open(atlas_dir)
     path.unlink()
     assert register_probes(atlas_dir) is None  # no manifest yet: nothing to update
