@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+from insight_core import progress
 from insight_core.atlas import Atlas, AtlasLayout
 from insight_core.atlas.layout import EXAMPLE_CAPTIONS, EXAMPLES_DIR
 from insight_core.data.images import list_image_files
@@ -69,6 +70,17 @@ class DemoJob:
     """'auto', 'cpu' or 'cuda'."""
     progress: bool = True
     """Show progress bars."""
+    progress_file: Path | None = None
+    """Also write machine-readable progress here: JSON lines (stage, done, total, ETA), rewritten
+    atomically (``insight_core.progress``); the explorer polls it while it builds the demo atlas."""
+
+
+STAGES: tuple[tuple[str, str], ...] = (
+    ("photos", "linking the photos and choosing the backbone"),
+    *build.STAGES,
+    ("captioner", "training the demo captioner (steering)"),
+)
+"""The demo's stages in order (the ``--progress-file`` stage list)."""
 
 
 def resolve_pretrained(arch: str, pretrained: str) -> str:
@@ -122,11 +134,18 @@ def stage_images(job: DemoJob, folder: Path) -> int:
 
 
 def run(job: DemoJob) -> Atlas:
+    stages = STAGES if job.captioner else STAGES[:-1]
+    with progress.reporting(job.progress_file, stages, job="demo"):
+        return _run(job)
+
+
+def _run(job: DemoJob) -> Atlas:
     t0 = time.perf_counter()
     out = Path(job.out)
     layout = AtlasLayout(out)
-    n_images = stage_images(job, layout.demo_images_dir)
-    pretrained = resolve_pretrained(job.arch, job.pretrained)
+    with progress.stage("photos"):
+        n_images = stage_images(job, layout.demo_images_dir)
+        pretrained = resolve_pretrained(job.arch, job.pretrained)
     if pretrained == "none":
         log.warning(RANDOM_BANNER)
     dict_size = job.dict_size or auto_dict_size(n_images)
@@ -154,7 +173,8 @@ def run(job: DemoJob) -> Atlas:
         )
     )
     if job.captioner:
-        _train_captioner(job, out, pretrained)
+        with progress.stage("captioner"):
+            _train_captioner(job, out, pretrained)
     print(_summary(atlas, n_images, time.perf_counter() - t0))
     return atlas
 
