@@ -160,14 +160,29 @@ class AtlasLayout:
         return self.root.parent / f"{self.root.name}-features"
 
     @property
+    def demo_work_dir(self) -> Path:
+        """``demo``'s work folder beside the atlas (photo links, features, the app's build log)."""
+        return self.root.parent / f"{self.root.name}-work"
+
+    @property
     def demo_images_dir(self) -> Path:
-        """``demo``'s links to the photos it uses, in a work folder beside the atlas."""
-        return self.root.parent / f"{self.root.name}-work" / "images"
+        """``demo``'s links to the photos it uses, in the work folder."""
+        return self.demo_work_dir / "images"
 
     @property
     def demo_features_dir(self) -> Path:
         """``demo``'s extracted features, in the same work folder."""
-        return self.root.parent / f"{self.root.name}-work" / "features"
+        return self.demo_work_dir / "features"
+
+    @property
+    def demo_progress(self) -> Path:
+        """The ``--progress-file`` of a demo build the app started (JSON lines, ``insight_core.progress``)."""
+        return self.demo_work_dir / "progress.jsonl"
+
+    @property
+    def demo_build_log(self) -> Path:
+        """The full output of a demo build the app started (the terminal only gets a short summary)."""
+        return self.demo_work_dir / "build.log"
 
     # -- SAE ------------------------------------------------------------------------------------
     @property
@@ -304,6 +319,17 @@ class AtlasLayout:
     def evaluation(self, name: str) -> Path:
         """The folder of a named evaluation (``evals/NAME/``)."""
         return self.evals_dir / check_name(name, "evaluation name")
+
+    def evaluation_concepts(self, name: str) -> Path:
+        """Per-concept results of an evaluation (``evals/NAME/concepts.parquet``: an ``id`` column and
+        one numeric column per metric); concept pages show them."""
+        return self.evaluation(name) / "concepts.parquet"
+
+    def evaluations(self) -> list[str]:
+        """Names of the evaluations present (folders of ``evals/`` with a valid name), sorted."""
+        if not self.evals_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.evals_dir.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
