@@ -2,18 +2,21 @@
 
     python app.py [--atlas PATH_OR_HUB_REPO] [--host 0.0.0.0] [--port 7860]
 
-The atlas comes from --atlas, else $INSIGHT_ATLAS, else ./demo_atlas (built first with
-``precompute demo`` when missing). See docs/app.md.
+The atlas comes from --atlas, else $INSIGHT_ATLAS, else ./demo_atlas. The page is served at once and
+the atlas loads in the background; with nothing configured and no ./demo_atlas, ``precompute demo``
+builds it first in a separate process while the page shows its progress. See docs/app.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
+import signal
 import sys
 
-from app.server import create_demo, ensure_demo_atlas, launch
+from app.server import launch, start_app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    location = ensure_demo_atlas(args.atlas, dict(os.environ))
-    demo, _ = create_demo(location)
+    for noisy in ("httpx", "urllib3"):  # one line per request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    demo, _, startup = start_app(args.atlas, dict(os.environ))
+    atexit.register(startup.close)  # a demo build still running stops with the app (a rerun resumes it)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM runs the atexit hooks too
     launch(demo, args.host, args.port)
     return 0
 

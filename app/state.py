@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from app.concept_stats import StatsView
 from insight_core.atlas import Atlas, AtlasError
 from insight_core.atlas.hub import resolve_atlas
 from insight_core.concepts.families import Families
@@ -58,6 +59,8 @@ class AppState:
     captioner: Any = None
     steerer: Any = None
     captioner_note: str = ""
+    stats: StatsView | None = None
+    """Histograms, range exemplars and co-occurrence rows of ``stats/`` (read lazily)."""
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     """Serialises the text encoder (its tokenizer is built lazily and not thread-safe)."""
 
@@ -217,6 +220,7 @@ def load_state(location: str | Path) -> AppState:
         families=_families(atlas, m),
         group_ends=tuple(int(e) for e in sae.cfg.group_ends),
     )
+    state.stats = StatsView.open(atlas)
     _indexes(state)
     _captioner(state)
     if state.random_weights:
