@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/captioner.py --threads 2
 	$(BIN)/python benchmarks/app.py
+	$(BIN)/python benchmarks/app.py --synthetic 8192
+	$(BIN)/python benchmarks/family_layout.py
 
 clean:
 	rm -rf $(VENV) demo_atlas demo_atlas-work demo_planted .pytest_cache .ruff_cache

@@ -86,6 +86,8 @@ def _vis_js() -> str:
     return (lib / "vis-network.min.js").read_text(encoding="utf-8")
 
 
+EDGE_MINIMIZATION_MAX = 100
+"""Families up to this many nodes get vis-network's edge-crossing minimisation (slow on large ones)."""
 _ROLE_COLOURS = {"center": "#f59e0b", "ancestor": "#60a5fa", "descendant": "#a7f3d0"}
 
 
@@ -112,9 +114,12 @@ def graph_document(data: dict[str, Any]) -> str:
          "width": 1 + 3 * max(0.0, e["confidence"] - 0.5)}
         for e in data["edges"]
     ]  # fmt: skip
+    # edge minimisation (fewer crossings) is most of vis-network's hierarchical layout time: 4-6x
+    # slower at 200-400 nodes (benchmarks/family_layout.py), so only small families get it
     options = {
         "layout": {"hierarchical": {"enabled": True, "direction": "UD", "sortMethod": "directed",
-                                    "levelSeparation": 90, "nodeSpacing": 130}},
+                                    "levelSeparation": 90, "nodeSpacing": 130,
+                                    "edgeMinimization": len(nodes) <= EDGE_MINIMIZATION_MAX}},
         "physics": {"enabled": False},
         "interaction": {"hover": True, "tooltipDelay": 100},
         "nodes": {"font": {"size": 14}, "scaling": {"min": 8, "max": 30}},
@@ -129,6 +134,7 @@ def graph_document(data: dict[str, Any]) -> str:
         f"const edges=new vis.DataSet({_script_json(edges)});"
         "const network=new vis.Network(document.getElementById('g'),{nodes,edges},"
         f"{_script_json(options)});"
+        "window.insightBuildMs=performance.now()-t0;"  # data sets + hierarchical layout (synchronous)
         "window.network=network;window.insightDrawn=0;window.insightLastChange=performance.now();"
         # layout time: from the first line of this script to the first frame drawn (benchmarks read it)
         "network.on('afterDrawing',()=>{if(!window.insightDrawn++){window.insightLayoutMs=performance.now()-t0;}});"
