@@ -86,9 +86,9 @@ def _naive(codes: np.ndarray, image_ids: np.ndarray, patch_ids: np.ndarray, cfg:
 
 
 def _accumulate(
-    codes, image_ids, patch_ids, images_per_batch: int, cfg: StatsConfig = CFG
+    codes, image_ids, patch_ids, images_per_batch: int, cfg: StatsConfig = CFG, device: str = "cpu"
 ) -> StatsAccumulator:
-    acc = StatsAccumulator(codes.shape[1], cfg)
+    acc = StatsAccumulator(codes.shape[1], cfg, device=device)
     step = images_per_batch * P
     for s in range(0, len(codes), step):
         acc.update(torch.from_numpy(codes[s : s + step]), image_ids[s : s + step], patch_ids[s : s + step])
@@ -442,3 +442,12 @@ def test_range_bands_never_show_a_band_twice() -> None:
     image_msr[0, 0] = -1  # an empty sample slot
     want = {*image_msr[0, 1], *image_msr[1, 2], *image_msr[2, 3], *image_msr[2, 0]}
     assert range_sample_images(hist, image_msr, 2).tolist() == sorted(want)
+
+
+@pytest.mark.gpu
+def test_cuda_accumulator_matches_cpu() -> None:
+    """The same statistics (exemplars, histograms, band samples included) when accumulated on CUDA."""
+    codes, image_ids, patch_ids = _random_codes(seed=11)
+    cpu = _accumulate(codes, image_ids, patch_ids, 5).finalize()
+    cuda = _accumulate(codes, image_ids, patch_ids, 5, device="cuda").finalize()
+    _assert_same(cpu, cuda, d_atol=1e-5)
