@@ -29,11 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args(argv)
+    # our own loggers say what happens (startup, build stages, the atlas); libraries (open_clip logs
+    # its whole config, faiss its loader, httpx every request) only warn: the terminal stays short
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=logging.WARNING, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    for noisy in ("httpx", "urllib3"):  # one line per request otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for ours in ("app", "insight_core"):
+        logging.getLogger(ours).setLevel(logging.INFO)
     demo, _, startup = start_app(args.atlas, dict(os.environ))
     atexit.register(startup.close)  # a demo build still running stops with the app (a rerun resumes it)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM runs the atexit hooks too
