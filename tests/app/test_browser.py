@@ -243,6 +243,7 @@ def test_end_to_end(page, app_state) -> None:
     page.screenshot(path=str(ARTIFACTS / "6_steered.png"), full_page=True)
 
 
+@pytest.mark.slow
 def test_deep_links_agree_with_the_endpoints(browser, launched_app: str, client, app_state) -> None:
     cid = next(int(c) for c in app_state.concepts.sort_values("frequency", ascending=False).index
                if len(app_state.families.children(int(c))))  # fmt: skip
@@ -277,6 +278,7 @@ def test_deep_links_agree_with_the_endpoints(browser, launched_app: str, client,
         ctx.close()
 
 
+@pytest.mark.slow
 def test_phone_layout(browser, launched_app: str) -> None:
     """390 x 844: no horizontal scrolling on any tab, every main control reachable; a deep link;
     folding the tree with a tap."""
@@ -310,6 +312,7 @@ def test_phone_layout(browser, launched_app: str) -> None:
         ctx.close()
 
 
+@pytest.mark.slow
 def test_hostile_names_stay_text_in_the_browser(browser, app_state) -> None:
     """Names with markup and template syntax (gr.HTML renders templates) are shown, never run."""
     from app.server import QUEUE_SIZE

@@ -63,6 +63,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_page_first_then_build_progress_then_the_atlas(in_tmp: Path, app_atlas: Path, app_state) -> None:
     go = in_tmp / "go"
     demo, views, startup = server.start_app(None, {}, build_command=fake_build(app_atlas, go))
