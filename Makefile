@@ -44,6 +44,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/captioner.py --threads 2
 	$(BIN)/python benchmarks/probe.py --threads 2
 	$(BIN)/python benchmarks/app.py
+	$(BIN)/python benchmarks/app.py --synthetic 8192
+	$(BIN)/python benchmarks/family_layout.py
 	$(BIN)/python benchmarks/families.py --before HEAD
 	$(BIN)/python benchmarks/atlas_open.py
 

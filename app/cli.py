@@ -2,20 +2,26 @@
 
     insight-app [--atlas PATH_OR_HUB_REPO] [--host 0.0.0.0] [--port 7860]
 
-The atlas comes from --atlas, else $INSIGHT_ATLAS, else ./demo_atlas (built first with
-``insight demo`` when missing). Host and port default to $GRADIO_SERVER_NAME and
-$GRADIO_SERVER_PORT, which is how Hugging Face Spaces starts the app. See docs/app.md.
+The atlas comes from --atlas, else $INSIGHT_ATLAS, else ./demo_atlas. The page is served at once and
+the atlas loads in the background; with nothing configured and no ./demo_atlas, ``insight demo``
+builds it first in a separate process while the page shows its progress. Host and port default to
+$GRADIO_SERVER_NAME and $GRADIO_SERVER_PORT, which is how Hugging Face Spaces starts the app. See
+docs/app.md and docs/spaces.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
+import signal
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from app.server import create_demo, ensure_demo_atlas, launch
+from app.server import launch, start_app
+from app.state import atlas_location
 from insight_core.atlas.spaces import preload_hint
 
 log = logging.getLogger(__name__)
@@ -44,15 +50,20 @@ def spaces_hint(location: str, env: Mapping[str, str], readme: Path = README) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, resolve (or build) the atlas, serve until interrupted."""
+    """Parse arguments, serve the page at once (the atlas loads, or is built, in the background)."""
     args = parser().parse_args(argv)
+    # our own loggers say what happens (startup, build stages, the atlas); libraries (open_clip logs
+    # its whole config, faiss its loader, httpx every request) only warn: the terminal stays short
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=logging.WARNING, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    location = ensure_demo_atlas(args.atlas, dict(os.environ))
-    hint = spaces_hint(location, os.environ)
+    for ours in ("app", "insight_core"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+    hint = spaces_hint(atlas_location(args.atlas), os.environ)
     if hint:
         log.warning("%s", hint)
-    demo, _ = create_demo(location)
+    demo, _, startup = start_app(args.atlas, dict(os.environ))
+    atexit.register(startup.close)  # a demo build still running stops with the app (a rerun resumes it)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM runs the atexit hooks too
     launch(demo, args.host, args.port)
     return 0

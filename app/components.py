@@ -8,6 +8,7 @@ UI handlers (:func:`ui_handler`) turn them into a status message plus a toast, A
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import tempfile
@@ -17,6 +18,7 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+from gradio.components.plot import PlotData
 
 from app import html as H
 from app.state import AppError
@@ -44,6 +46,90 @@ window.addEventListener('message', (e) => {
   }
 });
 """
+
+
+# Keeps the address bar on the view shown (history.replaceState, so a reload or a copied URL reopens
+# it): after each render of a panel with a permalink, the URL becomes that link; a panel marked
+# [data-unlinkable] (an uploaded image) resets it to its tab.
+LINK_SYNC_JS = """
+const syncLink = () => {
+  const a = element.querySelector('.insight-permalink');
+  const off = element.querySelector('[data-unlinkable]');
+  const href = a ? a.getAttribute('href') : (off ? off.dataset.unlinkable : null);
+  if (!href) return;
+  try { window.history.replaceState(null, '', new URL(href, window.location.href).href); } catch (e) {}
+};
+watch('value', syncLink);
+syncLink();  // a tab's panels mount when it is first shown, possibly with a value set before
+"""
+
+STARTUP_JS = """
+watch('value', () => {
+  if (element.querySelector('[data-insight-ready]')) setTimeout(() => window.location.reload(), 400);
+});
+"""
+"""The startup panel reloads the page once the atlas is loaded (the reload keeps the query string)."""
+
+
+ALT_JS = """
+const ALT = {'image-in': 'the image to explain',
+             'overlay': 'the explained image with the ticked concepts overlaid',
+             'compare-a': 'image A of the comparison', 'compare-b': 'image B of the comparison'};
+const altOf = (img) => {
+  const host = img.closest('[id]');
+  for (let el = host; el; el = el.parentElement ? el.parentElement.closest('[id]') : null) {
+    if (ALT[el.id]) return ALT[el.id];
+  }
+  const file = decodeURIComponent(((img.getAttribute('src') || '').split('/').pop() || '').split('?')[0]);
+  if (file && !file.startsWith('data:') && /[.](jpe?g|png|webp|gif|bmp)$/i.test(file)) return 'photo ' + file;
+  const block = img.closest('.block');
+  const label = block && block.querySelector('[data-testid="block-label"], label');
+  return (label && label.textContent.trim()) || 'image';
+};
+const fixAlt = () => {
+  for (const img of document.querySelectorAll('img:not([alt]), img[alt=""]')) {
+    img.setAttribute('alt', altOf(img));
+  }
+};
+new MutationObserver(fixAlt).observe(document.body, {childList: true, subtree: true});
+fixAlt();
+"""
+"""Gives every image of the page a text alternative: Gradio's own image, gallery and example
+thumbnails have none (ours set theirs: exemplar cards, heatmap captions)."""
+
+
+def copy_link_js(panel_id: str) -> str:
+    """JS of a "Copy link" button: the absolute URL of the permalink shown in ``#panel_id`` goes to the
+    clipboard (or a prompt where the clipboard API is unavailable, e.g. plain http on a LAN address)."""
+    return f"""() => {{
+  const a = document.querySelector('#{panel_id} .insight-permalink');
+  if (!a) {{
+    window.alert('Nothing to link yet: open a view first (uploaded images cannot be linked).');
+    return;
+  }}
+  const url = new URL(a.getAttribute('href'), window.location.href).href;
+  try {{ window.history.replaceState(null, '', url); }} catch (e) {{}}
+  const label = a.dataset.label || a.textContent;
+  a.dataset.label = label;
+  const shown = (text) => {{ a.textContent = text; setTimeout(() => {{ a.textContent = label; }}, 2500); }};
+  if (navigator.clipboard && window.isSecureContext) {{
+    navigator.clipboard.writeText(url).then(() => shown('✓ link copied'),
+                                            () => {{ window.prompt('Copy this link:', url); }});
+  }} else {{ window.prompt('Copy this link:', url); }}
+}}"""
+
+
+def fold_js(panel_id: str, open_: bool) -> str:
+    """JS of the "Unfold all" / "Fold all" buttons of a tree of <details> elements."""
+    value = "true" if open_ else "false"
+    return f"() => {{ for (const d of document.querySelectorAll('#{panel_id} details')) d.open = {value}; }}"
+
+
+def plot_data(fig: dict | None) -> PlotData | None:
+    """A plotly figure given as a plain dict, for ``gr.Plot`` without plotly's slow validation."""
+    if fig is None:
+        return None
+    return PlotData(type="plotly", plot=json.dumps(fig, default=json_default))
 
 
 def raw_image(**kw: Any) -> gr.Image:
@@ -90,15 +176,22 @@ def api_handler(fn: Callable) -> Callable:
     return run
 
 
+NOTHING = object()
+"""A :func:`ui_handler` function returns this to change nothing, the status box included."""
+
+
 def ui_handler(n_out: int) -> Callable:
     """UI handlers return (*outputs, status_html); on a user-facing error: outputs unchanged, the
-    message in the status box and a toast."""
+    message in the status box and a toast. A handler returning :data:`NOTHING` changes nothing."""
 
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args: Any) -> Any:
             try:
-                return (*fn(*args), "")
+                out = fn(*args)
+                if out is NOTHING:
+                    return (gr.skip(),) * (n_out + 1)
+                return (*out, "")
             except (AppError, InsightError) as err:
                 gr.Warning(str(err))
                 return (*[gr.skip()] * n_out, H.message(str(err), "error"))

@@ -7,6 +7,7 @@ and API endpoints share them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 from typing import Any
@@ -49,6 +50,8 @@ class Explanation:
     grid_hw: tuple[int, int]
     patches_hwd: torch.Tensor
     """(gh, gw, d) pooled patch features (what the SAE and the captioner read)."""
+    example: str | None = None
+    """File name of the shipped example photo explained (None for uploads): only examples are linkable."""
 
 
 def read_image(source: ImageSource, name: str = "image") -> Image.Image:
@@ -185,6 +188,100 @@ def hierarchy(
     return out
 
 
+def concept_tree(
+    state: AppState,
+    expl: Explanation,
+    max_group: int | None = None,
+    max_roots: int = 10,
+    max_children: int = 12,
+) -> dict[str, Any]:
+    """The image's concept hierarchy as a tree (paper Fig. 4): every active concept once, under its
+    strongest active parent.
+
+    A concept's *strongest active parent* is, among its family parents active in the image, the one
+    with the most activation on the concept's own patches (ties: larger image mass, then lower id); a
+    concept none of whose parents fires on its patches is a top-level node. ``share`` is a node's
+    part of its level: for a child, its activation mass on the parent's patches over that of all the
+    parent's children in the tree (so siblings sum to 100 %); for a top-level node, its image mass over
+    that of all top-level nodes. ``coverage`` is the fraction of the parent's patches where the child
+    fires too. At most ``max_roots`` top-level nodes and ``max_children`` children per node are
+    listed; ``more`` counts the rest.
+
+    Returns
+    -------
+    dict
+        ``{"roots": [node, ...], "more": int, "n_active": int}``; a node is ``{"id", "name", "group",
+        "mass", "share", "coverage", "n_patches", "children": [node, ...], "more": int}``.
+    """
+    limit = group_limit(state, max_group)
+    codes = expl.codes_pm[:, :limit]
+    mass = codes.sum(0)
+    active = np.flatnonzero(mass > 0)
+    on = codes > 0
+    tree_parent: dict[int, int] = {}
+    for c in active.tolist():
+        best, best_key = -1, (0.0, 0.0, 0)
+        for p in state.families.parents(c).tolist():
+            if p >= limit or mass[p] <= 0:
+                continue
+            strength = float(codes[on[:, c], p].sum())
+            key = (strength, float(mass[p]), -p)
+            if strength > 0 and key > best_key:
+                best, best_key = p, key
+        if best >= 0:
+            tree_parent[c] = best
+    kids: dict[int, list[int]] = {}
+    for c, p in tree_parent.items():
+        kids.setdefault(p, []).append(c)
+
+    def node(c: int, share: float, coverage: float | None, depth: int) -> dict[str, Any]:
+        children = kids.get(c, [])
+        contrib = np.array([codes[on[:, c], k].sum() for k in children], np.float64)
+        order = np.argsort(-contrib, kind="stable")
+        total = float(contrib.sum()) or 1.0
+        shown = [
+            node(children[i], float(contrib[i]) / total, float(on[on[:, c], children[i]].mean()), depth + 1)
+            for i in order[:max_children]
+        ]
+        return {"id": c, "name": state.name(c), "group": state.group_of(c), "mass": float(mass[c]),
+                "share": share, "coverage": coverage, "n_patches": int(on[:, c].sum()),
+                "children": shown, "more": max(0, len(children) - max_children)}  # fmt: skip
+
+    roots = sorted((int(c) for c in active if int(c) not in tree_parent), key=lambda c: (-mass[c], c))
+    root_total = float(sum(mass[c] for c in roots)) or 1.0
+    return {
+        "roots": [node(c, float(mass[c]) / root_total, None, 0) for c in roots[:max_roots]],
+        "more": max(0, len(roots) - max_roots),
+        "n_active": len(active),
+    }
+
+
+def example_name(path: Any) -> str | None:
+    """The file name of the shipped example photo with the same content as ``path`` (None otherwise):
+    only examples can be linked, since uploads are never stored."""
+    from insight_core.atlas.layout import EXAMPLES_DIR
+
+    try:
+        digest = _digest(str(path))
+    except (OSError, TypeError):
+        return None
+    return _example_digests(str(EXAMPLES_DIR)).get(digest)
+
+
+def _digest(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _example_digests(folder: str) -> dict[str, str]:
+    from pathlib import Path
+
+    return {_digest(str(p)): p.name for p in sorted(Path(folder).glob("*.jpg"))}
+
+
 def patch_at(expl: Explanation, x: float, y: float, size: tuple[int, int]) -> tuple[int, int]:
     """(row, col) of the patch under pixel (x, y) of an image displayed at ``size`` (w, h)."""
     gh, gw = expl.grid_hw
@@ -223,6 +320,7 @@ def activations_doc(
         "max_group": max_group,
         "top_concepts": top_concepts(state, expl, k, max_group),
         "hierarchy": hierarchy(state, expl, max_group),
+        "tree": concept_tree(state, expl, max_group),
         "patches": {
             "patch": rows.astype(int).tolist(),
             "concept": cols.astype(int).tolist(),

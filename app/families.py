@@ -18,6 +18,8 @@ import numpy as np
 import plotly.graph_objects as go
 
 from app import html as H
+from app import links
+from app.concepts import GROUP_COLOURS, group_colour
 from app.state import AppState
 
 MAX_NODES = 400
@@ -84,6 +86,8 @@ def _vis_js() -> str:
     return (lib / "vis-network.min.js").read_text(encoding="utf-8")
 
 
+EDGE_MINIMIZATION_MAX = 100
+"""Families up to this many nodes get vis-network's edge-crossing minimisation (slow on large ones)."""
 _ROLE_COLOURS = {"center": "#f59e0b", "ancestor": "#60a5fa", "descendant": "#a7f3d0"}
 
 
@@ -110,9 +114,12 @@ def graph_document(data: dict[str, Any]) -> str:
          "width": 1 + 3 * max(0.0, e["confidence"] - 0.5)}
         for e in data["edges"]
     ]  # fmt: skip
+    # edge minimisation (fewer crossings) is most of vis-network's hierarchical layout time: 4-6x
+    # slower at 200-400 nodes (benchmarks/family_layout.py), so only small families get it
     options = {
         "layout": {"hierarchical": {"enabled": True, "direction": "UD", "sortMethod": "directed",
-                                    "levelSeparation": 90, "nodeSpacing": 130}},
+                                    "levelSeparation": 90, "nodeSpacing": 130,
+                                    "edgeMinimization": len(nodes) <= EDGE_MINIMIZATION_MAX}},
         "physics": {"enabled": False},
         "interaction": {"hover": True, "tooltipDelay": 100},
         "nodes": {"font": {"size": 14}, "scaling": {"min": 8, "max": 30}},
@@ -122,13 +129,21 @@ def graph_document(data: dict[str, Any]) -> str:
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         "<style>html,body{margin:0;height:100%;font-family:sans-serif}#g{width:100%;height:100%}</style>"
         f"<script>{_vis_js()}</script></head><body><div id='g'></div><script>"
+        "const t0=performance.now();"
         f"const nodes=new vis.DataSet({_script_json(nodes)});"
         f"const edges=new vis.DataSet({_script_json(edges)});"
         "const network=new vis.Network(document.getElementById('g'),{nodes,edges},"
         f"{_script_json(options)});"
-        "window.network=network;"
+        "window.insightBuildMs=performance.now()-t0;"  # data sets + hierarchical layout (synchronous)
+        "window.network=network;window.insightDrawn=0;window.insightLastChange=performance.now();"
+        # layout time: from the first line of this script to the first frame drawn (benchmarks read it)
+        "network.on('afterDrawing',()=>{if(!window.insightDrawn++){window.insightLayoutMs=performance.now()-t0;}});"
         # the iframe may be laid out while its tab is hidden (size 0): refit whenever it is resized
-        "new ResizeObserver(()=>{network.redraw();network.fit();}).observe(document.body);"
+        "new ResizeObserver(()=>{window.insightLastChange=performance.now();network.redraw();network.fit();})"
+        ".observe(document.body);"
+        # settled: drawn at least once and no resize for 300 ms (screenshots and clicks wait for it)
+        "window.insightSettled=()=>new Promise(res=>{const f=()=>(window.insightDrawn>0&&"
+        "performance.now()-window.insightLastChange>300)?res(true):setTimeout(f,50);f();});"
         "network.on('click',p=>{if(p.nodes.length){parent.postMessage({insightConcept:p.nodes[0]},'*');}});"
         "window.insightReady=true;</script></body></html>"
     )
@@ -146,7 +161,8 @@ def graph_html(data: dict[str, Any], height: int = 520) -> str:
         f"<small>center #{data['center']} {H.esc(center)}"
         f" · {len(data['nodes'])} concepts · {len(data['edges'])} edges · depth {data['depth']} · "
         "<span style='color:#60a5fa'>●</span> ancestors <span style='color:#10b981'>●</span> descendants · "
-        "click a node to open its concept page</small>"
+        "click a node to open its concept page</small> "
+        f"{H.permalink(links.family_link(data['center'], data['depth']), 'family')}"
     )
     return (
         f'{note}{legend}<iframe class="insight-dag" title="concept family graph" sandbox="allow-scripts" '
@@ -171,3 +187,154 @@ def overview_figures(state: AppState) -> dict[str, go.Figure]:
     freq_fig.update_layout(title="Frequency per group (coarse -> fine)",
                            yaxis_title="% of patches", yaxis_type="log", height=300)  # fmt: skip
     return {"sizes": size_fig, "depths": depth_fig, "frequency": freq_fig}
+
+
+# --------------------------------------------------------------------------------------------------
+# Overview of the whole hierarchy (sunburst / treemap)
+
+OVERVIEW_MAX_NODES = 2000
+"""Concepts drawn in the overview at most (the largest families first); plotly stays responsive."""
+
+
+def strongest_parents(state: AppState) -> np.ndarray:
+    """(m,) each concept's parent of highest confidence (ties: lower id); -1 for roots."""
+    fam = state.families
+    parent_of = np.full(fam.m, -1, dtype=np.int64)
+    if fam.n_edges:
+        order = np.lexsort((fam.parent_e, -fam.confidence_e, fam.child_e))
+        child = fam.child_e[order]
+        first = np.ones(len(child), dtype=bool)
+        first[1:] = child[1:] != child[:-1]
+        parent_of[child[first]] = fam.parent_e[order][first]
+    return parent_of
+
+
+_OVERVIEW: dict[tuple[int, int], tuple[Any, dict[str, Any]]] = {}
+
+
+def overview_data(state: AppState, max_nodes: int = OVERVIEW_MAX_NODES) -> dict[str, Any]:
+    """The hierarchy as a forest (each concept once, under its strongest parent), largest families
+    first, at most ``max_nodes`` concepts: ``ids``, ``parents`` (-1 for a family's root), ``sizes``
+    (concepts in the subtree), ``groups`` and counts of what was left out."""
+    key = (id(state), int(max_nodes))
+    cached = _OVERVIEW.get(key)
+    if cached is not None and cached[0] is state:
+        return cached[1]
+    parent_of = strongest_parents(state)
+    order = state.families.topological_order()
+    size = np.ones(state.m, dtype=np.int64)
+    for u in order[::-1]:  # children before parents
+        if parent_of[u] >= 0:
+            size[parent_of[u]] += size[u]
+    root_of = np.arange(state.m)
+    for u in order:  # parents before children
+        if parent_of[u] >= 0:
+            root_of[u] = root_of[parent_of[u]]
+    roots = [int(r) for r in np.flatnonzero((parent_of < 0) & (size > 1))]
+    roots.sort(key=lambda r: (-int(size[r]), r))
+    kept, total = [], 0
+    for r in roots:
+        if total and total + int(size[r]) > max_nodes:
+            continue
+        kept.append(r)
+        total += int(size[r])
+    keep = np.isin(root_of, kept) & ((parent_of >= 0) | (size > 1))
+    ids = [int(i) for i in order if keep[i]]  # parents before children (plotly needs no order; tests do)
+    data = {
+        "ids": ids,
+        "parents": [int(parent_of[i]) for i in ids],
+        "sizes": [int(size[i]) for i in ids],
+        "groups": [state.group_of(i) for i in ids],
+        "names": [state.name(i) for i in ids],
+        "frequency": [float(state.concepts.at[i, "frequency"]) for i in ids],
+        "n_families": len(roots),
+        "n_families_shown": len(kept),
+        "n_in_families": int(sum(int(size[r]) for r in roots)),
+        "n_isolated": int(((parent_of < 0) & (size == 1)).sum()),
+        "m": state.m,
+    }
+    if any(k[0] != id(state) for k in _OVERVIEW):  # another atlas: drop its entries
+        _OVERVIEW.clear()
+    _OVERVIEW[key] = (state, data)
+    return data
+
+
+def overview_figure(state: AppState, kind: str = "sunburst") -> go.Figure:
+    """Every family as a plotly sunburst (or treemap), sectors coloured by Matryoshka group; a
+    sector's ``customdata`` is its concept id (the page opens that family's graph on click)."""
+    d = overview_data(state)
+    ids = [f"c{i}" for i in d["ids"]]
+    parents = [f"c{p}" if p >= 0 else "" for p in d["parents"]]
+    # plotly renders a subset of HTML in labels (<b>, <br>, <a href>) and decodes entities: escape names
+    labels = [f"#{i} {H.esc(n)}" for i, n in zip(d["ids"], d["names"], strict=True)]
+    hover = [f"#{i} {H.esc(n)}<br>group {g} · {s} concepts in its family branch · {100 * f:.2f}% of patches"
+             for i, n, g, s, f in zip(d["ids"], d["names"], d["groups"], d["sizes"], d["frequency"],
+                                      strict=True)]  # fmt: skip
+    common = dict(
+        ids=ids, parents=parents, labels=labels, values=d["sizes"], branchvalues="total",
+        customdata=d["ids"], hovertext=hover, hoverinfo="text", maxdepth=3,
+        marker={"colors": [group_colour(g) for g in d["groups"]], "line": {"color": "#fff", "width": 0.5}},
+    )  # fmt: skip
+    fig = go.Figure(go.Treemap(**common) if kind == "treemap" else go.Sunburst(**common))
+    shown = d["n_families_shown"]
+    fig.update_layout(
+        title=(f"{shown} of {d['n_families']} families ({len(ids)} of {d['m']} concepts; "
+               f"{d['n_isolated']} concepts have no family)"),
+        height=560, margin={"l": 0, "r": 0, "t": 40, "b": 0},
+    )  # fmt: skip
+    return fig
+
+
+def overview_legend(n_groups: int) -> str:
+    """Colour key of the overview (Matryoshka groups, coarse -> fine)."""
+    keys = " ".join(
+        f'<span style="white-space:nowrap"><span style="color:{GROUP_COLOURS[g % len(GROUP_COLOURS)]}">■'
+        f"</span> group {g}</span>"
+        for g in range(n_groups)
+    )
+    return (
+        f"<small>Colour = Matryoshka group (coarse → fine): {keys}. Each concept appears once, under its "
+        "strongest parent. Click a family to open its graph below (the sunburst also zooms in; click "
+        "the centre to zoom out).</small>"
+    )
+
+
+OVERVIEW_BRIDGE_JS = """
+const bind = () => {
+  const root = document.querySelector('#family-overview');
+  const gd = root && root.querySelector('.js-plotly-plot');
+  if (!gd || !gd.on || gd.__insightBound) return;
+  gd.__insightBound = true;
+  gd.on('plotly_click', (ev) => {
+    const p = ev && ev.points && ev.points[0];
+    if (p && p.customdata !== undefined && p.customdata !== null) {
+      trigger('click', {concept: String(p.customdata)});
+    }
+  });
+};
+new MutationObserver(bind).observe(document.body, {childList: true, subtree: true});
+bind();
+"""
+"""Turns a click on an overview sector (``#family-overview``) into a Gradio event of this component."""
+
+
+_PLOTS: dict[tuple[int, str], tuple[Any, str]] = {}
+
+
+def overview_plot_json(state: AppState, kind: str) -> str:
+    """:func:`overview_figure` (``kind``: ``sunburst`` | ``treemap``) or :func:`overview_figures`
+    (``sizes`` | ``depths`` | ``frequency``) as plotly JSON, computed once per loaded atlas."""
+    key = (id(state), kind)
+    hit = _PLOTS.get(key)
+    if hit is not None and hit[0] is state:
+        return hit[1]
+    if kind in ("sunburst", "treemap"):
+        fig = overview_figure(state, kind)
+    elif kind in ("sizes", "depths", "frequency"):
+        fig = overview_figures(state)[kind]
+    else:
+        raise ValueError(f"unknown overview plot {kind!r}")
+    if any(k[0] != id(state) for k in _PLOTS):
+        _PLOTS.clear()
+    _PLOTS[key] = (state, fig.to_json())
+    return _PLOTS[key][1]

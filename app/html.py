@@ -40,7 +40,11 @@ def table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
     """A table whose cells are given as already-safe HTML (callers escape)."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="insight-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    # in a scrolling box: a wide table scrolls inside its panel, never the page (phones)
+    return (
+        '<div class="insight-table-box" style="max-width:100%;overflow-x:auto">'
+        f'<table class="insight-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    )
 
 
 def word_diff(before: str, after: str) -> str:
@@ -59,3 +63,22 @@ def word_diff(before: str, after: str) -> str:
                 f"{esc(' '.join(b[j1:j2]))}</ins>"
             )
     return " ".join(out)
+
+
+def permalink(href: str, what: str) -> str:
+    """A relative link to the current view (``?concept=12``); the "Copy link" buttons read it."""
+    return (
+        f'<a class="insight-permalink" href="{esc(href)}" title="link to this {esc(what)}" '
+        f'style="font-size:0.85em">↗ link to this {esc(what)}</a>'
+    )
+
+
+def share_bar(fraction: float, colour: str = "#6366f1", width_px: int = 80) -> str:
+    """A small horizontal bar showing a fraction in [0, 1] (decorative; the number is printed too)."""
+    f = min(max(float(fraction), 0.0), 1.0)
+    return (
+        f'<span aria-hidden="true" style="display:inline-block;vertical-align:middle;width:{int(width_px)}px;'
+        f'height:8px;background:#e5e7eb;border-radius:4px;overflow:hidden">'
+        f'<span style="display:block;height:100%;width:{100 * f:.1f}%;background:{esc(colour)}">'
+        "</span></span>"
+    )

@@ -1,15 +1,16 @@
-"""Create and launch the explorer: atlas resolution, state loading, queue and upload limits."""
+"""Create and launch the explorer: atlas resolution, startup (build/load in the background), queue and
+upload limits."""
 
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import gradio as gr
 
-from app.state import DEFAULT_ATLAS, ENV_ATLAS, AppError, atlas_location, load_state
+from app.startup import DemoBuild, Startup, demo_command
+from app.state import DEFAULT_ATLAS, ENV_ATLAS, atlas_location, load_state
 from app.ui import build_ui
 from app.views import Views
 from insight_core.atlas.layout import EXAMPLES_DIR, AtlasLayout
@@ -23,6 +24,8 @@ QUEUE_SIZE = 64
 """Requests waiting at most; more get a 'queue full' error instead of piling up."""
 DEFAULT_CONCURRENCY = 4
 """Light requests (concept pages, search, families) served at once."""
+
+__all__ = ["create_demo", "demo_command", "example_images", "launch", "load_views", "start_app"]
 
 
 def example_images() -> list[str]:
@@ -38,47 +41,36 @@ def load_views(location: str | Path) -> Views:
         return Views(None, f"{location}: {err}")
 
 
-def demo_command(out: str | Path) -> list[str]:
-    """The command line that builds the demo atlas into ``out`` (the ``precompute demo`` CLI)."""
-    return [sys.executable, "-m", "precompute", "demo", "--out", str(out)]
+def needs_demo_build(cli_atlas: str | None, env: Mapping[str, str]) -> bool:
+    """True when no atlas is configured and ./demo_atlas has no manifest (missing or half built)."""
+    configured = bool(cli_atlas or env.get(ENV_ATLAS))
+    return not configured and not AtlasLayout(Path(DEFAULT_ATLAS)).manifest.is_file()
 
 
-def build_demo_atlas(out: str | Path) -> None:
-    """Run ``precompute demo`` as a separate process (the app never imports ``precompute``).
+def _queued(demo: gr.Blocks) -> gr.Blocks:
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=DEFAULT_CONCURRENCY)
+    return demo
 
-    Blocks until it finishes; its output goes to this terminal.
 
-    Raises
-    ------
-    AppError
-        The command failed (names the command and its exit code).
+def start_app(
+    cli_atlas: str | None, env: Mapping[str, str], build_command: Sequence[str] | None = None
+) -> tuple[gr.Blocks, Views, Startup]:
+    """The page at once; the atlas (built first by ``precompute demo`` in a separate process when
+    nothing is configured and ./demo_atlas is missing) loads in the background.
+
+    ``build_command`` replaces the demo build's command line (tests).
     """
-    cmd = demo_command(out)
-    proc = subprocess.run(cmd, check=False)
-    if proc.returncode != 0:
-        raise AppError(
-            f"building the demo atlas failed: `{subprocess.list2cmdline(cmd)}` exited with code "
-            f"{proc.returncode} (see its output above)"
-        )
-
-
-def ensure_demo_atlas(cli_atlas: str | None, env: dict[str, str]) -> str:
-    """The atlas to serve; builds ./demo_atlas first when nothing is configured and it is missing."""
     location = atlas_location(cli_atlas) if cli_atlas or env.get(ENV_ATLAS) else DEFAULT_ATLAS
-    if not cli_atlas and not env.get(ENV_ATLAS) and not AtlasLayout(Path(DEFAULT_ATLAS)).manifest.is_file():
-        log.warning(
-            "no atlas configured and ./%s missing: building the demo atlas first (a few minutes)",
-            DEFAULT_ATLAS,
-        )
-        build_demo_atlas(DEFAULT_ATLAS)
-    return location
+    build = DemoBuild(DEFAULT_ATLAS, build_command) if needs_demo_build(cli_atlas, env) else None
+    views = Views(None)
+    startup = Startup(views, location, build).begin()
+    return _queued(build_ui(views, example_images(), startup)), views, startup
 
 
 def create_demo(location: str | Path) -> tuple[gr.Blocks, Views]:
+    """The explorer over an atlas loaded now, before the page is served (benchmarks, embedding)."""
     views = load_views(location)
-    demo = build_ui(views, example_images())
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=DEFAULT_CONCURRENCY)
-    return demo, views
+    return _queued(build_ui(views, example_images())), views
 
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kw) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from app.concept_stats import StatsView
 from insight_core.atlas import Atlas, AtlasError, reading
 from insight_core.atlas.hub import resolve_atlas
 from insight_core.concepts.families import Families
@@ -40,6 +41,19 @@ CONCEPT_COLUMNS = ("id", "name", "name_score", "name_pos", "top_names", "top_sco
 
 class AppError(InsightError):
     """A user-facing problem (bad input, unknown concept, missing atlas part): shown in the UI."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of the atlas (``evals/NAME/``), read once when the atlas is loaded."""
+
+    name: str
+    kind: str | None
+    """``"ovs"``, ``"concepts"`` (``eval-ovs``, ``eval-concepts``) or None (no report)."""
+    report: dict[str, Any]
+    """``report.json``: settings, inputs and dataset-level figures (empty when it has none)."""
+    concepts: pd.DataFrame | None
+    """``concepts.parquet`` indexed by concept id: one column per metric (None when it has none)."""
 
 
 @dataclasses.dataclass
@@ -70,6 +84,14 @@ class AppState:
     """Per probe: its ``config.json`` and held-out metrics summary (description, classes, top-1)."""
     probe_note: str = ""
     """Why probes are missing or were not loaded (shown by the Classify tab)."""
+    stats: StatsView | None = None
+    """Histograms, range exemplars and co-occurrence rows of ``stats/`` (read lazily)."""
+    shell_fve: tuple[float, ...] = ()
+    """Held-out FVE of each Matryoshka shell (``sae_metrics.json``; empty when the atlas has none)."""
+    evaluations: dict[str, Evaluation] = dataclasses.field(default_factory=dict)
+    """The atlas's evaluations by name (``evals/NAME/``, listed in the manifest's ``evals`` block)."""
+    eval_note: str = ""
+    """Why evaluations the manifest lists were not loaded (a concept page shows the others)."""
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     """Serialises the text encoder (its tokenizer is built lazily and not thread-safe)."""
 
@@ -260,6 +282,56 @@ def _captioner(state: AppState) -> None:
     state.steerer = Steerer(cap, names=names, backbone=state.backbone, pool=state.pool)
 
 
+def _shell_fve(atlas: Atlas) -> tuple[float, ...]:
+    """The SAE's held-out FVE per Matryoshka shell, from its training metrics (``sae_metrics.json``)."""
+    if not atlas.has("sae_metrics"):
+        return ()
+    doc = _read_json_object(atlas, "sae_metrics")
+    per = doc.get("fve_per_shell") or (doc.get("metrics") or {}).get("fve_per_shell")
+    if isinstance(per, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in per):
+        return tuple(float(v) for v in per)
+    return ()
+
+
+def _evaluation(atlas: Atlas, name: str, m: int) -> Evaluation:
+    """One listed evaluation: its report and per-concept table (hash-verified), checked against the SAE."""
+    report: dict[str, Any] = {}
+    path = atlas.evaluation_file(name, "report")
+    if path is not None:
+        with reading(path, "evaluation report"):
+            doc = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(doc, dict):
+            raise AtlasError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+        report = doc
+    table = None
+    path = atlas.evaluation_file(name, "concepts")
+    if path is not None:
+        with reading(path, "per-concept evaluation table"):
+            df = pd.read_parquet(path)
+        if "id" not in df.columns:
+            raise AtlasError(f"{path}: no 'id' column (has {list(df.columns)})")
+        ids = df["id"].to_numpy()
+        if not np.issubdtype(ids.dtype, np.integer) or (len(ids) and (ids.min() < 0 or ids.max() >= m)):
+            raise AtlasError(f"{path}: concept ids must be integers in 0..{m - 1}")
+        if len(np.unique(ids)) != len(ids):
+            raise AtlasError(f"{path}: a concept id is listed twice")
+        table = df.set_index("id")
+    kind = report.get("kind") if isinstance(report.get("kind"), str) else None
+    return Evaluation(name=name, kind=kind, report=report, concepts=table)
+
+
+def load_evaluations(state: AppState) -> None:
+    """Every evaluation the manifest lists; a broken one is skipped with a note (the app keeps running)."""
+    notes = []
+    for name in sorted(state.atlas.evaluations):
+        try:
+            state.evaluations[name] = _evaluation(state.atlas, name, state.m)
+        except InsightError as err:
+            log.error("evaluation %s not loaded: %s", name, err)
+            notes.append(f"evaluation {name!r} could not be loaded: {err}")
+    state.eval_note = "; ".join(notes)
+
+
 def load_state(location: str | Path) -> AppState:
     """Resolve (local folder or Hub repo id), validate and load an atlas with its models.
 
@@ -289,6 +361,11 @@ def load_state(location: str | Path) -> AppState:
         families=_families(atlas, m),
         group_ends=tuple(int(e) for e in sae.cfg.group_ends),
     )
+    state.stats = StatsView.open(atlas)
+    if state.stats.m != m:
+        raise AtlasError(f"{state.stats.path}: statistics of {state.stats.m} concepts, but the SAE has {m}")
+    state.shell_fve = _shell_fve(atlas)
+    load_evaluations(state)
     _indexes(state)
     _captioner(state)
     from app.classify import load_probes  # the Classify tab's loader (app.classify imports this module)

@@ -1,15 +1,19 @@
 """Request handlers bound to one loaded state: the model calls the tabs share and the JSON API.
 
-The API methods back the named endpoints (``/explain``, ``/concept``, ``/search``, ``/family``,
-``/caption``, ``/steer``); they return JSON-ready values and raise :class:`~app.state.AppError` or
-``InsightError`` with a clear message (``app.components.api_handler`` turns those into ``gr.Error``).
+The API methods back the named endpoints (``/explain``, ``/compare``, ``/concept``, ``/search``,
+``/family``, ``/caption``, ``/steer``); they return JSON-ready values and raise
+:class:`~app.state.AppError` or ``InsightError`` with a clear message (``app.components.api_handler``
+turns those into ``gr.Error``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 from app import classify as K
+from app import compare as CMP
 from app import concepts as C
 from app import explain as X
 from app import families as F
@@ -29,6 +33,11 @@ class Views:
         self.steer = gpu(self._steer_impl)
         """Caption an explained image with concept edits applied -> the steering result dict."""
 
+    def attach(self, state: AppState) -> None:
+        """Serve ``state`` from now on (the atlas finished loading after the page was served)."""
+        self.state = state
+        self.load_error = None
+
     # -- helpers -----------------------------------------------------------------------------
     def s(self) -> AppState:
         if self.state is None:
@@ -37,7 +46,9 @@ class Views:
 
     def _explain_impl(self, source: Any) -> X.Explanation:
         state = self.s()
-        return X.explain_image(state, X.read_image(source))
+        expl = X.explain_image(state, X.read_image(source))
+        name = X.example_name(source) if isinstance(source, str | Path) else None
+        return dataclasses.replace(expl, example=name) if name else expl
 
     def _steer_impl(self, expl: X.Explanation, edits: list) -> dict:
         return S.steer(self.s(), expl.patches_hwd, edits)
@@ -58,7 +69,11 @@ class Views:
             "top_concepts": tops,
             "maps": {str(t["id"]): X.concept_map(expl, t["id"]).round(4).tolist() for t in tops},
             "hierarchy": X.hierarchy(self.s(), expl, group),
+            "tree": X.concept_tree(self.s(), expl, group),
         }
+
+    def api_compare(self, image_a: Any, image_b: Any, k: float = 8) -> dict:
+        return CMP.compare(self.s(), self.explain(image_a), self.explain(image_b), int(k))
 
     def api_concept(self, concept_id: Any) -> dict:
         return C.concept_page(self.s(), concept_id)

@@ -1,12 +1,18 @@
 """Explorer app benchmark (not a test): latency, memory and concurrency of the launched app on CPU.
 
     nice taskset -c 0,1 .venv/bin/python benchmarks/app.py --atlas demo_atlas [--threads 2]
+    nice taskset -c 0,1 .venv/bin/python benchmarks/app.py --synthetic 8192   # a full-size atlas
 
 Measures through gradio_client against a locally launched app: upload -> heatmaps (/explain) p50/p90,
 upload -> explained classification (/classify: the atlas's largest probe, and zero-shot; atlases with
-probes, e.g. ``benchmarks/probe.py --large-atlas DIR``), concept page (/concept), family graph HTML of
-the largest family (nodes reported; the issue's target is 200 nodes), steady RSS, and 20 concurrent
-/explain requests. Writes benchmarks/reports/app-cpu.{json,md}.
+probes, e.g. ``benchmarks/probe.py --large-atlas DIR``), concept page (/concept, JSON with the
+histogram, range exemplars and co-occurrence) and the concept page as the UI renders it (HTML,
+histogram figure, exemplar cards; in-process), the families overview (first computation, then cached),
+family graph HTML of the largest family and of a synthetic 200-node DAG (the browser's layout is timed
+by benchmarks/family_layout.py), steady RSS, and 20 concurrent /explain requests. ``--synthetic M``
+first builds (or reuses) the synthetic atlas of benchmarks/synthetic_atlas.py with M concepts: random
+weights, realistic sizes. Writes benchmarks/reports/app-cpu.{json,md} (``app-cpu-synthetic-M`` with
+``--synthetic``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 TARGETS = {"explain_p50_s": 1.0, "concept_p50_s": 0.3, "family_s": 1.0, "rss_gb": 4.0, "classify_p50_s": 1.0}
 ZERO_SHOT_LABELS = "bird, motorcycle, horse, pizza, clock, noodles, beach, kitchen, street, dog"
 
@@ -36,34 +43,33 @@ def _timed(fn, n: int) -> list[float]:
     return out
 
 
-def _synthetic_family(n: int) -> dict:
-    """A family_data-shaped DAG of n nodes (a tree plus extra parents), for the 200-node figure."""
-    rng = random.Random(0)
-    nodes = [
-        {"id": i, "name": f"concept <{i}>", "group": i % 6, "frequency": 1 / (i + 1),
-         "role": "center" if i == 0 else "descendant"}
-        for i in range(n)
-    ]  # fmt: skip
-    edges = [{"parent": rng.randrange(i), "child": i, "confidence": 0.8} for i in range(1, n)]
-    edges += [{"parent": rng.randrange(i // 2), "child": i, "confidence": 0.76} for i in range(2, n, 3)]
-    return {"center": 0, "depth": 6, "truncated": False, "nodes": nodes, "edges": edges}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--atlas", default="demo_atlas")
+    ap.add_argument("--synthetic", type=int, default=None, metavar="M",
+                    help="build (or reuse) a synthetic atlas with M concepts and benchmark that")  # fmt: skip
+    ap.add_argument("--synthetic-dir", default=None, help="where the synthetic atlas lives")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n", type=int, default=15)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "reports" / "app-cpu"))
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     import psutil
     import torch
     from gradio_client import Client, handle_file
+    from synthetic_atlas import build as build_synthetic
+    from synthetic_atlas import synthetic_family
 
     from app import families as F
     from app.server import create_demo, example_images
+    from app.tabs.concepts import concept_outputs
 
+    reports = ROOT / "benchmarks" / "reports"
+    if args.synthetic:
+        folder = Path(args.synthetic_dir or f"/tmp/insight-synthetic-{args.synthetic}")
+        args.atlas = str(build_synthetic(folder, args.synthetic))
+        args.out = args.out or str(reports / f"app-cpu-synthetic-{args.synthetic}")
+    args.out = args.out or str(reports / "app-cpu")
     torch.set_num_threads(args.threads)
     demo, views = create_demo(args.atlas)
     if views.state is None:
@@ -80,14 +86,24 @@ def main() -> int:
     explain = _timed(lambda: client.predict(handle_file(examples[next(i) % len(examples)]), 8, -1,
                                             api_name="/explain"), args.n)  # fmt: skip
     classify = _bench_classify(client, state, examples, args.n)
+    # concept pages: the most frequent concepts and as many random active ones
+    active = [int(c) for c in state.concepts.index if state.concepts.at[c, "freq_patches"] > 0]
     cids = list(state.concepts.sort_values("frequency", ascending=False).index[: args.n])
+    cids += random.Random(0).sample(active, min(args.n, len(active)))
     j = iter(cids)
     concept = _timed(lambda: client.predict(str(next(j)), api_name="/concept"), len(cids))
-    # the largest family (ancestors + descendants, depth 6) as the graph the UI renders
-    sizes = [(len(state.families.family_of(int(c), 6).nodes), int(c)) for c in state.concepts.index]
+    k = iter(cids)
+    concept_ui = _timed(lambda: concept_outputs(views, next(k)), len(cids))
+    t = time.perf_counter()
+    overview_bytes = len(F.overview_plot_json(state, "sunburst"))
+    overview_first = time.perf_counter() - t
+    overview_cached = _timed(lambda: F.overview_plot_json(state, "sunburst"), 5)
+    # the largest family (ancestors + descendants, depth 6) among the concepts with most children
+    kids = sorted(state.concepts.index, key=lambda c: -len(state.families.children(int(c))))[:200]
+    sizes = [(len(state.families.family_of(int(c), 6).nodes), int(c)) for c in kids]
     n_nodes, big = max(sizes)
     family = _timed(lambda: F.graph_html(F.family_data(state, big, 6)), 5)
-    family200 = _timed(lambda: F.graph_html(_synthetic_family(200)), 5)  # atlases may have no 200-node family
+    family200 = _timed(lambda: F.graph_html(synthetic_family(200)), 5)  # atlases may have no 200-node family
     rss_steady = proc.memory_info().rss / 2**30
 
     def one(k: int) -> bool:
@@ -112,6 +128,13 @@ def main() -> int:
         "explain_p50_s": statistics.median(explain),
         "explain_p90_s": sorted(explain)[int(0.9 * (len(explain) - 1))],
         "concept_p50_s": statistics.median(concept),
+        "concept_p90_s": sorted(concept)[int(0.9 * (len(concept) - 1))],
+        "concept_ui_p50_s": statistics.median(concept_ui),
+        "concept_ui_p90_s": sorted(concept_ui)[int(0.9 * (len(concept_ui) - 1))],
+        "concepts_timed": len(cids),
+        "overview_first_s": overview_first,
+        "overview_cached_s": statistics.median(overview_cached),
+        "overview_json_kb": overview_bytes / 1024,
         "family_nodes": n_nodes,
         "family_s": statistics.median(family),
         "family200_s": statistics.median(family200),
@@ -125,6 +148,7 @@ def main() -> int:
     ok = {
         "explain_p50_s": report["explain_p50_s"] <= TARGETS["explain_p50_s"],
         "concept_p50_s": report["concept_p50_s"] <= TARGETS["concept_p50_s"],
+        "concept_ui_p50_s": report["concept_ui_p50_s"] <= TARGETS["concept_p50_s"],
         "family_s": report["family_s"] <= TARGETS["family_s"],
         "family200_s": report["family200_s"] <= TARGETS["family_s"],
         "rss_gb": report["rss_steady_gb"] <= TARGETS["rss_gb"],
@@ -144,11 +168,18 @@ def main() -> int:
         f"| upload -> heatmaps (/explain) p50 | {report['explain_p50_s']:.3f} s "
         f"(p90 {report['explain_p90_s']:.3f}) "
         f"| <= 1.0 s | {ok['explain_p50_s']} |",
-        f"| concept page (/concept) p50 | {1000 * report['concept_p50_s']:.0f} ms | <= 300 ms "
+        f"| concept page with histogram (/concept, JSON) p50 over {len(cids)} concepts "
+        f"| {1000 * report['concept_p50_s']:.0f} ms (p90 {1000 * report['concept_p90_s']:.0f}) | <= 300 ms "
         f"| {ok['concept_p50_s']} |",
+        f"| concept page as rendered (HTML + histogram + exemplar cards, in-process) p50 "
+        f"| {1000 * report['concept_ui_p50_s']:.0f} ms (p90 {1000 * report['concept_ui_p90_s']:.0f}) "
+        f"| <= 300 ms | {ok['concept_ui_p50_s']} |",
+        f"| families overview (sunburst, {report['overview_json_kb']:.0f} kB) first / cached "
+        f"| {1000 * overview_first:.0f} ms / {1000 * report['overview_cached_s']:.1f} ms | | |",
         f"| family graph ({n_nodes} nodes) | {report['family_s']:.3f} s | <= 1 s (200 nodes) "
         f"| {ok['family_s']} |",
-        f"| family graph, synthetic 200-node DAG (server-side HTML; the browser's layout not timed) "
+        "| family graph HTML, synthetic 200-node DAG (server side; the layout in Chromium: "
+        "benchmarks/family_layout.py) "
         f"| {report['family200_s']:.3f} s | <= 1 s | {ok['family200_s']} |",
         f"| steady RSS | {report['rss_steady_gb']:.2f} GB (peak {rss_peak:.2f}) | <= 4 GB | {ok['rss_gb']} |",
         f"| 20 concurrent /explain | {report['concurrent_20_ok']}/20 ok in {concurrent_s:.1f} s | no errors "

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
+from insight_core import progress
 from insight_core.atlas import Atlas, AtlasLayout, write_manifest
 from insight_core.concepts.families import FamilyConfig
 from insight_core.errors import ConfigError
@@ -27,6 +28,17 @@ from precompute.options import (
 )
 
 log = logging.getLogger(__name__)
+
+STAGES: tuple[tuple[str, str], ...] = (
+    ("extract", "CLIP patch features of the photos"),
+    ("train-sae", "training the sparse autoencoder (the concepts)"),
+    ("stats", "concept statistics: frequencies, exemplars, co-occurrence"),
+    ("families", "concept families (the hierarchy)"),
+    ("name", "naming the concepts"),
+    ("index", "search indexes and exemplar thumbnails"),
+    ("manifest", "manifest and validation"),
+)
+"""``build``'s stages in order, with what each does (the ``--progress-file`` stage list)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,9 +68,17 @@ class BuildJob:
     """Device for all stages."""
     progress: bool = True
     """Show progress bars."""
+    progress_file: Path | None = None
+    """Also write machine-readable progress here: JSON lines (stage, done, total, ETA), rewritten
+    atomically (``insight_core.progress``; the explorer shows it while it builds the demo atlas)."""
 
 
 def run(job: BuildJob) -> Atlas:
+    with progress.reporting(job.progress_file, STAGES, job="build"):
+        return _run(job)
+
+
+def _run(job: BuildJob) -> Atlas:
     layout = AtlasLayout(job.atlas)
     features = job.features or (layout.default_features_dir if job.source.given else None)
     if features is None:
@@ -67,21 +87,30 @@ def run(job: BuildJob) -> Atlas:
         )
     common = {"device": job.device, "progress": job.progress}
     if job.source.given:
-        extract.run(extract.ExtractJob(out=features, source=job.source, backbone=job.backbone, **common))
-    train_sae.run(train_sae.TrainSaeJob(features=features, out=layout.root, sae=job.sae, **common))
-    stats.run(stats.StatsJob(atlas=layout.root, features=features, stats=job.stats, **common))
-    families.run(families.FamiliesJob(atlas=layout.root, families=job.families, progress=job.progress))
+        with progress.stage("extract"):
+            extract.run(extract.ExtractJob(out=features, source=job.source, backbone=job.backbone, **common))
+    with progress.stage("train-sae"):
+        train_sae.run(train_sae.TrainSaeJob(features=features, out=layout.root, sae=job.sae, **common))
+    with progress.stage("stats"):
+        stats.run(stats.StatsJob(atlas=layout.root, features=features, stats=job.stats, **common))
+    with progress.stage("families"):
+        families.run(families.FamiliesJob(atlas=layout.root, families=job.families, progress=job.progress))
     bb = job.backbone
-    name.run(name.NameJob(atlas=layout.root, naming=job.naming, arch=bb.arch, pretrained=bb.pretrained,
-                          progress=job.progress))  # fmt: skip
-    index.run(index.IndexJob(atlas=layout.root, features=features, index=job.index, progress=job.progress))
-    backbone = backbone_info(features) or {
-        "arch": bb.arch,
-        "pretrained": bb.pretrained,
-        "source": str(features),
-    }
-    write_manifest(layout.root, backbone=backbone)
-    opened = Atlas.open(layout.root)
+    with progress.stage("name"):
+        name.run(name.NameJob(atlas=layout.root, naming=job.naming, arch=bb.arch, pretrained=bb.pretrained,
+                              progress=job.progress))  # fmt: skip
+    with progress.stage("index"):
+        index.run(
+            index.IndexJob(atlas=layout.root, features=features, index=job.index, progress=job.progress)
+        )
+    with progress.stage("manifest"):
+        backbone = backbone_info(features) or {
+            "arch": bb.arch,
+            "pretrained": bb.pretrained,
+            "source": str(features),
+        }
+        write_manifest(layout.root, backbone=backbone)
+        opened = Atlas.open(layout.root)
     log.info(
         "atlas ready: %s%s",
         layout.root,

@@ -20,6 +20,7 @@ import os
 import time
 from pathlib import Path
 
+from insight_core import progress
 from insight_core.atlas import Atlas, AtlasLayout
 from insight_core.atlas.layout import EXAMPLE_CAPTIONS, EXAMPLES_DIR
 from insight_core.data.images import list_image_files
@@ -76,6 +77,19 @@ class DemoJob:
     """'auto', 'cpu' or 'cuda'."""
     progress: bool = True
     """Show progress bars."""
+    progress_file: Path | None = None
+    """Also write machine-readable progress here: JSON lines (stage, done, total, ETA), rewritten
+    atomically (``insight_core.progress``); the explorer polls it while it builds the demo atlas."""
+
+
+STAGES: tuple[tuple[str, str], ...] = (
+    ("photos", "linking the photos and choosing the backbone"),
+    *build.STAGES,
+    ("probe", "training the demo classification probe"),
+    ("captioner", "training the demo captioner (steering)"),
+)
+"""The demo's stages in order (the ``--progress-file`` stage list; ``probe`` and ``captioner`` are left
+out when they are off)."""
 
 
 def resolve_pretrained(arch: str, pretrained: str) -> str:
@@ -129,11 +143,20 @@ def stage_images(job: DemoJob, folder: Path) -> int:
 
 
 def run(job: DemoJob) -> Atlas:
+    skipped = {"probe"} if not (job.probe and job.examples) else set()
+    skipped |= {"captioner"} if not job.captioner else set()
+    stages = tuple((name, label) for name, label in STAGES if name not in skipped)
+    with progress.reporting(job.progress_file, stages, job="demo"):
+        return _run(job)
+
+
+def _run(job: DemoJob) -> Atlas:
     t0 = time.perf_counter()
     out = Path(job.out)
     layout = AtlasLayout(out)
-    n_images = stage_images(job, layout.demo_images_dir)
-    pretrained = resolve_pretrained(job.arch, job.pretrained)
+    with progress.stage("photos"):
+        n_images = stage_images(job, layout.demo_images_dir)
+        pretrained = resolve_pretrained(job.arch, job.pretrained)
     if pretrained == "none":
         log.warning(RANDOM_BANNER)
     dict_size = job.dict_size or auto_dict_size(n_images)
@@ -161,9 +184,11 @@ def run(job: DemoJob) -> Atlas:
         )
     )
     if job.probe and job.examples:
-        _train_probe(job, layout, pretrained)
+        with progress.stage("probe"):
+            _train_probe(job, layout, pretrained)
     if job.captioner:
-        _train_captioner(job, out, pretrained)
+        with progress.stage("captioner"):
+            _train_captioner(job, out, pretrained)
     atlas = Atlas.open(out)  # reopened: the probe and the captioner listed themselves in the manifest
     print(_summary(atlas, n_images, time.perf_counter() - t0))
     return atlas

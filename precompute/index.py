@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from insight_core.atlas import AtlasLayout, FeaturesLayout, fingerprint, read_json_dict
+from insight_core.concepts.exemplars import RANGE_QUANTILES, range_sample_images
 from insight_core.concepts.index import build_index, describe_index, save_index
 from insight_core.concepts.stats import ConceptStats
 from insight_core.data.features import FeatureSet, scan_features
@@ -344,6 +345,7 @@ def _part_keys(job: IndexJob, layout: AtlasLayout, features: FeatureSet, cfg_doc
                 "max_exemplars": max_ex,
                 "images": str(job.images),
                 "q": THUMB_QUALITY,
+                "ranges": RANGE_QUANTILES,
             },
         ),
     }
@@ -425,12 +427,17 @@ def run(job: IndexJob) -> dict[str, Any]:
             meta["exemplars"]["type"],
             layout.exemplar_index,
         )
-    # thumbnails of every image with an indexed exemplar
+    # thumbnails of every image with an indexed exemplar or a sample a concept page shows
     if fresh("thumbnails"):
         meta["thumbs"] = old["thumbs"]
     else:
         same_size = old.get("thumbs", {}).get("size") == job.index.thumb_size
-        meta["thumbs"] = _thumbnails(layout, features, ex["image_id"], job, reuse=same_size and not job.force)
+        image_ids = ex["image_id"]
+        if stats.hist_mb is not None and stats.band_image_msr is not None:
+            ranges = range_sample_images(stats.hist_mb.numpy(), stats.band_image_msr.numpy(),
+                                         stats.config.band_bins)  # fmt: skip
+            image_ids = np.concatenate([image_ids, ranges])
+        meta["thumbs"] = _thumbnails(layout, features, image_ids, job, reuse=same_size and not job.force)
         written = [layout.thumbs_index] if layout.thumbs_index.is_file() and "n" in meta["thumbs"] else []
         layout.stage_record("thumbnails").write(keys["thumbnails"], written)
     write_json(layout.index_meta, meta)

@@ -100,6 +100,7 @@ def _vocabulary(job: NameJob) -> VocabEmbeddings:
         f"{job.arch}/{job.pretrained}",
         backbone.encode_text,
         templates,
+        progress=job.progress,
     )
 
 

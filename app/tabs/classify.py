@@ -17,11 +17,15 @@ from app.views import Views
 def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
     """Lay out and wire the tab.
 
+    The atlas may load after the page is built (``app.startup``): the page load (``on_load``) then
+    fills in the atlas's probes and the note on probes that could not be loaded.
+
     Returns
     -------
     dict
-        ``classifier``, ``labels``, ``classify_btn``, ``classes`` (dropdown of the explained class) and
-        ``links`` (the HTML panels with concept chips, wired to the concept page by ``app.ui``).
+        ``classifier``, ``labels``, ``classify_btn``, ``classes`` (dropdown of the explained class),
+        ``links`` (the HTML panels with concept chips, wired to the concept page by ``app.ui``) and
+        ``on_load`` (``(fn, outputs)``).
     """
     state = views.state
     choices = K.classifier_choices(state) if state is not None else [K.ZERO_SHOT]
@@ -31,8 +35,7 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
             "concepts) or **zero-shot** with labels you type, and see *why*: every class score is a sum of "
             "concept contributions."
         )
-        if state is not None and state.probe_note:
-            gr.HTML(H.message(state.probe_note, "warning"), elem_id="classify-probe-note")
+        probe_note = gr.HTML(visible=False, elem_id="classify-probe-note")
         result_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
@@ -87,6 +90,17 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
     def on_choice(choice: str):
         return gr.update(visible=choice == K.ZERO_SHOT)
 
+    def on_load():
+        """The loaded atlas's probes (first one selected) and why any are missing."""
+        st = views.state
+        if st is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        options = K.classifier_choices(st)
+        note = (gr.update(value=H.message(st.probe_note, "warning"), visible=True) if st.probe_note
+                else gr.update(visible=False))  # fmt: skip
+        zero_shot = options[0] == K.ZERO_SHOT
+        return gr.update(choices=options, value=options[0]), gr.update(visible=zero_shot), note
+
     outs = [result_state, classes_out, explained, chart, gallery, concepts_out, families_out, note, status]
     ev = dict(**MODEL_EVENT, api_visibility="private")
     classify_btn.click(on_classify, [image_in, classifier, labels, top_k], outs, **ev)
@@ -96,4 +110,5 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
     top_k.release(on_explain_class, [result_state, explained, top_k], panel_outs, api_visibility="private")
     classifier.change(on_choice, classifier, labels, api_visibility="private")
     return {"classifier": classifier, "labels": labels, "classify_btn": classify_btn, "classes": explained,
-            "links": [concepts_out, families_out]}  # fmt: skip
+            "links": [concepts_out, families_out],
+            "on_load": (on_load, [classifier, labels, probe_note])}  # fmt: skip

@@ -1,4 +1,5 @@
-"""The "Explain an image" tab: upload -> top concepts, heatmaps, overlay, hierarchy, patch lookup, export."""
+"""The "Explain an image" tab: upload -> top concepts, heatmaps, overlay, the image's concept hierarchy
+as a foldable tree, patch lookup, export, and a link to the explanation (example photos only)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import numpy as np
 
 from app import explain as X
 from app import html as H
+from app import links
 from app.components import (
     BRIDGE_JS,
+    LINK_SYNC_JS,
     MODEL_EVENT,
     concept_label,
+    copy_link_js,
+    fold_js,
     label_id,
     raw_image,
     tmp_file,
@@ -22,15 +27,55 @@ from app.state import AppError
 from app.views import Views
 
 
-def build(views: Views, examples: list[str], n_groups: int, expl_state: gr.State, status: gr.HTML) -> dict:
+def tree_html(tree: dict) -> str:
+    """The concept tree as nested, foldable ``<details>`` (escaped): a chip, its share and a bar."""
+
+    def node(n: dict, depth: int) -> str:
+        cover = (f" <small>(on {100 * n['coverage']:.0f}% of its parent's patches)</small>"
+                 if n["coverage"] is not None else f" <small>({n['n_patches']} patches)</small>")  # fmt: skip
+        head = (f"{H.concept_link(n['id'], n['name'])} <b>{100 * n['share']:.1f}%</b> "
+                f"{H.share_bar(n['share'])}{cover}")  # fmt: skip
+        more = f"<div style='margin-left:22px'><small>+{n['more']} more</small></div>" if n["more"] else ""
+        if not n["children"]:
+            style = "margin:2px 0 2px 16px"
+            return f'<div class="insight-leaf" data-node="{n["id"]}" style="{style}">{head}</div>'
+        kids = "".join(node(c, depth + 1) for c in n["children"])
+        return (f'<details class="insight-node" data-node="{n["id"]}" open style="margin:2px 0">'
+                f'<summary style="cursor:pointer">{head}</summary>'
+                f"<div style='margin-left:18px;border-left:1px dashed #cbd5e1;padding-left:4px'>{kids}{more}"
+                "</div></details>")  # fmt: skip
+
+    if not tree["roots"]:
+        return "<h3>Concept hierarchy</h3><i>no active concept</i>"
+    more = f"<small>+{tree['more']} more top-level concepts</small>" if tree["more"] else ""
+    return (
+        f"<h3>Concept hierarchy</h3><p style='margin:0'><small>{tree['n_active']} active concepts; each "
+        "appears once, under its strongest active parent; % = share of its level (siblings sum to 100%). "
+        "Click a row to fold it.</small></p>"
+        f'<div class="insight-tree" role="tree">{"".join(node(r, 0) for r in tree["roots"])}{more}</div>'
+    )
+
+
+def link_html(expl: X.Explanation, k: float, group: float) -> str:
+    """The permalink of an explanation of an example photo; uploads cannot be linked (never stored)."""
+    if expl.example:
+        return H.permalink(links.example_link(expl.example, int(k), int(group)), "explanation")
+    return ('<small data-unlinkable="?tab=explain">(an uploaded image is not stored, so this explanation '
+            "has no link; explanations of the example photos do)</small>")  # fmt: skip
+
+
+def build(views: Views, examples: list[str], expl_state: gr.State, status: gr.HTML) -> dict:
     """Lay out and wire the tab.
 
     Returns
     -------
     dict
-        ``image``, ``explain_btn``, ``links`` (the HTML panels with concept chips) and ``deps``
-        (the explain events, which the steer tab chains onto).
+        ``image``, ``explain_btn``, ``links`` (the HTML panels with concept chips), ``deps`` (the
+        explain events, which the steer tab chains onto), ``outputs`` and ``run`` (``run(path, k,
+        group, alpha)`` -> the outputs of an explanation, for deep links) and ``on_load`` (``(fn,
+        outputs)``: the granularity slider of the loaded atlas).
     """
+    n_groups = views.n_groups
     with gr.Tab("Explain an image", id="explain"):
         with gr.Row():
             with gr.Column(scale=1):
@@ -54,8 +99,14 @@ def build(views: Views, examples: list[str], n_groups: int, expl_state: gr.State
                 )
                 gallery = gr.Gallery(label="Heatmaps", columns=4, height=300, elem_id="heatmaps")
         with gr.Row():
-            tops_html = gr.HTML(js_on_load=BRIDGE_JS, elem_id="top-concepts")
-            hier_html = gr.HTML(js_on_load=BRIDGE_JS, elem_id="hierarchy")
+            with gr.Column(min_width=300):
+                copy_btn = gr.Button("Copy link", size="sm", elem_id="explain-copy-link")
+                tops_html = gr.HTML(js_on_load=BRIDGE_JS + LINK_SYNC_JS, elem_id="top-concepts")
+            with gr.Column(min_width=300):
+                with gr.Row():
+                    fold_btn = gr.Button("Fold the tree", size="sm", elem_id="tree-fold", min_width=80)
+                    unfold_btn = gr.Button("Unfold the tree", size="sm", elem_id="tree-unfold", min_width=80)
+                hier_html = gr.HTML(js_on_load=BRIDGE_JS, elem_id="hierarchy")
         patch_html = gr.HTML(js_on_load=BRIDGE_JS, elem_id="patch-concepts")
         with gr.Row():
             export_btn = gr.Button("Export activations (JSON) and heatmaps (PNG)")
@@ -74,39 +125,30 @@ def build(views: Views, examples: list[str], n_groups: int, expl_state: gr.State
         ]
         return X.overlay(expl.image, maps, alpha)
 
-    def panels(expl: X.Explanation, tops: list[dict], group: float, alpha: float):
+    def panels(expl: X.Explanation, tops: list[dict], k: float, group: float, alpha: float):
         state = views.s()
         gal = [(X.heatmap(expl.image, X.concept_map(expl, t["id"]), alpha), concept_label(t)) for t in tops]
         rows = [[H.concept_link(t["id"], t["name"]), str(t["group"]), f"{100 * t['share']:.1f}%",
                  f"{t['max']:.2f}", str(t["n_patches"])] for t in tops]  # fmt: skip
-        tops_h = "<h3>Top concepts</h3>" + H.table(["concept", "group", "share", "max", "patches"], rows)
-        hier = X.hierarchy(state, expl, int(group))
-        items = "".join(
-            f"<li>{H.concept_link(p['id'], p['name'])}<ul>"
-            + "".join(f"<li>{H.concept_link(c['id'], c['name'])} {c['percent']:.1f}% "
-                      f"<small>(on {100 * c['coverage']:.0f}% of its patches)</small></li>"
-                      for c in p["children"])
-            + "</ul></li>"
-            for p in hier
-        )  # fmt: skip
-        hier_h = "<h3>Concept hierarchy</h3>" + (
-            f"<ul>{items}</ul>" if items else "<i>no active parent-child pairs</i>"
-        )
+        tops_h = (f"<h3>Top concepts</h3><div>{link_html(expl, k, group)}</div>"
+                  + H.table(["concept", "group", "share", "max", "patches"], rows))  # fmt: skip
+        hier_h = tree_html(X.concept_tree(state, expl, int(group)))
         return gal, tops_h, hier_h
 
-    @ui_handler(8)
-    def on_explain(source: Any, k: float, group: float, alpha: float):
+    def run(source: Any, k: float, group: float, alpha: float) -> tuple:
         expl = views.explain(source)
         tops, labels, shown, ov = render(expl, k, group, alpha, None)
-        gal, tops_h, hier_h = panels(expl, tops, group, alpha)
+        gal, tops_h, hier_h = panels(expl, tops, k, group, alpha)
         return expl, ov, gal, gr.update(choices=labels, value=shown), tops_h, hier_h, "", None
+
+    on_explain = ui_handler(8)(run)
 
     @ui_handler(5)
     def on_controls(expl: X.Explanation | None, k: float, group: float, alpha: float, shown: list[str]):
         if expl is None:
             raise AppError("explain an image first")
         tops, labels, shown, ov = render(expl, k, group, alpha, shown)
-        gal, tops_h, hier_h = panels(expl, tops, group, alpha)
+        gal, tops_h, hier_h = panels(expl, tops, k, group, alpha)
         return ov, gal, gr.update(choices=labels, value=shown), tops_h, hier_h
 
     @ui_handler(1)
@@ -163,5 +205,18 @@ def build(views: Views, examples: list[str], n_groups: int, expl_state: gr.State
     overlay.select(on_patch, [expl_state, granularity], [patch_html, status], api_visibility="private")
     export_btn.click(on_export, [expl_state, top_k, granularity, opacity, toggles], [export_files, status],
                      api_visibility="private")  # fmt: skip
+    fold_btn.click(None, None, None, js=fold_js("hierarchy", False))
+    unfold_btn.click(None, None, None, js=fold_js("hierarchy", True))
+    copy_btn.click(None, None, None, js=copy_link_js("top-concepts"))
+
+    def on_load(group: int | None = None):
+        """The granularity slider of the loaded atlas (its number of Matryoshka groups), at ``group``
+        (default: all groups)."""
+        if views.state is None:
+            return gr.skip()
+        last = max(views.n_groups - 1, 1)  # min < max, also with one group
+        return gr.update(minimum=0, maximum=last, value=views.n_groups - 1 if group is None else group)
+
     return {"image": image_in, "explain_btn": explain_btn, "links": [tops_html, hier_html, patch_html],
-            "deps": deps}  # fmt: skip
+            "deps": deps, "outputs": outs, "controls": [top_k, granularity, opacity], "run": run,
+            "on_load": (on_load, [granularity])}  # fmt: skip

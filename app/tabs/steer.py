@@ -8,7 +8,7 @@ from app import concepts as C
 from app import explain as X
 from app import html as H
 from app import steer as S
-from app.components import MODEL_EVENT, concept_label, label_id, ui_handler
+from app.components import MODEL_EVENT, NOTHING, concept_label, label_id, ui_handler
 from app.state import AppError
 from app.views import Views
 
@@ -19,27 +19,40 @@ N_SLIDERS = 8
 def build(views: Views, expl_state: gr.State, status: gr.HTML, explain_ui: dict) -> dict:
     """Lay out and wire the tab; a new explanation (``explain_ui["deps"]``) refreshes the caption.
 
+    The controls exist whatever the atlas: when the loaded atlas has no captioner, the page load
+    (``on_load``) hides them and shows why instead.
+
     Returns
     -------
     dict
-        ``captions`` and ``sliders``; empty when the atlas has no captioner (the tab says so).
+        ``captions``, ``sliders`` and ``on_load`` (``(fn, outputs)``).
     """
-    note = None if views.state is None else (None if views.state.steerer else views.state.captioner_note)
     with gr.Tab("Steer captions", id="steer"):
-        if note:
-            gr.HTML(H.message(note, "warning"), elem_id="no-captioner")
-            return {}
-        gr.Markdown("Explain an image first; move a slider (0 removes a concept, 1 keeps it, > 1 amplifies); "
-                    "the caption regenerates when you release it.")  # fmt: skip
-        slider_ids = gr.State([])
-        captions = gr.HTML(elem_id="captions")
-        sliders = [gr.Slider(0, S.SLIDER_MAX, value=1, step=0.1, visible=False, elem_id=f"steer-slider-{i}",
-                             label=f"concept {i}") for i in range(N_SLIDERS)]  # fmt: skip
-        with gr.Row():
-            add_query = gr.Textbox(label="Add a concept (search)", elem_id="steer-add-query")
-            add_pick = gr.Dropdown(label="Matches", choices=[], elem_id="steer-add-pick")
-            add_btn = gr.Button("Add", elem_id="steer-add-btn")
-            reset_btn = gr.Button("Reset sliders")
+        note = gr.HTML(visible=False, elem_id="no-captioner")
+        with gr.Column() as controls:
+            gr.Markdown("Explain an image first; move a slider (0 removes a concept, 1 keeps it, > 1 "
+                        "amplifies); the caption regenerates when you release it.")  # fmt: skip
+            slider_ids = gr.State([])
+            captions = gr.HTML(elem_id="captions")
+            sliders = [gr.Slider(0, S.SLIDER_MAX, value=1, step=0.1, visible=False,
+                                 elem_id=f"steer-slider-{i}", label=f"concept {i}")
+                       for i in range(N_SLIDERS)]  # fmt: skip
+            with gr.Row():
+                add_query = gr.Textbox(label="Add a concept (search)", elem_id="steer-add-query",
+                                       min_width=160)  # fmt: skip
+                add_pick = gr.Dropdown(label="Matches", choices=[], elem_id="steer-add-pick", min_width=160)
+                add_btn = gr.Button("Add", elem_id="steer-add-btn", min_width=80)
+                reset_btn = gr.Button("Reset sliders", min_width=120)
+
+    def on_load():
+        state = views.state
+        if state is None:
+            return gr.skip(), gr.skip()
+        if state.steerer is None:
+            return gr.update(value=H.message(state.captioner_note, "warning"), visible=True), gr.update(
+                visible=False
+            )
+        return gr.update(visible=False), gr.update(visible=True)
 
     def slider_updates(ids: list[int]) -> list:
         state = views.s()
@@ -53,8 +66,8 @@ def build(views: Views, expl_state: gr.State, status: gr.HTML, explain_ui: dict)
 
     @ui_handler(2 + N_SLIDERS)
     def on_new_image(expl: X.Explanation | None):
-        if expl is None:
-            raise AppError("explain an image first")
+        if expl is None or views.state is None or views.state.steerer is None:
+            return NOTHING  # no explanation (a page load without a link) or no captioner: stay quiet
         tops = X.top_concepts(views.s(), expl, N_SLIDERS)
         ids = [t["id"] for t in tops]
         res = views.steer(expl, [])
@@ -103,4 +116,4 @@ def build(views: Views, expl_state: gr.State, status: gr.HTML, explain_ui: dict)
     reset_btn.click(on_reset, [slider_ids], [*sliders, status], api_visibility="private").then(
         on_slide, [expl_state, slider_ids, *sliders], [captions, status], **ev
     )
-    return {"captions": captions, "sliders": sliders}
+    return {"captions": captions, "sliders": sliders, "on_load": (on_load, [note, controls])}

@@ -9,6 +9,7 @@
 
 from insight_core.atlas.layout import (
     ATLAS_FILES,
+    EVAL_FILES,
     MANIFEST,
     PROBE_FILES,
     REQUIRED_ROLES,
@@ -26,6 +27,7 @@ from insight_core.atlas.manifest import (
     AtlasError,
     VerifyMode,
     reading,
+    register_evals,
     register_probes,
     write_manifest,
 )
@@ -34,6 +36,7 @@ from insight_core.atlas.records import StageRecord, fingerprint, read_json_dict
 __all__ = [
     "ATLAS_FILES",
     "ATLAS_FORMAT",
+    "EVAL_FILES",
     "MANIFEST",
     "PROBE_FILES",
     "REQUIRED_ROLES",
@@ -51,6 +54,7 @@ __all__ = [
     "fingerprint",
     "read_json_dict",
     "reading",
+    "register_evals",
     "register_probes",
     "write_manifest",
 ]

@@ -178,6 +178,9 @@ hashed like a role."""
 
 EXPLORER_ROLES = (
     "sae",
+    "sae_metrics",
+    "stats",
+    "stats_meta",
     "concepts",
     "edges",
     "concept_vectors",
@@ -190,9 +193,22 @@ EXPLORER_ROLES = (
     "captioner",
     "captioner_adapter",
 )
-"""Roles the explorer app reads (with every file of :data:`ATLAS_FILE_SETS`). Opening an atlas for
-the app checks their SHA-256 against the manifest; other files (statistics, metrics, configs the app
-never reads) are only checked for presence and size."""
+"""Roles the explorer app reads (with every file of :data:`ATLAS_FILE_SETS`, the probes and the
+evaluation files of :data:`EVAL_EXPLORER_ROLES`). Opening an atlas for the app checks their SHA-256
+against the manifest; other files (metrics, configs the app never reads) are only checked for
+presence and size. Concept pages read the statistics (histograms, range exemplars, co-occurrence rows)
+and the SAE's held-out metrics (FVE per Matryoshka shell)."""
+
+EVAL_FILES: dict[str, str] = {
+    "report": "report.json",
+    "concepts": "concepts.parquet",
+}
+"""Role -> file name inside an evaluation folder (``evals/NAME/``); the manifest's ``evals`` block lists
+each evaluation's files present by these roles (at least one of them)."""
+
+EVAL_EXPLORER_ROLES = ("report", "concepts")
+"""Evaluation files the app reads (hashed on open): the report (kind, dataset figures) and the
+per-concept table (``id`` + one column per metric) concept pages show."""
 
 UPLOAD_IGNORE = [".*", "*/.*", "*.tmp", "*.lock", f"{_VOCAB_CACHE_DIR}/*", "__pycache__/*", "*/__pycache__/*"]
 """Patterns (``huggingface_hub`` style) of atlas files never uploaded: hidden training state and
@@ -254,19 +270,34 @@ class AtlasLayout:
         return self.root.parent / f"{self.root.name}-features"
 
     @property
+    def demo_work_dir(self) -> Path:
+        """``demo``'s work folder beside the atlas (photo links, features, the app's build log)."""
+        return self.root.parent / f"{self.root.name}-work"
+
+    @property
     def demo_images_dir(self) -> Path:
-        """``demo``'s links to the photos it uses, in a work folder beside the atlas."""
-        return self.root.parent / f"{self.root.name}-work" / "images"
+        """``demo``'s links to the photos it uses, in the work folder."""
+        return self.demo_work_dir / "images"
 
     @property
     def demo_features_dir(self) -> Path:
         """``demo``'s extracted features, in the same work folder."""
-        return self.root.parent / f"{self.root.name}-work" / "features"
+        return self.demo_work_dir / "features"
+
+    @property
+    def demo_progress(self) -> Path:
+        """The ``--progress-file`` of a demo build the app started (JSON lines, ``insight_core.progress``)."""
+        return self.demo_work_dir / "progress.jsonl"
+
+    @property
+    def demo_build_log(self) -> Path:
+        """The full output of a demo build the app started (the terminal only gets a short summary)."""
+        return self.demo_work_dir / "build.log"
 
     @property
     def demo_labels(self) -> Path:
         """``demo``'s labels of the example photos (image,label CSV) for its plumbing-demo probe."""
-        return self.root.parent / f"{self.root.name}-work" / "example_labels.csv"
+        return self.demo_work_dir / "example_labels.csv"
 
     # -- SAE ------------------------------------------------------------------------------------
     @property
@@ -447,6 +478,31 @@ class AtlasLayout:
     def evaluation(self, name: str) -> Path:
         """The folder of a named evaluation (``evals/NAME/``)."""
         return self.evals_dir / check_name(name, "evaluation name")
+
+    def evaluation_file(self, name: str, role: str) -> Path:
+        """A file of a named evaluation by role (see :data:`EVAL_FILES`)."""
+        try:
+            return self.evaluation(name) / EVAL_FILES[role]
+        except KeyError:
+            raise ConfigError(
+                f"unknown evaluation file role {role!r} (known: {sorted(EVAL_FILES)})"
+            ) from None
+
+    def evaluation_concepts(self, name: str) -> Path:
+        """Per-concept results of an evaluation (``evals/NAME/concepts.parquet``: an ``id`` column and
+        one column per metric); concept pages show them."""
+        return self.evaluation_file(name, "concepts")
+
+    def evaluations(self) -> list[str]:
+        """Names of the evaluations present (folders of ``evals/`` with a valid name), sorted."""
+        if not self.evals_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.evals_dir.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
+
+    def evaluation_files(self, name: str) -> dict[str, Path]:
+        """The files of :data:`EVAL_FILES` present in an evaluation folder, by role."""
+        files = {role: self.evaluation_file(name, role) for role in EVAL_FILES}
+        return {role: path for role, path in files.items() if path.is_file()}
 
     @property
     def exports_dir(self) -> Path:

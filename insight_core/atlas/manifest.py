@@ -28,6 +28,8 @@ from typing import Any, Literal, get_args
 from insight_core.atlas.layout import (
     ATLAS_FILE_SETS,
     ATLAS_FILES,
+    EVAL_EXPLORER_ROLES,
+    EVAL_FILES,
     EXPLORER_ROLES,
     MANIFEST,
     PROBE_FILES,
@@ -132,6 +134,7 @@ def write_manifest(
         "files": files,
         "file_sets": {name: members for name, members in file_sets.items() if members},
         "probes": _probes(layout),
+        "evals": _evals(layout),
         **(extra or {}),
     }
     manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
@@ -161,6 +164,43 @@ def _probes(layout: AtlasLayout) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _evals(layout: AtlasLayout) -> dict[str, dict[str, Any]]:
+    """The ``evals`` block: every evaluation folder holding files of :data:`EVAL_FILES`, its kind (from
+    its report, when readable) and its files by role."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in layout.evaluations():
+        files = layout.evaluation_files(name)
+        if not files:
+            continue
+        kind = None
+        if "report" in files:
+            try:
+                report = _read_json(files["report"])
+            except AtlasError:  # listed anyway: the app reports it by name when it reads it
+                report = None
+            if isinstance(report, dict) and isinstance(report.get("kind"), str):
+                kind = report["kind"]
+        out[name] = {"kind": kind, "files": {role: _entry(layout, path) for role, path in files.items()}}
+    return out
+
+
+def _rewrite_blocks(root: str | Path, blocks: dict[str, Any]) -> dict[str, Any] | None:
+    """Replace some blocks (and the stage fingerprints) of an existing manifest; None without one."""
+    layout = AtlasLayout(Path(root))
+    if not layout.manifest.is_file():
+        return None
+    manifest = _read_json(layout.manifest)
+    if not isinstance(manifest, dict) or manifest.get("format") != ATLAS_FORMAT:
+        raise AtlasError(f"{layout.manifest}: not an INSIGHT atlas manifest")
+    manifest.update(blocks)
+    manifest["stages"] = {
+        name: rec.read().get("input_fingerprint") for name, rec in layout.stage_records().items()
+    }
+    manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
+    write_json(layout.manifest, manifest)
+    return manifest
+
+
 def register_probes(root: str | Path) -> dict[str, Any] | None:
     """Rewrite only the ``probes`` block (and stage fingerprints) of an existing manifest.
 
@@ -168,19 +208,16 @@ def register_probes(root: str | Path) -> dict[str, Any] | None:
     the new manifest, or None when the atlas has no manifest yet (``write_manifest`` lists the
     probes when it is written).
     """
-    layout = AtlasLayout(Path(root))
-    if not layout.manifest.is_file():
-        return None
-    manifest = _read_json(layout.manifest)
-    if not isinstance(manifest, dict) or manifest.get("format") != ATLAS_FORMAT:
-        raise AtlasError(f"{layout.manifest}: not an INSIGHT atlas manifest")
-    manifest["probes"] = _probes(layout)
-    manifest["stages"] = {
-        name: rec.read().get("input_fingerprint") for name, rec in layout.stage_records().items()
-    }
-    manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
-    write_json(layout.manifest, manifest)
-    return manifest
+    return _rewrite_blocks(root, {"probes": _probes(AtlasLayout(Path(root)))})
+
+
+def register_evals(root: str | Path) -> dict[str, Any] | None:
+    """Rewrite only the ``evals`` block (and stage fingerprints) of an existing manifest.
+
+    Called by the evaluation stages after they wrote ``evals/NAME/``; hashes only the evaluation
+    files. Returns the new manifest, or None when the atlas has no manifest yet.
+    """
+    return _rewrite_blocks(root, {"evals": _evals(AtlasLayout(Path(root)))})
 
 
 def _configs(layout: AtlasLayout) -> dict:
@@ -276,7 +313,9 @@ class Atlas:
                     f"{root}: the manifest lists no {role!r} file ({ATLAS_FILES.get(role, role)})"
                 )
         hashed = {_safe_rel(manifest_path, files[r]["path"]) for r in EXPLORER_ROLES if r in files}
-        hashed |= {rel for rel, key in entries.items() if not key.startswith("role:")}
+        hashed |= {rel for rel, key in entries.items() if not key.startswith(("role:", "eval:"))}
+        hashed |= {rel for rel, key in entries.items()
+                   if key.startswith("eval:") and key.rpartition(":")[2] in EVAL_EXPLORER_ROLES}  # fmt: skip
         store = VerificationCache(verification_cache(root) if cache and verify != "sizes" else None)
         verified = set()
         try:
@@ -378,6 +417,33 @@ class Atlas:
         return files
 
     @property
+    def evaluations(self) -> dict[str, dict[str, Any]]:
+        """The evaluations the manifest lists: name -> kind and files (see docs/atlas.md)."""
+        return dict(self.manifest.get("evals", {}))
+
+    def evaluation_file(self, name: str, role: str) -> Path | None:
+        """A listed evaluation's file for reading (None when the evaluation lists no such file).
+
+        Raises
+        ------
+        AtlasError
+            The evaluation is not listed, or its file was not hash-verified in this open.
+        """
+        if name not in self.evaluations:
+            known = ", ".join(sorted(self.evaluations)) or "none"
+            raise AtlasError(
+                f"{self.root}: no evaluation named {name!r} in the manifest (evaluations: {known})"
+            )
+        if role not in self.evaluations[name].get("files", {}):
+            return None
+        path = self.layout.evaluation_file(name, role)
+        if self.layout.rel(path) not in self.verified:
+            raise AtlasError(
+                f"{path}: not verified against the manifest's SHA-256 in this open; refusing to read it"
+            )
+        return path
+
+    @property
     def backbone(self) -> dict[str, Any]:
         backbone = self.manifest.get("backbone", {})
         return backbone if isinstance(backbone, dict) else {}
@@ -405,13 +471,14 @@ def _safe_rel(manifest_path: Path, rel: Any) -> str:
 
 
 def _entries(manifest_path: Path, manifest: dict[str, Any]) -> dict[str, str]:
-    """Relative path -> where its entry is (``role:NAME``, ``set:NAME:PATH`` or ``probe:NAME:ROLE``),
-    after checking shapes."""
+    """Relative path -> where its entry is (``role:NAME``, ``set:NAME:PATH``, ``probe:NAME:ROLE`` or
+    ``eval:NAME:ROLE``), after checking shapes."""
     files = manifest.get("files", {})
     sets = manifest.get("file_sets", {})
     probes = manifest.get("probes", {})
-    if not isinstance(files, dict) or not isinstance(sets, dict) or not isinstance(probes, dict):
-        raise AtlasError(f"{manifest_path}: 'files', 'file_sets' and 'probes' must be JSON objects")
+    evals = manifest.get("evals", {})
+    if not all(isinstance(block, dict) for block in (files, sets, probes, evals)):
+        raise AtlasError(f"{manifest_path}: 'files', 'file_sets', 'probes' and 'evals' must be JSON objects")
     out: dict[str, str] = {}
 
     def add(rel: Any, entry: Any, key: str, expected: str | None) -> None:
@@ -456,6 +523,20 @@ def _entries(manifest_path: Path, manifest: dict[str, Any]) -> dict[str, str]:
         for role, entry in probe_files.items():
             rel = entry.get("path") if isinstance(entry, dict) else None
             add(rel, entry, f"probe:{name}:{role}", layout.rel(expected.file(role)))
+    for name, evaluation in evals.items():
+        try:
+            check_name(name, "evaluation name")
+        except ConfigError as err:
+            raise AtlasError(f"{manifest_path}: {err}") from None
+        eval_files = evaluation.get("files") if isinstance(evaluation, dict) else None
+        if not isinstance(eval_files, dict) or not eval_files or not set(eval_files) <= set(EVAL_FILES):
+            raise AtlasError(
+                f"{manifest_path}: evaluation {name!r} must list some of the files {sorted(EVAL_FILES)}; "
+                "rerun the evaluation or `insight manifest --atlas ...`"
+            )
+        for role, entry in eval_files.items():
+            rel = entry.get("path") if isinstance(entry, dict) else None
+            add(rel, entry, f"eval:{name}:{role}", layout.rel(layout.evaluation_file(name, role)))
     return out
 
 
@@ -466,6 +547,8 @@ def _lookup(manifest: dict[str, Any], key: str) -> dict[str, Any]:
     name, _, rel = rest.partition(":")
     if kind == "probe":
         return manifest["probes"][name]["files"][rel]
+    if kind == "eval":
+        return manifest["evals"][name]["files"][rel]
     return manifest["file_sets"][name][rel]
 
 

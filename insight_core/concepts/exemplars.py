@@ -4,12 +4,18 @@
 An exemplar set holds, per concept, the N highest activations with their image id and patch index,
 sorted by (activation desc, image id asc, patch index asc), and the sparse codes of the top
 ``top_w`` of them. The order is total, so the result does not depend on how patches were batched.
+
+Concept pages also show exemplars from the middle and the low end of a concept's activations: per
+band of a log-spaced activation histogram a deterministic uniform sample of patches is kept
+(:class:`BandSamples`, :func:`merge_band_samples`), and :func:`quantile_bins` finds the band of a
+quantile (the median, the 10th percentile) from the histogram.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 
@@ -69,3 +75,114 @@ def merge_exemplars(cur: Exemplars, new: Exemplars, top_n: int, top_w: int) -> E
         code_cols_twk=cols.gather(1, idx),
         code_vals_twk=vals.gather(1, idx),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Exemplars across the activation range (histogram bands)
+#
+# Besides its top-N, every concept keeps a small uniform sample of its patches in each band of a
+# log-spaced activation histogram: the patches with the smallest hash key of (image id, patch index)
+# (a bottom-k sketch). The hash is fixed, so the sample is deterministic, independent of batching and
+# mergeable (the union's bottom-k is the bottom-k of the parts' bottom-k), like the top-N.
+
+_KEY_PRIME = 2_147_483_647  # 2^31 - 1: every product below stays under 2^62 (no int64 overflow)
+KEY_SPAN = _KEY_PRIME + 1
+"""Real keys lie in [0, KEY_SPAN); ``group * KEY_SPAN + key`` sorts by group, then key."""
+KEY_PAD = torch.iinfo(torch.int64).max
+"""Sample key of an empty slot (sorts after every real key, which are < 2^31)."""
+
+
+def sample_key(image: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+    """A fixed pseudo-random int64 key in [0, 2^31 - 1) of each (image id, patch index) pair."""
+    p = _KEY_PRIME
+    h = ((image.long() % p) * 1_103_515_245 + patch.long() % p) % p
+    h = (h * 48_271 + 12_345) % p
+    return (h * 69_621 + 1) % p
+
+
+def band_keys(image: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_key` of filled slots, :data:`KEY_PAD` of empty ones (image id -1)."""
+    return torch.where(image >= 0, sample_key(image, patch), KEY_PAD)
+
+
+@dataclasses.dataclass
+class BandSamples:
+    """Sampled patches of ``G`` (concept, band) groups, sorted by (key, image, patch); -1 / -inf padding."""
+
+    act_gr: torch.Tensor
+    image_gr: torch.Tensor
+    patch_gr: torch.Tensor
+
+
+def merge_band_samples(cur: BandSamples, new: BandSamples, r: int) -> BandSamples:
+    """The ``r`` smallest-key samples of each group out of two sample sets of the same groups."""
+    act = torch.cat([cur.act_gr, new.act_gr], dim=1)
+    img = torch.cat([cur.image_gr, new.image_gr], dim=1)
+    patch = torch.cat([cur.patch_gr, new.patch_gr], dim=1)
+    perm = lexsort_rows([band_keys(img, patch), img, patch])[:, :r]
+    return BandSamples(act.gather(1, perm), img.gather(1, perm), patch.gather(1, perm))
+
+
+def hist_edges(n_bins: int, lo: float, hi: float) -> np.ndarray:
+    """(n_bins + 1,) log-spaced histogram edges from ``lo`` to ``hi``; the end bins also take what
+    lies outside (activations below ``lo`` count in bin 0, above ``hi`` in the last bin)."""
+    return np.geomspace(lo, hi, n_bins + 1)
+
+
+def hist_bin(vals: torch.Tensor, n_bins: int, lo: float, hi: float) -> torch.Tensor:
+    """Bin index (int64, clamped to [0, n_bins)) of each positive activation on the log-spaced edges."""
+    log_lo, log_hi = float(np.log(lo)), float(np.log(hi))
+    pos = (torch.log(vals.double().clamp_min(1e-300)) - log_lo) / (log_hi - log_lo) * n_bins
+    return pos.floor().clamp_(0, n_bins - 1).long()
+
+
+def quantile_bins(hist_mb: np.ndarray, q: float) -> np.ndarray:
+    """(m,) the histogram bin holding the ``q``-quantile of each concept's activations (-1: none)."""
+    counts = np.asarray(hist_mb, dtype=np.float64)
+    total = counts.sum(1)
+    cdf = np.cumsum(counts, axis=1)
+    below = cdf < q * total[:, None] - 1e-9  # bins entirely below the quantile
+    out = below.sum(1).astype(np.int64)
+    return np.where(total > 0, np.minimum(out, counts.shape[1] - 1), -1)
+
+
+RANGE_QUANTILES: dict[str, float] = {"middle": 0.5, "low": 0.1}
+"""The activation ranges a concept page shows besides its top exemplars: the samples of the band that
+holds the median activation and of the band that holds the 10th percentile."""
+
+
+def range_bands(hist_mb: np.ndarray, band_bins: int) -> dict[str, np.ndarray]:
+    """For each range of :data:`RANGE_QUANTILES`, the (m,) sampling band a concept page shows.
+
+    A range takes the band holding its quantile; when an earlier range already took that band (a
+    narrow distribution), it moves to the nearest non-empty band below, and when there is none it is
+    left out (-1), so no band is shown twice. -1 also for never-active concepts.
+    """
+    counts = np.asarray(hist_mb)
+    m, n_bins = counts.shape
+    band_counts = counts.reshape(m, n_bins // int(band_bins), int(band_bins)).sum(2)
+    used = np.zeros(band_counts.shape, dtype=bool)
+    out: dict[str, np.ndarray] = {}
+    rows = np.arange(m)
+    for name, q in RANGE_QUANTILES.items():
+        bins = quantile_bins(counts, q)
+        band = np.where(bins >= 0, bins // int(band_bins), -1)
+        taken = (band >= 0) & used[rows, np.maximum(band, 0)]
+        for j in np.flatnonzero(taken):  # rare: walk down to the nearest free non-empty band
+            lower = [b for b in range(int(band[j]) - 1, -1, -1) if band_counts[j, b] > 0 and not used[j, b]]
+            band[j] = lower[0] if lower else -1
+        ok = band >= 0
+        used[rows[ok], band[ok]] = True
+        out[name] = band
+    return out
+
+
+def range_sample_images(hist_mb: np.ndarray, band_image_msr: np.ndarray, band_bins: int) -> np.ndarray:
+    """Sorted unique image ids of the samples concept pages show (:func:`range_bands` of every
+    concept): the index stage writes thumbnails for them."""
+    image_msr = np.asarray(band_image_msr)
+    rows = np.arange(image_msr.shape[0])
+    bands = range_bands(hist_mb, band_bins).values()
+    picked = [image_msr[rows, np.maximum(b, 0)][b >= 0].reshape(-1) for b in bands]
+    ids = np.concatenate(picked) if picked else np.zeros(0, np.int64)
+    return np.unique(ids[ids >= 0]).astype(np.int64)

@@ -11,12 +11,17 @@ the exemplar merging lives in :mod:`insight_core.concepts.exemplars`.
   ``D = N / diag(N)[:, None]`` is Eq. 5: ``D[j, j'] = sum_i 1[j' active on i] A_ij / sum_i A_ij``;
 - the top-``N`` exemplar patches of each concept (activation, image id, patch index) and, for the
   top-``top_w`` of them, the patch's full sparse code, so that ``w(i, a)`` (mean activation of
-  concept ``a`` on the top-30 patches of concept ``i``, App. B.4) can be read for any pair later.
+  concept ``a`` on the top-30 patches of concept ``i``, App. B.4) can be read for any pair later;
+- a log-spaced histogram of each concept's activations (``hist_bins`` bins) and, per band of
+  ``band_bins`` histogram bins, a deterministic uniform sample of ``band_samples`` patches, so that a
+  concept page can show exemplars from the middle and the low end of its activations, not only the
+  top (:mod:`insight_core.concepts.exemplars`).
 
 Memory is O(m^2) for ``N`` (512 MiB at m = 8192) plus O(m * top_n) and O(m * top_w * k_max) for the
-exemplars, whatever the dataset size. Codes are handled sparsely: a patch has ~k active concepts, so
-co-occurrence costs O(B * k^2) per batch (one ``index_add_`` of all ordered pairs of active concepts
-of every patch into the flattened ``N``), never a dense (B, m)^T (B, m) product.
+exemplars and O(m * hist_bins) for the histograms and band samples, whatever the dataset size.
+Codes are handled sparsely: a patch has ~k active concepts, so co-occurrence costs O(B * k^2) per
+batch (one ``index_add_`` of all ordered pairs of active concepts of every patch into the flattened
+``N``), never a dense (B, m)^T (B, m) product.
 
 Contract: all patches of an image arrive in the same :meth:`StatsAccumulator.update` call (images
 are never split across batches), and different accumulators that are :meth:`merged
@@ -43,14 +48,27 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from insight_core.concepts.exemplars import Exemplars, lexsort_rows, merge_exemplars, pad_k
+from insight_core.concepts.exemplars import (
+    KEY_SPAN,
+    BandSamples,
+    Exemplars,
+    band_keys,
+    hist_bin,
+    hist_edges,
+    lexsort_rows,
+    merge_band_samples,
+    merge_exemplars,
+    pad_k,
+)
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json, write_safetensors
 
 logger = logging.getLogger(__name__)
 
 _FORMAT = "insight-concept-stats"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+"""2 added the activation histograms and band samples; version 1 files still load (without them)."""
+_READABLE_VERSIONS = (1, 2)
 _MAX_PAIRS = 1 << 23  # ordered (patch, j, j') pairs per index_add_ chunk (~200 MiB of temporaries)
 
 
@@ -64,6 +82,16 @@ class StatsConfig:
     """Top exemplars per concept whose full sparse code is kept, for ``w(i, a)`` (paper App. B.4: 30)."""
     min_activation: float = 0.0
     """A concept counts as active on a patch when its code is strictly greater than this."""
+    hist_bins: int = 64
+    """Bins of each concept's activation histogram, log-spaced from ``hist_min`` to ``hist_max``."""
+    hist_min: float = 1e-4
+    """Lower edge of the histograms (smaller activations count in the first bin)."""
+    hist_max: float = 1e4
+    """Upper edge of the histograms (larger activations count in the last bin)."""
+    band_bins: int = 4
+    """Histogram bins per sampling band: exemplars across the activation range are sampled per band."""
+    band_samples: int = 4
+    """Patches sampled (uniformly, deterministically) per concept and band."""
 
     def __post_init__(self) -> None:
         if self.top_n < 1:
@@ -74,6 +102,27 @@ class StatsConfig:
             raise ConfigError(
                 f"StatsConfig.min_activation must be finite and >= 0, got {self.min_activation}"
             )
+        if self.band_bins < 1 or self.hist_bins < 1 or self.hist_bins % self.band_bins:
+            raise ConfigError(
+                f"StatsConfig.hist_bins ({self.hist_bins}) must be a positive multiple of band_bins "
+                f"({self.band_bins})"
+            )
+        if not (0 < self.hist_min < self.hist_max < float("inf")):
+            raise ConfigError(
+                f"StatsConfig.hist_min/hist_max must satisfy 0 < hist_min < hist_max < inf, got "
+                f"{self.hist_min}, {self.hist_max}"
+            )
+        if self.band_samples < 1:
+            raise ConfigError(f"StatsConfig.band_samples must be >= 1, got {self.band_samples}")
+
+    @property
+    def n_bands(self) -> int:
+        """Sampling bands per concept (``hist_bins / band_bins``)."""
+        return self.hist_bins // self.band_bins
+
+    def edges(self) -> np.ndarray:
+        """(hist_bins + 1,) histogram bin edges (see :func:`~insight_core.concepts.exemplars.hist_edges`)."""
+        return hist_edges(self.hist_bins, self.hist_min, self.hist_max)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +163,15 @@ class StatsAccumulator:
             code_cols_twk=torch.full((m, w, 1), -1, dtype=torch.int32, device=dev),
             code_vals_twk=torch.zeros((m, w, 1), device=dev),
         )
+        self.hist_flat = torch.zeros(m * self.cfg.hist_bins, dtype=torch.int64, device=dev)
+        """Activation histograms, row-major ``hist[j, bin] = hist_flat[j * hist_bins + bin]``."""
+        g, r = m * self.cfg.n_bands, self.cfg.band_samples
+        self.bands = BandSamples(
+            act_gr=torch.full((g, r), -torch.inf, device=dev),
+            image_gr=torch.full((g, r), -1, dtype=torch.int64, device=dev),
+            patch_gr=torch.full((g, r), -1, dtype=torch.int64, device=dev),
+        )
+        """Band samples of group ``j * n_bands + band``."""
         self._prev_images: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------- update
@@ -163,6 +221,8 @@ class StatsAccumulator:
         self._add_pairs(rows, cols, vals, row_counts, row_start)
         # exemplars
         self._update_exemplars(rows, cols, vals, image_ids_b, patch_ids_b, row_counts, row_start)
+        # histograms and samples across the activation range
+        self._update_bands(cols, vals, image_ids_b[rows], patch_ids_b[rows])
 
     def _check_batch(self, codes: torch.Tensor, images: torch.Tensor, patches: torch.Tensor) -> None:
         if codes.ndim != 2 or codes.shape[1] != self.m:
@@ -268,6 +328,43 @@ class StatsAccumulator:
         merged = merge_exemplars(cur, Exemplars(new_act, new_img, new_patch, new_cols, new_vals), n, w)
         self._store_exemplars(touched, merged)
 
+    def _update_bands(self, cols: torch.Tensor, vals: torch.Tensor, img: torch.Tensor,
+                      patch: torch.Tensor) -> None:  # fmt: skip
+        """Histogram counts, then the ``band_samples`` smallest-key patches of each (concept, band)."""
+        cfg, dev = self.cfg, self.device
+        bins = hist_bin(vals, cfg.hist_bins, cfg.hist_min, cfg.hist_max)
+        self.hist_flat += torch.bincount(cols * cfg.hist_bins + bins, minlength=self.hist_flat.numel())
+        group = cols * cfg.n_bands + bins // cfg.band_bins
+        key = band_keys(img, patch)
+        # only entries at or below the largest key a group keeps can enter its sample (full groups
+        # quickly reject most patches); then sort by (group, key, image, patch)
+        last = self.bands.image_gr[:, -1]
+        cutoff = band_keys(last, self.bands.patch_gr[:, -1])
+        cand = key <= cutoff[group]
+        group, key, vals, img, patch = (t[cand] for t in (group, key, vals, img, patch))
+        order = lexsort_rows([group * KEY_SPAN + key, img, patch])
+        group, vals, img, patch = group[order], vals[order], img[order], patch[order]
+        counts = torch.bincount(group, minlength=self.hist_flat.numel() // cfg.band_bins)
+        rank = torch.arange(group.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[group]
+        keep = rank < cfg.band_samples
+        group, vals, img, patch, rank = (t[keep] for t in (group, vals, img, patch, rank))
+        touched = torch.nonzero(counts, as_tuple=True)[0]
+        slot = torch.searchsorted(touched, group)
+        shape = (touched.numel(), cfg.band_samples)
+        new = BandSamples(torch.full(shape, -torch.inf, device=dev),
+                          torch.full(shape, -1, dtype=torch.int64, device=dev),
+                          torch.full(shape, -1, dtype=torch.int64, device=dev))  # fmt: skip
+        new.act_gr[slot, rank], new.image_gr[slot, rank], new.patch_gr[slot, rank] = vals, img, patch
+        self._store_bands(touched, new)
+
+    def _store_bands(self, groups: torch.Tensor, new: BandSamples) -> None:
+        b = self.bands
+        cur = BandSamples(b.act_gr[groups], b.image_gr[groups], b.patch_gr[groups])
+        merged = merge_band_samples(cur, new, self.cfg.band_samples)
+        b.act_gr[groups], b.image_gr[groups], b.patch_gr[groups] = (
+            merged.act_gr, merged.image_gr, merged.patch_gr
+        )
+
     def _grow_k(self, k: int) -> None:
         if k > self.ex.code_cols_twk.shape[-1]:
             self.ex.code_cols_twk = pad_k(self.ex.code_cols_twk, k, -1)
@@ -306,6 +403,12 @@ class StatsAccumulator:
         )
         merged = merge_exemplars(self.ex, theirs, self.cfg.top_n, self.cfg.top_w)
         self._store_exemplars(torch.arange(self.m, device=dev), merged)
+        self.hist_flat += other.hist_flat.to(dev)
+        ob = other.bands
+        self._store_bands(
+            torch.arange(self.bands.act_gr.shape[0], device=dev),
+            BandSamples(ob.act_gr.to(dev), ob.image_gr.to(dev), ob.patch_gr.to(dev)),
+        )
         self._prev_images = None
         return self
 
@@ -325,6 +428,10 @@ class StatsAccumulator:
             "ex_patch_mn": ex.patch_tn,
             "ex_code_cols_mwk": ex.code_cols_twk,
             "ex_code_vals_mwk": ex.code_vals_twk,
+            "hist_flat": self.hist_flat,
+            "band_act_gr": self.bands.act_gr,
+            "band_image_gr": self.bands.image_gr,
+            "band_patch_gr": self.bands.patch_gr,
         }
 
     @classmethod
@@ -353,6 +460,10 @@ class StatsAccumulator:
             "ex_patch_mn": ((m, n), torch.int64),
             "ex_code_cols_mwk": ((m, w, k), torch.int32),
             "ex_code_vals_mwk": ((m, w, k), torch.float32),
+            "hist_flat": ((m * cfg.hist_bins,), torch.int64),
+            "band_act_gr": ((m * cfg.n_bands, cfg.band_samples), torch.float32),
+            "band_image_gr": ((m * cfg.n_bands, cfg.band_samples), torch.int64),
+            "band_patch_gr": ((m * cfg.n_bands, cfg.band_samples), torch.int64),
         }
         for name, (shape, dtype) in expected.items():
             got = state.get(name)
@@ -372,6 +483,10 @@ class StatsAccumulator:
                 state[k_].to(dev).clone()
                 for k_ in ("ex_act_mn", "ex_image_mn", "ex_patch_mn", "ex_code_cols_mwk", "ex_code_vals_mwk")
             )
+        )
+        acc.hist_flat = state["hist_flat"].to(dev).clone()
+        acc.bands = BandSamples(
+            *(state[k_].to(dev).clone() for k_ in ("band_act_gr", "band_image_gr", "band_patch_gr"))
         )
         return acc
 
@@ -393,6 +508,9 @@ class StatsAccumulator:
         ex = self.ex
         filled = ex.image_tn >= 0
         act = torch.where(filled, ex.act_tn, torch.nan)
+        s, r = self.cfg.n_bands, self.cfg.band_samples
+        bands = self.bands
+        band_act = torch.where(bands.image_gr >= 0, bands.act_gr, torch.nan)
         return ConceptStats(
             freq_patches_m=freq.cpu().clone(),
             freq_images_m=self.freq_images_m.cpu().clone(),
@@ -407,6 +525,10 @@ class StatsAccumulator:
             n_patches=self.n_patches,
             n_images=self.n_images,
             config=self.cfg,
+            hist_mb=self.hist_flat.view(m, -1).cpu().clone(),
+            band_act_msr=band_act.view(m, s, r).cpu(),
+            band_image_msr=bands.image_gr.view(m, s, r).cpu().clone(),
+            band_patch_msr=bands.patch_gr.view(m, s, r).cpu().clone(),
         )
 
 
@@ -445,6 +567,16 @@ class ConceptStats:
     """Images seen."""
     config: StatsConfig
     """The configuration of the pass."""
+    hist_mb: torch.Tensor | None = None
+    """(m, b) int64: activation histogram of each concept over ``b = hist_bins`` log-spaced bins
+    (edges: ``config.edges()``). None for statistics files written before histograms (version 1)."""
+    band_act_msr: torch.Tensor | None = None
+    """(m, s, r) float32: activations of the patches sampled per concept and band (``s = n_bands``
+    bands of ``band_bins`` histogram bins, ``r = band_samples``); NaN pad. None in version 1 files."""
+    band_image_msr: torch.Tensor | None = None
+    """(m, s, r) int64: image id of each band sample; -1 pad."""
+    band_patch_msr: torch.Tensor | None = None
+    """(m, s, r) int64: patch index of each band sample; -1 pad."""
 
     @property
     def m(self) -> int:
@@ -489,7 +621,8 @@ class ConceptStats:
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name.endswith(("_m", "_mm", "_mn", "_mwk"))
+            if f.name.endswith(("_m", "_mm", "_mn", "_mwk", "_mb", "_msr"))
+            and getattr(self, f.name) is not None
         }
 
     def save(self, tensors_path: str | Path, meta_path: str | Path) -> None:
@@ -517,9 +650,13 @@ class ConceptStats:
             doc = json.loads(json_path.read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot read concept statistics metadata {json_path}: {e}") from e
-        if not isinstance(doc, dict) or doc.get("format") != _FORMAT or doc.get("version") != _FORMAT_VERSION:
+        if (
+            not isinstance(doc, dict)
+            or doc.get("format") != _FORMAT
+            or doc.get("version") not in _READABLE_VERSIONS
+        ):
             raise CheckpointError(
-                f"{json_path} is not a concept statistics file ({_FORMAT} v{_FORMAT_VERSION})"
+                f"{json_path} is not a concept statistics file ({_FORMAT} v{_READABLE_VERSIONS})"
             )
         try:
             cfg = StatsConfig(**doc["config"])
@@ -544,6 +681,14 @@ class ConceptStats:
             "ex_code_cols_mwk": ((m, w, k), torch.int32),
             "ex_code_vals_mwk": ((m, w, k), torch.float32),
         }
+        if doc["version"] >= 2:  # activation histograms and band samples
+            s, r = cfg.n_bands, cfg.band_samples
+            expected |= {
+                "hist_mb": ((m, cfg.hist_bins), torch.int64),
+                "band_act_msr": ((m, s, r), torch.float32),
+                "band_image_msr": ((m, s, r), torch.int64),
+                "band_patch_msr": ((m, s, r), torch.int64),
+            }
         for name, (shape, dtype) in expected.items():
             t = tensors.get(name)
             if t is None:

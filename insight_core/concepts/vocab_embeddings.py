@@ -284,7 +284,8 @@ def embed_vocabulary(
     words: Sequence[str],
     encode_text: EncodeText,
     templates_by_pos: Mapping[str, Sequence[str]] = TEMPLATES_BY_POS,
-    batch_size: int = 1024,
+    batch_size: int = 256,
+    progress: bool = False,
 ) -> VocabEmbeddings:
     """Embed every word with every template set.
 
@@ -299,18 +300,24 @@ def embed_vocabulary(
         Part-of-speech name -> templates with one ``{}`` each; its order is the ``pos`` axis.
     batch_size
         Words per ``encode_text`` call (each call encodes ``batch_size * n_templates`` prompts).
+    progress
+        Show a progress bar (words x parts of speech).
 
     Returns
     -------
     VocabEmbeddings
         ``emb_pwd`` (n_pos, W, d) float32 unit rows.
     """
+    from tqdm.auto import tqdm
+
     words = _check_words(words, "words")
     sets = _check_template_sets(templates_by_pos)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
     per_pos = []
     dim: int | None = None
+    bar = tqdm(total=len(words) * len(sets), desc="vocabulary", unit="word", disable=not progress,
+               dynamic_ncols=True)  # fmt: skip
     for pos, templates in sets.items():
         logger.info("embedding %d words with %d %s templates", len(words), len(templates), pos)
         parts = []
@@ -324,7 +331,9 @@ def embed_vocabulary(
                 )
             dim = out.shape[1]
             parts.append(_unit_rows(out, f"encode_text output for {pos} words {sl.start}..", ConfigError))
+            bar.update(n)
         per_pos.append(np.concatenate(parts))
+    bar.close()
     return VocabEmbeddings(tuple(words), np.stack(per_pos), tuple(sets))
 
 
@@ -347,7 +356,8 @@ def cached_vocab_embeddings(
     backbone_id: str,
     encode_text: EncodeText,
     templates_by_pos: Mapping[str, Sequence[str]] = TEMPLATES_BY_POS,
-    batch_size: int = 1024,
+    batch_size: int = 256,
+    progress: bool = False,
 ) -> VocabEmbeddings:
     """:func:`embed_vocabulary`, cached in ``cache_dir/vocab_emb_<hash>.npz``.
 
@@ -371,7 +381,7 @@ def cached_vocab_embeddings(
                 logger.info("vocabulary embeddings: cache hit %s", path)
                 return hit
             logger.warning("vocabulary cache %s does not match the request; recomputing", path)
-    emb = embed_vocabulary(words, encode_text, sets, batch_size)
+    emb = embed_vocabulary(words, encode_text, sets, batch_size, progress=progress)
     emb.save_npz(path)
     logger.info("vocabulary embeddings cached in %s", path)
     return emb

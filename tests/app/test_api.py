@@ -18,7 +18,7 @@ EXAMPLE = EXAMPLES / "coco_214753_horses_beach.jpg"
 
 def test_api_lists_the_named_endpoints(client) -> None:
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/explain", "/concept", "/search", "/family", "/caption", "/steer"} <= names
+    assert {"/explain", "/compare", "/concept", "/search", "/family", "/caption", "/steer"} <= names
 
 
 def test_explain_endpoint(client, app_state) -> None:
@@ -33,6 +33,26 @@ def test_explain_endpoint(client, app_state) -> None:
     assert first.sum() == pytest.approx(tops[0]["mass"], rel=1e-3)
     coarse = client.predict(handle_file(str(EXAMPLE)), 50, 0, api_name="/explain")
     assert all(t["group"] == 0 for t in coarse["top_concepts"])
+    tree = out["tree"]  # the foldable hierarchy: every active concept once
+    ids: list[int] = []
+    todo = list(tree["roots"])
+    while todo:
+        node = todo.pop()
+        ids.append(node["id"])
+        todo += node["children"]
+    assert len(ids) == len(set(ids))
+    assert tops[0]["id"] in ids
+
+
+def test_compare_endpoint(client) -> None:
+    other = EXAMPLES / "coco_126107_bird_sand.jpg"
+    out = client.predict(handle_file(str(EXAMPLE)), handle_file(str(other)), 5, api_name="/compare")
+    assert 0 <= out["jaccard"] <= 1
+    assert len(out["shared"]) <= 5
+    assert out["n_shared"] >= len(out["shared"])
+    same = client.predict(handle_file(str(EXAMPLE)), handle_file(str(EXAMPLE)), 5, api_name="/compare")
+    assert same["jaccard"] == 1.0
+    assert same["only_a"] == same["only_b"] == []
 
 
 def test_concept_search_family_endpoints(client, app_state) -> None:
@@ -41,6 +61,10 @@ def test_concept_search_family_endpoints(client, app_state) -> None:
     assert page["id"] == cid
     assert page["name"] == app_state.name(cid)
     assert "alternatives" in page
+    assert page["histogram"]["total"] == page["freq_patches"]
+    assert page["range_exemplars"]
+    assert page["cooccurring"]
+    assert page["permalink"] == f"?concept={cid}"
     hits = client.predict(app_state.name(cid), "name", 10, api_name="/search")
     assert cid in [h["id"] for h in hits]
     assert len(client.predict("a horse", "text", 4, api_name="/search")) == 4

@@ -54,6 +54,9 @@ def test_python_app_py_serves_with_spaces_environment(app_atlas: Path, tmp_path:
         assert status == 200, f"app did not come up (exit {proc.poll()}):\n{log.read_text()[-3000:]}"
         _, body = _get(f"http://127.0.0.1:{port}/gradio_api/info")
         assert "/family" in json.loads(body)["named_endpoints"]
+        # the page is served at once; the atlas loads in the background (app/startup.py)
+        while time.monotonic() < deadline and "atlas ready" not in log.read_text() and proc.poll() is None:
+            time.sleep(1)
         text = log.read_text()
         assert f"loaded atlas {app_atlas}" in text
         assert "building the demo atlas" not in text

@@ -15,13 +15,16 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from app import state as S
 from app.server import load_views
 from app.ui import build_ui
 from app.views import Views
-from insight_core.atlas import Atlas, AtlasError, write_manifest
+from insight_core.atlas import Atlas, AtlasError, AtlasLayout, register_evals, write_manifest
+from insight_core.io import write_json
 
 EXAMPLE = sorted((Path(__file__).resolve().parents[2] / "assets" / "examples").glob("*.jpg"))[0]
 
@@ -47,10 +50,28 @@ CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
 }
 
 
+EVAL = "parts"
+"""The evaluation added to the copy, so that its files (read by concept pages) are corrupted too."""
+
+
+def _add_evaluation(root: Path, m: int) -> None:
+    """A per-concept evaluation table and its report (``evals/NAME/``), listed in the manifest."""
+    layout = AtlasLayout(root)
+    folder = layout.evaluation(EVAL)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = np.arange(0, m, 3)
+    table = {"id": ids, "locality": np.linspace(0, 1, len(ids)), "best_label": ["sky"] * len(ids)}
+    pd.DataFrame(table).to_parquet(layout.evaluation_file(EVAL, "concepts"))
+    write_json(layout.evaluation_file(EVAL, "report"), {"kind": "concepts", "locality": 0.5})
+    register_evals(root)
+
+
 @pytest.fixture(scope="module")
-def atlas_copy(app_atlas: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def atlas_copy(app_atlas: Path, app_state, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("untrusted") / "atlas"
     shutil.copytree(app_atlas, root)
+    if EVAL not in Atlas.open(root).evaluations:
+        _add_evaluation(root, app_state.m)
     return root
 
 
@@ -79,6 +100,10 @@ def test_every_corrupted_file_is_a_clean_error_or_never_read(atlas_copy: Path) -
     assert "index/exemplars.faiss" in hashed
     assert "captioner/lm/model.safetensors" in hashed
     assert "thumbs/0.webp" in hashed
+    # what concept pages read: statistics (histograms, range exemplars, co-occurrence), the SAE's
+    # held-out metrics and the evaluations
+    assert {"stats/concept_stats.safetensors", "stats/concept_stats.json", "sae_metrics.json",
+            f"evals/{EVAL}/concepts.parquet", f"evals/{EVAL}/report.json"} <= hashed  # fmt: skip
     cases = errors = 0
     unread: set[str] = set()
     problems: list[str] = []
@@ -114,19 +139,21 @@ def test_files_the_app_never_reads_cannot_change_what_it_shows(atlas_copy: Path,
     root = atlas_copy
     hashed = Atlas.open(root).verified
     unread = [p for p in _files(root) if p.relative_to(root).as_posix() not in {*hashed, "manifest.json"}]
-    assert {p.relative_to(root).as_posix() for p in unread} >= {"stats/concept_stats.safetensors", "sae.json"}
+    assert {p.relative_to(root).as_posix() for p in unread} >= {"families.json", "sae.json"}
+    before = Views(S.load_state(root))  # the copy (with its evaluation), pristine
     originals = {p: p.read_bytes() for p in unread}
     try:
         for p, data in originals.items():
             p.write_bytes(_flip_bytes(data) if data else data)
         state = S.load_state(root)
-        before, after = Views(app_state), Views(state)
+        after = Views(state)
         for cid in (0, 3, int(app_state.families.parent_e[0]) if app_state.families.n_edges else 1):
             assert after.api_concept(str(cid)) == before.api_concept(str(cid))
             assert after.api_family(str(cid), 3) == before.api_family(str(cid), 3)
         assert after.api_search(app_state.name(2), "name", 5) == before.api_search(
             app_state.name(2), "name", 5
         )
+        assert after.api_concept("0")["metrics"][EVAL] == {"locality": 0.0}  # evaluation figures unchanged
         assert state.thumbs == app_state.thumbs
         assert state.captioner is not None, state.captioner_note
         assert after.api_caption(str(EXAMPLE))["caption"] == before.api_caption(str(EXAMPLE))["caption"]
@@ -164,8 +191,10 @@ def test_faiss_indexes_are_read_only_after_their_hash_matched(
         unverified.read_path("exemplar_index")
 
 
-# one file per reader: JSON (two kinds), parquet (three tables), safetensors (SAE, vectors, adapter,
-# LM weights), FAISS (flat indexes), the LM's config and tokenizer, the captioner config, a thumbnail
+# one file per reader: JSON (index and thumbnail metadata, statistics metadata, SAE metrics, an
+# evaluation report), parquet (three tables and an evaluation's per-concept table), safetensors (SAE,
+# vectors, statistics, adapter, LM weights), FAISS (flat indexes), the LM's config and tokenizer, the
+# captioner config
 READERS = [
     "index/index.json",
     "thumbs/index.json",
@@ -176,6 +205,11 @@ READERS = [
     "concept_vectors.safetensors",
     "index/concepts.faiss",
     "index/exemplars.faiss",
+    "stats/concept_stats.safetensors",
+    "stats/concept_stats.json",
+    "sae_metrics.json",
+    f"evals/{EVAL}/report.json",
+    f"evals/{EVAL}/concepts.parquet",
     "captioner/config.json",
     "captioner/adapter.safetensors",
     "captioner/lm/model.safetensors",
@@ -205,7 +239,12 @@ def test_hash_consistent_garbage_is_one_atlas_error_naming_the_file(
             )
             for name in ("truncate", "flip-bytes"):
                 with corrupted(root / rel, CORRUPTIONS[name]):
-                    write_manifest(root)  # the corrupt file now matches its manifest entry
+                    try:
+                        write_manifest(root)  # the corrupt file now matches its manifest entry
+                    except AtlasError as err:  # a file the manifest summarises (statistics metadata)
+                        if rel not in str(err):
+                            problems.append(f"{rel} ({name}): the manifest error does not name it: {err}")
+                        continue
                     try:
                         state = S.load_state(root)
                     except AtlasError as err:
@@ -217,6 +256,8 @@ def test_hash_consistent_garbage_is_one_atlas_error_naming_the_file(
                         continue
                     if rel.startswith("captioner/") and state.captioner is None:
                         assert rel in state.captioner_note or "captioner" in state.captioner_note
+                    if rel.startswith("evals/") and EVAL not in state.evaluations:
+                        assert rel in state.eval_note  # skipped, with a note naming the file
     finally:
         write_manifest(root)
     assert not problems, "\n".join(problems)

@@ -11,8 +11,9 @@ import pytest
 
 from insight_core.atlas import Atlas
 from insight_core.atlas.layout import EXAMPLES_DIR as EXAMPLES
+from insight_core.progress import read_progress
 from precompute.__main__ import main
-from precompute.demo import auto_dict_size, resolve_pretrained
+from precompute.demo import STAGES, auto_dict_size, resolve_pretrained
 
 
 @pytest.fixture
@@ -47,9 +48,15 @@ def test_demo_builds_a_valid_atlas_from_examples_and_a_user_folder(
     out = tmp_path / "atlas"
     args = ["demo", "--out", str(out), "--images", str(yours), "--steps", "60", "--max-words", "40"]
     args += ["--captioner-epochs", "2"]
+    progress_file = tmp_path / "progress.jsonl"
     with caplog.at_level(logging.WARNING):
-        assert main([*args, "--no-progress"]) == 0
+        assert main([*args, "--no-progress", "--progress-file", str(progress_file)]) == 0
     assert "RANDOM-INIT BACKBONE" in caplog.text
+    report = read_progress(progress_file)  # what the explorer shows while it builds the demo
+    assert report is not None
+    assert report.status == "done"
+    assert [s.stage for s in report.stages] == [name for name, _ in STAGES]
+    assert all(s.status == "done" and s.elapsed_s is not None for s in report.stages)
     printed = capsys.readouterr().out
     assert "demo atlas ready" in printed
     assert "RANDOM-INIT BACKBONE" in printed

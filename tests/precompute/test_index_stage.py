@@ -13,7 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from insight_core.atlas import AtlasLayout
+from insight_core.concepts.exemplars import range_sample_images
 from insight_core.concepts.index import faiss_threads, load_index, search
+from insight_core.concepts.stats import ConceptStats
 from insight_core.data.features import scan_features
 from insight_core.data.images import load_image
 from insight_core.errors import CheckpointError
@@ -140,7 +143,11 @@ def test_photos_get_thumbnails_with_original_sizes(photo_atlas, caplog) -> None:
     meta = run(job)
     table = pq.read_table(atlas / "exemplars.parquet").to_pydict()
     assert len(table["row"]) > 0
-    wanted = sorted(set(table["image_id"]))
+    layout = AtlasLayout(atlas)
+    stats = ConceptStats.load(layout.stats_tensors, layout.stats_meta)
+    ranges = range_sample_images(stats.hist_mb.numpy(), stats.band_image_msr.numpy(), stats.config.band_bins)
+    assert len(ranges) > 0  # the images of the middle / low exemplars a concept page shows
+    wanted = sorted(set(table["image_id"]) | set(ranges.tolist()))
     doc = json.loads((atlas / "thumbs" / "index.json").read_text())
     assert sorted(int(k) for k in doc) == wanted
     assert meta["thumbs"]["n"] == len(wanted)

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from insight_core.atlas import ATLAS_FILES, REQUIRED_ROLES, SCHEMA_VERSION, Atlas, AtlasError, write_manifest
+from insight_core.atlas import (
+    ATLAS_FILES,
+    REQUIRED_ROLES,
+    SCHEMA_VERSION,
+    Atlas,
+    AtlasError,
+    AtlasLayout,
+    register_evals,
+    write_manifest,
+)
 from insight_core.atlas.layout import user_cache_dir, verification_cache
 from insight_core.atlas.manifest import CHECKSUM_KEY, manifest_checksum
 
@@ -76,12 +85,13 @@ def test_same_size_corruption_needs_hash_check(atlas_dir: Path) -> None:
 
 def test_default_open_hashes_what_the_explorer_reads_and_sizes_the_rest(atlas_dir: Path) -> None:
     write_manifest(atlas_dir)
-    stats = atlas_dir / ATLAS_FILES["stats"]  # large, and never read by the app
-    stats.write_bytes(stats.read_bytes()[::-1])
+    summary = atlas_dir / ATLAS_FILES["families"]  # never read by the app (the statistics are, since
+    summary.write_bytes(summary.read_bytes()[::-1])  # concept pages show histograms and co-occurrence)
     atlas = Atlas.open(atlas_dir)
     assert atlas.read_path("sae") == atlas_dir / "sae.safetensors"
+    assert atlas.read_path("stats") == atlas_dir / ATLAS_FILES["stats"]
     with pytest.raises(AtlasError, match="not verified"):
-        atlas.read_path("stats")
+        atlas.read_path("families")
     with pytest.raises(AtlasError, match="hash differs"):
         Atlas.open(atlas_dir, verify="all")
     sizes_only = Atlas.open(atlas_dir, verify="sizes")
@@ -172,7 +182,8 @@ def test_verification_cache_makes_reopening_cheap_but_never_trusts_a_changed_fil
     real = verify.sha256_file
     monkeypatch.setattr(verify, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
     Atlas.open(atlas_dir)
-    assert sorted(hashed) == ["concepts.parquet", "edges.parquet", "sae.safetensors"]
+    assert sorted(hashed) == ["concept_stats.safetensors", "concepts.parquet", "edges.parquet",
+                              "sae.safetensors"]  # fmt: skip
     cache_file = verification_cache(atlas_dir)
     assert cache_file.is_file()
     assert cache_file.is_relative_to(user_cache_dir())
@@ -192,7 +203,7 @@ def test_verification_cache_makes_reopening_cheap_but_never_trusts_a_changed_fil
     assert json.loads(cache_file.read_text())["format"] == "insight-verification-cache"
     hashed.clear()
     Atlas.open(atlas_dir, cache=False)
-    assert len(hashed) == 3
+    assert len(hashed) == 4
 
 
 def test_schema_mismatch_and_foreign_manifest(atlas_dir: Path, tmp_path: Path) -> None:
@@ -296,3 +307,54 @@ def test_malformed_probes_block(atlas_dir: Path) -> None:
         Atlas.open(atlas_dir)
     path.unlink()
     assert register_probes(atlas_dir) is None  # no manifest yet: nothing to update
+
+
+def test_evaluations_are_listed_verified_and_read_only_through_the_atlas(atlas_dir: Path) -> None:
+    layout = AtlasLayout(atlas_dir)
+    layout.evaluation("parts").mkdir(parents=True)
+    layout.evaluation_file("parts", "concepts").write_bytes(b"per-concept table")
+    layout.evaluation_file("parts", "report").write_text(json.dumps({"kind": "concepts"}))
+    layout.evaluation("empty").mkdir()  # no files: not listed
+    write_manifest(atlas_dir)
+    atlas = Atlas.open(atlas_dir)
+    assert atlas.evaluations["parts"]["kind"] == "concepts"
+    assert set(atlas.evaluations) == {"parts"}
+    assert atlas.evaluation_file("parts", "concepts") == layout.evaluation_concepts("parts")
+    assert {"evals/parts/concepts.parquet", "evals/parts/report.json"} <= atlas.verified
+    with pytest.raises(AtlasError, match="no evaluation named 'other'"):
+        atlas.evaluation_file("other", "concepts")
+    with pytest.raises(AtlasError, match="refusing to read"):
+        Atlas.open(atlas_dir, verify="sizes").evaluation_file("parts", "concepts")
+    # a table changed after the manifest: refused by name; register_evals lists it again
+    layout.evaluation_file("parts", "concepts").write_bytes(b"per-concept TABLE")
+    with pytest.raises(AtlasError, match=r"evals/parts/concepts\.parquet: content hash differs"):
+        Atlas.open(atlas_dir)
+    register_evals(atlas_dir)
+    assert Atlas.open(atlas_dir).evaluation_file("parts", "concepts") is not None
+    # a report-less evaluation is listed with the files it has
+    layout.evaluation_file("parts", "report").unlink()
+    register_evals(atlas_dir)
+    atlas = Atlas.open(atlas_dir)
+    assert atlas.evaluations["parts"]["kind"] is None
+    assert atlas.evaluation_file("parts", "report") is None
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ({"../x": {"files": {}}}, "evaluation name"),
+        ({"parts": {"files": {}}}, "must list some of the files"),
+        ({"parts": {"files": {"weights": {"path": "evals/parts/w", "bytes": 1, "sha256": "0"}}}},
+         "must list some of the files"),
+        ({"parts": {"files": {"concepts": {"path": "concepts.parquet", "bytes": 1, "sha256": "0"}}}},
+         "must be at 'evals/parts/concepts.parquet'"),
+        ({"parts": []}, "must list some of the files"),
+    ],
+)  # fmt: skip
+def test_malformed_evals_blocks_are_refused(atlas_dir: Path, entry: dict, match: str) -> None:
+    manifest = write_manifest(atlas_dir)
+    manifest["evals"] = entry
+    manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
+    (atlas_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AtlasError, match=match):
+        Atlas.open(atlas_dir)

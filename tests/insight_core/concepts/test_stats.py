@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import insight_core.concepts.stats as stats_mod
 from insight_core.atlas import AtlasLayout
+from insight_core.concepts.exemplars import quantile_bins, range_bands, range_sample_images, sample_key
 from insight_core.concepts.stats import (
     ConceptStats,
     StatsAccumulator,
@@ -26,7 +27,8 @@ from insight_core.io import write_safetensors
 from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 
 M, N_IMAGES, P = 24, 40, 6
-CFG = StatsConfig(top_n=7, top_w=3)
+# histogram edges chosen so that no activation of _random_codes (0.1 ... 0.5) lies on an edge
+CFG = StatsConfig(top_n=7, top_w=3, hist_bins=12, hist_min=0.03, hist_max=1.0, band_bins=3, band_samples=2)
 
 
 def _random_codes(seed: int = 0, n_images: int = N_IMAGES, m: int = M, density: float = 0.2):
@@ -68,13 +70,25 @@ def _naive(codes: np.ndarray, image_ids: np.ndarray, patch_ids: np.ndarray, cfg:
         top_w = top[: cfg.top_w]
         if top_w:
             out["w"][j] = a[top_w].mean(0)
+    # histograms on the log-spaced edges, then the smallest-key patches of every band
+    edges = cfg.edges()
+    bins = np.clip(np.digitize(c, edges) - 1, 0, cfg.hist_bins - 1)
+    out["hist"] = np.stack([np.bincount(bins[act[:, j], j], minlength=cfg.hist_bins) for j in range(m)])
+    keys = sample_key(torch.from_numpy(image_ids), torch.from_numpy(patch_ids)).numpy()
+    out["bands"] = {}
+    for j in range(m):
+        for band in range(cfg.n_bands):
+            rows = np.flatnonzero(act[:, j] & (bins[:, j] // cfg.band_bins == band))
+            rows = sorted(rows.tolist(), key=lambda i: (keys[i], image_ids[i], patch_ids[i]))
+            out["bands"][j, band] = [(float(codes[i, j]), int(image_ids[i]), int(patch_ids[i]))
+                                     for i in rows[: cfg.band_samples]]  # fmt: skip
     return out
 
 
 def _accumulate(
-    codes, image_ids, patch_ids, images_per_batch: int, cfg: StatsConfig = CFG
+    codes, image_ids, patch_ids, images_per_batch: int, cfg: StatsConfig = CFG, device: str = "cpu"
 ) -> StatsAccumulator:
-    acc = StatsAccumulator(codes.shape[1], cfg)
+    acc = StatsAccumulator(codes.shape[1], cfg, device=device)
     step = images_per_batch * P
     for s in range(0, len(codes), step):
         acc.update(torch.from_numpy(codes[s : s + step]), image_ids[s : s + step], patch_ids[s : s + step])
@@ -140,6 +154,25 @@ def test_matches_naive_dense_computation() -> None:
     np.testing.assert_allclose(st_.w_pairs(ii, aa).numpy(), ref["w"], atol=1e-6)
     assert st_.w(0, 1) == pytest.approx(ref["w"][0, 1], abs=1e-6)
     assert st_.w(3, 0) == 0.0  # never-active concept
+    # activation histograms and the samples of every band
+    np.testing.assert_array_equal(st_.hist_mb.numpy(), ref["hist"])
+    np.testing.assert_array_equal(st_.hist_mb.sum(1).numpy(), ref["freq_patches"])
+    assert st_.band_act_msr.shape == (M, CFG.n_bands, CFG.band_samples)
+    for (j, band), want in ref["bands"].items():
+        n = len(want)
+        got = zip(st_.band_act_msr[j, band, :n].tolist(), st_.band_image_msr[j, band, :n].tolist(),
+                  st_.band_patch_msr[j, band, :n].tolist(), strict=True)  # fmt: skip
+        assert [(round(a, 6), i, p) for a, i, p in got] == [(round(a, 6), i, p) for a, i, p in want]
+        assert (st_.band_image_msr[j, band, n:] == -1).all()
+        assert torch.isnan(st_.band_act_msr[j, band, n:]).all()
+    assert sum(len(v) for v in ref["bands"].values()) > 2 * M  # several bands per concept were sampled
+
+
+def test_quantile_bins() -> None:
+    hist = np.array([[0, 2, 2, 0, 6], [0, 0, 0, 0, 0], [5, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(quantile_bins(hist, 0.5), [4, -1, 0, 1])
+    np.testing.assert_array_equal(quantile_bins(hist, 0.1), [1, -1, 0, 0])
+    np.testing.assert_array_equal(quantile_bins(hist, 1.0), [4, -1, 0, 3])
 
 
 def test_ties_are_broken_by_image_then_patch() -> None:
@@ -305,6 +338,12 @@ def test_config_validation() -> None:
         StatsConfig(min_activation=-1.0)
     with pytest.raises(ConfigError, match="m "):
         StatsAccumulator(0)
+    with pytest.raises(ConfigError, match="multiple of band_bins"):
+        StatsConfig(hist_bins=10, band_bins=4)
+    with pytest.raises(ConfigError, match="hist_min"):
+        StatsConfig(hist_min=0.0)
+    with pytest.raises(ConfigError, match="band_samples"):
+        StatsConfig(band_samples=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,6 +367,30 @@ def test_save_load_round_trip(tmp_path: Path, small_stats: ConceptStats) -> None
     assert doc["m"] == M
     assert doc["n_images"] == N_IMAGES
     assert doc["config"]["top_n"] == CFG.top_n
+    assert doc["version"] == 2
+    assert back.hist_mb is not None
+    assert back.config.hist_bins == CFG.hist_bins
+
+
+def test_version_1_files_still_load(tmp_path: Path, small_stats: ConceptStats) -> None:
+    """A statistics file written before histograms (version 1: no hist/band tensors, no hist config)."""
+    layout = AtlasLayout(tmp_path)
+    small_stats.save(layout.stats_tensors, layout.stats_meta)
+    tensors = {k: v for k, v in small_stats._tensors().items() if not k.startswith(("hist_", "band_"))}
+    write_safetensors(layout.stats_tensors, tensors, {"format": "insight-concept-stats"})
+    doc = json.loads(layout.stats_meta.read_text())
+    doc["version"] = 1
+    doc["config"] = {k: doc["config"][k] for k in ("top_n", "top_w", "min_activation")}
+    layout.stats_meta.write_text(json.dumps(doc))
+    old = ConceptStats.load(layout.stats_tensors, layout.stats_meta)
+    assert old.hist_mb is None
+    assert old.band_image_msr is None
+    torch.testing.assert_close(old.D_mm, small_stats.D_mm)
+    assert old.w(1, 2) == small_stats.w(1, 2)
+    doc["version"] = 2  # a version-2 file must have them
+    layout.stats_meta.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="missing tensor 'hist_mb'"):
+        ConceptStats.load(layout.stats_tensors, layout.stats_meta)
 
 
 def test_load_bad_files(tmp_path: Path, small_stats: ConceptStats) -> None:
@@ -364,3 +427,27 @@ def test_load_bad_files(tmp_path: Path, small_stats: ConceptStats) -> None:
     st_path.write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match=STATS_TENSORS):
         ConceptStats.load(st_path, json_path)
+
+
+def test_range_bands_never_show_a_band_twice() -> None:
+    # 8 bins, bands of 2 bins: concept 0 spread out, 1 narrow (all in one band), 2 narrow with a
+    # lower band, 3 never active
+    hist = np.array([[4, 4, 4, 4, 4, 4, 4, 4], [0, 0, 0, 0, 0, 9, 0, 0], [1, 0, 0, 0, 0, 0, 30, 2],
+                     [0] * 8])  # fmt: skip
+    bands = range_bands(hist, 2)
+    assert list(bands) == ["middle", "low"]
+    np.testing.assert_array_equal(bands["middle"], [1, 2, 3, -1])
+    np.testing.assert_array_equal(bands["low"], [0, -1, 0, -1])  # 2: q10 is in the median's band -> below
+    image_msr = np.arange(4 * 4 * 3).reshape(4, 4, 3)
+    image_msr[0, 0] = -1  # an empty sample slot
+    want = {*image_msr[0, 1], *image_msr[1, 2], *image_msr[2, 3], *image_msr[2, 0]}
+    assert range_sample_images(hist, image_msr, 2).tolist() == sorted(want)
+
+
+@pytest.mark.gpu
+def test_cuda_accumulator_matches_cpu() -> None:
+    """The same statistics (exemplars, histograms, band samples included) when accumulated on CUDA."""
+    codes, image_ids, patch_ids = _random_codes(seed=11)
+    cpu = _accumulate(codes, image_ids, patch_ids, 5).finalize()
+    cuda = _accumulate(codes, image_ids, patch_ids, 5, device="cuda").finalize()
+    _assert_same(cpu, cuda, d_atol=1e-5)
