@@ -26,3 +26,8 @@ class CheckpointError(InsightError, ValueError):
 
 class ConfigError(InsightError, ValueError):
     """A configuration value is out of range or inconsistent with other values."""
+
+
+class MaskFileError(InsightError, ValueError):
+    """A segmentation-mask folder is malformed or does not match its feature shards (count, order,
+    label values, class list)."""

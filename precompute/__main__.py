@@ -15,11 +15,14 @@ from precompute import (
     captioner,
     demo,
     demo_planted,
+    eval_concepts,
+    eval_ovs,
     extract,
     families,
     hub,
     index,
     manifest,
+    masks,
     name,
     stats,
     synth,
@@ -49,6 +52,9 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "demo": (demo.DemoJob, demo.run),
     "demo-planted": (demo_planted.PlantedDemoJob, demo_planted.run),
     "captioner": (captioner.CaptionerJob, captioner.run),
+    "masks": (masks.MasksJob, masks.run),
+    "eval-ovs": (eval_ovs.EvalOvsJob, eval_ovs.run),
+    "eval-concepts": (eval_concepts.EvalConceptsJob, eval_concepts.run),
 }
 
 

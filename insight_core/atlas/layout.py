@@ -305,6 +305,116 @@ class AtlasLayout:
         """The folder of a named evaluation (``evals/NAME/``)."""
         return self.evals_dir / check_name(name, "evaluation name")
 
+    def eval_layout(self, name: str) -> EvalLayout:
+        """The files of a named evaluation (``evals/NAME/``: report, tables, resumable state)."""
+        return EvalLayout(self.evaluation(name))
+
+    def eval_layouts(self) -> dict[str, EvalLayout]:
+        """Every finished evaluation (a folder of ``evals/`` holding a report), by name."""
+        if not self.evals_dir.is_dir():
+            return {}
+        found = (EvalLayout(p) for p in sorted(self.evals_dir.iterdir()) if p.is_dir())
+        return {e.root.name: e for e in found if e.report_json.is_file()}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EvalLayout:
+    """One evaluation folder (``ATLAS/evals/NAME/``, written by ``eval-ovs`` or ``eval-concepts``)."""
+
+    root: Path
+
+    REPORT_JSON = "report.json"
+    REPORT_MD = "report.md"
+    CLASS_EMBEDDINGS = "class_embeddings.npz"
+    SEGMENTS = "segments.parquet"
+    PER_CLASS = "per_class.parquet"
+    PER_CONCEPT = "per_concept.parquet"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def report_json(self) -> Path:
+        """Summary figures, settings and inputs (``kind``: ``"ovs"`` or ``"concepts"``)."""
+        return self.root / self.REPORT_JSON
+
+    @property
+    def report_md(self) -> Path:
+        """The same figures as a markdown table."""
+        return self.root / self.REPORT_MD
+
+    @property
+    def class_embeddings(self) -> Path:
+        """OVS: the class text embeddings used (the ``--vocab-embeddings`` ``.npz`` format)."""
+        return self.root / self.CLASS_EMBEDDINGS
+
+    @property
+    def segments(self) -> Path:
+        """OVS: one row per predicted segment with its top concept contributions."""
+        return self.root / self.SEGMENTS
+
+    @property
+    def per_class(self) -> Path:
+        """Per class (OVS) or per label (concept metrics) figures."""
+        return self.root / self.PER_CLASS
+
+    @property
+    def per_concept(self) -> Path:
+        """Concept metrics: per-concept figures (images, impurity, best label and its IoU)."""
+        return self.root / self.PER_CONCEPT
+
+    @property
+    def partial(self) -> Path:
+        """Accumulators after the last finished shard, to resume an interrupted run (hidden)."""
+        return self.root / ".partial.safetensors"
+
+    @property
+    def parts_dir(self) -> Path:
+        """Per-shard pieces of a table written while streaming (hidden; joined at the end)."""
+        return self.root / ".parts"
+
+    def part(self, shard: int) -> Path:
+        return self.parts_dir / f"part_{shard:05d}.parquet"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MasksLayout:
+    """A mask folder (``precompute masks``): int32 label maps aligned one-to-one with feature shards.
+
+    ``masks_XXXXX.npy`` (n_images, H, W) holds the label maps of the images of ``shard_XXXXX.npy``,
+    in the same order; ``masks_XXXXX.ids.json`` their image ids (copied from the features);
+    ``labels.json`` the label names, background and ignore values, resolution and provenance.
+    """
+
+    root: Path
+
+    LABELS = "labels.json"
+    MASK_GLOB = "masks_*.npy"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def labels(self) -> Path:
+        return self.root / self.LABELS
+
+    def masks(self, index: int) -> Path:
+        """The label maps of feature shard ``index``."""
+        return self.root / f"masks_{index:05d}.npy"
+
+    def mask_ids(self, index: int) -> Path:
+        """The image ids of ``masks(index)``, in order."""
+        return self.root / f"masks_{index:05d}.ids.json"
+
+    @staticmethod
+    def mask_index(path: Path) -> int | None:
+        """The index of a ``masks_XXXXX.npy`` file, or None for other files."""
+        match = re.fullmatch(r"masks_(\d{5})\.npy", Path(path).name)
+        return int(match.group(1)) if match else None
+
+    def mask_files(self) -> list[Path]:
+        return sorted(p for p in self.root.glob(self.MASK_GLOB) if self.mask_index(p) is not None)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FeaturesLayout:
@@ -338,6 +448,10 @@ class FeaturesLayout:
         """The index of a ``shard_XXXXX.*`` file, or None for other files."""
         match = re.fullmatch(r"shard_(\d{5})\.(npy|ids\.json)", Path(path).name)
         return int(match.group(1)) if match else None
+
+    def shard_arrays(self) -> list[Path]:
+        """The ``shard_XXXXX.npy`` feature arrays (top level only), sorted by index."""
+        return sorted(p for p in self.root.glob(self.SHARD_GLOB) if self.shard_index(p) is not None)
 
     def shard_files(self) -> list[Path]:
         """Every ``shard_*`` file (arrays and id files), sorted."""
@@ -391,6 +505,11 @@ class SynthLayout:
     @property
     def features(self) -> FeaturesLayout:
         return FeaturesLayout(self.root / "features")
+
+    @property
+    def masks(self) -> MasksLayout:
+        """Object/background label maps of the sampled images, one label per patch (for the evals)."""
+        return MasksLayout(self.root / "masks")
 
     @property
     def oracle_atlas(self) -> AtlasLayout:
