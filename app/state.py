@@ -60,6 +60,8 @@ class AppState:
     captioner_note: str = ""
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     """Serialises the text encoder (its tokenizer is built lazily and not thread-safe)."""
+    text_cache: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """Class-name text embeddings of the Segment tab (``app.segment.class_embeddings``)."""
 
     @property
     def m(self) -> int:

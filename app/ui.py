@@ -14,7 +14,7 @@ import gradio as gr
 
 from app import html as H
 from app.components import MODEL_EVENT, api_handler, json_default, ui_handler
-from app.tabs import concepts, explain, families, steer
+from app.tabs import concepts, explain, families, segment, steer
 from app.views import Views
 
 
@@ -37,7 +37,8 @@ def build_ui(views: Views, examples: list[str] | None = None) -> gr.Blocks:
             concept_ui = concepts.build(views, n_groups, status)
             family_ui = families.build(views, status)
             steer.build(views, expl_state, status, explain_ui)
-        _wire_links(views, tabs, concept_ui, family_ui, status, explain_ui["links"])
+            segment_ui = segment.build(views, examples or [], status)
+        _wire_links(views, tabs, concept_ui, family_ui, status, explain_ui["links"] + segment_ui["links"])
         _api_endpoints(views)
     return demo
 
@@ -80,6 +81,7 @@ def _api_endpoints(views: Views) -> None:
         text2 = gr.Textbox(label="text2")
         num = gr.Number(label="number", value=8)
         num2 = gr.Number(label="number2", value=-1)
+        flag = gr.Checkbox(label="flag", value=False)
         out = gr.JSON(label="result")
         # name -> (handler, inputs, description, runs a model)
         endpoints = {
@@ -109,6 +111,13 @@ def _api_endpoints(views: Views) -> None:
                 False,
             ),
             "caption": (views.api_caption, [image], "Caption of an image (needs an atlas captioner)", True),
+            "segment": (
+                views.api_segment,
+                [image, text, flag],
+                "Open-vocabulary segmentation with concept explanations (image, class names comma "
+                "separated, background prompt): per segment its class, size and top concept contributions",
+                True,
+            ),
             "steer": (
                 views.api_steer,
                 [image, text],

@@ -1,8 +1,9 @@
 """Request handlers bound to one loaded state: the model calls the tabs share and the JSON API.
 
 The API methods back the named endpoints (``/explain``, ``/concept``, ``/search``, ``/family``,
-``/caption``, ``/steer``); they return JSON-ready values and raise :class:`~app.state.AppError` or
-``InsightError`` with a clear message (``app.components.api_handler`` turns those into ``gr.Error``).
+``/caption``, ``/steer``, ``/segment``); they return JSON-ready values and raise
+:class:`~app.state.AppError` or ``InsightError`` with a clear message (``app.components.api_handler``
+turns those into ``gr.Error``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from app import concepts as C
+from app import evals as E
 from app import explain as X
 from app import families as F
+from app import segment as G
 from app import steer as S
 from app.components import gpu
 from app.state import AppError, AppState
@@ -27,6 +30,8 @@ class Views:
         """Explain an image (upload path, file or PIL image) -> :class:`~app.explain.Explanation`."""
         self.steer = gpu(self._steer_impl)
         """Caption an explained image with concept edits applied -> the steering result dict."""
+        self.segment = gpu(self._segment_impl)
+        """Segment an image into class names (+ background prompt) -> :class:`~app.segment.Segmentation`."""
 
     # -- helpers -----------------------------------------------------------------------------
     def s(self) -> AppState:
@@ -40,6 +45,9 @@ class Views:
 
     def _steer_impl(self, expl: X.Explanation, edits: list) -> dict:
         return S.steer(self.s(), expl.patches_hwd, edits)
+
+    def _segment_impl(self, source: Any, classes: list[str], background: bool = False) -> G.Segmentation:
+        return G.segment_image(self.s(), X.read_image(source), classes, background)
 
     @property
     def n_groups(self) -> int:
@@ -60,7 +68,8 @@ class Views:
         }
 
     def api_concept(self, concept_id: Any) -> dict:
-        return C.concept_page(self.s(), concept_id)
+        page = C.concept_page(self.s(), concept_id)
+        return {**page, "evaluations": E.concept_metrics(self.s(), page["id"])}
 
     def api_search(self, query: str, mode: str = "text", k: float = 10) -> list[dict]:
         return C.search(self.s(), query, mode or "text", int(k))
@@ -71,6 +80,10 @@ class Views:
     def api_caption(self, image: Any) -> dict:
         S.require_captioner(self.s())
         return self.steer(self.explain(image), [])
+
+    def api_segment(self, image: Any, classes: str, background: bool = False) -> dict:
+        seg = self.segment(image, G.parse_classes(classes), bool(background))
+        return G.segmentation_doc(self.s(), seg)
 
     def api_steer(self, image: Any, edits: str) -> dict:
         S.require_captioner(self.s())

@@ -7,6 +7,7 @@ from typing import Any
 import gradio as gr
 
 from app import concepts as C
+from app import evals as E
 from app.components import BRIDGE_JS, ui_handler
 from app.views import Views
 
@@ -62,4 +63,4 @@ def concept_outputs(views: Views, cid: Any) -> tuple:
         img = C.exemplar_heatmap(state, e)
         if img is not None:
             gal.append((img, f"image {e['image_id']} · max {e['activation']:.2f}"))
-    return C.concept_html(state, page), gal, page["id"]
+    return C.concept_html(state, page) + E.concept_metrics_html(state, page["id"]), gal, page["id"]
