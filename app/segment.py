@@ -195,7 +195,7 @@ def segment_image(
                     "group": state.group_of(cid),
                     "contribution": float(val),
                     "share": float(val) / total if total else 0.0,
-                    "activation": float(sc.codes_nm[on, cid].sum()),
+                    "activation": float(sc.codes_nm[:, cid][on].sum()),
                 }
             )
         segments.append(
