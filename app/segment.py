@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import json
 import re
 from typing import Any
 
@@ -85,6 +86,11 @@ def palette(n: int) -> np.ndarray:
 
 def parse_classes(text: Any) -> list[str]:
     """Class names from text (comma, semicolon or newline separated) or a list; unique, in order."""
+    if isinstance(text, str) and text.lstrip().startswith("["):  # a JSON list (API clients)
+        try:
+            text = json.loads(text)
+        except ValueError:
+            raise AppError("class names: not a valid JSON list; give names separated by commas") from None
     if isinstance(text, (list, tuple)):
         items = [str(x) for x in text]
     else:
@@ -111,20 +117,21 @@ def class_lists(state: AppState) -> dict[str, list[str]]:
 def class_embeddings(state: AppState, prompts: list[str]) -> np.ndarray:
     """(C, d) unit text embeddings: cached, from the atlas's evaluations, else encoded now."""
     cache: dict[str, np.ndarray] = state.text_cache
-    if _EVALS_KEY not in cache:  # once per state: the embeddings the atlas's evaluations used
-        for _, emb in E.ovs_class_lists(state).values():
-            cache.update({f"{_EVAL_PREFIX}{k}": v for k, v in emb.items()})
-        cache[_EVALS_KEY] = np.zeros(0, np.float32)
-    missing = [p for p in dict.fromkeys(prompts) if p not in cache and _EVAL_PREFIX + p not in cache]
-    if missing:
-        with state.lock:  # the text encoder's tokenizer is not thread-safe
+    with state.lock:  # the text encoder's tokenizer is not thread-safe, and the cache is shared
+        if _EVALS_KEY not in cache:  # once per state: the embeddings the atlas's evaluations used
+            for _, emb in E.ovs_class_lists(state).values():
+                cache.update({f"{_EVAL_PREFIX}{k}": v for k, v in emb.items()})
+            cache[_EVALS_KEY] = np.zeros(0, np.float32)
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache and _EVAL_PREFIX + p not in cache]
+        if missing:
             emb = state.backbone.encode_text(missing, list(TEMPLATES)).float().numpy()
-        for p, e in zip(missing, emb, strict=True):
-            cache[p] = e / max(float(np.linalg.norm(e)), 1e-12)
+            for p, e in zip(missing, emb, strict=True):
+                cache[p] = e / max(float(np.linalg.norm(e)), 1e-12)
+        out = np.stack([cache[p] if p in cache else cache[_EVAL_PREFIX + p] for p in prompts])
         typed = [k for k in cache if not k.startswith(_EVAL_PREFIX) and k != _EVALS_KEY]
         for k in typed[: max(0, len(typed) - CACHE_SIZE)]:  # oldest first
             del cache[k]
-    return np.stack([cache[p] if p in cache else cache[_EVAL_PREFIX + p] for p in prompts]).astype(np.float32)
+    return out.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------

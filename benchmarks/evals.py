@@ -90,7 +90,8 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        cases = [("ovs", 59, 224, "bilinear"), ("ovs", 171, 224, "bilinear"), ("ovs", 171, 224, "nearest"),
+        # label counts include the background value: 60 -> Context59's 59 classes, 172 -> COCO-Stuff's 171
+        cases = [("ovs", 60, 224, "bilinear"), ("ovs", 172, 224, "bilinear"), ("ovs", 172, 224, "nearest"),
                  ("concepts", 172, 224, None), ("concepts", 172, 14, None)]  # fmt: skip
         sets = {}
         for what, k, size, mode in cases:

@@ -58,6 +58,9 @@ def atlas_evals(app_atlas: Path, app_state, tmp_path_factory) -> dict:
 def test_parse_classes() -> None:
     assert G.parse_classes(" cat, dog ;cat\nhot  dog,, ") == ["cat", "dog", "hot dog"]
     assert G.parse_classes(["a", "b"]) == ["a", "b"]
+    assert G.parse_classes('["a, b", "c"]') == ["a, b", "c"]  # a JSON list keeps commas inside names
+    with pytest.raises(AppError, match="not a valid JSON list"):
+        G.parse_classes('["a", ')
     with pytest.raises(AppError, match="no class names"):
         G.parse_classes(" , ;")
     with pytest.raises(AppError, match="at most 200"):

@@ -156,3 +156,17 @@ def test_class_embedding_files_must_hold_every_class(tmp_path: Path) -> None:
         embeddings_from_file(path, ["dog", "bird"])
     with pytest.raises(ConfigError, match="--templates"):
         OvsConfig(templates="fancy")
+
+
+def test_sparse_decode_equals_the_dense_decoder() -> None:
+    from insight_core.evaluation.ovs import sparse_decode
+    from insight_core.models.sae import MatryoshkaSAE, SAEConfig
+
+    sae = MatryoshkaSAE(SAEConfig(d_in=16, dict_size=64, k=3, group_fractions=(1.0,)), seed=0)
+    with torch.no_grad():
+        sae.b_dec_d.normal_()
+    codes = torch.relu(torch.randn(50, 64) - 1.8)  # ~4 % active: the sparse path
+    assert 0 < int((codes > 0).sum()) * 8 < codes.numel()
+    torch.testing.assert_close(sparse_decode(sae, codes), sae.decode(codes), rtol=1e-5, atol=1e-5)
+    dense = torch.relu(torch.randn(50, 64))  # half active: the dense path
+    torch.testing.assert_close(sparse_decode(sae, dense), sae.decode(dense), rtol=1e-5, atol=1e-5)
