@@ -296,3 +296,44 @@ def test_coco_mini_end_to_end_on_random_weights(shared_data: Path, tmp_path: Pat
     assert 0 <= concepts["locality"] <= 1
     assert concepts["n_images"] == 20
     assert "plumbing" in AtlasLayout(atlas).eval_layout("concepts-masks").report_md.read_text()
+
+
+def test_masks_from_png_label_maps_follow_the_feature_geometry(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from insight_core.atlas import FeaturesLayout
+    from insight_core.io import write_json
+
+    feats = FeaturesLayout(tmp_path / "feats")
+    feats.root.mkdir()
+    ids = ["city/a_leftImg8bit.png", "city/b_leftImg8bit.png", "c_leftImg8bit.png"]
+    write_npy(feats.shard(0), np.zeros((3, 16, 8), np.float16))
+    write_json(feats.shard_ids(0), {"ids": ids})
+    write_json(feats.manifest, {"backbone": {"arch": "ViT-B-16", "resize": "crop", "grid": [4, 4]}})
+    gt = tmp_path / "gt"
+    for i, name in enumerate(["city/a", "city/b", "c"]):
+        label = np.zeros((20, 40), np.uint8)  # wide: the crop keeps the middle 20 x 20
+        label[:, 10:30] = i + 1
+        label[:, 35:] = 255
+        (gt / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(label, mode="L").save(gt / f"{name}_gtFine_labelTrainIds.png")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("road\ncar\nbus\ntrain\n")
+    out = tmp_path / "masks"
+    args = ["masks", "--features", str(feats.root), "--out", str(out), "--png-dir", str(gt), "--classes",
+            str(classes), "--image-suffix", "_leftImg8bit", "--png-suffix", "_gtFine_labelTrainIds",
+            "--size", "8", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    maps = np.load(out / "masks_00000.npy")
+    assert maps.shape == (3, 8, 8)
+    for i in range(3):  # centre crop of a 20 x 40 map: columns 10..30, all label i + 1
+        assert (maps[i] == i + 1).all()
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["resize"] == "crop"
+    assert labels["size"] == [8, 8]
+    assert labels["grid"] == [4, 4]
+    assert labels["names"] == ["road", "car", "bus", "train"]
+    assert labels["background"] is None
+    assert json.loads((out / "masks_00000.ids.json").read_text())["ids"] == ids
+    assert main([*args, "--resize", "squash"]) == 0  # the whole width: ignore on the right
+    assert (np.load(out / "masks_00000.npy")[:, :, -1] == 255).all()
