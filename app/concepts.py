@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from app import evals as E
 from app import html as H
 from app import links
 from app.concept_stats import RANGE_LABELS
@@ -125,6 +126,7 @@ def concept_page(state: AppState, cid: Any, max_exemplars: int = 8) -> dict[str,
         "cooccurring": cooccurring(state, cid),
         "similar": more_like_this(state, cid),
         "metrics": concept_metrics(state, cid),
+        "evaluations": E.concept_metrics(state, cid),
         "permalink": links.concept_link(cid),
     }
 
@@ -291,17 +293,25 @@ def concept_html(state: AppState, page: dict) -> str:
         f"{family_svg(page)}"
         f"<details open><summary><b>Co-occurring concepts</b></summary>{co_html}</details>"
         f"<p><b>More like this:</b> {similar or '<i>no exemplar index</i>'}</p>"
-        f"{metrics_html(page.get('metrics') or {})}</div>"
+        f"{metrics_html(page.get('metrics') or {}, state, page)}</div>"
     )
 
 
-def metrics_html(metrics: dict[str, dict[str, float]]) -> str:
-    """Evaluation figures of a concept (nothing when the atlas has none)."""
-    if not metrics:
-        return ""
+def metrics_html(metrics: dict[str, dict[str, float]], state: AppState | None = None,
+                 page: dict | None = None) -> str:  # fmt: skip
+    """Evaluation figures of a concept (nothing when the atlas has none): with the state and page,
+    the evaluations :mod:`app.evals` describes (``eval-concepts``, ``eval-ovs``: dataset comparison,
+    best label, classes explained) first, then every other figure (the SAE's held-out FVE of the
+    concept's shell, other evaluations' numeric columns)."""
+    described = E.concept_metrics_html(state, page["id"], page.get("evaluations")) if state and page else ""
+    if described:
+        shown = set(E.evaluations(state))  # type: ignore[arg-type]
+        metrics = {src: vals for src, vals in metrics.items() if src not in shown}
     rows = [[H.esc(src), H.esc(k), f"{v:.4g}"] for src, vals in metrics.items() for k, v in vals.items()]
-    table = H.table(["evaluation", "metric", "value"], rows)
-    return f"<details><summary><b>Metrics</b></summary>{table}</details>"
+    if not rows and not described:
+        return ""
+    table = H.table(["evaluation", "metric", "value"], rows) if rows else ""
+    return f"<details open><summary><b>Metrics</b></summary>{described}{table}</details>"
 
 
 def family_svg(page: dict, max_row: int = 6, width: int = 640) -> str:

@@ -54,6 +54,8 @@ class Evaluation:
     """``report.json``: settings, inputs and dataset-level figures (empty when it has none)."""
     concepts: pd.DataFrame | None
     """``concepts.parquet`` indexed by concept id: one column per metric (None when it has none)."""
+    class_embeddings: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """OVS: prompt -> the unit text embedding the evaluation used (``class_embeddings.npz``)."""
 
 
 @dataclasses.dataclass
@@ -94,6 +96,8 @@ class AppState:
     """Why evaluations the manifest lists were not loaded (a concept page shows the others)."""
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     """Serialises the text encoder (its tokenizer is built lazily and not thread-safe)."""
+    text_cache: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """Class-name text embeddings of the Segment tab (``app.segment.class_embeddings``)."""
 
     @property
     def m(self) -> int:
@@ -293,8 +297,20 @@ def _shell_fve(atlas: Atlas) -> tuple[float, ...]:
     return ()
 
 
-def _evaluation(atlas: Atlas, name: str, m: int) -> Evaluation:
-    """One listed evaluation: its report and per-concept table (hash-verified), checked against the SAE."""
+def _class_embeddings(path: Path, d: int) -> dict[str, np.ndarray]:
+    """An OVS evaluation's class text embeddings (the ``--vocab-embeddings`` ``.npz`` format)."""
+    with reading(path, "class embeddings"), np.load(path, allow_pickle=False) as z:
+        words = [str(w) for w in z["words"]]
+        vecs = np.asarray(z["embeddings"], np.float32)
+    vecs = vecs[0] if vecs.ndim == 3 else vecs
+    if vecs.shape != (len(words), d):
+        raise AtlasError(f"{path}: embeddings of shape {vecs.shape}, expected ({len(words)}, {d})")
+    return dict(zip(words, vecs, strict=True))
+
+
+def _evaluation(atlas: Atlas, name: str, m: int, d: int) -> Evaluation:
+    """One listed evaluation: its report, per-concept table and class embeddings (hash-verified),
+    checked against the SAE (m concepts of dimension d)."""
     report: dict[str, Any] = {}
     path = atlas.evaluation_file(name, "report")
     if path is not None:
@@ -316,8 +332,10 @@ def _evaluation(atlas: Atlas, name: str, m: int) -> Evaluation:
         if len(np.unique(ids)) != len(ids):
             raise AtlasError(f"{path}: a concept id is listed twice")
         table = df.set_index("id")
+    path = atlas.evaluation_file(name, "class_embeddings")
+    embeddings = _class_embeddings(path, d) if path is not None else {}
     kind = report.get("kind") if isinstance(report.get("kind"), str) else None
-    return Evaluation(name=name, kind=kind, report=report, concepts=table)
+    return Evaluation(name=name, kind=kind, report=report, concepts=table, class_embeddings=embeddings)
 
 
 def load_evaluations(state: AppState) -> None:
@@ -325,7 +343,7 @@ def load_evaluations(state: AppState) -> None:
     notes = []
     for name in sorted(state.atlas.evaluations):
         try:
-            state.evaluations[name] = _evaluation(state.atlas, name, state.m)
+            state.evaluations[name] = _evaluation(state.atlas, name, state.m, int(state.sae.cfg.d_in))
         except InsightError as err:
             log.error("evaluation %s not loaded: %s", name, err)
             notes.append(f"evaluation {name!r} could not be loaded: {err}")

@@ -10,7 +10,7 @@ Each tab lays itself out and wires its own events; this module assembles them an
 - the clicks that cross tabs (a concept chip anywhere opens the concept page; "Show its family"
   opens the family);
 - the JSON endpoints (``/explain``, ``/compare``, ``/concept``, ``/search``, ``/family``,
-  ``/caption``, ``/steer``, ``/classify``) for gradio_client. Errors: see :mod:`app.components`.
+  ``/caption``, ``/steer``, ``/classify``, ``/segment``) for gradio_client. Errors: see :mod:`app.components`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import gradio as gr
 from app import html as H
 from app import links as L
 from app.components import ALT_JS, MODEL_EVENT, STARTUP_JS, api_handler, json_default, ui_handler
-from app.tabs import classify, compare, concepts, explain, families, steer
+from app.tabs import classify, compare, concepts, explain, families, segment, steer
 from app.views import Views
 from insight_core.atlas.layout import EXAMPLES_DIR
 
@@ -58,11 +58,14 @@ def build_ui(views: Views, examples: list[str] | None = None, startup: Startup |
             steer_ui = steer.build(views, expl_state, status, explain_ui)
             compare_ui = compare.build(views, examples, status)
             classify_ui = classify.build(views, examples, status)
+            segment_ui = segment.build(views, examples, status)
         _startup(demo, views, startup, banner, status, timer)
-        for fn, outputs in (concept_ui["on_load"], steer_ui["on_load"], classify_ui["on_load"]):
+        for fn, outputs in (concept_ui["on_load"], steer_ui["on_load"], classify_ui["on_load"],
+                            segment_ui["on_load"]):  # fmt: skip
             demo.load(fn, None, outputs, api_visibility="private")
         _wire_links(views, tabs, concept_ui, family_ui, status,
-                    [*explain_ui["links"], compare_ui["summary"], *classify_ui["links"]])  # fmt: skip
+                    [*explain_ui["links"], compare_ui["summary"], *classify_ui["links"],
+                     *segment_ui["links"]])  # fmt: skip
         _deep_links(demo, views, names, tabs, concept_ui, family_ui, status)
         _deep_link_compare(demo, views, names, compare_ui)
         _api_endpoints(views)
@@ -228,6 +231,7 @@ def _api_endpoints(views: Views) -> None:
         text2 = gr.Textbox(label="text2")
         num = gr.Number(label="number", value=8)
         num2 = gr.Number(label="number2", value=-1)
+        flag = gr.Checkbox(label="flag", value=False)
         out = gr.JSON(label="result")
         # name -> (handler, inputs, description, runs a model)
         endpoints = {
@@ -264,6 +268,13 @@ def _api_endpoints(views: Views) -> None:
                 False,
             ),
             "caption": (views.api_caption, [image], "Caption of an image (needs an atlas captioner)", True),
+            "segment": (
+                views.api_segment,
+                [image, text, flag],
+                "Open-vocabulary segmentation with concept explanations (image, class names comma "
+                "separated, background prompt): per segment its class, size and top concept contributions",
+                True,
+            ),
             "steer": (
                 views.api_steer,
                 [image, text],

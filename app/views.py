@@ -1,7 +1,7 @@
 """Request handlers bound to one loaded state: the model calls the tabs share and the JSON API.
 
 The API methods back the named endpoints (``/explain``, ``/compare``, ``/concept``, ``/search``,
-``/family``, ``/caption``, ``/steer``); they return JSON-ready values and raise
+``/family``, ``/caption``, ``/steer``, ``/classify``, ``/segment``); they return JSON-ready values and raise
 :class:`~app.state.AppError` or ``InsightError`` with a clear message (``app.components.api_handler``
 turns those into ``gr.Error``).
 """
@@ -17,6 +17,7 @@ from app import compare as CMP
 from app import concepts as C
 from app import explain as X
 from app import families as F
+from app import segment as G
 from app import steer as S
 from app.components import gpu
 from app.state import AppError, AppState
@@ -32,6 +33,8 @@ class Views:
         """Explain an image (upload path, file or PIL image) -> :class:`~app.explain.Explanation`."""
         self.steer = gpu(self._steer_impl)
         """Caption an explained image with concept edits applied -> the steering result dict."""
+        self.segment = gpu(self._segment_impl)
+        """Segment an image into class names (+ background prompt) -> :class:`~app.segment.Segmentation`."""
 
     def attach(self, state: AppState) -> None:
         """Serve ``state`` from now on (the atlas finished loading after the page was served)."""
@@ -52,6 +55,9 @@ class Views:
 
     def _steer_impl(self, expl: X.Explanation, edits: list) -> dict:
         return S.steer(self.s(), expl.patches_hwd, edits)
+
+    def _segment_impl(self, source: Any, classes: list[str], background: bool = False) -> G.Segmentation:
+        return G.segment_image(self.s(), X.read_image(source), classes, background)
 
     @property
     def n_groups(self) -> int:
@@ -97,6 +103,10 @@ class Views:
             choice = K.ZERO_SHOT if (labels or "").strip() or not state.probes else next(iter(state.probes))
         expl = self.explain(image)
         return K.api_doc(state, K.classify(state, expl, choice, labels or ""), None, int(top_k))
+
+    def api_segment(self, image: Any, classes: str, background: bool = False) -> dict:
+        seg = self.segment(image, G.parse_classes(classes), bool(background))
+        return G.segmentation_doc(self.s(), seg)
 
     def api_steer(self, image: Any, edits: str) -> dict:
         S.require_captioner(self.s())

@@ -30,3 +30,8 @@ class ConfigError(InsightError, ValueError):
 
 class LabelsError(InsightError, ValueError):
     """A labels file (image -> class) is unreadable, empty, or names images the features do not have."""
+
+
+class MaskFileError(InsightError, ValueError):
+    """A segmentation-mask folder is malformed or does not match its feature shards (count, order,
+    label values, class list)."""

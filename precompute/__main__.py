@@ -17,12 +17,15 @@ from precompute import (
     classify,
     demo,
     demo_planted,
+    eval_concepts,
+    eval_ovs,
     export_graph,
     extract,
     families,
     hub,
     index,
     manifest,
+    masks,
     name,
     probe,
     space_readme,
@@ -58,6 +61,9 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "captioner": (captioner.CaptionerJob, captioner.run),
     "probe": (probe.ProbeJob, probe.run),
     "classify": (classify.ClassifyJob, classify.run),
+    "masks": (masks.MasksJob, masks.run),
+    "eval-ovs": (eval_ovs.EvalOvsJob, eval_ovs.run),
+    "eval-concepts": (eval_concepts.EvalConceptsJob, eval_concepts.run),
 }
 
 

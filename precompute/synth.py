@@ -33,6 +33,7 @@ from insight_core.planted import (
     save_world,
     write_feature_shards,
 )
+from insight_core.planted.masks import write_planted_masks
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class SynthJob:
     """World structure (atoms, hierarchy, noise)."""
     oracle_atlas: bool = True
     """Also write oracle_atlas/sae.safetensors: the true atoms as an SAE (to validate later stages alone)."""
+    masks: bool = True
+    """Also write masks/: object and background label maps of every image (for eval-ovs, eval-concepts)."""
 
 
 def run_synth(job: SynthJob) -> dict:
@@ -67,6 +70,8 @@ def run_synth(job: SynthJob) -> dict:
         sample, out.features.root, shard_size=job.shard_size, dtype=np.dtype(job.dtype)
     )
     kinds = {k: int(sum(1 for x in world.kinds if x == k)) for k in dict.fromkeys(world.kinds)}
+    if job.masks:
+        write_planted_masks(world, sample.layout, out.features.root, out.masks.root)
     if job.oracle_atlas:
         oracle = out.oracle_atlas
         oracle_sae(world).save(oracle.sae, config_path=oracle.sae_config)

@@ -141,6 +141,87 @@ PROBE_FILES: dict[str, str] = {
 by these roles (all three are required for a probe to be listed)."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class EvalLayout:
+    """One evaluation folder (``ATLAS/evals/NAME/``, written by ``eval-ovs`` or ``eval-concepts``)."""
+
+    root: Path
+
+    REPORT_JSON = "report.json"
+    REPORT_MD = "report.md"
+    CONCEPTS = "concepts.parquet"
+    PER_CLASS = "per_class.parquet"
+    SEGMENTS = "segments.parquet"
+    CLASS_EMBEDDINGS = "class_embeddings.npz"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def report_json(self) -> Path:
+        """Summary figures, settings and inputs (``kind``: ``"ovs"`` or ``"concepts"``)."""
+        return self.root / self.REPORT_JSON
+
+    @property
+    def report_md(self) -> Path:
+        """The same figures as a markdown table."""
+        return self.root / self.REPORT_MD
+
+    @property
+    def concepts(self) -> Path:
+        """Per-concept results: an ``id`` column and one column per metric (concept metrics: images,
+        impurity, best label and its IoU); the app's concept pages show them."""
+        return self.root / self.CONCEPTS
+
+    @property
+    def per_class(self) -> Path:
+        """Per class (OVS) or per label (concept metrics) figures."""
+        return self.root / self.PER_CLASS
+
+    @property
+    def segments(self) -> Path:
+        """OVS: one row per predicted segment with its top concept contributions."""
+        return self.root / self.SEGMENTS
+
+    @property
+    def class_embeddings(self) -> Path:
+        """OVS: the class text embeddings used (the ``--vocab-embeddings`` ``.npz`` format)."""
+        return self.root / self.CLASS_EMBEDDINGS
+
+    @property
+    def partial(self) -> Path:
+        """Accumulators after the last finished shard, to resume an interrupted run (hidden)."""
+        return self.root / ".partial.safetensors"
+
+    @property
+    def parts_dir(self) -> Path:
+        """Per-shard pieces of a table written while streaming (hidden; joined at the end)."""
+        return self.root / ".parts"
+
+    def part(self, shard: int) -> Path:
+        return self.parts_dir / f"part_{shard:05d}.parquet"
+
+    def file(self, role: str) -> Path:
+        """The path of an evaluation file role (see :data:`EVAL_FILES`)."""
+        try:
+            return self.root / EVAL_FILES[role]
+        except KeyError:
+            known = sorted(EVAL_FILES)
+            raise ConfigError(f"unknown evaluation file role {role!r} (known: {known})") from None
+
+
+EVAL_FILES: dict[str, str] = {
+    "report": EvalLayout.REPORT_JSON,
+    "report_md": EvalLayout.REPORT_MD,
+    "concepts": EvalLayout.CONCEPTS,
+    "per_class": EvalLayout.PER_CLASS,
+    "segments": EvalLayout.SEGMENTS,
+    "class_embeddings": EvalLayout.CLASS_EMBEDDINGS,
+}
+"""Role -> file name inside an evaluation folder (``evals/NAME/``); the manifest's ``evals`` block lists
+each evaluation's files present by these roles (at least one of them)."""
+
+
 ATLAS_FILES: dict[str, str] = {
     "sae": "sae.safetensors",
     "sae_config": "sae.json",
@@ -199,16 +280,11 @@ against the manifest; other files (metrics, configs the app never reads) are onl
 presence and size. Concept pages read the statistics (histograms, range exemplars, co-occurrence rows)
 and the SAE's held-out metrics (FVE per Matryoshka shell)."""
 
-EVAL_FILES: dict[str, str] = {
-    "report": "report.json",
-    "concepts": "concepts.parquet",
-}
-"""Role -> file name inside an evaluation folder (``evals/NAME/``); the manifest's ``evals`` block lists
-each evaluation's files present by these roles (at least one of them)."""
-
-EVAL_EXPLORER_ROLES = ("report", "concepts")
-"""Evaluation files the app reads (hashed on open): the report (kind, dataset figures) and the
-per-concept table (``id`` + one column per metric) concept pages show."""
+EVAL_EXPLORER_ROLES = ("report", "concepts", "class_embeddings")
+"""Evaluation files the app reads (hashed on open): the report (kind, dataset figures, each class's
+top concepts), the per-concept table (``id`` + one column per metric) concept pages show, and an OVS
+evaluation's class text embeddings (the Segment tab offers its class list). The markdown report and
+the per-class and per-segment tables are only size-checked."""
 
 UPLOAD_IGNORE = [".*", "*/.*", "*.tmp", "*.lock", f"{_VOCAB_CACHE_DIR}/*", "__pycache__/*", "*/__pycache__/*"]
 """Patterns (``huggingface_hub`` style) of atlas files never uploaded: hidden training state and
@@ -479,14 +555,13 @@ class AtlasLayout:
         """The folder of a named evaluation (``evals/NAME/``)."""
         return self.evals_dir / check_name(name, "evaluation name")
 
+    def eval_layout(self, name: str) -> EvalLayout:
+        """The files of a named evaluation (``evals/NAME/``: report, tables, resumable state)."""
+        return EvalLayout(self.evaluation(name))
+
     def evaluation_file(self, name: str, role: str) -> Path:
         """A file of a named evaluation by role (see :data:`EVAL_FILES`)."""
-        try:
-            return self.evaluation(name) / EVAL_FILES[role]
-        except KeyError:
-            raise ConfigError(
-                f"unknown evaluation file role {role!r} (known: {sorted(EVAL_FILES)})"
-            ) from None
+        return self.eval_layout(name).file(role)
 
     def evaluation_concepts(self, name: str) -> Path:
         """Per-concept results of an evaluation (``evals/NAME/concepts.parquet``: an ``id`` column and
@@ -515,6 +590,45 @@ class AtlasLayout:
         if fmt not in GRAPH_FORMATS:
             raise ConfigError(f"graph export format {fmt!r}: expected one of {GRAPH_FORMATS}")
         return Path(folder if folder is not None else self.exports_dir) / f"families.{fmt}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MasksLayout:
+    """A mask folder (``precompute masks``): int32 label maps aligned one-to-one with feature shards.
+
+    ``masks_XXXXX.npy`` (n_images, H, W) holds the label maps of the images of ``shard_XXXXX.npy``,
+    in the same order; ``masks_XXXXX.ids.json`` their image ids (copied from the features);
+    ``labels.json`` the label names, background and ignore values, resolution and provenance.
+    """
+
+    root: Path
+
+    LABELS = "labels.json"
+    MASK_GLOB = "masks_*.npy"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def labels(self) -> Path:
+        return self.root / self.LABELS
+
+    def masks(self, index: int) -> Path:
+        """The label maps of feature shard ``index``."""
+        return self.root / f"masks_{index:05d}.npy"
+
+    def mask_ids(self, index: int) -> Path:
+        """The image ids of ``masks(index)``, in order."""
+        return self.root / f"masks_{index:05d}.ids.json"
+
+    @staticmethod
+    def mask_index(path: Path) -> int | None:
+        """The index of a ``masks_XXXXX.npy`` file, or None for other files."""
+        match = re.fullmatch(r"masks_(\d{5})\.npy", Path(path).name)
+        return int(match.group(1)) if match else None
+
+    def mask_files(self) -> list[Path]:
+        return sorted(p for p in self.root.glob(self.MASK_GLOB) if self.mask_index(p) is not None)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -549,6 +663,10 @@ class FeaturesLayout:
         """The index of a ``shard_XXXXX.*`` file, or None for other files."""
         match = re.fullmatch(r"shard_(\d{5})\.(npy|ids\.json)", Path(path).name)
         return int(match.group(1)) if match else None
+
+    def shard_arrays(self) -> list[Path]:
+        """The ``shard_XXXXX.npy`` feature arrays (top level only), sorted by index."""
+        return sorted(p for p in self.root.glob(self.SHARD_GLOB) if self.shard_index(p) is not None)
 
     def shard_files(self) -> list[Path]:
         """Every ``shard_*`` file (arrays and id files), sorted."""
@@ -602,6 +720,11 @@ class SynthLayout:
     @property
     def features(self) -> FeaturesLayout:
         return FeaturesLayout(self.root / "features")
+
+    @property
+    def masks(self) -> MasksLayout:
+        """Object/background label maps of the sampled images, one label per patch (for the evals)."""
+        return MasksLayout(self.root / "masks")
 
     @property
     def oracle_atlas(self) -> AtlasLayout:

@@ -302,7 +302,8 @@ def test_phone_layout(browser, launched_app: str) -> None:
                 "Concepts": ["#search-btn", "#browse-btn", "#open-concept", "#concept-copy-link"],
                 "Families": ["#family-btn", "#family-copy-link", "#overview-kind"],
                 "Compare images": ["#compare-btn", "#compare-copy-link"],
-                "Classify": ["#classify-btn"]}  # fmt: skip
+                "Classify": ["#classify-btn"],
+                "Segment": ["#segment-btn", "#segment-list"]}  # fmt: skip
         for tab, controls in tabs.items():
             _open_tab(pg, tab)
             time.sleep(0.5)

@@ -24,7 +24,7 @@ from app.server import load_views
 from app.ui import build_ui
 from app.views import Views
 from insight_core.atlas import Atlas, AtlasError, AtlasLayout, register_evals, write_manifest
-from insight_core.io import write_json
+from insight_core.io import write_json, write_npz
 
 EXAMPLE = sorted((Path(__file__).resolve().parents[2] / "assets" / "examples").glob("*.jpg"))[0]
 
@@ -50,19 +50,24 @@ CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
 }
 
 
-EVAL = "parts"
-"""The evaluation added to the copy, so that its files (read by concept pages) are corrupted too."""
+EVAL, OVS = "parts", "ovs-classes"
+"""Evaluations added to the copy, so that the files the app reads from them are corrupted too: a
+per-concept table and a report (concept pages), an OVS report and class embeddings (Segment tab)."""
 
 
-def _add_evaluation(root: Path, m: int) -> None:
-    """A per-concept evaluation table and its report (``evals/NAME/``), listed in the manifest."""
+def _add_evaluations(root: Path, m: int, d: int) -> None:
+    """Small evaluations (``evals/NAME/``), listed in the manifest as the eval stages list theirs."""
     layout = AtlasLayout(root)
-    folder = layout.evaluation(EVAL)
-    folder.mkdir(parents=True, exist_ok=True)
+    for name in (EVAL, OVS):
+        layout.evaluation(name).mkdir(parents=True, exist_ok=True)
     ids = np.arange(0, m, 3)
     table = {"id": ids, "locality": np.linspace(0, 1, len(ids)), "best_label": ["sky"] * len(ids)}
     pd.DataFrame(table).to_parquet(layout.evaluation_file(EVAL, "concepts"))
     write_json(layout.evaluation_file(EVAL, "report"), {"kind": "concepts", "locality": 0.5})
+    emb = np.random.default_rng(0).standard_normal((1, 2, d)).astype(np.float32)
+    write_npz(layout.evaluation_file(OVS, "class_embeddings"), words=np.array(["sky", "sea"]), embeddings=emb)
+    report = {"kind": "ovs", "classes": ["sky", "sea"], "per_class": []}
+    write_json(layout.evaluation_file(OVS, "report"), report)
     register_evals(root)
 
 
@@ -70,8 +75,7 @@ def _add_evaluation(root: Path, m: int) -> None:
 def atlas_copy(app_atlas: Path, app_state, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("untrusted") / "atlas"
     shutil.copytree(app_atlas, root)
-    if EVAL not in Atlas.open(root).evaluations:
-        _add_evaluation(root, app_state.m)
+    _add_evaluations(root, app_state.m, int(app_state.sae.cfg.d_in))
     return root
 
 
@@ -103,7 +107,8 @@ def test_every_corrupted_file_is_a_clean_error_or_never_read(atlas_copy: Path) -
     # what concept pages read: statistics (histograms, range exemplars, co-occurrence), the SAE's
     # held-out metrics and the evaluations
     assert {"stats/concept_stats.safetensors", "stats/concept_stats.json", "sae_metrics.json",
-            f"evals/{EVAL}/concepts.parquet", f"evals/{EVAL}/report.json"} <= hashed  # fmt: skip
+            f"evals/{EVAL}/concepts.parquet", f"evals/{EVAL}/report.json",
+            f"evals/{OVS}/class_embeddings.npz", f"evals/{OVS}/report.json"} <= hashed  # fmt: skip
     cases = errors = 0
     unread: set[str] = set()
     problems: list[str] = []
@@ -154,6 +159,7 @@ def test_files_the_app_never_reads_cannot_change_what_it_shows(atlas_copy: Path,
             app_state.name(2), "name", 5
         )
         assert after.api_concept("0")["metrics"][EVAL] == {"locality": 0.0}  # evaluation figures unchanged
+        assert set(state.evaluations[OVS].class_embeddings) == {"sky", "sea"}
         assert state.thumbs == app_state.thumbs
         assert state.captioner is not None, state.captioner_note
         assert after.api_caption(str(EXAMPLE))["caption"] == before.api_caption(str(EXAMPLE))["caption"]
@@ -210,6 +216,7 @@ READERS = [
     "sae_metrics.json",
     f"evals/{EVAL}/report.json",
     f"evals/{EVAL}/concepts.parquet",
+    f"evals/{OVS}/class_embeddings.npz",
     "captioner/config.json",
     "captioner/adapter.safetensors",
     "captioner/lm/model.safetensors",
@@ -256,7 +263,7 @@ def test_hash_consistent_garbage_is_one_atlas_error_naming_the_file(
                         continue
                     if rel.startswith("captioner/") and state.captioner is None:
                         assert rel in state.captioner_note or "captioner" in state.captioner_note
-                    if rel.startswith("evals/") and EVAL not in state.evaluations:
+                    if rel.startswith("evals/") and rel.split("/")[1] not in state.evaluations:
                         assert rel in state.eval_note  # skipped, with a note naming the file
     finally:
         write_manifest(root)
