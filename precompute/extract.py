@@ -75,7 +75,8 @@ class ExtractJob:
 def _model_stamp(opts: BackboneOptions, backbone: ClipBackbone, pool: Dinoiser) -> dict:
     """How the features are computed (feature manifest ``backbone`` block, minus dims and grid)."""
     stamp = {k: v for k, v in describe(backbone, pool).items() if k not in ("embed_dim", "grid")}
-    return {**stamp, "dinoiser": str(opts.dinoiser) if pool.mode == "head" else None}
+    head = str(opts.dinoiser) if pool.mode == "head" else None
+    return {**stamp, "dinoiser": head, "precision": opts.precision}
 
 
 def _shard_key(shard: PlannedShard, stamp: dict) -> str:

@@ -101,6 +101,9 @@ class BackboneOptions:
     resize: str = "crop"
     """'crop' (the paper's: shorter side to 224, centre crop) or 'squash' (the whole image, so patch
     maps cover it: whole-image heatmaps)."""
+    precision: str = "auto"
+    """Backbone compute precision: 'auto' (fp32 on CPU, bf16/fp16 autocast on CUDA), 'fp32' (exactly
+    the released computation), 'fp16' or 'bf16'."""
 
     def __post_init__(self) -> None:
         if self.pool not in ("auto", "none", "raw", "head"):
@@ -112,7 +115,8 @@ class BackboneOptions:
 
     def backbone_config(self, device: str = "auto", batch_size: int = 32) -> BackboneConfig:
         return BackboneConfig(arch=self.arch, pretrained=self.pretrained, device=device, resize=self.resize,
-                              dense=self.dense, batch_size=batch_size)  # type: ignore[arg-type]  # fmt: skip
+                              dense=self.dense, precision=self.precision,  # type: ignore[arg-type]
+                              batch_size=batch_size)  # fmt: skip
 
     def pool_mode(self, head: Path | None = None) -> str:
         """The pooling mode with 'auto' resolved ('head' when a head file is given)."""
@@ -148,14 +152,19 @@ class SaeOptions:
     """Mean active concepts per patch (BatchTopK)."""
     group_fractions: tuple[float, ...] = PAPER_GROUP_FRACTIONS
     """Nested Matryoshka group size ratios (coarse to fine), summing to 1."""
-    epochs: float = 3.0
-    """Passes over the training split (ignored if --steps is given)."""
+    epochs: float | None = None
+    """Passes over the training split (ignored if --steps is given); default: the paper's 3, but at
+    least --min-steps steps."""
     steps: int | None = None
     """Total optimisation steps; overrides --epochs."""
-    batch_size: int = 16_384
-    """Patches per step."""
-    lr: float = 1e-4
-    """Adam learning rate."""
+    min_steps: int = 1000
+    """Without --steps and --epochs: train at least this many steps (small data sets)."""
+    batch_size: int | None = None
+    """Patches per step; default: the paper's 16384, capped so an epoch has >= 64 steps."""
+    lr: float | None = None
+    """Adam learning rate; default: 1e-4 * sqrt(8192 / dict-size) (the paper's 1e-4 at 8192)."""
+    concept_threshold_k: int = 12
+    """Per-concept thresholds = each concept's k-th largest training activation (paper App. B.5)."""
     seed: int = 0
     """Seed for initialisation, split and batch order."""
     held_out_fraction: float = 0.1

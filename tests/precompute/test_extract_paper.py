@@ -61,7 +61,10 @@ def _reference(weights: Path, images: Path, state: dict) -> dict[str, torch.Tens
     visual = model.visual
     files = sorted(images.glob("*.png"))
     pixels = torch.stack(
-        [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), np.float32) / 255).permute(2, 0, 1) for f in files]
+        [
+            torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), np.float32) / 255).permute(2, 0, 1)
+            for f in files
+        ]
     )
     pixels = (pixels - torch.tensor(OPENAI_MEAN)[:, None, None]) / torch.tensor(OPENAI_STD)[:, None, None]
     blocks = visual.transformer.resblocks
@@ -107,7 +110,8 @@ def reference(setup: dict) -> dict[str, torch.Tensor]:
 
 def _extract(setup: dict, name: str, *extra: str) -> tuple[torch.Tensor, dict]:
     out = setup["root"] / name
-    args = ["extract", "--images", str(setup["images"]), "--out", str(out), "--pretrained", str(setup["weights"]),
+    args = ["extract", "--images", str(setup["images"]), "--out", str(out),
+            "--pretrained", str(setup["weights"]),
             "--batch-size", "4", "--no-progress", *extra]  # fmt: skip
     assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -135,7 +139,9 @@ def test_extract_pool_none_is_the_released_maskclip_path(setup: dict, reference:
 def test_extract_pool_head_with_clip_dinoiser_checkpoint(setup: dict, reference: dict) -> None:
     feats, manifest = _extract(setup, "head", "--pool", "head", "--dinoiser", str(setup["checkpoint"]))
     cos = _cos(feats, reference["pooled"])
-    print(f"pool head (last.pt) vs released pooling: per-patch cosine min {cos.min():.5f} mean {cos.mean():.5f}")
+    print(
+        f"pool head (last.pt) vs released pooling: per-patch cosine min {cos.min():.5f} mean {cos.mean():.5f}"
+    )
     assert cos.min() >= 0.999
     # the test can fail: pooling changes the features, and so does a missing gamma cut
     corrs = reference["corrs"]
@@ -150,12 +156,15 @@ def test_extract_pool_head_with_clip_dinoiser_checkpoint(setup: dict, reference:
     assert torch.equal(again, feats)
 
 
-def test_extract_rejects_a_checkpoint_of_another_layout(setup: dict, caplog: pytest.LogCaptureFixture) -> None:
+def test_extract_rejects_a_checkpoint_of_another_layout(
+    setup: dict, caplog: pytest.LogCaptureFixture
+) -> None:
     bad = setup["root"] / "other.pt"
     torch.save({"state_dict": {"conv.weight": torch.zeros(2, 2)}}, bad)
     args = ["extract", "--images", str(setup["images"]), "--out", str(setup["root"] / "bad"), "--pretrained",
             "none", "--dinoiser", str(bad), "--no-progress"]  # fmt: skip
     assert main(args) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "\n" not in errors[0]
+    assert len(errors) == 1
+    assert "\n" not in errors[0]
     assert "other.pt: not a CLIP-DINOiser checkpoint: missing 'model_state_dict'" in errors[0]

@@ -110,9 +110,8 @@ def test_random_teacher_and_backbone_warn_loudly(image_dir: Path, tmp_path: Path
         metrics = train_adapter.run(job)
     assert metrics["n_images"] == 1
     # the paper text's head: on the 512-d dense features
-    assert (metrics["head"], metrics["dinoiser_config"]["in_dim"], metrics["dinoiser_config"]["head_dim"]) == (
-        "output", 512, 64
-    )  # fmt: skip
+    cfg = metrics["dinoiser_config"]
+    assert (metrics["head"], cfg["in_dim"], cfg["head_dim"]) == ("output", 512, 64)
     assert Dinoiser.load(AtlasLayout(tmp_path).dinoiser).intermediate_block is None
     assert "RANDOM-INIT TEACHER" in caplog.text
     assert "RANDOM-INIT BACKBONE" in caplog.text
