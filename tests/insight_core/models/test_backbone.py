@@ -371,6 +371,27 @@ def test_cuda_autocast_matches_fp32(pixels: torch.Tensor) -> None:
     assert F.cosine_similarity(half, full, dim=-1).min() > 0.98
 
 
+@pytest.mark.gpu
+def test_cuda_fp32_released_path_and_head_match_cpu(
+    backbone: ClipBackbone, pixels: torch.Tensor, pixel_feats: DenseFeatures
+) -> None:
+    """The released dense path, its intermediate tokens and the released head's pooling on CUDA
+    (fp32) agree with the CPU computation."""
+    from insight_core.models.dinoiser import Dinoiser, DinoiserConfig
+
+    gpu = ClipBackbone(BackboneConfig(pretrained="none", device="cuda", precision="fp32"))  # same seed
+    cuda = gpu.dense_features(pixels, intermediate=-3)
+    cpu = backbone.dense_features(pixels, intermediate=-3)
+    for a, b in ((cuda.patches_bhwd, cpu.patches_bhwd), (cuda.inter_bhwc, cpu.inter_bhwc)):
+        assert F.cosine_similarity(a.flatten(0, 2), b.flatten(0, 2), dim=-1).min() > 0.999
+    torch.manual_seed(0)
+    head = Dinoiser(DinoiserConfig(), mode="head", trained=True)
+    on_cpu = head.pool(cpu)
+    on_gpu = head.cuda().pool(cuda)
+    assert on_gpu.device.type == "cpu"
+    assert F.cosine_similarity(on_gpu.flatten(0, 2), on_cpu.flatten(0, 2), dim=-1).min() > 0.999
+
+
 def test_exif_orientation_of_open_rgb_images_is_applied(backbone: ClipBackbone, tmp_path) -> None:
     """An RGB JPEG opened by the caller still gets its EXIF rotation (tall content stays tall)."""
     from PIL import Image

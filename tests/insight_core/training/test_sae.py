@@ -226,6 +226,19 @@ def test_concept_top_k_equals_sorting_everything() -> None:
             assert math.isinf(float(thr[c]))
 
 
+@pytest.mark.gpu
+def test_concept_top_k_on_cuda_matches_cpu() -> None:
+    g = torch.Generator().manual_seed(1)
+    cpu, gpu = ConceptTopK(512, 12), ConceptTopK(512, 12, device="cuda")
+    for _ in range(20):
+        cols = torch.randint(0, 512, (20_000,), generator=g)
+        vals = torch.rand(20_000, generator=g)
+        cpu.update(cols, vals)
+        gpu.update(cols.cuda(), vals.cuda())
+    assert torch.equal(gpu.top_mk.cpu(), cpu.top_mk)
+    assert torch.equal(gpu.thresholds().cpu(), cpu.thresholds())
+
+
 def test_training_records_per_concept_thresholds(tmp_path: Path) -> None:
     fs = scan_features(planted_features(tmp_path))
     train, held = fs.split(0.1, seed=0)
