@@ -35,14 +35,15 @@ PAPER = ["--batch-size", "16384", "--lr", "1e-4", "--epochs", "3"]
 def train(features: Path, out: Path, extra: list[str], device: str) -> dict:
     args = ["train-sae", "--features", str(features), "--out", str(out), "--dict-size", "128", "--k", "3",
             "--device", device, "--no-progress", *extra]  # fmt: skip
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     assert precompute(args) == 0, args
-    seconds = time.perf_counter() - t
+    seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
     m = json.loads((out / "sae_metrics.json").read_text())
     keys = ("fve", "l0", "steps", "samples_seen", "patches_per_second", "warnings")
     return {
         "command": "python -m precompute " + " ".join(args[:9] + args[11:-1]),
         "wall_seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
         "batch_size": m["schedule"]["batch_size"],
         "lr": m["schedule"]["lr"],
         "auto": m["schedule"]["auto"],
@@ -82,13 +83,13 @@ def main() -> None:
         f"{report['n_patches']:,} patches (`python -m precompute synth --n-images {args.n_images} "
         f"{report['world']}`), `--dict-size 128 --k 3`.",
         "",
-        "| settings | batch | lr | steps | held-out FVE | L0 | wall s | warnings |",
-        "|---|---|---|---|---|---|---|---|",
+        "| settings | batch | lr | steps | held-out FVE | L0 | wall s | CPU s | warnings |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
         lines.append(
             f"| {name} | {r['batch_size']} | {r['lr']:.2e} | {r['steps']} | **{r['fve']:.3f}** | "
-            f"{r['l0']:.2f} | {r['wall_seconds']:.0f} | {len(r['warnings'])} |"
+            f"{r['l0']:.2f} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} | {len(r['warnings'])} |"
         )
     (REPORTS / f"sae-defaults-{kind}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -546,8 +546,9 @@ class SAETrainer:
                 ):
                     if self.dist.world_size > 1:
                         positions = self._rank_positions()
+                        table = self._merged_concept_table()
                         if self.dist.is_main:
-                            self.save_checkpoint(checkpoint, rank_positions=positions)
+                            self.save_checkpoint(checkpoint, rank_positions=positions, concept_top_mk=table)
                     else:
                         self.save_checkpoint(checkpoint)
                 if st.step >= self.total_steps:
@@ -562,14 +563,20 @@ class SAETrainer:
         return st
 
     @torch.no_grad()
-    def _set_concept_thresholds(self) -> None:
-        """Every rank's top-k merged (one MAX all-reduce), then the SAE's per-concept thresholds."""
+    def _merged_concept_table(self) -> torch.Tensor:
+        """The per-concept top-k over every rank's activations (one MAX all-reduce; collective)."""
         world, m, k = self.dist.world_size, self.sae_cfg.dict_size, self.concept_top.k
-        if world > 1:
-            table = torch.full((world, m, k), -math.inf, device=self.device)
-            table[self.dist.rank] = self.concept_top.top_mk
-            distributed.all_reduce_(table, "max")
-            self.concept_top.top_mk = table.permute(1, 0, 2).reshape(m, world * k).topk(k, dim=1).values
+        if world == 1:
+            return self.concept_top.top_mk
+        table = torch.full((world, m, k), -math.inf, device=self.device)
+        table[self.dist.rank] = self.concept_top.top_mk
+        distributed.all_reduce_(table, "max")
+        return table.permute(1, 0, 2).reshape(m, world * k).topk(k, dim=1).values
+
+    @torch.no_grad()
+    def _set_concept_thresholds(self) -> None:
+        """Every rank's top-k merged, then the SAE's per-concept thresholds."""
+        self.concept_top.top_mk = self._merged_concept_table()
         self.sae.concept_threshold_m.copy_(self.concept_top.thresholds())
 
     def _epoch_batches(self, train: FeatureSplit, shard: tuple[int, int]) -> Iterator[torch.Tensor]:
@@ -601,12 +608,19 @@ class SAETrainer:
         doc = json.dumps([self.sae_cfg.to_json(), dataclasses.asdict(self.cfg)], sort_keys=True, default=str)
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
-    def save_checkpoint(self, path: Path, *, rank_positions: list[list[int]] | None = None) -> None:
+    def save_checkpoint(
+        self,
+        path: Path,
+        *,
+        rank_positions: list[list[int]] | None = None,
+        concept_top_mk: torch.Tensor | None = None,
+    ) -> None:
         """Write the training state; ``rank_positions``: every rank's (epoch, batch) in a
-        data-parallel run (rank 0 writes for all)."""
+        data-parallel run (rank 0 writes for all); ``concept_top_mk``: the per-concept top-k merged
+        over the ranks (default: this process's)."""
         tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         tensors["since_fired_m"] = self.since_fired_m
-        tensors["concept_top_mk"] = self.concept_top.top_mk
+        tensors["concept_top_mk"] = self.concept_top.top_mk if concept_top_mk is None else concept_top_mk
         for i, p in enumerate(self.sae.parameters()):
             for key, value in self.opt.state.get(p, {}).items():
                 tensors[f"adam.{i}.{key}"] = value.reshape(-1) if value.ndim == 0 else value
@@ -633,7 +647,10 @@ class SAETrainer:
             )
         self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         self.since_fired_m.copy_(tensors["since_fired_m"])
-        self.concept_top.top_mk.copy_(tensors["concept_top_mk"])
+        if self.dist.rank == 0:  # the merged table of every rank; the others restart empty, so the
+            self.concept_top.top_mk.copy_(tensors["concept_top_mk"])  # final merge counts each value once
+        else:
+            self.concept_top.top_mk.fill_(-math.inf)
         self.opt.zero_grad(set_to_none=True)
         for i, p in enumerate(self.sae.parameters()):
             state = {
