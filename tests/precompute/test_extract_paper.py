@@ -112,7 +112,7 @@ def _extract(setup: dict, name: str, *extra: str) -> tuple[torch.Tensor, dict]:
     out = setup["root"] / name
     args = ["extract", "--images", str(setup["images"]), "--out", str(out),
             "--pretrained", str(setup["weights"]),
-            "--batch-size", "4", "--no-progress", *extra]  # fmt: skip
+            "--batch-size", "4", "--precision", "fp32", "--no-progress", *extra]  # fmt: skip
     assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     entry = json.loads((out / "shard_00000.ids.json").read_text())
