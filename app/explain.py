@@ -19,6 +19,7 @@ from PIL import Image
 from app.state import AppError, AppState
 from insight_core.data.images import ImageSource, load_image
 from insight_core.errors import ImageLoadError
+from insight_core.models.feature_path import pooled_features
 
 DISPLAY_SIDE = 448
 """Longest side of the displayed image and heatmaps (enough to read 14x14 patches, cheap to send)."""
@@ -75,10 +76,21 @@ def _display(img: Image.Image) -> Image.Image:
     return img.resize(size, Image.Resampling.BILINEAR)
 
 
+def _centre_square(img: Image.Image) -> Image.Image:
+    s = min(img.size)
+    left, top = (img.width - s) // 2, (img.height - s) // 2
+    return img.crop((left, top, left + s, top + s))
+
+
 @torch.inference_mode()
 def explain_image(state: AppState, img: Image.Image) -> Explanation:
-    """Backbone -> pooling (as the atlas was built) -> SAE codes of every patch."""
-    feats_bhwd = state.pool(state.backbone.dense_features([img]).patches_bhwd)
+    """Backbone -> pooling (as the atlas was built) -> SAE codes of every patch.
+
+    With ``resize="crop"`` the patch grid covers the centre square only, so that square is what is
+    displayed (and what heatmaps are drawn over)."""
+    feats_bhwd = pooled_features(state.backbone, state.pool, [img])
+    if state.backbone.cfg.resize == "crop":
+        img = _centre_square(img)
     gh, gw = feats_bhwd.shape[1:3]
     codes = state.sae.encode(feats_bhwd.reshape(-1, feats_bhwd.shape[-1]))
     return Explanation(

@@ -25,9 +25,10 @@ from app.concept_stats import StatsView
 from insight_core.atlas import Atlas, AtlasError, reading
 from insight_core.atlas.hub import resolve_atlas
 from insight_core.concepts.families import Families
-from insight_core.errors import InsightError
-from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.errors import ConfigError, InsightError
+from insight_core.models.backbone import ClipBackbone
 from insight_core.models.dinoiser import Dinoiser
+from insight_core.models.feature_path import check_compatible, manifest_backbone_config, manifest_pooling
 from insight_core.models.sae import MatryoshkaSAE
 
 log = logging.getLogger(__name__)
@@ -140,38 +141,32 @@ def atlas_location(cli_value: str | None) -> str:
 
 
 def _backbone(atlas: Atlas) -> tuple[ClipBackbone, Dinoiser]:
+    """The backbone and pooling the atlas's features were computed with (its manifest's backbone block:
+    dense variant, resize mode, pooling and head kind; older atlases get the values they were built with)."""
     bb = atlas.backbone
     manifest = atlas.layout.manifest
     if not bb.get("arch"):
         raise AtlasError(f"{manifest}: no backbone block; rebuild with `insight build`")
     try:
-        resize = bb.get("resize") or "squash"
-        backbone = ClipBackbone(
-            BackboneConfig(
-                arch=bb["arch"], pretrained=bb.get("pretrained") or "openai", device="auto", resize=resize
-            )
-        )
+        backbone = ClipBackbone(manifest_backbone_config(bb, device="auto"))
     except InsightError:  # e.g. weights not downloadable: the message says what to do
         raise
     except Exception as err:  # a backbone block no open_clip model matches
         raise AtlasError(f"{manifest}: backbone {bb} cannot be built ({type(err).__name__}: {err})") from err
-    if bb.get("embed_dim") and bb["embed_dim"] != backbone.embed_dim:
+    if bb.get("embed_dim") and int(bb["embed_dim"]) != backbone.embed_dim:
         raise AtlasError(
             f"{atlas.root}: manifest embed_dim {bb['embed_dim']} but {bb['arch']} gives {backbone.embed_dim}"
         )
-    pool_mode = bb.get("pool") or "none"
-    if pool_mode == "head":
-        if not atlas.has("dinoiser"):
-            raise AtlasError(
-                f"{atlas.root}: features were pooled with a DINOiser head, but the atlas has none"
-            )
-        path = atlas.read_path("dinoiser")
-        with reading(path, "DINOiser head"):
-            pool = Dinoiser.load(path)
-    else:
-        with reading(manifest, f"backbone block (pool {pool_mode!r})"):
-            pool = Dinoiser(mode=pool_mode)
-    return backbone, pool.eval()
+    if bb.get("pool") == "head" and not atlas.has("dinoiser"):
+        raise AtlasError(f"{atlas.root}: features were pooled with a DINOiser head, but the atlas has none")
+    head = atlas.read_path("dinoiser") if bb.get("pool") == "head" else None  # hash-verified first
+    try:
+        with reading(head or manifest, "DINOiser head" if head else "backbone block"):
+            pool = manifest_pooling(bb, head)
+        check_compatible(backbone, pool)
+    except ConfigError as err:
+        raise AtlasError(f"{atlas.root}: {err}") from err
+    return backbone, pool.to(backbone.device).eval()
 
 
 def _read_parquet(atlas: Atlas, role: str, columns: tuple[str, ...]) -> pd.DataFrame:

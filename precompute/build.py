@@ -16,7 +16,7 @@ from insight_core.atlas import Atlas, AtlasLayout, write_manifest
 from insight_core.concepts.families import FamilyConfig
 from insight_core.errors import ConfigError
 from precompute import extract, families, index, name, stats, train_sae
-from precompute.manifest import backbone_info
+from precompute.manifest import backbone_info, install_head
 from precompute.options import (
     BackboneOptions,
     Flat,
@@ -104,9 +104,12 @@ def _run(job: BuildJob) -> Atlas:
             index.IndexJob(atlas=layout.root, features=features, index=job.index, progress=job.progress)
         )
     with progress.stage("manifest"):
-        backbone = backbone_info(features) or {
+        install_head(layout.root, features)
+        backbone = backbone_info(features) or {  # your own features: the backbone options describe them
             "arch": bb.arch,
             "pretrained": bb.pretrained,
+            "dense": bb.dense,
+            "resize": bb.resize,
             "source": str(features),
         }
         write_manifest(layout.root, backbone=backbone)

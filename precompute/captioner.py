@@ -42,6 +42,7 @@ from insight_core.io import write_json
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from insight_core.models.captioner import CaptionerConfig, SteerableCaptioner
 from insight_core.models.dinoiser import Dinoiser
+from insight_core.models.feature_path import check_compatible, manifest_fields, pooled_features
 from insight_core.models.lm import build_tiny_lm
 from insight_core.models.sae import MatryoshkaSAE
 from insight_core.training.captioner import (
@@ -95,8 +96,9 @@ class CaptionerJob:
     lm: str = default_of(CaptionerConfig, "lm")
     """Causal LM: hub name, local save_pretrained directory, or 'tiny' (random-init test LM built
     from the training captions; implies --finetune-lm)."""
-    finetune_lm: bool = False
-    """Also train the LM (ClipCap's fine-tuned variant); default: frozen LM, adapter only."""
+    finetune_lm: bool = True
+    """Fine-tune the LM together with the adapter (the paper, App. B.6); --no-finetune-lm trains the
+    adapter only on a frozen LM (cheaper)."""
     n_layers: int = default_of(CaptionerConfig, "n_layers")
     """Adapter transformer layers."""
     n_queries: int = default_of(CaptionerConfig, "n_queries")
@@ -106,11 +108,12 @@ class CaptionerJob:
     d_model: int | None = default_of(CaptionerConfig, "d_model")
     """Adapter width (default: the LM's hidden size)."""
     epochs: int = 10
-    """Training epochs over (image, caption) pairs."""
+    """Training epochs over (image, caption) pairs; the weights of the best validation epoch are kept
+    (the paper's checkpoint: epoch 5)."""
     batch_size: int = 40
     """Caption pairs per step."""
-    lr: float = 2e-5
-    """AdamW learning rate."""
+    lr: float = 1e-4
+    """AdamW learning rate (the paper's, chosen on the validation set, App. B.6)."""
     warmup_steps: int = 5000
     """Learning-rate warmup steps (capped at 10 % of the run)."""
     baseline: bool = True
@@ -121,16 +124,18 @@ class CaptionerJob:
     """Maximum caption length in LM tokens at evaluation."""
     meteor: Literal["auto", "off"] = "auto"
     """'auto': METEOR when Java is installed (else reported unavailable); 'off': skip it."""
-    arch: str = "ViT-B-16"
-    """open_clip architecture (must match the atlas)."""
+    arch: str | None = None
+    """open_clip architecture; default: the atlas manifest's backbone (else the paper's ViT-B-16)."""
     pretrained: str | None = None
-    """open_clip weights tag/file or 'none'; default: the atlas manifest's backbone, else 'openai'."""
-    pool: str = "raw"
-    """DINOiser pooling of the atlas features: 'none', 'raw' or 'head' (needs --dinoiser)."""
+    """open_clip weights tag/file or 'none'; default: the atlas manifest's backbone (else the paper's)."""
+    dense: str | None = None
+    """Dense feature path ('released' or 'value'); default: the atlas manifest's."""
+    pool: str | None = None
+    """DINOiser pooling ('auto', 'none', 'raw' or 'head'); default: the atlas manifest's."""
     dinoiser: Path | None = None
-    """Trained DINOiser head for --pool head (default: ATLAS/dinoiser.safetensors if present)."""
-    resize: str = "squash"
-    """Backbone resize mode, as in extract."""
+    """DINOiser head for --pool head (default: ATLAS/dinoiser.safetensors if present)."""
+    resize: str | None = None
+    """Backbone resize mode ('crop' or 'squash'); default: the atlas manifest's."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda' or 'cuda:N'."""
     seed: int = 0
@@ -296,11 +301,14 @@ def load_splits(job: CaptionerJob) -> dict[str, Split]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _backbone_cfg(job: CaptionerJob, device: str) -> BackboneConfig:
-    pretrained = job.pretrained
-    if pretrained is None:
-        pretrained = read_json_dict(AtlasLayout(job.atlas).manifest).get("backbone", {}).get("pretrained")
-    return BackboneConfig(arch=job.arch, pretrained=pretrained or "openai", device=device, resize=job.resize)
+def backbone_options(job: CaptionerJob) -> BackboneOptions:
+    """The atlas's feature path (its manifest's backbone block; the paper's defaults when the atlas
+    has no manifest yet), with the job's explicit settings on top."""
+    block = read_json_dict(AtlasLayout(job.atlas).manifest).get("backbone") or {}
+    recorded = manifest_fields(block) if block.get("arch") else {}
+    names = ("arch", "pretrained", "dense", "pool", "resize")
+    given = {k: getattr(job, k) for k in names if getattr(job, k) is not None}
+    return BackboneOptions(**{**recorded, **given}, dinoiser=job.dinoiser)
 
 
 def extract_split(
@@ -336,7 +344,7 @@ def extract_split(
             except ImageLoadError as err:
                 raise ImageLoadError(f"captioner {split.name} image {key_i}: {err}") from err
         with torch.no_grad():
-            x_bhwd = pool(backbone.dense_features(images).patches_bhwd)
+            x_bhwd = pooled_features(backbone, pool, images)
             x_nd = x_bhwd.reshape(-1, x_bhwd.shape[-1])
             r_bhwd = sae.decode(sae.encode(x_nd)).reshape(x_bhwd.shape)
         dense[start : start + len(images)] = x_bhwd.numpy().astype(np.float16)
@@ -356,12 +364,14 @@ def _data(arr: np.ndarray, split: Split) -> CaptionData:
     return CaptionData(torch.from_numpy(np.asarray(arr)), split.captions)
 
 
-def _stamp(job: CaptionerJob, sae_path: Path, backbone_cfg: BackboneConfig) -> str:
-    files = [sae_path] + [p for p in (job.captions, job.val_captions) if p is not None]
+def _stamp(job: CaptionerJob, sae_path: Path, backbone_cfg: BackboneConfig, opts: BackboneOptions) -> str:
+    head = opts.dinoiser or AtlasLayout(job.atlas).dinoiser
+    files = [sae_path] + [p for p in (job.captions, job.val_captions, head) if p is not None and p.is_file()]
     config = {
         k: v for k, v in dataclasses.asdict(job).items() if k not in ("force", "progress", "device", "atlas")
     }
-    return fingerprint(files, {"job": config, "backbone": dataclasses.asdict(backbone_cfg)})
+    features = {"backbone": dataclasses.asdict(backbone_cfg), "pool": opts.pool}
+    return fingerprint(files, {"job": config, **features})
 
 
 def run(job: CaptionerJob) -> dict:
@@ -373,8 +383,9 @@ def run(job: CaptionerJob) -> dict:
         )
     device = str(resolve_device(job.device, what="--device"))
     out = layout.captioner
-    bb_cfg = _backbone_cfg(job, device)
-    stamp = _stamp(job, layout.sae, bb_cfg)
+    opts = backbone_options(job)
+    bb_cfg = opts.backbone_config(device)
+    stamp = _stamp(job, layout.sae, bb_cfg, opts)
     record = layout.stage_record(STAGE)
     if not job.force and record.is_current(stamp):
         log.info("%s is up to date with its inputs; skipping (use --force to retrain)", out.root)
@@ -382,9 +393,10 @@ def run(job: CaptionerJob) -> dict:
     sae = MatryoshkaSAE.load(layout.sae).requires_grad_(False)
     splits = load_splits(job)
     log.info("captioner data: %s", {k: f"{len(v.keys)} images" for k, v in splits.items()})
-    pooling = BackboneOptions(pool=job.pool, dinoiser=job.dinoiser, resize=job.resize)
-    pool = pooling.pooling(head=layout.dinoiser)
+    pool = opts.pooling(head=layout.dinoiser if layout.dinoiser.is_file() else None).eval()
     backbone = ClipBackbone(bb_cfg)
+    check_compatible(backbone, pool)
+    pool = pool.to(backbone.device)
     feats = {
         name: extract_split(s, backbone, pool, sae, out, stamp, job.progress)
         for name, s in splits.items()
@@ -408,7 +420,7 @@ def run(job: CaptionerJob) -> dict:
         model.save(files.root, save_lm=save_lm, extra={"metrics": results[source]})
     metrics = {
         "input_fingerprint": stamp,
-        "backbone": {**dataclasses.asdict(bb_cfg), "random_weights": bb_cfg.is_random},
+        "backbone": {**dataclasses.asdict(bb_cfg), "random_weights": bb_cfg.is_random, **pool.describe()},
         "lm": job.lm,
         "lm_random_init": job.lm == TINY_LM,
         "finetune_lm": finetune,

@@ -16,7 +16,8 @@ RANDOM_BANNER = (
     "\n"
     + "!" * 88
     + "\n!! RANDOM-INIT BACKBONE: the CLIP weights are random (pretrained='none'), so its features\n"
-    "!! carry NO semantics. Pass --pretrained openai (or a local weights file) where weights are reachable.\n"
+    "!! carry NO semantics. Pass --pretrained laion2b_s34b_b88k (or openai, or a local weights file)\n"
+    "!! where weights are reachable.\n"
     + "!"
     * 88
 )

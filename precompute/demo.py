@@ -3,12 +3,14 @@
 The README's main command builds it when no atlas is configured. It runs every ``build`` stage with
 sizes that fit 2 CPU cores in a few minutes: the SAE dictionary scales with the number of patches,
 naming uses the first ``max_words`` words of the shipped vocabulary with one template per part of
-speech. ``--pretrained auto`` uses OpenAI's CLIP weights when they are cached or the Hub is
-reachable, and otherwise a random-init backbone -- announced loudly, and recorded in the atlas
-manifest so the app shows it. A tiny captioner learns the example photos' COCO captions so that
-caption steering can be tried, and a tiny probe learns the example photos' main COCO objects (from
-their file names) so that the Classify tab has a probe: both are plumbing demos that memorise six
-photos, not models. Rerunning reuses finished stages.
+speech. ``--pretrained auto`` uses the paper's CLIP weights (open_clip ``laion2b_s34b_b88k``, else
+OpenAI's) when they are cached or the Hub is reachable, and otherwise a random-init backbone --
+announced loudly, and recorded in the atlas manifest so the app shows it. The features follow the
+paper's released dense path; images are squashed (not centre-cropped) so that heatmaps cover whole
+photos (``--resize crop`` for the paper's preprocessing). A tiny captioner learns the example
+photos' COCO captions so that caption steering can be tried, and a tiny probe learns the example
+photos' main COCO objects (from their file names) so that the Classify tab has a probe: both are
+plumbing demos that memorise six photos, not models. Rerunning reuses finished stages.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from insight_core.atlas.layout import EXAMPLE_CAPTIONS, EXAMPLES_DIR
 from insight_core.data.images import list_image_files
 from insight_core.errors import ConfigError, ImageLoadError
 from insight_core.io import atomic_write
+from insight_core.models.backbone import PAPER_PRETRAINED
 from insight_core.models.clip_weights import weights_available
 from insight_core.training.probe import ProbeTrainConfig
 from precompute import build, captioner, probe
@@ -54,7 +57,13 @@ class DemoJob:
     arch: str = "ViT-B-16"
     """open_clip architecture."""
     pretrained: str = "auto"
-    """'auto' (OpenAI weights when reachable, else random init), an open_clip tag, weights file or 'none'."""
+    """'auto' (the paper's laion2b_s34b_b88k weights, else OpenAI's, when reachable; else random init),
+    an open_clip tag, a weights file or 'none'."""
+    resize: str = "squash"
+    """'squash' (heatmaps cover the whole photo) or 'crop' (the paper's centre crop)."""
+    dinoiser: Path | None = None
+    """A DINOiser head (CLIP-DINOiser's last.pt or train-adapter's) to pool with; default: raw CLIP
+    affinities."""
     dict_size: int | None = None
     """SAE concepts (None: patches / 8, as a power of two in [128, 4096])."""
     k: int = 8
@@ -93,14 +102,18 @@ out when they are off)."""
 
 
 def resolve_pretrained(arch: str, pretrained: str) -> str:
-    """'auto' -> 'openai' when its weights can be loaded now, else 'none' (with the reason logged)."""
+    """'auto' -> the paper's weights (else OpenAI's) when they can be loaded now, else 'none' (with
+    the reason logged)."""
     if pretrained != "auto":
         return pretrained
-    ok, why = weights_available(arch, "openai")
-    if ok:
-        log.info("using OpenAI CLIP weights (%s)", why)
-        return "openai"
-    log.warning("pretrained weights unavailable: %s", why)
+    reasons = []
+    for tag in (PAPER_PRETRAINED, "openai"):
+        ok, why = weights_available(arch, tag)
+        if ok:
+            log.info("using %s CLIP weights %s (%s)", arch, tag, why)
+            return tag
+        reasons.append(f"{tag}: {why}")
+    log.warning("pretrained weights unavailable: %s", "; ".join(reasons))
     return "none"
 
 
@@ -166,7 +179,9 @@ def _run(job: DemoJob) -> Atlas:
             atlas=out,
             features=layout.demo_features_dir,
             source=SourceOptions(images=layout.demo_images_dir, shard_size=256),
-            backbone=BackboneOptions(arch=job.arch, pretrained=pretrained),
+            backbone=BackboneOptions(
+                arch=job.arch, pretrained=pretrained, resize=job.resize, dinoiser=job.dinoiser
+            ),
             sae=SaeOptions(
                 dict_size=dict_size,
                 k=job.k,

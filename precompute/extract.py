@@ -7,7 +7,8 @@ Output folder (read by ``train-sae`` like any feature directory)::
 
     shard_00000.npy         (n_images_in_shard, grid_h * grid_w, d) float16, row-major patch order
     shard_00000.ids.json    the images of that shard, in order, and the ones skipped (with reasons)
-    manifest.json           backbone, pooling, grid, dim, counts, shard list, input fingerprint
+    manifest.json           backbone (arch, weights, dense variant, resize, pooling, head kind), grid,
+                            dim, counts, shard list, input fingerprint
 
 Images are planned into shards in source order, so shard k always holds the same images: a rerun
 skips shards whose id file matches the plan (resume after an interruption), and a changed source
@@ -43,6 +44,8 @@ from insight_core.distributed import DistInfo
 from insight_core.errors import FeatureFileError, ImageLoadError
 from insight_core.io import write_json, write_npy
 from insight_core.models.backbone import ClipBackbone
+from insight_core.models.dinoiser import Dinoiser
+from insight_core.models.feature_path import check_compatible, describe, pooled_features
 from precompute.options import BackboneOptions, Flat, SourceOptions
 
 log = logging.getLogger(__name__)
@@ -69,15 +72,11 @@ class ExtractJob:
     """Show a progress bar."""
 
 
-def _model_stamp(opts: BackboneOptions, backbone: ClipBackbone) -> dict:
-    return {
-        "arch": opts.arch,
-        "pretrained": opts.pretrained,
-        "random_weights": backbone.is_random,
-        "resize": opts.resize,
-        "pool": opts.pool,
-        "dinoiser": str(opts.dinoiser) if opts.dinoiser else None,
-    }
+def _model_stamp(opts: BackboneOptions, backbone: ClipBackbone, pool: Dinoiser) -> dict:
+    """How the features are computed (feature manifest ``backbone`` block, minus dims and grid)."""
+    stamp = {k: v for k, v in describe(backbone, pool).items() if k not in ("embed_dim", "grid")}
+    head = str(opts.dinoiser) if pool.mode == "head" else None
+    return {**stamp, "dinoiser": head, "precision": opts.precision}
 
 
 def _shard_key(shard: PlannedShard, stamp: dict) -> str:
@@ -119,10 +118,13 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
     pool = opts.pooling()
     device = distributed.local_device_name(job.device, info)
     backbone = ClipBackbone(opts.backbone_config(device, job.batch_size))
+    check_compatible(backbone, pool)
     if backbone.is_random:
         log.warning("RANDOM-INIT BACKBONE (pretrained='none'): extracted features carry no semantics")
-    pool = pool.to(backbone.device)
-    stamp = _model_stamp(opts, backbone)
+    if pool.mode == "raw":
+        log.info("pooling with raw CLIP affinities (the paper pools with a CLIP-DINOiser head: --dinoiser)")
+    pool = pool.to(backbone.device).eval()
+    stamp = _model_stamp(opts, backbone, pool)
     out = FeaturesLayout(job.out)
     out.root.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []  # every shard's key, in plan order (all ranks walk the whole plan)
@@ -147,9 +149,7 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
         skipped: list = []
         feats, ids = [], []
         for batch_ids, images in _batches(shard.records(), job.batch_size, skipped):
-            dense = backbone.dense_features(images)
-            with torch.no_grad():
-                pooled = pool(dense.patches_bhwd.to(backbone.device)).cpu()
+            pooled = pooled_features(backbone, pool, images)
             feats.append(pooled.reshape(len(images), -1, pooled.shape[-1]).to(torch.float16).numpy())
             ids += batch_ids
             bar.update(len(images))

@@ -6,7 +6,11 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import torch
+
 from insight_core.atlas import Atlas, AtlasLayout, FeaturesLayout, read_json_dict, write_manifest
+from insight_core.errors import ConfigError
+from insight_core.models.dinoiser import Dinoiser
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,32 @@ def backbone_info(features: Path | None) -> dict | None:
     return read_json_dict(FeaturesLayout(features).manifest).get("backbone")
 
 
+def install_head(atlas: Path, features: Path | None) -> Path | None:
+    """Put the DINOiser head the features were pooled with into the atlas (``dinoiser.safetensors``,
+    converted from CLIP-DINOiser's ``last.pt`` when that was used), so the app rebuilds the same
+    pooling. Returns the atlas head, or None when the features were not pooled with a head."""
+    block = backbone_info(features) or {}
+    if block.get("pool") != "head" or not block.get("dinoiser"):
+        return None
+    src, dst = Path(block["dinoiser"]), AtlasLayout(atlas).dinoiser
+    if dst.is_file() and (not src.is_file() or src.resolve() == dst.resolve()):
+        return dst
+    if not src.is_file():
+        raise ConfigError(f"{src}: the DINOiser head recorded in {FeaturesLayout(features).manifest} is gone")
+    head = Dinoiser.load(src)
+    if dst.is_file():
+        current = Dinoiser.load(dst)
+        pairs = zip(current.state_dict().values(), head.state_dict().values(), strict=True)
+        same = current.cfg == head.cfg and all(torch.equal(a, b) for a, b in pairs)
+        if same:
+            return dst
+    head.save(dst)
+    log.info("copied the DINOiser head %s into the atlas: %s", src, dst)
+    return dst
+
+
 def run_manifest(job: ManifestJob) -> dict:
+    install_head(job.atlas, job.features)
     manifest = write_manifest(job.atlas, backbone=backbone_info(job.features))
     log.info(
         "wrote %s (%d files, schema v%d)",

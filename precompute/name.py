@@ -34,7 +34,7 @@ from insight_core.concepts.vocab_embeddings import (
 from insight_core.concepts.vocabulary import build_vocabulary, paper_vocab_sources
 from insight_core.errors import ConfigError
 from insight_core.io import atomic_write, write_safetensors
-from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.models.backbone import PAPER_ARCH, PAPER_PRETRAINED, BackboneConfig, ClipBackbone
 from precompute import families as families_stage
 from precompute.common import load_atlas_sae, load_atlas_stats
 from precompute.options import Flat, NamingOptions
@@ -54,10 +54,11 @@ class NameJob:
     """Feature directory, needed when stats/ is missing or stale."""
     naming: Annotated[NamingOptions, Flat] = dataclasses.field(default_factory=NamingOptions)
     """The vocabulary and how concepts are matched against it."""
-    arch: str = "ViT-B-16"
+    arch: str = PAPER_ARCH
     """open_clip architecture of the text encoder (must match the atlas backbone)."""
-    pretrained: str = "openai"
-    """open_clip pretrained tag or local weights file of the text encoder."""
+    pretrained: str = PAPER_PRETRAINED
+    """open_clip pretrained tag or local weights file of the text encoder (must match the atlas
+    backbone; default: the paper's laion2b_s34b_b88k)."""
     force: bool = False
     """Rename even if the inputs (SAE, edges, stats, vocabulary) and settings are unchanged."""
     progress: bool = True

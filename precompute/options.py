@@ -9,6 +9,7 @@ command line the groups are flattened (``Flat``): ``--dict-size 4096`` works for
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,12 @@ from insight_core.concepts.stats import StatsConfig
 from insight_core.data.images import DEFAULT_MAX_PIXELS
 from insight_core.data.sources import HFDatasetSpec, ImageSource, make_source
 from insight_core.errors import ConfigError
-from insight_core.models.backbone import BackboneConfig
+from insight_core.models.backbone import DENSE_VARIANTS, PAPER_ARCH, PAPER_PRETRAINED, BackboneConfig
 from insight_core.models.dinoiser import Dinoiser
 from insight_core.models.sae import PAPER_GROUP_FRACTIONS, SAEConfig
 from insight_core.training.sae import TrainConfig
+
+log = logging.getLogger(__name__)
 
 Flat = tyro.conf.OmitArgPrefixes
 """``Annotated[Group, Flat]``: the group's flags keep their plain names (no ``--group.`` prefix)."""
@@ -79,36 +82,61 @@ class SourceOptions:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BackboneOptions:
-    """The vision backbone and the pooling that produce the features."""
+    """The vision backbone and the pooling that produce the features (defaults: the paper's)."""
 
-    arch: str = "ViT-B-16"
+    arch: str = PAPER_ARCH
     """open_clip architecture."""
-    pretrained: str = "openai"
-    """open_clip pretrained tag, a local weights file, or 'none' (random init: no semantics)."""
-    pool: str = "raw"
-    """DINOiser guided pooling: 'none', 'raw' (CLIP's own affinities) or 'head' (needs --dinoiser)."""
+    pretrained: str = PAPER_PRETRAINED
+    """open_clip pretrained tag (the paper's laion2b_s34b_b88k; 'openai' for its classification
+    table), a local weights file, or 'none' (random init: no semantics)."""
+    dense: str = "released"
+    """Dense feature path: 'released' (CLIP-DINOiser's MaskCLIP: value path + residual + MLP of the
+    last block) or 'value' (value path only; atlases built before the released path)."""
+    pool: str = "auto"
+    """DINOiser guided pooling: 'head' (needs --dinoiser), 'raw' (CLIP's own affinities), 'none', or
+    'auto' = 'head' when --dinoiser is given, else 'raw'."""
     dinoiser: Path | None = None
-    """Trained DINOiser head (safetensors) for --pool head."""
-    resize: str = "squash"
-    """'squash' (whole image, patch maps cover it) or 'crop' (CLIP's centre crop)."""
+    """DINOiser head for --pool head: CLIP-DINOiser's released last.pt or a head from train-adapter
+    (dinoiser.safetensors)."""
+    resize: str = "crop"
+    """'crop' (the paper's: shorter side to 224, centre crop) or 'squash' (the whole image, so patch
+    maps cover it: whole-image heatmaps)."""
+    precision: str = "auto"
+    """Backbone compute precision: 'auto' (fp32 on CPU, bf16/fp16 autocast on CUDA), 'fp32' (exactly
+    the released computation), 'fp16' or 'bf16'."""
 
     def __post_init__(self) -> None:
-        if self.pool not in ("none", "raw", "head"):
-            raise ConfigError(f"--pool must be none, raw or head, got {self.pool!r}")
+        if self.pool not in ("auto", "none", "raw", "head"):
+            raise ConfigError(f"--pool must be auto, none, raw or head, got {self.pool!r}")
         if self.resize not in ("squash", "crop"):
             raise ConfigError(f"--resize must be squash or crop, got {self.resize!r}")
+        if self.dense not in DENSE_VARIANTS:
+            raise ConfigError(f"--dense must be one of {', '.join(DENSE_VARIANTS)}, got {self.dense!r}")
 
     def backbone_config(self, device: str = "auto", batch_size: int = 32) -> BackboneConfig:
         return BackboneConfig(arch=self.arch, pretrained=self.pretrained, device=device, resize=self.resize,
+                              dense=self.dense, precision=self.precision,  # type: ignore[arg-type]
                               batch_size=batch_size)  # fmt: skip
+
+    def pool_mode(self, head: Path | None = None) -> str:
+        """The pooling mode with 'auto' resolved ('head' when a head file is given)."""
+        if self.pool != "auto":
+            return self.pool
+        return "head" if (self.dinoiser or head) is not None else "raw"
 
     def pooling(self, head: Path | None = None) -> Dinoiser:
         """The guided pooling; ``head`` is where to find a trained head when --dinoiser is not given."""
-        if self.pool != "head":
-            return Dinoiser(mode=self.pool)
+        mode = self.pool_mode(head)
+        if mode != "head":
+            if self.dinoiser is not None:
+                log.warning("--dinoiser %s is ignored with --pool %s", self.dinoiser, mode)
+            return Dinoiser(mode=mode)  # type: ignore[arg-type]
         path = self.dinoiser or head
         if path is None:
-            raise ConfigError("--pool head needs --dinoiser PATH (a head trained by train-adapter)")
+            raise ConfigError(
+                "--pool head needs --dinoiser PATH (CLIP-DINOiser's last.pt or a head trained by "
+                "train-adapter)"
+            )
         if not Path(path).is_file():
             raise ConfigError(f"--pool head needs a trained head: {path} not found (pass --dinoiser)")
         return Dinoiser.load(path)
@@ -124,14 +152,19 @@ class SaeOptions:
     """Mean active concepts per patch (BatchTopK)."""
     group_fractions: tuple[float, ...] = PAPER_GROUP_FRACTIONS
     """Nested Matryoshka group size ratios (coarse to fine), summing to 1."""
-    epochs: float = 3.0
-    """Passes over the training split (ignored if --steps is given)."""
+    epochs: float | None = None
+    """Passes over the training split (ignored if --steps is given); default: the paper's 3, but at
+    least --min-steps steps."""
     steps: int | None = None
     """Total optimisation steps; overrides --epochs."""
-    batch_size: int = 16_384
-    """Patches per step."""
-    lr: float = 1e-4
-    """Adam learning rate."""
+    min_steps: int = 1000
+    """Without --steps and --epochs: train at least this many steps (small data sets)."""
+    batch_size: int | None = None
+    """Patches per step; default: the paper's 16384, capped so an epoch has >= 64 steps."""
+    lr: float | None = None
+    """Adam learning rate; default: 1e-4 * sqrt(8192 / dict-size) (the paper's 1e-4 at 8192)."""
+    concept_threshold_k: int = 12
+    """Per-concept thresholds = each concept's k-th largest training activation (paper App. B.5)."""
     seed: int = 0
     """Seed for initialisation, split and batch order."""
     held_out_fraction: float = 0.1

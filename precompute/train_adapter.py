@@ -1,10 +1,13 @@
 """``train-adapter``: train the CLIP-DINOiser affinity head on an image folder (paper Sec. 3.1, App. B.1).
 
-Both frozen models see the same pixels: each image is first made square (``--resize squash``,
-as ``extract`` does by default, or a centre ``crop``) at CLIP's input size, then the CLIP backbone
-gives dense joint-space features (B, 14, 14, 512) and the timm teacher (DINOv2 by default) patch
-tokens whose cosine affinities ``> gamma`` are the binary targets. The 3x3 conv ``g`` is trained with
-BCE against them (``insight_core.models.dinoiser``). Writes::
+Both frozen models see the same pixels: each image is first made square (a centre ``crop``, as
+``extract`` does by default, or ``squash``) at CLIP's input size. The CLIP backbone gives what the
+head reads -- the intermediate tokens of block -3 (B, 14, 14, 768) for the released head (default),
+the dense joint-space features (B, 14, 14, 512) for ``--head output`` -- and the timm teacher (DINO
+ViT-B/16 last-block values by default, as released) patch features whose cosine affinities
+``> gamma`` are the binary targets. The 3x3 conv ``g`` is trained with BCE against them
+(``insight_core.training.dinoiser``). CLIP-DINOiser's own released ``last.pt`` needs no training:
+``extract --dinoiser last.pt``. Writes::
 
     OUT/dinoiser.safetensors       the head; ``extract --pool head --dinoiser OUT/dinoiser.safetensors``
     OUT/dinoiser_metrics.json      loss per epoch, images used/skipped, teacher, backbone, fingerprint
@@ -34,7 +37,7 @@ from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
 from insight_core.data.images import DEFAULT_MAX_PIXELS, LoadReport, iter_images, list_image_files
 from insight_core.errors import ConfigError, ImageLoadError
 from insight_core.io import write_json, write_safetensors
-from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.models.backbone import PAPER_ARCH, PAPER_PRETRAINED, BackboneConfig, ClipBackbone
 from insight_core.models.dinoiser import AffinityHead, Dinoiser, DinoiserConfig, affinities
 from insight_core.training.dinoiser import DinoTeacher, teacher_targets, train_affinity_head
 from precompute.common import fmt_metrics
@@ -47,22 +50,29 @@ _PAPER = DinoiserConfig()
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TrainAdapterJob:
-    """Train the DINOiser affinity head g (3x3 conv 512 -> 64) against a frozen DINO teacher."""
+    """Train the DINOiser affinity head g (released: 3x3 conv 768 -> 256 on block -3) on a DINO teacher."""
 
     images: Path
     """Folder of training images (searched recursively); the paper uses 1000 ImageNet images."""
     out: Path
     """Output directory (e.g. the atlas) for dinoiser.safetensors and dinoiser_metrics.json."""
-    arch: str = "ViT-B-16"
+    arch: str = PAPER_ARCH
     """open_clip architecture of the frozen CLIP backbone (the one extract will use)."""
-    pretrained: str = "openai"
+    pretrained: str = PAPER_PRETRAINED
     """open_clip pretrained tag, a local weights file, or 'none' (random init, for tests)."""
+    dense: str = "released"
+    """Dense feature path of the backbone ('released' or 'value'; what the output head reads)."""
+    head: str = _PAPER.head
+    """'released' (conv on the ln_2 tokens of block -3, CLIP-DINOiser's obj_proj) or 'output'
+    (conv on the dense features, the paper text's 512 -> 64)."""
     teacher: str = _PAPER.teacher
-    """timm model name of the frozen teacher (DINO v1 'vit_base_patch16_224.dino' also works)."""
+    """timm model name of the frozen teacher (DINOv2 'vit_base_patch14_dinov2.lvd142m' also works)."""
+    teacher_features: str = _PAPER.teacher_features
+    """'value' (last-block value vectors, as released) or 'tokens' (final patch tokens)."""
     teacher_pretrained: bool = True
     """Load the teacher's pretrained weights; --no-teacher-pretrained (random targets) is for tests."""
-    resize: str = "squash"
-    """How images are made square for both models: 'squash' (as extract's default) or 'crop'."""
+    resize: str = "crop"
+    """How images are made square for both models: 'crop' (as extract's default) or 'squash'."""
     max_images: int | None = None
     """Use only the first N images of the sorted folder."""
     epochs: int = _PAPER.epochs
@@ -70,11 +80,14 @@ class TrainAdapterJob:
     batch_size: int = _PAPER.batch_size
     """Images per optimisation step."""
     lr: float = _PAPER.lr
-    """Adam learning rate."""
+    """AdamW learning rate (dropped 10x at step 5000, as released)."""
+    loss: str = _PAPER.loss
+    """'released' (BCE on cosines clamped at 0) or 'scaled' (BCE on 10 x cosine)."""
     gamma: float = _PAPER.gamma
-    """Teacher cosine affinity above which a patch pair is a positive target."""
-    head_dim: int = _PAPER.head_dim
-    """Output dimension of the conv g."""
+    """Teacher cosine affinity above which a patch pair is a positive target (and the released
+    head's pooling cut)."""
+    head_dim: int | None = None
+    """Output dimension of the conv g (default: 256 released, 64 output)."""
     seed: int = 0
     """Seed for the head initialisation and the image order."""
     encode_batch_size: int = 32
@@ -91,22 +104,28 @@ class TrainAdapterJob:
     def __post_init__(self) -> None:
         if self.resize not in ("squash", "crop"):
             raise ConfigError(f"--resize must be squash or crop, got {self.resize!r}")
+        if self.head not in ("released", "output"):
+            raise ConfigError(f"--head must be released or output, got {self.head!r}")
         if self.max_images is not None and self.max_images < 1:
             raise ConfigError(f"--max-images must be >= 1, got {self.max_images}")
         if self.encode_batch_size < 1:
             raise ConfigError(f"--encode-batch-size must be >= 1, got {self.encode_batch_size}")
 
-    def dinoiser_config(self, in_dim: int = 512) -> DinoiserConfig:
-        return DinoiserConfig(
-            in_dim=in_dim, head_dim=self.head_dim, gamma=self.gamma, lr=self.lr, batch_size=self.batch_size,
-            epochs=self.epochs, teacher=self.teacher, teacher_pretrained=self.teacher_pretrained,
+    def dinoiser_config(self, in_dim: int | None = None) -> DinoiserConfig:
+        """The head's config; ``in_dim``: what the backbone gives (width or embed_dim)."""
+        base = DinoiserConfig() if self.head == "released" else DinoiserConfig.output_head()
+        return dataclasses.replace(
+            base, in_dim=in_dim or base.in_dim, head_dim=self.head_dim or base.head_dim, gamma=self.gamma,
+            lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, loss=self.loss, teacher=self.teacher,
+            teacher_features=self.teacher_features, teacher_pretrained=self.teacher_pretrained,
             seed=self.seed,
-        )  # fmt: skip
+        )  # type: ignore[arg-type]  # fmt: skip
 
     def input_settings(self) -> dict:
         """What the encoded features and targets depend on (the cache key)."""
         return {
-            "arch": self.arch, "pretrained": self.pretrained, "teacher": self.teacher,
+            "arch": self.arch, "pretrained": self.pretrained, "dense": self.dense, "head": self.head,
+            "teacher": self.teacher, "teacher_features": self.teacher_features,
             "teacher_pretrained": self.teacher_pretrained, "resize": self.resize, "gamma": self.gamma,
             "max_images": self.max_images, "max_pixels": self.max_pixels,
         }  # fmt: skip
@@ -115,7 +134,7 @@ class TrainAdapterJob:
 @dataclasses.dataclass(slots=True)
 class _Encoded:
     feats_nhwd: Tensor
-    """Dense CLIP features, float16 on CPU."""
+    """What the head reads (intermediate tokens or dense CLIP features), float16 on CPU."""
     targets_nnn: Tensor
     """Binary teacher targets on CLIP's grid, bool on CPU."""
     ids: list[str]
@@ -159,7 +178,8 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
 def _encode(
     job: TrainAdapterJob, paths: Sequence[Path], backbone: ClipBackbone, teacher: DinoTeacher
 ) -> _Encoded:
-    """CLIP features and teacher targets of every readable image; unreadable ones are counted."""
+    """Head inputs and teacher targets of every readable image; unreadable ones are counted."""
+    block = job.dinoiser_config().feats_block if job.head == "released" else None
     side, grid_hw = backbone.image_size[0], backbone.grid_hw
     report = LoadReport()
     feats, targets, ids = [], [], []
@@ -167,7 +187,8 @@ def _encode(
     with tqdm(total=len(paths), desc="encode", unit="img", disable=not job.progress) as bar:
         for batch in _chunks(loaded, job.encode_batch_size):
             squares = [_square(img, job.resize, side) for _, img in batch]
-            feats.append(backbone.dense_features(squares).patches_bhwd.half())
+            dense = backbone.dense_features(squares, intermediate=block)
+            feats.append((dense.inter_bhwc if block is not None else dense.patches_bhwd).half())
             with torch.no_grad():
                 teacher_bhwc = teacher(teacher.preprocess(squares))
             targets.append(teacher_targets(teacher_bhwc, grid_hw, job.gamma).cpu())
@@ -230,10 +251,12 @@ def _fit(enc: _Encoded, cfg: DinoiserConfig, device: torch.device, progress: boo
 
 @torch.no_grad()
 def _pair_accuracy(head: AffinityHead, enc: _Encoded, device: torch.device) -> float:
-    """Fraction of patch pairs where the head's decision (cosine > 0) agrees with the teacher target."""
+    """Fraction of patch pairs where the head's pooling decision (affinity kept: >= the pooling cut)
+    agrees with the teacher target."""
     agree, total = 0, 0
+    cut = head.cfg.pool_cut
     for feats_bhwd, targets_bnn in zip(enc.feats_nhwd.split(64), enc.targets_nnn.split(64), strict=True):
-        positive_bnn = affinities(feats_bhwd.to(device), head) > 0
+        positive_bnn = affinities(feats_bhwd.to(device), head) >= cut
         agree += int((positive_bnn == targets_bnn.to(device)).sum())
         total += targets_bnn.numel()
     return agree / max(total, 1)
@@ -241,8 +264,9 @@ def _pair_accuracy(head: AffinityHead, enc: _Encoded, device: torch.device) -> f
 
 def _load_backbone(job: TrainAdapterJob) -> ClipBackbone:
     cfg = BackboneConfig(
-        arch=job.arch, pretrained=job.pretrained, device=job.device, batch_size=job.encode_batch_size
-    )
+        arch=job.arch, pretrained=job.pretrained, device=job.device, batch_size=job.encode_batch_size,
+        dense=job.dense,  # type: ignore[arg-type]
+    )  # fmt: skip
     backbone = ClipBackbone(cfg)
     if backbone.is_random:
         log.warning(
@@ -263,7 +287,10 @@ def _encoded_inputs(job: TrainAdapterJob, paths: list[Path], backbone: ClipBackb
         log.info("reusing the encoded images of an interrupted run (%s)", cache)
         return enc
     side = backbone.image_size[0]
-    teacher = DinoTeacher(job.teacher, pretrained=job.teacher_pretrained, image_size=side)
+    teacher = DinoTeacher(
+        job.teacher, pretrained=job.teacher_pretrained, image_size=side,
+        features=job.teacher_features,  # type: ignore[arg-type]
+    )  # fmt: skip
     enc = _encode(job, paths, backbone, teacher.to(backbone.device))
     _save_cache(cache, enc, key)
     return enc
@@ -287,7 +314,7 @@ def run(job: TrainAdapterJob) -> dict:
     t0 = time.perf_counter()
     enc = _encoded_inputs(job, paths, backbone)
     encode_seconds = time.perf_counter() - t0
-    cfg = job.dinoiser_config(in_dim=backbone.embed_dim)
+    cfg = job.dinoiser_config(in_dim=backbone.width if job.head == "released" else backbone.embed_dim)
     positive = _positive_fraction(enc.targets_nnn)
     log.info(
         "training the DINOiser head on %d images (%d skipped), %d epochs; %.1f %% positive target pairs",
@@ -303,10 +330,14 @@ def run(job: TrainAdapterJob) -> dict:
         "n_images": len(enc.ids),
         "n_skipped": len(enc.skipped),
         "skipped": enc.skipped,
-        "teacher": {"name": job.teacher, "pretrained": job.teacher_pretrained},
+        "teacher": {
+            "name": job.teacher, "pretrained": job.teacher_pretrained, "features": job.teacher_features,
+        },
+        "head": cfg.head,
         "backbone": {
             "arch": job.arch, "pretrained": job.pretrained, "random_weights": backbone.is_random,
-            "resize": job.resize, "embed_dim": backbone.embed_dim, "grid": list(backbone.grid_hw),
+            "dense": job.dense, "resize": job.resize, "embed_dim": backbone.embed_dim,
+            "width": backbone.width, "grid": list(backbone.grid_hw),
         },
         "dinoiser_config": dataclasses.asdict(cfg),
         "encode_seconds": round(encode_seconds, 2),

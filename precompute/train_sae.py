@@ -29,7 +29,7 @@ from insight_core.data.features import scan_features
 from insight_core.distributed import DistInfo
 from insight_core.evaluation.sae import evaluate
 from insight_core.io import write_json
-from insight_core.training.sae import SAETrainer
+from insight_core.training.sae import SAETrainer, training_warnings
 from precompute.common import fmt_metrics
 from precompute.options import Flat, SaeOptions
 
@@ -92,7 +92,22 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
         return read_json_dict(layout.sae_metrics)
     eval_rows = (held if held.n_rows else train).sample(train_cfg.eval_max_rows, seed=train_cfg.seed)
     metrics = evaluate(trainer.sae, eval_rows)
+    if trainer.sae.has_concept_thresholds:
+        per_concept = evaluate(trainer.sae, eval_rows, threshold="concept")
+        metrics["concept_thresholds"] = {
+            "k": train_cfg.concept_threshold_k,
+            **{key: per_concept[key] for key in ("fve", "l0", "never_active_fraction")},
+        }
+    health = training_warnings(state.history, metrics.get("fve"))
+    for warning in health["warnings"]:
+        log.warning("!! %s", warning)
+    sched = trainer.schedule
     metrics.update(
+        warnings=health["warnings"],
+        loss_trend_last_tenth=health["loss_trend"],
+        loss_still_falling=health["still_falling"],
+        low_fve=health["low_fve"],
+        schedule=dataclasses.asdict(sched),
         steps=state.step,
         samples_seen=state.samples_seen,
         train_seconds=round(seconds, 2),
@@ -106,7 +121,7 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
         train_config=dataclasses.asdict(train_cfg),
         features=str(job.features),
     )
-    meta = {"input_fingerprint": stamp}
+    meta = {"input_fingerprint": stamp, "concept_threshold_k": str(train_cfg.concept_threshold_k)}
     trainer.sae.cpu().save(layout.sae, config_path=layout.sae_config, extra_metadata=meta)
     write_json(layout.sae_metrics, metrics)
     record.write(stamp, [layout.sae, layout.sae_config, layout.sae_metrics], fve=metrics.get("fve"))

@@ -4,8 +4,9 @@ Given patch features ``x`` (14x14, joint space) the SAE codes are ``z = encode(x
 scales (0 = remove, 1 = keep, > 1 = amplify) or adds to one concept's activation, on every patch or
 within a region, giving ``z'``. The captioner then reads
 
-    x' = decode(z') + (x - decode(z))   (keep_error=True, default: the SAE's error is preserved)
-    x' = decode(z')                     (keep_error=False: exactly the INSIGHT training input)
+    x' = decode(z')                     (keep_error=False, default: the paper's bottleneck -- the
+                                         captioner was trained on SAE reconstructions)
+    x' = decode(z') + (x - decode(z))   (keep_error=True: the SAE's error is preserved)
 
 computed as ``base + (z' - z) W_dec`` so that no effective edit gives *bitwise* the unsteered input,
 hence exactly the unsteered caption. Concepts are chosen by id or by name; a name selects every
@@ -30,6 +31,8 @@ import torch
 from insight_core.data.images import ImageSource, load_image
 from insight_core.errors import CheckpointError, ConfigError, ImageLoadError
 from insight_core.models.captioner import SteerableCaptioner
+from insight_core.models.dinoiser import Dinoiser
+from insight_core.models.feature_path import pooled_features
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +163,12 @@ class Steerer:
         Concept names for lookup by name (``ConceptNames``, a mapping id -> name, or a
         ``concepts.parquet`` path).
     keep_error
-        Add the SAE reconstruction error back after editing (see the module docstring).
+        Add the SAE reconstruction error back after editing (default False: caption ``decode(z')``,
+        the bottleneck the captioner was trained on; see the module docstring).
     backbone, pool
-        For :meth:`steer_image`: a ``ClipBackbone`` and the pooling of the atlas features
-        (e.g. a ``Dinoiser``); ``pool`` maps (B, gh, gw, d) -> same.
+        For :meth:`steer_image`: a ``ClipBackbone`` and the pooling of the atlas features (a
+        ``Dinoiser``, which may read intermediate tokens from the same backbone pass, or any
+        callable mapping (B, gh, gw, d) -> same).
     cache_size
         Unsteered captions cached per (features, decoding settings), so repeated edits of one image
         pay for one decode only.
@@ -174,7 +179,7 @@ class Steerer:
         captioner: SteerableCaptioner,
         *,
         names: ConceptNames | Mapping[int, str] | str | Path | None = None,
-        keep_error: bool = True,
+        keep_error: bool = False,
         backbone: Any = None,
         pool: Any = None,
         cache_size: int = 32,
@@ -342,6 +347,8 @@ class Steerer:
         img = load_image(image)
         if min(img.size) < 1:
             raise ImageLoadError(f"image: empty image of size {img.size}")
+        if isinstance(self.pool, Dinoiser):
+            return pooled_features(self.backbone, self.pool, [img])[0]
         patches_bhwd = self.backbone.dense_features([img]).patches_bhwd
         if self.pool is not None:
             patches_bhwd = self.pool(patches_bhwd)

@@ -7,16 +7,19 @@ from typing import Any
 
 import torch
 
-from insight_core.models.sae import MatryoshkaSAE
+from insight_core.models.sae import MatryoshkaSAE, ThresholdMode
 
 
 @torch.no_grad()
-def evaluate(sae: MatryoshkaSAE, x_nd: torch.Tensor, batch_size: int = 8192) -> dict[str, Any]:
+def evaluate(
+    sae: MatryoshkaSAE, x_nd: torch.Tensor, batch_size: int = 8192, threshold: ThresholdMode = "global"
+) -> dict[str, Any]:
     """Held-out metrics: FVE (full and per shell), L0, never-active fraction, relative MSE.
 
-    Uses thresholded (batch-independent) codes when the SAE has a learned threshold, otherwise
-    BatchTopK codes.
+    Uses thresholded (batch-independent) codes -- the global threshold, or per-concept ones with
+    ``threshold="concept"`` -- when the SAE has them, otherwise BatchTopK codes.
     """
+    thresholded = sae.has_concept_thresholds if threshold == "concept" else sae.has_threshold
     device = next(sae.parameters()).device
     n_groups = len(sae.cfg.group_sizes)
     sq_err_g = torch.zeros(n_groups, dtype=torch.float64)
@@ -25,7 +28,7 @@ def evaluate(sae: MatryoshkaSAE, x_nd: torch.Tensor, batch_size: int = 8192) -> 
     total_var = float((x_nd.double() - mean_d).pow(2).sum())
     for s in range(0, len(x_nd), batch_size):
         x_bd = x_nd[s : s + batch_size].to(device, torch.float32)
-        codes_bm = sae.encode(x_bd, use_threshold=sae.has_threshold)
+        codes_bm = sae.encode(x_bd, use_threshold=thresholded, threshold=threshold)
         shells_gbd = sae.shell_reconstructions(codes_bm)
         sq_err_g += (x_bd[None] - shells_gbd).pow(2).sum((1, 2)).double().cpu()
         active = codes_bm > 0
@@ -40,6 +43,7 @@ def evaluate(sae: MatryoshkaSAE, x_nd: torch.Tensor, batch_size: int = 8192) -> 
         "l0": l0_total / n,
         "never_active_fraction": float((~fired_m).float().mean()),
         "mse": float(sq_err_g[-1]) / n,
-        "thresholded": sae.has_threshold,
+        "thresholded": thresholded,
+        "threshold_mode": threshold,
         "threshold": float(sae.threshold),
     }

@@ -1,14 +1,23 @@
 """CLIP ViT backbone: dense, text-aligned patch features (MaskCLIP) and text embeddings.
 
-The paper (Sec. 3.1, App. B.1) uses the *value* vectors of the last attention block of CLIP
-ViT-B/16 as patch features: the block's query-key mixing, residual and MLP are skipped, and the
-value of every patch goes through the attention out-projection, ``ln_post`` and the visual
-projection, which puts it in CLIP's joint image-text space (MaskCLIP, Zhou et al. 2022).
+The paper (Sec. 3.1, App. B.1) builds on CLIP-DINOiser, whose released code computes MaskCLIP
+patch features from the last block of CLIP ViT-B/16 as follows (``dense="released"``, default):
+the query-key mixing is skipped, i.e. every token attends only to itself, so the attention branch
+becomes ``out_proj(value(ln_1(x)))``; the block's residual and MLP are kept::
+
+    v = x + ls_1(out_proj(value(ln_1(x))))
+    v = v + ls_2(mlp(ln_2(v)))
+    F = ln_post(v) @ proj          (patch tokens only; 512-d joint image-text space)
+
+(layer scales ``ls_*`` are the identity for CLIP ViT-B/16). ``dense="value"`` is the earlier
+value-only variant of the MaskCLIP paper (no residual, no MLP: ``F = ln_post(ls_1(out_proj(v)))
+@ proj``), kept for atlases built with it; see docs/implementation.md.
 
 :class:`ClipBackbone` computes those patch features and the standard CLIP image embedding in one
-pass that costs slightly *less* than ``model.encode_image``: blocks ``0..L-2`` run as usual; the
-last block projects keys/values once, reuses the values for the patches and runs attention and
-the MLP for the CLS query only.
+pass: blocks ``0..L-2`` run as usual; the last block projects keys/values once, reuses the values
+for the patches and runs attention for the CLS query only. On request the same pass also returns
+the *intermediate* patch tokens of an earlier block (the output of its ``ln_2``), which the
+released CLIP-DINOiser head reads (block -3).
 
 Weights come from an open_clip hub tag, a local weights file (through the very same
 ``open_clip.create_model`` code path) or random init (``pretrained="none"``, for tests); see
@@ -40,8 +49,16 @@ logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 ResizeMode = Literal["crop", "squash"]
+DenseVariant = Literal["released", "value"]
+
+PAPER_ARCH = "ViT-B-16"
+"""open_clip architecture of the paper's released code."""
+PAPER_PRETRAINED = "laion2b_s34b_b88k"
+"""open_clip weights of the paper's released code (an OpenAI-weights variant, ``"openai"``, is used
+for its classification table)."""
 
 _PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DENSE_VARIANTS: tuple[str, ...] = ("released", "value")
 _RESIZE_TO_OPEN_CLIP = {"crop": "shortest", "squash": "squash"}
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,14 +67,14 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 class BackboneConfig:
     """Which CLIP model to load and how to run it."""
 
-    arch: str = "ViT-B-16"
+    arch: str = PAPER_ARCH
     """open_clip model name (``open_clip.list_models()``). Must be an open_clip ``VisionTransformer``
     with standard ``ResidualAttentionBlock``s. Local files of weights trained with QuickGELU
     (OpenAI, DFN, MetaCLIP) need the ``-quickgelu`` variant, e.g. ``ViT-B-16-quickgelu``."""
 
-    pretrained: str = "openai"
-    """An open_clip hub tag for ``arch`` (``"openai"``, ``"laion2b_s34b_b88k"``, ...), a path to a
-    local weights file (.safetensors/.bin/.pt) or ``"none"`` for random init (tests only)."""
+    pretrained: str = PAPER_PRETRAINED
+    """An open_clip hub tag for ``arch`` (``"laion2b_s34b_b88k"``: the paper's; ``"openai"``, ...), a
+    path to a local weights file (.safetensors/.bin/.pt) or ``"none"`` for random init (tests only)."""
 
     device: str = "auto"
     """Torch device; ``"auto"`` = ``cuda`` when available, else ``cpu``."""
@@ -67,9 +84,13 @@ class BackboneConfig:
     ``"auto"`` = fp32 on CPU, bf16 on CUDA when supported, else fp16."""
 
     resize: ResizeMode = "crop"
-    """``"crop"``: CLIP's own preprocessing (resize the shorter side, centre crop). ``"squash"``:
-    resize the whole image to the square input, so the patch grid covers the full image
-    (for overlays)."""
+    """``"crop"`` (the paper's): CLIP's own preprocessing (bicubic resize of the shorter side to 224,
+    centre crop). ``"squash"``: resize the whole image to the square input, so the patch grid covers
+    the full image (whole-image heatmaps)."""
+
+    dense: DenseVariant = "released"
+    """Dense feature path of the last block: ``"released"`` (CLIP-DINOiser's MaskCLIP: value path +
+    residual + MLP) or ``"value"`` (value path only; atlases built before the released path)."""
 
     batch_size: int = 64
     """Images per forward pass when a list of images is given."""
@@ -87,6 +108,8 @@ class BackboneConfig:
             )
         if self.resize not in _RESIZE_TO_OPEN_CLIP:
             raise ConfigError(f"BackboneConfig.resize must be 'crop' or 'squash', got {self.resize!r}")
+        if self.dense not in DENSE_VARIANTS:
+            raise ConfigError(f"BackboneConfig.dense must be one of {DENSE_VARIANTS}, got {self.dense!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"BackboneConfig.batch_size must be a positive int, got {self.batch_size!r}")
 
@@ -105,6 +128,10 @@ class DenseFeatures:
 
     image_bd: Tensor
     """Standard CLIP image embedding (= ``model.encode_image``), (B, D), unnormalised."""
+
+    inter_bhwc: Tensor | None = None
+    """Intermediate patch tokens (output of ``ln_2`` of the requested block), (B, gh, gw, width);
+    ``None`` unless ``dense_features(..., intermediate=BLOCK)`` asked for them."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,10 +188,10 @@ def _split_heads(x_bld: Tensor, n_heads: int) -> Tensor:
 
 
 def _last_block_fast(blk: ResidualAttentionBlock, x_bld: Tensor) -> tuple[Tensor, Tensor]:
-    """Last block for the CLS query only + MaskCLIP values of the patch tokens.
+    """Last block for the CLS query only + the MaskCLIP attention branch of the patch tokens.
 
-    Returns (CLS token after the full block (B, 1, W), value path of the patch tokens (B, L-1, W),
-    i.e. the block's attention-branch output if each token attended only to itself).
+    Returns (CLS token after the full block (B, 1, W), ``ls_1(out_proj(value(ln_1(x))))`` of the
+    patch tokens (B, L-1, W), i.e. the attention branch if each token attended only to itself).
     """
     attn: nn.MultiheadAttention = blk.attn
     width = x_bld.shape[-1]
@@ -182,19 +209,43 @@ def _last_block_fast(blk: ResidualAttentionBlock, x_bld: Tensor) -> tuple[Tensor
     cls = x_bld[:, :1] + blk.ls_1(attn.out_proj(o))
     cls = cls + blk.ls_2(blk.mlp(blk.ln_2(cls)))
 
-    # MaskCLIP: skip query-key mixing (identity attention), keep out-proj (and layer scale, which
-    # is part of what the branch adds to the residual stream); no residual, no MLP.
-    values = blk.ls_1(attn.out_proj(v[:, 1:]))
-    return cls, values
+    # MaskCLIP: skip query-key mixing (identity attention); out-proj and layer scale are part of
+    # what the branch adds to the residual stream
+    branch = blk.ls_1(attn.out_proj(v[:, 1:]))
+    return cls, branch
 
 
-def _value_path(blk: ResidualAttentionBlock, x_bld: Tensor) -> Tensor:
-    """MaskCLIP values of the patch tokens, (B, L-1, W) (when the full block must run anyway)."""
+def _value_branch(blk: ResidualAttentionBlock, x_bld: Tensor) -> Tensor:
+    """The MaskCLIP attention branch of the patch tokens, (B, L-1, W) (when the full block runs anyway)."""
     width = x_bld.shape[-1]
     b_in = blk.attn.in_proj_bias
     b_v = None if b_in is None else b_in[2 * width :]
     v = F.linear(blk.ln_1(x_bld[:, 1:]), blk.attn.in_proj_weight[2 * width :], b_v)
     return blk.ls_1(blk.attn.out_proj(v))
+
+
+def _maskclip_tokens(
+    blk: ResidualAttentionBlock, patches_bld: Tensor, branch_bld: Tensor, variant: str
+) -> Tensor:
+    """Patch tokens of the last block under the dense ``variant`` (before ``ln_post``)."""
+    if variant == "value":
+        return branch_bld
+    v = patches_bld + branch_bld  # the block's residual ...
+    return v + blk.ls_2(blk.mlp(blk.ln_2(v)))  # ... and its MLP, as CLIP-DINOiser's release
+
+
+def _block_with_ln2(
+    transformer: nn.Module, blk: ResidualAttentionBlock, x_bld: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One block exactly as open_clip runs it, also returning the output of its ``ln_2`` (batch-first)."""
+    batch_first = getattr(transformer, "batch_first", True)
+    x = x_bld if batch_first else x_bld.transpose(0, 1)
+    h = x + blk.ls_1(blk.attention(q_x=blk.ln_1(x), attn_mask=None))
+    inter = blk.ln_2(h)
+    out = h + blk.ls_2(blk.mlp(inter))
+    if not batch_first:
+        out, inter = out.transpose(0, 1), inter.transpose(0, 1)
+    return out, inter
 
 
 def _project(visual: VisionTransformer, tokens_bld: Tensor) -> Tensor:
@@ -203,7 +254,25 @@ def _project(visual: VisionTransformer, tokens_bld: Tensor) -> Tensor:
     return out @ visual.proj if visual.proj is not None else out
 
 
-def dense_forward(visual: VisionTransformer, pixels_bchw: Tensor) -> tuple[Tensor, Tensor]:
+def block_index(block: int, n_blocks: int) -> int:
+    """Non-negative index of an intermediate block (``-3`` = third from last); the last block is
+    excluded (it runs the dense path). ``ConfigError`` when out of range."""
+    i = block + n_blocks if block < 0 else block
+    if not 0 <= i < n_blocks - 1:
+        raise ConfigError(
+            f"intermediate block {block} is out of range for a {n_blocks}-block ViT "
+            f"(expected {-n_blocks}..-2 or 0..{n_blocks - 2})"
+        )
+    return i
+
+
+def dense_forward(
+    visual: VisionTransformer,
+    pixels_bchw: Tensor,
+    *,
+    variant: DenseVariant = "released",
+    intermediate: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Dense MaskCLIP patch features and the pooled image embedding in one pass.
 
     Parameters
@@ -212,24 +281,42 @@ def dense_forward(visual: VisionTransformer, pixels_bchw: Tensor) -> tuple[Tenso
         An open_clip ``VisionTransformer`` in eval mode (checked by :class:`ClipBackbone`).
     pixels_bchw
         Normalised pixels, (B, 3, H, W) at the model's input size.
+    variant
+        ``"released"`` (CLIP-DINOiser's MaskCLIP: value path + residual + MLP) or ``"value"``.
+    intermediate
+        Also return the output of ``ln_2`` of this block (e.g. ``-3``) for the patch tokens.
 
     Returns
     -------
-    (patches_bpd, image_bd)
-        Patch features (B, gh*gw, D) in row-major grid order and the image embedding (B, D),
-        equal to ``visual(pixels)``; both in the compute dtype.
+    (patches_bpd, image_bd, inter_bpc)
+        Patch features (B, gh*gw, D) in row-major grid order, the image embedding (B, D), equal to
+        ``visual(pixels)``, and the intermediate patch tokens (B, gh*gw, width) or ``None``; all in
+        the compute dtype.
     """
+    if variant not in DENSE_VARIANTS:
+        raise ConfigError(f"dense variant must be one of {DENSE_VARIANTS}, got {variant!r}")
     x = visual._embeds(pixels_bchw)  # conv1 + CLS + pos-emb + patch dropout + ln_pre
-    blocks = visual.transformer.resblocks
-    x = _run_blocks(visual.transformer, x, blocks[:-1])
+    transformer = visual.transformer
+    blocks = transformer.resblocks
+    inter = None
+    if intermediate is None:
+        x = _run_blocks(transformer, x, blocks[:-1])
+    else:
+        i = block_index(intermediate, len(blocks))
+        x = _run_blocks(transformer, x, blocks[:i])
+        x, inter_bld = _block_with_ln2(transformer, blocks[i], x)
+        inter = inter_bld[:, 1:]
+        x = _run_blocks(transformer, x, blocks[i + 1 : -1])
+    last = blocks[-1]
     if visual.pool_type == "tok":
-        cls, values = _last_block_fast(blocks[-1], x)
+        cls, branch = _last_block_fast(last, x)
         image = _project(visual, cls[:, 0])
     else:  # e.g. 'avg' pools every token, so the full last block is needed
-        values = _value_path(blocks[-1], x)
-        pooled, _ = visual._pool(_run_blocks(visual.transformer, x, blocks[-1:]))
+        branch = _value_branch(last, x)
+        pooled, _ = visual._pool(_run_blocks(transformer, x, blocks[-1:]))
         image = pooled @ visual.proj if visual.proj is not None else pooled
-    return _project(visual, values), image
+    tokens = _maskclip_tokens(last, x[:, 1:], branch, variant)
+    return _project(visual, tokens), image, inter
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +335,7 @@ class ClipBackbone:
     Parameters
     ----------
     cfg
-        :class:`BackboneConfig`; defaults to ViT-B/16 with OpenAI weights.
+        :class:`BackboneConfig`; defaults to the paper's ViT-B/16 with ``laion2b_s34b_b88k`` weights.
 
     Raises
     ------
@@ -274,7 +361,10 @@ class ClipBackbone:
                 "(BackboneConfig.pretrained='none'; use only for tests)",
                 cfg.arch,
             )
-        logger.info("ClipBackbone %s/%s on %s (%s)", cfg.arch, cfg.pretrained, self._device, self._dtype)
+        logger.info(
+            "ClipBackbone %s/%s (%s dense path, resize %s) on %s (%s)",
+            cfg.arch, cfg.pretrained, cfg.dense, cfg.resize, self._device, self._dtype,
+        )  # fmt: skip
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -305,6 +395,20 @@ class ClipBackbone:
     @property
     def embed_dim(self) -> int:
         return int(self.visual.output_dim)
+
+    @property
+    def width(self) -> int:
+        """Width of the transformer's tokens (768 for ViT-B/16): the intermediate tokens' dimension."""
+        return int(self.visual.transformer.width)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    @property
+    def dense(self) -> str:
+        """The dense feature variant (``"released"`` or ``"value"``)."""
+        return self.cfg.dense
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -376,30 +480,47 @@ class ClipBackbone:
         return torch.stack(out).float()
 
     @torch.no_grad()  # not inference_mode: callers may train heads (DINOiser) on these tensors
-    def dense_features(self, images: Sequence[Image.Image] | Tensor) -> DenseFeatures:
-        """MaskCLIP patch features and the CLIP image embedding.
+    def dense_features(
+        self, images: Sequence[Image.Image] | Tensor, *, intermediate: int | None = None
+    ) -> DenseFeatures:
+        """MaskCLIP patch features (``cfg.dense`` variant) and the CLIP image embedding.
 
         Parameters
         ----------
         images
             PIL images (any mode, any size; preprocessed and run ``cfg.batch_size`` at a time) or
             a preprocessed pixel tensor (B, 3, H, W).
+        intermediate
+            Also return the intermediate patch tokens of this block (output of its ``ln_2``; ``-3``
+            for the released CLIP-DINOiser head), from the same forward pass.
 
         Returns
         -------
         DenseFeatures
-            ``patches_bhwd`` (B, gh, gw, D) and ``image_bd`` (B, D), float32 on CPU.
+            ``patches_bhwd`` (B, gh, gw, D), ``image_bd`` (B, D) and, when asked, ``inter_bhwc``
+            (B, gh, gw, width); float32 on CPU.
         """
         gh, gw = self.grid_hw
-        patches, pooled = [], []
+        if intermediate is not None:
+            block_index(intermediate, self.n_blocks)  # fail before any image is preprocessed
+        patches, pooled, inters = [], [], []
         for pixels in self._pixel_batches(images):
             with self.autocast():
-                p_bpd, i_bd = dense_forward(self.visual, pixels.to(self._device, non_blocking=True))
+                p_bpd, i_bd, inter_bpc = dense_forward(
+                    self.visual,
+                    pixels.to(self._device, non_blocking=True),
+                    variant=self.cfg.dense,
+                    intermediate=intermediate,
+                )
             patches.append(p_bpd.float().reshape(-1, gh, gw, p_bpd.shape[-1]).cpu())
             pooled.append(i_bd.float().cpu())
+            if inter_bpc is not None:
+                inters.append(inter_bpc.float().reshape(-1, gh, gw, inter_bpc.shape[-1]).cpu())
         if not patches:
-            return DenseFeatures(torch.empty(0, gh, gw, self.embed_dim), torch.empty(0, self.embed_dim))
-        return DenseFeatures(torch.cat(patches), torch.cat(pooled))
+            inter = torch.empty(0, gh, gw, self.width) if intermediate is not None else None
+            empty = torch.empty(0, gh, gw, self.embed_dim)
+            return DenseFeatures(empty, torch.empty(0, self.embed_dim), inter)
+        return DenseFeatures(torch.cat(patches), torch.cat(pooled), torch.cat(inters) if inters else None)
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image] | Tensor) -> Tensor:

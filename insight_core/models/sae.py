@@ -5,6 +5,15 @@ batch (BatchTopK), inference keeps those above a learned global ``threshold`` so
 not depend on its batch. The dictionary is split into nested groups; the loss sums the
 reconstruction error of every prefix ("shell") of groups (Eq. 4).
 
+Inference modes of :meth:`MatryoshkaSAE.encode`:
+
+* ``threshold="global"`` (default): ``z = z_pre * (z_pre > threshold)`` with the learned global
+  threshold (dictionary_learning's rule);
+* ``threshold="concept"``: the paper's "thresholded variant" (App. B.5): each concept ``i`` has its
+  own threshold ``concept_threshold[i]``, the k-th largest (k = 12) activation of that concept
+  observed during training, and ``z_i = z_pre_i * (z_pre_i > concept_threshold[i])``;
+* ``use_threshold=False``: BatchTopK over the given batch (training behaviour; batch-dependent).
+
 Speed: the dense encoder matmul runs without autograd and only *selects* latents; the selected
 activations are recomputed with autograd from gathered encoder rows, and only active latents are
 decoded. All shells come from one scatter of the active contributions into per-group partial sums
@@ -20,10 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +45,14 @@ from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json, write_safetensors
 from insight_core.models.sparse_shells import SparsePlan, SparseShellLoss
 
+log = logging.getLogger(__name__)
+
 PAPER_GROUP_FRACTIONS: tuple[float, ...] = (0.008, 0.03, 0.06, 0.12, 0.24, 0.542)
 """Nested group size ratios of the paper (App. B.2); the last group takes the remainder."""
 
 SAE_FORMAT = "insight-matryoshka-batchtopk-sae"
+ThresholdMode = Literal["global", "concept"]
+"""Inference threshold of :meth:`MatryoshkaSAE.encode`: the learned global one or per concept."""
 _MIN_GEMM_ROWS = 8  # CPU GEMM picks another kernel below 8 rows; pad so results never depend on batch
 
 
@@ -146,10 +160,13 @@ class MatryoshkaSAE(nn.Module):
     """Matryoshka BatchTopK SAE with a learned inference threshold.
 
     Parameters are ``W_enc_md`` (encoder rows), ``b_enc_m``, ``W_dec_md`` (unit-norm decoder rows,
-    one concept direction each), ``b_dec_d``; buffer ``threshold`` (-1 until learned).
+    one concept direction each), ``b_dec_d``; buffers ``threshold`` (-1 until learned) and
+    ``concept_threshold_m`` (per-concept thresholds of the paper's thresholded variant; -1 until
+    recorded by training, +inf for a concept that never fired).
     """
 
     threshold: torch.Tensor
+    concept_threshold_m: torch.Tensor
     group_id_m: torch.Tensor
 
     def __init__(self, cfg: SAEConfig, *, seed: int | None = 0) -> None:
@@ -163,6 +180,7 @@ class MatryoshkaSAE(nn.Module):
         self.b_enc_m = nn.Parameter(torch.zeros(cfg.dict_size))
         self.b_dec_d = nn.Parameter(torch.zeros(cfg.d_in))
         self.register_buffer("threshold", torch.tensor(-1.0))
+        self.register_buffer("concept_threshold_m", torch.full((cfg.dict_size,), -1.0))
         self.register_buffer("group_id_m", self._group_ids(cfg), persistent=False)
 
     @staticmethod
@@ -191,20 +209,51 @@ class MatryoshkaSAE(nn.Module):
     def has_threshold(self) -> bool:
         return bool(self.threshold >= 0)
 
-    def encode(self, x_bd: torch.Tensor, *, use_threshold: bool = True) -> torch.Tensor:
-        """Dense codes (B, m). Thresholded (batch-independent) by default, else BatchTopK."""
+    @property
+    def has_concept_thresholds(self) -> bool:
+        """Whether per-concept thresholds were recorded (by training; older files have none)."""
+        return bool((self.concept_threshold_m >= 0).all())
+
+    def encode(
+        self, x_bd: torch.Tensor, *, use_threshold: bool = True, threshold: ThresholdMode = "global"
+    ) -> torch.Tensor:
+        """Dense codes (B, m), batch-independent by default.
+
+        Parameters
+        ----------
+        x_bd
+            Inputs (B, d).
+        use_threshold
+            False: BatchTopK over this batch (training behaviour) instead of a threshold.
+        threshold
+            ``"global"``: keep pre-activations above the learned global threshold; ``"concept"``:
+            above each concept's own threshold (the paper's thresholded variant, App. B.5).
+        """
         pre_bm = self.pre_activations(x_bd)
         if use_threshold:
-            if not self.has_threshold:
-                raise CheckpointError(
-                    "this SAE has no learned inference threshold (threshold < 0); train it past "
-                    "threshold_start_step or call encode(..., use_threshold=False) for BatchTopK codes"
-                )
-            return pre_bm * (pre_bm > self.threshold.clamp_min(0))
+            return pre_bm * (pre_bm > self._threshold_for(threshold))
         sel = batch_topk(pre_bm, self.cfg.k)
         codes = torch.zeros_like(pre_bm)
         codes[sel.rows_k, sel.cols_k] = sel.vals_k
         return codes
+
+    def _threshold_for(self, mode: str) -> torch.Tensor:
+        """The threshold (scalar or (m,), >= 0) of an inference mode; clear errors when missing."""
+        if mode not in get_args(ThresholdMode):
+            raise ConfigError(f"threshold must be one of {get_args(ThresholdMode)}, got {mode!r}")
+        if mode == "concept":
+            if not self.has_concept_thresholds:
+                raise CheckpointError(
+                    "this SAE has no per-concept thresholds (saved before they were recorded, or "
+                    "imported); retrain it with train-sae, or use threshold='global'"
+                )
+            return self.concept_threshold_m.clamp_min(0)
+        if not self.has_threshold:
+            raise CheckpointError(
+                "this SAE has no learned inference threshold (threshold < 0); train it past "
+                "threshold_start_step or call encode(..., use_threshold=False) for BatchTopK codes"
+            )
+        return self.threshold.clamp_min(0)
 
     # ----------------------------------------------------------------------------------- decoding
     def decode(self, codes_bm: torch.Tensor) -> torch.Tensor:
@@ -273,7 +322,8 @@ class MatryoshkaSAE(nn.Module):
 
     # ----------------------------------------------------------------------------------- I/O
     def dl_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict with dictionary_learning's ``MatryoshkaBatchTopKSAE`` names and layouts."""
+        """State dict with dictionary_learning's ``MatryoshkaBatchTopKSAE`` names and layouts, plus
+        ``concept_threshold`` (m,) (this project's per-concept thresholds; -1 = not recorded)."""
         return {
             "W_enc": self.W_enc_md.detach().t().contiguous(),
             "b_enc": self.b_enc_m.detach().clone(),
@@ -282,6 +332,7 @@ class MatryoshkaSAE(nn.Module):
             "threshold": self.threshold.detach().clone().float(),
             "k": torch.tensor(self.cfg.k, dtype=torch.int32),
             "group_sizes": torch.tensor(self.cfg.group_sizes, dtype=torch.int64),
+            "concept_threshold": self.concept_threshold_m.detach().clone().float(),
         }
 
     @classmethod
@@ -330,7 +381,14 @@ class MatryoshkaSAE(nn.Module):
             sae.W_dec_md.copy_(state["W_dec"].float())
             sae.b_dec_d.copy_(state["b_dec"].float())
             if "threshold" in state:
-                sae.threshold.copy_(state["threshold"].float().reshape(()))
+                sae.threshold.copy_(_scalar_threshold(state["threshold"], source))
+            if "concept_threshold" in state:  # absent from older files and foreign checkpoints
+                ct = state["concept_threshold"]
+                if tuple(ct.shape) != (m,):
+                    raise CheckpointError(
+                        f"{source}: concept_threshold has shape {tuple(ct.shape)}, expected ({m},)"
+                    )
+                sae.concept_threshold_m.copy_(ct.float())
         for name, tensor in sae.named_parameters():
             if not torch.isfinite(tensor).all():
                 raise CheckpointError(f"{source}: parameter {name} contains NaN or inf values")
@@ -380,33 +438,90 @@ class MatryoshkaSAE(nn.Module):
         return cls.from_dl_state_dict(state, source=str(path), group_fractions=fractions).to(device)
 
 
-def import_dictionary_learning(path: str | Path) -> MatryoshkaSAE:
+def import_dictionary_learning(path: str | Path, *, norm_factor: float | None = None) -> MatryoshkaSAE:
     """Import a dictionary_learning ``ae.pt`` checkpoint (``torch.load(weights_only=True)``).
 
-    Reads the sibling ``config.json`` when present for the exact group fractions.
+    What such checkpoints carry, and how it is handled:
+
+    * the final ``ae.pt`` is the SAE's state dict: ``W_enc`` (d, m), ``b_enc``, ``W_dec`` (m, d),
+      ``b_dec``, ``k``, ``threshold`` (the global inference threshold; -1 if never learned) and
+      ``group_sizes``. When the run normalised its activations (``normalize_activations=True``:
+      inputs divided by a scalar ``norm_factor`` so that their mean squared norm is 1),
+      dictionary_learning has already folded the factor into ``b_enc``, ``b_dec`` and
+      ``threshold`` before saving, so the SAE reads *raw* features and nothing is rescaled;
+    * a mid-training backup ``ae.pt`` is a dict ``{"ae": state_dict, "norm_factor": f, "config":
+      ..., "step": ..., "optimizer": ...}`` whose weights are still in normalised units: its biases
+      and threshold are multiplied by ``norm_factor`` here, exactly as dictionary_learning does at
+      the end of training;
+    * ``k`` and the group sizes, when missing from the weights, come from the sibling
+      ``config.json`` (``trainer.k``, ``trainer.group_fractions``), which also gives the exact group
+      fractions; half-precision weights are read as float32.
+
+    ``norm_factor`` overrides the factor (only needed for a normalised-unit state dict that does not
+    record it). The checkpoint's SAE expects the features it was trained on: for the paper's
+    released SAE, DINOised CLIP patch features (open_clip ViT-B-16 ``laion2b_s34b_b88k``, bicubic
+    resize of the short side to 224 + centre crop, CLIP mean/std, the released MaskCLIP dense path
+    pooled by the CLIP-DINOiser head): ``extract``'s defaults with ``--dinoiser last.pt``.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"dictionary_learning checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        doc = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt/unsafe files
         raise CheckpointError(f"cannot read {path} as a weights-only torch checkpoint: {err}") from err
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
-    fractions = _fractions_from_dl_config(path.parent / "config.json")
-    return MatryoshkaSAE.from_dl_state_dict(state, source=str(path), group_fractions=fractions)
+    if not isinstance(doc, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(doc).__name__}")
+    trainer = _dl_trainer_config(path.parent / "config.json")
+    state: dict[str, Any] = dict(doc)
+    factor = norm_factor
+    if "ae" in doc and isinstance(doc["ae"], Mapping):  # a backup: weights in normalised units
+        state = dict(doc["ae"])
+        if factor is None and doc.get("norm_factor") is not None:
+            factor = float(doc["norm_factor"])
+    state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
+    if "k" not in state and trainer.get("k") is not None:
+        state["k"] = torch.tensor(int(trainer["k"]))
+    fractions = trainer.get("group_fractions")
+    fractions = tuple(float(f) for f in fractions) if fractions else None
+    if factor is not None:
+        if not math.isfinite(factor) or factor <= 0:
+            raise CheckpointError(f"{path}: norm_factor must be a positive number, got {factor}")
+        for name in ("b_enc", "b_dec"):  # dictionary_learning's scale_biases(norm_factor)
+            if name in state:
+                state[name] = state[name] * factor
+        if "threshold" in state and bool((state["threshold"] >= 0).all()):
+            state["threshold"] = state["threshold"] * factor
+        log.info("%s: normalised-unit weights; biases and threshold scaled by norm_factor %.6g", path, factor)
+    sae = MatryoshkaSAE.from_dl_state_dict(state, source=str(path), group_fractions=fractions)
+    if not sae.has_threshold:
+        log.warning("%s: no learned inference threshold (-1): use encode(..., use_threshold=False)", path)
+    log.info(
+        "imported %s: d=%d m=%d k=%d groups %s, threshold %.4g",
+        path, sae.cfg.d_in, sae.cfg.dict_size, sae.cfg.k, list(sae.cfg.group_sizes), float(sae.threshold),
+    )  # fmt: skip
+    return sae
 
 
-def _fractions_from_dl_config(config_path: Path) -> tuple[float, ...] | None:
+def _dl_trainer_config(config_path: Path) -> dict[str, Any]:
+    """The ``trainer`` block of a dictionary_learning ``config.json`` ({} when there is none)."""
     if not config_path.is_file():
-        return None
+        return {}
     try:
         trainer = json.loads(config_path.read_text()).get("trainer", {})
-        fractions = trainer.get("group_fractions")
     except (ValueError, AttributeError) as err:
         raise CheckpointError(f"malformed dictionary_learning config {config_path}: {err}") from err
-    return tuple(float(f) for f in fractions) if fractions else None
+    if not isinstance(trainer, dict):
+        raise CheckpointError(f"{config_path}: malformed dictionary_learning config ('trainer' is no object)")
+    return trainer
+
+
+def _scalar_threshold(t: torch.Tensor, source: str) -> torch.Tensor:
+    if t.numel() != 1:
+        raise CheckpointError(
+            f"{source}: threshold has shape {tuple(t.shape)}; a BatchTopK SAE has one global threshold"
+        )
+    return t.float().reshape(())
 
 
 def _fractions_for_sizes(sizes: list[int], m: int) -> tuple[float, ...]:

@@ -45,14 +45,14 @@ class SparsePlan:
     @staticmethod
     def _build(sel: TopKSelection, b: int, m: int, group_id_m: torch.Tensor) -> SparsePlan:
         n_groups = int(group_id_m[-1]) + 1
-        order = _argsort(sel.rows_k * m + sel.cols_k)
+        order = stable_argsort(sel.rows_k * m + sel.cols_k)
         rows, cols, vals = sel.rows_k[order], sel.cols_k[order], sel.vals_k[order]
         slots = rows * n_groups + group_id_m[cols]
         codes = torch.sparse_csr_tensor(_crow(rows, b), cols, vals, (b, m), check_invariants=False)
         shells = torch.sparse_csr_tensor(
             _crow(slots, b * n_groups), cols, vals, (b * n_groups, m), check_invariants=False
         )
-        perm = _argsort(cols)  # stable: keeps rows ascending within each column
+        perm = stable_argsort(cols)  # stable: keeps rows ascending within each column
         return SparsePlan(
             codes=codes,
             shells=shells,
@@ -70,7 +70,7 @@ class SparsePlan:
         )
 
 
-def _argsort(keys: torch.Tensor) -> torch.Tensor:
+def stable_argsort(keys: torch.Tensor) -> torch.Tensor:
     """Stable argsort. On CPU numpy's is used: torch's parallel CPU sort was ~200x slower here."""
     if keys.is_cuda:
         return torch.sort(keys, stable=True).indices

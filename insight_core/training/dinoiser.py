@@ -1,17 +1,22 @@
-"""Training of the CLIP-DINOiser affinity head ``g`` (INSIGHT Sec. 3.1): a frozen DINO(v2) teacher, its
-binarised patch affinities as targets, and the BCE training loop.
+"""Training of the CLIP-DINOiser affinity head ``g`` (INSIGHT Sec. 3.1, App. B.1): a frozen DINO teacher,
+its binarised patch affinities as targets, and the BCE training loop.
 
-Design decisions
-----------------
-* **BCE logits = ``logit_scale * cosine``** with ``logit_scale = 10`` and no bias. A raw cosine in
-  [-1, 1] used as a logit gives probabilities in [0.27, 0.73] only, so the loss can never become
-  confident and keeps pushing every pair. With a scale of 10, ``cos = 0.9`` reads as p = 0.9999 and
-  ``cos = -0.3`` as p = 0.05, so the head can satisfy the targets with moderate cosines. Keeping
-  the decision boundary at cosine 0 (no bias) makes it coincide with the pooling cut-off: pairs the
-  head learns to call "different" end up with negative cosine and therefore zero pooling weight.
-* The teacher sees the same pixels as CLIP (224 px, resize + centre crop without margin). DINOv2
-  (patch 14) then gives a 16x16 grid, resized bilinearly on the feature map to CLIP's 14x14 before
-  its affinities are thresholded.
+As released (CLIP-DINOiser's train.py, the defaults of :class:`DinoiserConfig`): the teacher is DINO
+ViT-B/16 and its patch features are the *value* vectors of its last attention block; targets are
+``cosine > gamma`` (0.2); the loss is BCE-with-logits on the head's cosines with negatives clamped
+to 0 (``loss="released"``); AdamW, lr 5e-5 dropping 10x at step 5000, batch 16, 100 epochs.
+
+Options
+-------
+* ``loss="scaled"``: **BCE logits = ``logit_scale * cosine``** (scale 10, no bias). A raw cosine used
+  as a logit gives probabilities in [0.5, 0.73] only (after the clamp), so the released loss never
+  becomes confident and keeps pushing every positive pair to cosine 1. With a scale of 10,
+  ``cos = 0.9`` reads as p = 0.9999 and ``cos = -0.3`` as p = 0.05, so the head can satisfy the
+  targets with moderate cosines. The ``"output"`` head (this project's first) was trained this way.
+* ``teacher_features="tokens"``: the teacher's output tokens (e.g. DINOv2, as the INSIGHT text says).
+* The teacher sees the same pixels as CLIP (224 px, resize + centre crop without margin). A teacher
+  grid that differs from CLIP's (DINOv2's patch 14 gives 16x16) is resized bilinearly on the
+  feature map to CLIP's 14x14 before its affinities are thresholded.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from insight_core.models.dinoiser import (
     AffinityHead,
     Dinoiser,
     DinoiserConfig,
+    TeacherFeatures,
     _check_feats,
     _cosine_bnn,
     affinities,
@@ -67,6 +73,9 @@ class DinoTeacher(nn.Module):
         the same pixels. ``None`` uses the model's own default (518 for DINOv2).
     model_kwargs
         Extra keyword arguments for ``timm.create_model`` (e.g. ``depth=2`` for fast tests).
+    features
+        ``"value"``: value vectors of the last attention block (CLIP-DINOiser's release);
+        ``"tokens"``: the final patch tokens.
     """
 
     def __init__(
@@ -76,6 +85,7 @@ class DinoTeacher(nn.Module):
         pretrained: bool = True,
         image_size: int | None = 224,
         model_kwargs: dict[str, Any] | None = None,
+        features: TeacherFeatures = "value",
     ) -> None:
         super().__init__()
         import timm
@@ -87,6 +97,16 @@ class DinoTeacher(nn.Module):
         self.model: Any = _create_teacher(name, pretrained, model_kwargs or {}).eval().requires_grad_(False)
         if not hasattr(self.model, "patch_embed") or not hasattr(self.model, "num_prefix_tokens"):
             raise ConfigError(f"teacher: {name!r} is not a timm ViT with patch tokens")
+        if features not in ("value", "tokens"):
+            raise ConfigError(f"teacher features: expected 'value' or 'tokens', got {features!r}")
+        blocks: Any = getattr(self.model, "blocks", None)
+        last_attn = getattr(blocks[-1], "attn", None) if blocks is not None and len(blocks) else None
+        if features == "value" and not isinstance(getattr(last_attn, "qkv", None), nn.Linear):
+            raise ConfigError(
+                f"teacher: {name!r} has no fused qkv projection in its last block; "
+                "use teacher features 'tokens'"
+            )
+        self.features = features
         self.image_size = image_size
         self.transform = self._make_transform(image_size)
         if not pretrained:
@@ -94,8 +114,13 @@ class DinoTeacher(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: DinoiserConfig, *, image_size: int | None = 224) -> DinoTeacher:
-        """The teacher named by ``cfg.teacher`` / ``cfg.teacher_pretrained``."""
-        return cls(cfg.teacher, pretrained=cfg.teacher_pretrained, image_size=image_size)
+        """The teacher named by ``cfg.teacher`` / ``cfg.teacher_pretrained`` / ``cfg.teacher_features``."""
+        return cls(
+            cfg.teacher,
+            pretrained=cfg.teacher_pretrained,
+            image_size=image_size,
+            features=cfg.teacher_features,
+        )
 
     def _make_transform(self, image_size: int | None) -> Callable[[Image.Image], Tensor]:
         from timm.data import create_transform, resolve_data_config
@@ -122,12 +147,16 @@ class DinoTeacher(nn.Module):
 
     @torch.no_grad()
     def patch_features(self, pixels_bchw: Tensor) -> Tensor:
-        """Final-layer patch tokens on their grid (B, h, w, C); CLS/register tokens are dropped."""
+        """Patch features on their grid (B, h, w, C): last-block values or final tokens (see
+        ``features``); CLS/register tokens are dropped."""
         if pixels_bchw.ndim != 4 or pixels_bchw.shape[1] != 3:
             raise ImageLoadError(f"pixels_bchw: expected (B, 3, H, W), got {tuple(pixels_bchw.shape)}")
         ph, pw = self.model.patch_embed.patch_size
         gh, gw = pixels_bchw.shape[2] // ph, pixels_bchw.shape[3] // pw
-        tokens_bnc = self.model.forward_features(pixels_bchw.to(self.device))
+        if self.features == "value":
+            tokens_bnc = self._last_values(pixels_bchw.to(self.device))
+        else:
+            tokens_bnc = self.model.forward_features(pixels_bchw.to(self.device))
         patches_bnc = tokens_bnc[:, self.model.num_prefix_tokens :]
         if patches_bnc.shape[1] != gh * gw:
             raise ImageLoadError(
@@ -135,6 +164,20 @@ class DinoTeacher(nn.Module):
                 f"expected a {gh}x{gw} grid (image sides must be multiples of the patch size {ph})"
             )
         return patches_bnc.reshape(patches_bnc.shape[0], gh, gw, -1).float()
+
+    def _last_values(self, pixels_bchw: Tensor) -> Tensor:
+        """Value vectors of the last attention block, heads concatenated (B, N, C): the release's
+        ``enc_type_feats="v"`` (a hook on the block's qkv projection, as the release does)."""
+        captured: list[Tensor] = []
+        qkv = self.model.blocks[-1].attn.qkv
+        handle = qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            self.model.forward_features(pixels_bchw)
+        finally:
+            handle.remove()
+        out_bn3c = captured[0]
+        b, n, c3 = out_bn3c.shape
+        return out_bn3c.reshape(b, n, 3, c3 // 3)[:, :, 2]
 
     def forward(self, pixels_bchw: Tensor) -> Tensor:
         return self.patch_features(pixels_bchw)
@@ -188,9 +231,11 @@ def _check_batch(feats_bhwd: Tensor, targets_bnn: Tensor, in_dim: int) -> None:
         )
 
 
-def affinity_loss(head: AffinityHead, feats_bhwd: Tensor, targets_bnn: Tensor, logit_scale: float) -> Tensor:
-    """BCE-with-logits of ``logit_scale * cosine`` against the binary teacher targets."""
-    logits_bnn = logit_scale * affinities(feats_bhwd, head)
+def affinity_loss(head: AffinityHead, feats_bhwd: Tensor, targets_bnn: Tensor, cfg: DinoiserConfig) -> Tensor:
+    """BCE-with-logits of the head's cosines against the binary teacher targets: negatives clamped
+    to 0 (``cfg.loss="released"``) or scaled by ``cfg.logit_scale`` (``"scaled"``)."""
+    cos_bnn = affinities(feats_bhwd, head)
+    logits_bnn = cos_bnn.clamp_min(0.0) if cfg.loss == "released" else cfg.logit_scale * cos_bnn
     return F.binary_cross_entropy_with_logits(logits_bnn, targets_bnn.to(logits_bnn.dtype))
 
 
@@ -202,12 +247,13 @@ def train_affinity_head(
     epochs: int | None = None,
     progress: bool = True,
 ) -> list[float]:
-    """Train ``head`` in place with Adam; returns the mean loss of each epoch.
+    """Train ``head`` in place with AdamW; returns the mean loss of each epoch.
 
     Parameters
     ----------
     batches
-        ``(feats_bhwd, targets_bnn)`` pairs, re-iterated every epoch: a re-iterable (list, ...) or
+        ``(feats_bhwd, targets_bnn)`` pairs (``feats_bhwd``: what the head reads -- intermediate
+        tokens for the released head), re-iterated every epoch: a re-iterable (list, ...) or
         a callable returning a fresh iterator. A one-shot iterator is rejected when ``epochs > 1``.
     epochs
         Overrides ``cfg.epochs``.
@@ -221,7 +267,9 @@ def train_affinity_head(
         raise ConfigError("batches: a one-shot iterator cannot be re-iterated; pass a list or a callable")
     steps_per_epoch = len(batches) if isinstance(batches, Sized) else None
     device = head.conv.weight.device
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr)
+    milestones = [cfg.lr_drop_step] if cfg.lr_drop_step is not None else []
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
     head.train()
     history: list[float] = []
     total = steps_per_epoch * epochs if steps_per_epoch is not None else None
@@ -230,10 +278,11 @@ def train_affinity_head(
             losses = []
             for feats_bhwd, targets_bnn in _epoch_iter(batches):
                 _check_batch(feats_bhwd, targets_bnn, cfg.in_dim)
-                loss = affinity_loss(head, feats_bhwd.to(device), targets_bnn.to(device), cfg.logit_scale)
+                loss = affinity_loss(head, feats_bhwd.to(device), targets_bnn.to(device), cfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 losses.append(loss.item())
                 bar.update(1)
             if not losses:
@@ -262,7 +311,9 @@ def fit_dinoiser(
 ) -> tuple[Dinoiser, list[float]]:
     """Train a head on precomputed CLIP and teacher features of the same N images.
 
-    Targets are computed once; each epoch visits the images in a new (seeded) random order in
+    ``clip_feats_nhwd`` is what the head reads: the intermediate tokens of block ``cfg.feats_block``
+    for the released head, the dense features for the ``"output"`` head. Targets are computed once;
+    each epoch visits the images in a new (seeded) random order in
     mini-batches of ``cfg.batch_size``. Returns a ``Dinoiser(mode="head", trained=True)`` and the
     per-epoch mean losses.
     """

@@ -9,7 +9,23 @@ dictionary_learning: b_dec starts at the geometric median of the first batch, gr
 decoder rows are removed, grad norm clipped at 1, decoder rows renormalised after each step, linear
 warmup and optional linear decay of the learning rate.
 
-Training state (weights, Adam moments, counters, threshold) is checkpointed atomically as
+Settings that are not given are chosen from the data and the dictionary (:func:`resolve_schedule`),
+so the paper's defaults also work on small data sets:
+
+* **batch**: the paper's 16,384 patches, capped so that an epoch has at least 64 steps (the largest
+  power of two <= n_train / 64, at least 256, at most n_train);
+* **lr**: dictionary_learning's rule ``lr ~ 1 / sqrt(m)``, anchored at the paper's 1e-4 for
+  m = 8192: ``lr = 1e-4 * sqrt(8192 / m)`` (8e-4 for m = 128);
+* **steps**: the paper's 3 epochs, but at least ``min_steps`` (1,000) optimisation steps.
+
+After training, :func:`training_warnings` flags a low held-out FVE or a loss still falling at the end.
+
+Per-concept thresholds (the paper's thresholded variant, App. B.5): from ``threshold_start_step``
+on, the trainer keeps each concept's ``concept_threshold_k`` (12) largest kept activations; the k-th
+largest becomes the concept's threshold (a concept seen fewer than k times gets the smallest value
+seen, one never seen +inf) in ``MatryoshkaSAE.concept_threshold_m``.
+
+Training state (weights, Adam moments, counters, thresholds) is checkpointed atomically as
 safetensors + JSON so an interrupted run resumes where it stopped.
 
 Data-parallel training (``torchrun``, see :mod:`insight_core.distributed`): every process holds an
@@ -34,6 +50,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -47,24 +64,47 @@ from insight_core.distributed import DistInfo
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_safetensors
 from insight_core.models.sae import MatryoshkaSAE, SAEConfig
+from insight_core.models.sparse_shells import stable_argsort
 
 log = logging.getLogger(__name__)
 
 _CHUNK_ROWS = 16_384  # FeatureSplit.iter_batches' default read/shuffle unit
+
+PAPER_BATCH = 16_384
+"""Patches per step in the paper (~83 images x 196 patches)."""
+PAPER_LR = 1e-4
+"""The paper's Adam learning rate, for its m = 8192 dictionary."""
+PAPER_DICT_SIZE = 8192
+PAPER_EPOCHS = 3.0
+MIN_STEPS_PER_EPOCH = 64
+"""The automatic batch keeps at least this many steps per epoch."""
+MIN_AUTO_BATCH = 256
+LOW_FVE = 0.5
+"""Held-out FVE below this gets a loud warning (the paper reports ~0.73 on CC12M)."""
+STILL_FALLING = 0.01
+"""Relative drop of the training loss between the last two tenths of a run that counts as
+"still falling"."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TrainConfig:
     """Optimisation settings (paper defaults where the paper gives them)."""
 
-    lr: float = 1e-4
-    """Adam learning rate."""
-    batch_size: int = 16_384
-    """Patches per step (~83 images x 196 patches in the paper)."""
-    epochs: float = 3.0
-    """Passes over the training split; ignored when ``steps`` is set."""
+    lr: float | None = None
+    """Adam learning rate; None: ``1e-4 * sqrt(8192 / m)`` (the paper's 1e-4 at m = 8192, scaled
+    like dictionary_learning's ``1 / sqrt(m)`` rule)."""
+    batch_size: int | None = None
+    """Patches per step; None: the paper's 16,384 (~83 images x 196 patches), capped so that an epoch
+    has >= 64 steps (largest power of two <= n_train / 64, at least 256)."""
+    epochs: float | None = None
+    """Passes over the training split; ignored when ``steps`` is set. None: the paper's 3, but at
+    least ``min_steps`` steps."""
     steps: int | None = None
     """Total optimisation steps (overrides ``epochs``)."""
+    min_steps: int = 1000
+    """When neither ``steps`` nor ``epochs`` is given: train at least this many steps."""
+    concept_threshold_k: int = 12
+    """Per-concept thresholds = each concept's k-th largest training activation (paper App. B.5)."""
     held_out_fraction: float = 0.1
     """Fraction of images held out for evaluation."""
     aux_alpha: float = 1 / 32
@@ -96,10 +136,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "lr": self.lr > 0,
-            "batch_size": self.batch_size >= 1,
-            "epochs": self.epochs > 0,
+            "lr": self.lr is None or self.lr > 0,
+            "batch_size": self.batch_size is None or self.batch_size >= 1,
+            "epochs": self.epochs is None or self.epochs > 0,
             "steps": self.steps is None or self.steps >= 1,
+            "min_steps": self.min_steps >= 1,
+            "concept_threshold_k": self.concept_threshold_k >= 1,
             "held_out_fraction": 0 <= self.held_out_fraction < 1,
             "aux_alpha": self.aux_alpha >= 0,
             "threshold_beta": 0 <= self.threshold_beta < 1,
@@ -108,6 +150,131 @@ class TrainConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"invalid training config value(s) {bad}: {self}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Schedule:
+    """Batch, learning rate and length of a run: given in :class:`TrainConfig` or chosen automatically."""
+
+    batch_size: int
+    lr: float
+    total_steps: int
+    steps_per_epoch: int
+    auto: dict[str, str]
+    """For each automatically chosen setting, the rule that chose it."""
+
+
+def auto_batch_size(n_train_rows: int) -> int:
+    """The paper's batch, capped so that an epoch has >= 64 steps (a power of two >= 256, <= n)."""
+    cap = max(MIN_AUTO_BATCH, 2 ** math.floor(math.log2(max(n_train_rows // MIN_STEPS_PER_EPOCH, 1))))
+    return max(1, min(PAPER_BATCH, cap, n_train_rows))
+
+
+def auto_lr(dict_size: int) -> float:
+    """dictionary_learning's ``1 / sqrt(m)`` scaling, anchored at the paper's 1e-4 for m = 8192."""
+    return PAPER_LR * math.sqrt(PAPER_DICT_SIZE / dict_size)
+
+
+def resolve_schedule(cfg: TrainConfig, dict_size: int, n_train_rows: int) -> Schedule:
+    """Fill in the batch size, learning rate and step count that ``cfg`` leaves open (see the module
+    docstring for the rules); returns them with the rule used for each."""
+    auto: dict[str, str] = {}
+    batch = cfg.batch_size
+    if batch is None:
+        batch = auto_batch_size(n_train_rows)
+        auto["batch_size"] = (
+            f"min({PAPER_BATCH}, largest power of two <= n_train/{MIN_STEPS_PER_EPOCH}, >= {MIN_AUTO_BATCH}) "
+            f"with n_train={n_train_rows}"
+        )
+    lr = cfg.lr
+    if lr is None:
+        lr = auto_lr(dict_size)
+        auto["lr"] = f"{PAPER_LR:g} * sqrt({PAPER_DICT_SIZE} / m) with m={dict_size}"
+    steps_per_epoch = max(1, n_train_rows // batch)
+    if cfg.steps is not None:
+        total = cfg.steps
+    elif cfg.epochs is not None:
+        total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    else:
+        total = max(math.ceil(PAPER_EPOCHS * steps_per_epoch), cfg.min_steps)
+        auto["steps"] = (
+            f"max({PAPER_EPOCHS:g} epochs = {math.ceil(PAPER_EPOCHS * steps_per_epoch)} steps, "
+            f"min_steps={cfg.min_steps})"
+        )
+    return Schedule(batch, lr, total, steps_per_epoch, auto)
+
+
+def training_warnings(history: list[dict[str, float]], fve: float | None) -> dict[str, Any]:
+    """Diagnostics of a finished run: whether held-out ``fve`` is low (< 0.5) and whether the training
+    loss was still falling (mean of the last tenth of the logged steps more than 1 % below the tenth
+    before); ``warnings`` lists them in words."""
+    out: dict[str, Any] = {"low_fve": fve is not None and fve < LOW_FVE, "loss_trend": None}
+    out["still_falling"] = False
+    losses = [h["loss"] for h in history if "loss" in h]
+    if len(losses) >= 20:
+        tenth = len(losses) // 10
+        before, last = losses[-2 * tenth : -tenth], losses[-tenth:]
+        prev = sum(before) / len(before)
+        trend = (sum(last) / len(last) - prev) / max(abs(prev), 1e-12)
+        out["loss_trend"] = trend
+        out["still_falling"] = trend < -STILL_FALLING
+    warnings = []
+    if out["low_fve"]:
+        warnings.append(
+            f"held-out FVE {fve:.3f} is low (< {LOW_FVE}): train longer (--steps), raise --lr, or use a "
+            "larger --dict-size / --k"
+        )
+    if out["still_falling"]:
+        warnings.append(
+            f"the training loss was still falling at the end ({100 * out['loss_trend']:+.1f} % over the "
+            "last tenth of the run): more --steps would likely help"
+        )
+    out["warnings"] = warnings
+    return out
+
+
+class ConceptTopK:
+    """Each concept's ``k`` largest activations seen so far (descending, -inf padded), for the
+    per-concept thresholds of the paper's thresholded variant."""
+
+    def __init__(self, dict_size: int, k: int, device: torch.device | str = "cpu") -> None:
+        self.k = k
+        self.top_mk = torch.full((dict_size, k), -math.inf, device=device)
+
+    @torch.no_grad()
+    def update(self, cols_k: torch.Tensor, vals_k: torch.Tensor) -> None:
+        """Merge a batch's kept activations (latent index, value) into the running top-k."""
+        keep = vals_k > self.top_mk[cols_k, -1]  # only values that can enter a concept's top-k
+        if not bool(keep.any()):
+            return
+        cols, vals = cols_k[keep], vals_k[keep].to(self.top_mk.dtype)
+        by_value = stable_argsort(-vals)
+        cols, vals = cols[by_value], vals[by_value]
+        by_col = stable_argsort(cols)  # stable: values stay descending within each concept
+        cols, vals = cols[by_col], vals[by_col]
+        uniq, counts = torch.unique_consecutive(cols, return_counts=True)
+        starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        rank = torch.arange(len(cols), device=cols.device) - starts
+        first = rank < self.k
+        row = torch.repeat_interleave(torch.arange(len(uniq), device=cols.device), counts)
+        new_uk = torch.full((len(uniq), self.k), -math.inf, device=self.top_mk.device)
+        new_uk[row[first], rank[first]] = vals[first]
+        merged = torch.cat([self.top_mk[uniq], new_uk], 1).topk(self.k, dim=1).values
+        self.top_mk[uniq] = merged
+
+    def merge_(self, other_mk: torch.Tensor) -> None:
+        """Merge another top-k table (e.g. from another rank)."""
+        self.top_mk = torch.cat([self.top_mk, other_mk.to(self.top_mk)], 1).topk(self.k, dim=1).values
+
+    def thresholds(self) -> torch.Tensor:
+        """(m,) the k-th largest value; the smallest one seen when fewer than k; +inf when none."""
+        kth = self.top_mk[:, -1].clone()
+        seen = torch.isfinite(self.top_mk)
+        fewer = ~torch.isfinite(kth) & seen.any(1)
+        smallest = torch.where(seen, self.top_mk, torch.full_like(self.top_mk, math.inf)).min(1).values
+        kth[fewer] = smallest[fewer]
+        kth[~seen.any(1)] = math.inf
+        return kth
 
 
 @dataclasses.dataclass(slots=True)
@@ -145,28 +312,35 @@ class SAETrainer:
         self.dist = dist if dist is not None else distributed.current()
         world = self.dist.world_size
         self.device = distributed.local_device(resolve_device(cfg.device), self.dist)
-        self.local_batch_size = cfg.batch_size // world
+        self.schedule = schedule = resolve_schedule(cfg, sae_cfg.dict_size, n_train_rows)
+        self.batch_size = schedule.batch_size
+        for name, rule in schedule.auto.items():
+            value = getattr(schedule, "total_steps" if name == "steps" else name)
+            log.info("automatic %s = %s: %s", name, value, rule)
+        self.local_batch_size = self.batch_size // world
         if self.local_batch_size < 1:
             raise ConfigError(
-                f"batch_size={cfg.batch_size} is smaller than the number of processes ({world})"
+                f"batch_size={self.batch_size} is smaller than the number of processes ({world})"
             )
-        if cfg.batch_size % world:
+        if self.batch_size % world:
             log.warning(
                 "batch_size=%d is not divisible by %d processes: the global batch is %d",
-                cfg.batch_size,
+                self.batch_size,
                 world,
                 self.local_batch_size * world,
             )
         # data-parallel: chunks small enough that every rank gets several, even on small datasets
         self.chunk_rows = min(_CHUNK_ROWS, max(1, n_train_rows // (4 * world))) if world > 1 else _CHUNK_ROWS
         self.sae = MatryoshkaSAE(sae_cfg, seed=cfg.seed).to(self.device)
-        self.steps_per_epoch = max(1, n_train_rows // cfg.batch_size)
-        self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
-        self.dead_window = min(cfg.dead_after_samples, max(n_train_rows, cfg.batch_size))
+        self.steps_per_epoch = schedule.steps_per_epoch
+        self.total_steps = schedule.total_steps
+        self.log_every = max(1, min(50, self.total_steps // 100))
+        self.dead_window = min(cfg.dead_after_samples, max(n_train_rows, self.batch_size))
         self.aux_k = cfg.aux_k or max(1, sae_cfg.d_in // 2)
         self.threshold_start = min(cfg.threshold_start_step, self.total_steps // 2)
+        self.concept_top = ConceptTopK(sae_cfg.dict_size, cfg.concept_threshold_k, self.device)
         fused = self.device.type in ("cpu", "cuda")
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, fused=fused)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=schedule.lr, fused=fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.since_fired_m = torch.zeros(sae_cfg.dict_size, dtype=torch.long, device=self.device)
         weights = cfg.group_weights or (1.0,) * len(sae_cfg.group_sizes)
@@ -227,6 +401,8 @@ class SAETrainer:
                 self._update_threshold(gmin)
         elif st.step >= self.threshold_start and out.selection.vals_k.numel():
             self._update_threshold(out.selection.vals_k.min())
+        if st.step >= self.threshold_start:  # per rank; merged across ranks at the end of fit
+            self.concept_top.update(out.selection.cols_k, out.selection.vals_k)
         st.step += 1
         st.samples_seen += x_bd.shape[0] * world
         if world > 1:
@@ -353,7 +529,7 @@ class SAETrainer:
                 st.batch_in_epoch += 1
                 if on_step is not None:
                     on_step(st.step, last)
-                if st.step % 50 == 0 or st.step == self.total_steps:
+                if st.step % self.log_every == 0 or st.step == self.total_steps:
                     st.history.append({"step": st.step, **last})
                     rate = (st.samples_seen - rows0) / max(1e-9, time.perf_counter() - t0)
                     bar.set_postfix(
@@ -370,8 +546,9 @@ class SAETrainer:
                 ):
                     if self.dist.world_size > 1:
                         positions = self._rank_positions()
+                        table = self._merged_concept_table()
                         if self.dist.is_main:
-                            self.save_checkpoint(checkpoint, rank_positions=positions)
+                            self.save_checkpoint(checkpoint, rank_positions=positions, concept_top_mk=table)
                     else:
                         self.save_checkpoint(checkpoint)
                 if st.step >= self.total_steps:
@@ -382,7 +559,25 @@ class SAETrainer:
         bar.close()
         if self.dist.world_size > 1 and not self._replicas_agree():
             log.warning("data-parallel replicas diverged numerically; rank 0's weights are the result")
+        self._set_concept_thresholds()
         return st
+
+    @torch.no_grad()
+    def _merged_concept_table(self) -> torch.Tensor:
+        """The per-concept top-k over every rank's activations (one MAX all-reduce; collective)."""
+        world, m, k = self.dist.world_size, self.sae_cfg.dict_size, self.concept_top.k
+        if world == 1:
+            return self.concept_top.top_mk
+        table = torch.full((world, m, k), -math.inf, device=self.device)
+        table[self.dist.rank] = self.concept_top.top_mk
+        distributed.all_reduce_(table, "max")
+        return table.permute(1, 0, 2).reshape(m, world * k).topk(k, dim=1).values
+
+    @torch.no_grad()
+    def _set_concept_thresholds(self) -> None:
+        """Every rank's top-k merged, then the SAE's per-concept thresholds."""
+        self.concept_top.top_mk = self._merged_concept_table()
+        self.sae.concept_threshold_m.copy_(self.concept_top.thresholds())
 
     def _epoch_batches(self, train: FeatureSplit, shard: tuple[int, int]) -> Iterator[torch.Tensor]:
         """This epoch's batches, skipping those already consumed before a resume."""
@@ -404,7 +599,7 @@ class SAETrainer:
                     f"per-process batch ({self.local_batch_size}); lower --batch-size or use fewer processes"
                 )
             raise ConfigError(
-                f"the training split has fewer rows than one batch ({self.cfg.batch_size}); "
+                f"the training split has fewer rows than one batch ({self.batch_size}); "
                 "lower --batch-size"
             )
 
@@ -413,11 +608,19 @@ class SAETrainer:
         doc = json.dumps([self.sae_cfg.to_json(), dataclasses.asdict(self.cfg)], sort_keys=True, default=str)
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
-    def save_checkpoint(self, path: Path, *, rank_positions: list[list[int]] | None = None) -> None:
+    def save_checkpoint(
+        self,
+        path: Path,
+        *,
+        rank_positions: list[list[int]] | None = None,
+        concept_top_mk: torch.Tensor | None = None,
+    ) -> None:
         """Write the training state; ``rank_positions``: every rank's (epoch, batch) in a
-        data-parallel run (rank 0 writes for all)."""
+        data-parallel run (rank 0 writes for all); ``concept_top_mk``: the per-concept top-k merged
+        over the ranks (default: this process's)."""
         tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         tensors["since_fired_m"] = self.since_fired_m
+        tensors["concept_top_mk"] = self.concept_top.top_mk if concept_top_mk is None else concept_top_mk
         for i, p in enumerate(self.sae.parameters()):
             for key, value in self.opt.state.get(p, {}).items():
                 tensors[f"adam.{i}.{key}"] = value.reshape(-1) if value.ndim == 0 else value
@@ -444,6 +647,10 @@ class SAETrainer:
             )
         self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         self.since_fired_m.copy_(tensors["since_fired_m"])
+        if self.dist.rank == 0:  # the merged table of every rank; the others restart empty, so the
+            self.concept_top.top_mk.copy_(tensors["concept_top_mk"])  # final merge counts each value once
+        else:
+            self.concept_top.top_mk.fill_(-math.inf)
         self.opt.zero_grad(set_to_none=True)
         for i, p in enumerate(self.sae.parameters()):
             state = {

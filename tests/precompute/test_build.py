@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from insight_core.atlas import Atlas
+from insight_core.models.dinoiser import Dinoiser
 from precompute.__main__ import main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
@@ -28,6 +30,11 @@ def built(tmp_path_factory) -> tuple[Path, list[str]]:
     vocab = root / "vocab.npz"
     emb = rng.normal(size=(40, 512)).astype(np.float32)
     np.savez(vocab, words=np.array([f"word{i}" for i in range(40)]), embeddings=emb)
+    g = torch.Generator().manual_seed(0)  # a random head in CLIP-DINOiser's released layout
+    state = {"obj_proj.weight": torch.randn(256, 768, 3, 3, generator=g) * 0.01,
+             "obj_proj.bias": torch.zeros(256), "bkg_decoder.weight": torch.zeros(1, 768, 1, 1),
+             "bkg_decoder.bias": torch.zeros(1)}  # fmt: skip
+    torch.save({"epoch": 0, "model_state_dict": state}, root / "last.pt")
     args = [
         "build",
         "--atlas",
@@ -51,6 +58,8 @@ def built(tmp_path_factory) -> tuple[Path, list[str]]:
         "3e-3",
         "--vocab-embeddings",
         str(vocab),
+        "--dinoiser",
+        str(root / "last.pt"),
         "--no-progress",
     ]
     assert main(args) == 0
@@ -71,15 +80,23 @@ def test_build_writes_a_valid_atlas(built) -> None:
     assert all(name.startswith("word") for name in concepts["name"])
     assert set(concepts["group"]) == {0, 1}
     assert (root / "atlas-features" / "manifest.json").is_file()  # features kept outside the atlas
+    # the features were pooled by the released head (--dinoiser last.pt): the atlas carries it for the app
+    bb = atlas.backbone
+    assert (bb["dense"], bb["resize"], bb["pool"], bb["head"]) == ("released", "crop", "head", "released")
+    head = Dinoiser.load(atlas.path("dinoiser"))
+    assert head.intermediate_block == -3
+    last = torch.load(root / "last.pt", weights_only=True)["model_state_dict"]
+    assert torch.equal(head.head.conv.weight, last["obj_proj.weight"])
 
 
 def test_rerun_is_a_no_op(built, caplog) -> None:
     root, args = built
     sae = root / "atlas" / "sae.safetensors"
-    before = sae.stat().st_mtime_ns
+    head = root / "atlas" / "dinoiser.safetensors"
+    before = sae.stat().st_mtime_ns, head.stat().st_mtime_ns
     with caplog.at_level(logging.INFO):
         assert main(args) == 0
-    assert sae.stat().st_mtime_ns == before
+    assert (sae.stat().st_mtime_ns, head.stat().st_mtime_ns) == before
     assert "up to date" in caplog.text
 
 

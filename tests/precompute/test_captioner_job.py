@@ -121,3 +121,24 @@ def test_karpathy_and_coco_sources(tmp_path: Path, shared_data: Path) -> None:
     a, b = hold_out(s["train"], 0.5, seed=3)
     assert len(a.keys) + len(b.keys) == 72
     assert hold_out(s["train"], 0.5, seed=3)[1].keys == b.keys
+
+
+def test_features_follow_the_atlas_manifest(atlas: Path, tmp_path: Path) -> None:
+    """The captioner computes the features the atlas was built with (its manifest's backbone block);
+    explicit flags win; an atlas without a manifest gets the paper's defaults."""
+    coco = tmp_path / "coco"  # never read: only the feature path is resolved
+    job = _job(atlas, coco, pretrained=None)
+    paper = job_mod.backbone_options(job)
+    assert (paper.arch, paper.pretrained, paper.dense, paper.resize) == (
+        "ViT-B-16", "laion2b_s34b_b88k", "released", "crop"
+    )  # fmt: skip
+    (atlas / "manifest.json").write_text(json.dumps({"backbone": {"arch": "ViT-B-16", "pretrained": "none"}}))
+    old = job_mod.backbone_options(job)  # an atlas from before the released path: what it was built with
+    assert (old.pretrained, old.dense, old.resize, old.pool) == ("none", "value", "squash", "none")
+    block = {"arch": "ViT-B-16", "pretrained": "none", "dense": "released", "resize": "crop", "pool": "head",
+             "head": "released"}  # fmt: skip
+    (atlas / "manifest.json").write_text(json.dumps({"backbone": block}))
+    opts = job_mod.backbone_options(_job(atlas, coco, pretrained=None, resize="squash"))
+    assert (opts.dense, opts.resize, opts.pool) == ("released", "squash", "head")
+    with pytest.raises(ConfigError, match="--dinoiser"):  # a head atlas without its head file
+        opts.pooling()

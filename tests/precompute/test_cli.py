@@ -45,6 +45,10 @@ def test_train_sae_writes_atlas_files_and_is_idempotent(features: Path, tmp_path
     assert (sae.cfg.d_in, sae.cfg.dict_size, sae.cfg.k) == (16, 64, 3)
     assert json.loads((atlas / "sae.json").read_text())["group_sizes"] == [16, 48]
     assert not (atlas / ".train_state.safetensors").exists()
+    assert metrics["schedule"]["auto"] == {}  # batch, lr and steps were all given
+    assert metrics["concept_thresholds"]["k"] == 12
+    assert sae.has_concept_thresholds
+    assert metrics["concept_thresholds"]["l0"] < metrics["l0"]
     mtime = (atlas / "sae.safetensors").stat().st_mtime_ns
     with caplog.at_level(logging.INFO):
         assert main(args) == 0
@@ -52,6 +56,38 @@ def test_train_sae_writes_atlas_files_and_is_idempotent(features: Path, tmp_path
     assert (atlas / "sae.safetensors").stat().st_mtime_ns == mtime
     assert main([*args, "--force"]) == 0
     assert (atlas / "sae.safetensors").stat().st_mtime_ns != mtime
+
+
+def test_defaults_follow_the_data_size(features: Path, tmp_path: Path, caplog) -> None:
+    """Nothing but the dictionary given: batch, lr and steps come from the data and dictionary size
+    (``--min-steps`` lowered to keep the test short; the planted-world acceptance run with all
+    defaults is benchmarks/sae_defaults.py)."""
+    atlas = tmp_path / "atlas"
+    args = ["train-sae", "--features", str(features), "--out", str(atlas), "--dict-size", "64", "--k", "3",
+            "--group-fractions", "0.25", "0.75", "--min-steps", "200", "--no-progress"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    metrics = json.loads((atlas / "sae_metrics.json").read_text())
+    sched = metrics["schedule"]
+    assert sched["batch_size"] == 256  # ~2700 training rows: the paper's 16384 capped at the floor
+    assert sched["lr"] == pytest.approx(1e-4 * (8192 / 64) ** 0.5)
+    assert sched["total_steps"] == metrics["steps"] == 200  # 3 epochs would be only 30 steps
+    assert set(sched["auto"]) == {"batch_size", "lr", "steps"}
+    assert "automatic lr" in caplog.text
+    assert metrics["fve"] > 0.55, metrics  # the paper's batch of 16384 could not even run on 2637 rows
+    assert not metrics["low_fve"]
+
+
+def test_short_run_warns_loudly_and_records_it(features: Path, tmp_path: Path, caplog) -> None:
+    atlas = tmp_path / "atlas"
+    args = ["train-sae", "--features", str(features), "--out", str(atlas), *SMALL_SAE_ARGS, "--lr", "1e-5",
+            "--steps", "30", "--no-progress"]  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == 0
+    metrics = json.loads((atlas / "sae_metrics.json").read_text())
+    assert metrics["low_fve"]
+    assert any("held-out FVE" in w for w in metrics["warnings"])
+    assert "held-out FVE" in caplog.text
 
 
 def test_changed_inputs_trigger_retraining(features: Path, tmp_path: Path) -> None:

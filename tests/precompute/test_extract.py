@@ -83,7 +83,8 @@ def test_features_equal_backbone_plus_raw_pooling(image_dir: Path, tmp_path: Pat
     entry = json.loads((out / "shard_00000.ids.json").read_text())
     first = entry["ids"][0]
     stored = np.load(out / entry["file"])[0].astype(np.float32)
-    bb = ClipBackbone(BackboneConfig(arch="ViT-B-16", pretrained=str(weights), resize="squash"))
+    bb = ClipBackbone(BackboneConfig(arch="ViT-B-16", pretrained=str(weights)))  # paper defaults: crop
+    assert (bb.cfg.resize, bb.dense) == ("crop", "released")
     dense = bb.dense_features([load_image(image_dir / first)]).patches_bhwd
     expected = Dinoiser(mode="raw")(dense).reshape(196, 512).numpy()
     assert np.allclose(stored, expected, atol=2e-2 * np.abs(expected).max())

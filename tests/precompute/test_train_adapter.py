@@ -51,7 +51,10 @@ def test_trains_head_skips_bad_images_and_records_metrics(trained: tuple[Path, l
     losses = metrics["loss_per_epoch"]
     assert len(losses) == 6
     assert losses[-1] < losses[0]  # the head fits the teacher's targets
-    assert metrics["teacher"] == {"name": TEACHER, "pretrained": False}
+    assert metrics["teacher"] == {"name": TEACHER, "pretrained": False, "features": "value"}
+    assert metrics["head"] == "released"
+    assert metrics["dinoiser_config"]["in_dim"] == 768  # the ln_2 tokens of block -3
+    assert (metrics["backbone"]["resize"], metrics["backbone"]["dense"]) == ("crop", "released")
     assert metrics["backbone"]["random_weights"] is True
     assert metrics["backbone"]["grid"] == [14, 14]
     assert 0.5 < metrics["pair_accuracy"] <= 1.0
@@ -73,11 +76,12 @@ def test_saved_head_is_what_extract_loads_and_it_changes_pooling(
     assert dino.mode == "head"
     assert dino.trained
     assert (dino.cfg.teacher, dino.cfg.teacher_pretrained, dino.cfg.epochs) == (TEACHER, False, 6)
+    assert dino.intermediate_block == -3
     torch.manual_seed(0)
     untrained = AffinityHead(dino.cfg)  # the seeded initialisation training started from
     assert not torch.allclose(untrained.conv.weight, dino.head.conv.weight)
-    feats_bhwd = torch.randn(2, 14, 14, 512)
-    pooled_bhwd = dino(feats_bhwd)
+    feats_bhwd, inter_bhwc = torch.randn(2, 14, 14, 512), torch.randn(2, 14, 14, 768)
+    pooled_bhwd = dino(feats_bhwd, inter_bhwc)
     assert pooled_bhwd.shape == feats_bhwd.shape
     assert not torch.allclose(pooled_bhwd, feats_bhwd, atol=1e-3)
     raw_bhwd = guided_pool(feats_bhwd, affinities(feats_bhwd))
@@ -100,11 +104,15 @@ def test_rerun_is_a_no_op_and_force_retrains(trained: tuple[Path, list[str]], ca
 def test_random_teacher_and_backbone_warn_loudly(image_dir: Path, tmp_path: Path, caplog) -> None:
     job = train_adapter.TrainAdapterJob(
         images=image_dir, out=tmp_path, pretrained="none", teacher=TEACHER, teacher_pretrained=False,
-        epochs=1, max_images=2, progress=False,  # broken.jpg sorts first: one good image
+        epochs=1, max_images=2, progress=False, head="output",  # broken.jpg sorts first: one good image
     )  # fmt: skip
     with caplog.at_level(logging.WARNING):
         metrics = train_adapter.run(job)
     assert metrics["n_images"] == 1
+    # the paper text's head: on the 512-d dense features
+    cfg = metrics["dinoiser_config"]
+    assert (metrics["head"], cfg["in_dim"], cfg["head_dim"]) == ("output", 512, 64)
+    assert Dinoiser.load(AtlasLayout(tmp_path).dinoiser).intermediate_block is None
     assert "RANDOM-INIT TEACHER" in caplog.text
     assert "RANDOM-INIT BACKBONE" in caplog.text
 

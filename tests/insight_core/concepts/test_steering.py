@@ -174,10 +174,14 @@ def test_no_op_edits_give_the_identical_caption(planted: dict) -> None:
             )  # 7 never fires
             assert res.caption == res.unsteered_caption
             assert res.unsteered_caption == model.generate(base)[0]
-    # keep_error=False feeds exactly the INSIGHT captioner's own input
-    steerer = Steerer(model, keep_error=False)
+    # the default (keep_error=False, the paper's bottleneck) feeds exactly the INSIGHT captioner's input
+    steerer = Steerer(model)
+    assert not steerer.keep_error
     x = held.feats_bhwd[0]
     assert steerer.steer(x, []).unsteered_caption == model.caption(x)[0]
+    base, _, _ = steerer.steered_inputs(x, [])
+    x_nd = x.reshape(-1, x.shape[-1])
+    assert torch.equal(base.reshape(x_nd.shape), model.sae.decode(model.sae.encode(x_nd)))
 
 
 def test_names_resolve_case_insensitively_and_to_all_matches(planted: dict) -> None:
@@ -248,3 +252,29 @@ def test_bad_patches_and_images(planted: dict) -> None:
     steerer.backbone = _NoBackbone()
     with pytest.raises(ImageLoadError, match="empty"):
         steerer.steer_image(b"", [])
+
+
+def test_steer_image_runs_the_atlas_feature_path(planted: dict) -> None:
+    """With a DINOiser pool the image goes through one backbone pass that also returns the tokens the
+    released head reads; the pooled features are what steering edits."""
+    from PIL import Image
+
+    from insight_core.models.backbone import DenseFeatures
+    from insight_core.models.dinoiser import Dinoiser, DinoiserConfig
+
+    calls: list[int | None] = []
+    feats = planted["held"].feats_bhwd[:1]
+    inter = torch.randn(1, GRID, GRID, 24, generator=torch.Generator().manual_seed(0))
+
+    class _Backbone:
+        def dense_features(self, images, *, intermediate=None):
+            calls.append(intermediate)
+            return DenseFeatures(feats, torch.zeros(1, D), inter if intermediate is not None else None)
+
+    torch.manual_seed(0)
+    pool = Dinoiser(DinoiserConfig(in_dim=24, head_dim=8), mode="head", trained=True)
+    steerer = Steerer(planted["model"], names=NAMES, backbone=_Backbone(), pool=pool)
+    patches = steerer.image_patches(Image.new("RGB", (40, 30), "red"))
+    assert calls == [-3]
+    with torch.no_grad():
+        torch.testing.assert_close(patches, pool(feats, inter)[0])

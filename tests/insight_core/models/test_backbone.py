@@ -58,9 +58,12 @@ def _photo(seed: int, size: tuple[int, int] = (160, 120), mode: str = "RGB") -> 
     return Image.fromarray(arr).convert(mode)
 
 
-def _reference_dense(backbone: ClipBackbone, pixels: torch.Tensor) -> torch.Tensor:
-    """Naive MaskCLIP: the model's own forward up to the last block, then nn.MultiheadAttention
-    with an attention mask that lets each token attend only to itself (= skip query-key mixing)."""
+def _reference_dense(
+    backbone: ClipBackbone, pixels: torch.Tensor, variant: str = "released"
+) -> torch.Tensor:
+    """Naive MaskCLIP: the model's own forward up to the last block, then the last block itself with
+    an attention mask that lets each token attend only to itself (= skip query-key mixing); the
+    "value" variant keeps the attention output alone (no residual, no MLP)."""
     visual = backbone.visual
     last = visual.transformer.resblocks[-1]
     captured: list[torch.Tensor] = []
@@ -75,9 +78,12 @@ def _reference_dense(backbone: ClipBackbone, pixels: torch.Tensor) -> torch.Tens
     self_only = torch.full((n_tokens, n_tokens), float("-inf"))
     self_only.fill_diagonal_(0.0)
     with torch.no_grad():
-        h = last.ln_1(x)
-        attn_out = last.attn(h, h, h, need_weights=False, attn_mask=self_only)[0]
-        out = visual.ln_post(attn_out) @ visual.proj
+        if variant == "released":  # the block's own forward, identity attention
+            tokens = last(x, attn_mask=self_only)
+        else:
+            h = last.ln_1(x)
+            tokens = last.attn(h, h, h, need_weights=False, attn_mask=self_only)[0]
+        out = visual.ln_post(tokens) @ visual.proj
     gh, gw = backbone.grid_hw
     return out[:, 1:].reshape(x.shape[0], gh, gw, -1)
 
@@ -85,8 +91,15 @@ def _reference_dense(backbone: ClipBackbone, pixels: torch.Tensor) -> torch.Tens
 # ---- structure and maths -------------------------------------------------------------------
 
 
+def test_paper_defaults() -> None:
+    cfg = BackboneConfig()
+    assert (cfg.arch, cfg.pretrained) == ("ViT-B-16", "laion2b_s34b_b88k")
+    assert (cfg.resize, cfg.dense) == ("crop", "released")
+
+
 def test_properties(backbone: ClipBackbone) -> None:
     assert backbone.embed_dim == 512
+    assert (backbone.width, backbone.n_blocks) == (768, 12)
     assert backbone.grid_hw == (14, 14)
     assert backbone.image_size == (224, 224)
     assert backbone.arch == "ViT-B-16"
@@ -120,11 +133,46 @@ def test_image_embedding_equals_encode_image(
 def test_dense_equals_naive_maskclip(
     backbone: ClipBackbone, pixels: torch.Tensor, pixel_feats: DenseFeatures
 ) -> None:
-    expected = _reference_dense(backbone, pixels)
+    assert backbone.dense == "released"
+    expected = _reference_dense(backbone, pixels, "released")
     got = pixel_feats.patches_bhwd
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
     # not just the output_tokens of the model: those are 768-d, pre-projection and after mixing
     assert got.shape[-1] != backbone.visual.transformer.width
+
+
+def test_value_variant_equals_naive_value_path(backbone: ClipBackbone, pixels: torch.Tensor) -> None:
+    value = ClipBackbone(BackboneConfig(pretrained="none", device="cpu", dense="value"))
+    got = value.dense_features(pixels).patches_bhwd
+    torch.testing.assert_close(got, _reference_dense(value, pixels, "value"), atol=ATOL, rtol=1e-4)
+    released = backbone.dense_features(pixels).patches_bhwd  # same seeded random weights
+    cos = F.cosine_similarity(got, released, dim=-1)
+    assert cos.mean() < 0.9  # the residual and the MLP change the features a lot
+
+
+def test_intermediate_tokens_are_ln2_output_of_that_block(
+    backbone: ClipBackbone, pixels: torch.Tensor, pixel_feats: DenseFeatures
+) -> None:
+    captured: list[torch.Tensor] = []
+    block = backbone.visual.transformer.resblocks[-3]
+    handle = block.ln_2.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with torch.no_grad():
+            backbone.model.encode_image(pixels)
+    finally:
+        handle.remove()
+    expected = captured[0][:, 1:].reshape(2, 14, 14, 768)
+    feats = backbone.dense_features(pixels, intermediate=-3)
+    assert feats.inter_bhwc is not None
+    torch.testing.assert_close(feats.inter_bhwc, expected, atol=ATOL, rtol=1e-4)
+    # the same pass: dense features and image embedding are unchanged
+    torch.testing.assert_close(feats.patches_bhwd, pixel_feats.patches_bhwd, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(feats.image_bd, pixel_feats.image_bd, atol=ATOL, rtol=1e-4)
+    assert pixel_feats.inter_bhwc is None
+    assert backbone.dense_features([], intermediate=-3).inter_bhwc.shape == (0, 14, 14, 768)
+    for bad in (-1, 11, 12, -13):
+        with pytest.raises(ConfigError, match="intermediate block"):
+            backbone.dense_features(pixels, intermediate=bad)
 
 
 def test_avg_pool_fallback_matches_model(
@@ -279,7 +327,8 @@ def test_local_weights_file_roundtrip(
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("batch_size", 0), ("precision", "fp8"), ("resize", "pad"), ("arch", "")]
+    ("field", "value"),
+    [("batch_size", 0), ("precision", "fp8"), ("resize", "pad"), ("arch", ""), ("dense", "maskclip")],
 )
 def test_config_validation(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
@@ -320,6 +369,27 @@ def test_cuda_autocast_matches_fp32(pixels: torch.Tensor) -> None:
     assert feats["auto"].patches_bhwd.dtype == torch.float32
     half, full = feats["auto"].patches_bhwd.flatten(0, 2), feats["fp32"].patches_bhwd.flatten(0, 2)
     assert F.cosine_similarity(half, full, dim=-1).min() > 0.98
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_released_path_and_head_match_cpu(
+    backbone: ClipBackbone, pixels: torch.Tensor, pixel_feats: DenseFeatures
+) -> None:
+    """The released dense path, its intermediate tokens and the released head's pooling on CUDA
+    (fp32) agree with the CPU computation."""
+    from insight_core.models.dinoiser import Dinoiser, DinoiserConfig
+
+    gpu = ClipBackbone(BackboneConfig(pretrained="none", device="cuda", precision="fp32"))  # same seed
+    cuda = gpu.dense_features(pixels, intermediate=-3)
+    cpu = backbone.dense_features(pixels, intermediate=-3)
+    for a, b in ((cuda.patches_bhwd, cpu.patches_bhwd), (cuda.inter_bhwc, cpu.inter_bhwc)):
+        assert F.cosine_similarity(a.flatten(0, 2), b.flatten(0, 2), dim=-1).min() > 0.999
+    torch.manual_seed(0)
+    head = Dinoiser(DinoiserConfig(), mode="head", trained=True)
+    on_cpu = head.pool(cpu)
+    on_gpu = head.cuda().pool(cuda)
+    assert on_gpu.device.type == "cpu"
+    assert F.cosine_similarity(on_gpu.flatten(0, 2), on_cpu.flatten(0, 2), dim=-1).min() > 0.999
 
 
 def test_exif_orientation_of_open_rgb_images_is_applied(backbone: ClipBackbone, tmp_path) -> None:

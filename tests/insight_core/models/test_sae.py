@@ -155,6 +155,46 @@ def test_encode_without_threshold_is_refused_clearly() -> None:
     assert (sae.encode(torch.randn(3, 32), use_threshold=False) > 0).sum() <= 3 * SMALL.k
 
 
+def test_per_concept_threshold_mode() -> None:
+    torch.manual_seed(0)
+    sae = _trained_like(SMALL)
+    sae.threshold.fill_(0.1)
+    x = torch.randn(50, 32)
+    assert not sae.has_concept_thresholds
+    with pytest.raises(CheckpointError, match="no per-concept thresholds"):
+        sae.encode(x, threshold="concept")
+    thr = torch.rand(256) * 0.5
+    thr[3] = float("inf")  # a concept that never fired during training
+    sae.concept_threshold_m.copy_(thr)
+    assert sae.has_concept_thresholds
+    pre = torch.relu((x - sae.b_dec_d) @ sae.W_enc_md.T + sae.b_enc_m)  # written out, not our code
+    expected = pre * (pre > thr)
+    codes = sae.encode(x, threshold="concept")
+    assert torch.allclose(codes, expected, atol=1e-6)
+    assert not codes[:, 3].any()
+    assert torch.equal(sae.encode(x[7:8], threshold="concept"), codes[7:8])  # batch-independent
+    assert not torch.equal(codes, sae.encode(x))  # global mode differs
+    with pytest.raises(ConfigError, match="threshold must be one of"):
+        sae.encode(x, threshold="per-patch")  # type: ignore[arg-type]
+
+
+def test_per_concept_thresholds_round_trip_and_old_files_load(tmp_path) -> None:
+    sae = _trained_like(SMALL)
+    sae.threshold.fill_(0.25)
+    sae.concept_threshold_m.copy_(torch.linspace(0.1, 2.0, 256))
+    back = MatryoshkaSAE.load(sae.save(tmp_path / "sae.safetensors"))
+    assert torch.equal(back.concept_threshold_m, sae.concept_threshold_m)
+    from safetensors.torch import load_file, save_file
+
+    old = load_file(str(tmp_path / "sae.safetensors"))  # a file written before the thresholds existed
+    old.pop("concept_threshold")
+    save_file(old, str(tmp_path / "old.safetensors"))
+    legacy = MatryoshkaSAE.load(tmp_path / "old.safetensors")
+    assert not legacy.has_concept_thresholds
+    x = torch.randn(4, 32)
+    assert torch.equal(legacy.encode(x), back.encode(x))
+
+
 def test_decoder_normalisation_and_parallel_grad_removal() -> None:
     sae = _trained_like(SMALL)
     with torch.no_grad():
@@ -181,8 +221,9 @@ def test_safetensors_round_trip(tmp_path) -> None:
     assert doc["k"] == 4
     from safetensors.torch import load_file
 
-    raw = load_file(str(path))  # dictionary_learning names and layouts on disk
-    assert set(raw) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "k", "group_sizes"}
+    raw = load_file(str(path))  # dictionary_learning names and layouts on disk (+ per-concept thresholds)
+    dl_names = {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "k", "group_sizes"}
+    assert set(raw) == dl_names | {"concept_threshold"}
     assert raw["W_enc"].shape == (32, 256)
     assert raw["W_dec"].shape == (256, 32)
 
@@ -220,6 +261,43 @@ def test_import_dictionary_learning_checkpoint(tmp_path) -> None:
     # and the import survives our own save/load
     back = MatryoshkaSAE.load(sae.save(tmp_path / "sae.safetensors"))
     assert back.cfg.group_sizes == sae.cfg.group_sizes
+
+
+def test_import_dictionary_learning_backup_with_norm_factor(tmp_path) -> None:
+    """A mid-training backup holds normalised-unit weights and the norm factor: dictionary_learning
+    scales biases and threshold by it before its final save, so the import does the same."""
+    state = _dictionary_learning_state()
+    f = 7.5
+    backup = {"step": 100, "ae": state, "optimizer": {}, "config": {"k": 4}, "norm_factor": f}
+    torch.save(backup, tmp_path / "ae.pt")
+    sae = import_dictionary_learning(tmp_path / "ae.pt")
+    assert torch.allclose(sae.b_dec_d, state["b_dec"] * f)
+    assert torch.allclose(sae.b_enc_m, state["b_enc"] * f)
+    assert float(sae.threshold) == pytest.approx(0.42 * f)
+    x_raw = torch.randn(5, 32) * f  # raw features; the trained SAE saw x_raw / f
+    post = torch.relu((x_raw / f - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
+    codes = post * (post > state["threshold"])
+    assert torch.allclose(sae.encode(x_raw), codes * f, atol=1e-4)  # codes scale with the factor
+    assert torch.allclose(sae(x_raw), (codes @ state["W_dec"] + state["b_dec"]) * f, atol=1e-3)
+    # a final ae.pt has the factor folded in already: nothing is rescaled
+    torch.save(state, tmp_path / "final.pt")
+    assert torch.equal(import_dictionary_learning(tmp_path / "final.pt").b_dec_d, state["b_dec"])
+
+
+def test_import_reads_k_from_config_json_and_half_precision(tmp_path) -> None:
+    state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in _dictionary_learning_state().items()}
+    state.pop("k")
+    torch.save(state, tmp_path / "ae.pt")
+    with pytest.raises(CheckpointError, match="'k'"):
+        import_dictionary_learning(tmp_path / "ae.pt")
+    trainer = {"k": 4, "group_fractions": [0.1, 0.3, 0.6]}
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": trainer}))
+    sae = import_dictionary_learning(tmp_path / "ae.pt")
+    assert (sae.cfg.k, sae.W_enc_md.dtype) == (4, torch.float32)
+    state["threshold"] = torch.ones(256)
+    torch.save(state, tmp_path / "ae.pt")
+    with pytest.raises(CheckpointError, match="one global threshold"):
+        import_dictionary_learning(tmp_path / "ae.pt")
 
 
 def test_import_without_config_json_infers_group_sizes(tmp_path) -> None:

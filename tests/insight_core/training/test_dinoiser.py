@@ -75,7 +75,7 @@ def test_fit_dinoiser_recovers_synthetic_segments(one_thread: None) -> None:
     feats, segs, _ = _segment_world(32, seed=0)
     teacher = F.one_hot(segs, 8).float()  # cosine 1 within a segment, 0 across -> exact targets
     assert torch.equal(teacher_targets(teacher, (14, 14), 0.2), _same_segment(segs))
-    cfg = DinoiserConfig(in_dim=D_SYN, head_dim=16, lr=3e-3, batch_size=8)
+    cfg = DinoiserConfig.output_head(in_dim=D_SYN, head_dim=16, lr=3e-3, batch_size=8)
     dinoiser, history = fit_dinoiser(feats, teacher, cfg, epochs=40, progress=False)  # 160 steps
     assert len(history) == 40
     assert dinoiser.trained
@@ -96,6 +96,27 @@ def test_fit_dinoiser_recovers_synthetic_segments(one_thread: None) -> None:
         err_raw = err(Dinoiser(cfg, "raw")(test_feats))
     assert err_head < 0.1 * err_none  # (c) pooled features are close to the segment means
     assert err_head < err_raw  # ... closer than with raw CLIP affinities (which leak across segments)
+
+
+def test_released_head_and_loss_learn_segments_from_other_tokens(one_thread: None) -> None:
+    """The released head reads *other* tokens (here: the noise-free segment means through a fixed
+    random map, standing in for block -3) and pools the dense features; trained with the release's
+    loss (BCE on cosines clamped at 0) it separates segments and pools them to their means."""
+    feats, segs, means = _segment_world(32, seed=0)
+    proj = torch.randn(D_SYN, 24, generator=torch.Generator().manual_seed(5))
+    inter = means @ proj + 0.3 * torch.randn(*means.shape[:3], 24, generator=torch.Generator().manual_seed(6))
+    cfg = DinoiserConfig(in_dim=24, head_dim=16, lr=3e-3, batch_size=8)
+    assert (cfg.head, cfg.loss) == ("released", "released")
+    teacher = F.one_hot(segs, 8).float()
+    dinoiser, history = fit_dinoiser(inter, teacher, cfg, epochs=30, progress=False)
+    assert history[-1] < history[0]
+    with torch.no_grad():
+        a = affinities(inter, dinoiser.head)
+        assert _auc(a, _same_segment(segs)) > 0.95
+        pooled = dinoiser(feats, inter)
+    err_none = float(((feats - means) ** 2).sum(-1).mean())
+    err_head = float(((pooled - means) ** 2).sum(-1).mean())
+    assert err_head < 0.2 * err_none
 
 
 def test_train_affinity_head_accepts_list_and_callable(one_thread: None) -> None:
@@ -160,13 +181,28 @@ def test_dino_teacher_vit_tiny(caplog: pytest.LogCaptureFixture) -> None:
     assert not any(p.requires_grad for p in teacher.parameters())
     pixels = teacher.preprocess(_images())
     assert pixels.shape == (2, 3, 224, 224)
+    assert teacher.features == "value"  # the release: last-block value vectors
     feats = teacher.patch_features(pixels)
     assert feats.shape == (2, 14, 14, 192)  # CLS token dropped
     assert teacher_targets(feats).shape == (2, 196, 196)
+    # independently: the value third of the last block's qkv projection, heads concatenated
+    with torch.no_grad():
+        x = teacher.model.patch_embed(pixels)
+        x = teacher.model._pos_embed(x)
+        x = teacher.model.norm_pre(x)
+        x = teacher.model.blocks[0](x)
+        qkv = teacher.model.blocks[1].attn.qkv(teacher.model.blocks[1].norm1(x))
+        v = qkv[..., 2 * 192 :][:, 1:].reshape(2, 14, 14, 192)
+    torch.testing.assert_close(feats, v)
+    tokens = DinoTeacher("vit_tiny_patch16_224", pretrained=False, model_kwargs=FAST, features="tokens")
+    tokens.model.load_state_dict(teacher.model.state_dict())
+    assert not torch.allclose(tokens.patch_features(pixels), feats)
 
 
 def test_dino_teacher_dinov2_registers_and_resize() -> None:
-    teacher = DinoTeacher("vit_small_patch14_reg4_dinov2", pretrained=False, model_kwargs=FAST)
+    teacher = DinoTeacher(
+        "vit_small_patch14_reg4_dinov2", pretrained=False, model_kwargs=FAST, features="tokens"
+    )
     assert teacher.model.num_prefix_tokens == 5  # 1 CLS + 4 registers are dropped
     feats = teacher.patch_features(teacher.preprocess(_images()))
     assert feats.shape == (2, 16, 16, 384)  # 224 px / 14 px patches

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,14 @@ from insight_core.data.features import scan_features
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.evaluation.sae import evaluate
 from insight_core.models.sae import SAEConfig
-from insight_core.training.sae import SAETrainer, TrainConfig, geometric_median
+from insight_core.training.sae import (
+    ConceptTopK,
+    SAETrainer,
+    TrainConfig,
+    geometric_median,
+    resolve_schedule,
+    training_warnings,
+)
 
 
 def planted_features(tmp_path: Path, n: int = 4000, d: int = 32, n_atoms: int = 24, seed: int = 0) -> Path:
@@ -155,3 +163,106 @@ def test_lr_schedule_warmup_and_decay() -> None:
     assert factors[49] == pytest.approx(1.0)
     assert factors[75] == pytest.approx(0.5)
     assert factors[99] == pytest.approx(0.02)
+
+
+# ---- automatic settings, diagnostics ------------------------------------------------------------
+
+
+def test_resolve_schedule_rules() -> None:
+    paper = resolve_schedule(TrainConfig(), 8192, 20_000_000)  # a large data set: the paper's settings
+    assert (paper.batch_size, paper.lr) == (16_384, pytest.approx(1e-4))
+    assert paper.total_steps == math.ceil(3 * (20_000_000 // 16_384))
+    assert set(paper.auto) == {"batch_size", "lr", "steps"}
+    small = resolve_schedule(TrainConfig(), 128, 245_980)  # ~1250 planted images
+    assert small.batch_size == 2048  # largest power of two <= 245980 / 64 = 3843
+    assert small.lr == pytest.approx(8e-4)  # 1e-4 * sqrt(8192 / 128)
+    assert small.total_steps == 1000  # 3 epochs are only 360 steps: the minimum wins
+    tiny = resolve_schedule(TrainConfig(), 48, 1000)
+    assert tiny.batch_size == 256  # the floor, still <= n
+    assert resolve_schedule(TrainConfig(), 48, 100).batch_size == 100  # never more than the data
+    given = resolve_schedule(TrainConfig(lr=3e-3, batch_size=100, epochs=2.0), 48, 1000)
+    assert (given.batch_size, given.lr, given.total_steps, given.auto) == (100, 3e-3, 20, {})
+    assert resolve_schedule(TrainConfig(steps=7, min_steps=50), 48, 1000).total_steps == 7
+
+
+def test_training_warnings() -> None:
+    flat = [{"step": i, "loss": 1.0 + 0.001 * (i % 3)} for i in range(100)]
+    falling = [{"step": i, "loss": 2.0 - 0.01 * i} for i in range(100)]
+    ok = training_warnings(flat, 0.93)
+    assert (ok["low_fve"], ok["still_falling"], ok["warnings"]) == (False, False, [])
+    bad = training_warnings(falling, 0.21)
+    assert bad["low_fve"]
+    assert bad["still_falling"]
+    assert bad["loss_trend"] < -0.01
+    assert len(bad["warnings"]) == 2
+    assert "0.210" in bad["warnings"][0]
+    assert training_warnings(falling[:5], None)["loss_trend"] is None  # too short to tell
+
+
+# ---- per-concept thresholds (paper App. B.5) ------------------------------------------------------
+
+
+def test_concept_top_k_equals_sorting_everything() -> None:
+    g = torch.Generator().manual_seed(0)
+    m, k = 20, 4
+    top = ConceptTopK(m, k)
+    seen: list[list[float]] = [[] for _ in range(m)]
+    for _ in range(30):
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        cols = torch.randint(0, m - 3, (n,), generator=g)  # the last 3 concepts never fire
+        vals = torch.rand(n, generator=g) * 5
+        top.update(cols, vals)
+        for c, v in zip(cols.tolist(), vals.tolist(), strict=True):
+            seen[c].append(v)
+    thr = top.thresholds()
+    for c in range(m):
+        values = sorted(seen[c], reverse=True)
+        if len(values) >= k:
+            assert float(thr[c]) == pytest.approx(values[k - 1])
+            assert torch.allclose(top.top_mk[c], torch.tensor(values[:k]))
+        elif values:
+            assert float(thr[c]) == pytest.approx(values[-1])
+        else:
+            assert math.isinf(float(thr[c]))
+
+
+@pytest.mark.gpu
+def test_concept_top_k_on_cuda_matches_cpu() -> None:
+    g = torch.Generator().manual_seed(1)
+    cpu, gpu = ConceptTopK(512, 12), ConceptTopK(512, 12, device="cuda")
+    for _ in range(20):
+        cols = torch.randint(0, 512, (20_000,), generator=g)
+        vals = torch.rand(20_000, generator=g)
+        cpu.update(cols, vals)
+        gpu.update(cols.cuda(), vals.cuda())
+    assert torch.equal(gpu.top_mk.cpu(), cpu.top_mk)
+    assert torch.equal(gpu.thresholds().cpu(), cpu.thresholds())
+
+
+def test_training_records_per_concept_thresholds(tmp_path: Path) -> None:
+    fs = scan_features(planted_features(tmp_path))
+    train, held = fs.split(0.1, seed=0)
+    cfg = TrainConfig(lr=3e-3, batch_size=256, steps=200, warmup_steps=20, threshold_start_step=100)
+    trainer = SAETrainer(SMALL_SAE, cfg, train.n_rows)
+    seen: list[torch.Tensor] = []
+    original = trainer.concept_top.update
+
+    def spy(cols: torch.Tensor, vals: torch.Tensor) -> None:
+        seen.append(torch.stack([cols.float(), vals]))
+        original(cols, vals)
+
+    trainer.concept_top.update = spy  # type: ignore[method-assign]
+    trainer.fit(train, progress=False)
+    assert len(seen) == 100  # from threshold_start_step on
+    sae = trainer.sae
+    assert sae.has_concept_thresholds
+    all_cols, all_vals = torch.cat(seen, 1)
+    for c in range(SMALL_SAE.dict_size):
+        vals = all_vals[all_cols == c].sort(descending=True).values
+        expected = vals[11] if len(vals) >= 12 else (vals[-1] if len(vals) else torch.tensor(math.inf))
+        assert float(sae.concept_threshold_m[c]) == pytest.approx(float(expected)), c
+    x = held.sample(2000)
+    global_codes, concept_codes = sae.encode(x), sae.encode(x, threshold="concept")
+    pre = sae.pre_activations(x)
+    assert torch.equal(concept_codes, pre * (pre > sae.concept_threshold_m))
+    assert (concept_codes > 0).sum() < (global_codes > 0).sum()  # 12th-largest thresholds are strict
