@@ -32,7 +32,7 @@ from insight_core.concepts.contributions import (
     probe_decision,
     top_classes,
 )
-from insight_core.concepts.pooling import PooledConcepts, pool_codes
+from insight_core.concepts.pooling import PooledConcepts, concept_codes, pool_codes
 from insight_core.concepts.zeroshot import CLIP_LOGIT_SCALE, LABEL_TEMPLATES, ZeroShot, zero_shot
 from insight_core.errors import CheckpointError, InsightError
 from insight_core.models.probe import ConceptProbe
@@ -159,6 +159,15 @@ class Classification:
             raise AppError(f"class {label!r}: not a class of {self.classifier!r}") from None
 
 
+def _probe_codes(state: AppState, expl: X.Explanation, codes: str, classifier: str) -> torch.Tensor:
+    """The image's patch codes (P, m) by the rule the probe was trained with."""
+    patches_pd = expl.patches_hwd.reshape(-1, expl.patches_hwd.shape[-1])
+    try:
+        return concept_codes(state.sae, patches_pd, codes).cpu()
+    except InsightError as err:  # e.g. a thresholded probe next to an SAE without per-concept thresholds
+        raise AppError(f"probe {classifier!r}: {err}") from None
+
+
 def classify(state: AppState, expl: X.Explanation, classifier: str, labels_text: str = "") -> Classification:
     """Classify an explained image with a probe of the atlas or zero-shot (``labels_text``)."""
     codes_pm = torch.from_numpy(expl.codes_pm)
@@ -171,6 +180,8 @@ def classify(state: AppState, expl: X.Explanation, classifier: str, labels_text:
     if probe is None:
         known = ", ".join(map(repr, classifier_choices(state)))
         raise AppError(f"classifier {classifier!r}: not a probe of this atlas (choose one of {known})")
+    if probe.cfg.codes != "global":  # a thresholded probe pools per-concept-thresholded codes
+        codes_pm = _probe_codes(state, expl, probe.cfg.codes, classifier)
     max_m, mean_m = pool_codes(codes_pm[None])
     pooled = PooledConcepts.from_dense(max_m, mean_m)
     with torch.inference_mode():

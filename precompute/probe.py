@@ -82,7 +82,10 @@ class ProbeJob:
     pooling: str = "both"
     """Image vector: 'both' = [max ; mean] over patches (paper Eq. B.15), 'max' or 'mean'."""
     codes: str = "global"
-    """SAE codes that are pooled: 'global' (the SAE's learned global threshold)."""
+    """SAE codes that are pooled: 'global' (the SAE's learned global threshold) or 'concept' (each
+    concept's own threshold: the paper's thresholded variant, App. B.5)."""
+    thresholded: bool = False
+    """Shorthand for --codes concept (the flag eval-ovs uses too)."""
     bias: bool = False
     """Learn a per-class bias (off: concept contributions then add up to the logit)."""
     train: Annotated[ProbeTrainConfig, Flat] = dataclasses.field(default_factory=ProbeTrainConfig)
@@ -139,11 +142,23 @@ def _load_data(job: ProbeJob) -> _Data:
     return _Data([features, val_features], train, val, sum(f.n_units for f in features.files))
 
 
-def _check_sae(sae: MatryoshkaSAE, layout: AtlasLayout, d: int) -> None:
+def job_codes(job: ProbeJob) -> str:
+    """The codes the probe pools (``--thresholded`` is ``--codes concept``)."""
+    if job.codes not in CODES:
+        raise ConfigError(f"--codes must be one of {list(CODES)}, got {job.codes!r}")
+    return "concept" if job.thresholded else job.codes
+
+
+def _check_sae(sae: MatryoshkaSAE, layout: AtlasLayout, d: int, codes: str) -> None:
     if sae.cfg.d_in != d:
         raise CheckpointError(f"{layout.sae}: SAE d_in={sae.cfg.d_in} but the features have d={d}")
     if not sae.has_threshold:
         raise CheckpointError(f"{layout.sae}: the SAE has no learned inference threshold; train it longer")
+    if codes == "concept" and not sae.has_concept_thresholds:
+        raise CheckpointError(
+            f"{layout.sae}: --thresholded needs per-concept thresholds, which this SAE did not record "
+            "(retrain it with train-sae, or use the global threshold)"
+        )
 
 
 def run(job: ProbeJob) -> dict[str, Any]:
@@ -151,14 +166,13 @@ def run(job: ProbeJob) -> dict[str, Any]:
     name = probe_name(job)
     if job.pooling not in POOLINGS:
         raise ConfigError(f"--pooling must be one of {list(POOLINGS)}, got {job.pooling!r}")
-    if job.codes not in CODES:
-        raise ConfigError(f"--codes must be one of {list(CODES)}, got {job.codes!r}")
+    codes = job_codes(job)
     if not 0.0 <= job.held_out_fraction < 1.0:
         raise ConfigError(f"--held-out-fraction must be in [0, 1), got {job.held_out_fraction}")
     layout = AtlasLayout(job.atlas)
     sae = load_atlas_sae(layout)
     data = _load_data(job)  # every input error surfaces here, before anything is written
-    _check_sae(sae, layout, data.features[0].d)
+    _check_sae(sae, layout, data.features[0].d, codes)
     if job.sweep and data.val is None and job.held_out_fraction == 0:
         raise ConfigError("--sweep needs held-out images: --held-out-fraction > 0 or --val-labels")
     inputs = [f.path for fs in data.features for f in fs.files] + [layout.sae, job.labels]
@@ -184,7 +198,7 @@ def run(job: ProbeJob) -> dict[str, Any]:
     t0 = time.perf_counter()
     sae_key = fingerprint([layout.sae], {})
     pooled = PooledConcepts.concat([
-        pool_features(sae, fs, codes=job.codes, cache_dir=layout.pooled_cache_dir, sae_key=sae_key,
+        pool_features(sae, fs, codes=codes, cache_dir=layout.pooled_cache_dir, sae_key=sae_key,
                       images_per_batch=job.images_per_batch, progress=job.progress)
         for fs in data.features
     ])  # fmt: skip
@@ -192,7 +206,7 @@ def run(job: ProbeJob) -> dict[str, Any]:
     train_xy, val_xy, split = _splits(job, data)
     classes = data.train.classes
     probe_cfg = ProbeConfig(n_concepts=sae.cfg.dict_size, n_classes=len(classes), pooling=job.pooling,
-                            codes=job.codes, bias=job.bias)  # fmt: skip
+                            codes=codes, bias=job.bias)  # fmt: skip
     log.info(
         "probe %s: %d classes, %d training images, %d %s images, %d features per image",
         name, len(data.train.classes), len(train_xy[0]), len(val_xy[0]), split, probe_cfg.n_features,

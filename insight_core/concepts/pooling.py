@@ -11,7 +11,8 @@ feature file, keyed by the SAE, the file and the codes, so that training, a swee
 encode every image once.
 
 All codes pass through :func:`concept_codes`, the one place the SAE encoding of this module is
-chosen (``codes="global"``: the SAE's learned global inference threshold).
+chosen (``codes="global"``: the SAE's learned global inference threshold; ``codes="concept"``: each
+concept's own threshold, the paper's thresholded variant).
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ def concept_codes(sae: MatryoshkaSAE, x_bd: torch.Tensor, codes: str = "global")
     """Sparse codes (B, m) of patches for probes and classification: the one encoding helper.
 
     ``codes="global"``: ``z = pre * 1[pre > threshold]`` with the SAE's learned global threshold
-    (batch-independent, as everywhere else in the project).
+    (batch-independent, as everywhere else in the project); ``codes="concept"``: ``pre > theta_i`` with
+    concept ``i``'s own threshold (needs an SAE that recorded them).
     """
-    check_codes(codes)
-    return sae.encode(x_bd.to(sae.W_enc_md.device, torch.float32))
+    mode = "concept" if check_codes(codes) == "concept" else "global"
+    return sae.encode(x_bd.to(sae.W_enc_md.device, torch.float32), threshold=mode)
 
 
 def pool_codes(codes_bpm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

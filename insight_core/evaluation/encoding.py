@@ -3,19 +3,18 @@
 The paper's inference rule: a concept is present on a patch when its *thresholded* code is > 0.
 By default that is the SAE's learned global threshold (batch-independent codes). The
 ``thresholded`` variant of the paper (Tab. 3, "INSIGHT (thresholded)") uses per-concept
-thresholds; it is requested with ``thresholded=True`` and needs an SAE whose ``encode`` accepts
-``threshold="concept"`` (per-concept thresholds, issue #10). Keeping the choice here means every
-evaluation switches together.
+thresholds; it is requested with ``thresholded=True`` and needs an SAE that recorded them
+(``MatryoshkaSAE.has_concept_thresholds``). Keeping the choice here means every evaluation switches
+together.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 
 import torch
 
-from insight_core.errors import ConfigError
+from insight_core.errors import CheckpointError
 from insight_core.models.sae import MatryoshkaSAE
 
 log = logging.getLogger(__name__)
@@ -26,10 +25,10 @@ def code_rule(sae: MatryoshkaSAE, thresholded: bool = False) -> str:
     """How :func:`encode_codes` encodes with this SAE: ``"concept-threshold"``, ``"global-threshold"``
     or ``"batchtopk"`` (an SAE without a learned threshold: codes then depend on the batch)."""
     if thresholded:
-        if "threshold" not in inspect.signature(sae.encode).parameters:
-            raise ConfigError(
-                "--thresholded needs per-concept thresholds (MatryoshkaSAE.encode(x, threshold='concept')), "
-                "which this SAE version does not provide yet"
+        if not sae.has_concept_thresholds:
+            raise CheckpointError(
+                "--thresholded needs per-concept thresholds, which this SAE did not record "
+                "(retrain it with train-sae, or evaluate with the global threshold)"
             )
         return "concept-threshold"
     return "global-threshold" if sae.has_threshold else "batchtopk"
@@ -39,7 +38,7 @@ def encode_codes(sae: MatryoshkaSAE, x_nd: torch.Tensor, thresholded: bool = Fal
     """Non-negative SAE codes (n, m) of patch features (n, d) by the rule of :func:`code_rule`."""
     rule = code_rule(sae, thresholded)
     if rule == "concept-threshold":
-        return sae.encode(x_nd, threshold="concept")  # type: ignore[call-arg]
+        return sae.encode(x_nd, threshold="concept")
     if rule == "batchtopk" and id(sae) not in _warned:
         _warned.add(id(sae))
         log.warning("the SAE has no learned threshold: using BatchTopK codes (they depend on the batch)")

@@ -26,9 +26,9 @@ from insight_core.io import read_safetensors, write_safetensors
 PROBE_FORMAT = "insight-concept-probe"
 POOLINGS = ("max", "mean", "both")
 """How patch codes become an image vector: max, mean, or both concatenated ``[max ; mean]``."""
-CODES = ("global",)
-"""Which SAE codes are pooled: ``"global"`` = the SAE's learned global inference threshold.
-(Per-concept thresholds, App. B.5's "thresholded variant", are added with the SAE's support.)"""
+CODES = ("global", "concept")
+"""Which SAE codes are pooled: ``"global"`` = the SAE's learned global inference threshold;
+``"concept"`` = each concept's own threshold (App. B.5's "thresholded variant", ``--thresholded``)."""
 
 
 def check_pooling(pooling: str, what: str = "pooling") -> str:
@@ -64,7 +64,8 @@ class ProbeConfig:
     pooling: str = "both"
     """Image vector: 'both' = [max ; mean] (paper Eq. B.15), 'max' or 'mean'."""
     codes: str = "global"
-    """SAE codes that were pooled ('global': the SAE's learned global threshold)."""
+    """SAE codes that were pooled ('global': the SAE's learned global threshold; 'concept': per-concept
+    thresholds, the paper's thresholded variant)."""
     bias: bool = False
     """Learn a per-class bias (off by default, as DN-CBM: contributions then sum to the logit)."""
 

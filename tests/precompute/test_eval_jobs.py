@@ -337,3 +337,31 @@ def test_masks_from_png_label_maps_follow_the_feature_geometry(tmp_path: Path) -
     assert json.loads((out / "masks_00000.ids.json").read_text())["ids"] == ids
     assert main([*args, "--resize", "squash"]) == 0  # the whole width: ignore on the right
     assert (np.load(out / "masks_00000.npy")[:, :, -1] == 255).all()
+
+
+def test_thresholded_ovs_uses_per_concept_thresholds(planted: Path, tmp_path: Path, caplog) -> None:
+    """--thresholded: a clear error without recorded thresholds; with thresholds equal to the global one
+    the same mIoU, with thresholds above every activation the reconstruction loses its concepts."""
+    synth = SynthLayout(planted)
+    atlas = AtlasLayout(tmp_path / "atlas")
+    shutil.copytree(synth.oracle_atlas.root, atlas.root)
+    args = ["eval-ovs", "--atlas", str(atlas.root), "--features", str(synth.features.root), "--masks",
+            str(synth.masks.root), "--class-embeddings", str(synth.world.vocab), "--no-progress"]  # fmt: skip
+    with caplog.at_level(logging.ERROR):
+        assert main([*args, "--thresholded"]) == 2
+    assert "per-concept thresholds" in caplog.text
+    assert main(args) == 0
+    plain = json.loads(atlas.eval_layout("ovs-masks").report_json.read_text())
+
+    sae = MatryoshkaSAE.load(atlas.sae)
+    for theta, name in ((float(sae.threshold), "same"), (1e6, "none")):
+        with torch.no_grad():
+            sae.concept_threshold_m.fill_(theta)
+        sae.save(atlas.sae, config_path=atlas.sae_config)
+        assert main([*args, "--thresholded", "--name", name]) == 0
+        report = json.loads(atlas.eval_layout(name).report_json.read_text())
+        if name == "same":
+            assert report["insight"]["miou"] == pytest.approx(plain["insight"]["miou"], abs=1e-6)
+        else:
+            assert report["insight"]["miou"] < 0.5 * plain["insight"]["miou"]
+        assert report["dense"]["miou"] == pytest.approx(plain["dense"]["miou"], abs=1e-6)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from insight_core.atlas import Atlas
+from insight_core.models.sae import MatryoshkaSAE
 from insight_core.planted import load_layout, load_world, object_labels
 from precompute.__main__ import main
 
@@ -158,3 +160,39 @@ def test_classify_names_unknown_probes_and_bad_settings(planted: Path, tmp_path:
     assert main([*base, "--probe", "objects", "--top-k", "0"]) == 2
     assert "--top-k must be >= 1" in caplog.text
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_thresholded_probe_pools_per_concept_codes(planted: Path, tmp_path: Path, caplog) -> None:
+    """--thresholded needs recorded per-concept thresholds; with them the probe records codes='concept'
+    and classify pools the same codes (a threshold above every activation leaves nothing to classify on)."""
+    atlas = tmp_path / "atlas"
+    shutil.copytree(planted / "oracle_atlas", atlas)
+    features, labels = planted / "features", str(planted / "labels.csv")
+    args = ["probe", "--atlas", str(atlas), "--features", str(features), "--labels", labels,
+            "--name", "thr", "--thresholded", *FAST]  # fmt: skip
+    with caplog.at_level(logging.ERROR):
+        assert main(args) == 2
+    assert "sae.safetensors" in caplog.text and "per-concept thresholds" in caplog.text
+    assert not (atlas / "probes" / "thr").exists()
+
+    sae = MatryoshkaSAE.load(atlas / "sae.safetensors")
+    with torch.no_grad():
+        sae.concept_threshold_m.fill_(float(sae.threshold))  # as the global rule: same accuracy
+    sae.save(atlas / "sae.safetensors")
+    assert main(["manifest", "--atlas", str(atlas)]) == 0
+    assert main(args) == 0
+    config = json.loads(Atlas.open(atlas, verify="all").probe_layout("thr").config.read_text())
+    assert config["codes"] == "concept"
+    out = tmp_path / "pred.jsonl"
+    classify = ["classify", "--atlas", str(atlas), "--probe", "thr", "--features", str(features),
+                "--out", str(out), "--labels", labels, "--no-progress"]  # fmt: skip
+    assert main(classify) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert np.mean([r["correct"] for r in lines]) >= 0.95
+
+    with torch.no_grad():
+        sae.concept_threshold_m.fill_(1e6)  # no concept passes its threshold: no evidence left
+    sae.save(atlas / "sae.safetensors")
+    assert main(classify) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(not r["concepts"] for r in lines)

@@ -85,6 +85,13 @@ def test_save_load_round_trip_and_bad_file(tmp_path: Path) -> None:
 def test_concept_codes_are_the_thresholded_sae_codes(sae: MatryoshkaSAE) -> None:
     x = torch.randn(7, 16)
     torch.testing.assert_close(concept_codes(sae, x), sae.encode(x))
+    with pytest.raises(CheckpointError, match="per-concept thresholds"):
+        concept_codes(sae, x, codes="concept")  # not recorded by this SAE
+    theta_m = torch.rand(sae.cfg.dict_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sae.concept_threshold_m.copy_(theta_m)
+    pre = sae.pre_activations(x)
+    torch.testing.assert_close(concept_codes(sae, x, codes="concept"), pre * (pre > theta_m))
     with pytest.raises(ConfigError, match="codes"):
         concept_codes(sae, x, codes="per-concept")
 

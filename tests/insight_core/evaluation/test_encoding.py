@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from insight_core.errors import ConfigError
+from insight_core.errors import CheckpointError
 from insight_core.evaluation.encoding import code_rule, encode_codes
 from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 
@@ -30,16 +30,15 @@ def test_codes_follow_the_inference_rule() -> None:
 
 
 def test_thresholded_needs_per_concept_thresholds() -> None:
-    with pytest.raises(ConfigError, match="--thresholded needs per-concept thresholds"):
-        code_rule(_sae(0.5), thresholded=True)
-
-    class PerConcept(MatryoshkaSAE):
-        def encode(self, x_bd, *, use_threshold=True, threshold="global"):  # the planned API (#10)
-            pre = self.pre_activations(x_bd)
-            return pre * (pre > (1.0 if threshold == "concept" else 0.5))
-
-    sae = PerConcept(SAEConfig(d_in=8, dict_size=16, k=2, group_fractions=(1.0,)), seed=0)
+    sae = _sae(0.5)
+    with pytest.raises(CheckpointError, match="--thresholded needs per-concept thresholds"):
+        code_rule(sae, thresholded=True)
+    theta_m = torch.linspace(0.2, 1.5, 16)
+    with torch.no_grad():
+        sae.concept_threshold_m.copy_(theta_m)
     x = torch.randn(20, 8, generator=torch.Generator().manual_seed(1))
     assert code_rule(sae, thresholded=True) == "concept-threshold"
     pre = sae.pre_activations(x)
-    torch.testing.assert_close(encode_codes(sae, x, thresholded=True), pre * (pre > 1.0))
+    codes = encode_codes(sae, x, thresholded=True)
+    torch.testing.assert_close(codes, pre * (pre > theta_m))
+    assert not torch.equal(codes, encode_codes(sae, x))  # the global rule keeps other patches
