@@ -31,7 +31,7 @@ from insight_core.data.features import FeatureFile, FeatureSet
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError
 from insight_core.io import read_safetensors, write_safetensors
 from insight_core.models.probe import CODES, POOLINGS, check_codes, check_pooling, n_features
-from insight_core.models.sae import MatryoshkaSAE
+from insight_core.models.sae import MatryoshkaSAE, ThresholdMode
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def concept_codes(sae: MatryoshkaSAE, x_bd: torch.Tensor, codes: str = "global")
     (batch-independent, as everywhere else in the project); ``codes="concept"``: ``pre > theta_i`` with
     concept ``i``'s own threshold (needs an SAE that recorded them).
     """
-    mode = "concept" if check_codes(codes) == "concept" else "global"
+    mode: ThresholdMode = "concept" if check_codes(codes) == "concept" else "global"
     return sae.encode(x_bd.to(sae.W_enc_md.device, torch.float32), threshold=mode)
 
 

@@ -172,7 +172,8 @@ def test_thresholded_probe_pools_per_concept_codes(planted: Path, tmp_path: Path
             "--name", "thr", "--thresholded", *FAST]  # fmt: skip
     with caplog.at_level(logging.ERROR):
         assert main(args) == 2
-    assert "sae.safetensors" in caplog.text and "per-concept thresholds" in caplog.text
+    assert "sae.safetensors" in caplog.text
+    assert "per-concept thresholds" in caplog.text
     assert not (atlas / "probes" / "thr").exists()
 
     sae = MatryoshkaSAE.load(atlas / "sae.safetensors")
