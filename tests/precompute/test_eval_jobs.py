@@ -237,7 +237,7 @@ def test_coco_mini_end_to_end_on_random_weights(shared_data: Path, tmp_path: Pat
     )
     labels = json.loads((masks / "labels.json").read_text())
     assert labels["size"] == [224, 224]
-    assert labels["resize"] == "squash"
+    assert labels["resize"] == "crop"  # the masks follow the features' geometry (extract's paper default)
     assert len(labels["names"]) == 81
     ids = [i for p in sorted(masks.glob("masks_*.ids.json")) for i in json.loads(p.read_text())["ids"]]
     assert ids == names  # aligned one-to-one with the features
