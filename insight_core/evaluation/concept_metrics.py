@@ -40,7 +40,7 @@ import torch
 from insight_core.data.masks import MaskBatch, MaskLabels, MaskSet, patch_label_counts
 from insight_core.errors import ConfigError
 from insight_core.evaluation.encoding import encode_codes
-from insight_core.evaluation.streaming import StreamStats, stream_masks
+from insight_core.evaluation.streaming import StreamStats, copy_state, stream_masks
 from insight_core.models.sae import MatryoshkaSAE
 
 
@@ -152,14 +152,7 @@ class ConceptMetricsAccumulator:
         return {n: getattr(self, n) for n in self._STATE}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, current in self.state().items():
-            t = tensors[name]
-            if t.shape != current.shape or t.dtype != current.dtype:
-                raise ConfigError(
-                    f"resume state {name}: {tuple(t.shape)} {t.dtype}, expected "
-                    f"{tuple(current.shape)} {current.dtype}"
-                )
-            current.copy_(t.to(current.device))
+        copy_state(self.state(), tensors)
 
     def result(self, cfg: ConceptMetricsConfig) -> ConceptMetrics:
         k = self.labels.n_labels

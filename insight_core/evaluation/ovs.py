@@ -36,7 +36,7 @@ from insight_core.concepts.vocab_embeddings import NOUN_TEMPLATES, load_vocab_em
 from insight_core.data.masks import MaskBatch, MaskLabels, MaskSet, upsample_patches
 from insight_core.errors import ConfigError, FeatureFileError
 from insight_core.evaluation.encoding import encode_codes
-from insight_core.evaluation.streaming import StreamStats, stream_masks
+from insight_core.evaluation.streaming import StreamStats, copy_state, stream_masks
 from insight_core.io import atomic_write
 from insight_core.models.sae import MatryoshkaSAE
 
@@ -410,14 +410,7 @@ class OvsAccumulator:
         return {n: getattr(self, n) for n in names}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, current in self.state().items():
-            t = tensors[name]
-            if t.shape != current.shape or t.dtype != current.dtype:
-                raise ConfigError(
-                    f"resume state {name}: {tuple(t.shape)} {t.dtype}, expected "
-                    f"{tuple(current.shape)} {current.dtype}"
-                )
-            current.copy_(t.to(current.device))
+        copy_state(self.state(), tensors)
 
     def result(self, concept_names: Sequence[str] | None = None, top_concepts: int = 10) -> dict[str, Any]:
         """mIoU, pixel accuracy and per-class IoU of both models; each class's top concepts."""

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from insight_core.data.masks import MaskBatch, MaskSet
+from insight_core.errors import ConfigError
 from insight_core.io import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,17 @@ class Resumable(Protocol):
     def state(self) -> dict[str, torch.Tensor]: ...
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+def copy_state(current: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """Copy a saved accumulator state into ``current`` in place (same names, shapes and dtypes)."""
+    for name, now in current.items():
+        t = saved[name]
+        if t.shape != now.shape or t.dtype != now.dtype:
+            raise ConfigError(
+                f"resume state {name}: {tuple(t.shape)} {t.dtype}, expected {tuple(now.shape)} {now.dtype}"
+            )
+        now.copy_(t.to(now.device))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
