@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
 from insight_core.atlas.layout import check_name
 from insight_core.data.labels import read_labels
+from insight_core.errors import LabelsError
 from insight_core.evaluation.bias import BiasConfig, BiasResult, bias_statistics, group_sums
 from insight_core.io import atomic_write, write_json
 from precompute.eval_common import PLUMBING_NOTE, concept_names, list_in_manifest, md_table
@@ -93,7 +94,14 @@ def run(job: EvalBiasJob) -> dict:
         return read_json_dict(ev.report_json)
     inp = open_pooled(job.atlas, job.features, codes=codes, device=job.device,
                       images_per_batch=job.images_per_batch, progress=job.progress)  # fmt: skip
-    attrs = read_labels(job.attributes, inp.images, column=ATTRIBUTE_COLUMN)
+    attrs = read_labels(job.attributes, inp.images, column=ATTRIBUTE_COLUMN, min_classes=1)
+    small = [f"{g!r} ({n})" for g, n in zip(attrs.classes, attrs.class_counts(), strict=True) if n < 2]
+    if len(attrs.classes) < 2 or small:
+        raise LabelsError(
+            f"{job.attributes}: groups {', '.join(f'{g!r}' for g in attrs.classes)}; a bias analysis needs "
+            f"at least 2 groups of at least 2 images each"
+            + (f" (too few: {', '.join(small)})" if small else "")
+        )
     sums = group_sums(inp.pooled, attrs.rows, attrs.y, len(attrs.classes), cfg.pooling)
     result = bias_statistics(*sums, groups=attrs.classes, cfg=cfg)
     names = concept_names(layout, inp.sae.cfg.dict_size)
