@@ -374,24 +374,32 @@ def map_concepts(
     member_nc: np.ndarray,
     depth_n: np.ndarray,
     cfg: TaxonomyConfig,
+    block: int = 1024,
 ) -> ConceptMapping:
     """Map every concept to its best taxonomy node (see the module docstring).
 
-    ``member_nc[n, c]``: class ``c`` lies in the subtree of node ``n`` (itself included).
+    ``member_nc[n, c]``: class ``c`` lies in the subtree of node ``n`` (itself included). Scores are
+    computed for ``block`` concepts at a time (memory O(block x nodes)).
     """
-    member = member_nc.astype(np.float64)
     total_m = mass_mc.sum(axis=1)
     images_m = fires_mc.sum(axis=1)
     order = np.argsort(-depth_n, kind="stable")  # deeper nodes first: argmax keeps the first best
-    mem = member[order]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        share_mn = (mass_mc @ mem.T) / total_m[:, None]
-        coverage_mn = (fires_mc.astype(np.float64) @ mem.T) / (mem @ count_c.astype(np.float64))[None, :]
-        f1_mn = 2 * share_mn * coverage_mn / (share_mn + coverage_mn)
-    f1_mn = np.nan_to_num(f1_mn, nan=-1.0)
-    best = np.argmax(f1_mn, axis=1)
-    rows = np.arange(len(best))
-    share, coverage, f1 = share_mn[rows, best], coverage_mn[rows, best], f1_mn[rows, best]
+    mem_nc = member_nc[order].astype(np.float64)
+    images_n = mem_nc @ count_c.astype(np.float64)
+    m = mass_mc.shape[0]
+    best = np.zeros(m, dtype=np.int64)
+    share, coverage, f1 = (np.full(m, np.nan) for _ in range(3))
+    for lo in range(0, m, block):  # (block, nodes) scores at a time: 8192 x 1900 would be 125 MB each
+        hi = min(lo + block, m)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share_bn = (mass_mc[lo:hi] @ mem_nc.T) / total_m[lo:hi, None]
+            coverage_bn = (fires_mc[lo:hi].astype(np.float64) @ mem_nc.T) / images_n[None, :]
+            f1_bn = np.nan_to_num(2 * share_bn * coverage_bn / (share_bn + coverage_bn), nan=-1.0)
+        b = np.argmax(f1_bn, axis=1)
+        r = np.arange(hi - lo)
+        best[lo:hi] = b
+        share[lo:hi], coverage[lo:hi], f1[lo:hi] = share_bn[r, b], coverage_bn[r, b], f1_bn[r, b]
+    rows = np.arange(m)
     node = order[best].astype(np.int64)
     ok = (images_m >= cfg.min_images) & (np.nan_to_num(share, nan=0.0) >= cfg.min_share) & (total_m > 0)
     node[~ok] = -1

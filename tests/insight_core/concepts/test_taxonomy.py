@@ -113,6 +113,9 @@ def test_mapping_picks_the_node_a_concept_is_specific_to(tmp_path: Path) -> None
     np.testing.assert_array_equal(fires[2], [10, 10, 10, 0])
     mapping = map_concepts(mass, fires, counts, member, sub.depths(), TaxonomyConfig(min_share=0.8))
     got = [sub.nodes[n] if n >= 0 else None for n in mapping.node_m]
+    blocked = map_concepts(mass, fires, counts, member, sub.depths(), TaxonomyConfig(min_share=0.8), block=2)
+    np.testing.assert_array_equal(blocked.node_m, mapping.node_m)  # scored a few concepts at a time
+    np.testing.assert_allclose(blocked.f1_m, mapping.f1_m)
     assert got == ["dog", "beagle", "animal", None, None]
     assert mapping.share_m[1] == pytest.approx(1.0)
     assert mapping.coverage_m[0] == pytest.approx(1.0)
