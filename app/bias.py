@@ -45,13 +45,14 @@ def _bias_section(state: AppState, name: str, ev: Any) -> str:
     rep = ev.report
     groups = rep.get("groups") if isinstance(rep.get("groups"), dict) else {}
     sig = rep.get("n_significant_fdr") if isinstance(rep.get("n_significant_fdr"), dict) else {}
+    settings = rep.get("settings") if isinstance(rep.get("settings"), dict) else {}
     head = ", ".join(f"{H.esc(g)}: {int(n)} images" for g, n in groups.items() if _num(n) is not None)
     parts = [
         f"<h3>Bias: {H.esc(name)}</h3>",
         f"<p>{head}. {int(_num(rep.get('n_concepts_tested')) or 0)} concepts tested; significant at "
         f"FDR {_f(rep.get('alpha'), '.2g')}: "
         + ", ".join(f"{H.esc(g)} {int(n)}" for g, n in sig.items() if _num(n) is not None)
-        + f". Image-level activation: {H.esc((rep.get('settings') or {}).get('pooling', 'mean'))}-pooled "
+        + f". Image-level activation: {H.esc(settings.get('pooling', 'mean'))}-pooled "
         "codes; effect size Cohen's d (group vs the other images) with a 95% interval; q: "
         "Benjamini-Hochberg adjusted p-value (Welch's t-test).</p>",
     ]

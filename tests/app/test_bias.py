@@ -85,3 +85,41 @@ def test_concept_page_shows_its_bias_and_taxonomy_rows_once(bias_state) -> None:
     assert page_html.count("Evaluation figures") == 1
     assert page_html.count("demo-bias") == 1  # not repeated among the plain figures
     assert "<b>A</b>" not in page_html
+
+
+def test_hostile_reports_render_escaped_without_crashing(app_state) -> None:
+    """Someone else's atlas: wrong types, unknown ids and markup in every field."""
+    import pandas as pd
+
+    from app.state import Evaluation
+
+    evil = "<img src=x onerror=alert(1)>"
+    bias = Evaluation(
+        name="evil-bias",
+        kind="bias",
+        report={
+            "groups": {evil: "many", "b": 3},
+            "settings": ["not", "a", "dict"],
+            "alpha": "x",
+            "n_significant_fdr": [1],
+            "top": {evil: [{"id": 10**9}, {"id": "3"}, "junk", {"id": 1, "d": "nan"}]},
+            "random_weights": True,
+        },
+        concepts=pd.DataFrame({"id": [1], f"d [{evil}]": ["high"], "max_d_group": [evil]}).set_index("id"),
+    )
+    taxonomy = Evaluation(
+        name="evil-taxonomy",
+        kind="taxonomy",
+        report={"layers": [{"layer": evil, "edge_precision": "1"}, 7], "taxonomy": "nope"},
+        concepts=pd.DataFrame({"id": [1], "taxonomy_name": [evil], "taxonomy_depth": ["deep"]}).set_index(
+            "id"
+        ),
+    )
+    state = dataclasses.replace(app_state, evaluations={"evil-bias": bias, "evil-taxonomy": taxonomy})
+    html = B.panel_html(state)
+    rows = "".join("".join(r) for r in B.concept_rows(state, 1))
+    for out in (html, rows, E.concept_metrics_html(state, 1)):
+        assert "<img" not in out
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert 'data-concept="1"' in html  # the one valid row is kept
+    assert f'data-concept="{10**9}"' not in html
