@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,9 @@ def bias_state(app_atlas: Path, app_state, tmp_path_factory) -> object:
     feats = AtlasLayout(app_atlas).demo_features_dir
     ids = feature_images(scan_features(feats)).ids
     tmp = tmp_path_factory.mktemp("app-bias")
+    # a copy: the session's shared atlas keeps exactly the evaluations other tests expect
+    atlas = tmp / "atlas"
+    shutil.copytree(app_atlas, atlas, ignore=shutil.ignore_patterns(".cache", "evals"))
     attrs = tmp / "attrs.csv"
     attrs.write_text(
         "image,attribute\n" + "".join(f'"{i}","{GROUP if k % 2 else "B"}"\n' for k, i in enumerate(ids))
@@ -37,13 +41,13 @@ def bias_state(app_atlas: Path, app_state, tmp_path_factory) -> object:
     labels.write_text("image,label\n" + "".join(f'"{i}",{classes[k % 3]}\n' for k, i in enumerate(ids)))
     taxonomy = tmp / "taxonomy.csv"
     taxonomy.write_text("child,parent\nbeagle,dog\npoodle,dog\ndog,animal\ncat,animal\n")
-    common = ["--atlas", str(app_atlas), "--features", str(feats), "--no-progress"]
+    common = ["--atlas", str(atlas), "--features", str(feats), "--no-progress"]
     assert main(["eval-bias", *common, "--attributes", str(attrs), "--alpha", "0.999", "--min-images", "1",
                  "--name", "demo-bias"]) == 0  # fmt: skip
     assert main(["eval-taxonomy", *common, "--labels", str(labels), "--taxonomy", str(taxonomy),
                  "--min-images", "1", "--min-share", "0", "--name", "demo-taxonomy"]) == 0  # fmt: skip
     # read once when an atlas loads (listed in the manifest, hash-verified): reload to see them
-    state = dataclasses.replace(app_state, atlas=Atlas.open(app_atlas), evaluations={}, text_cache={})
+    state = dataclasses.replace(app_state, atlas=Atlas.open(atlas), evaluations={}, text_cache={})
     load_evaluations(state)
     return state
 
