@@ -186,3 +186,46 @@ def concept_rows(state: AppState, cid: int) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def _jsonable(x: Any) -> Any:
+    """Report values as JSON (non-finite numbers become None)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return x
+    return _num(x)
+
+
+def api_doc(state: AppState) -> dict[str, Any]:
+    """The ``/bias`` endpoint: every bias analysis (groups, tests, significant counts, top concepts per
+    group with their names) and taxonomy alignment (the layer x metric table) of the atlas."""
+    bias = {}
+    for name, ev in evaluations(state, "bias").items():
+        rep = ev.report
+        top = rep.get("top") if isinstance(rep.get("top"), dict) else {}
+        bias[name] = {
+            "groups": _jsonable(rep.get("groups") if isinstance(rep.get("groups"), dict) else {}),
+            "n_tests": _num(rep.get("n_tests")),
+            "alpha": _num(rep.get("alpha")),
+            "n_significant_fdr": _jsonable(rep.get("n_significant_fdr") or {}),
+            "random_weights": bool(rep.get("random_weights")),
+            "top": {
+                str(g): [
+                    {**_jsonable(r), "name": state.name(int(r["id"]))}
+                    for r in (rows if isinstance(rows, list) else [])
+                    if isinstance(r, dict) and _num(r.get("id")) is not None and 0 <= int(r["id"]) < state.m
+                ]
+                for g, rows in top.items()
+            },
+        }
+    taxonomy = {
+        name: {
+            "layers": _jsonable([r for r in ev.report.get("layers") or [] if isinstance(r, dict)]),
+            "random_weights": bool(ev.report.get("random_weights")),
+        }
+        for name, ev in evaluations(state, "taxonomy").items()
+    }
+    return {"bias": bias, "taxonomy": taxonomy}

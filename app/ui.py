@@ -282,6 +282,13 @@ def _api_endpoints(views: Views) -> None:
                 'Steered caption: image, edits JSON {"concept id": scale}',
                 True,
             ),
+            "bias": (
+                views.api_bias,
+                [],
+                "The atlas's bias analyses (top concepts per group: Cohen's d, 95% CI, FDR q) and taxonomy "
+                "alignments (family-edge precision/recall per layer); eval-bias / eval-taxonomy",
+                False,
+            ),
             "classify": (
                 views.api_classify,
                 [image, text, text2, num],

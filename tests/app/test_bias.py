@@ -127,3 +127,19 @@ def test_hostile_reports_render_escaped_without_crashing(app_state) -> None:
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
     assert 'data-concept="1"' in html  # the one valid row is kept
     assert f'data-concept="{10**9}"' not in html
+
+
+def test_bias_api_doc_and_endpoint(bias_state, client) -> None:
+    import json
+
+    doc = B.api_doc(bias_state)
+    json.dumps(doc, allow_nan=False)  # JSON-ready: no NaN, no numpy types
+    groups = doc["bias"]["demo-bias"]["groups"]
+    assert set(groups) == {GROUP, "B"}
+    top = doc["bias"]["demo-bias"]["top"]
+    first = next(rows[0] for rows in top.values() if rows)
+    assert first["name"] == bias_state.name(first["id"])
+    assert {"d", "d_low", "d_high", "q", "mean", "mean_rest", "firing", "firing_rest"} <= set(first)
+    assert doc["taxonomy"]["demo-taxonomy"]["layers"][0]["n_concepts"] == bias_state.m
+    # the launched app's atlas has none: the endpoint exists and answers with empty lists
+    assert client.predict(api_name="/bias") == {"bias": {}, "taxonomy": {}}
