@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from app import bias as B
 from app import html as H
 from app.state import AppState
 
-KINDS = ("concepts", "ovs")
+KINDS = ("concepts", "ovs", *B.KINDS)
 """Evaluation kinds this module describes (the others show as plain figures on concept pages)."""
 
 
@@ -113,7 +114,7 @@ def concept_metrics(state: AppState, cid: int) -> dict[str, Any] | None:
         base = {"evaluation": name, "random_weights": bool(ev.report.get("random_weights"))}
         if ev.kind == "concepts":
             concepts.append(_concepts_entry(ev, cid, base))
-        else:
+        elif ev.kind == "ovs":
             ovs.append(_ovs_entry(ev, cid, base))
     return {"id": cid, "concepts": concepts, "ovs": ovs}
 
@@ -156,8 +157,14 @@ def concept_metrics_html(state: AppState, cid: int, doc: dict[str, Any] | None =
             what = "not among any class's top concepts"
         miou = "-" if e["miou"] is None else f"{100 * e['miou']:.1f}%"
         rows.append([H.esc(e["evaluation"]), f"OVS mIoU {miou}", "top concept of", what])
+    rows += B.concept_rows(state, int(doc["id"]))  # eval-taxonomy, eval-bias
+    if not rows:
+        return ""
     note = ""
-    if any(e["random_weights"] for e in doc["concepts"] + doc["ovs"]):
+    random_bias = any(
+        ev.report.get("random_weights") for k in B.KINDS for ev in B.evaluations(state, k).values()
+    )
+    if random_bias or any(e["random_weights"] for e in doc["concepts"] + doc["ovs"]):
         note = H.message("random-weights atlas: these figures only show the plumbing", "warning")
     return (
         '<div id="concept-evals"><h3>Evaluation figures</h3>'

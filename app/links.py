@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlencode
 
-TABS = ("explain", "concepts", "families", "steer", "compare", "classify", "segment")
+TABS = ("explain", "concepts", "families", "steer", "compare", "classify", "segment", "bias")
 """Tab ids ``?tab=`` accepts (the ``id`` of each ``gr.Tab``)."""
 MAX_DEPTH = 6
 """Largest family depth a link may ask for (the slider's maximum)."""

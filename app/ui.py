@@ -24,7 +24,7 @@ import gradio as gr
 from app import html as H
 from app import links as L
 from app.components import ALT_JS, MODEL_EVENT, STARTUP_JS, api_handler, json_default, ui_handler
-from app.tabs import classify, compare, concepts, explain, families, segment, steer
+from app.tabs import bias, classify, compare, concepts, explain, families, segment, steer
 from app.views import Views
 from insight_core.atlas.layout import EXAMPLES_DIR
 
@@ -59,13 +59,14 @@ def build_ui(views: Views, examples: list[str] | None = None, startup: Startup |
             compare_ui = compare.build(views, examples, status)
             classify_ui = classify.build(views, examples, status)
             segment_ui = segment.build(views, examples, status)
+            bias_ui = bias.build(views)
         _startup(demo, views, startup, banner, status, timer)
         for fn, outputs in (concept_ui["on_load"], steer_ui["on_load"], classify_ui["on_load"],
-                            segment_ui["on_load"]):  # fmt: skip
+                            segment_ui["on_load"], bias_ui["on_load"]):  # fmt: skip
             demo.load(fn, None, outputs, api_visibility="private")
         _wire_links(views, tabs, concept_ui, family_ui, status,
                     [*explain_ui["links"], compare_ui["summary"], *classify_ui["links"],
-                     *segment_ui["links"]])  # fmt: skip
+                     *segment_ui["links"], bias_ui["panel"]])  # fmt: skip
         _deep_links(demo, views, names, tabs, concept_ui, family_ui, status)
         _deep_link_compare(demo, views, names, compare_ui)
         _api_endpoints(views)
@@ -280,6 +281,13 @@ def _api_endpoints(views: Views) -> None:
                 [image, text],
                 'Steered caption: image, edits JSON {"concept id": scale}',
                 True,
+            ),
+            "bias": (
+                views.api_bias,
+                [],
+                "The atlas's bias analyses (top concepts per group: Cohen's d, 95% CI, FDR q) and taxonomy "
+                "alignments (family-edge precision/recall per layer); eval-bias / eval-taxonomy",
+                False,
             ),
             "classify": (
                 views.api_classify,

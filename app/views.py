@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from app import bias as B
 from app import classify as K
 from app import compare as CMP
 from app import concepts as C
@@ -107,6 +108,9 @@ class Views:
     def api_segment(self, image: Any, classes: str, background: bool = False) -> dict:
         seg = self.segment(image, G.parse_classes(classes), bool(background))
         return G.segmentation_doc(self.s(), seg)
+
+    def api_bias(self) -> dict:
+        return B.api_doc(self.s())
 
     def api_steer(self, image: Any, edits: str) -> dict:
         S.require_captioner(self.s())

@@ -17,8 +17,10 @@ from precompute import (
     classify,
     demo,
     demo_planted,
+    eval_bias,
     eval_concepts,
     eval_ovs,
+    eval_taxonomy,
     export_graph,
     extract,
     families,
@@ -64,6 +66,8 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "masks": (masks.MasksJob, masks.run),
     "eval-ovs": (eval_ovs.EvalOvsJob, eval_ovs.run),
     "eval-concepts": (eval_concepts.EvalConceptsJob, eval_concepts.run),
+    "eval-taxonomy": (eval_taxonomy.EvalTaxonomyJob, eval_taxonomy.run),
+    "eval-bias": (eval_bias.EvalBiasJob, eval_bias.run),
 }
 
 

@@ -34,6 +34,7 @@ from insight_core.planted import (
     write_feature_shards,
 )
 from insight_core.planted.masks import write_planted_masks
+from insight_core.planted.taxonomy import write_taxonomy_files
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class SynthJob:
     """Also write oracle_atlas/sae.safetensors: the true atoms as an SAE (to validate later stages alone)."""
     masks: bool = True
     """Also write masks/: object and background label maps of every image (for eval-ovs, eval-concepts)."""
+    taxonomy: bool = True
+    """Also write taxonomy.csv, taxonomy_labels.csv (the hierarchy as a class taxonomy and each image's
+    node, for eval-taxonomy) and attributes.csv (a planted attribute, for eval-bias)."""
 
 
 def run_synth(job: SynthJob) -> dict:
@@ -72,6 +76,10 @@ def run_synth(job: SynthJob) -> dict:
     kinds = {k: int(sum(1 for x in world.kinds if x == k)) for k in dict.fromkeys(world.kinds)}
     if job.masks:
         write_planted_masks(world, sample.layout, out.features.root, out.masks.root)
+    if job.taxonomy:
+        write_taxonomy_files(
+            world, sample.layout, out.taxonomy, out.taxonomy_labels, attributes=out.attributes
+        )
     if job.oracle_atlas:
         oracle = out.oracle_atlas
         oracle_sae(world).save(oracle.sae, config_path=oracle.sae_config)

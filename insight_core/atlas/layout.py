@@ -730,3 +730,19 @@ class SynthLayout:
     def oracle_atlas(self) -> AtlasLayout:
         """The true atoms as an SAE, to test later stages alone."""
         return AtlasLayout(self.root / "oracle_atlas")
+
+    @property
+    def taxonomy(self) -> Path:
+        """The world's object -> part -> sub-part hierarchy as a taxonomy (``child,parent`` CSV, for
+        ``eval-taxonomy``)."""
+        return self.root / "taxonomy.csv"
+
+    @property
+    def taxonomy_labels(self) -> Path:
+        """Each image's most specific planted node (``image,label`` CSV, for ``eval-taxonomy``)."""
+        return self.root / "taxonomy_labels.csv"
+
+    @property
+    def attributes(self) -> Path:
+        """A planted image attribute (``image,attribute`` CSV, for ``eval-bias``)."""
+        return self.root / "attributes.csv"

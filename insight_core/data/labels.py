@@ -138,18 +138,20 @@ def read_labels(
     *,
     classes: Sequence[str] | None = None,
     min_classes: int = 2,
+    column: str = LABEL_COLUMN,
 ) -> Labels:
     """Read a labels CSV against the images of a feature folder.
 
     ``classes``: the class list to index into (a validation file must use the training classes);
     by default the sorted distinct labels of the file, of which there must be ``min_classes``.
+    ``column``: the column holding the class (``label``; ``eval-bias`` reads ``attribute``).
     """
     path = Path(path)
     if not path.is_file():
         raise LabelsError(f"{path}: labels file not found")
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            parsed = list(_rows(fh, path))
+            parsed = list(_rows(fh, path, column))
     except UnicodeDecodeError as err:
         raise LabelsError(f"{path}: not UTF-8 text ({err})") from err
     except csv.Error as err:
@@ -194,20 +196,20 @@ def read_labels(
     )
 
 
-def _rows(fh, path: Path):
+def _rows(fh, path: Path, column: str = LABEL_COLUMN):
     """(line number, image, label) of every data row; header and cell checks."""
     reader = csv.DictReader(fh)
     fields = [str(f).strip().lower() for f in (reader.fieldnames or [])]
-    if IMAGE_COLUMN not in fields or LABEL_COLUMN not in fields:
+    if IMAGE_COLUMN not in fields or column not in fields:
         raise LabelsError(
             f"{path} line 1: header {reader.fieldnames or '(empty file)'} lacks the columns "
-            f"'{IMAGE_COLUMN}' and '{LABEL_COLUMN}' (expected a first line 'image,label')"
+            f"'{IMAGE_COLUMN}' and '{column}' (expected a first line '{IMAGE_COLUMN},{column}')"
         )
     reader.fieldnames = fields
     for record in reader:
         line = reader.line_num
         image = (record.get(IMAGE_COLUMN) or "").strip()
-        label = (record.get(LABEL_COLUMN) or "").strip()
+        label = (record.get(column) or "").strip()
         if not image:
             raise LabelsError(f"{path} line {line}: empty image id")
         if not label:

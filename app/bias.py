@@ -1,0 +1,231 @@
+"""The atlas's bias analyses and taxonomy alignments (``evals/NAME/`` of kinds ``bias`` and
+``taxonomy``, written by ``eval-bias`` and ``eval-taxonomy``).
+
+Pure functions over :class:`~app.state.AppState`, whose evaluations were read (hash-verified) when
+the atlas loaded: the "Bias & taxonomy" tab's panel (:func:`panel_html`: per bias evaluation the top
+concepts of every group, per taxonomy evaluation its layer x metric table) and a concept's own rows for
+its concept page (:func:`concept_rows`, added to the "Evaluation figures" block by :mod:`app.evals`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from app import html as H
+from app.state import AppState
+
+KINDS = ("bias", "taxonomy")
+
+
+def _num(x: Any) -> float | None:
+    if x is None or isinstance(x, bool) or not isinstance(x, int | float | np.number):
+        return None
+    return float(x) if math.isfinite(float(x)) else None
+
+
+def _f(x: Any, fmt: str = ".3f") -> str:
+    v = _num(x)
+    return "-" if v is None else format(v, fmt)
+
+
+def _pct(x: Any) -> str:
+    v = _num(x)
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def evaluations(state: AppState, kind: str) -> dict[str, Any]:
+    """The loaded evaluations of one kind: name -> :class:`~app.state.Evaluation`."""
+    return {n: ev for n, ev in sorted(state.evaluations.items()) if ev.kind == kind}
+
+
+def _bias_section(state: AppState, name: str, ev: Any) -> str:
+    rep = ev.report
+    groups = rep.get("groups") if isinstance(rep.get("groups"), dict) else {}
+    sig = rep.get("n_significant_fdr") if isinstance(rep.get("n_significant_fdr"), dict) else {}
+    settings = rep.get("settings") if isinstance(rep.get("settings"), dict) else {}
+    head = ", ".join(f"{H.esc(g)}: {int(n)} images" for g, n in groups.items() if _num(n) is not None)
+    parts = [
+        f"<h3>Bias: {H.esc(name)}</h3>",
+        f"<p>{head}. {int(_num(rep.get('n_concepts_tested')) or 0)} concepts tested; significant at "
+        f"FDR {_f(rep.get('alpha'), '.2g')}: "
+        + ", ".join(f"{H.esc(g)} {int(n)}" for g, n in sig.items() if _num(n) is not None)
+        + f". Image-level activation: {H.esc(settings.get('pooling', 'mean'))}-pooled "
+        "codes; effect size Cohen's d (group vs the other images) with a 95% interval; q: "
+        "Benjamini-Hochberg adjusted p-value (Welch's t-test).</p>",
+    ]
+    top = rep.get("top") if isinstance(rep.get("top"), dict) else {}
+    for g, rows in top.items():
+        parts.append(f"<h4>More active in {H.esc(g)}</h4>")
+        if not isinstance(rows, list) or not rows:
+            parts.append(H.message("no concept is significantly more active in this group"))
+            continue
+        body = []
+        for r in rows[:12]:
+            if not isinstance(r, dict) or _num(r.get("id")) is None:
+                continue
+            cid = int(r["id"])
+            if not 0 <= cid < state.m:
+                continue
+            body.append(
+                [
+                    H.concept_link(cid, state.name(cid)),
+                    f"{_f(r.get('d'), '.2f')} "
+                    f"<small>[{_f(r.get('d_low'), '.2f')}, {_f(r.get('d_high'), '.2f')}]</small>",
+                    _f(r.get("q"), ".2g"),
+                    f"{_f(r.get('mean'), '.3g')} / {_f(r.get('mean_rest'), '.3g')}",
+                    f"{_pct(r.get('firing'))} / {_pct(r.get('firing_rest'))}",
+                ]
+            )
+        parts.append(
+            H.table(["concept", "d [95% CI]", "q", "mean (group / rest)", "active on (group / rest)"], body)
+        )
+    return "".join(parts)
+
+
+def _taxonomy_section(name: str, ev: Any) -> str:
+    rep = ev.report
+    layers = rep.get("layers") if isinstance(rep.get("layers"), list) else []
+    rows = []
+    for r in layers:
+        if not isinstance(r, dict):
+            continue
+        rows.append(
+            [
+                H.esc(r.get("layer")),
+                _pct(r.get("edge_precision")),
+                _pct(r.get("edge_recall")),
+                _pct(r.get("edge_precision_with_collapsed")),
+                _f(r.get("depth_spearman_family"), ".2f"),
+                _f(r.get("depth_spearman_group"), ".2f"),
+                f"{int(_num(r.get('n_mapped')) or 0)} / {int(_num(r.get('n_concepts')) or 0)}",
+                str(int(_num(r.get("n_edges_evaluated")) or 0)),
+            ]
+        )
+    tax = rep.get("taxonomy") if isinstance(rep.get("taxonomy"), dict) else {}
+    return (
+        f"<h3>Taxonomy alignment: {H.esc(name)}</h3><p>Each concept is mapped to the taxonomy node whose "
+        "subtree its activation mass falls on; a family edge agrees when the parent concept's node is a "
+        "proper ancestor of the child concept's node. Taxonomy: "
+        f"{H.esc(tax.get('file', '?'))} ({int(_num(tax.get('nodes_used')) or 0)} nodes).</p>"
+        + H.table(
+            [
+                "layer",
+                "edge precision",
+                "edge recall",
+                "precision incl. same node",
+                "Spearman depth/family",
+                "Spearman depth/group",
+                "concepts mapped",
+                "edges evaluated",
+            ],
+            rows,
+        )
+    )
+
+
+def panel_html(state: AppState | None) -> str:
+    """The tab's content: every bias analysis and taxonomy alignment of the atlas (a hint when none)."""
+    if state is None:
+        return H.message("the atlas is loading…")
+    bias, taxonomy = evaluations(state, "bias"), evaluations(state, "taxonomy")
+    if not bias and not taxonomy:
+        return H.message(
+            "this atlas has no bias analysis or taxonomy alignment: run `python -m precompute eval-bias` or "
+            "`eval-taxonomy` on it (docs/taxonomy_bias.md), then restart the app"
+        )
+    note = ""
+    if any(ev.report.get("random_weights") for ev in [*bias.values(), *taxonomy.values()]):
+        note = H.message("random-weights atlas: these figures only show the plumbing", "warning")
+    sections = [_bias_section(state, n, ev) for n, ev in bias.items()]
+    sections += [_taxonomy_section(n, ev) for n, ev in taxonomy.items()]
+    return '<div id="bias-panel">' + note + "".join(sections) + "</div>"
+
+
+def concept_rows(state: AppState, cid: int) -> list[list[str]]:
+    """The concept page rows (evaluation, scope, figure, best match) of the bias and taxonomy
+    evaluations that list concept ``cid``."""
+    rows = []
+    for name, ev in evaluations(state, "taxonomy").items():
+        table = ev.concepts
+        if table is None or cid not in table.index:
+            continue
+        row = table.loc[cid]
+        node = row.get("taxonomy_name") if "taxonomy_name" in row.index else None
+        images = int(_num(row.get("images")) or 0)
+        top = row.get("top_class") if "top_class" in row.index else None
+        if isinstance(node, str) and node:
+            figure = (
+                f"{H.esc(node)} (depth {int(_num(row.get('taxonomy_depth')) or 0)}): "
+                f"{_pct(row.get('node_share'))} of its mass, active on {_pct(row.get('node_coverage'))} "
+                "of its images"
+            )
+        else:
+            figure = "not specific to any taxonomy node"
+        best = f"top class {H.esc(top)} ({_pct(row.get('top_class_share'))})" if isinstance(top, str) else "-"
+        rows.append([H.esc(name), f"taxonomy, active on {images} images", figure, best])
+    for name, ev in evaluations(state, "bias").items():
+        table = ev.concepts
+        if table is None or cid not in table.index:
+            continue
+        row = table.loc[cid]
+        groups = [str(c)[3:-1] for c in row.index if str(c).startswith("d [") and str(c).endswith("]")]
+        figs = [
+            f"{H.esc(g)}: d {_f(row.get(f'd [{g}]'), '+.2f')}, q {_f(row.get(f'q [{g}]'), '.2g')}"
+            for g in groups
+        ]
+        best = row.get("max_d_group") if "max_d_group" in row.index else None
+        rows.append(
+            [
+                H.esc(name),
+                "bias (group vs rest)",
+                "; ".join(figs) or "-",
+                f"most over-represented in {H.esc(best)}" if isinstance(best, str) else "-",
+            ]
+        )
+    return rows
+
+
+def _jsonable(x: Any) -> Any:
+    """Report values as JSON (non-finite numbers become None)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return x
+    return _num(x)
+
+
+def api_doc(state: AppState) -> dict[str, Any]:
+    """The ``/bias`` endpoint: every bias analysis (groups, tests, significant counts, top concepts per
+    group with their names) and taxonomy alignment (the layer x metric table) of the atlas."""
+    bias = {}
+    for name, ev in evaluations(state, "bias").items():
+        rep = ev.report
+        top = rep.get("top") if isinstance(rep.get("top"), dict) else {}
+        bias[name] = {
+            "groups": _jsonable(rep.get("groups") if isinstance(rep.get("groups"), dict) else {}),
+            "n_tests": _num(rep.get("n_tests")),
+            "alpha": _num(rep.get("alpha")),
+            "n_significant_fdr": _jsonable(rep.get("n_significant_fdr") or {}),
+            "random_weights": bool(rep.get("random_weights")),
+            "top": {
+                str(g): [
+                    {**_jsonable(r), "name": state.name(int(r["id"]))}
+                    for r in (rows if isinstance(rows, list) else [])
+                    if isinstance(r, dict) and _num(r.get("id")) is not None and 0 <= int(r["id"]) < state.m
+                ]
+                for g, rows in top.items()
+            },
+        }
+    taxonomy = {
+        name: {
+            "layers": _jsonable([r for r in ev.report.get("layers") or [] if isinstance(r, dict)]),
+            "random_weights": bool(ev.report.get("random_weights")),
+        }
+        for name, ev in evaluations(state, "taxonomy").items()
+    }
+    return {"bias": bias, "taxonomy": taxonomy}
