@@ -53,6 +53,8 @@ EXCLUDE_MODES = ("drop", "subtract")
 """How excluded concepts act: ``drop`` results where one is active, or ``subtract`` it (weight -1)."""
 MAX_QUERY_CONCEPTS = 64
 """Most concepts one query may name (weights plus exclusions)."""
+RERANK_POOL = 256
+"""IVF-PQ: at least this many candidates are re-scored exactly per query."""
 _MIN_TRAIN_PER_LIST = 39
 _MIN_IVF_VECTORS = 256
 
@@ -419,9 +421,12 @@ class Hit:
     row: int
     image_id: int
     score: float
-    """Cosine similarity of the (scaled) concept vectors."""
+    """Image queries: cosine similarity of the (scaled) concept vectors; concept queries: the weighted
+    mean strength of the query's concepts (see :func:`search_concepts`)."""
     shared: list[dict[str, float]]
     """``{"id", "activation" (max-pooled), "mean", "weight" (query), "contribution"}``, strongest first."""
+    coverage: float | None = None
+    """Concept queries: the share of the query's (positive) weight whose concepts the image has."""
 
 
 def _checks(k: int, exclude_mode: str) -> None:
@@ -439,13 +444,15 @@ def search_concepts(
     exclude: Sequence[int] = (),
     exclude_mode: str = "drop",
 ) -> list[Hit]:
-    """Images that have the query's concepts, strongest first (exact, from the stored codes).
+    """Images that have the query's concepts, exact, from the stored codes.
 
-    Score = ``sum_c w_c * a_c / sum_c max(w_c, 0)`` with ``a_c`` the image's scaled activation of
-    concept ``c`` (0..1; 0 when not among its stored concepts): 1.0 = every positively weighted concept
-    as strong as it ever gets. A cosine would favour images with few other concepts over images that
-    have *more* of the query's concepts, so concept queries do not go through the FAISS index. Only
-    images with a score > 0 are returned. ``exclude``: ``drop`` removes images where one of the
+    Images are ranked first by **coverage** (``sum of w_c over the concepts c the image has / sum of
+    the positive weights``: the image with more of the query's concepts comes first, by weight), then
+    by **score** (``sum_c w_c * a_c / sum of the positive weights``, ``a_c`` the image's activation
+    of ``c`` divided by its largest in the atlas, 0..1: 1.0 = every concept as strong as it gets). A
+    cosine would favour images with few other concepts, and a plain weighted strength a single very
+    strong concept over two moderate ones, so concept queries do not go through the FAISS index. Only
+    images with a coverage > 0 are returned. ``exclude``: ``drop`` removes images where one of the
     concepts is active; ``subtract`` counts it with weight ``-max(w)``.
     """
     _checks(k, exclude_mode)
@@ -459,26 +466,24 @@ def search_concepts(
     if total <= 0:
         raise QueryError("the query has no concept with a weight > 0 (e.g. '12:1.0, 40:0.5')")
     inv = index.inverted
-    rows_l, contrib_l = [], []
+    rows_l, weight_l, contrib_l = [], [], []
     for c, v in w.items():
         lo, hi = inv.ptr[c], inv.ptr[c + 1]
         rows_l.append(inv.rows[lo:hi])
+        weight_l.append(np.full(hi - lo, v))
         contrib_l.append(v * inv.strength[lo:hi])
     rows, inverse = np.unique(np.concatenate(rows_l), return_inverse=True)
-    score = np.bincount(inverse.reshape(-1), weights=np.concatenate(contrib_l), minlength=len(rows)) / total
-    keep = score > 1e-6
+    inverse = inverse.reshape(-1)
+    coverage = np.bincount(inverse, weights=np.concatenate(weight_l), minlength=len(rows)) / total
+    score = np.bincount(inverse, weights=np.concatenate(contrib_l), minlength=len(rows)) / total
+    keep = (coverage > 1e-9) & (score > 1e-9)
     if exclude_mode == "drop" and exclude:
         keep &= ~np.isin(rows, index.rows_with(int(c) for c in exclude))
-    rows, score = rows[keep], score[keep]
-    top = np.argsort(-score, kind="stable")[:k] if len(rows) <= 4 * k else _top(score, k)
+    rows, coverage, score = rows[keep], coverage[keep], score[keep]
+    top = np.lexsort((rows, -score, -np.round(coverage, 6)))[:k]
     q = query_vector({c: v for c, v in w.items()}, index)
     return [Hit(int(rows[i]), int(index.image_ids_n[rows[i]]), float(score[i]),
-                shared_concepts(index, int(rows[i]), q)) for i in top]  # fmt: skip
-
-
-def _top(score: np.ndarray, k: int) -> np.ndarray:
-    part = np.argpartition(-score, k - 1)[:k]
-    return part[np.argsort(-score[part], kind="stable")]
+                shared_concepts(index, int(rows[i]), q), float(coverage[i])) for i in top]  # fmt: skip
 
 
 def search_similar(
@@ -516,7 +521,11 @@ def search_similar(
     qn = q / np.linalg.norm(q)
     skip = np.asarray(sorted({int(r) for r in skip_rows}), np.int64)
     dropped = index.rows_with(excl) if excl and exclude_mode == "drop" else np.zeros(0, np.int64)
-    fetch = min(index.n, k + len(skip) if index.exact and not len(dropped) else 4 * k + 32 + len(skip))
+    if index.exact:
+        fetch = k + len(skip) + (4 * k + 32 if len(dropped) else 0)
+    else:  # PQ ranks roughly: re-score a wide candidate pool exactly
+        fetch = max(10 * k, RERANK_POOL) + len(skip)
+    fetch = min(index.n, fetch)
     while True:
         scores, rows = faiss_search(index.index, qn, max(1, fetch), nprobe=nprobe)
         cand = rows[0][rows[0] >= 0]
