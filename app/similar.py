@@ -5,8 +5,9 @@ Three ways to ask (:func:`search`):
 - **an image** ("images with the same concepts"): its patch codes are max-pooled over the image (the
   rule the index was built with), each concept divided by its largest value in the atlas, and the
   atlas's images are ranked by cosine similarity of these concept vectors (the FAISS index);
-- **concepts with weights** (``"12:1.0, 40:0.5"``): images ranked by the weighted mean of those
-  concepts' strengths (each 0..1 of its largest value in the atlas), exactly, from the stored codes;
+- **concepts with weights** (``"12:1.0, 40:0.5"``): images ranked first by how much of the query
+  they have (the weights of the concepts present), then by the weighted mean of those concepts'
+  strengths (each 0..1 of its largest value in the atlas), exactly, from the stored codes;
 - **both**: the weights are added to the image's concept vector (steer the search: "like this
   image, with more of #40");
 
@@ -212,13 +213,14 @@ def result_doc(state: AppState, result: SimilarResult) -> dict[str, Any]:
                 {"id": c, "name": _name(state, c), "activation": round(a, 4)}
                 for c, a in result.image_concepts
             ],
-            "score": "cosine" if result.kind != "concepts" else "weighted strength",
+            "score": "cosine" if result.kind != "concepts" else "coverage, then weighted strength",
         },
         "index": {"n_images": index.n, "pooling": index.config.pooling, "exact": index.exact},
         "results": [
             {
                 "image_id": h.image_id,
                 "score": round(h.score, 5),
+                "coverage": None if h.coverage is None else round(h.coverage, 5),
                 "source": _source(state, h.image_id),
                 "thumbnail": _thumb_uri(state, h.image_id) is not None,
                 "shared": [
@@ -257,8 +259,9 @@ def query_html(state: AppState, result: SimilarResult) -> str:
             H.concept_link(c, _name(state, c), f"weight {w:g}") for c, w in result.weights.items()
         )
         what = ("Added to the image's concepts" if result.kind != "concepts" else
-                "<b>Images that have these concepts</b>, ranked by the weighted mean of their strengths "
-                "(1.0 = every concept as strong as it gets in the atlas)")  # fmt: skip
+                "<b>Images that have these concepts</b>: first the images with more of them (by weight), "
+                "then by the weighted mean of their strengths (score 1.0 = every concept as strong as "
+                "it gets in the atlas)")  # fmt: skip
         parts.append(f"<p>{what}: {chips}</p>")
     if result.exclude:
         chips = "".join(H.concept_link(c, _name(state, c)) for c in result.exclude)
@@ -292,11 +295,13 @@ def results_html(state: AppState, result: SimilarResult) -> str:
             for s in h.shared[:SHARED_SHOWN]
         )
         more = len(h.shared) - SHARED_SHOWN
+        cover = f" · has {100 * h.coverage:.0f}%" if h.coverage is not None else ""
         cards.append(
             f'<figure class="insight-similar-hit" style="margin:0;width:190px;border:1px solid #e5e7eb;'
             f'border-radius:8px;overflow:hidden;background:#fff">{img}'
             f'<figcaption style="padding:4px 6px;font-size:0.8em"><b>#{rank}</b> image {h.image_id} · '
-            f'score {h.score:.3f}<br><span style="color:#4b5563">shares {len(h.shared)}:</span> {shared}'
+            f"score {h.score:.3f}{cover}<br>"
+            f'<span style="color:#4b5563">shares {len(h.shared)}:</span> {shared}'
             f"{f' <small>+{more} more</small>' if more > 0 else ''}</figcaption></figure>"
         )
     return (

@@ -29,7 +29,7 @@ from insight_core.concepts.image_search import FORMAT, VERSION, build_image_inde
 from insight_core.concepts.pooling import pool_features
 from insight_core.data.features import scan_features
 from insight_core.device import resolve_device
-from insight_core.errors import ConfigError
+from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json
 from precompute.common import load_atlas_sae
 from precompute.index import THUMB_QUALITY, ThumbTarget, exemplar_images, write_thumbnails
@@ -65,6 +65,8 @@ class ImageIndexJob:
 def run(job: ImageIndexJob) -> dict[str, Any]:
     """Build (or bring up to date) the image search index and its thumbnails; returns index.json."""
     layout = AtlasLayout(job.atlas)
+    if not layout.sae.is_file():
+        raise CheckpointError(f"{layout.sae} not found: run train-sae first (or build the atlas)")
     features = scan_features(job.features)
     n_images = sum(f.n_units for f in features.files)
     if n_images == 0:

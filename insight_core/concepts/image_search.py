@@ -15,13 +15,16 @@ after it, a query weight of 1.0 means "as strongly as this concept ever appears"
 
 Index kind (:class:`ImageSearchConfig`): an exact ``IndexFlatIP`` while the dense vectors fit in
 ``flat_max_bytes`` (512 MiB: 16k images at 8192 concepts, 131k at 1024), else ``IVF{nlist},PQ{pq_m}``
-trained on a seeded sample, whose candidates are re-scored exactly from the stored codes. The stored
+trained on a seeded sample, whose candidates (at least :data:`RERANK_POOL`) are re-scored exactly
+from the stored codes. The stored
 codes (the ``top_t`` strongest concepts of every image, CSR) also give the concepts each result
 shares with the query and drop the results where an excluded concept is active.
 
-Queries (:func:`parse_weights`, :func:`query_vector`): an image (its pooled codes, same rule), or
-concepts with weights (``"12:1.0, 40:0.5"``), and concepts to exclude (``drop``: no result where
-one is active; ``subtract``: a negative weight, so images with it rank lower).
+Queries (:func:`parse_weights`): an image (:func:`search_similar`: its pooled codes, same rule, cosine
+through the FAISS index), or concepts with weights (``"12:1.0, 40:0.5"``; :func:`search_concepts`:
+exact, from the stored codes, images with more of the query's concepts first), and concepts to
+exclude (``drop``: no result where one is active; ``subtract``: a negative weight, so images with it
+rank lower).
 """
 
 from __future__ import annotations
