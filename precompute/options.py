@@ -271,7 +271,7 @@ class ImageIndexOptions:
     """Codes pooled: global (the SAE's learned threshold) or concept (per-concept thresholds)."""
     image_top_t: int = 64
     """Strongest concepts stored per image (shared concepts, exclusion, IVF re-scoring)."""
-    image_flat_max_mb: int = 512
+    image_flat_max_mb: int = 256
     """Exact flat index while the dense vectors fit in this many MiB; IVF-PQ above."""
     image_pq_m: int = 128
     """PQ bytes per image of an IVF-PQ image index."""
