@@ -415,7 +415,11 @@ def _thumb_data_uri(path: str, mtime_ns: int) -> str:
 
 def _thumb_uri(state: AppState, image_id: int) -> str | None:
     """The thumbnail as a data URI, only when the manifest lists it and its hash matched on open."""
-    path = state.thumb_path(image_id)
+    return file_data_uri(state.thumb_path(image_id))
+
+
+def file_data_uri(path: Path | None) -> str | None:
+    """A verified WebP file (from ``Atlas.member``) as a cached data URI; None for no file."""
     if path is None:
         return None
     try:

@@ -20,16 +20,15 @@ Pure functions over :class:`~app.state.AppState` (no Gradio), shared by the tab 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any
 
 import numpy as np
 
 from app import html as H
-from app.concepts import _thumb_data_uri
+from app.concepts import file_data_uri
 from app.explain import Explanation
-from app.state import AppError, AppState
+from app.state import AppError, AppState, _read_json_object
 from insight_core.atlas import AtlasError, reading
 from insight_core.concepts.image_search import (
     EXCLUDE_MODES,
@@ -80,12 +79,7 @@ def load_similar(state: AppState) -> None:
         index = ImageIndex.assemble(load_index(index_path), parts, index_path)
     state.image_index = index
     if atlas.has("image_thumbnails"):
-        path = atlas.read_path("image_thumbnails")
-        with reading(path, "JSON"):
-            doc = json.loads(path.read_bytes().decode("utf-8"))
-        if not isinstance(doc, dict):
-            raise AtlasError(f"{path}: expected a JSON object, got {type(doc).__name__}")
-        state.image_thumbs = doc
+        state.image_thumbs = _read_json_object(atlas, "image_thumbnails")
     log.info("image search: %d images (%s)", index.n, "exact" if index.exact else "IVF-PQ")
 
 
@@ -190,13 +184,7 @@ def _source(state: AppState, image_id: int) -> str | None:
 def _thumb_uri(state: AppState, image_id: int) -> str | None:
     """The search thumbnail of an image, else its exemplar thumbnail; only verified, listed files."""
     path = state.atlas.member("image_thumbs", state.atlas.layout.image_thumb(int(image_id)))
-    path = path or state.thumb_path(image_id)
-    if path is None:
-        return None
-    try:
-        return _thumb_data_uri(str(path), path.stat().st_mtime_ns)
-    except OSError:
-        return None
+    return file_data_uri(path or state.thumb_path(image_id))
 
 
 def result_doc(state: AppState, result: SimilarResult) -> dict[str, Any]:
