@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from gradio_client import handle_file
 
+from app import concepts as C
 from app import links as L
 from app import similar as SIM
 from app.state import AppError
@@ -108,6 +109,8 @@ def test_html_escapes_and_links(app_state) -> None:
     link = L.similar_link("12:1.0,40:0.5", "7", True)
     assert link == "?tab=similar&concepts=12:1.0,40:0.5&exclude=7&subtract=1"
     assert L.parse({"tab": "similar", "concepts": "1"}, app_state.m, []).target_tab == "similar"
+    concept_page = C.concept_html(app_state, C.concept_page(app_state, cid))
+    assert f'href="?tab=similar&amp;concepts={cid}:1"' in concept_page  # "images with this concept"
 
 
 def test_similar_endpoint(client, app_state) -> None:

@@ -1,6 +1,6 @@
 """Real-browser test of the Similar images tab (Debian chromium via playwright): search by an uploaded
 photo -> result cards with thumbnails and shared concepts; a concept query through a deep link; a
-shared-concept chip opens the concept page.
+shared-concept chip opens the concept page, whose "images with this concept" link runs a concept query.
 
 Screenshots go to $INSIGHT_ARTIFACTS (default tests/app/artifacts/) as ``similar_*.png``.
 """
@@ -54,10 +54,14 @@ def test_similar_tab(browser, launched_app: str, app_state) -> None:
     chip.click()
     pg.locator(f"#concept-page [data-concept-id='{cid}']").wait_for()
 
-    # a deep link runs a concept query on load; the permalink points back to it
-    pg.goto(f"{launched_app}?tab=similar&concepts={cid}:1.0")
+    # the concept page links to the images with the concept: a deep link that runs a concept query on
+    # load; the permalink points back to it
+    pg.locator("#concept-page .insight-similar-link").click()
+    pg.wait_for_url(f"**?tab=similar&concepts={cid}:1*")
     pg.locator("#similar-results .insight-similar-hit").first.wait_for()
-    assert pg.locator("#similar-concepts textarea").input_value() == f"{cid}:1.0"
+    assert pg.locator("#similar-concepts textarea").input_value() == f"{cid}:1"
+    hits = pg.locator("#similar-results .insight-similar-hit")
+    assert all(f'data-concept="{cid}"' in hits.nth(i).inner_html() for i in range(hits.count()))
     assert "Images that have these concepts" in pg.locator("#similar-query").inner_text()
     href = pg.locator("#similar-query .insight-permalink").get_attribute("href")
     assert href.startswith("?tab=similar&concepts=")
