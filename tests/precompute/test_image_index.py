@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from insight_core.atlas import AtlasLayout
@@ -70,3 +72,25 @@ def test_bad_input_is_one_clear_line(planted: Path, tmp_path: Path, caplog) -> N
         ImageIndexOptions(image_pooling="sum")
     with pytest.raises(ConfigError, match="image-thumb-size"):
         ImageIndexOptions(image_thumb_size=2)
+
+
+@pytest.mark.gpu
+def test_cuda_encoding_gives_the_cpu_index(planted: Path, tmp_path: Path) -> None:
+    """The SAE encodes on the GPU (``--device cuda``); the stored codes match a CPU run."""
+    feats = planted / "features"
+    codes = {}
+    for device in ("cpu", "cuda"):
+        atlas = tmp_path / device
+        shutil.copytree(
+            planted / "oracle_atlas", atlas, ignore=shutil.ignore_patterns("similar", "stages", ".cache")
+        )
+        run(ImageIndexJob(atlas=atlas, features=feats, device=device, progress=False))
+        layout = AtlasLayout(atlas)
+        codes[device] = ImageIndex.load(layout.image_index, layout.image_codes).codes
+    assert torch_equal(codes["cpu"].indptr, codes["cuda"].indptr)
+    assert torch_equal(codes["cpu"].cols_e, codes["cuda"].cols_e)
+    np.testing.assert_allclose(codes["cpu"].max_e.numpy(), codes["cuda"].max_e.numpy(), rtol=2e-3, atol=1e-3)
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all()) and a.shape == b.shape
