@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,11 @@ def test_similar_endpoint(client, app_state) -> None:
     assert by_concept["results"]
     with pytest.raises(Exception, match="unknown concept id"):
         client.predict(None, "99999", "", 3, False, api_name="/similar")
+
+
+def test_an_atlas_without_image_index_says_how_to_build_one(app_state) -> None:
+    state = dataclasses.replace(app_state, image_index=None, similar_note="")
+    with pytest.raises(AppError, match="precompute image-index"):
+        Views(state).api_similar(None, "1", "", 3)
+    assert "image-index" in SIM.index_summary(state)
+    assert "insight-similar-link" not in C.concept_html(state, C.concept_page(state, 0))
