@@ -190,6 +190,10 @@ def main() -> None:
         res = run_size(n, args)
         print(json.dumps(res), flush=True)
         results.append(res)
+        write_report(args, results)  # after every size: a long run leaves its finished sizes
+
+
+def write_report(args: argparse.Namespace, results: list[dict]) -> None:
     doc = {"machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(),
                        "threads": args.threads}, "results": results}  # fmt: skip
     REPORTS.mkdir(parents=True, exist_ok=True)

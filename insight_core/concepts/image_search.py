@@ -337,7 +337,8 @@ def _train_ivfpq(pooled: PooledConcepts, cfg: ImageSearchConfig, scale_f: np.nda
     from insight_core.concepts.index import default_nlist, pq_subquantizers
 
     n = pooled.n
-    nlist = max(1, min(cfg.nlist or default_nlist(n), n // _MIN_TRAIN_PER_LIST))
+    # every list needs >= 39 training images, and the (dense) training sample is capped by max_train
+    nlist = max(1, min(cfg.nlist or default_nlist(n), min(n, cfg.max_train) // _MIN_TRAIN_PER_LIST))
     n_train = min(n, cfg.max_train, max(256 * nlist, 256 * 64))
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
@@ -491,6 +492,24 @@ def search_concepts(
                 shared_concepts(index, int(rows[i]), q), float(coverage[i])) for i in top]  # fmt: skip
 
 
+def _cosine_rows(index: ImageIndex, rows: np.ndarray, qn_f: np.ndarray) -> np.ndarray:
+    """Cosine of the stored (scaled) concept vectors of ``rows`` with the unit query, sparse: O(entries)."""
+    sub = index.codes.take(rows)
+    owner = np.repeat(np.arange(len(rows)), np.diff(sub.indptr.numpy()))
+    cols, m, pooling = sub.cols_e.numpy(), index.m, index.config.pooling
+    parts = []
+    if pooling in ("max", "both"):
+        parts.append((cols, sub.max_e.numpy()))
+    if pooling in ("mean", "both"):
+        parts.append((cols + (m if pooling == "both" else 0), sub.mean_e.numpy()))
+    dot, sq = np.zeros(len(rows)), np.zeros(len(rows))
+    for feat, value in parts:
+        x = value / index.scale_f[feat]
+        dot += np.bincount(owner, weights=x * qn_f[feat], minlength=len(rows))
+        sq += np.bincount(owner, weights=x * x, minlength=len(rows))
+    return (dot / np.sqrt(np.maximum(sq, 1e-30))).astype(np.float32)
+
+
 def search_similar(
     index: ImageIndex,
     query_f: np.ndarray,
@@ -536,7 +555,7 @@ def search_similar(
         cand = rows[0][rows[0] >= 0]
         score = scores[0][: len(cand)]
         if not index.exact and len(cand):  # PQ scores are approximate: exact cosine from the stored codes
-            score = image_vectors(index.codes, cand, pooling, index.scale_f) @ qn
+            score = _cosine_rows(index, cand, qn)
             order = np.argsort(-score, kind="stable")
             cand, score = cand[order], score[order]
         keep = ~np.isin(cand, skip) & ~np.isin(cand, dropped) & (score > 1e-6)
