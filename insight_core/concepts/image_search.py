@@ -350,6 +350,10 @@ def _train_ivfpq(pooled: PooledConcepts, cfg: ImageSearchConfig, scale_f: np.nda
     ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.cp.seed = cfg.seed
     ivf.pq.cp.seed = cfg.seed
+    # PQ codes of the vectors themselves, not of their residuals to the list centroid: with an inner
+    # product metric residual codes need one distance table per visited list (nprobe x the work per
+    # query), and the exact re-scoring makes up for the coarser ranking
+    ivf.by_residual = False
     log.info("training IVF%d,PQ%dx%d on %d of %d images (dim %d)", nlist, pq_m, nbits, n_train, n, dim)
     index.train(train)
     ivf.nprobe = min(cfg.nprobe, nlist)
