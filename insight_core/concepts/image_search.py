@@ -58,6 +58,10 @@ MAX_QUERY_CONCEPTS = 64
 """Most concepts one query may name (weights plus exclusions)."""
 RERANK_POOL = 256
 """IVF-PQ: at least this many candidates are re-scored exactly per query."""
+SEARCH_THREADS = 1
+"""OpenMP threads of one query's FAISS search: one query gains nothing from more, and on a busy
+machine idle OpenMP threads spin (10x slower with 2 threads on a loaded 2-core machine,
+``benchmarks/similar.py``)."""
 _MIN_TRAIN_PER_LIST = 39
 _MIN_IVF_VECTORS = 256
 
@@ -498,14 +502,17 @@ def search_concepts(
 
 def _cosine_rows(index: ImageIndex, rows: np.ndarray, qn_f: np.ndarray) -> np.ndarray:
     """Cosine of the stored (scaled) concept vectors of ``rows`` with the unit query, sparse: O(entries)."""
-    sub = index.codes.take(rows)
-    owner = np.repeat(np.arange(len(rows)), np.diff(sub.indptr.numpy()))
-    cols, m, pooling = sub.cols_e.numpy(), index.m, index.config.pooling
+    codes = index.codes  # numpy views of its CPU tensors (torch's small ops are slow on a busy machine)
+    indptr = codes.indptr.numpy()
+    starts, lengths = indptr[rows], indptr[np.asarray(rows) + 1] - indptr[rows]
+    owner = np.repeat(np.arange(len(rows)), lengths)
+    entry = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+    cols, m, pooling = codes.cols_e.numpy()[entry], index.m, index.config.pooling
     parts = []
     if pooling in ("max", "both"):
-        parts.append((cols, sub.max_e.numpy()))
+        parts.append((cols, codes.max_e.numpy()[entry]))
     if pooling in ("mean", "both"):
-        parts.append((cols + (m if pooling == "both" else 0), sub.mean_e.numpy()))
+        parts.append((cols + (m if pooling == "both" else 0), codes.mean_e.numpy()[entry]))
     dot, sq = np.zeros(len(rows)), np.zeros(len(rows))
     for feat, value in parts:
         x = value / index.scale_f[feat]
@@ -531,6 +538,7 @@ def search_similar(
     removes images where one of the concepts is active; ``subtract`` gives it weight -max(query).
     ``skip_rows``: rows never returned (e.g. the query image itself).
     """
+    from insight_core.concepts.index import faiss_threads
     from insight_core.concepts.index import search as faiss_search  # faiss loads on first use
 
     _checks(k, exclude_mode)
@@ -555,7 +563,8 @@ def search_similar(
         fetch = max(10 * k, RERANK_POOL) + len(skip)
     fetch = min(index.n, fetch)
     while True:
-        scores, rows = faiss_search(index.index, qn, max(1, fetch), nprobe=nprobe)
+        with faiss_threads(SEARCH_THREADS):
+            scores, rows = faiss_search(index.index, qn, max(1, fetch), nprobe=nprobe)
         cand = rows[0][rows[0] >= 0]
         score = scores[0][: len(cand)]
         if not index.exact and len(cand):  # PQ scores are approximate: exact cosine from the stored codes
