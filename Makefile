@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/family_layout.py
 	$(BIN)/python benchmarks/families.py --before HEAD
 	$(BIN)/python benchmarks/atlas_open.py
+	$(BIN)/python benchmarks/similar.py --threads 2
 
 clean:
 	rm -rf $(VENV) demo_atlas demo_atlas-work demo_planted .pytest_cache .ruff_cache

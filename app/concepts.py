@@ -278,7 +278,8 @@ def concept_html(state: AppState, page: dict) -> str:
     return (
         f'<div class="insight-concept-page" data-concept-id="{page["id"]}">'
         f'<h2 style="margin-bottom:2px">#{page["id"]} {H.esc(page["name"])}</h2>'
-        f"<div>{H.permalink(page.get('permalink') or links.concept_link(page['id']), 'concept')}</div>"
+        f"<div>{H.permalink(page.get('permalink') or links.concept_link(page['id']), 'concept')}"
+        f"{_images_link(state, page['id'])}</div>"
         '<div class="insight-facts" style="display:flex;flex-wrap:wrap;gap:6px 18px;margin:8px 0">'
         f'<span><b>{100 * page["frequency"]:.2f}%</b> of patches ({page["freq_patches"]} patches, '
         f"{page['freq_images']}{img_share} images)</span>"
@@ -295,6 +296,15 @@ def concept_html(state: AppState, page: dict) -> str:
         f"<p><b>More like this:</b> {similar or '<i>no exemplar index</i>'}</p>"
         f"{metrics_html(page.get('metrics') or {}, state, page)}</div>"
     )
+
+
+def _images_link(state: AppState, cid: int) -> str:
+    """A link to the atlas's images with this concept (the Similar images tab), when it has an image index."""
+    if state.image_index is None:
+        return ""
+    href = links.similar_link(f"{int(cid)}:1")
+    return (f' · <a class="insight-similar-link" href="{H.esc(href)}" style="font-size:0.85em">'
+            "images with this concept</a>")  # fmt: skip
 
 
 def metrics_html(metrics: dict[str, dict[str, float]], state: AppState | None = None,
@@ -415,7 +425,11 @@ def _thumb_data_uri(path: str, mtime_ns: int) -> str:
 
 def _thumb_uri(state: AppState, image_id: int) -> str | None:
     """The thumbnail as a data URI, only when the manifest lists it and its hash matched on open."""
-    path = state.thumb_path(image_id)
+    return file_data_uri(state.thumb_path(image_id))
+
+
+def file_data_uri(path: Path | None) -> str | None:
+    """A verified WebP file (from ``Atlas.member``) as a cached data URI; None for no file."""
     if path is None:
         return None
     try:

@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlencode
 
-TABS = ("explain", "concepts", "families", "steer", "compare", "classify", "segment", "bias")
+TABS = ("explain", "concepts", "families", "steer", "compare", "classify", "segment", "similar",
+        "bias")
 """Tab ids ``?tab=`` accepts (the ``id`` of each ``gr.Tab``)."""
 MAX_DEPTH = 6
 """Largest family depth a link may ask for (the slider's maximum)."""
@@ -126,3 +127,13 @@ def compare_link(a: str, b: str) -> str:
 
 def tab_link(tab: str) -> str:
     return "?" + urlencode({"tab": tab})
+
+
+def similar_link(concepts: str, exclude: str = "", subtract: bool = False) -> str:
+    """``?tab=similar&concepts=12:1,40:0.5[&exclude=7][&subtract=1]``: a concept search (the Similar tab)."""
+    params: dict[str, str] = {"tab": "similar", "concepts": concepts}
+    if exclude:
+        params["exclude"] = exclude
+    if subtract:
+        params["subtract"] = "1"
+    return "?" + urlencode(params, safe=":,")

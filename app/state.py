@@ -99,6 +99,12 @@ class AppState:
     """Serialises the text encoder (its tokenizer is built lazily and not thread-safe)."""
     text_cache: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     """Class-name text embeddings of the Segment tab (``app.segment.class_embeddings``)."""
+    image_index: Any = None
+    """Concept-based image search (``insight_core.concepts.image_search.ImageIndex``; ``app.similar``)."""
+    image_thumbs: dict[str, dict] = dataclasses.field(default_factory=dict)
+    """``similar/thumbs/index.json``: image id -> source path and size of its search thumbnail."""
+    similar_note: str = ""
+    """Why there is no image search (shown by the Similar tab)."""
 
     @property
     def m(self) -> int:
@@ -384,6 +390,9 @@ def load_state(location: str | Path) -> AppState:
     from app.classify import load_probes  # the Classify tab's loader (app.classify imports this module)
 
     load_probes(state)
+    from app.similar import load_similar  # the Similar tab's loader (app.similar imports this module)
+
+    load_similar(state)
     if state.random_weights:
         log.warning("atlas %s was built on a RANDOM-INIT backbone: concepts carry no semantics", atlas.root)
     log.info("loaded atlas %s: %d concepts, %d edges", atlas.root, m, state.families.n_edges)

@@ -10,7 +10,8 @@ Each tab lays itself out and wires its own events; this module assembles them an
 - the clicks that cross tabs (a concept chip anywhere opens the concept page; "Show its family"
   opens the family);
 - the JSON endpoints (``/explain``, ``/compare``, ``/concept``, ``/search``, ``/family``,
-  ``/caption``, ``/steer``, ``/classify``, ``/segment``) for gradio_client. Errors: see :mod:`app.components`.
+  ``/caption``, ``/steer``, ``/classify``, ``/segment``, ``/similar``) for gradio_client. Errors: see
+  :mod:`app.components`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import gradio as gr
 from app import html as H
 from app import links as L
 from app.components import ALT_JS, MODEL_EVENT, STARTUP_JS, api_handler, json_default, ui_handler
-from app.tabs import bias, classify, compare, concepts, explain, families, segment, steer
+from app.tabs import bias, classify, compare, concepts, explain, families, segment, similar, steer
 from app.views import Views
 from insight_core.atlas.layout import EXAMPLES_DIR
 
@@ -59,14 +60,15 @@ def build_ui(views: Views, examples: list[str] | None = None, startup: Startup |
             compare_ui = compare.build(views, examples, status)
             classify_ui = classify.build(views, examples, status)
             segment_ui = segment.build(views, examples, status)
+            similar_ui = similar.build(views, examples, status)
             bias_ui = bias.build(views)
         _startup(demo, views, startup, banner, status, timer)
         for fn, outputs in (concept_ui["on_load"], steer_ui["on_load"], classify_ui["on_load"],
-                            segment_ui["on_load"], bias_ui["on_load"]):  # fmt: skip
+                            segment_ui["on_load"], similar_ui["on_load"], bias_ui["on_load"]):  # fmt: skip
             demo.load(fn, None, outputs, api_visibility="private")
         _wire_links(views, tabs, concept_ui, family_ui, status,
                     [*explain_ui["links"], compare_ui["summary"], *classify_ui["links"],
-                     *segment_ui["links"], bias_ui["panel"]])  # fmt: skip
+                     *segment_ui["links"], *similar_ui["links"], bias_ui["panel"]])  # fmt: skip
         _deep_links(demo, views, names, tabs, concept_ui, family_ui, status)
         _deep_link_compare(demo, views, names, compare_ui)
         _api_endpoints(views)
@@ -294,6 +296,14 @@ def _api_endpoints(views: Views) -> None:
                 [image, text, text2, num],
                 "Classify and explain through concepts (image, probe name or 'zero-shot', "
                 "comma-separated zero-shot labels, top_k concepts)",
+                True,
+            ),
+            "similar": (
+                views.api_similar,
+                [image, text, text2, num, flag],
+                "Concept-based image search: the atlas's images sharing concepts with a query (image or "
+                "none; concepts with weights '12:1.0, 40:0.5'; concepts to exclude '7, 9'; k results; "
+                "subtract the excluded concepts instead of dropping images where they are active)",
                 True,
             ),
         }

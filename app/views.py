@@ -1,7 +1,8 @@
 """Request handlers bound to one loaded state: the model calls the tabs share and the JSON API.
 
 The API methods back the named endpoints (``/explain``, ``/compare``, ``/concept``, ``/search``,
-``/family``, ``/caption``, ``/steer``, ``/classify``, ``/segment``); they return JSON-ready values and raise
+``/family``, ``/caption``, ``/steer``, ``/classify``, ``/segment``, ``/similar``); they return
+JSON-ready values and raise
 :class:`~app.state.AppError` or ``InsightError`` with a clear message (``app.components.api_handler``
 turns those into ``gr.Error``).
 """
@@ -19,6 +20,7 @@ from app import concepts as C
 from app import explain as X
 from app import families as F
 from app import segment as G
+from app import similar as SIM
 from app import steer as S
 from app.components import gpu
 from app.state import AppError, AppState
@@ -116,3 +118,13 @@ class Views:
         S.require_captioner(self.s())
         parsed = S.parse_edits(self.s(), edits)
         return self.steer(self.explain(image), parsed)
+
+    def api_similar(self, image: Any = None, concepts: str = "", exclude: str = "", k: float = 12,
+                    subtract: bool = False) -> dict:  # fmt: skip
+        """Concept-based image search: by an image (optional), concept weights ('12:1.0, 40:0.5'),
+        excluded concepts ('7, 9'; dropped, or subtracted with ``subtract``), ``k`` results."""
+        state = self.s()
+        SIM.require_index(state)
+        expl = self.explain(image) if image else None
+        mode = "subtract" if subtract else "drop"
+        return SIM.result_doc(state, SIM.search(state, expl, concepts or "", exclude or "", mode, int(k)))

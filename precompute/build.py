@@ -1,7 +1,7 @@
 """``build``: every stage in order, images (or features) -> a complete, validated atlas.
 
-extract -> train-sae -> stats -> families -> name -> index -> manifest. Each stage is idempotent,
-so an interrupted build resumes where it stopped when rerun with the same arguments.
+extract -> train-sae -> stats -> families -> name -> index -> image-index -> manifest. Each stage is
+idempotent, so an interrupted build resumes where it stopped when rerun with the same arguments.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from insight_core import progress
 from insight_core.atlas import Atlas, AtlasLayout, write_manifest
 from insight_core.concepts.families import FamilyConfig
 from insight_core.errors import ConfigError
-from precompute import extract, families, index, name, stats, train_sae
+from precompute import extract, families, image_index, index, name, stats, train_sae
 from precompute.manifest import backbone_info, install_head
 from precompute.options import (
     BackboneOptions,
     Flat,
+    ImageIndexOptions,
     IndexOptions,
     NamingOptions,
     SaeOptions,
@@ -36,6 +37,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("families", "concept families (the hierarchy)"),
     ("name", "naming the concepts"),
     ("index", "search indexes and exemplar thumbnails"),
+    ("image-index", "concept-based image search index"),
     ("manifest", "manifest and validation"),
 )
 """``build``'s stages in order, with what each does (the ``--progress-file`` stage list)."""
@@ -64,6 +66,8 @@ class BuildJob:
     """Concept names (name)."""
     index: Annotated[IndexOptions, Flat] = dataclasses.field(default_factory=IndexOptions)
     """Indexes and thumbnails (index)."""
+    similar: Annotated[ImageIndexOptions, Flat] = dataclasses.field(default_factory=ImageIndexOptions)
+    """Concept-based image search (image-index)."""
     device: str = "auto"
     """Device for all stages."""
     progress: bool = True
@@ -103,6 +107,11 @@ def _run(job: BuildJob) -> Atlas:
         index.run(
             index.IndexJob(atlas=layout.root, features=features, index=job.index, progress=job.progress)
         )
+    with progress.stage("image-index"):
+        if job.similar.image_index:
+            image_index.run(image_index.ImageIndexJob(atlas=layout.root, features=features,
+                                                      similar=job.similar, device=job.device,
+                                                      progress=job.progress))  # fmt: skip
     with progress.stage("manifest"):
         install_head(layout.root, features)
         backbone = backbone_info(features) or {  # your own features: the backbone options describe them

@@ -267,13 +267,38 @@ def _reusable(old: dict[str, Any] | None, rel: str, dst: Path, source: ImageSour
     return src_ns is None or dst.stat().st_mtime_ns >= src_ns
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ThumbTarget:
+    """Where and how :func:`write_thumbnails` writes: a folder of ``<image_id>.webp`` and its index."""
+
+    folder: Path
+    index: Path
+    size: int
+    workers: int = 4
+    progress: bool = True
+
+    def thumb(self, image_id: int) -> Path:
+        return self.folder / f"{int(image_id)}.webp"
+
+
 def write_thumbnails(
-    atlas: Path, images: ExemplarImages, image_ids: np.ndarray, job: IndexJob, reuse: bool
+    atlas: Path,
+    images: ExemplarImages,
+    image_ids: np.ndarray,
+    job: IndexJob | None,
+    reuse: bool,
+    target: ThumbTarget | None = None,
 ) -> dict[str, Any]:
-    """Thumbnails of ``image_ids`` and ``thumbs/index.json``; returns counts (written, reused, failed)."""
+    """Thumbnails of ``image_ids`` and ``thumbs/index.json`` (or ``target``'s folder and index, e.g. the
+    image search's); returns counts (written, reused, failed)."""
     layout = AtlasLayout(atlas)
-    layout.thumbs_dir.mkdir(parents=True, exist_ok=True)
-    previous = read_json_dict(layout.thumbs_index) if reuse else {}
+    if target is None:
+        if job is None:
+            raise ConfigError("write_thumbnails needs the index job or a thumbnail target")
+        target = ThumbTarget(layout.thumbs_dir, layout.thumbs_index, job.index.thumb_size,
+                                   job.index.thumb_workers, job.progress)  # fmt: skip
+    target.folder.mkdir(parents=True, exist_ok=True)
+    previous = read_json_dict(target.index) if reuse else {}
     entries: dict[str, dict[str, Any]] = {}
     todo: dict[str, int] = {}  # source id -> global image id
     n_unmapped = 0
@@ -281,19 +306,19 @@ def write_thumbnails(
         rel = images.paths.get(image_id)
         if rel is None:
             n_unmapped += 1
-        elif _reusable(previous.get(str(image_id)), rel, layout.thumb(image_id), images.source):
+        elif _reusable(previous.get(str(image_id)), rel, target.thumb(image_id), images.source):
             entries[str(image_id)] = previous[str(image_id)]
         else:
             todo[rel] = image_id
     n_reused, failed = len(entries), 0
     with tqdm(
-        total=len(todo), desc="thumbs", unit="img", disable=not job.progress, dynamic_ncols=True
+        total=len(todo), desc="thumbs", unit="img", disable=not target.progress, dynamic_ncols=True
     ) as bar:
-        for rel, result in images.source.fetch(list(todo), workers=job.index.thumb_workers):
+        for rel, result in images.source.fetch(list(todo), workers=target.workers):
             image_id = todo[rel]
             if not isinstance(result, ImageLoadError):
                 try:
-                    width, height = _save_thumb(result, layout.thumb(image_id), job.index.thumb_size)
+                    width, height = _save_thumb(result, target.thumb(image_id), target.size)
                     entries[str(image_id)] = {"path": rel, "width": width, "height": height}
                 except (OSError, ValueError) as err:
                     result = ImageLoadError(f"{rel}: {err}")
@@ -302,11 +327,11 @@ def write_thumbnails(
                 log.warning("no thumbnail for image %d (%s): %s", image_id, rel, result)
             bar.update(1)
     entries = dict(sorted(entries.items(), key=lambda kv: int(kv[0])))
-    wanted = {layout.thumb(int(i)) for i in entries}
-    for stale in layout.thumbs_dir.glob("*.webp"):  # images no longer referenced by any indexed exemplar
+    wanted = {target.thumb(int(i)) for i in entries}
+    for stale in target.folder.glob("*.webp"):  # images no longer referenced by any indexed exemplar
         if stale not in wanted:
             stale.unlink()
-    write_json(layout.thumbs_index, entries)
+    write_json(target.index, entries)
     if n_unmapped:
         log.warning("%d exemplar images have no known source path: no thumbnails", n_unmapped)
     return {

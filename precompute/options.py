@@ -15,6 +15,7 @@ from typing import Any
 
 import tyro
 
+from insight_core.concepts.image_search import ImageSearchConfig
 from insight_core.concepts.index import IndexConfig
 from insight_core.concepts.stats import StatsConfig
 from insight_core.data.images import DEFAULT_MAX_PIXELS
@@ -256,6 +257,51 @@ class IndexOptions:
 
     def index_config(self) -> IndexConfig:
         return IndexConfig(**_shared(self, IndexConfig))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImageIndexOptions:
+    """Concept-based image search (``image-index``): every image indexed by its pooled concepts."""
+
+    image_index: bool = True
+    """Build the image search index (``build``; ``--no-image-index`` skips it)."""
+    image_pooling: str = "max"
+    """Image vector: max (a concept anywhere in the image counts fully), mean (area-weighted) or both."""
+    image_codes: str = "global"
+    """Codes pooled: global (the SAE's learned threshold) or concept (per-concept thresholds)."""
+    image_top_t: int = 64
+    """Strongest concepts stored per image (shared concepts, exclusion, IVF re-scoring)."""
+    image_flat_max_mb: int = 256
+    """Exact flat index while the dense vectors fit in this many MiB; IVF-PQ above."""
+    image_pq_m: int = 128
+    """PQ bytes per image of an IVF-PQ image index."""
+    image_nprobe: int = 32
+    """Inverted lists visited per query (IVF-PQ)."""
+    image_thumb_size: int = 96
+    """Longest side of the search-result thumbnails, in pixels."""
+    image_max_thumbs: int = 20_000
+    """Most images given a search-result thumbnail (the first ones, in feature order); results beyond
+    show the exemplar thumbnail when there is one, else the image id and source path."""
+
+    def __post_init__(self) -> None:
+        if self.image_thumb_size < 8:
+            raise ConfigError(f"--image-thumb-size must be >= 8 pixels, got {self.image_thumb_size}")
+        if self.image_max_thumbs < 0:
+            raise ConfigError(f"--image-max-thumbs must be >= 0, got {self.image_max_thumbs}")
+        if self.image_flat_max_mb < 1:
+            raise ConfigError(f"--image-flat-max-mb must be >= 1, got {self.image_flat_max_mb}")
+        self.search_config()  # validates the rest
+
+    def search_config(self, threads: int | None = None) -> ImageSearchConfig:
+        return ImageSearchConfig(
+            pooling=self.image_pooling,
+            codes=self.image_codes,
+            top_t=self.image_top_t,
+            flat_max_bytes=self.image_flat_max_mb * 2**20,
+            pq_m=self.image_pq_m,
+            nprobe=self.image_nprobe,
+            threads=threads,
+        )
 
 
 def _shared(options: Any, config: type) -> dict[str, Any]:

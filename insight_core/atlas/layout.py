@@ -40,6 +40,7 @@ _PROBES_DIR = "probes"
 _EVALS_DIR = "evals"
 _VOCAB_CACHE_DIR = "cache"
 _EXPORTS_DIR = "exports"
+_SIMILAR_DIR = "similar"
 GRAPH_FORMATS = ("graphml", "gexf")
 """File formats of the family DAG export (``export-graph``)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -242,6 +243,11 @@ ATLAS_FILES: dict[str, str] = {
     "captioner": f"{_CAPTIONER_DIR}/{CaptionerLayout.CONFIG}",
     "captioner_adapter": f"{_CAPTIONER_DIR}/{CaptionerLayout.ADAPTER}",
     "captioner_metrics": f"{_CAPTIONER_DIR}/{CaptionerLayout.METRICS}",
+    # concept-based image search (``image-index`` stage; docs/similar.md)
+    "image_index": f"{_SIMILAR_DIR}/images.faiss",
+    "image_codes": f"{_SIMILAR_DIR}/images.safetensors",
+    "image_index_meta": f"{_SIMILAR_DIR}/index.json",
+    "image_thumbnails": f"{_SIMILAR_DIR}/thumbs/index.json",
 }
 """Role -> path inside the atlas of every file the manifest can list."""
 
@@ -251,6 +257,7 @@ REQUIRED_ROLES = ("sae", "concepts", "edges", "stats")
 ATLAS_FILE_SETS: dict[str, str] = {
     "thumbs": _THUMBS_DIR,
     "captioner_lm": f"{_CAPTIONER_DIR}/{CaptionerLayout.LM_DIR}",
+    "image_thumbs": f"{_SIMILAR_DIR}/thumbs",
 }
 """Folders the manifest lists file by file (``file_sets`` block): every visible file below them that is
 not a role of its own (``thumbs/index.json``). The explorer reads thumbnails by image id and the
@@ -273,6 +280,9 @@ EXPLORER_ROLES = (
     "dinoiser",
     "captioner",
     "captioner_adapter",
+    "image_index",
+    "image_codes",
+    "image_thumbnails",
 )
 """Roles the explorer app reads (with every file of :data:`ATLAS_FILE_SETS`, the probes and the
 evaluation files of :data:`EVAL_EXPLORER_ROLES`). Opening an atlas for the app checks their SHA-256
@@ -456,6 +466,34 @@ class AtlasLayout:
     def thumb(self, image_id: int) -> Path:
         """The WebP thumbnail of a (global) image id."""
         return self.thumbs_dir / f"{int(image_id)}.webp"
+
+    # -- concept-based image search (``image-index``) ---------------------------------------------
+    @property
+    def image_index(self) -> Path:
+        """FAISS index of every image's concept vector (row = image)."""
+        return self.file("image_index")
+
+    @property
+    def image_codes(self) -> Path:
+        """The strongest pooled concepts of every indexed image (CSR), the per-concept scale, image ids."""
+        return self.file("image_codes")
+
+    @property
+    def image_index_meta(self) -> Path:
+        """Index type, settings, counts and the thumbnail summary of the image index."""
+        return self.file("image_index_meta")
+
+    @property
+    def image_thumbs_dir(self) -> Path:
+        return self.root / ATLAS_FILE_SETS["image_thumbs"]
+
+    @property
+    def image_thumbs_index(self) -> Path:
+        return self.file("image_thumbnails")
+
+    def image_thumb(self, image_id: int) -> Path:
+        """The small WebP thumbnail of an indexed image (search results)."""
+        return self.image_thumbs_dir / f"{int(image_id)}.webp"
 
     def file_set_dir(self, name: str) -> Path:
         """The folder of a file set (see :data:`ATLAS_FILE_SETS`)."""

@@ -104,6 +104,9 @@ def test_every_corrupted_file_is_a_clean_error_or_never_read(atlas_copy: Path) -
     assert "index/exemplars.faiss" in hashed
     assert "captioner/lm/model.safetensors" in hashed
     assert "thumbs/0.webp" in hashed
+    # the image search index (FAISS), its stored codes, thumbnail list and thumbnails
+    assert {"similar/images.faiss", "similar/images.safetensors", "similar/thumbs/index.json",
+            "similar/thumbs/0.webp"} <= hashed  # fmt: skip
     # what concept pages read: statistics (histograms, range exemplars, co-occurrence), the SAE's
     # held-out metrics and the evaluations
     assert {"stats/concept_stats.safetensors", "stats/concept_stats.json", "sae_metrics.json",
@@ -199,8 +202,8 @@ def test_faiss_indexes_are_read_only_after_their_hash_matched(
 
 # one file per reader: JSON (index and thumbnail metadata, statistics metadata, SAE metrics, an
 # evaluation report), parquet (three tables and an evaluation's per-concept table), safetensors (SAE,
-# vectors, statistics, adapter, LM weights), FAISS (flat indexes), the LM's config and tokenizer, the
-# captioner config
+# vectors, statistics, adapter, LM weights, image search codes), FAISS (flat indexes, the image
+# index), the LM's config and tokenizer, the captioner config
 READERS = [
     "index/index.json",
     "thumbs/index.json",
@@ -211,6 +214,9 @@ READERS = [
     "concept_vectors.safetensors",
     "index/concepts.faiss",
     "index/exemplars.faiss",
+    "similar/images.faiss",
+    "similar/images.safetensors",
+    "similar/thumbs/index.json",
     "stats/concept_stats.safetensors",
     "stats/concept_stats.json",
     "sae_metrics.json",
