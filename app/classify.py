@@ -88,8 +88,8 @@ def load_probes(state: AppState) -> None:
 
 
 def classifier_choices(state: AppState) -> list[str]:
-    """The probes of the atlas, then zero-shot."""
-    return [*state.probes, ZERO_SHOT]
+    """The probes of the atlas, then zero-shot (only for text-aligned atlases)."""
+    return [*state.probes, *([ZERO_SHOT] if state.text_aligned else [])]
 
 
 def parse_labels(text: str) -> list[str]:
@@ -111,6 +111,7 @@ def parse_labels(text: str) -> list[str]:
 
 def label_embeddings(state: AppState, labels: list[str]) -> torch.Tensor:
     """Unit CLIP text embeddings (L, d) of the labels ("a photo of a {}."), cached per label."""
+    state.require_text("Zero-shot classification")
     key = id(state.backbone)
     with _LABEL_CACHE_LOCK:
         missing = [lb for lb in labels if (key, lb) not in _LABEL_CACHE]
@@ -172,6 +173,7 @@ def classify(state: AppState, expl: X.Explanation, classifier: str, labels_text:
     """Classify an explained image with a probe of the atlas or zero-shot (``labels_text``)."""
     codes_pm = torch.from_numpy(expl.codes_pm)
     if classifier == ZERO_SHOT:
+        state.require_text("Zero-shot classification")
         labels = parse_labels(labels_text)
         zs = zero_shot(state.sae, codes_pm, label_embeddings(state, labels), labels)
         top = top_classes(zs.scores_l, labels, TOP_CLASSES, temperature=1.0 / CLIP_LOGIT_SCALE)

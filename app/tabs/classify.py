@@ -96,10 +96,14 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
         if st is None:
             return gr.skip(), gr.skip(), gr.skip()
         options = K.classifier_choices(st)
-        note = (gr.update(value=H.message(st.probe_note, "warning"), visible=True) if st.probe_note
-                else gr.update(visible=False))  # fmt: skip
-        zero_shot = options[0] == K.ZERO_SHOT
-        return gr.update(choices=options, value=options[0]), gr.update(visible=zero_shot), note
+        notes = [st.probe_note, st.text_off_note("Zero-shot classification")]
+        if not options:
+            notes.append("This atlas has no probes: train one with `python -m precompute probe`.")
+        text = " ".join(n for n in notes if n)
+        note = gr.update(value=H.message(text, "warning"), visible=True) if text else gr.update(visible=False)
+        zero_shot = bool(options) and options[0] == K.ZERO_SHOT
+        value = options[0] if options else None
+        return gr.update(choices=options, value=value), gr.update(visible=zero_shot), note
 
     outs = [result_state, classes_out, explained, chart, gallery, concepts_out, families_out, note, status]
     ev = dict(**MODEL_EVENT, api_visibility="private")
