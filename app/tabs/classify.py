@@ -45,13 +45,14 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
                 )  # fmt: skip
                 if examples:
                     gr.Examples(examples, inputs=image_in, label="Examples")
-                classifier = gr.Radio(
-                    choices, value=choices[0], label="Classifier", elem_id="classify-classifier"
-                )
+                classifier = gr.Radio(  # no choice: an atlas without probes or text (see the note)
+                    choices, value=choices[0] if choices else None, label="Classifier",
+                    elem_id="classify-classifier",
+                )  # fmt: skip
                 labels = gr.Textbox(
                     label="Zero-shot labels (comma-separated)",
                     placeholder="e.g. bird, motorcycle, horse, pizza, clock, noodles",
-                    visible=choices[0] == K.ZERO_SHOT,
+                    visible=bool(choices) and choices[0] == K.ZERO_SHOT,
                     elem_id="classify-labels",
                 )
                 top_k = gr.Slider(3, 20, value=8, step=1, label="Contributing concepts shown")

@@ -20,7 +20,7 @@ from insight_core.errors import ConfigError
 from insight_core.models.backbone import PAPER_PRETRAINED, BackboneConfig, ClipBackbone
 from insight_core.models.dinoiser import Dinoiser, Mode
 from insight_core.models.timm_backbone import KIND as TIMM_KIND
-from insight_core.models.timm_backbone import TimmBackbone, TimmConfig
+from insight_core.models.timm_backbone import TimmBackbone, TimmConfig, not_text_aligned_message
 
 DenseBackbone = ClipBackbone | TimmBackbone
 """What extract, the app's explain path and steering read features from (``preprocess``, ``grid_hw``,
@@ -158,3 +158,10 @@ def manifest_backbone(
     if backbone_kind(block) == TIMM_KIND:
         return TimmBackbone(manifest_timm_config(block, device=device, batch_size=batch_size))
     return ClipBackbone(manifest_backbone_config(block, device=device, batch_size=batch_size))
+
+
+def require_text_aligned(block: Mapping[str, Any], what: str, where: object) -> None:
+    """``ConfigError`` (naming ``where``, e.g. the manifest) when ``what`` needs text-aligned features
+    and the manifest ``backbone`` block says they are not."""
+    if not is_text_aligned(block):
+        raise ConfigError(f"{where}: {not_text_aligned_message(backbone_label(block), what)}")
