@@ -82,7 +82,8 @@ def load_probes(state: AppState) -> None:
     if not atlas.probes:
         notes.append(
             "This atlas has no classification probe: train one with `python -m precompute probe --atlas "
-            "ATLAS --features FEATURES --labels LABELS.csv`. Zero-shot labels work without one."
+            "ATLAS --features FEATURES --labels LABELS.csv`."
+            + (" Zero-shot labels work without one." if state.text_aligned else "")
         )
     state.probe_note = " ".join(notes)
 
@@ -179,6 +180,9 @@ def classify(state: AppState, expl: X.Explanation, classifier: str, labels_text:
         top = top_classes(zs.scores_l, labels, TOP_CLASSES, temperature=1.0 / CLIP_LOGIT_SCALE)
         return Classification(expl, ZERO_SHOT, labels, top, zero=zs)
     probe = state.probes.get(classifier)
+    if probe is None and not classifier_choices(state):  # no probe, and no text for zero-shot
+        raise AppError("this atlas has no classification probe: train one with `python -m precompute probe` "
+                       "(zero-shot needs a text-aligned atlas)")  # fmt: skip
     if probe is None:
         known = ", ".join(map(repr, classifier_choices(state)))
         raise AppError(f"classifier {classifier!r}: not a probe of this atlas (choose one of {known})")

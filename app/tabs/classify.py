@@ -97,10 +97,7 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
         if st is None:
             return gr.skip(), gr.skip(), gr.skip()
         options = K.classifier_choices(st)
-        notes = [st.probe_note, st.text_off_note("Zero-shot classification")]
-        if not options:
-            notes.append("This atlas has no probes: train one with `python -m precompute probe`.")
-        text = " ".join(n for n in notes if n)
+        text = " ".join(n for n in (st.probe_note, st.text_off_note("Zero-shot classification")) if n)
         note = gr.update(value=H.message(text, "warning"), visible=True) if text else gr.update(visible=False)
         zero_shot = bool(options) and options[0] == K.ZERO_SHOT
         value = options[0] if options else None

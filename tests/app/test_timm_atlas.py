@@ -81,6 +81,8 @@ def test_the_app_explains_with_the_timm_backbone_and_offers_no_text(timm_atlas) 
         with pytest.raises(AppError, match=said):
             call()
     assert K.classifier_choices(state) == []  # no zero-shot (and this atlas has no probes)
+    with pytest.raises(AppError, match="no classification probe"):
+        views.api_classify(str(photos[0]), "", "")
     assert "not text-aligned" in state.captioner_note
     page = C.concept_html(state, C.concept_page(state, top["id"]))
     assert "unnamed" in page

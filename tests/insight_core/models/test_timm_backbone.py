@@ -138,3 +138,23 @@ def test_manifest_block_rebuilds_the_backbone(tiny: TimmBackbone) -> None:
     assert rebuilt.cfg.layers == (-4,)
     assert rebuilt.grid_hw == (14, 14)
     assert rebuilt.is_random
+
+
+@pytest.mark.gpu
+def test_cuda_layers_match_cpu() -> None:
+    """On CUDA: fp32 tokens equal the CPU ones; the default autocast (bf16/fp16) stays close."""
+    torch.manual_seed(0)
+    cpu = TimmBackbone(TimmConfig(name=DINO, pretrained="none", layers=(-1, -6), device="cpu"))
+    pixels = cpu.preprocess(_images(4))
+    ref = cpu.layer_tokens(pixels)
+    for precision, floor in (("fp32", 0.9999), ("auto", 0.98)):
+        gpu = TimmBackbone(TimmConfig(name=DINO, pretrained="none", layers=(-1, -6), device="cuda",
+                                      precision=precision))  # fmt: skip
+        gpu.model.load_state_dict(cpu.model.state_dict())
+        got = gpu.layer_tokens(pixels)
+        for a, b in zip(got, ref, strict=True):
+            assert a.patches_bhwd.device.type == "cpu"
+            assert a.patches_bhwd.dtype == torch.float32
+            flat_a, flat_b = a.patches_bhwd.flatten(0, 2), b.patches_bhwd.flatten(0, 2)
+            sim = torch.nn.functional.cosine_similarity(flat_a, flat_b, -1)
+            assert sim.min() > floor, (precision, a.layer, float(sim.min()))
