@@ -95,3 +95,15 @@ def test_the_page_renders_for_a_timm_atlas(timm_atlas) -> None:
     root, _ = timm_atlas
     demo = build_ui(Views(load_state(root)), [])
     assert demo is not None
+
+
+def test_name_alone_reads_text_alignment_from_the_atlas_manifest(timm_atlas, caplog) -> None:
+    root, _ = timm_atlas
+    before = pq.read_table(Atlas.open(root).path("concepts")).to_pydict()
+    with caplog.at_level("WARNING"):
+        assert main(["name", "--atlas", str(root), "--force", "--no-progress"]) == 0  # no text encoder loaded
+    assert f"naming concepts is not available: the features come from timm:{DINO} (layer -1)" in caplog.text
+    assert main(["manifest", "--atlas", str(root)]) == 0  # after a stage by hand (keeps the backbone block)
+    atlas = Atlas.open(root, verify="all")
+    assert atlas.text_aligned is False
+    assert pq.read_table(atlas.path("concepts")).to_pydict()["name"] == before["name"]
