@@ -282,6 +282,7 @@ class TimmBackbone(ImageBatches):
             "pool": "none",
             "norm": self.cfg.norm,
             "image_size": list(self.image_size),
+            "crop_pct": float(self.data_config.get("crop_pct") or 1.0),
             "n_blocks": self.n_blocks,
             "embed_dim": self.embed_dim,
             "grid": list(self.grid_hw),
