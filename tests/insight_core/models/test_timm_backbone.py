@@ -52,8 +52,8 @@ def test_dinov2_small_at_224_has_a_16x16_grid_and_its_own_preprocessing() -> Non
 
 
 def test_layers_from_one_pass_equal_timm_forward(tiny: TimmBackbone) -> None:
-    pixels = tiny.preprocess(_images())
-    assert pixels.shape == (3, 3, 224, 224)
+    pixels = tiny.preprocess(_images(2))
+    assert pixels.shape == (2, 3, 224, 224)
     out = tiny.layer_tokens(pixels)
     assert [(t.layer, t.block) for t in out] == [(-1, 11), (-4, 8), (0, 0)]
     # the last block's tokens, normed, are timm's own forward_features
