@@ -82,14 +82,15 @@ def load_probes(state: AppState) -> None:
     if not atlas.probes:
         notes.append(
             "This atlas has no classification probe: train one with `python -m precompute probe --atlas "
-            "ATLAS --features FEATURES --labels LABELS.csv`. Zero-shot labels work without one."
+            "ATLAS --features FEATURES --labels LABELS.csv`."
+            + (" Zero-shot labels work without one." if state.text_aligned else "")
         )
     state.probe_note = " ".join(notes)
 
 
 def classifier_choices(state: AppState) -> list[str]:
-    """The probes of the atlas, then zero-shot."""
-    return [*state.probes, ZERO_SHOT]
+    """The probes of the atlas, then zero-shot (only for text-aligned atlases)."""
+    return [*state.probes, *([ZERO_SHOT] if state.text_aligned else [])]
 
 
 def parse_labels(text: str) -> list[str]:
@@ -111,6 +112,7 @@ def parse_labels(text: str) -> list[str]:
 
 def label_embeddings(state: AppState, labels: list[str]) -> torch.Tensor:
     """Unit CLIP text embeddings (L, d) of the labels ("a photo of a {}."), cached per label."""
+    state.require_text("Zero-shot classification")
     key = id(state.backbone)
     with _LABEL_CACHE_LOCK:
         missing = [lb for lb in labels if (key, lb) not in _LABEL_CACHE]
@@ -172,11 +174,15 @@ def classify(state: AppState, expl: X.Explanation, classifier: str, labels_text:
     """Classify an explained image with a probe of the atlas or zero-shot (``labels_text``)."""
     codes_pm = torch.from_numpy(expl.codes_pm)
     if classifier == ZERO_SHOT:
+        state.require_text("Zero-shot classification")
         labels = parse_labels(labels_text)
         zs = zero_shot(state.sae, codes_pm, label_embeddings(state, labels), labels)
         top = top_classes(zs.scores_l, labels, TOP_CLASSES, temperature=1.0 / CLIP_LOGIT_SCALE)
         return Classification(expl, ZERO_SHOT, labels, top, zero=zs)
     probe = state.probes.get(classifier)
+    if probe is None and not classifier_choices(state):  # no probe, and no text for zero-shot
+        raise AppError("this atlas has no classification probe: train one with `python -m precompute probe` "
+                       "(zero-shot needs a text-aligned atlas)")  # fmt: skip
     if probe is None:
         known = ", ".join(map(repr, classifier_choices(state)))
         raise AppError(f"classifier {classifier!r}: not a probe of this atlas (choose one of {known})")

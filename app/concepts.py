@@ -41,6 +41,7 @@ def _row(state: AppState, cid: int) -> dict[str, Any]:
 
 def search_text(state: AppState, query: str, k: int = 10) -> list[dict]:
     """Concepts whose vectors are nearest the CLIP text embedding of ``query``."""
+    state.require_text("Text search")
     query = (query or "").strip()
     if not query:
         raise AppError("search: type some text to search for")
@@ -250,6 +251,18 @@ def group_colour(group: int) -> str:
     return GROUP_COLOURS[int(group) % len(GROUP_COLOURS)]
 
 
+def _names_html(state: AppState, page: dict, alts: str) -> str:
+    """The name score and the vocabulary alternatives; a note instead when the atlas has no text encoder."""
+    if not state.text_aligned:
+        note = H.esc("unnamed: this atlas's features are not text-aligned, so there is no vocabulary to name "
+                     "concepts against (ids, exemplars and families describe them)")  # fmt: skip
+        return f"</div><p><i>{note}</i></p>"
+    n_alts = len(page["alternatives"])
+    return (f"<span>name score <b>{page['name_score']:.3f}</b> ({H.esc(page['name_pos'])})</span></div>"
+            f"<details open><summary><b>Names</b> (best {n_alts} of the vocabulary)</summary>"
+            f"{alts}</details>")  # fmt: skip
+
+
 def concept_html(state: AppState, page: dict) -> str:
     """The head of a concept page as escaped HTML: name, statistics, alternative names with scores,
     parents and children, a small family graph, co-occurring concepts, "more like this", metrics."""
@@ -287,9 +300,7 @@ def concept_html(state: AppState, page: dict) -> str:
         f"{page.get('n_groups', '?')} (concepts {g0}–{g1 - 1})</span>"
         f"<span>mean activation <b>{page['mean_activation']:.3f}</b></span>"
         f"<span>depth <b>{page['depth']}</b> in the hierarchy</span>"
-        f"<span>name score <b>{page['name_score']:.3f}</b> ({H.esc(page['name_pos'])})</span></div>"
-        f"<details open><summary><b>Names</b> (best {len(page['alternatives'])} of the vocabulary)</summary>"
-        f"{alts}</details>"
+        f"{_names_html(state, page, alts)}"
         f"<p><b>Parents:</b> {chips(page['parents'])}</p><p><b>Children:</b> {chips(page['children'])}</p>"
         f"{family_svg(page)}"
         f"<details open><summary><b>Co-occurring concepts</b></summary>{co_html}</details>"

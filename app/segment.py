@@ -171,6 +171,7 @@ def segment_image(
     state: AppState, img: Image.Image, classes: list[str], background: bool = False, top_k: int = 8
 ) -> Segmentation:
     """Segment ``img`` into ``classes`` (+ a background prompt); see the module docstring."""
+    state.require_text("Open-vocabulary segmentation")
     names = list(classes) + ([BACKGROUND] if background and BACKGROUND not in classes else [])
     text_cd = torch.from_numpy(class_embeddings(state, names))
     feats_bhwd = state.pool(state.backbone.dense_features([img]).patches_bhwd)

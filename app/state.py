@@ -26,10 +26,16 @@ from insight_core.atlas import Atlas, AtlasError, reading
 from insight_core.atlas.hub import resolve_atlas
 from insight_core.concepts.families import Families
 from insight_core.errors import ConfigError, InsightError
-from insight_core.models.backbone import ClipBackbone
 from insight_core.models.dinoiser import Dinoiser
-from insight_core.models.feature_path import check_compatible, manifest_backbone_config, manifest_pooling
+from insight_core.models.feature_path import (
+    DenseBackbone,
+    backbone_label,
+    check_compatible,
+    manifest_backbone,
+    manifest_pooling,
+)
 from insight_core.models.sae import MatryoshkaSAE
+from insight_core.models.timm_backbone import not_text_aligned_message
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +70,8 @@ class AppState:
     """The loaded atlas and models; shared read-only by all requests."""
 
     atlas: Atlas
-    backbone: ClipBackbone
+    backbone: DenseBackbone
+    """The atlas's backbone: CLIP (text-aligned) or a timm ViT at the recorded layer (no text)."""
     pool: Dinoiser
     sae: MatryoshkaSAE
     concepts: pd.DataFrame
@@ -118,6 +125,23 @@ class AppState:
     def grid_hw(self) -> tuple[int, int]:
         return self.backbone.grid_hw
 
+    @property
+    def text_aligned(self) -> bool:
+        """Whether the features share a space with a text encoder (naming, text search, zero-shot,
+        segmentation, captions); false for timm backbones such as DINOv2."""
+        return self.atlas.text_aligned
+
+    def text_off_note(self, what: str) -> str:
+        """Why ``what`` (a text feature) is off for this atlas; empty when its features are text-aligned."""
+        if self.text_aligned:
+            return ""
+        return not_text_aligned_message(backbone_label(self.atlas.backbone), what)
+
+    def require_text(self, what: str) -> None:
+        """:class:`AppError` with the one message for a text feature on a non-text-aligned atlas."""
+        if not self.text_aligned:
+            raise AppError(self.text_off_note(what))
+
     def name(self, cid: int) -> str:
         return str(self.concepts.at[int(cid), "name"])
 
@@ -146,7 +170,7 @@ def atlas_location(cli_value: str | None) -> str:
     return cli_value or os.environ.get(ENV_ATLAS) or DEFAULT_ATLAS
 
 
-def _backbone(atlas: Atlas) -> tuple[ClipBackbone, Dinoiser]:
+def _backbone(atlas: Atlas) -> tuple[DenseBackbone, Dinoiser]:
     """The backbone and pooling the atlas's features were computed with (its manifest's backbone block:
     dense variant, resize mode, pooling and head kind; older atlases get the values they were built with)."""
     bb = atlas.backbone
@@ -154,7 +178,7 @@ def _backbone(atlas: Atlas) -> tuple[ClipBackbone, Dinoiser]:
     if not bb.get("arch"):
         raise AtlasError(f"{manifest}: no backbone block; rebuild with `insight build`")
     try:
-        backbone = ClipBackbone(manifest_backbone_config(bb, device="auto"))
+        backbone = manifest_backbone(bb, device="auto")  # CLIP, or a timm ViT at the recorded layer
     except InsightError:  # e.g. weights not downloadable: the message says what to do
         raise
     except Exception as err:  # a backbone block no open_clip model matches
@@ -258,6 +282,9 @@ def _indexes(state: AppState) -> None:
 def _captioner(state: AppState) -> None:
     atlas = state.atlas
     layout = atlas.layout.captioner
+    if not state.text_aligned:
+        state.captioner_note = not_text_aligned_message(backbone_label(atlas.backbone), "Captioning")
+        return
     if not atlas.has("captioner"):
         state.captioner_note = (
             "This atlas has no captioner (build one with `insight captioner`)."

@@ -43,7 +43,8 @@ def build_ui(views: Views, examples: list[str] | None = None, startup: Startup |
     names = [Path(e).name for e in examples]
     with gr.Blocks(title="INSIGHT concept explorer") as demo:
         gr.Markdown(
-            "# INSIGHT concept explorer\nSparse, named, hierarchical concepts of a CLIP vision backbone."
+            "# INSIGHT concept explorer\nSparse, hierarchical concepts of a vision backbone (named when it "
+            "is text-aligned, like CLIP)."
         )
         banner = gr.HTML(H.RANDOM_BANNER_HTML, visible=False, elem_id="random-banner")
         # one message box: the startup panel (build progress) until the atlas is loaded, then the

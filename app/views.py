@@ -102,8 +102,9 @@ class Views:
         ``classifier`` empty or 'zero-shot') and explain the best class."""
         state = self.s()
         choice = (classifier or "").strip()
-        if not choice:
-            choice = K.ZERO_SHOT if (labels or "").strip() or not state.probes else next(iter(state.probes))
+        if not choice:  # typed labels or no probe: zero-shot (on text-aligned atlases), else the first probe
+            zero = state.text_aligned and ((labels or "").strip() or not state.probes)
+            choice = K.ZERO_SHOT if zero else next(iter(state.probes), "")
         expl = self.explain(image)
         return K.api_doc(state, K.classify(state, expl, choice, labels or ""), None, int(top_k))
 

@@ -15,6 +15,7 @@ from insight_core import progress
 from insight_core.atlas import Atlas, AtlasLayout, write_manifest
 from insight_core.concepts.families import FamilyConfig
 from insight_core.errors import ConfigError
+from insight_core.models.feature_path import is_text_aligned
 from precompute import extract, families, image_index, index, name, stats, train_sae
 from precompute.manifest import backbone_info, install_head
 from precompute.options import (
@@ -31,7 +32,7 @@ from precompute.options import (
 log = logging.getLogger(__name__)
 
 STAGES: tuple[tuple[str, str], ...] = (
-    ("extract", "CLIP patch features of the photos"),
+    ("extract", "patch features of the photos (CLIP, or a timm ViT's block tokens)"),
     ("train-sae", "training the sparse autoencoder (the concepts)"),
     ("stats", "concept statistics: frequencies, exemplars, co-occurrence"),
     ("families", "concept families (the hierarchy)"),
@@ -90,6 +91,13 @@ def _run(job: BuildJob) -> Atlas:
             "give an image source (--images, --webdataset or --hf-dataset) or --features (feature folder)"
         )
     common = {"device": job.device, "progress": job.progress}
+    if job.source.given and len(job.backbone.layer) > 1:
+        raise ConfigError(
+            f"--layer {' '.join(map(str, job.backbone.layer))}: build makes one atlas from one layer; "
+            "run `extract` with several layers, then `build --features OUT/layer_L` once per layer"
+        )
+    if job.source.given and job.backbone.tokens != "patch":
+        raise ConfigError(f"--tokens {job.backbone.tokens}: build needs patch tokens (--tokens patch)")
     if job.source.given:
         with progress.stage("extract"):
             extract.run(extract.ExtractJob(out=features, source=job.source, backbone=job.backbone, **common))
@@ -102,7 +110,7 @@ def _run(job: BuildJob) -> Atlas:
     bb = job.backbone
     with progress.stage("name"):
         name.run(name.NameJob(atlas=layout.root, naming=job.naming, arch=bb.arch, pretrained=bb.pretrained,
-                              progress=job.progress))  # fmt: skip
+                              text_aligned=_text_aligned(job, features), progress=job.progress))  # fmt: skip
     with progress.stage("index"):
         index.run(
             index.IndexJob(atlas=layout.root, features=features, index=job.index, progress=job.progress)
@@ -114,13 +122,7 @@ def _run(job: BuildJob) -> Atlas:
                                                       progress=job.progress))  # fmt: skip
     with progress.stage("manifest"):
         install_head(layout.root, features)
-        backbone = backbone_info(features) or {  # your own features: the backbone options describe them
-            "arch": bb.arch,
-            "pretrained": bb.pretrained,
-            "dense": bb.dense,
-            "resize": bb.resize,
-            "source": str(features),
-        }
+        backbone = backbone_info(features) or _own_features_block(bb, features)
         write_manifest(layout.root, backbone=backbone)
         opened = Atlas.open(layout.root)
     log.info(
@@ -129,3 +131,22 @@ def _run(job: BuildJob) -> Atlas:
         " (RANDOM-INIT BACKBONE: concepts carry no semantics)" if opened.random_weights else "",
     )
     return opened
+
+
+def _text_aligned(job: BuildJob, features: Path) -> bool:
+    """From the feature manifest when extract wrote one, else from the backbone options."""
+    block = backbone_info(features)
+    if block:
+        return is_text_aligned(block)
+    return job.backbone.timm_name is None
+
+
+def _own_features_block(bb: BackboneOptions, features: Path) -> dict:
+    """The atlas manifest's backbone block for your own features: the backbone options describe them."""
+    timm_name = bb.timm_name
+    if timm_name is not None:
+        return {"kind": "timm", "arch": timm_name, "pretrained": bb.timm_config().pretrained,
+                "text_aligned": False, "layer": bb.layer[0], "tokens": bb.tokens, "pool": "none",
+                "resize": bb.resize, "norm": bb.final_norm, "source": str(features)}  # fmt: skip
+    return {"arch": bb.arch, "pretrained": bb.pretrained, "dense": bb.dense, "resize": bb.resize,
+            "kind": "open_clip", "text_aligned": True, "source": str(features)}  # fmt: skip

@@ -42,7 +42,12 @@ from insight_core.io import write_json
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from insight_core.models.captioner import CaptionerConfig, SteerableCaptioner
 from insight_core.models.dinoiser import Dinoiser
-from insight_core.models.feature_path import check_compatible, manifest_fields, pooled_features
+from insight_core.models.feature_path import (
+    check_compatible,
+    manifest_fields,
+    pooled_features,
+    require_text_aligned,
+)
 from insight_core.models.lm import build_tiny_lm
 from insight_core.models.sae import MatryoshkaSAE
 from insight_core.training.captioner import (
@@ -381,6 +386,8 @@ def run(job: CaptionerJob) -> dict:
         raise ConfigError(
             f"--atlas {layout.root}: no {layout.sae.name} (run train-sae first or import an SAE)"
         )
+    block = read_json_dict(layout.manifest).get("backbone") or {}
+    require_text_aligned(block, "the captioner (text generation from concepts)", layout.manifest)
     device = str(resolve_device(job.device, what="--device"))
     out = layout.captioner
     opts = backbone_options(job)

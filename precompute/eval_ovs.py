@@ -37,6 +37,7 @@ from insight_core.evaluation.ovs import (
 )
 from insight_core.io import atomic_write, write_json
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
+from insight_core.models.feature_path import require_text_aligned
 from precompute.eval_common import (
     PLUMBING_NOTE,
     EvalInputs,
@@ -108,6 +109,7 @@ class EvalOvsJob:
 
 
 def _classes(job: EvalOvsJob, inp: EvalInputs, cfg: OvsConfig) -> tuple[OvsClasses, dict]:
+    require_text_aligned(inp.backbone, "eval-ovs (open-vocabulary segmentation)", inp.layout.manifest)
     triples = class_prompts(inp.masks.labels, cfg, str(inp.masks.layout.labels))
     names, prompts, values = (tuple(x) for x in zip(*triples, strict=True))
     if job.class_embeddings is not None:

@@ -1,4 +1,4 @@
-"""``extract``: images -> CLIP dense features (+ DINOiser pooling) -> fp16 feature shards.
+"""``extract``: images -> CLIP dense features (+ DINOiser pooling) or timm ViT block tokens -> fp16 shards.
 
 Images come from a folder (``--images``), webdataset tar shards (``--webdataset``) or a Hugging Face
 dataset split, streamed (``--hf-dataset``); see :mod:`insight_core.data.sources` for the image ids.
@@ -19,6 +19,13 @@ Under ``torchrun --nproc_per_node N -m precompute extract ...`` shard k is extra
 ``k % N`` (on ``cuda:LOCAL_RANK`` when CUDA is used); each rank writes its own shard files, and
 after a barrier rank 0 reads every ``shard_*.ids.json`` and writes ``manifest.json``. The output is
 the same as a single-process run's. ``--out`` must be on storage that every rank sees.
+
+``--backbone timm:NAME --layer L [--layer ...] --tokens patch|cls|both`` reads the output tokens of
+blocks of any timm ViT instead (DINOv2, ...; not text-aligned: the manifest's ``backbone`` block says
+``kind: "timm"``, ``text_aligned: false``, ``layer``, ``block``, ``tokens``). Several layers come from
+one forward pass and go to one feature folder each, ``OUT/layer_L/`` (a single layer writes ``OUT``
+itself). ``--tokens cls`` writes ``(n, d)`` shards (class tokens: global embeddings); ``both`` writes
+``(n, 1 + gh*gw, d)``: row 0 is the class token, then the patches in row-major order.
 """
 
 from __future__ import annotations
@@ -41,11 +48,18 @@ from insight_core import distributed
 from insight_core.atlas import FeaturesLayout, read_json_dict
 from insight_core.data.sources import ImageSource, PlannedShard, Record
 from insight_core.distributed import DistInfo
-from insight_core.errors import FeatureFileError, ImageLoadError
+from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
 from insight_core.io import write_json, write_npy
 from insight_core.models.backbone import ClipBackbone
 from insight_core.models.dinoiser import Dinoiser
-from insight_core.models.feature_path import check_compatible, describe, pooled_features
+from insight_core.models.feature_path import (
+    CLIP_KIND,
+    DenseBackbone,
+    check_compatible,
+    describe,
+    pooled_features,
+)
+from insight_core.models.timm_backbone import TimmBackbone
 from precompute.options import BackboneOptions, Flat, SourceOptions
 
 log = logging.getLogger(__name__)
@@ -111,12 +125,20 @@ def run(job: ExtractJob) -> dict:
         return _run(job, info)
 
 
-def _run(job: ExtractJob, info: DistInfo) -> dict:
-    src, opts = job.source, job.backbone
-    source = src.open()
-    n_total = source.n_total(src.max_images)  # lists a folder / tar headers: fails early on no images
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Output:
+    """One feature folder written by this run (one per ``--layer`` for timm; the only one for CLIP)."""
+
+    layout: FeaturesLayout
+    stamp: dict
+    """How its features are computed (part of every shard key)."""
+    block: dict
+    """Its manifest's ``backbone`` block."""
+
+
+def _clip_outputs(job: ExtractJob, device: str) -> tuple[ClipBackbone, Dinoiser, list[_Output]]:
+    opts = job.backbone
     pool = opts.pooling()
-    device = distributed.local_device_name(job.device, info)
     backbone = ClipBackbone(opts.backbone_config(device, job.batch_size))
     check_compatible(backbone, pool)
     if backbone.is_random:
@@ -125,10 +147,74 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
         log.info("pooling with raw CLIP affinities (the paper pools with a CLIP-DINOiser head: --dinoiser)")
     pool = pool.to(backbone.device).eval()
     stamp = _model_stamp(opts, backbone, pool)
-    out = FeaturesLayout(job.out)
-    out.root.mkdir(parents=True, exist_ok=True)
-    keys: list[str] = []  # every shard's key, in plan order (all ranks walk the whole plan)
-    entries, t0, done_images = [], time.perf_counter(), 0
+    block = {**stamp, "kind": CLIP_KIND, "text_aligned": True, "embed_dim": backbone.embed_dim,
+             "grid": list(backbone.grid_hw)}  # fmt: skip
+    return backbone, pool, [_Output(FeaturesLayout(job.out), stamp, block)]
+
+
+def _timm_outputs(job: ExtractJob, device: str) -> tuple[TimmBackbone, list[_Output]]:
+    opts = job.backbone
+    if opts.pool_mode() != "none":
+        raise ConfigError(f"--pool {opts.pool}: a timm backbone's tokens are not pooled; use --pool none")
+    backbone = TimmBackbone(opts.timm_config(device, job.batch_size))
+    if opts.tokens != "patch" and not backbone.has_cls:
+        raise ConfigError(
+            f"--tokens {opts.tokens}: timm model {backbone.arch} has no class token; use --tokens patch"
+        )
+    if backbone.is_random:
+        log.warning("RANDOM-INIT BACKBONE (pretrained='none'): extracted features carry no semantics")
+    log.info("timm features are not text-aligned: naming, text search, zero-shot, OVS and captions are off")
+    info = backbone.describe()
+    root = FeaturesLayout(job.out)
+    outputs = []
+    for layer, block in zip(opts.layer, backbone.blocks, strict=True):
+        stamp = {k: v for k, v in info.items() if k not in ("embed_dim", "grid", "text_aligned", "kind")}
+        stamp.update(layer=layer, block=block, tokens=opts.tokens, precision=opts.precision)
+        layout = root if len(opts.layer) == 1 else root.layer(layer)
+        meta = {**stamp, "kind": "timm", "text_aligned": False, "embed_dim": backbone.embed_dim,
+                "grid": list(backbone.grid_hw), "n_prefix": 1 if opts.tokens == "both" else 0}  # fmt: skip
+        outputs.append(_Output(layout, stamp, meta))
+    return backbone, outputs
+
+
+def _timm_arrays(backbone: TimmBackbone, images: list, tokens: str) -> list[np.ndarray]:
+    """fp16 features of every configured layer for one batch, shaped as ``--tokens`` asks."""
+    arrays = []
+    for layer in backbone.layer_tokens(images):
+        p_bpd = layer.patches_bhwd.flatten(1, 2)
+        if tokens == "cls":
+            x = layer.cls_bd
+        elif tokens == "both":
+            x = torch.cat([layer.cls_bd[:, None], p_bpd], dim=1)
+        else:
+            x = p_bpd
+        arrays.append(x.to(torch.float16).numpy())
+    return arrays
+
+
+def _run(job: ExtractJob, info: DistInfo) -> dict:
+    src = job.source
+    source = src.open()
+    n_total = source.n_total(src.max_images)  # lists a folder / tar headers: fails early on no images
+    device = distributed.local_device_name(job.device, info)
+    backbone: DenseBackbone
+    if job.backbone.timm_name is not None:
+        backbone, outputs = _timm_outputs(job, device)
+
+        def features(images: list) -> list[np.ndarray]:
+            return _timm_arrays(backbone, images, job.backbone.tokens)
+    else:
+        backbone, pool, outputs = _clip_outputs(job, device)
+
+        def features(images: list) -> list[np.ndarray]:
+            pooled = pooled_features(backbone, pool, images)
+            return [pooled.reshape(len(images), -1, pooled.shape[-1]).to(torch.float16).numpy()]
+
+    for output in outputs:
+        output.layout.root.mkdir(parents=True, exist_ok=True)
+    keys: list[list[str]] = []  # every shard's key per output, in plan order (all ranks walk the whole plan)
+    entries: list[list[dict]] = [[] for _ in outputs]
+    t0, done_images = time.perf_counter(), 0
     bar = tqdm(
         total=_my_share(n_total, src.shard_size, info),
         disable=not (job.progress and info.is_main),
@@ -137,54 +223,64 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
         dynamic_ncols=True,
     )
     for shard in source.shards(src.shard_size, src.max_images):
-        keys.append(key := _shard_key(shard, stamp))
+        keys.append(shard_keys := [_shard_key(shard, o.stamp) for o in outputs])
         if shard.index % info.world_size != info.rank:
             continue
-        ids_path, npy_path = out.shard_ids(shard.index), out.shard(shard.index)
-        previous = read_json_dict(ids_path)
-        if previous.get("key") == key and (npy_path.is_file() or previous.get("n_images") == 0):
-            entries.append(previous)  # finished by an earlier run
-            bar.update(previous["n_images"] + len(previous.get("skipped", [])))
+        previous = [read_json_dict(o.layout.shard_ids(shard.index)) for o in outputs]
+        finished = all(
+            prev.get("key") == key and (o.layout.shard(shard.index).is_file() or prev.get("n_images") == 0)
+            for o, prev, key in zip(outputs, previous, shard_keys, strict=True)
+        )
+        if finished:  # by an earlier run (every layer of it)
+            for k, prev in enumerate(previous):
+                entries[k].append(prev)
+            bar.update(previous[0]["n_images"] + len(previous[0].get("skipped", [])))
             continue
         skipped: list = []
-        feats, ids = [], []
+        feats: list[list[np.ndarray]] = [[] for _ in outputs]
+        ids: list[str] = []
         for batch_ids, images in _batches(shard.records(), job.batch_size, skipped):
-            pooled = pooled_features(backbone, pool, images)
-            feats.append(pooled.reshape(len(images), -1, pooled.shape[-1]).to(torch.float16).numpy())
+            for k, arr in enumerate(features(images)):
+                feats[k].append(arr)
             ids += batch_ids
             bar.update(len(images))
             done_images += len(images)
         bar.update(len(skipped))
-        if feats:
-            write_npy(npy_path, np.concatenate(feats))
-        else:  # every image of the shard was unreadable
-            npy_path.unlink(missing_ok=True)
-        entry = {"file": npy_path.name, "key": key, "n_images": len(ids), "ids": ids, "skipped": skipped}
-        write_json(ids_path, entry)  # written last: its key marks the shard as complete
-        entries.append(entry)
+        for k, (output, key) in enumerate(zip(outputs, shard_keys, strict=True)):
+            npy_path = output.layout.shard(shard.index)
+            if feats[k]:
+                write_npy(npy_path, np.concatenate(feats[k]))
+            else:  # every image of the shard was unreadable
+                npy_path.unlink(missing_ok=True)
+            entry = {"file": npy_path.name, "key": key, "n_images": len(ids), "ids": ids, "skipped": skipped}
+            write_json(output.layout.shard_ids(shard.index), entry)  # written last: marks the shard complete
+            entries[k].append(entry)
     bar.close()
     if not keys:
         raise ImageLoadError(f"{_describe(source)}: no images")
     if info.is_distributed:
         done_images = int(distributed.all_reduce_(torch.tensor([done_images]), "sum")[0])  # also a barrier
-        if not info.is_main:  # rank 0 writes the manifest
+        if not info.is_main:  # rank 0 writes the manifests
             distributed.barrier()
-            return read_json_dict(out.manifest)
-        entries = _collect_entries(out, keys)
-    _remove_stale(out, len(keys))
-    manifest = _manifest(source, backbone, stamp, entries)
-    if read_json_dict(out.manifest) != manifest:  # unchanged: keep its mtime (later stages hash it)
-        write_json(out.manifest, manifest)
+            return read_json_dict(outputs[0].layout.manifest)
+        entries = [_collect_entries(o.layout, [kk[i] for kk in keys]) for i, o in enumerate(outputs)]
+    manifests = []
+    for output, out_entries in zip(outputs, entries, strict=True):
+        _remove_stale(output.layout, len(keys))
+        manifest = _manifest(source, output.block, out_entries)
+        if not _same_manifest(read_json_dict(output.layout.manifest), manifest):
+            write_json(output.layout.manifest, manifest)  # unchanged: keep its mtime (later stages hash it)
+        manifests.append(manifest)
     distributed.barrier()
     rate = done_images / max(time.perf_counter() - t0, 1e-9)
     log.info(
         "extracted %d images (%d skipped) -> %s; %.1f img/s",
-        manifest["n_images"],
-        manifest["n_skipped"],
-        out.root,
+        manifests[0]["n_images"],
+        manifests[0]["n_skipped"],
+        ", ".join(str(o.layout.root) for o in outputs),
         rate,
     )
-    return manifest
+    return manifests[0]
 
 
 def _describe(source: ImageSource) -> str:
@@ -223,11 +319,24 @@ def _remove_stale(out: FeaturesLayout, n_shards: int) -> None:
             path.unlink()
 
 
-def _manifest(source: ImageSource, backbone: ClipBackbone, stamp: dict, entries: list) -> dict:
+def _same_manifest(previous: dict, manifest: dict) -> bool:
+    """Whether the manifest on disk says the same; a CLIP manifest written before ``kind`` and
+    ``text_aligned`` were recorded counts as the same (rewriting it would make every later stage
+    of an existing atlas run again)."""
+    if previous == manifest:
+        return True
+    block = dict(manifest.get("backbone", {}))
+    if block.get("kind") != CLIP_KIND or "kind" in previous.get("backbone", {}):
+        return False
+    block.pop("kind"), block.pop("text_aligned")
+    return previous == {**manifest, "backbone": block}
+
+
+def _manifest(source: ImageSource, block: dict, entries: list) -> dict:
     return {
         "format": FEATURES_FORMAT,
         "version": FEATURES_VERSION,
-        "backbone": {**stamp, "embed_dim": backbone.embed_dim, "grid": list(backbone.grid_hw)},
+        "backbone": block,
         "dtype": "float16",
         "source": source.describe(),
         "n_planned": sum(e["n_images"] + len(e["skipped"]) for e in entries),

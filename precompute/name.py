@@ -7,6 +7,11 @@ the top-5 are kept as alternatives. ``--vocab-embeddings FILE.npz`` (``words``, 
 bypasses the text encoder; without it, the word lists of ``--vocab-dir`` (default: the shipped
 ``assets/vocab``, see its PROVENANCE.md) are embedded. Runs ``stats``/``families`` first when given
 ``--features``.
+
+Atlases whose features are not text-aligned (a timm backbone such as DINOv2: the manifest's
+``backbone.text_aligned`` is false) have no text encoder to name against: the stage then writes the
+concept vectors and a table of neutral names (``concept 123``, no alternatives) so every later stage
+and the app work, and says so once.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from insight_core.atlas import AtlasLayout, fingerprint
+from insight_core.atlas import AtlasLayout, FeaturesLayout, fingerprint, read_json_dict
 from insight_core.atlas.layout import VOCAB_DIR
 from insight_core.concepts.families import Families
 from insight_core.concepts.naming import concept_vectors, name_concepts, parents_from_edges
@@ -35,6 +40,8 @@ from insight_core.concepts.vocabulary import build_vocabulary, paper_vocab_sourc
 from insight_core.errors import ConfigError
 from insight_core.io import atomic_write, write_safetensors
 from insight_core.models.backbone import PAPER_ARCH, PAPER_PRETRAINED, BackboneConfig, ClipBackbone
+from insight_core.models.feature_path import backbone_label, is_text_aligned
+from insight_core.models.timm_backbone import not_text_aligned_message
 from precompute import families as families_stage
 from precompute.common import load_atlas_sae, load_atlas_stats
 from precompute.options import Flat, NamingOptions
@@ -59,6 +66,10 @@ class NameJob:
     pretrained: str = PAPER_PRETRAINED
     """open_clip pretrained tag or local weights file of the text encoder (must match the atlas
     backbone; default: the paper's laion2b_s34b_b88k)."""
+    text_aligned: bool | None = None
+    """Whether the features share a space with a text encoder; None: read ``backbone.text_aligned``
+    from the feature manifest (--features) or the atlas manifest (true when neither says). False
+    writes neutral names ('concept 123')."""
     force: bool = False
     """Rename even if the inputs (SAE, edges, stats, vocabulary) and settings are unchanged."""
     progress: bool = True
@@ -117,6 +128,7 @@ def _input_key(job: NameJob) -> str:
     settings = {
         k: v for k, v in dataclasses.asdict(job).items() if k not in ("force", "progress", "features")
     }
+    settings["text_aligned"] = _text_aligned(job)  # resolved from the manifests when not given
     return fingerprint([f for f in files if f.is_file()], {"name": settings})
 
 
@@ -129,8 +141,9 @@ def run(job: NameJob) -> list[dict]:
     if not job.force and record.is_current(key):
         log.info("%s is up to date; skipping (use --force to rename)", layout.concepts)
         return pq.read_table(layout.concepts).to_pylist()
-    vocab = _vocabulary(job)
-    if vocab.dim != sae.cfg.d_in:
+    text_aligned = _text_aligned(job)
+    vocab = _vocabulary(job) if text_aligned else None
+    if vocab is not None and vocab.dim != sae.cfg.d_in:
         raise ConfigError(f"vocabulary embeddings have d={vocab.dim} but the SAE has d_in={sae.cfg.d_in}")
     parents = parents_from_edges(fam.parent_e, fam.child_e, sae.cfg.dict_size)
     vectors = concept_vectors(
@@ -148,8 +161,12 @@ def run(job: NameJob) -> list[dict]:
         {"vectors_md": vectors_md},
         {"alpha": str(job.naming.alpha), "use_parents": str(job.naming.use_parents)},
     )
-    result = name_concepts(vectors, vocab, top_k=job.naming.top_k)
-    records = result.to_records()
+    if vocab is None:
+        log.warning("%s", not_text_aligned_message(_backbone_label(job), "naming concepts"))
+        log.warning("writing neutral concept names ('concept 123') to %s", layout.concepts)
+        records = neutral_records(sae.cfg.dict_size)
+    else:
+        records = name_concepts(vectors, vocab, top_k=job.naming.top_k).to_records()
     group_m = np.repeat(np.arange(len(sae.cfg.group_sizes)), sae.cfg.group_sizes)
     n_patches = max(1, stats.n_patches)
     for rec in records:
@@ -163,10 +180,56 @@ def run(job: NameJob) -> list[dict]:
             n_parents=len(parents[i]),
             n_children=len(fam.children(i)),
         )
-    table = pa.Table.from_pylist(records)
+    table = pa.Table.from_pylist(records, schema=_schema(records))
     atomic_write(layout.concepts, lambda tmp: pq.write_table(table, str(tmp)))
-    record.write(
-        key, [layout.concepts, layout.concept_vectors], n_concepts=len(records), n_words=vocab.n_words
-    )
-    log.info("named %d concepts against %d words -> %s", len(records), vocab.n_words, layout.concepts)
+    n_words = vocab.n_words if vocab is not None else 0
+    record.write(key, [layout.concepts, layout.concept_vectors], n_concepts=len(records), n_words=n_words,
+                 text_aligned=text_aligned)  # fmt: skip
+    if vocab is not None:
+        log.info("named %d concepts against %d words -> %s", len(records), n_words, layout.concepts)
     return records
+
+
+def neutral_name(cid: int) -> str:
+    """The name of a concept of an atlas without a text encoder."""
+    return f"concept {int(cid)}"
+
+
+def neutral_records(m: int) -> list[dict]:
+    """``concepts.parquet`` name columns for ``m`` concepts that cannot be named (no alternatives)."""
+    return [
+        {"id": i, "name": neutral_name(i), "name_score": 0.0, "name_pos": "", "top_names": [],
+         "top_scores": [], "top_pos": []}
+        for i in range(m)
+    ]  # fmt: skip
+
+
+def _schema(records: list[dict]) -> pa.Schema | None:
+    """Explicit list types, so an all-empty ``top_names`` column is still a list of strings."""
+    if not records:
+        return None
+    lists = {"top_names": pa.list_(pa.string()), "top_scores": pa.list_(pa.float64()),
+             "top_pos": pa.list_(pa.string())}  # fmt: skip
+    inferred = pa.Table.from_pylist(records[:1]).schema
+    return pa.schema([pa.field(f.name, lists.get(f.name, f.type)) for f in inferred])
+
+
+def _recorded_backbone(job: NameJob) -> dict:
+    """The ``backbone`` block of the feature manifest (--features) or else of the atlas manifest."""
+    if job.features is not None:
+        block = read_json_dict(FeaturesLayout(job.features).manifest).get("backbone")
+        if isinstance(block, dict):
+            return block
+    block = read_json_dict(AtlasLayout(job.atlas).manifest).get("backbone")
+    return block if isinstance(block, dict) else {}
+
+
+def _text_aligned(job: NameJob) -> bool:
+    if job.text_aligned is not None:
+        return job.text_aligned
+    return is_text_aligned(_recorded_backbone(job))
+
+
+def _backbone_label(job: NameJob) -> str:
+    block = _recorded_backbone(job)
+    return backbone_label(block) if block else "this atlas's backbone"

@@ -24,6 +24,7 @@ from insight_core.errors import ConfigError
 from insight_core.models.backbone import DENSE_VARIANTS, PAPER_ARCH, PAPER_PRETRAINED, BackboneConfig
 from insight_core.models.dinoiser import Dinoiser
 from insight_core.models.sae import PAPER_GROUP_FRACTIONS, SAEConfig
+from insight_core.models.timm_backbone import HUB_WEIGHTS, TOKEN_KINDS, TimmConfig, parse_backbone
 from insight_core.training.sae import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,30 @@ class BackboneOptions:
     precision: str = "auto"
     """Backbone compute precision: 'auto' (fp32 on CPU, bf16/fp16 autocast on CUDA), 'fp32' (exactly
     the released computation), 'fp16' or 'bf16'."""
+    backbone: str = "open_clip"
+    """'open_clip' (the CLIP model of --arch: text-aligned features) or 'timm:NAME', any timm ViT
+    (e.g. timm:vit_small_patch14_dinov2.lvd142m): block tokens, not text-aligned, so naming, text
+    search, zero-shot, segmentation and captioning are off. For timm, --pretrained is 'hub' (timm's
+    weights; also what the CLIP default tag means here), a local weights file or 'none'."""
+    layer: tuple[int, ...] = (-1,)
+    """timm: the block(s) whose output tokens are the features (-1 = last). Several (--layer -1 -4 -8)
+    come from one forward pass, one feature folder each: OUT/layer_-1/, OUT/layer_-4/, ..."""
+    tokens: str = "patch"
+    """timm: 'patch' (n, gh*gw, d) shards, 'cls' (n, d) class tokens (global embeddings), or 'both'
+    (n, 1 + gh*gw, d): the class token first, then the patches in row-major order."""
+    image_size: int | None = 224
+    """timm: square input size (224: a 16x16 grid for patch 14); 'None' = the model's default."""
+    final_norm: bool = False
+    """timm: apply the model's final norm to the block tokens (default: the raw residual stream)."""
 
     def __post_init__(self) -> None:
+        if self.tokens not in TOKEN_KINDS:
+            raise ConfigError(f"--tokens must be one of {', '.join(TOKEN_KINDS)}, got {self.tokens!r}")
+        timm_name = parse_backbone(self.backbone)  # ConfigError on a malformed --backbone
+        if timm_name is None and (self.layer != (-1,) or self.tokens != "patch"):
+            raise ConfigError("--layer and --tokens choose timm blocks: use them with --backbone timm:NAME")
+        if timm_name is not None and self.pool in ("raw", "head"):
+            raise ConfigError(f"--pool {self.pool} is CLIP-DINOiser pooling; timm backbones use --pool none")
         if self.pool not in ("auto", "none", "raw", "head"):
             raise ConfigError(f"--pool must be auto, none, raw or head, got {self.pool!r}")
         if self.resize not in ("squash", "crop"):
@@ -119,10 +142,27 @@ class BackboneOptions:
                               dense=self.dense, precision=self.precision,  # type: ignore[arg-type]
                               batch_size=batch_size)  # fmt: skip
 
+    @property
+    def timm_name(self) -> str | None:
+        """The timm model of ``--backbone timm:NAME`` (None: the open_clip CLIP backbone)."""
+        return parse_backbone(self.backbone)
+
+    def timm_config(self, device: str = "auto", batch_size: int = 32) -> TimmConfig:
+        """The timm backbone of ``--backbone timm:NAME`` (every ``--layer``)."""
+        name = self.timm_name
+        if name is None:
+            raise ConfigError("timm_config needs --backbone timm:NAME")
+        weights = HUB_WEIGHTS if self.pretrained == PAPER_PRETRAINED else self.pretrained
+        return TimmConfig(name=name, pretrained=weights, layers=tuple(self.layer), image_size=self.image_size,
+                          norm=self.final_norm, resize=self.resize, device=device,  # type: ignore[arg-type]
+                          precision=self.precision, batch_size=batch_size)  # type: ignore[arg-type]  # fmt: skip
+
     def pool_mode(self, head: Path | None = None) -> str:
-        """The pooling mode with 'auto' resolved ('head' when a head file is given)."""
+        """The pooling mode with 'auto' resolved ('head' when a head file is given; 'none' for timm)."""
         if self.pool != "auto":
             return self.pool
+        if self.timm_name is not None:
+            return "none"
         return "head" if (self.dinoiser or head) is not None else "raw"
 
     def pooling(self, head: Path | None = None) -> Dinoiser:

@@ -45,13 +45,14 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
                 )  # fmt: skip
                 if examples:
                     gr.Examples(examples, inputs=image_in, label="Examples")
-                classifier = gr.Radio(
-                    choices, value=choices[0], label="Classifier", elem_id="classify-classifier"
-                )
+                classifier = gr.Radio(  # no choice: an atlas without probes or text (see the note)
+                    choices, value=choices[0] if choices else None, label="Classifier",
+                    elem_id="classify-classifier",
+                )  # fmt: skip
                 labels = gr.Textbox(
                     label="Zero-shot labels (comma-separated)",
                     placeholder="e.g. bird, motorcycle, horse, pizza, clock, noodles",
-                    visible=choices[0] == K.ZERO_SHOT,
+                    visible=bool(choices) and choices[0] == K.ZERO_SHOT,
                     elem_id="classify-labels",
                 )
                 top_k = gr.Slider(3, 20, value=8, step=1, label="Contributing concepts shown")
@@ -96,10 +97,11 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
         if st is None:
             return gr.skip(), gr.skip(), gr.skip()
         options = K.classifier_choices(st)
-        note = (gr.update(value=H.message(st.probe_note, "warning"), visible=True) if st.probe_note
-                else gr.update(visible=False))  # fmt: skip
-        zero_shot = options[0] == K.ZERO_SHOT
-        return gr.update(choices=options, value=options[0]), gr.update(visible=zero_shot), note
+        text = " ".join(n for n in (st.probe_note, st.text_off_note("Zero-shot classification")) if n)
+        note = gr.update(value=H.message(text, "warning"), visible=True) if text else gr.update(visible=False)
+        zero_shot = bool(options) and options[0] == K.ZERO_SHOT
+        value = options[0] if options else None
+        return gr.update(choices=options, value=value), gr.update(visible=zero_shot), note
 
     outs = [result_state, classes_out, explained, chart, gallery, concepts_out, families_out, note, status]
     ev = dict(**MODEL_EVENT, api_visibility="private")

@@ -67,10 +67,13 @@ def build(views: Views, status: gr.HTML) -> dict:
         """The group choices and the browse table (most frequent concepts of all groups)."""
         state = views.state
         if state is None:
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         choices = [("all groups", -1)] + [(f"group {g}", g) for g in range(len(state.group_ends))]
         table = C.results_html(C.browse(state, None, "frequency", BROWSE_K))
-        return gr.update(choices=choices, value=-1), table
+        modes = ["text", "name"] if state.text_aligned else ["name"]  # no text encoder: names and ids
+        label = f"Search concepts ({'text, name, or #id' if state.text_aligned else 'name or #id'})"
+        return (gr.update(choices=choices, value=-1), table, gr.update(choices=modes, value=modes[0]),
+                gr.update(label=label))  # fmt: skip
 
     search_btn.click(on_search, [query, mode], [results, status], api_visibility="private")
     query.submit(on_search, [query, mode], [results, status], api_visibility="private")
@@ -78,7 +81,7 @@ def build(views: Views, status: gr.HTML) -> dict:
     copy_btn.click(None, None, None, js=copy_link_js("concept-page"))
     return {"tab": tab, "cid": cid_in, "open_btn": open_btn, "family_btn": family_btn, "page": page,
             "hist": hist, "exemplars": exemplars, "results": results, "group": group,
-            "on_load": (on_load, [group, results])}  # fmt: skip
+            "on_load": (on_load, [group, results, mode, query])}  # fmt: skip
 
 
 def concept_outputs(views: Views, cid: Any) -> tuple:

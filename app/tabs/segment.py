@@ -6,6 +6,7 @@ from typing import Any
 
 import gradio as gr
 
+from app import html as H
 from app import segment as G
 from app.components import BRIDGE_JS, MODEL_EVENT, raw_image, ui_handler
 from app.state import AppError
@@ -38,6 +39,7 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
             "Type class names (or pick a dataset's list): every patch takes the class whose text is closest "
             "to its concept reconstruction. Click a segment to see which concepts make it that class."
         )
+        text_note = gr.HTML(visible=False, elem_id="segment-text-note")  # atlases without text features
         seg_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
@@ -100,9 +102,13 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
         return (", ".join(current[name]),)
 
     def on_load():
-        if views.state is None:
-            return gr.skip()
-        return gr.update(choices=[OWN, *class_lists()])
+        state = views.state
+        if state is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        if not state.text_aligned:  # no text encoder: say why once, keep the button off
+            note = H.message(state.text_off_note("Open-vocabulary segmentation"), "warning")
+            return gr.skip(), gr.update(value=note, visible=True), gr.update(interactive=False)
+        return gr.update(choices=[OWN, *class_lists()]), gr.update(visible=False), gr.update(interactive=True)
 
     @ui_handler(6)
     def on_segment(source: Any, text: str, bg: bool, alpha: float):
@@ -150,4 +156,4 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
     )
     opacity.release(on_opacity, [seg_state, pick, opacity], [overlay, status], api_visibility="private")
     return {"image": image_in, "classes": classes, "button": run_btn, "links": [detail],
-            "on_load": (on_load, [preset])}  # fmt: skip
+            "on_load": (on_load, [preset, text_note, run_btn])}  # fmt: skip

@@ -684,6 +684,10 @@ class FeaturesLayout:
     def manifest(self) -> Path:
         return self.root / MANIFEST
 
+    def layer(self, layer: int) -> FeaturesLayout:
+        """The feature folder of one block when ``extract --layer`` names several (``OUT/layer_-4/``)."""
+        return FeaturesLayout(self.root / f"layer_{int(layer)}")
+
     def shard(self, index: int) -> Path:
         return self.root / f"shard_{index:05d}.npy"
 

@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, get_args
 
@@ -77,6 +77,15 @@ def reading(path: Path, what: str) -> Iterator[None]:
         text = str(err).strip()
         first = text.splitlines()[0][:300] if text else ""
         raise AtlasError(f"{path}: unreadable {what} ({type(err).__name__}: {first})") from err
+
+
+def backbone_text_aligned(block: Mapping[str, Any]) -> bool:
+    """Whether a manifest ``backbone`` block describes text-aligned features: its ``text_aligned``
+    field, else true for CLIP (``kind`` "open_clip" or absent: atlases written before the field)."""
+    value = block.get("text_aligned")
+    if value is None:
+        return block.get("kind", "open_clip") == "open_clip"
+    return bool(value)
 
 
 def _sha256(path: Path) -> str:
@@ -452,6 +461,18 @@ class Atlas:
     def random_weights(self) -> bool:
         """True when the atlas was built on a random-init backbone (its concepts carry no semantics)."""
         return bool(self.backbone.get("random_weights", False))
+
+    @property
+    def text_aligned(self) -> bool:
+        """Whether the features share a space with a text encoder (``backbone.text_aligned``; CLIP
+        atlases and those written before the field existed: yes; timm backbones such as DINOv2: no).
+        Naming, text search, zero-shot, segmentation and captioning need it."""
+        return backbone_text_aligned(self.backbone)
+
+    @property
+    def backbone_kind(self) -> str:
+        """``"open_clip"`` (CLIP; also atlases that do not say) or ``"timm"``."""
+        return str(self.backbone.get("kind") or "open_clip")
 
 
 def _safe_rel(manifest_path: Path, rel: Any) -> str:

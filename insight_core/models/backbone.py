@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import open_clip
@@ -40,10 +39,10 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from PIL import Image
 from torch import Tensor, nn
 
-from insight_core.data.images import load_image
 from insight_core.device import resolve_device
-from insight_core.errors import ConfigError, ImageLoadError
+from insight_core.errors import ConfigError
 from insight_core.models.clip_weights import create_model
+from insight_core.models.image_batches import ImageBatches, check_run_settings, chunks, is_random_init
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ PAPER_PRETRAINED = "laion2b_s34b_b88k"
 """open_clip weights of the paper's released code (an OpenAI-weights variant, ``"openai"``, is used
 for its classification table)."""
 
-_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DENSE_VARIANTS: tuple[str, ...] = ("released", "value")
 _RESIZE_TO_OPEN_CLIP = {"crop": "shortest", "squash": "squash"}
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -102,21 +100,14 @@ class BackboneConfig:
             raise ConfigError(
                 "BackboneConfig.pretrained must be a hub tag, a weights file path or 'none', got ''"
             )
-        if self.precision not in _PRECISIONS:
-            raise ConfigError(
-                f"BackboneConfig.precision must be one of {_PRECISIONS}, got {self.precision!r}"
-            )
-        if self.resize not in _RESIZE_TO_OPEN_CLIP:
-            raise ConfigError(f"BackboneConfig.resize must be 'crop' or 'squash', got {self.resize!r}")
+        check_run_settings("BackboneConfig", self.precision, self.resize, self.batch_size)
         if self.dense not in DENSE_VARIANTS:
             raise ConfigError(f"BackboneConfig.dense must be one of {DENSE_VARIANTS}, got {self.dense!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"BackboneConfig.batch_size must be a positive int, got {self.batch_size!r}")
 
     @property
     def is_random(self) -> bool:
         """True when ``pretrained`` asks for random init."""
-        return self.pretrained.strip().lower() == "none"
+        return is_random_init(self.pretrained)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -324,12 +315,7 @@ def dense_forward(
 # --------------------------------------------------------------------------------------------
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-class ClipBackbone:
+class ClipBackbone(ImageBatches):
     """A frozen open_clip CLIP ViT that yields dense text-aligned patch features.
 
     Parameters
@@ -385,14 +371,6 @@ class ClipBackbone:
         return self.cfg.is_random
 
     @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
     def embed_dim(self) -> int:
         return int(self.visual.output_dim)
 
@@ -433,51 +411,7 @@ class ClipBackbone:
         pp = dataclasses.replace(pp, resize_mode=_RESIZE_TO_OPEN_CLIP[self.cfg.resize])
         return image_transform_v2(pp, is_train=False)
 
-    def autocast(self) -> AbstractContextManager:
-        """The configured mixed-precision context (a no-op for fp32)."""
-        if self._dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type=self._device.type, dtype=self._dtype)
-
-    def _check_pixels(self, pixels: Tensor) -> Tensor:
-        expected = (3, *self.image_size)
-        if pixels.ndim == 3:
-            pixels = pixels.unsqueeze(0)
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected or not pixels.is_floating_point():
-            raise ImageLoadError(
-                f"pixels must be a float tensor (B, {', '.join(map(str, expected))}) from "
-                f"ClipBackbone.preprocess, got {pixels.dtype} {tuple(pixels.shape)}"
-            )
-        return pixels
-
-    def _pixel_batches(self, images: Sequence[Image.Image] | Tensor) -> Iterator[Tensor]:
-        bs = self.cfg.batch_size
-        if isinstance(images, Tensor):
-            pixels = self._check_pixels(images)
-            for sl in _chunks(pixels.shape[0], bs):
-                yield pixels[sl]
-        else:
-            images = list(images)
-            for sl in _chunks(len(images), bs):
-                yield self.preprocess(images[sl])
-
     # -- public API ---------------------------------------------------------------------------
-
-    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
-        """Resize (per ``cfg.resize``), convert to RGB and normalise with the model's mean/std.
-
-        Returns float32 pixels (B, 3, H, W) on CPU.
-        """
-        if isinstance(images, Image.Image):
-            images = [images]
-        out = []
-        for i, img in enumerate(images):
-            if not isinstance(img, Image.Image):
-                raise ImageLoadError(f"images[{i}] is a {type(img).__name__}, expected a PIL.Image.Image")
-            out.append(self._transform(load_image(img, name=f"images[{i}]")))  # mode, EXIF, alpha
-        if not out:
-            return torch.empty(0, 3, *self.image_size)
-        return torch.stack(out).float()
 
     @torch.no_grad()  # not inference_mode: callers may train heads (DINOiser) on these tensors
     def dense_features(
@@ -551,7 +485,7 @@ class ClipBackbone:
             self._tokenizer = open_clip.get_tokenizer(self.cfg.arch)
         prompts = [t.format(text) for text in texts for t in templates]
         embs = []
-        for sl in _chunks(len(prompts), batch_size):
+        for sl in chunks(len(prompts), batch_size):
             tokens = self._tokenizer(prompts[sl]).to(self._device)
             with self.autocast():
                 emb = self.model.encode_text(tokens)

@@ -15,9 +15,18 @@ from typing import Any, cast
 from PIL import Image
 from torch import Tensor
 
+from insight_core.atlas.manifest import backbone_text_aligned
 from insight_core.errors import ConfigError
 from insight_core.models.backbone import PAPER_PRETRAINED, BackboneConfig, ClipBackbone
 from insight_core.models.dinoiser import Dinoiser, Mode
+from insight_core.models.timm_backbone import KIND as TIMM_KIND
+from insight_core.models.timm_backbone import TimmBackbone, TimmConfig, not_text_aligned_message
+
+DenseBackbone = ClipBackbone | TimmBackbone
+"""What extract, the app's explain path and steering read features from (``preprocess``, ``grid_hw``,
+``embed_dim``, ``dense_features``); only a :class:`ClipBackbone` is text-aligned (``encode_text``)."""
+CLIP_KIND = "open_clip"
+"""``backbone.kind`` of the CLIP backbone (and of manifests written before the field existed)."""
 
 LEGACY_DENSE = "value"
 """Dense variant of atlases whose manifest has no ``dense`` field (built before the released path)."""
@@ -26,7 +35,7 @@ LEGACY_RESIZE = "squash"
 
 
 def pooled_features(
-    backbone: ClipBackbone, pool: Dinoiser | None, images: Sequence[Image.Image] | Tensor
+    backbone: DenseBackbone, pool: Dinoiser | None, images: Sequence[Image.Image] | Tensor
 ) -> Tensor:
     """Patch features (B, gh, gw, D), float32 on CPU: one backbone pass (with the intermediate
     tokens the pooling needs) and the pooling."""
@@ -95,6 +104,64 @@ def manifest_pooling(block: Mapping[str, Any], head: Path | None) -> Dinoiser:
     return pool
 
 
-def check_compatible(backbone: ClipBackbone, pool: Dinoiser) -> None:
+def check_compatible(backbone: DenseBackbone, pool: Dinoiser) -> None:
     """``ConfigError`` when ``pool``'s head cannot read ``backbone``'s tokens."""
+    if isinstance(backbone, TimmBackbone):
+        if pool.mode != "none":
+            raise ConfigError(f"timm backbone tokens are not pooled (pool 'none'), got pool {pool.mode!r}")
+        return
     pool.check_backbone(width=backbone.width, embed_dim=backbone.embed_dim, n_blocks=backbone.n_blocks)
+
+
+def backbone_kind(block: Mapping[str, Any]) -> str:
+    """``"open_clip"`` or ``"timm"`` (manifests without ``kind`` are CLIP ones)."""
+    kind = str(block.get("kind") or CLIP_KIND)
+    if kind not in (CLIP_KIND, TIMM_KIND):
+        raise ConfigError(f"backbone kind {kind!r}: expected {CLIP_KIND!r} or {TIMM_KIND!r}")
+    return kind
+
+
+is_text_aligned = backbone_text_aligned
+"""Whether a manifest ``backbone`` block's features live in a joint image-text space."""
+
+
+def backbone_label(block: Mapping[str, Any]) -> str:
+    """How messages name the backbone: ``timm:NAME (layer -1)`` or the open_clip arch/tag."""
+    if block.get("kind") == TIMM_KIND:
+        return f"timm:{block.get('arch')} (layer {block.get('layer', -1)})"
+    return f"{block.get('arch')}/{block.get('pretrained') or PAPER_PRETRAINED}"
+
+
+def manifest_timm_config(
+    block: Mapping[str, Any], *, device: str = "auto", batch_size: int = 64, pretrained: str | None = None
+) -> TimmConfig:
+    """The :class:`TimmConfig` a timm manifest ``backbone`` block describes (its one recorded layer)."""
+    if not block.get("arch"):
+        raise ConfigError("the manifest's timm backbone block has no arch (model name)")
+    size = block.get("image_size")
+    return TimmConfig(
+        name=str(block["arch"]),
+        pretrained=pretrained or str(block.get("pretrained") or "hub"),
+        layers=(int(block.get("layer", -1)),),
+        image_size=int(size[0]) if isinstance(size, list) and size else None,
+        norm=bool(block.get("norm", False)),
+        resize=str(block.get("resize") or "crop"),  # type: ignore[arg-type]
+        device=device,
+        batch_size=batch_size,
+    )
+
+
+def manifest_backbone(
+    block: Mapping[str, Any], *, device: str = "auto", batch_size: int = 64
+) -> DenseBackbone:
+    """The backbone a manifest ``backbone`` block describes (CLIP or timm)."""
+    if backbone_kind(block) == TIMM_KIND:
+        return TimmBackbone(manifest_timm_config(block, device=device, batch_size=batch_size))
+    return ClipBackbone(manifest_backbone_config(block, device=device, batch_size=batch_size))
+
+
+def require_text_aligned(block: Mapping[str, Any], what: str, where: object) -> None:
+    """``ConfigError`` (naming ``where``, e.g. the manifest) when ``what`` needs text-aligned features
+    and the manifest ``backbone`` block says they are not."""
+    if not is_text_aligned(block):
+        raise ConfigError(f"{where}: {not_text_aligned_message(backbone_label(block), what)}")

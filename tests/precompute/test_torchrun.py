@@ -179,3 +179,27 @@ def test_interrupted_two_process_run_resumes_to_identical_weights(tmp_path: Path
     assert result["samples_seen"] == 45 * 128
     assert result["agree"], result  # the replicas stayed bitwise identical
     assert result["max_diff"] < 1e-6, result
+
+
+def test_timm_layers_on_two_processes_equal_one(photos: tuple[Path, Path], tmp_path: Path) -> None:
+    """Several timm layers in one pass: each layer folder is the same under torchrun."""
+    from insight_core.models.timm_backbone import TimmBackbone, TimmConfig
+
+    images, _ = photos
+    weights = tmp_path / "vit.safetensors"
+    model = TimmBackbone(TimmConfig(name="vit_tiny_patch16_224", pretrained="none", device="cpu")).model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    args = ["extract", "--images", str(images), "--backbone", "timm:vit_tiny_patch16_224",
+            "--pretrained", str(weights), "--layer", "-1", "-3", "--shard-size", "3", "--batch-size", "2",
+            "--no-progress"]  # fmt: skip
+    two, one = tmp_path / "two", tmp_path / "one"
+    _run([*args, "--out", str(two)], processes=2)
+    _run([*args, "--out", str(one)])
+    for layer in ("layer_-1", "layer_-3"):
+        shards = sorted((one / layer).glob("shard_*.npy"))
+        assert len(shards) == 4
+        for npy in shards:
+            assert np.array_equal(np.load(npy), np.load(two / layer / npy.name)), npy
+        manifest = json.loads((one / layer / "manifest.json").read_text())
+        assert manifest == json.loads((two / layer / "manifest.json").read_text())
+        assert manifest["n_images"] == 10
