@@ -30,6 +30,7 @@ from insight_core.models.backbone import ClipBackbone
 from insight_core.models.dinoiser import Dinoiser
 from insight_core.models.feature_path import check_compatible, manifest_backbone_config, manifest_pooling
 from insight_core.models.sae import MatryoshkaSAE
+from insight_core.models.sae_kinds import load_sae
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +359,7 @@ def load_state(location: str | Path) -> AppState:
     backbone, pool = _backbone(atlas)
     sae_path = atlas.read_path("sae")
     with reading(sae_path, "SAE checkpoint"):
-        sae = MatryoshkaSAE.load(sae_path).eval()
+        sae = load_sae(sae_path).eval()
     if sae.cfg.d_in != backbone.embed_dim:
         raise AtlasError(
             f"{atlas.root}: SAE input dimension {sae.cfg.d_in} does not match the backbone "

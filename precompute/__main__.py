@@ -28,6 +28,7 @@ from precompute import (
     masks,
     name,
     probe,
+    sae_pareto,
     space_readme,
     stats,
     synth,
@@ -64,6 +65,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "masks": (masks.MasksJob, masks.run),
     "eval-ovs": (eval_ovs.EvalOvsJob, eval_ovs.run),
     "eval-concepts": (eval_concepts.EvalConceptsJob, eval_concepts.run),
+    "sae-pareto": (sae_pareto.SaeParetoJob, sae_pareto.run),
 }
 
 
