@@ -23,6 +23,7 @@ from precompute import (
     extract,
     families,
     hub,
+    import_sae,
     index,
     manifest,
     masks,
@@ -66,6 +67,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "eval-ovs": (eval_ovs.EvalOvsJob, eval_ovs.run),
     "eval-concepts": (eval_concepts.EvalConceptsJob, eval_concepts.run),
     "sae-pareto": (sae_pareto.SaeParetoJob, sae_pareto.run),
+    "import-sae": (import_sae.ImportSaeJob, import_sae.run),
 }
 
 
