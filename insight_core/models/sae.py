@@ -445,7 +445,7 @@ class MatryoshkaSAE(nn.Module):
                 meta = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"cannot read SAE checkpoint {path}: {err}") from err
-        if meta.get("kind", "matryoshka") != "matryoshka" or meta.get("format", SAE_FORMAT) != SAE_FORMAT:
+        if meta.get("kind", "matryoshka") != "matryoshka" or meta.get("format") == "insight-msae-topk":
             raise CheckpointError(
                 f"{path} is an SAE of kind {meta.get('kind') or meta.get('format')!r}, not a Matryoshka "
                 "BatchTopK SAE: load it with insight_core.models.sae_kinds.load_sae"

@@ -73,9 +73,9 @@ def kind_of(path: str | Path) -> str:
         raise CheckpointError(f"cannot read SAE checkpoint {path}: {err}") from err
     if "kind" in meta:
         kind = meta["kind"]
-    else:
+    else:  # another tool's format tag (e.g. "pt") or none: dictionary_learning names, the BatchTopK kind
         by_format = {k.format: k.name for k in SAE_KINDS.values()}
-        kind = by_format.get(meta.get("format", SAE_FORMAT), "")
+        kind = by_format.get(meta.get("format", SAE_FORMAT), "matryoshka")
     if kind not in SAE_KINDS:
         raise CheckpointError(
             f"{path}: unknown SAE kind {meta.get('kind') or meta.get('format')!r} "

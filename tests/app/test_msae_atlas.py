@@ -36,7 +36,7 @@ def msae_atlas(app_atlas: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     assert main(args) == 0
     assert main(["stats", *common, "--force"]) == 0
     assert main(["families", *common, "--force"]) == 0
-    assert main(["name", *common, "--max-words", "24", "--force"]) == 0
+    assert main(["name", *common, "--max-words", "24", "--pretrained", "none", "--force"]) == 0
     assert main(["index", *common, "--force"]) == 0
     assert main(["manifest", "--atlas", str(root)]) == 0
     return root

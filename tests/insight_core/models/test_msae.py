@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.models.msae import (
@@ -149,6 +150,14 @@ def test_save_load_roundtrip_and_kind_registry(tmp_path: Path) -> None:
     assert sae_kind(load_sae(bt_path)) == "matryoshka"
     assert isinstance(build_sae(sae.cfg), MSAE)
     assert not isinstance(build_sae(bt.cfg), MSAE)
+    foreign = tmp_path / "foreign.safetensors"  # another tool's file: HF's usual {"format": "pt"} tag
+    save_file(bt.dl_state_dict(), str(foreign), metadata={"format": "pt"})
+    assert kind_of(foreign) == "matryoshka"
+    assert not isinstance(load_sae(foreign), MSAE)
+    odd = tmp_path / "odd.safetensors"
+    save_file(bt.dl_state_dict(), str(odd), metadata={"kind": "jumprelu"})
+    with pytest.raises(CheckpointError, match="unknown SAE kind"):
+        load_sae(odd)
 
 
 # ------------------------------------------------------------------------------------------ importer
