@@ -107,7 +107,7 @@ WORLD = ["--world.n-objects", "20", "--world.subparts-per-part", "0", "--world.n
          "--world.n-backgrounds", "16"]  # fmt: skip
 
 
-@pytest.mark.slow  # ~40 s of CPU (300 steps of 512 planted patches, then stats, families and naming)
+@pytest.mark.slow  # ~1-1.5 CPU minutes (300 steps of 512 planted patches, families, naming)
 def test_acceptance_msae_on_a_planted_world(tmp_path: Path) -> None:
     """MSAE on planted patches: held-out FVE >= 0.9 at its largest level, every level reported; its
     atlas goes through families and naming, and the Pareto report is listed in the manifest."""
