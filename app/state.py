@@ -92,6 +92,8 @@ class AppState:
     """Histograms, range exemplars and co-occurrence rows of ``stats/`` (read lazily)."""
     shell_fve: tuple[float, ...] = ()
     """Held-out FVE of each Matryoshka shell (``sae_metrics.json``; empty when the atlas has none)."""
+    level_fve: tuple[tuple[int, float], ...] = ()
+    """An MSAE's held-out FVE at each trained k level, (k, FVE) ascending (empty for other kinds)."""
     evaluations: dict[str, Evaluation] = dataclasses.field(default_factory=dict)
     """The atlas's evaluations by name (``evals/NAME/``, listed in the manifest's ``evals`` block)."""
     eval_note: str = ""
@@ -293,6 +295,20 @@ def _shell_fve(atlas: Atlas) -> tuple[float, ...]:
     return ()
 
 
+def _level_fve(atlas: Atlas) -> tuple[tuple[int, float], ...]:
+    """An MSAE's held-out FVE per k level (``sae_metrics.json`` ``fve_per_level``; () when absent)."""
+    if not atlas.has("sae_metrics"):
+        return ()
+    per = _read_json_object(atlas, "sae_metrics").get("fve_per_level")
+    if not isinstance(per, dict):
+        return ()
+    out = []
+    for k, v in per.items():
+        if str(k).isdigit() and isinstance(v, int | float) and not isinstance(v, bool):
+            out.append((int(k), float(v)))
+    return tuple(sorted(out))
+
+
 def _class_embeddings(path: Path, d: int) -> dict[str, np.ndarray]:
     """An OVS evaluation's class text embeddings (the ``--vocab-embeddings`` ``.npz`` format)."""
     with reading(path, "class embeddings"), np.load(path, allow_pickle=False) as z:
@@ -379,6 +395,7 @@ def load_state(location: str | Path) -> AppState:
     if state.stats.m != m:
         raise AtlasError(f"{state.stats.path}: statistics of {state.stats.m} concepts, but the SAE has {m}")
     state.shell_fve = _shell_fve(atlas)
+    state.level_fve = _level_fve(atlas)
     load_evaluations(state)
     _indexes(state)
     _captioner(state)

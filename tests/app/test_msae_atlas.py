@@ -47,6 +47,8 @@ def test_msae_atlas_opens_in_the_app(msae_atlas: Path) -> None:
     assert isinstance(state.sae, MSAE)
     assert state.m == 64
     assert state.group_ends == (64,)  # MSAE nests k levels, not dictionary prefixes: one group
+    assert [k for k, _ in state.level_fve] == [2, 4, 8]  # held-out FVE per level on concept pages
+    assert set(C.concept_metrics(state, 0)["sae (held-out)"]) >= {"FVE at k=2", "FVE at k=8"}
     page = C.concept_page(state, 0)
     assert page["n_groups"] == 1
     assert "<" in C.concept_html(state, page)
