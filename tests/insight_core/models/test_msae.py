@@ -271,3 +271,20 @@ def test_loss_gradients_and_encoding_on_cuda_match_cpu() -> None:
     gpu.finish_training()
     codes_c, codes_g = cpu.encode(x[:256]), gpu.encode(x[:256].cuda()).cpu()
     assert ((codes_c > 0) == (codes_g > 0)).float().mean() > 0.999  # near-ties may swap at the k-th place
+
+
+def test_probe_pooling_reads_msae_codes() -> None:
+    """Probes and classification pool an MSAE's codes like any SAE's (Eq. B.14 over its TopK codes)."""
+    from insight_core.concepts.pooling import concept_codes, pool_images
+
+    sae = trained(steps=30)
+    sae.finish_training()
+    feats_bpd = planted(6 * 10, seed=7).reshape(6, 10, 24)
+    pooled = pool_images(sae, feats_bpd)
+    codes = sae.encode(feats_bpd.reshape(60, 24)).reshape(6, 10, -1)
+    assert pooled.m == 48
+    assert torch.equal(concept_codes(sae, feats_bpd.reshape(60, 24)), codes.reshape(60, -1))
+    dense_max = torch.zeros(6, 48)
+    rows = torch.repeat_interleave(torch.arange(6), pooled.indptr.diff())
+    dense_max[rows, pooled.cols_e] = pooled.max_e.float()
+    torch.testing.assert_close(dense_max, codes.amax(1))
