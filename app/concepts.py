@@ -159,6 +159,8 @@ def concept_metrics(state: AppState, cid: int) -> dict[str, dict[str, float]]:
     group = state.group_of(cid)
     if 0 <= group < len(state.shell_fve):
         out["sae (held-out)"] = {f"FVE with groups 0..{group}": state.shell_fve[group]}
+    if state.level_fve:  # an MSAE: one group, nested sparsity levels instead
+        out.setdefault("sae (held-out)", {}).update({f"FVE at k={k}": v for k, v in state.level_fve})
     for name, evaluation in state.evaluations.items():
         table = evaluation.concepts
         if table is not None and int(cid) in table.index:

@@ -35,6 +35,7 @@ from insight_core.models.feature_path import (
     manifest_pooling,
 )
 from insight_core.models.sae import MatryoshkaSAE
+from insight_core.models.sae_kinds import load_sae
 from insight_core.models.timm_backbone import not_text_aligned_message
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class AppState:
     """Histograms, range exemplars and co-occurrence rows of ``stats/`` (read lazily)."""
     shell_fve: tuple[float, ...] = ()
     """Held-out FVE of each Matryoshka shell (``sae_metrics.json``; empty when the atlas has none)."""
+    level_fve: tuple[tuple[int, float], ...] = ()
+    """An MSAE's held-out FVE at each trained k level, (k, FVE) ascending (empty for other kinds)."""
     evaluations: dict[str, Evaluation] = dataclasses.field(default_factory=dict)
     """The atlas's evaluations by name (``evals/NAME/``, listed in the manifest's ``evals`` block)."""
     eval_note: str = ""
@@ -325,6 +328,20 @@ def _shell_fve(atlas: Atlas) -> tuple[float, ...]:
     return ()
 
 
+def _level_fve(atlas: Atlas) -> tuple[tuple[int, float], ...]:
+    """An MSAE's held-out FVE per k level (``sae_metrics.json`` ``fve_per_level``; () when absent)."""
+    if not atlas.has("sae_metrics"):
+        return ()
+    per = _read_json_object(atlas, "sae_metrics").get("fve_per_level")
+    if not isinstance(per, dict):
+        return ()
+    out = []
+    for k, v in per.items():
+        if str(k).isdigit() and isinstance(v, int | float) and not isinstance(v, bool):
+            out.append((int(k), float(v)))
+    return tuple(sorted(out))
+
+
 def _class_embeddings(path: Path, d: int) -> dict[str, np.ndarray]:
     """An OVS evaluation's class text embeddings (the ``--vocab-embeddings`` ``.npz`` format)."""
     with reading(path, "class embeddings"), np.load(path, allow_pickle=False) as z:
@@ -391,7 +408,7 @@ def load_state(location: str | Path) -> AppState:
     backbone, pool = _backbone(atlas)
     sae_path = atlas.read_path("sae")
     with reading(sae_path, "SAE checkpoint"):
-        sae = MatryoshkaSAE.load(sae_path).eval()
+        sae = load_sae(sae_path).eval()
     if sae.cfg.d_in != backbone.embed_dim:
         raise AtlasError(
             f"{atlas.root}: SAE input dimension {sae.cfg.d_in} does not match the backbone "
@@ -411,6 +428,7 @@ def load_state(location: str | Path) -> AppState:
     if state.stats.m != m:
         raise AtlasError(f"{state.stats.path}: statistics of {state.stats.m} concepts, but the SAE has {m}")
     state.shell_fve = _shell_fve(atlas)
+    state.level_fve = _level_fve(atlas)
     load_evaluations(state)
     _indexes(state)
     _captioner(state)

@@ -26,11 +26,13 @@ from precompute import (
     families,
     hub,
     image_index,
+    import_sae,
     index,
     manifest,
     masks,
     name,
     probe,
+    sae_pareto,
     space_readme,
     stats,
     synth,
@@ -70,6 +72,8 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "eval-concepts": (eval_concepts.EvalConceptsJob, eval_concepts.run),
     "eval-taxonomy": (eval_taxonomy.EvalTaxonomyJob, eval_taxonomy.run),
     "eval-bias": (eval_bias.EvalBiasJob, eval_bias.run),
+    "sae-pareto": (sae_pareto.SaeParetoJob, sae_pareto.run),
+    "import-sae": (import_sae.ImportSaeJob, import_sae.run),
 }
 
 

@@ -50,6 +50,7 @@ from insight_core.models.feature_path import (
 )
 from insight_core.models.lm import build_tiny_lm
 from insight_core.models.sae import MatryoshkaSAE
+from insight_core.models.sae_kinds import load_sae
 from insight_core.training.captioner import (
     CaptionData,
     CaptionTrainConfig,
@@ -397,7 +398,7 @@ def run(job: CaptionerJob) -> dict:
     if not job.force and record.is_current(stamp):
         log.info("%s is up to date with its inputs; skipping (use --force to retrain)", out.root)
         return read_json_dict(out.metrics)
-    sae = MatryoshkaSAE.load(layout.sae).requires_grad_(False)
+    sae = load_sae(layout.sae).requires_grad_(False)
     splits = load_splits(job)
     log.info("captioner data: %s", {k: f"{len(v.keys)} images" for k, v in splits.items()})
     pool = opts.pooling(head=layout.dinoiser if layout.dinoiser.is_file() else None).eval()

@@ -11,6 +11,7 @@ from insight_core.atlas import AtlasLayout
 from insight_core.concepts.stats import ConceptStats
 from insight_core.errors import CheckpointError
 from insight_core.models.sae import MatryoshkaSAE
+from insight_core.models.sae_kinds import load_sae
 
 RANDOM_BANNER = (
     "\n"
@@ -34,12 +35,12 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def load_atlas_sae(layout: AtlasLayout) -> MatryoshkaSAE:
-    """The atlas's SAE (trained by train-sae, or an imported checkpoint placed there)."""
+    """The atlas's SAE of any kind (trained by train-sae, or an imported checkpoint placed there)."""
     if not layout.sae.is_file():
         raise CheckpointError(
             f"{layout.sae} not found: run train-sae first, or place an SAE checkpoint there"
         )
-    return MatryoshkaSAE.load(layout.sae)
+    return load_sae(layout.sae)
 
 
 def load_atlas_stats(layout: AtlasLayout) -> ConceptStats:

@@ -23,11 +23,16 @@ from insight_core.data.sources import HFDatasetSpec, ImageSource, make_source
 from insight_core.errors import ConfigError
 from insight_core.models.backbone import DENSE_VARIANTS, PAPER_ARCH, PAPER_PRETRAINED, BackboneConfig
 from insight_core.models.dinoiser import Dinoiser
+from insight_core.models.msae import DEFAULT_K_LEVELS, MSAEConfig, Weighting
 from insight_core.models.sae import PAPER_GROUP_FRACTIONS, SAEConfig
+from insight_core.models.sae_kinds import SAE_KINDS, SaeKindName
 from insight_core.models.timm_backbone import HUB_WEIGHTS, TOKEN_KINDS, TimmConfig, parse_backbone
 from insight_core.training.sae import TrainConfig
 
 log = logging.getLogger(__name__)
+
+DEFAULT_BATCHTOPK_K = 12
+"""The paper's k (App. B.2), the matryoshka kind's default --k."""
 
 Flat = tyro.conf.OmitArgPrefixes
 """``Annotated[Group, Flat]``: the group's flags keep their plain names (no ``--group.`` prefix)."""
@@ -185,14 +190,23 @@ class BackboneOptions:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SaeOptions:
-    """The Matryoshka BatchTopK SAE and its training (paper App. B.2 defaults)."""
+    """The SAE and its training (the paper's Matryoshka BatchTopK kind, App. B.2 defaults; or MSAE)."""
 
+    kind: SaeKindName = "matryoshka"
+    """SAE kind: 'matryoshka' (the paper's Matryoshka BatchTopK SAE, nested groups) or 'msae' (MSAE,
+    arXiv 2502.20578: one dictionary, per-input TopK at every --k-levels, loss summed over the levels)."""
     dict_size: int = 8192
     """Number of concepts m."""
-    k: int = 12
-    """Mean active concepts per patch (BatchTopK)."""
+    k: int | None = None
+    """matryoshka: mean active concepts per patch (BatchTopK; default 12, the paper's). msae: the
+    inference level, latents kept per input by encode (default: the largest of --k-levels)."""
     group_fractions: tuple[float, ...] = PAPER_GROUP_FRACTIONS
-    """Nested Matryoshka group size ratios (coarse to fine), summing to 1."""
+    """Nested Matryoshka group size ratios (coarse to fine), summing to 1 (matryoshka kind only)."""
+    k_levels: tuple[int, ...] = DEFAULT_K_LEVELS
+    """msae: the TopK levels whose reconstructions the loss sums (ascending, each <= --dict-size)."""
+    weighting: Weighting = "uniform"
+    """msae: level weights, 'uniform' (MSAE UW) or 'reverse' (MSAE RW: L, L-1, ..., 1, the sparsest
+    level weighs most)."""
     epochs: float | None = None
     """Passes over the training split (ignored if --steps is given); default: the paper's 3, but at
     least --min-steps steps."""
@@ -222,7 +236,16 @@ class SaeOptions:
     """Steps between resumable checkpoints."""
 
     def sae_config(self, d_in: int) -> SAEConfig:
-        return SAEConfig(d_in=d_in, dict_size=self.dict_size, k=self.k, group_fractions=self.group_fractions)
+        """The SAE's config: an :class:`MSAEConfig` for ``--kind msae``, else an :class:`SAEConfig`."""
+        if self.kind == "msae":
+            return MSAEConfig(
+                d_in=d_in, dict_size=self.dict_size, k=self.k or 0, k_levels=self.k_levels,
+                weighting=self.weighting,
+            )  # fmt: skip
+        if self.kind != "matryoshka":
+            raise ConfigError(f"--kind must be one of {sorted(SAE_KINDS)}, got {self.kind!r}")
+        k = DEFAULT_BATCHTOPK_K if self.k is None else self.k
+        return SAEConfig(d_in=d_in, dict_size=self.dict_size, k=k, group_fractions=self.group_fractions)
 
     def train_config(self, device: str) -> TrainConfig:
         return TrainConfig(**_shared(self, TrainConfig), device=device)

@@ -19,6 +19,7 @@ from insight_core.atlas import AtlasLayout, FeaturesLayout, SynthLayout
 from insight_core.errors import ConfigError
 from insight_core.io import write_json
 from insight_core.models.sae import MatryoshkaSAE
+from insight_core.models.sae_kinds import load_sae
 from insight_core.planted import (
     WorldConfig,
     atom_recovery,
@@ -105,7 +106,7 @@ class EvalSynthJob:
 def run_eval_synth(job: EvalSynthJob) -> dict:
     planted, atlas = SynthLayout(job.planted), AtlasLayout(job.atlas)
     world = load_world(planted.world.root)
-    sae = MatryoshkaSAE.load(atlas.sae)
+    sae = load_sae(atlas.sae)
     if sae.cfg.d_in != world.config.d:
         raise ConfigError(f"SAE d_in={sae.cfg.d_in} does not match the planted world's d={world.config.d}")
     rec = atom_recovery(world.atoms_ad, sae.W_dec_md.detach(), threshold=job.cos_threshold)

@@ -1,4 +1,8 @@
-"""``train-sae``: Matryoshka BatchTopK SAE on a feature directory -> ``ATLAS/sae.safetensors``.
+"""``train-sae``: an SAE on a feature directory -> ``ATLAS/sae.safetensors``.
+
+``--kind matryoshka`` (default): the paper's Matryoshka BatchTopK SAE. ``--kind msae --k-levels 16 32
+64 128 --weighting uniform|reverse``: MSAE (one dictionary, per-input TopK at every level; see
+``insight_core.models.msae``); its metrics add ``levels`` (held-out FVE, L0, dead fraction per level).
 
 Writes ``sae.safetensors`` (dictionary_learning names) + ``sae.json`` (config) and
 ``sae_metrics.json`` (held-out FVE, L0, dead fraction, per-shell FVE, throughput). Rerunning with
@@ -27,8 +31,10 @@ from insight_core import distributed
 from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
 from insight_core.data.features import scan_features
 from insight_core.distributed import DistInfo
+from insight_core.evaluation.pareto import sparsity_fve
 from insight_core.evaluation.sae import evaluate
 from insight_core.io import write_json
+from insight_core.models.msae import MSAE
 from insight_core.training.sae import SAETrainer, training_warnings
 from precompute.common import fmt_metrics
 from precompute.options import Flat, SaeOptions
@@ -40,7 +46,8 @@ STAGE = "train-sae"
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TrainSaeJob:
-    """Train the Matryoshka BatchTopK SAE on .npy features shaped (n, d) or (n_images, n_patches, d)."""
+    """Train an SAE (the Matryoshka BatchTopK kind, or --kind msae) on .npy features shaped (n, d) or
+    (n_images, n_patches, d)."""
 
     features: Path
     """Directory of .npy feature arrays (float16/float32), or one .npy file."""
@@ -79,8 +86,8 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
         return read_json_dict(layout.sae_metrics)
     train, held = features.split(train_cfg.held_out_fraction, seed=train_cfg.seed)
     log.info(
-        "training SAE d=%d m=%d k=%d on %s rows from %d files (%s held out)",
-        *(features.d, sae_cfg.dict_size, sae_cfg.k),
+        "training %s SAE d=%d m=%d k=%d on %s rows from %d files (%s held out)",
+        *(job.sae.kind, features.d, sae_cfg.dict_size, sae_cfg.k),
         *(f"{train.n_rows:,}", len(features.files), f"{held.n_rows:,}"),
     )
     trainer = SAETrainer(sae_cfg, train_cfg, train.n_rows, dist=info)
@@ -98,6 +105,11 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
             "k": train_cfg.concept_threshold_k,
             **{key: per_concept[key] for key in ("fve", "l0", "never_active_fraction")},
         }
+    if isinstance(trainer.sae, MSAE):  # every trained level on the held-out rows (sae-pareto: any k)
+        levels = sparsity_fve(trainer.sae, eval_rows, trainer.sae.cfg.k_levels)
+        metrics["kind"] = "msae"
+        metrics["levels"] = [dataclasses.asdict(r) for r in sorted(levels, key=lambda r: r.k or 0)]
+        metrics["fve_per_level"] = {str(r.k): r.fve for r in levels}
     health = training_warnings(state.history, metrics.get("fve"))
     for warning in health["warnings"]:
         log.warning("!! %s", warning)

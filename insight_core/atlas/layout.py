@@ -154,6 +154,7 @@ class EvalLayout:
     PER_CLASS = "per_class.parquet"
     SEGMENTS = "segments.parquet"
     CLASS_EMBEDDINGS = "class_embeddings.npz"
+    LEVELS = "levels.parquet"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -190,6 +191,12 @@ class EvalLayout:
         return self.root / self.CLASS_EMBEDDINGS
 
     @property
+    def levels(self) -> Path:
+        """sae-pareto: one row per sparsity level (rule, k, L0, FVE, dead fraction, MSE, on_frontier),
+        ready to plot."""
+        return self.root / self.LEVELS
+
+    @property
     def partial(self) -> Path:
         """Accumulators after the last finished shard, to resume an interrupted run (hidden)."""
         return self.root / ".partial.safetensors"
@@ -218,6 +225,7 @@ EVAL_FILES: dict[str, str] = {
     "per_class": EvalLayout.PER_CLASS,
     "segments": EvalLayout.SEGMENTS,
     "class_embeddings": EvalLayout.CLASS_EMBEDDINGS,
+    "levels": EvalLayout.LEVELS,
 }
 """Role -> file name inside an evaluation folder (``evals/NAME/``); the manifest's ``evals`` block lists
 each evaluation's files present by these roles (at least one of them)."""

@@ -15,6 +15,7 @@ import logging
 import torch
 
 from insight_core.errors import CheckpointError
+from insight_core.models.msae import MSAE
 from insight_core.models.sae import MatryoshkaSAE
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,9 @@ _warned: set[int] = set()
 
 
 def code_rule(sae: MatryoshkaSAE, thresholded: bool = False) -> str:
-    """How :func:`encode_codes` encodes with this SAE: ``"concept-threshold"``, ``"global-threshold"``
-    or ``"batchtopk"`` (an SAE without a learned threshold: codes then depend on the batch)."""
+    """How :func:`encode_codes` encodes with this SAE: ``"concept-threshold"``, ``"global-threshold"``,
+    ``"topk"`` (an MSAE: per-input TopK at its inference level) or ``"batchtopk"`` (an SAE without a
+    learned threshold: codes then depend on the batch)."""
     if thresholded:
         if not sae.has_concept_thresholds:
             raise CheckpointError(
@@ -31,6 +33,8 @@ def code_rule(sae: MatryoshkaSAE, thresholded: bool = False) -> str:
                 "(retrain it with train-sae, or evaluate with the global threshold)"
             )
         return "concept-threshold"
+    if isinstance(sae, MSAE):
+        return "topk"
     return "global-threshold" if sae.has_threshold else "batchtopk"
 
 
@@ -39,6 +43,8 @@ def encode_codes(sae: MatryoshkaSAE, x_nd: torch.Tensor, thresholded: bool = Fal
     rule = code_rule(sae, thresholded)
     if rule == "concept-threshold":
         return sae.encode(x_nd, threshold="concept")
+    if rule == "topk":
+        return sae.encode(x_nd)
     if rule == "batchtopk" and id(sae) not in _warned:
         _warned.add(id(sae))
         log.warning("the SAE has no learned threshold: using BatchTopK codes (they depend on the batch)")

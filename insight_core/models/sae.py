@@ -255,6 +255,12 @@ class MatryoshkaSAE(nn.Module):
             )
         return self.threshold.clamp_min(0)
 
+    @property
+    def loss_terms(self) -> tuple[int, ...]:
+        """One label per term of the training loss: the end of each nested shell (for an MSAE: its
+        k levels). ``TrainConfig.group_weights`` gives one weight per term."""
+        return self.cfg.group_ends
+
     # ----------------------------------------------------------------------------------- decoding
     def decode(self, codes_bm: torch.Tensor) -> torch.Tensor:
         """``codes W_dec + b_dec``."""
@@ -307,6 +313,16 @@ class MatryoshkaSAE(nn.Module):
         err = (residual_bd - recon_bd).pow(2).sum(-1).mean()
         denom = (residual_bd - residual_bd.mean(0, keepdim=True)).pow(2).sum(-1).mean()
         return torch.nan_to_num(err / denom.clamp_min(1e-12))
+
+    @torch.no_grad()
+    def init_from_batch(self, x_bd: torch.Tensor) -> list[torch.Tensor]:
+        """First training step: b_dec starts at the geometric median of the batch (dictionary_learning).
+        Returns the tensors a data-parallel run broadcasts from rank 0."""
+        self.b_dec_d.copy_(geometric_median(x_bd.to(self.b_dec_d.dtype)))
+        return [self.b_dec_d.data]
+
+    def finish_training(self) -> None:
+        """Called once when training ends (an SAE kind that trains in other units converts back here)."""
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -429,6 +445,11 @@ class MatryoshkaSAE(nn.Module):
                 meta = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"cannot read SAE checkpoint {path}: {err}") from err
+        if meta.get("kind", "matryoshka") != "matryoshka" or meta.get("format") == "insight-msae-topk":
+            raise CheckpointError(
+                f"{path} is an SAE of kind {meta.get('kind') or meta.get('format')!r}, not a Matryoshka "
+                "BatchTopK SAE: load it with insight_core.models.sae_kinds.load_sae"
+            )
         fractions = None
         if "config" in meta:
             try:
@@ -436,6 +457,18 @@ class MatryoshkaSAE(nn.Module):
             except (ValueError, KeyError, TypeError) as err:
                 raise CheckpointError(f"{path}: malformed 'config' metadata: {err}") from err
         return cls.from_dl_state_dict(state, source=str(path), group_fractions=fractions).to(device)
+
+
+def geometric_median(points_nd: torch.Tensor, iters: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld iterations; a robust centre for b_dec's initial value."""
+    guess = points_nd.mean(0)
+    for _ in range(iters):
+        weights = 1.0 / (points_nd - guess).norm(dim=1).clamp_min(1e-8)
+        new = (weights[:, None] * points_nd).sum(0) / weights.sum()
+        if (new - guess).norm() < tol:
+            return new
+        guess = new
+    return guess
 
 
 def import_dictionary_learning(path: str | Path, *, norm_factor: float | None = None) -> MatryoshkaSAE:

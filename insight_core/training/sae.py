@@ -64,6 +64,7 @@ from insight_core.distributed import DistInfo
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_safetensors
 from insight_core.models.sae import MatryoshkaSAE, SAEConfig
+from insight_core.models.sae_kinds import build_sae
 from insight_core.models.sparse_shells import stable_argsort
 
 log = logging.getLogger(__name__)
@@ -288,18 +289,6 @@ class TrainState:
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
-def geometric_median(points_nd: torch.Tensor, iters: int = 100, tol: float = 1e-5) -> torch.Tensor:
-    """Weiszfeld iterations; a robust centre for b_dec's initial value."""
-    guess = points_nd.mean(0)
-    for _ in range(iters):
-        weights = 1.0 / (points_nd - guess).norm(dim=1).clamp_min(1e-8)
-        new = (weights[:, None] * points_nd).sum(0) / weights.sum()
-        if (new - guess).norm() < tol:
-            return new
-        guess = new
-    return guess
-
-
 class SAETrainer:
     """Trains a :class:`MatryoshkaSAE` on a :class:`FeatureSplit`."""
 
@@ -331,7 +320,7 @@ class SAETrainer:
             )
         # data-parallel: chunks small enough that every rank gets several, even on small datasets
         self.chunk_rows = min(_CHUNK_ROWS, max(1, n_train_rows // (4 * world))) if world > 1 else _CHUNK_ROWS
-        self.sae = MatryoshkaSAE(sae_cfg, seed=cfg.seed).to(self.device)
+        self.sae: MatryoshkaSAE = build_sae(sae_cfg, seed=cfg.seed).to(self.device)
         self.steps_per_epoch = schedule.steps_per_epoch
         self.total_steps = schedule.total_steps
         self.log_every = max(1, min(50, self.total_steps // 100))
@@ -343,12 +332,17 @@ class SAETrainer:
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=schedule.lr, fused=fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.since_fired_m = torch.zeros(sae_cfg.dict_size, dtype=torch.long, device=self.device)
-        weights = cfg.group_weights or (1.0,) * len(sae_cfg.group_sizes)
-        if len(weights) != len(sae_cfg.group_sizes):
+        n_terms = len(self.sae.loss_terms)
+        if cfg.group_weights is not None and len(cfg.group_weights) != n_terms:
             raise ConfigError(
-                f"group_weights has {len(weights)} values for {len(sae_cfg.group_sizes)} groups"
+                f"group_weights has {len(cfg.group_weights)} values for {n_terms} loss terms "
+                f"{list(self.sae.loss_terms)}"
             )
-        self.group_weights_g = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        self.group_weights_g: torch.Tensor | None = (  # None: the SAE kind's own weights
+            torch.tensor(cfg.group_weights, dtype=torch.float32, device=self.device)
+            if cfg.group_weights is not None
+            else None
+        )
         self.state = TrainState()
 
     def _lr_factor(self, step: int) -> float:
@@ -367,9 +361,8 @@ class SAETrainer:
         sae, st, world = self.sae, self.state, self.dist.world_size
         x_bd = x_bd.to(self.device, torch.float32, non_blocking=True)
         if st.step == 0 and not st.samples_seen:
-            with torch.no_grad():
-                sae.b_dec_d.copy_(geometric_median(x_bd))
-                distributed.broadcast_(sae.b_dec_d.data, src=0)  # no-op in a single process
+            for tensor in sae.init_from_batch(x_bd):  # b_dec (and an MSAE's input normalisation)
+                distributed.broadcast_(tensor, src=0)  # no-op in a single process
         out = sae.matryoshka_loss(x_bd, self.group_weights_g)
         fired = torch.zeros_like(self.since_fired_m, dtype=torch.bool)
         fired[out.selection.cols_k] = True
@@ -560,6 +553,7 @@ class SAETrainer:
         if self.dist.world_size > 1 and not self._replicas_agree():
             log.warning("data-parallel replicas diverged numerically; rank 0's weights are the result")
         self._set_concept_thresholds()
+        self.sae.finish_training()
         return st
 
     @torch.no_grad()

@@ -19,19 +19,6 @@ SMALL_SAE_ARGS = (
 SMALL_SAE_ARGS = SMALL_SAE_ARGS.split()
 
 
-@pytest.fixture
-def features(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    atoms = rng.normal(size=(24, 16))
-    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    codes = rng.uniform(0.5, 1.5, size=(300, 10, 24)) * (rng.random((300, 10, 24)) < 0.1)
-    out = tmp_path / "feats"
-    out.mkdir()
-    np.save(out / "part0.npy", (codes[:200] @ atoms).astype(np.float16))  # (images, patches, d)
-    np.save(out / "part1.npy", (codes[200:] @ atoms).reshape(-1, 16).astype(np.float32))  # (rows, d)
-    return out
-
-
 def test_train_sae_writes_atlas_files_and_is_idempotent(features: Path, tmp_path: Path, caplog) -> None:
     atlas = tmp_path / "atlas"
     args = ["train-sae", "--features", str(features), "--out", str(atlas), *SMALL_SAE_ARGS,

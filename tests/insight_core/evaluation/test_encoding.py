@@ -7,6 +7,7 @@ import torch
 
 from insight_core.errors import CheckpointError
 from insight_core.evaluation.encoding import code_rule, encode_codes
+from insight_core.models.msae import MSAE, MSAEConfig, topk_codes
 from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 
 
@@ -42,3 +43,13 @@ def test_thresholded_needs_per_concept_thresholds() -> None:
     codes = encode_codes(sae, x, thresholded=True)
     torch.testing.assert_close(codes, pre * (pre > theta_m))
     assert not torch.equal(codes, encode_codes(sae, x))  # the global rule keeps other patches
+
+
+def test_an_msae_encodes_with_its_topk_rule() -> None:
+    sae = MSAE(MSAEConfig(d_in=8, dict_size=16, k_levels=(2, 3)), seed=0)
+    x = torch.randn(20, 8, generator=torch.Generator().manual_seed(2))
+    assert code_rule(sae) == "topk"
+    torch.testing.assert_close(encode_codes(sae, x), topk_codes(sae.pre_activations(x), 3))
+    with torch.no_grad():
+        sae.concept_threshold_m.fill_(0.1)
+    assert code_rule(sae, thresholded=True) == "concept-threshold"

@@ -12,12 +12,11 @@ import torch
 from insight_core.data.features import scan_features
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.evaluation.sae import evaluate
-from insight_core.models.sae import SAEConfig
+from insight_core.models.sae import SAEConfig, geometric_median
 from insight_core.training.sae import (
     ConceptTopK,
     SAETrainer,
     TrainConfig,
-    geometric_median,
     resolve_schedule,
     training_warnings,
 )
