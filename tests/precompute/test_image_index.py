@@ -50,11 +50,12 @@ def test_stage_writes_a_searchable_index_and_resumes(planted: Path, caplog) -> N
     assert {h.row for h in hits} == {i for i in range(200) if atom in truth.atoms_in(i)}
 
     # unchanged inputs: nothing is rebuilt
-    before = layout.image_index.stat().st_mtime_ns
+    files = [layout.image_index, layout.image_codes, layout.image_index_meta]
+    before = [p.stat().st_mtime_ns for p in files]
     with caplog.at_level(logging.INFO):
         meta = run(ImageIndexJob(atlas=atlas, features=feats, progress=False))
     assert "up to date" in caplog.text
-    assert layout.image_index.stat().st_mtime_ns == before
+    assert [p.stat().st_mtime_ns for p in files] == before  # nothing rewritten
     assert meta["n_images"] == 200
     assert "skipped" in meta["thumbs"]  # planted features have no images
     # another setting: rebuilt with it
