@@ -69,8 +69,10 @@ def test_bad_input_is_one_clear_line(planted: Path, tmp_path: Path, caplog) -> N
     with caplog.at_level(logging.ERROR):
         assert main(["image-index", "--atlas", str(tmp_path / "none"), "--features", str(feats)]) == 2
     assert "sae.safetensors not found" in caplog.text
-    with pytest.raises(ConfigError, match="pooling must be one of"):
+    with pytest.raises(ConfigError, match="--image-pooling must be one of"):
         ImageIndexOptions(image_pooling="sum")
+    with pytest.raises(ConfigError, match="--image-top-t must be >= 1"):
+        ImageIndexOptions(image_top_t=0)
     with pytest.raises(ConfigError, match="image-thumb-size"):
         ImageIndexOptions(image_thumb_size=2)
 
