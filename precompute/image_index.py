@@ -77,7 +77,8 @@ def run(job: ImageIndexJob) -> dict[str, Any]:
     feature_files = [f.path for f in features.files]
     key = fingerprint([layout.sae, *feature_files], {"config": cfg_doc, "v": VERSION})
     record = layout.stage_record(STAGE)
-    meta = read_json_dict(layout.image_index_meta) if layout.image_index_meta.is_file() else {}
+    previous = read_json_dict(layout.image_index_meta) if layout.image_index_meta.is_file() else {}
+    meta = dict(previous)
     if not job.force and record.is_current(key) and meta.get("format") == FORMAT:
         log.info("image index up to date (%s)", layout.image_index)
     else:
@@ -102,7 +103,8 @@ def run(job: ImageIndexJob) -> dict[str, Any]:
         record.write(key, [layout.image_index, layout.image_codes])
         log.info("image index: %d images (%s) -> %s", index.n, meta["index"]["type"], layout.image_index)
     meta["thumbs"] = _thumbnails(job, layout, features, n_images, feature_files, meta.get("thumbs"))
-    write_json(layout.image_index_meta, meta)
+    if meta != previous:  # a rerun with nothing to do leaves every file alone
+        write_json(layout.image_index_meta, meta)
     return meta
 
 

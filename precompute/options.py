@@ -24,6 +24,7 @@ from insight_core.errors import ConfigError
 from insight_core.models.backbone import DENSE_VARIANTS, PAPER_ARCH, PAPER_PRETRAINED, BackboneConfig
 from insight_core.models.dinoiser import Dinoiser
 from insight_core.models.msae import DEFAULT_K_LEVELS, MSAEConfig, Weighting
+from insight_core.models.probe import check_codes, check_pooling
 from insight_core.models.sae import PAPER_GROUP_FRACTIONS, SAEConfig
 from insight_core.models.sae_kinds import SAE_KINDS, SaeKindName
 from insight_core.models.timm_backbone import HUB_WEIGHTS, TOKEN_KINDS, TimmConfig, parse_backbone
@@ -353,7 +354,11 @@ class ImageIndexOptions:
             raise ConfigError(f"--image-max-thumbs must be >= 0, got {self.image_max_thumbs}")
         if self.image_flat_max_mb < 1:
             raise ConfigError(f"--image-flat-max-mb must be >= 1, got {self.image_flat_max_mb}")
-        self.search_config()  # validates the rest
+        check_pooling(self.image_pooling, "--image-pooling")
+        check_codes(self.image_codes, "--image-codes")
+        for name in ("image_top_t", "image_pq_m", "image_nprobe"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
     def search_config(self, threads: int | None = None) -> ImageSearchConfig:
         return ImageSearchConfig(

@@ -303,7 +303,8 @@ def test_phone_layout(browser, launched_app: str) -> None:
                 "Families": ["#family-btn", "#family-copy-link", "#overview-kind"],
                 "Compare images": ["#compare-btn", "#compare-copy-link"],
                 "Classify": ["#classify-btn"],
-                "Segment": ["#segment-btn", "#segment-list"]}  # fmt: skip
+                "Segment": ["#segment-btn", "#segment-list"],
+                "Similar images": ["#similar-btn", "#similar-concepts"]}  # fmt: skip
         for tab, controls in tabs.items():
             _open_tab(pg, tab)
             time.sleep(0.5)

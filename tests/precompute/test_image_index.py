@@ -50,11 +50,12 @@ def test_stage_writes_a_searchable_index_and_resumes(planted: Path, caplog) -> N
     assert {h.row for h in hits} == {i for i in range(200) if atom in truth.atoms_in(i)}
 
     # unchanged inputs: nothing is rebuilt
-    before = layout.image_index.stat().st_mtime_ns
+    files = [layout.image_index, layout.image_codes, layout.image_index_meta]
+    before = [p.stat().st_mtime_ns for p in files]
     with caplog.at_level(logging.INFO):
         meta = run(ImageIndexJob(atlas=atlas, features=feats, progress=False))
     assert "up to date" in caplog.text
-    assert layout.image_index.stat().st_mtime_ns == before
+    assert [p.stat().st_mtime_ns for p in files] == before  # nothing rewritten
     assert meta["n_images"] == 200
     assert "skipped" in meta["thumbs"]  # planted features have no images
     # another setting: rebuilt with it
@@ -68,8 +69,10 @@ def test_bad_input_is_one_clear_line(planted: Path, tmp_path: Path, caplog) -> N
     with caplog.at_level(logging.ERROR):
         assert main(["image-index", "--atlas", str(tmp_path / "none"), "--features", str(feats)]) == 2
     assert "sae.safetensors not found" in caplog.text
-    with pytest.raises(ConfigError, match="pooling must be one of"):
+    with pytest.raises(ConfigError, match="--image-pooling must be one of"):
         ImageIndexOptions(image_pooling="sum")
+    with pytest.raises(ConfigError, match="--image-top-t must be >= 1"):
+        ImageIndexOptions(image_top_t=0)
     with pytest.raises(ConfigError, match="image-thumb-size"):
         ImageIndexOptions(image_thumb_size=2)
 
