@@ -5,7 +5,8 @@ BatchTopK), and the loss sums the reconstruction error at every level ``k_1 < ..
 ``k_levels``. Because TopK at a smaller ``k`` keeps a prefix of the sorted top ``k_L`` latents, every
 level comes from one encoder pass: the top ``k_L`` latents are sorted once and each level's
 reconstruction is the previous one plus the next slice of latents (``embedding_bag`` over the decoder
-rows, so no dense (B, m) decode per level).
+rows, so no dense (B, m) decode per level). The dense encoder product only selects (no autograd); the
+gradient reaches the encoder through the selected entries (:class:`SelectedPreActivations`).
 
 What follows the public code (github.com/WolodjaZ/MSAE, ``sae.py`` ``MatryoshkaAutoencoder``,
 ``train.py``, ``config.py``):
@@ -49,6 +50,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -123,6 +125,42 @@ def topk_codes(pre_bm: torch.Tensor, k: int) -> torch.Tensor:
     k = min(int(k), pre_bm.shape[1])
     vals, idx = pre_bm.topk(k, dim=1)
     return torch.zeros_like(pre_bm).scatter_(1, idx, vals.clamp_min(0))
+
+
+class SelectedPreActivations(torch.autograd.Function):
+    """``pre[b, idx_bk[b, j]]`` of ``pre = xc W_enc^T + b_enc`` with a sparse backward.
+
+    The forward takes the values already computed by the (no-grad) dense selection pass; the backward
+    reaches the encoder through the B*k selected entries only (``embedding_bag`` for the input,
+    a sparse (m, B) x (B, d) product for ``W_enc``), O(B k d) instead of two dense O(B m d) products.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, xc_bd: torch.Tensor, w_md: torch.Tensor, b_m: torch.Tensor, idx_bk: torch.Tensor,
+        pre_bk: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(xc_bd, w_md, idx_bk)
+        return pre_bk.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g_bk: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xc_bd, w_md, idx_bk = ctx.saved_tensors
+        b, k = idx_bk.shape
+        m = w_md.shape[0]
+        cols, g = idx_bk.reshape(-1), g_bk.reshape(-1).contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx_bk, w_md, per_sample_weights=g_bk.contiguous(), mode="sum")
+        if ctx.needs_input_grad[1]:
+            rows = torch.arange(b, device=idx_bk.device).repeat_interleave(k)
+            with warnings.catch_warnings():  # indices valid by construction (as in sparse_shells.py)
+                warnings.filterwarnings("ignore", message="Sparse", category=UserWarning)
+                sel = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (m, b), check_invariants=False)
+                grad_w = torch.sparse.mm(sel, xc_bd)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        return grad_x, grad_w, grad_b, None, None
 
 
 class MSAE(MatryoshkaSAE):
@@ -206,10 +244,12 @@ class MSAE(MatryoshkaSAE):
         """
         xn_bd = self._normalise(x_bd)
         levels = self.cfg.k_levels
-        pre_bm = F.linear(xn_bd - self.b_dec_d, self.W_enc_md, self.b_enc_m)
-        with torch.no_grad():
-            idx_bk = pre_bm.topk(levels[-1], dim=1, sorted=True).indices
-        vals_bk = pre_bm.gather(1, idx_bk).clamp_min(0)
+        xc_bd = xn_bd - self.b_dec_d
+        with torch.no_grad():  # dense pass only selects; gradients flow through the selected entries
+            top_bk, idx_bk = F.linear(xc_bd, self.W_enc_md, self.b_enc_m).topk(levels[-1], dim=1, sorted=True)
+        vals_bk = SelectedPreActivations.apply(xc_bd, self.W_enc_md, self.b_enc_m, idx_bk, top_bk).clamp_min(
+            0
+        )
         recon_bd = self.b_dec_d.expand_as(xn_bd)
         denom_b = xn_bd.pow(2).sum(1).clamp_min(1e-12)
         scale2 = self.input_scale.pow(2)
@@ -226,7 +266,7 @@ class MSAE(MatryoshkaSAE):
         weights = group_weights_g if group_weights_g is not None else self.level_weights_l
         if weights.numel() != len(levels):
             raise ConfigError(f"{weights.numel()} loss weights for {len(levels)} k levels {list(levels)}")
-        loss = (weights.to(pre_bm) * torch.stack(losses)).sum() / weights.sum()
+        loss = (weights.to(vals_bk) * torch.stack(losses)).sum() / weights.sum()
         vals_det = vals_bk.detach()
         active = vals_det > 0
         rows = torch.arange(len(x_bd), device=x_bd.device)[:, None].expand_as(idx_bk)

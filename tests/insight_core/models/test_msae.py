@@ -288,3 +288,28 @@ def test_probe_pooling_reads_msae_codes() -> None:
     rows = torch.repeat_interleave(torch.arange(6), pooled.indptr.diff())
     dense_max[rows, pooled.cols_e] = pooled.max_e.float()
     torch.testing.assert_close(dense_max, codes.amax(1))
+
+
+def test_sparse_backward_equals_dense_autograd() -> None:
+    """The loss's gradients through the selected latents only equal dense autograd over all of them."""
+    cfg = MSAEConfig(d_in=24, dict_size=96, k_levels=(2, 5, 11), weighting="reverse")
+    sparse, dense = MSAE(cfg, seed=1), MSAE(cfg, seed=1)
+    x = planted(300)
+    sparse.init_from_batch(x)
+    with torch.no_grad():
+        sparse.b_dec_d.normal_(0, 0.1)
+        sparse.b_enc_m.normal_(0, 0.1)
+    dense.load_state_dict(sparse.state_dict())
+    sparse.matryoshka_loss(x).loss.backward()
+    xn = (x - dense.input_mean_d) * dense.input_scale
+    pre = torch.nn.functional.linear(xn - dense.b_dec_d, dense.W_enc_md, dense.b_enc_m)  # autograd over all m
+    losses = []
+    for k in cfg.k_levels:
+        recon = topk_codes(pre, k) @ dense.W_dec_md + dense.b_dec_d
+        losses.append(((recon - xn).pow(2).sum(1) / xn.pow(2).sum(1)).mean())
+    w = torch.tensor(cfg.level_weights)
+    ((w * torch.stack(losses)).sum() / w.sum()).backward()
+    for (name, p), (_, q) in zip(sparse.named_parameters(), dense.named_parameters(), strict=True):
+        assert p.grad is not None
+        assert q.grad is not None
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
