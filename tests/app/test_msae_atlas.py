@@ -38,6 +38,7 @@ def msae_atlas(app_atlas: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     assert main(["families", *common, "--force"]) == 0
     assert main(["name", *common, "--max-words", "24", "--pretrained", "none", "--force"]) == 0
     assert main(["index", *common, "--force"]) == 0
+    assert main(["image-index", *common, "--force"]) == 0  # the copied image index was for the old SAE
     assert main(["manifest", "--atlas", str(root)]) == 0
     return root
 
