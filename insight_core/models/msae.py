@@ -62,7 +62,14 @@ from safetensors.torch import load_file
 
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json, write_safetensors
-from insight_core.models.sae import MatryoshkaSAE, SAEConfig, ShellLosses, ThresholdMode, TopKSelection
+from insight_core.models.sae import (
+    MatryoshkaSAE,
+    SAEConfig,
+    ShellLosses,
+    ThresholdMode,
+    TopKSelection,
+    finish_loading,
+)
 
 log = logging.getLogger(__name__)
 
@@ -349,16 +356,7 @@ class MSAE(MatryoshkaSAE):
             sae.b_dec_d.copy_(state["b_dec"].float())
             if "threshold" in state and state["threshold"].numel() == 1:
                 sae.threshold.copy_(state["threshold"].float().reshape(()))
-            if "concept_threshold" in state:
-                ct = state["concept_threshold"]
-                if tuple(ct.shape) != (m,):
-                    raise CheckpointError(
-                        f"{source}: concept_threshold has shape {tuple(ct.shape)}, expected ({m},)"
-                    )
-                sae.concept_threshold_m.copy_(ct.float())
-        for name, tensor in sae.named_parameters():
-            if not torch.isfinite(tensor).all():
-                raise CheckpointError(f"{source}: parameter {name} contains NaN or inf values")
+        finish_loading(sae, state, source)
         return sae
 
     @classmethod

@@ -156,6 +156,22 @@ def batch_topk(pre_bm: torch.Tensor, k: int) -> TopKSelection:
         width_b[sat] = wider
 
 
+def finish_loading(sae: MatryoshkaSAE, state: Mapping[str, torch.Tensor], source: str) -> MatryoshkaSAE:
+    """The end of every SAE kind's loading: per-concept thresholds when the file has them (absent from
+    older files and foreign checkpoints), then a check that no parameter is NaN or inf."""
+    m = sae.cfg.dict_size
+    if "concept_threshold" in state:
+        ct = state["concept_threshold"]
+        if tuple(ct.shape) != (m,):
+            raise CheckpointError(f"{source}: concept_threshold has shape {tuple(ct.shape)}, expected ({m},)")
+        with torch.no_grad():
+            sae.concept_threshold_m.copy_(ct.float())
+    for name, tensor in sae.named_parameters():
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: parameter {name} contains NaN or inf values")
+    return sae
+
+
 class MatryoshkaSAE(nn.Module):
     """Matryoshka BatchTopK SAE with a learned inference threshold.
 
@@ -398,17 +414,7 @@ class MatryoshkaSAE(nn.Module):
             sae.b_dec_d.copy_(state["b_dec"].float())
             if "threshold" in state:
                 sae.threshold.copy_(_scalar_threshold(state["threshold"], source))
-            if "concept_threshold" in state:  # absent from older files and foreign checkpoints
-                ct = state["concept_threshold"]
-                if tuple(ct.shape) != (m,):
-                    raise CheckpointError(
-                        f"{source}: concept_threshold has shape {tuple(ct.shape)}, expected ({m},)"
-                    )
-                sae.concept_threshold_m.copy_(ct.float())
-        for name, tensor in sae.named_parameters():
-            if not torch.isfinite(tensor).all():
-                raise CheckpointError(f"{source}: parameter {name} contains NaN or inf values")
-        return sae
+        return finish_loading(sae, state, source)
 
     def save(
         self,
