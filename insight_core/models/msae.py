@@ -57,8 +57,6 @@ from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json, write_safetensors
@@ -69,6 +67,7 @@ from insight_core.models.sae import (
     ThresholdMode,
     TopKSelection,
     finish_loading,
+    read_sae_file,
 )
 
 log = logging.getLogger(__name__)
@@ -363,14 +362,7 @@ class MSAE(MatryoshkaSAE):
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> MSAE:
         """Load an MSAE saved by :meth:`save`."""
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"SAE checkpoint not found: {path}")
-        try:
-            state = load_file(str(path))
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"cannot read SAE checkpoint {path}: {err}") from err
+        state, meta = read_sae_file(path)
         try:
             doc = json.loads(meta["config"])
             cfg = MSAEConfig(

@@ -156,6 +156,20 @@ def batch_topk(pre_bm: torch.Tensor, k: int) -> TopKSelection:
         width_b[sat] = wider
 
 
+def read_sae_file(path: Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (none with ``tensors=False``) and metadata of an SAE safetensors file of any kind;
+    one error naming the file."""
+    if not path.is_file():
+        raise CheckpointError(f"SAE checkpoint not found: {path}")
+    try:
+        state = load_file(str(path)) if tensors else {}
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read SAE checkpoint {path}: {err}") from err
+    return state, meta
+
+
 def finish_loading(sae: MatryoshkaSAE, state: Mapping[str, torch.Tensor], source: str) -> MatryoshkaSAE:
     """The end of every SAE kind's loading: per-concept thresholds when the file has them (absent from
     older files and foreign checkpoints), then a check that no parameter is NaN or inf."""
@@ -443,14 +457,7 @@ class MatryoshkaSAE(nn.Module):
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> MatryoshkaSAE:
         """Load an SAE saved by :meth:`save` (or any safetensors file with dictionary_learning names)."""
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"SAE checkpoint not found: {path}")
-        try:
-            state = load_file(str(path))
-            with safe_open(str(path), framework="pt") as f:  # metadata has the exact group fractions
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"cannot read SAE checkpoint {path}: {err}") from err
+        state, meta = read_sae_file(path)  # metadata has the exact group fractions
         if meta.get("kind", "matryoshka") != "matryoshka" or meta.get("format") == "insight-msae-topk":
             raise CheckpointError(
                 f"{path} is an SAE of kind {meta.get('kind') or meta.get('format')!r}, not a Matryoshka "

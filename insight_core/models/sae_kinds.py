@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.models.msae import MSAE, MSAE_FORMAT, MSAEConfig
-from insight_core.models.sae import SAE_FORMAT, MatryoshkaSAE, SAEConfig
+from insight_core.models.sae import SAE_FORMAT, MatryoshkaSAE, SAEConfig, read_sae_file
 
 SaeKindName = Literal["matryoshka", "msae"]
 """Names of the SAE kinds (``train-sae --kind``)."""
@@ -64,13 +63,7 @@ assert set(SAE_KINDS) == set(get_args(SaeKindName))
 def kind_of(path: str | Path) -> str:
     """The kind of an SAE file, from its safetensors metadata (``matryoshka`` when it names none)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"SAE checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read SAE checkpoint {path}: {err}") from err
+    _, meta = read_sae_file(path, tensors=False)
     if "kind" in meta:
         kind = meta["kind"]
     else:  # another tool's format tag (e.g. "pt") or none: dictionary_learning names, the BatchTopK kind
