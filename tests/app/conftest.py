@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -110,3 +111,12 @@ def client(launched_app: str):
     from gradio_client import Client
 
     return Client(launched_app, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless chromium per browser-test module (skips without playwright or chromium)."""
+    from tests.app.browser import chromium
+
+    with chromium() as b:
+        yield b

@@ -7,20 +7,12 @@ Screenshots go to $INSIGHT_ARTIFACTS (default tests/app/artifacts/) as ``bias_*.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
+from tests.app.browser import ARTIFACTS, T, playwright_or_skip
 from tests.app.test_bias import bias_state  # noqa: F401  (the fixture: eval-bias + eval-taxonomy)
 
-CHROMIUM = Path(os.environ.get("INSIGHT_CHROMIUM", "/usr/bin/chromium"))
-ARTIFACTS = Path(os.environ.get("INSIGHT_ARTIFACTS", Path(__file__).parent / "artifacts"))
-T = 60_000  # ms; a shared 2-core machine can be slow
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-if not CHROMIUM.is_file():
-    pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)", allow_module_level=True)
+playwright_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -39,25 +31,21 @@ def bias_app(bias_state):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_bias_tab_in_a_browser(bias_app: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(T)
-        page.goto(bias_app + "?tab=bias")
-        panel = page.locator("#bias-panel-html")
-        panel.locator("[data-concept]").first.wait_for()
-        text = panel.inner_text()
-        assert "More active in <b>A</b> & co" in text  # shown as text, not markup
-        assert panel.locator("b", has_text="A").count() == 0
-        assert "Taxonomy alignment: demo-taxonomy" in text
-        page.screenshot(path=str(ARTIFACTS / "bias_1_tab.png"), full_page=True)
-        chip = panel.locator("[data-concept]").first
-        cid = chip.get_attribute("data-concept")
-        chip.click()
-        page.locator(f"#concept-page [data-concept-id='{cid}']").wait_for()
-        page.locator("#concept-evals").wait_for()
-        assert "demo-bias" in page.locator("#concept-evals").inner_text()
-        page.screenshot(path=str(ARTIFACTS / "bias_2_concept.png"), full_page=True)
-        browser.close()
+def test_bias_tab_in_a_browser(browser, bias_app: str) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(T)
+    page.goto(bias_app + "?tab=bias")
+    panel = page.locator("#bias-panel-html")
+    panel.locator("[data-concept]").first.wait_for()
+    text = panel.inner_text()
+    assert "More active in <b>A</b> & co" in text  # shown as text, not markup
+    assert panel.locator("b", has_text="A").count() == 0
+    assert "Taxonomy alignment: demo-taxonomy" in text
+    page.screenshot(path=str(ARTIFACTS / "bias_1_tab.png"), full_page=True)
+    chip = panel.locator("[data-concept]").first
+    cid = chip.get_attribute("data-concept")
+    chip.click()
+    page.locator(f"#concept-page [data-concept-id='{cid}']").wait_for()
+    page.locator("#concept-evals").wait_for()
+    assert "demo-bias" in page.locator("#concept-evals").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "bias_2_concept.png"), full_page=True)

@@ -12,7 +12,6 @@ Screenshots go to $INSIGHT_ARTIFACTS (default tests/app/artifacts/).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -20,28 +19,13 @@ import pytest
 
 from app import explain as X
 from app import steer as S
+from tests.app.browser import ARTIFACTS, T, playwright_or_skip
 
-CHROMIUM = Path(os.environ.get("INSIGHT_CHROMIUM", "/usr/bin/chromium"))
 EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
-ARTIFACTS = Path(os.environ.get("INSIGHT_ARTIFACTS", Path(__file__).parent / "artifacts"))
-T = 60_000  # ms; a shared 2-core machine can be slow
 PHONE = {"width": 390, "height": 844}
 BIRD = "coco_126107_bird_sand.jpg"
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
-)
-if not CHROMIUM.is_file():
-    pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-        yield b
-        b.close()
+sync_api = playwright_or_skip()
 
 
 def _page(browser, url: str, viewport: dict, **kw):

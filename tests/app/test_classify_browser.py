@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.test_browser import ARTIFACTS, browser, page  # noqa: F401  (the chromium page fixtures)
+from tests.app.browser import ARTIFACTS
+from tests.app.test_browser import page  # noqa: F401  (the chromium page fixture)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "assets" / "examples" / "coco_551780_clock_building.jpg"
 

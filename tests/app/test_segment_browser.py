@@ -6,31 +6,23 @@ Screenshots go to $INSIGHT_ARTIFACTS (default tests/app/artifacts/) as ``segment
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path(os.environ.get("INSIGHT_CHROMIUM", "/usr/bin/chromium"))
-EXAMPLE = Path(__file__).resolve().parents[2] / "assets" / "examples" / "coco_214753_horses_beach.jpg"
-ARTIFACTS = Path(os.environ.get("INSIGHT_ARTIFACTS", Path(__file__).parent / "artifacts"))
-T = 60_000  # ms; a shared 2-core machine can be slow
+from tests.app.browser import ARTIFACTS, T, playwright_or_skip
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-if not CHROMIUM.is_file():
-    pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)", allow_module_level=True)
+EXAMPLE = Path(__file__).resolve().parents[2] / "assets" / "examples" / "coco_214753_horses_beach.jpg"
+
+playwright_or_skip()
 
 
 @pytest.fixture(scope="module")
-def page(launched_app: str):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.set_default_timeout(T)
-        pg.goto(launched_app)
-        yield pg
-        browser.close()
+def page(browser, launched_app: str):
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.set_default_timeout(T)
+    pg.goto(launched_app)
+    return pg
 
 
 def test_segment_tab(page) -> None:

@@ -7,28 +7,15 @@ Screenshots go to $INSIGHT_ARTIFACTS (default tests/app/artifacts/) as ``similar
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path(os.environ.get("INSIGHT_CHROMIUM", "/usr/bin/chromium"))
+from tests.app.browser import ARTIFACTS, T, playwright_or_skip
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "assets" / "examples" / "coco_214753_horses_beach.jpg"
-ARTIFACTS = Path(os.environ.get("INSIGHT_ARTIFACTS", Path(__file__).parent / "artifacts"))
-T = 60_000  # ms; a shared 2-core machine can be slow
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-if not CHROMIUM.is_file():
-    pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-        yield b
-        b.close()
+playwright_or_skip()
 
 
 @pytest.mark.slow
