@@ -61,3 +61,12 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fake_gs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # -> tests.hostile.FakeGhostscript
+    """A ``gs`` first on PATH that leaves a mark, and a record of every program started (untrusted
+    image tests: decoding an EPS must never get that far)."""
+    from tests.hostile import FakeGhostscript
+
+    return FakeGhostscript(tmp_path / "fake-gs-bin", monkeypatch)

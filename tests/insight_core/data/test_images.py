@@ -7,6 +7,7 @@ import logging
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,20 @@ import pytest
 from PIL import Image, ImageFile
 
 from insight_core.data.images import (
+    ALLOWED_FORMATS,
     IMAGE_EXTENSIONS,
+    REFUSED_EXTENSIONS,
     LoadReport,
+    check_pil_format,
     iter_images,
     list_image_files,
     load_image,
+    open_image,
+    sniff_format,
 )
 from insight_core.errors import ConfigError, ImageLoadError
+from tests import hostile
+from tests.hostile import FakeGhostscript
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -188,7 +196,7 @@ def test_zero_size_images_are_refused() -> None:
     with pytest.raises(ImageLoadError, match=r"zero size \(0x5\)"):
         load_image(Image.new("RGB", (0, 5)))
     # Pillow already refuses a PNG header with width 0 when identifying the file.
-    with pytest.raises(ImageLoadError, match="not a recognised image format"):
+    with pytest.raises(ImageLoadError, match=r"zero\.png: corrupt PNG image header"):
         load_image(_png(0, 4, 8, 0, b""), name="zero.png")
 
 
@@ -452,3 +460,111 @@ def test_real_photos_including_greyscale_come_back_rgb(imagenet_samples: list[Pa
 def test_no_decoding_fixture_really_blocks_decoding(no_decoding: None) -> None:
     with pytest.raises(ImageLoadError, match="pixels were decoded"):
         load_image(_encode(Image.new("RGB", (2, 2)), "PNG"))
+
+
+# ---------------------------------------------------------------- formats that are not allowed (issue 19)
+
+
+def test_fake_ghostscript_trap_really_fires(fake_gs: FakeGhostscript, tmp_path: Path) -> None:
+    """Without the allow-list Pillow itself runs ``gs`` on the EPS: the tests below can fail."""
+    path = _write(tmp_path / "x.eps", hostile.eps())
+    with pytest.raises(OSError, match="cannot identify"), Image.open(path) as img:
+        img.load()  # the fake gs wrote no pixels for Pillow to read back
+    assert fake_gs.marker.exists()
+    assert any("gs" in str(c) for c in fake_gs.started())
+
+
+@pytest.mark.parametrize("make", [hostile.eps, hostile.dos_eps], ids=["eps", "dos-eps"])
+@pytest.mark.parametrize("kind", ["path.eps", "path.jpg", "bytes", "file-object", "lazy-pil"])
+def test_eps_is_refused_by_name_and_never_reaches_ghostscript(
+    fake_gs: FakeGhostscript, tmp_path: Path, make: Callable[[], bytes], kind: str
+) -> None:
+    data = make()
+    path = _write(tmp_path / ("photo.jpg" if kind == "path.jpg" else "x.eps"), data)
+    source: object = {
+        "path.eps": path,
+        "path.jpg": path,  # content decides, not the suffix
+        "bytes": data,
+        "file-object": io.BytesIO(data),
+        "lazy-pil": Image.open(path),  # an unrestricted open is still lazy: no gs yet
+    }[kind]
+    name = None if kind.startswith("path") else "upload"
+    with pytest.raises(ImageLoadError) as info:
+        load_image(source, name=name)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "EPS" in message
+    assert "not allowed" in message
+    assert (str(path) if name is None else "upload") in message
+    assert fake_gs.started() == []
+
+
+def test_open_image_refuses_eps_and_keeps_the_mode_of_allowed_ones(
+    fake_gs: FakeGhostscript, tmp_path: Path
+) -> None:
+    with pytest.raises(ImageLoadError, match=r"labels\.png: EPS image .* not allowed"):
+        open_image(_write(tmp_path / "labels.png", hostile.eps()))
+    with open_image(_encode(Image.new("P", (3, 2), 4), "PNG"), name="map") as img:
+        assert (img.mode, img.size, img.format) == ("P", (3, 2), "PNG")
+    assert fake_gs.started() == []
+
+
+def test_pdf_and_postscript_are_named() -> None:
+    with pytest.raises(ImageLoadError, match=r"doc\.jpg: PDF image .* not allowed"):
+        load_image(hostile.pdf(), name="doc.jpg")
+    with pytest.raises(ImageLoadError, match=r"PostScript image .* not allowed"):
+        load_image(b"%!\n/Times findfont 12 scalefont setfont\n", name="plain.ps")
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "PCX", "SGI", "DDS"])
+def test_other_pillow_formats_are_refused_by_name(fmt: str) -> None:
+    data = _encode(Image.new("RGB", (8, 8), RED), fmt)
+    with pytest.raises(ImageLoadError, match=rf"in\.img: {fmt} image .* not allowed, only JPEG, PNG"):
+        load_image(data, name="in.img")
+
+
+def test_pil_image_of_a_refused_format_is_refused_even_when_loaded() -> None:
+    img = Image.open(io.BytesIO(_encode(Image.new("RGB", (4, 4), RED), "PPM")))
+    img.load()
+    with pytest.raises(ImageLoadError, match="PPM image"):
+        load_image(img, name="given")
+    check_pil_format(Image.new("RGB", (2, 2)), "in memory")  # no format: nothing to decode
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_every_allowed_format_loads(fmt: str) -> None:
+    assert fmt in ALLOWED_FORMATS
+    img = load_image(_encode(Image.new("RGB", (6, 4), BLUE), fmt))
+    _assert_rgb(img, (6, 4))
+    assert _close(img.getpixel((3, 2)), BLUE, 8)
+
+
+def test_camera_jpeg_with_a_multi_picture_index_loads() -> None:
+    """Pillow opens such JPEGs as MPO (phones store depth maps/previews that way): allowed."""
+    frames = [Image.new("RGB", (8, 8), RED), Image.new("RGB", (8, 8), BLUE)]
+    data = _encode(frames[0], "MPO", save_all=True, append_images=frames[1:])
+    with Image.open(io.BytesIO(data)) as probe:
+        assert probe.format == "MPO"
+    img = load_image(data)
+    assert _close(img.getpixel((4, 4)), RED, 8)
+
+
+def test_sniff_format_names_without_opening() -> None:
+    assert sniff_format(hostile.eps()[:16]) == "EPS"
+    assert sniff_format(hostile.dos_eps()[:16]) == "EPS"
+    assert sniff_format(hostile.pdf()[:16]) == "PDF"
+    assert sniff_format(_encode(Image.new("RGB", (2, 2)), "PNG")[:16]) == "PNG"
+    assert sniff_format(b"hello, world") is None
+    assert sniff_format(b"") is None
+
+
+def test_folders_list_refused_formats_so_they_are_reported(tmp_path: Path) -> None:
+    _write(tmp_path / "a.jpg", _noise_jpeg())
+    _write(tmp_path / "b.EPS", hostile.eps())
+    _write(tmp_path / "c.pdf", hostile.pdf())
+    _write(tmp_path / "d.txt", b"notes")
+    assert [p.name for p in list_image_files(tmp_path)] == ["a.jpg", "b.EPS", "c.pdf"]
+    report = LoadReport()
+    assert [p.name for p, _ in iter_images(list_image_files(tmp_path), report=report)] == ["a.jpg"]
+    assert [("EPS" in r, "PDF" in r) for _, r in report.failures] == [(True, False), (False, True)]
+    assert all(ext in REFUSED_EXTENSIONS for ext in (".eps", ".ps", ".pdf"))
+    assert not REFUSED_EXTENSIONS & IMAGE_EXTENSIONS
