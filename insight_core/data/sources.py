@@ -35,7 +35,7 @@ from typing import Any
 
 from PIL import Image
 
-from insight_core.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_image_files, load_image
+from insight_core.data.images import DEFAULT_MAX_PIXELS, is_image_name, list_image_files, load_image
 from insight_core.errors import ConfigError, ImageLoadError
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def resolve_tars(spec: str | Path) -> tuple[Path, list[Path]]:
 
 
 def _is_image_member(member: tarfile.TarInfo) -> bool:
-    return member.isfile() and Path(member.name).suffix.lower() in IMAGE_EXTENSIONS
+    return member.isfile() and is_image_name(member.name)
 
 
 class WebDatasetSource(ImageSource):
@@ -417,22 +417,7 @@ class HFDatasetSource(ImageSource):
         return column
 
     def _decode(self, value: Any, image_id: str) -> Image.Image:
-        if not isinstance(value, dict):
-            raise ImageLoadError(f"{image_id}: empty image cell")
-        if value.get("bytes"):
-            return load_image(value["bytes"], max_pixels=self.max_pixels, name=image_id)
-        path = value.get("path")
-        if path and Path(path).is_file():
-            return load_image(path, max_pixels=self.max_pixels, name=image_id)
-        if path:  # a remote file: let datasets fetch it, then check it like any image
-            import datasets
-
-            try:
-                img = datasets.Image().decode_example({"path": path, "bytes": None})
-            except Exception as err:
-                raise ImageLoadError(f"{image_id}: cannot read {path} ({err})") from err
-            return load_image(img, max_pixels=self.max_pixels, name=image_id)
-        raise ImageLoadError(f"{image_id}: image cell has neither bytes nor a path")
+        return load_hf_image(value, image_id, max_pixels=self.max_pixels)
 
     def shards(self, shard_size: int, max_images: int | None = None) -> Iterator[PlannedShard]:
         _check_shard_size(shard_size)
@@ -485,6 +470,49 @@ class HFDatasetSource(ImageSource):
                 break
         for image_id in wanted.values():
             yield image_id, ImageLoadError(f"{image_id}: the stream ended before this row")
+
+
+def load_hf_image(value: Any, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one cell of a ``datasets`` image column read with ``Image(decode=False)``.
+
+    The bytes always reach our own :func:`load_image` (format allow-list): ``datasets``' decoder
+    would hand them to every Pillow plugin, EPS (Ghostscript) included. A remote path is fetched
+    with ``datasets``' own file opener (at most :data:`MAX_MEMBER_BYTES`) and checked the same way.
+    A plain path or bytes cell (a non-Image column) is loaded as is.
+
+    Raises
+    ------
+    ImageLoadError
+        Empty cell, unreadable file, or anything :func:`load_image` refuses (``name`` names the row).
+    """
+    if isinstance(value, (str, bytes, bytearray)):
+        value = {"path": value} if isinstance(value, str) else {"bytes": value}
+    if not isinstance(value, dict):
+        what = "empty image cell" if value is None else f"image cell is a {type(value).__name__}"
+        raise ImageLoadError(f"{name}: {what}, expected encoded bytes or a path (Image(decode=False))")
+    if value.get("bytes"):
+        return load_image(value["bytes"], max_pixels=max_pixels, name=name)
+    path = value.get("path")
+    if path and Path(path).is_file():
+        return load_image(path, max_pixels=max_pixels, name=name)
+    if path:
+        return load_image(_read_remote(str(path), name), max_pixels=max_pixels, name=name)
+    raise ImageLoadError(f"{name}: image cell has neither bytes nor a path")
+
+
+def _read_remote(path: str, name: str) -> bytes:
+    """The bytes of a remote (hub, http, archive) image file, read with ``datasets``' opener."""
+    from datasets.download.download_config import DownloadConfig
+    from datasets.utils.file_utils import xopen
+
+    try:
+        with xopen(path, "rb", download_config=DownloadConfig()) as f:
+            data = f.read(MAX_MEMBER_BYTES + 1)
+    except Exception as err:  # fsspec, hub and network errors have many types
+        raise ImageLoadError(f"{name}: cannot read {path} ({err})") from err
+    if len(data) > MAX_MEMBER_BYTES:
+        raise ImageLoadError(f"{name}: {path} is larger than {MAX_MEMBER_BYTES // 2**20} MB")
+    return bytes(data)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,17 +12,20 @@ import numpy as np
 import pytest
 
 from insight_core.data.features import scan_features
+from insight_core.data.images import load_image
 from insight_core.data.sources import (
     FolderSource,
     HFDatasetSource,
     HFDatasetSpec,
     WebDatasetSource,
     expand_braces,
+    load_hf_image,
     make_source,
     open_source,
 )
 from insight_core.errors import ConfigError, ImageLoadError
 from precompute.__main__ import main
+from tests import hostile
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "assets" / "examples"
 PHOTOS = sorted(EXAMPLES.glob("*.jpg"))
@@ -211,3 +214,95 @@ def test_webdataset_member_listing_prefix_then_all(tar_shards: Path) -> None:
     assert len(source.members(2)) == 2
     assert len(source.members()) == 7  # 6 photos + the truncated one (decoded only at extract time)
     assert source.n_total(100) == 7
+
+
+# ---------------------------------------------------------------- untrusted formats (issue 19)
+
+
+def _assert_eps_refused(result: object, image_id: str) -> None:
+    assert isinstance(result, ImageLoadError), f"{image_id} loaded: {result!r}"
+    assert image_id in str(result)
+    assert "EPS image" in str(result)
+    assert "not allowed" in str(result)
+
+
+def test_folder_source_reports_eps_files_and_renamed_ones(tmp_path: Path, fake_gs) -> None:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "a_good.jpg").write_bytes(PHOTOS[0].read_bytes())
+    (root / "b_vector.eps").write_bytes(hostile.eps())
+    (root / "c_renamed.jpg").write_bytes(hostile.dos_eps())
+    source = FolderSource(root)
+    records = [r for s in source.shards(10) for r in s.records()]
+    assert [r.id for r in records] == ["a_good.jpg", "b_vector.eps", "c_renamed.jpg"]
+    results: dict[str, object] = {}
+    for r in records:
+        try:
+            results[r.id] = r.load()
+        except ImageLoadError as err:
+            results[r.id] = err
+    assert results["a_good.jpg"].size == load_image(PHOTOS[0]).size  # type: ignore[union-attr]
+    _assert_eps_refused(results["b_vector.eps"], "b_vector.eps")
+    _assert_eps_refused(results["c_renamed.jpg"], "c_renamed.jpg")
+    _assert_eps_refused(dict(source.fetch(["c_renamed.jpg"]))["c_renamed.jpg"], "c_renamed.jpg")
+    assert fake_gs.started() == []
+
+
+def test_tar_shard_eps_members_are_refused(tmp_path: Path, fake_gs) -> None:
+    with tarfile.open(tmp_path / "s-0000.tar", "w") as tf:
+        _add(tf, "000.jpg", PHOTOS[0].read_bytes())
+        _add(tf, "001.jpg", hostile.eps())  # an EPS under an image name
+        _add(tf, "002.eps", hostile.eps())
+    source = WebDatasetSource(tmp_path / "s-0000.tar")
+    ids = [f"s-0000.tar::{n}" for n in ("000.jpg", "001.jpg", "002.eps")]
+    got = dict(source.fetch(ids))
+    assert not isinstance(got[ids[0]], ImageLoadError)
+    _assert_eps_refused(got[ids[1]], ids[1])
+    _assert_eps_refused(got[ids[2]], ids[2])
+    errors = []
+    for shard in source.shards(10):
+        for record in shard.records():  # tar members are read in place: load before advancing
+            try:
+                record.load()
+            except ImageLoadError as err:
+                errors.append(record.id)
+                _assert_eps_refused(err, record.id)
+    assert errors == ids[1:]
+    assert fake_gs.started() == []
+
+
+def test_hf_dataset_eps_row_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_gs) -> None:
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rows = [
+        {"label": 0, "img": {"bytes": PHOTOS[0].read_bytes(), "path": "a.jpg"}},
+        {"label": 1, "img": {"bytes": hostile.eps(), "path": "evil.jpg"}},
+    ]
+    source = HFDatasetSource(HFDatasetSpec(name=str(_parquet_dataset(tmp_path / "hfds", rows))))
+    got = dict(source.fetch(["train[0]", "train[1]"]))
+    assert not isinstance(got["train[0]"], ImageLoadError)
+    _assert_eps_refused(got["train[1]"], "train[1]")
+    assert fake_gs.started() == []
+
+
+def test_hf_cells_from_a_path_or_a_remote_url_use_the_same_loader(tmp_path: Path, fake_gs) -> None:
+    pytest.importorskip("datasets")
+    import zipfile
+
+    evil = tmp_path / "evil.png"
+    evil.write_bytes(hostile.eps())
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:  # a path that `datasets` opens itself
+        zf.writestr("d/evil.png", hostile.eps())
+        zf.writestr("d/ok.jpg", PHOTOS[0].read_bytes())
+    remote = f"zip://d/evil.png::{tmp_path / 'imgs.zip'}"
+    for cell in ({"path": str(evil), "bytes": None}, {"path": remote, "bytes": None}, str(evil)):
+        with pytest.raises(ImageLoadError, match=r"row\[7\]: EPS image .* not allowed"):
+            load_hf_image(cell, "row[7]")
+    ok = load_hf_image({"path": f"zip://d/ok.jpg::{tmp_path / 'imgs.zip'}", "bytes": None}, "ok")
+    assert ok.size == load_image(PHOTOS[0]).size
+    with pytest.raises(ImageLoadError, match=r"row\[8\]: image cell is a int"):
+        load_hf_image(3, "row[8]")
+    with pytest.raises(ImageLoadError, match=r"row\[9\]: cannot read"):
+        load_hf_image({"path": f"zip://d/gone.jpg::{tmp_path / 'imgs.zip'}", "bytes": None}, "row[9]")
+    assert fake_gs.started() == []
