@@ -30,9 +30,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from insight_core.errors import ConfigError, MaskFileError
+from insight_core.data.images import open_image
+from insight_core.errors import ConfigError, ImageLoadError, MaskFileError
 
 log = logging.getLogger(__name__)
 
@@ -278,13 +278,15 @@ class PngLabels:
                 "leave it unscored"
             )
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:  # allowed formats only: a label file is untrusted input
                 if im.mode not in ("P", "L", "I", "I;16", "I;16B", "1"):
                     raise MaskFileError(
                         f"{path}: a {im.mode} image; expected a label map (palette or greyscale "
                         "PNG, one class value per pixel)"
                     )
                 arr = np.array(im).astype(np.int64)
+        except ImageLoadError as err:  # names the path (and a refused format) already
+            raise MaskFileError(f"cannot read the label PNG: {err}") from err
         except (OSError, ValueError) as err:
             raise MaskFileError(f"{path}: cannot read the label PNG ({err})") from err
         if self.reduce_zero_label:

@@ -162,3 +162,13 @@ def test_png_reduce_zero_label_and_bad_pngs(tmp_path: Path) -> None:
 def test_image_key_strips_tar_prefixes() -> None:
     assert image_key("shards/a.tar::x/y.jpg") == "x/y.jpg"
     assert image_key("a/b.jpg") == "a/b.jpg"
+
+
+def test_png_label_that_is_really_eps_is_refused_without_ghostscript(tmp_path: Path, fake_gs) -> None:
+    from tests import hostile
+
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "gt" / "a.png").write_bytes(hostile.eps())  # named .png: the content decides
+    with pytest.raises(MaskFileError, match=r"a\.png: EPS image .* not allowed"):
+        PngLabels(tmp_path / "gt", ["x"]).label_map("a.jpg")
+    assert fake_gs.started() == []
