@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from insight_core.atlas import AtlasLayout, CaptionerLayout, fingerprint, read_json_dict, write_manifest
 from insight_core.data.images import load_image
+from insight_core.data.sources import load_hf_image
 from insight_core.device import resolve_device
 from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
 from insight_core.evaluation.captions import reproduction_rate, score_captions
@@ -86,7 +87,8 @@ class CaptionerJob:
     dataset_config: str | None = None
     """datasets configuration name."""
     image_column: str = "image"
-    """Column with the images (PIL images or paths)."""
+    """Column with the images: an ``Image`` feature (its encoded bytes are decoded by the allow-listed
+    loader, never by ``datasets``), paths or bytes."""
     caption_column: str = "caption"
     """Column with a caption or a list of captions."""
     train_split: str = "train"
@@ -247,9 +249,11 @@ def hf_split(job: CaptionerJob, split: str) -> Split:
         if col not in ds.column_names:
             raise ConfigError(f"--dataset {job.dataset!r}: no column {col!r}, columns are {ds.column_names}")
     caps = [[c] if isinstance(c, str) else [str(x) for x in c] for c in ds[job.caption_column]]
+    if isinstance(ds.features[job.image_column], datasets.Image):  # raw bytes: our loader decodes them
+        ds = ds.cast_column(job.image_column, datasets.Image(decode=False))
 
     def loader(i: int) -> Callable[[], Image.Image]:
-        return lambda: load_image(ds[i][job.image_column], name=f"{job.dataset}[{split}][{i}]")
+        return lambda: load_hf_image(ds[i][job.image_column], f"{job.dataset}[{split}][{i}]")
 
     return Split(
         split,

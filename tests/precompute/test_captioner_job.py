@@ -142,3 +142,29 @@ def test_features_follow_the_atlas_manifest(atlas: Path, tmp_path: Path) -> None
     assert (opts.dense, opts.resize, opts.pool) == ("released", "squash", "head")
     with pytest.raises(ConfigError, match="--dinoiser"):  # a head atlas without its head file
         opts.pooling()
+
+
+def test_hf_dataset_images_go_through_the_allow_listed_loader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_gs
+) -> None:
+    """`datasets` would decode an image column with every Pillow plugin (EPS runs Ghostscript)."""
+    datasets = pytest.importorskip("datasets")
+    from insight_core.errors import ImageLoadError
+    from tests import hostile
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    photo = next((Path(__file__).resolve().parents[2] / "assets" / "examples").glob("*.jpg"))
+    rows = [
+        {"image": {"bytes": photo.read_bytes(), "path": "a.jpg"}, "caption": "a photo"},
+        {"image": {"bytes": hostile.eps(), "path": "b.jpg"}, "caption": "a trap"},
+    ]
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "ds/data/train.parquet"))
+    split = job_mod.hf_split(CaptionerJob(atlas=tmp_path / "atlas", dataset=str(tmp_path / "ds")), "train")
+    assert split.captions == [["a photo"], ["a trap"]]
+    assert split.loaders[0]().mode == "RGB"
+    with pytest.raises(ImageLoadError, match=r"\[train\]\[1\]: EPS image .* not allowed"):
+        split.loaders[1]()
+    assert fake_gs.started() == []
