@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from insight_core.data.images import check_pil_format
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
 from insight_core.models.dinoiser import (
     AffinityHead,
@@ -143,6 +144,8 @@ class DinoTeacher(nn.Module):
         """PIL images -> normalised pixels (B, 3, S, S) using the model's timm data config."""
         if len(images) == 0:
             raise ImageLoadError("images: expected at least one PIL image, got an empty sequence")
+        for i, im in enumerate(images):  # convert() decodes a lazy image: only allowed formats
+            check_pil_format(im, f"images[{i}]")
         return torch.stack([self.transform(im.convert("RGB")) for im in images])
 
     @torch.no_grad()

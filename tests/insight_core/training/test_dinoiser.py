@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from insight_core.errors import ConfigError, FeatureFileError
+from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
 from insight_core.models.dinoiser import AffinityHead, Dinoiser, DinoiserConfig, affinities
 from insight_core.training.dinoiser import DinoTeacher, fit_dinoiser, teacher_targets, train_affinity_head
 from tests.insight_core.models.test_dinoiser import SMALL, _feats
@@ -214,3 +214,13 @@ def test_dino_teacher_dinov2_registers_and_resize() -> None:
 def test_dino_teacher_unknown_name() -> None:
     with pytest.raises(ConfigError, match="not_a_model"):
         DinoTeacher.from_config(dataclasses.replace(SMALL, teacher="not_a_model", teacher_pretrained=False))
+
+
+def test_dino_teacher_refuses_a_lazy_eps_before_decoding(tmp_path, fake_gs) -> None:
+    from tests import hostile
+
+    (tmp_path / "x.eps").write_bytes(hostile.eps())
+    teacher = DinoTeacher("vit_tiny_patch16_224", pretrained=False, model_kwargs=FAST)
+    with Image.open(tmp_path / "x.eps") as lazy, pytest.raises(ImageLoadError, match=r"images\[1\]: EPS"):
+        teacher.preprocess([_images()[0], lazy])
+    assert fake_gs.started() == []
