@@ -140,3 +140,24 @@ def test_extract_then_train_sae(image_dir: Path, tmp_path: Path) -> None:
         == 0
     )
     assert torch.isfinite(torch.tensor(json.loads((atlas / "sae_metrics.json").read_text())["fve"]))
+
+
+def test_eps_files_in_the_folder_are_refused_and_the_rest_extracted(
+    image_dir: Path, tmp_path: Path, fake_gs, caplog
+) -> None:
+    from tests import hostile
+
+    (image_dir / "vector.eps").write_bytes(hostile.eps())
+    (image_dir / "sub" / "renamed.jpg").write_bytes(hostile.dos_eps())  # content decides, not the name
+    out = tmp_path / "feats"
+    with caplog.at_level("WARNING"):
+        assert _extract(image_dir, out) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["n_planned"], manifest["n_images"], manifest["n_skipped"]) == (9, 5, 4)
+    entries = [json.loads(p.read_text()) for p in sorted(out.glob("shard_*.ids.json"))]
+    reasons = {name: reason for e in entries for name, reason in e["skipped"]}
+    for name in ("vector.eps", "sub/renamed.jpg"):
+        assert "EPS image" in reasons[name]
+        assert "not allowed" in reasons[name]
+        assert name in caplog.text
+    assert fake_gs.started() == []
