@@ -7,6 +7,8 @@ UI handlers (:func:`ui_handler`) turn them into a status message plus a toast, A
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import json
 import logging
@@ -15,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import gradio as gr
 import numpy as np
@@ -135,21 +138,34 @@ def plot_data(fig: dict | None) -> PlotData | None:
 def raw_image(**kw: Any) -> gr.Image:
     """``gr.Image`` that hands the uploaded file to our loader untouched.
 
-    Gradio's own preprocessing opens the file with PIL first, so a corrupt, animated, CMYK,
-    16-bit or non-image upload would fail there with a generic error; ``load_image`` reports each
-    case clearly instead. (An instance override, not a subclass: Gradio writes a ``.pyi`` stub
-    next to the module of every Component subclass.)
+    Gradio's own preprocessing opens the file with PIL first (every plugin: an EPS upload would run
+    Ghostscript), and a corrupt, animated, CMYK, 16-bit or non-image upload would fail there with a
+    generic error; ``load_image`` allows only safe formats and reports each case clearly instead.
+    So Gradio's preprocessing never runs: a path is handed on, an inline ``data:`` URL as its bytes.
+    (An instance override, not a subclass: Gradio writes a ``.pyi`` stub next to the module of
+    every Component subclass.)
     """
     comp = gr.Image(**kw)
-    default = comp.preprocess
 
-    def preprocess(payload: Any) -> str | None:
-        if payload is not None and getattr(payload, "path", None):
+    def preprocess(payload: Any) -> str | bytes | None:
+        if payload is None:
+            return None
+        if getattr(payload, "path", None):
             return str(payload.path)
-        return default(payload)
+        url = getattr(payload, "url", None) or ""
+        return _data_url_bytes(url) if url.startswith("data:") else None
 
     comp.preprocess = preprocess  # type: ignore[method-assign]
     return comp
+
+
+def _data_url_bytes(url: str) -> bytes:
+    """The bytes of a ``data:`` URL (an API client may send an image inline instead of uploading it)."""
+    header, _, body = url.partition(",")
+    try:
+        return base64.b64decode(body, validate=True) if header.endswith(";base64") else unquote_to_bytes(body)
+    except (binascii.Error, ValueError):
+        raise gr.Error("image: malformed data: URL (expected base64 image data)") from None
 
 
 def gpu(fn: Callable) -> Callable:
