@@ -8,7 +8,9 @@ and count bad images; :func:`open_image` is the header-only open for readers tha
 (label maps).
 
 Every image is untrusted: only the Pillow decoders in :data:`ALLOWED_FORMATS` ever see its bytes,
-chosen by content, never by file name. Pillow's EPS reader, for one, runs Ghostscript.
+chosen by content, never by file name. Pillow's EPS reader, for one, runs Ghostscript. As a second
+line, importing this module tells Pillow there is no Ghostscript (:func:`forbid_ghostscript`), so a
+decode outside this module (a third-party library's own ``Image.open``) cannot start it either.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal, cast
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import EpsImagePlugin, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from insight_core.errors import ConfigError, ImageLoadError
 
@@ -65,6 +67,19 @@ _SIGNATURES = ((b"%PDF", "PDF"), (b"%!", "PostScript"), (b"<?xml", "XML/SVG"), (
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _WHITE = (255, 255, 255)
+
+
+def forbid_ghostscript() -> None:
+    """Make Pillow's EPS reader fail ("Unable to locate Ghostscript") instead of running ``gs``.
+
+    Called when this module is imported (every stage and the app import it). Pillow caches whether
+    it found ``gs`` in ``EpsImagePlugin.gs_binary``; ``False`` means "looked, none", so it never
+    searches PATH again.
+    """
+    EpsImagePlugin.gs_binary = False
+
+
+forbid_ghostscript()
 
 
 @dataclasses.dataclass(slots=True)

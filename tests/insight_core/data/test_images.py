@@ -20,6 +20,7 @@ from insight_core.data.images import (
     REFUSED_EXTENSIONS,
     LoadReport,
     check_pil_format,
+    forbid_ghostscript,
     iter_images,
     list_image_files,
     load_image,
@@ -568,3 +569,14 @@ def test_folders_list_refused_formats_so_they_are_reported(tmp_path: Path) -> No
     assert [("EPS" in r, "PDF" in r) for _, r in report.failures] == [(True, False), (False, True)]
     assert all(ext in REFUSED_EXTENSIONS for ext in (".eps", ".ps", ".pdf"))
     assert not REFUSED_EXTENSIONS & IMAGE_EXTENSIONS
+
+
+def test_pillow_itself_cannot_run_ghostscript_once_the_loader_is_imported(
+    fake_gs: FakeGhostscript, tmp_path: Path
+) -> None:
+    """The second line: a third-party ``Image.open(...).load()`` of an EPS fails without starting gs."""
+    forbid_ghostscript()  # what importing insight_core.data.images did (fake_gs undid it)
+    path = _write(tmp_path / "x.eps", hostile.eps())
+    with pytest.raises(OSError, match="Ghostscript"), Image.open(path) as img:
+        img.load()
+    assert fake_gs.started() == []
