@@ -490,8 +490,11 @@ def load_hf_image(value: Any, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
     if not isinstance(value, dict):
         what = "empty image cell" if value is None else f"image cell is a {type(value).__name__}"
         raise ImageLoadError(f"{name}: {what}, expected encoded bytes or a path (Image(decode=False))")
-    if value.get("bytes"):
-        return load_image(value["bytes"], max_pixels=max_pixels, name=name)
+    data = value.get("bytes")
+    if data:
+        if not isinstance(data, (bytes, bytearray, memoryview)):  # a str here would be read as a path
+            raise ImageLoadError(f"{name}: image bytes are a {type(data).__name__}, expected bytes")
+        return load_image(data, max_pixels=max_pixels, name=name)
     path = value.get("path")
     if path and Path(path).is_file():
         return load_image(path, max_pixels=max_pixels, name=name)

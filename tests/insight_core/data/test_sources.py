@@ -303,6 +303,8 @@ def test_hf_cells_from_a_path_or_a_remote_url_use_the_same_loader(tmp_path: Path
     assert ok.size == load_image(PHOTOS[0]).size
     with pytest.raises(ImageLoadError, match=r"row\[8\]: image cell is a int"):
         load_hf_image(3, "row[8]")
+    with pytest.raises(ImageLoadError, match=r"row\[8\]: image bytes are a str"):
+        load_hf_image({"bytes": str(evil), "path": None}, "row[8]")
     with pytest.raises(ImageLoadError, match=r"row\[9\]: cannot read"):
         load_hf_image({"path": f"zip://d/gone.jpg::{tmp_path / 'imgs.zip'}", "bytes": None}, "row[9]")
     assert fake_gs.started() == []
