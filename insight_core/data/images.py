@@ -156,15 +156,16 @@ def open_image(
 def check_pil_format(img: Image.Image, label: str) -> None:
     """Refuse a PIL image read by a decoder outside :data:`ALLOWED_FORMATS`, before ``.load()`` runs it.
 
-    Images made in memory (``Image.new``, ``fromarray``, ``convert`` ...) have no format and pass.
+    Images made in memory (``Image.new``, ``fromarray``, ``convert`` ...) have no decoder behind them
+    and pass.
 
     Raises
     ------
     ImageLoadError
         ``img`` came from a reader that is not allowed (``label`` names it in the message).
     """
-    if not isinstance(img, ImageFile.ImageFile) and img.format is None:
-        return
+    if not isinstance(img, ImageFile.ImageFile):
+        return  # only a plugin's ImageFile decodes anything on .load()
     for fmt in (img.format, type(img).format):  # the plugin class decides what .load() runs
         if fmt not in ALLOWED_FORMATS:
             raise ImageLoadError(_refusal(label, fmt or f"unknown ({type(img).__name__})"))
