@@ -54,7 +54,8 @@ def test_built_in_tags_random_init_and_known_lms_pass_unchanged(atlas_dir: Path)
     assert _ref(atlas, "hub", kind="timm", arch="vit_base_patch16_224") == "hub"  # timm's default tag
     assert _ref(atlas, "none", kind="timm", arch="vit_tiny_patch16_224") == "none"
     for lm in ("gpt2", "openai-community/gpt2-medium"):
-        assert lm in KNOWN_LMS and _ref(atlas, lm, kind="lm", arch=None) == lm
+        assert lm in KNOWN_LMS
+        assert _ref(atlas, lm, kind="lm", arch=None) == lm
     assert checked_backbone(atlas, trust=False)["pretrained"] == PAPER_PRETRAINED
 
 
@@ -101,7 +102,7 @@ def test_a_file_the_atlas_lists_is_handed_over_as_its_absolute_path(atlas_dir: P
     assert checked_backbone(atlas, trust=False)["pretrained"] == str(atlas_dir / "sae.safetensors")
     (atlas_dir / "sae.safetensors").write_bytes(b"content of SAE")  # same size, other bytes
     fresh = Atlas.open(atlas_dir, verify="sizes")  # not hashed at open: the policy hashes it
-    with pytest.raises(AtlasError, match="backbone.pretrained='sae.safetensors'"):
+    with pytest.raises(AtlasError, match=r"backbone\.pretrained='sae\.safetensors'"):
         _ref(fresh, "sae.safetensors")
 
 
@@ -145,5 +146,27 @@ def test_check_atlas_refs_reads_the_captioner_lm(atlas_dir: Path) -> None:
 
 
 def test_trust_from_env() -> None:
-    assert trust_from_env({ENV_TRUST: "1"}) and trust_from_env({ENV_TRUST: "true"})
-    assert not trust_from_env({}) and not trust_from_env({ENV_TRUST: "0"})
+    assert trust_from_env({ENV_TRUST: "1"})
+    assert trust_from_env({ENV_TRUST: "true"})
+    assert not trust_from_env({})
+    assert not trust_from_env({ENV_TRUST: "0"})
+
+
+def test_published_files_name_inputs_relative_to_the_atlas_or_not_at_all(tmp_path: Path) -> None:
+    from insight_core.atlas import AtlasLayout
+    from insight_core.atlas.layout import public_inputs
+    from insight_core.models.captioner import public_lm_source
+
+    root = tmp_path / "atlas"
+    (root / "captioner" / ".cache" / "tiny_lm").mkdir(parents=True)
+    layout = AtlasLayout(root)
+    assert layout.public(root / "features") == "features"
+    assert layout.public(tmp_path / "work" / "features") is None  # the builder's machine
+    assert layout.public(None) is None
+    assert public_inputs(root, features=tmp_path / "f", masks=root / "masks") == {"features": None,
+                                                                                  "masks": "masks"}
+    assert public_lm_source("gpt2", root / "captioner") == "gpt2"
+    assert public_lm_source("openai-community/gpt2", root / "captioner") == "openai-community/gpt2"
+    assert public_lm_source(str(tmp_path / "my_lm"), root / "captioner") is None
+    inside = root / "captioner" / ".cache" / "tiny_lm"
+    assert public_lm_source(str(inside), root / "captioner") == ".cache/tiny_lm"
