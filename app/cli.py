@@ -1,6 +1,6 @@
 """Command line of the explorer: ``insight-app`` (console script) and ``python app.py`` (Spaces).
 
-    insight-app [--atlas PATH_OR_HUB_REPO] [--host 0.0.0.0] [--port 7860]
+    insight-app [--atlas PATH_OR_HUB_REPO] [--host 0.0.0.0] [--port 7860] [--trust-atlas-weights]
 
 The atlas comes from --atlas, else $INSIGHT_ATLAS, else ./demo_atlas. The page is served at once and
 the atlas loads in the background; with nothing configured and no ./demo_atlas, ``insight demo``
@@ -23,6 +23,7 @@ from pathlib import Path
 from app.server import launch, start_app
 from app.state import atlas_location
 from insight_core.atlas.spaces import preload_hint
+from insight_core.atlas.trust import ENV_TRUST
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ def parser() -> argparse.ArgumentParser:
         "--host", default=os.environ.get("GRADIO_SERVER_NAME"), help="interface to bind (0.0.0.0 for all)"
     )
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    ap.add_argument(
+        "--trust-atlas-weights",
+        action="store_true",
+        help=f"let the atlas name any backbone/LM weights (local paths, Hub repos); default: only built-in "
+        f"open_clip/timm tags, GPT-2 and files the atlas lists (same as ${ENV_TRUST}=1; docs/atlas.md)",
+    )
     return ap
 
 
@@ -59,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for ours in ("app", "insight_core"):
         logging.getLogger(ours).setLevel(logging.INFO)
+    if args.trust_atlas_weights:  # the loader reads it (also in the demo build's process)
+        os.environ[ENV_TRUST] = "1"
+        log.warning("--trust-atlas-weights: the atlas may make this server load any weights it names")
     hint = spaces_hint(atlas_location(args.atlas), os.environ)
     if hint:
         log.warning("%s", hint)

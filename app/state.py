@@ -24,6 +24,7 @@ import pandas as pd
 from app.concept_stats import StatsView
 from insight_core.atlas import Atlas, AtlasError, reading
 from insight_core.atlas.hub import resolve_atlas
+from insight_core.atlas.trust import check_atlas_refs, lm_policy, resolve_trust
 from insight_core.concepts.families import Families
 from insight_core.errors import ConfigError, InsightError
 from insight_core.models.dinoiser import Dinoiser
@@ -115,6 +116,9 @@ class AppState:
     """``similar/thumbs/index.json``: image id -> source path and size of its search thumbnail."""
     similar_note: str = ""
     """Why there is no image search (shown by the Similar tab)."""
+    trust_weights: bool = False
+    """The operator trusts the atlas to name any weights (``--trust-atlas-weights``); else only
+    built-in tags and the atlas's own listed files are loaded (``insight_core.atlas.trust``)."""
 
     @property
     def m(self) -> int:
@@ -305,7 +309,8 @@ def _captioner(state: AppState) -> None:
         if layout.lm_dir.exists():  # the bundled LM is read as a folder: every file must be listed
             atlas.member_dir("captioner_lm")
         with reading(layout.root, "captioner"):
-            cap = SteerableCaptioner.load(layout.root, state.sae)
+            policy = lm_policy(atlas, trust=state.trust_weights)  # the LM: bundled or a known name
+            cap = SteerableCaptioner.load(layout.root, state.sae, lm_policy=policy)
     except InsightError as err:  # a broken captioner must not take the rest of the app down
         log.error("captioner not loaded: %s", err)
         state.captioner_note = f"The atlas captioner could not be loaded: {err}"
@@ -395,16 +400,26 @@ def load_evaluations(state: AppState) -> None:
     state.eval_note = "; ".join(notes)
 
 
-def load_state(location: str | Path) -> AppState:
+def load_state(location: str | Path, *, trust_weights: bool | None = None) -> AppState:
     """Resolve (local folder or Hub repo id), validate and load an atlas with its models.
+
+    ``trust_weights``: let the atlas name any backbone/LM weights (local paths, Hub repos); default
+    (None): ``$INSIGHT_TRUST_ATLAS_WEIGHTS``, off unless set. Untrusted, an atlas may name only
+    built-in open_clip/timm tags, GPT-2, and files it lists itself (``insight_core.atlas.trust``).
 
     Raises
     ------
     InsightError
-        Missing or incompatible atlas, backbone weights unavailable, or a corrupt file.
+        Missing or incompatible atlas, weights the atlas may not name, backbone weights unavailable,
+        or a corrupt file.
     """
-    root = resolve_atlas(str(location))
+    trust = resolve_trust(trust_weights)
+    root = resolve_atlas(str(location), trust_weights=trust)
     atlas = Atlas.open(root)  # SHA-256 of every file read below (cached per file identity)
+    # every field naming weights is checked before any model is built (no outside file, no request);
+    # the checked block (a listed weights file as its absolute path) is what the backbone is built from
+    block = check_atlas_refs(atlas, trust=trust)
+    atlas = dataclasses.replace(atlas, manifest={**atlas.manifest, "backbone": block})
     backbone, pool = _backbone(atlas)
     sae_path = atlas.read_path("sae")
     with reading(sae_path, "SAE checkpoint"):
@@ -423,6 +438,7 @@ def load_state(location: str | Path) -> AppState:
         concepts=_concepts(atlas, m),
         families=_families(atlas, m),
         group_ends=tuple(int(e) for e in sae.cfg.group_ends),
+        trust_weights=trust,
     )
     state.stats = StatsView.open(atlas)
     if state.stats.m != m:

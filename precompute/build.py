@@ -17,7 +17,7 @@ from insight_core.concepts.families import FamilyConfig
 from insight_core.errors import ConfigError
 from insight_core.models.feature_path import is_text_aligned
 from precompute import extract, families, image_index, index, name, stats, train_sae
-from precompute.manifest import backbone_info, install_head
+from precompute.manifest import backbone_info, install_head, public_backbone
 from precompute.options import (
     BackboneOptions,
     Flat,
@@ -122,7 +122,7 @@ def _run(job: BuildJob) -> Atlas:
                                                       progress=job.progress))  # fmt: skip
     with progress.stage("manifest"):
         install_head(layout.root, features)
-        backbone = backbone_info(features) or _own_features_block(bb, features)
+        backbone = public_backbone(backbone_info(features), layout.root) or _own_features_block(bb, features)
         write_manifest(layout.root, backbone=backbone)
         opened = Atlas.open(layout.root)
     log.info(

@@ -41,7 +41,7 @@ from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
 from insight_core.evaluation.captions import reproduction_rate, score_captions
 from insight_core.io import write_json
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
-from insight_core.models.captioner import CaptionerConfig, SteerableCaptioner
+from insight_core.models.captioner import CaptionerConfig, SteerableCaptioner, public_lm_source
 from insight_core.models.dinoiser import Dinoiser
 from insight_core.models.feature_path import (
     check_compatible,
@@ -384,6 +384,11 @@ def _stamp(job: CaptionerJob, sae_path: Path, backbone_cfg: BackboneConfig, opts
     return fingerprint(files, {"job": config, **features})
 
 
+def _public_job(job: CaptionerJob, layout: AtlasLayout) -> dict[str, Any]:
+    """The job's settings for the published metrics: paths relative to the atlas, or None outside it."""
+    return {k: layout.public(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(job).items()}
+
+
 def run(job: CaptionerJob) -> dict:
     """Train (or reuse) the captioner(s); returns the metrics also written to captioner/metrics.json."""
     layout = AtlasLayout(job.atlas)
@@ -433,13 +438,13 @@ def run(job: CaptionerJob) -> dict:
     metrics = {
         "input_fingerprint": stamp,
         "backbone": {**dataclasses.asdict(bb_cfg), "random_weights": bb_cfg.is_random, **pool.describe()},
-        "lm": job.lm,
+        "lm": public_lm_source(job.lm, layout.root),  # a Hub name; no builder paths in published files
         "lm_random_init": job.lm == TINY_LM,
         "finetune_lm": finetune,
         "splits": {k: len(v.keys) for k, v in splits.items()},
         "eval_split": "test" if "test" in splits else "val",
         "results": results,
-        "job": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(job).items()},
+        "job": _public_job(job, layout),
     }
     write_json(out.metrics, metrics)
     written = [out.config, out.adapter, out.metrics] + ([out.dense.config] if job.baseline else [])

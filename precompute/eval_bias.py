@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
-from insight_core.atlas.layout import check_name
+from insight_core.atlas.layout import check_name, public_inputs
 from insight_core.data.labels import read_labels
 from insight_core.errors import LabelsError
 from insight_core.evaluation.bias import BiasConfig, BiasResult, bias_statistics, group_sums
@@ -113,7 +113,7 @@ def run(job: EvalBiasJob) -> dict:
         **result.summary(cfg.alpha),
         "attribute_file": str(job.attributes),
         "settings": settings,
-        "inputs": {"atlas": str(job.atlas), "features": str(job.features)},
+        "inputs": public_inputs(job.atlas, features=job.features),
         "backbone": inp.backbone,
         "method": (
             "Per concept and group (that group against all other listed images): image-level activation "

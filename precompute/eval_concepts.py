@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from insight_core.atlas import fingerprint, read_json_dict
+from insight_core.atlas.layout import public_inputs
 from insight_core.evaluation.concept_metrics import ConceptMetricsConfig, run_concept_metrics
 from insight_core.evaluation.encoding import code_rule
 from insight_core.io import atomic_write, write_json
@@ -112,7 +113,7 @@ def run(job: EvalConceptsJob) -> dict:
             "concept_maps": "patch footprint (nearest)",
             "background_in_locality": False,
         },
-        "inputs": {"atlas": str(job.atlas), "features": str(job.features), "masks": str(job.masks)},
+        "inputs": public_inputs(job.atlas, features=job.features, masks=job.masks),
         "backbone": inp.backbone,
         "device": device_name(inp.sae),
         "throughput_patches_per_s": stats.patches_per_s,

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from insight_core.atlas import fingerprint, read_json_dict
+from insight_core.atlas.layout import public_inputs
 from insight_core.concepts.vocab_embeddings import VocabEmbeddings
 from insight_core.errors import ConfigError
 from insight_core.evaluation.encoding import code_rule
@@ -178,7 +179,7 @@ def run(job: EvalOvsJob) -> dict:
         "classes": list(classes.names),
         "labels": {"file": str(inp.masks.layout.labels), **inp.masks.labels.to_json()},
         "settings": {**dataclasses.asdict(cfg), "codes": rule, "text": text_source},
-        "inputs": {"atlas": str(job.atlas), "features": str(job.features), "masks": str(job.masks)},
+        "inputs": public_inputs(job.atlas, features=job.features, masks=job.masks),
         "backbone": inp.backbone,
         "device": device_name(inp.sae),
         "throughput_patches_per_s": stats.patches_per_s,

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
-from insight_core.atlas.layout import check_name
+from insight_core.atlas.layout import check_name, public_inputs
 from insight_core.concepts.families import Families
 from insight_core.concepts.taxonomy import (
     Alignment,
@@ -282,7 +282,7 @@ def _report(
         },
         "labels": {"file": str(job.labels), "images": r.labels.n, "classes": len(r.labels.classes)},
         "settings": settings,
-        "inputs": {"atlas": str(r.inp.layout.root), "features": str(r.features)},
+        "inputs": public_inputs(r.inp.layout.root, features=r.features),
         "backbone": r.inp.backbone,
         "layers": layers,
         "disagreeing_edges": disagreeing,

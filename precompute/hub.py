@@ -54,6 +54,9 @@ class PullJob:
     """Branch, tag or commit; default: the main branch."""
     token: str | None = None
     """Hub token for private or gated repos; default: HF_TOKEN or `hf auth login`."""
+    trust_atlas_weights: bool = False
+    """Let the atlas name any backbone/LM weights (paths, Hub repos); default: only built-in tags and
+    its own listed files (or ``$INSIGHT_TRUST_ATLAS_WEIGHTS=1``). See docs/atlas.md."""
 
 
 def run_push(job: PushJob) -> str:
@@ -72,7 +75,9 @@ def run_push(job: PushJob) -> str:
 
 def run_pull(job: PullJob) -> Path:
     """Pull; returns the validated atlas folder."""
-    atlas = pull_atlas(job.repo_id, job.out, repo_type=job.repo_type, revision=job.revision, token=job.token)
+    trust = True if job.trust_atlas_weights else None  # None: the environment variable decides
+    atlas = pull_atlas(job.repo_id, job.out, repo_type=job.repo_type, revision=job.revision, token=job.token,
+                       trust_weights=trust)  # fmt: skip
     counts = atlas.manifest.get("counts", {})
     log.info(
         "pulled %s -> %s (%s concepts%s)",

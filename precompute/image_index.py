@@ -98,7 +98,7 @@ def run(job: ImageIndexJob) -> dict[str, Any]:
                                    "max": int(active.max(initial=0)),
                                    "stored": int(np.diff(index.codes.indptr.numpy()).max(initial=0))},
             "images_without_concepts": int((active == 0).sum()),
-            "features": str(job.features),
+            "features": layout.public(job.features),  # no builder paths in published files
         }  # fmt: skip
         record.write(key, [layout.image_index, layout.image_codes])
         log.info("image index: %d images (%s) -> %s", index.n, meta["index"]["type"], layout.image_index)

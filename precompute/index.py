@@ -190,6 +190,14 @@ class ExemplarImages:
     """The feature directory's manifest.json."""
 
 
+def _public_source(desc: dict[str, Any], layout: AtlasLayout) -> dict[str, Any]:
+    """An image source's description for the published atlas: a local folder or shard pattern
+    relative to the atlas, or None outside it (the builder's machine); dataset names as they are."""
+    if desc.get("kind") in ("folder", "webdataset") and isinstance(desc.get("path"), str):
+        return {**desc, "path": layout.public(desc["path"])}
+    return desc
+
+
 def _reopen_source(manifest: dict[str, Any], features_dir: Path, images: Path | None) -> ImageSource | str:
     desc = manifest["source"]
     if isinstance(desc, str):  # features written before sources had kinds: an image folder
@@ -493,7 +501,7 @@ def _thumbnails(
         "size": job.index.thumb_size,
         "format": "webp",
         **counts,
-        "source": images.source.describe(),
+        "source": _public_source(images.source.describe(), layout),
         "resize": backbone.get("resize"),
         "grid": backbone.get("grid"),
     }

@@ -56,9 +56,19 @@ def install_head(atlas: Path, features: Path | None) -> Path | None:
     return dst
 
 
+def public_backbone(block: dict | None, atlas: Path) -> dict | None:
+    """The features' backbone block as the atlas publishes it: the DINOiser head named by its copy in
+    the atlas (``install_head``), not by the builder's path to ``last.pt``."""
+    if not block or not block.get("dinoiser"):
+        return block
+    layout = AtlasLayout(atlas)
+    head = layout.rel(layout.dinoiser) if layout.dinoiser.is_file() else layout.public(block["dinoiser"])
+    return {**block, "dinoiser": head}
+
+
 def run_manifest(job: ManifestJob) -> dict:
     install_head(job.atlas, job.features)
-    manifest = write_manifest(job.atlas, backbone=backbone_info(job.features))
+    manifest = write_manifest(job.atlas, backbone=public_backbone(backbone_info(job.features), job.atlas))
     log.info(
         "wrote %s (%d files, schema v%d)",
         AtlasLayout(job.atlas).manifest,

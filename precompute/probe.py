@@ -277,6 +277,7 @@ def _metrics(result: ProbeTrainResult, pooled: PooledConcepts, train_xy, val_xy,
 def _config(job: ProbeJob, name: str, data: _Data, probe_cfg: ProbeConfig, result: ProbeTrainResult,
             random_weights: bool, key: str, split: str) -> dict[str, Any]:  # fmt: skip
     counts = data.train.class_counts()
+    public = AtlasLayout(job.atlas).public
     return {
         "format": "insight-concept-probe",
         "name": name,
@@ -287,11 +288,11 @@ def _config(job: ProbeJob, name: str, data: _Data, probe_cfg: ProbeConfig, resul
         "train_config": dataclasses.asdict(result.config),
         "sweep": job.sweep,
         "held_out": split,
-        "data": {
-            "features": str(job.features),
-            "labels": str(job.labels),
-            "val_labels": str(job.val_labels) if job.val_labels else None,
-            "val_features": str(job.val_features) if job.val_features else None,
+        "data": {  # inputs by name only: paths outside the atlas are the builder's machine
+            "features": public(job.features),
+            "labels": public(job.labels),
+            "val_labels": public(job.val_labels),
+            "val_features": public(job.val_features),
             "n_labelled": data.train.n,
             "n_val_labelled": data.val.n if data.val is not None else 0,
             "class_counts": {c: int(n) for c, n in zip(data.train.classes, counts, strict=True)},

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
-from insight_core.atlas.layout import check_name
+from insight_core.atlas.layout import check_name, public_inputs
 from insight_core.data.features import scan_features
 from insight_core.device import resolve_device
 from insight_core.errors import ConfigError
@@ -131,7 +131,7 @@ def run(job: SaeParetoJob) -> dict:
         ),
         "levels": [dataclasses.asdict(r) for r in rows],
         "frontier": [dataclasses.asdict(r) for r in rows if r.on_frontier],
-        "inputs": {"atlas": str(job.atlas), "features": str(job.features)},
+        "inputs": public_inputs(job.atlas, features=job.features),
         "device": device_name(sae),
         "seconds": round(seconds, 3),
     }  # fmt: skip

@@ -343,7 +343,7 @@ def run(job: TrainAdapterJob) -> dict:
         "encode_seconds": round(encode_seconds, 2),
         "train_seconds": round(time.perf_counter() - t1, 2),
         "device": str(backbone.device),
-        "images": str(job.images),
+        "images": layout.public(job.images),  # no builder paths in published files
         "input_fingerprint": stamp,
     }  # fmt: skip
     dinoiser.cpu().save(layout.dinoiser)

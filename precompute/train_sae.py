@@ -131,7 +131,7 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
         input_fingerprint=stamp,
         sae_config=sae_cfg.to_json(),
         train_config=dataclasses.asdict(train_cfg),
-        features=str(job.features),
+        features=layout.public(job.features),  # no builder paths in published files
     )
     meta = {"input_fingerprint": stamp, "concept_threshold_k": str(train_cfg.concept_threshold_k)}
     trainer.sae.cpu().save(layout.sae, config_path=layout.sae_config, extra_metadata=meta)

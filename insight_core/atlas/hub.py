@@ -26,6 +26,7 @@ from huggingface_hub.utils import (
 
 from insight_core.atlas.layout import UPLOAD_IGNORE
 from insight_core.atlas.manifest import Atlas, AtlasError
+from insight_core.atlas.trust import check_atlas_refs
 from insight_core.errors import ConfigError, InsightError
 
 log = logging.getLogger(__name__)
@@ -164,11 +165,14 @@ def download_atlas(
     return Path(path)
 
 
-def _open_downloaded(path: Path, repo_id: str) -> Atlas:
+def _open_downloaded(path: Path, repo_id: str, trust_weights: bool | None) -> Atlas:
+    """Open a downloaded atlas and check the weights it names (``insight_core.atlas.trust``)."""
     try:
-        return Atlas.open(path)
+        atlas = Atlas.open(path)
+        check_atlas_refs(atlas, trust=trust_weights)
     except AtlasError as err:
         raise AtlasError(f"Hub repo {repo_id!r} (downloaded to {path}) is not a valid atlas: {err}") from err
+    return atlas
 
 
 def pull_atlas(
@@ -178,10 +182,12 @@ def pull_atlas(
     repo_type: str = DEFAULT_REPO_TYPE,
     revision: str | None = None,
     token: str | None = None,
+    trust_weights: bool | None = None,
 ) -> Atlas:
-    """Download ``repo_id`` into the folder ``out`` and open (validate) it."""
+    """Download ``repo_id`` into the folder ``out`` and open (validate) it, weights it names included
+    (``trust_weights``: let it name any; None: ``$INSIGHT_TRUST_ATLAS_WEIGHTS``)."""
     path = download_atlas(repo_id, local_dir=out, repo_type=repo_type, revision=revision, token=token)
-    return _open_downloaded(path, repo_id)
+    return _open_downloaded(path, repo_id, trust_weights)
 
 
 def resolve_atlas(
@@ -191,12 +197,13 @@ def resolve_atlas(
     repo_type: str = DEFAULT_REPO_TYPE,
     revision: str | None = None,
     token: str | None = None,
+    trust_weights: bool | None = None,
 ) -> Path:
     """Local folder of an atlas given a directory or a Hub repo id (downloaded into the HF cache).
 
     An existing directory is returned as is (the caller opens it with ``Atlas.open``); anything else
     that looks like ``namespace/name`` is downloaded (or taken from the cache when offline) and
-    validated.
+    validated, the weights it names included (``trust_weights``: see :func:`pull_atlas`).
 
     Raises
     ------
@@ -219,4 +226,4 @@ def resolve_atlas(
         local = download_atlas(text, cache_dir=cache_dir, repo_type=repo_type, revision=revision, token=token)
     except HubError as err:
         raise HubError(f"{text} is not a local directory, and the Hub lookup failed: {err}") from err
-    return _open_downloaded(local, text).root
+    return _open_downloaded(local, text, trust_weights).root

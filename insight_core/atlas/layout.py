@@ -309,6 +309,13 @@ UPLOAD_IGNORE = [".*", "*/.*", "*.tmp", "*.lock", f"{_VOCAB_CACHE_DIR}/*", "__py
 caches, temp and lock files, the vocabulary-embedding cache."""
 
 
+def public_inputs(atlas: str | Path, **paths: str | Path | None) -> dict[str, str | None]:
+    """The ``inputs`` block of a published report: each path relative to the atlas when inside it,
+    else None (paths outside the atlas are the builder's machine and are not published)."""
+    layout = AtlasLayout(Path(atlas))
+    return {name: layout.public(path) for name, path in paths.items()}
+
+
 def user_cache_dir() -> Path:
     """The per-user cache folder: ``$INSIGHT_CACHE_DIR``, else ``$XDG_CACHE_HOME/insight-explorer``,
     else ``~/.cache/insight-explorer``."""
@@ -353,6 +360,16 @@ class AtlasLayout:
     def rel(self, path: Path) -> str:
         """``path`` relative to the atlas root, with forward slashes (manifest and record entries)."""
         return Path(path).relative_to(self.root).as_posix()
+
+    def public(self, path: str | Path | None) -> str | None:
+        """How a published file may name an input: relative to the atlas when inside it, else None
+        (a path outside the atlas is the builder's machine; atlases do not carry it)."""
+        if path is None:
+            return None
+        try:
+            return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        except (ValueError, OSError):
+            return None
 
     @property
     def manifest(self) -> Path:

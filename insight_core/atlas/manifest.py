@@ -474,6 +474,24 @@ class Atlas:
         """``"open_clip"`` (CLIP; also atlases that do not say) or ``"timm"``."""
         return str(self.backbone.get("kind") or "open_clip")
 
+    def listed_file(self, rel: str) -> Path | None:
+        """A file the manifest lists (any block), for reading: its path when it stays inside the atlas
+        and its SHA-256 matched (in this open, or hashed now); None when the manifest does not list it.
+
+        Raises
+        ------
+        AtlasError
+            ``rel`` is not a plain relative path, leads outside the atlas, or its content differs.
+        """
+        manifest_path = self.root / MANIFEST
+        rel = _safe_rel(manifest_path, rel)
+        key = _entries(manifest_path, self.manifest).get(rel)
+        if key is None:
+            return None
+        if rel not in self.verified:  # size, link and hash checks before anything parses it
+            _check_file(self.root, rel, _lookup(self.manifest, key), True, VerificationCache(None))
+        return self.root / rel
+
 
 def _safe_rel(manifest_path: Path, rel: Any) -> str:
     """A manifest path: relative, posix, inside the atlas (no '..', no absolute or drive paths)."""
@@ -489,6 +507,17 @@ def _safe_rel(manifest_path: Path, rel: Any) -> str:
     ):
         raise AtlasError(f"{manifest_path}: file path {rel!r} is not a plain relative path inside the atlas")
     return rel
+
+
+def resolves_inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` (links followed) stays inside the atlas ``root``; a Hub cache snapshot
+    (``.../snapshots/REV``) may also link into its repo's blob store (``.../blobs``), as
+    ``snapshot_download`` lays files out."""
+    real = Path(path).resolve()
+    bases = [Path(root).resolve()]
+    if bases[0].parent.name == "snapshots":
+        bases.append(bases[0].parent.parent / "blobs")
+    return any(real == base or real.is_relative_to(base) for base in bases)
 
 
 def _entries(manifest_path: Path, manifest: dict[str, Any]) -> dict[str, str]:
@@ -576,6 +605,10 @@ def _lookup(manifest: dict[str, Any], key: str) -> dict[str, Any]:
 def _check_file(root: Path, rel: str, entry: dict, hash_it: bool, store: VerificationCache) -> bool:
     """Presence and size (always) and SHA-256 (when ``hash_it``); returns whether it was hashed."""
     path = root / rel
+    if not resolves_inside(root, path):  # checked before anything reads (or stats) the target
+        raise AtlasError(
+            f"{path}: a link leading outside the atlas; an atlas may only list its own files"
+        )
     if not path.is_file():
         raise AtlasError(
             f"{path}: listed in the manifest but missing; rebuild the atlas (or restore the file)"

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -326,7 +326,7 @@ class SteerableCaptioner(nn.Module):
         doc = {
             "format": CAPTIONER_FORMAT,
             "config": {**self.cfg.to_json(), "lm": lm_ref},
-            "lm_source": self.cfg.lm,
+            "lm_source": public_lm_source(self.cfg.lm, files.root),
             "d_lm": self.d_lm,
             **(extra or {}),
         }
@@ -334,20 +334,44 @@ class SteerableCaptioner(nn.Module):
         return files.root
 
     @classmethod
-    def load(cls, in_dir: str | Path, sae: MatryoshkaSAE | None = None) -> SteerableCaptioner:
-        """Read a captioner directory written by :meth:`save`; ``lm`` "lm" means the bundled ``lm/``."""
+    def load(
+        cls,
+        in_dir: str | Path,
+        sae: MatryoshkaSAE | None = None,
+        *,
+        lm_policy: Callable[[str], str] | None = None,
+    ) -> SteerableCaptioner:
+        """Read a captioner directory written by :meth:`save`; ``lm`` "lm" means the bundled ``lm/``.
+
+        ``lm_policy`` maps the config's ``lm`` to the name to load or raises (an atlas from elsewhere
+        must not choose what is downloaded: ``insight_core.atlas.trust.lm_policy``); None: any name.
+        """
         files = CaptionerLayout(Path(in_dir))
         doc = _read_config(files.config)
         try:
             cfg = CaptionerConfig.from_json(doc["config"])
         except (KeyError, TypeError) as err:
             raise CheckpointError(f"{files.config}: bad captioner config ({err})") from err
-        lm_name = str(files.lm_dir) if cfg.lm == BUNDLED_LM else cfg.lm
-        lm, tokenizer = load_lm(lm_name)
+        lm_ref = lm_policy(cfg.lm) if lm_policy is not None else cfg.lm
+        bundled = lm_ref == BUNDLED_LM
+        lm_name = str(files.lm_dir) if bundled else lm_ref
+        lm, tokenizer = load_lm(lm_name, local_only=bundled)  # a bundled LM never reaches the Hub
         cfg = dataclasses.replace(cfg, lm=lm_name)
         adapter = PrefixAdapter(cfg, int(lm.config.hidden_size))
         _load_adapter(adapter, files.adapter)
         return cls(cfg, lm, tokenizer, sae, adapter)
+
+
+def public_lm_source(lm: str, root: Path) -> str | None:
+    """Where the LM came from, fit for a published atlas: a Hub name as is, a local folder inside the
+    captioner folder relative to it, any other local path dropped (None): it is the builder's machine."""
+    local = Path(lm).expanduser()
+    if not (local.is_absolute() or lm.startswith((".", "~")) or local.exists()):  # a Hub name
+        return lm
+    try:
+        return local.resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return None
 
 
 def _read_config(path: Path) -> dict[str, Any]:

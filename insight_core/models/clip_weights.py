@@ -60,11 +60,12 @@ def _resolve_weights(cfg: BackboneConfig) -> tuple[str | None, bool]:
     """Return (value for open_clip's ``pretrained`` argument, force QuickGELU)."""
     if cfg.is_random:
         return None, False
-    if _looks_like_path(cfg.pretrained):
+    tags = open_clip.list_pretrained_tags_by_model(cfg.arch)
+    # a known tag is a tag, even when a file of that name happens to exist in the working directory
+    if cfg.pretrained not in tags and _looks_like_path(cfg.pretrained):
         path = Path(cfg.pretrained).expanduser()
         _check_weights_file(path)
         return str(path), False
-    tags = open_clip.list_pretrained_tags_by_model(cfg.arch)
     if cfg.pretrained not in tags:
         raise ConfigError(
             f"BackboneConfig.pretrained={cfg.pretrained!r} is neither a weights file nor a known tag for "

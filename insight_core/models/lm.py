@@ -18,8 +18,10 @@ RANDOM_INIT_FLAG = "insight_random_init"
 """Key set in the HF config of LMs built by :func:`build_tiny_lm` (random init, never pretrained)."""
 
 
-def load_lm(name_or_dir: str) -> tuple[Any, Any]:
+def load_lm(name_or_dir: str, *, local_only: bool = False) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer by hub name or local directory (float32, eval mode).
+
+    ``local_only``: read only files on this machine (a bundled directory): no Hub request at all.
 
     Raises
     ------
@@ -30,8 +32,13 @@ def load_lm(name_or_dir: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy import, only when needed
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-        lm = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
+        # never run code a model folder ships (trust_remote_code stays off, said explicitly)
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_dir, local_files_only=local_only, trust_remote_code=False
+        )
+        lm = AutoModelForCausalLM.from_pretrained(
+            name_or_dir, dtype=torch.float32, local_files_only=local_only, trust_remote_code=False
+        )
     except (OSError, ValueError, KeyError, SafetensorError) as err:  # SafetensorError: corrupt weights
         raise CheckpointError(
             f"lm={name_or_dir!r}: could not load a causal LM + tokenizer ({type(err).__name__}: "

@@ -11,19 +11,30 @@ naming the file, or load; never a traceback of another type.
 
 from __future__ import annotations
 
+import http.server
+import json
+import os
+import re
 import shutil
-from collections.abc import Callable
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from app import state as S
 from app.server import load_views
 from app.ui import build_ui
 from app.views import Views
 from insight_core.atlas import Atlas, AtlasError, AtlasLayout, register_evals, write_manifest
+from insight_core.atlas.manifest import CHECKSUM_KEY, manifest_checksum
+from insight_core.atlas.trust import ENV_TRUST
+from insight_core.errors import InsightError
 from insight_core.io import write_json, write_npz
 
 EXAMPLE = sorted((Path(__file__).resolve().parents[2] / "assets" / "examples").glob("*.jpg"))[0]
@@ -275,3 +286,241 @@ def test_hash_consistent_garbage_is_one_atlas_error_naming_the_file(
         write_manifest(root)
     assert not problems, "\n".join(problems)
     Atlas.open(root)
+
+
+# --- an atlas names weights: only built-in tags, GPT-2 or its own listed files (issue 19, item 3) ---
+
+_OPENED: list[str] | None = None
+"""Paths Python opens while a test records them (an audit hook: catches ``open``, ``torch.load``...)."""
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and args and isinstance(args[0], str | bytes | os.PathLike):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)  # for the whole session (hooks cannot be removed); records only when asked
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    seen: ClassVar[list[str]] = []
+
+    def _any(self) -> None:
+        self.seen.append(f"{self.command} {self.path}")
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = do_POST = _any
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def loopback_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[list[str]]:
+    """A loopback 'Hub' that records every request (404 to all), as ``HF_ENDPOINT``, online, with an
+    empty Hub cache: any download an atlas could trigger shows up in the list."""
+    import huggingface_hub.constants as hf
+
+    seen: list[str] = []
+    handler = type("Handler", (_Recorder,), {"seen": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv(ENV_TRUST, raising=False)
+    monkeypatch.setattr(hf, "ENDPOINT", url)
+    monkeypatch.setattr(hf, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    try:
+        yield seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def model_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Calls of the loaders that fetch or read weights (open_clip, timm, torch.load), and every path
+    Python opens, recorded while the test runs."""
+    import open_clip
+    import timm
+
+    global _OPENED
+    calls: list[str] = []
+
+    def record(name: str, real):
+        return lambda *a, **k: calls.append(f"{name} {a[:1]}") or real(*a, **k)
+
+    monkeypatch.setattr(open_clip, "create_model", record("open_clip.create_model", open_clip.create_model))
+    monkeypatch.setattr(timm, "create_model", record("timm.create_model", timm.create_model))
+    monkeypatch.setattr(torch, "load", record("torch.load", torch.load))
+    _OPENED = []
+    try:
+        yield calls
+    finally:
+        _OPENED = None
+
+
+def _opened() -> list[str]:
+    return list(_OPENED or [])
+
+
+def _forget_opened() -> None:
+    if _OPENED is not None:
+        _OPENED.clear()
+
+
+@pytest.fixture
+def hostile(app_atlas: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the app atlas to make hostile (hashes and checksum kept consistent)."""
+    root = tmp_path / "hostile"
+    shutil.copytree(app_atlas, root, ignore=shutil.ignore_patterns(".cache"))  # caches: never listed
+    return root
+
+
+def _edit_backbone(root: Path, **fields) -> None:
+    """Change the manifest's backbone block and re-seal it (what an author controlling the atlas can do)."""
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["backbone"] = {**manifest["backbone"], **fields}
+    manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _edit_captioner_lm(root: Path, lm: str) -> None:
+    """Name another LM in the captioner config (and drop the bundled one), then rewrite the manifest."""
+    config = AtlasLayout(root).captioner.config
+    doc = json.loads(config.read_text())
+    doc["config"]["lm"] = lm
+    config.write_text(json.dumps(doc))
+    shutil.rmtree(AtlasLayout(root).captioner.lm_dir)
+    write_manifest(root)
+
+
+def _outside_weights(root: Path) -> Path:
+    """A weights file beside (outside) the atlas: a pickle the app must never open."""
+    path = root.parent / "outside.pt"
+    torch.save({"state_dict": {}}, path)
+    return path
+
+
+def _unlisted_copy(root: Path) -> str:
+    """A weights file inside the atlas folder that its manifest does not list."""
+    shutil.copy(_outside_weights(root), root / "weights.pt")
+    return "weights.pt"
+
+
+HOSTILE = {
+    # case: (edit of the atlas, the field the error must name)
+    "pretrained-absolute-path": (lambda r: _edit_backbone(r, pretrained=str(_outside_weights(r))),
+                                 "backbone.pretrained"),
+    "pretrained-relative-escape": (lambda r: _edit_backbone(r, pretrained=f"../{_outside_weights(r).name}"),
+                                   "backbone.pretrained"),
+    "pretrained-unlisted-file-inside": (lambda r: _edit_backbone(r, pretrained=_unlisted_copy(r)),
+                                        "backbone.pretrained"),
+    "pretrained-hub-repo": (lambda r: _edit_backbone(r, pretrained="hf-hub:evil-org/evil-clip"),
+                            "backbone.pretrained"),
+    "arch-hub-repo": (lambda r: _edit_backbone(r, arch="hf-hub:evil-org/evil-clip"), "backbone.arch"),
+    "timm-hub-repo": (lambda r: _edit_backbone(r, kind="timm", arch="hf-hub:evil-org/evil-vit",
+                                               pretrained="hub", text_aligned=False), "backbone.arch"),
+    "timm-outside-file": (lambda r: _edit_backbone(r, kind="timm", arch="vit_small_patch16_224",
+                                                   pretrained=str(_outside_weights(r)), text_aligned=False),
+                          "backbone.pretrained"),
+    "lm-hub-repo": (lambda r: _edit_captioner_lm(r, "evil-org/evil-lm"), "config.lm"),
+    "lm-outside-folder": (lambda r: _edit_captioner_lm(r, str(r.parent)), "config.lm"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_atlas_is_refused_before_any_outside_file_or_request(
+    case: str, hostile: Path, loopback_hub: list[str], model_calls: list[str]
+) -> None:
+    edit, field = HOSTILE[case]
+    edit(hostile)
+    Atlas.open(hostile)  # hashes and checksum are consistent: only the names are hostile
+    model_calls.clear()
+    _forget_opened()
+    with pytest.raises(AtlasError, match=re.escape(field)) as err:
+        S.load_state(hostile)
+    assert "--trust-atlas-weights" in str(err.value)
+    assert loopback_hub == [], "the atlas made the app send requests"
+    assert model_calls == [], "a model was built from the atlas's names"
+    beside = hostile.parent.resolve()  # the outside weights, the LM folder named: all beside the atlas
+    touched = [p for p in _opened() if Path(p).resolve().is_relative_to(beside)
+               and not Path(p).resolve().is_relative_to(hostile.resolve())]  # fmt: skip
+    assert touched == []
+    views = load_views(hostile)  # the app serves the refusal instead of crashing
+    assert views.state is None
+    assert field in views.load_error
+
+
+def test_trust_restores_loading_what_the_atlas_names(
+    hostile: Path, loopback_hub: list[str], model_calls: list[str], monkeypatch: pytest.MonkeyPatch, app_state
+) -> None:
+    """The same hostile names with the operator's opt-in: the loaders get them (a request for the LM
+    repo, the outside weights file opened), as before the check existed."""
+    monkeypatch.setattr(S, "_backbone", lambda atlas: (app_state.backbone, app_state.pool))
+    _edit_captioner_lm(hostile, "evil-org/evil-lm")
+    state = S.load_state(hostile, trust_weights=True)
+    assert state.captioner is None
+    assert "evil-org/evil-lm" in state.captioner_note  # no such repo on the loopback Hub
+    assert any("evil-org/evil-lm" in r for r in loopback_hub)
+    monkeypatch.setenv(ENV_TRUST, "1")  # the environment variable does the same
+    loopback_hub.clear()
+    assert S.load_state(hostile).captioner is None
+    assert loopback_hub
+
+
+def test_trust_lets_the_backbone_read_a_named_outside_file(
+    hostile: Path, loopback_hub: list[str], model_calls: list[str]
+) -> None:
+    outside = _outside_weights(hostile)
+    _edit_backbone(hostile, pretrained=str(outside))
+    with pytest.raises(InsightError, match=r"outside\.pt"):  # an empty checkpoint: no ViT weights in it
+        S.load_state(hostile, trust_weights=True)
+    assert any(c.startswith("open_clip.create_model") for c in model_calls)
+    assert str(outside) in _opened()  # the recorder sees an outside file opened: it can fail
+
+
+def test_the_papers_tags_and_the_bundled_lm_still_load(
+    hostile: Path, loopback_hub: list[str], fast_load, app_state
+) -> None:
+    """Built-in weights pass the check: the paper's open_clip tag (the backbone itself is not
+    downloaded here) and the captioner's bundled LM, which loads without any request."""
+    _edit_backbone(hostile, pretrained="laion2b_s34b_b88k", random_weights=False)
+    state = S.load_state(hostile)
+    assert state.atlas.backbone["pretrained"] == "laion2b_s34b_b88k"
+    assert state.captioner is not None, state.captioner_note
+    assert loopback_hub == []
+    _edit_backbone(hostile, pretrained="openai")
+    assert S.load_state(hostile).captioner is not None
+
+
+def test_a_hostile_hub_atlas_is_refused_by_pull(
+    hostile: Path, tmp_path: Path, loopback_hub: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from insight_core.atlas import hub
+
+    _edit_captioner_lm(hostile, "evil-org/evil-lm")
+    monkeypatch.setattr(hub, "download_atlas", lambda *a, **k: hostile)  # the Hub's copy of the files
+    with pytest.raises(AtlasError, match=r"config\.lm='evil-org/evil-lm'"):
+        hub.pull_atlas("someone/atlas", tmp_path / "pulled")
+    assert hub.pull_atlas("someone/atlas", tmp_path / "pulled", trust_weights=True).root == hostile
+    assert loopback_hub == []
+
+
+def test_published_files_carry_no_builder_paths(app_atlas: Path) -> None:
+    """The test atlas was built from folders outside it (work dir, photos, tiny LM): no file that is
+    published (hidden caches are not uploaded) names them."""
+    outside = str(app_atlas.parent).encode()
+    hidden = [p for p in _files(app_atlas) if any(s.startswith(".") for s in p.relative_to(app_atlas).parts)]
+    published = sorted(set(_files(app_atlas)) - set(hidden))
+    leaks = [p.relative_to(app_atlas).as_posix() for p in published if outside in p.read_bytes()]
+    assert leaks == []
+    config = json.loads(AtlasLayout(app_atlas).captioner.config.read_text())
+    assert config["config"]["lm"] == "lm"
+    assert config["lm_source"] is None

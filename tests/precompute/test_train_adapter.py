@@ -56,6 +56,7 @@ def test_trains_head_skips_bad_images_and_records_metrics(trained: tuple[Path, l
     assert metrics["dinoiser_config"]["in_dim"] == 768  # the ln_2 tokens of block -3
     assert (metrics["backbone"]["resize"], metrics["backbone"]["dense"]) == ("crop", "released")
     assert metrics["backbone"]["random_weights"] is True
+    assert metrics["images"] is None  # the photo folder is outside the atlas: the builder's machine
     assert metrics["backbone"]["grid"] == [14, 14]
     assert 0.5 < metrics["pair_accuracy"] <= 1.0
     assert not (AtlasLayout(out).dinoiser_inputs_cache).exists()  # removed after success
