@@ -91,9 +91,24 @@ def _vocab_dir(job: NameJob) -> Path:
 def _vocabulary(job: NameJob) -> Resolved:
     """The vocabulary embeddings (a given file, the cache, a published file, or computed within the
     naming budget: precompute/vocab.py) and the record of which and why."""
-    return resolve_vocabulary(job.naming, arch=job.arch, pretrained=job.pretrained,
+    arch, pretrained = text_encoder(job)
+    return resolve_vocabulary(job.naming, arch=arch, pretrained=pretrained,
                               atlas_cache=AtlasLayout(job.atlas).vocab_cache_dir, device=job.device,
                               progress=job.progress, encoder=ClipBackbone)  # fmt: skip
+
+
+def text_encoder(job: NameJob) -> tuple[str, str]:
+    """The atlas's text encoder: the arch and tag its feature (or atlas) manifest records, else
+    --arch / --pretrained. Vocabulary embeddings must come from exactly this encoder."""
+    block = _recorded_backbone(job)
+    arch, pretrained = block.get("arch"), block.get("pretrained")
+    recorded = block.get("kind", "open_clip") == "open_clip" and isinstance(arch, str)
+    if not recorded or not isinstance(arch, str) or not isinstance(pretrained, str):
+        return job.arch, job.pretrained
+    if (arch, pretrained) != (job.arch, job.pretrained):
+        log.info("text encoder: %s/%s, as the atlas's manifest records (not --arch %s --pretrained %s)",
+                 arch, pretrained, job.arch, job.pretrained)  # fmt: skip
+    return arch, pretrained
 
 
 def _vocab_files(job: NameJob) -> list[Path]:
