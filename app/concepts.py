@@ -144,7 +144,8 @@ def vocabulary_note(state: AppState) -> str | None:
     n_words, n_total = vocab.get("n_words"), vocab.get("n_total")
     if not isinstance(n_words, int) or not isinstance(n_total, int) or n_words >= n_total:
         return None
-    return f"names from a {n_words:,}-word subset of the {n_total:,}-word vocabulary: {vocab.get('reason', '')}"
+    why = vocab.get("reason", "")
+    return f"names from a {n_words:,}-word subset of the {n_total:,}-word vocabulary: {why}"
 
 
 def cooccurring(state: AppState, cid: int, k: int = 8) -> list[dict]:
