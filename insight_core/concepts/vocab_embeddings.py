@@ -197,7 +197,7 @@ class VocabEmbeddings:
             "pos_names": np.array(self.pos_names, dtype=str),
         }
         if self.manifest is not None:  # JSON in a one-element str array: no pickle needed to read it
-            arrays["manifest"] = np.array([json.dumps(dict(self.manifest), sort_keys=True)], dtype=str)
+            arrays["manifest"] = np.array([json.dumps(dict(self.manifest))], dtype=str)
         return write_npz(path, **arrays)
 
 
