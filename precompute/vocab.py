@@ -34,6 +34,8 @@ from insight_core.concepts.vocab_files import (
     check_vocab_backbone,
     embed_resumable,
     file_sha256,
+    find_budget_subset,
+    peek_manifest,
     read_cached,
     vocab_manifest,
     words_sha256,
@@ -127,9 +129,12 @@ def resolve_vocabulary(
     device: str = "auto",
     progress: bool = False,
     cache_dir: Path | None = None,
-    encoder: Callable[[BackboneConfig], Any] = ClipBackbone,
+    encoder: Callable[[BackboneConfig], Any] | None = None,
 ) -> Resolved:
-    """Vocabulary embeddings for ``name``: a given file, the cache, a published file, or computed."""
+    """Vocabulary embeddings for ``name``: a given file, the cache, a published file, or computed.
+
+    ``encoder`` builds the text encoder (default :class:`ClipBackbone`); it is only called when the
+    embeddings have to be computed."""
     if opts.vocab_embeddings is not None:
         where = f"--vocab-embeddings {opts.vocab_embeddings}"
         vocab = load_vocab_embeddings(opts.vocab_embeddings)
@@ -141,6 +146,8 @@ def resolve_vocabulary(
     hit = read_cached(
         cached_path(arch, tag, words.words, templates, cache_dir), arch, pretrained, words.words
     )
+    if hit is None and opts.max_words is None and not opts.full_vocabulary:
+        hit = _earlier_subset(opts, words.words, templates, arch, pretrained, tag, cache_dir)
     if hit is not None:
         return Resolved(hit, _info(hit, "cache", "the per-user cache"))
     published = _published(opts, arch, pretrained, words.words, templates, cache_dir)
@@ -150,7 +157,24 @@ def resolve_vocabulary(
         )
     return _compute(opts, words, templates, arch=arch, pretrained=pretrained, tag=tag,
                     weights_sha=weights_sha, atlas_cache=atlas_cache, device=device, progress=progress,
-                    cache_dir=cache_dir, encoder=encoder)  # fmt: skip
+                    cache_dir=cache_dir, encoder=encoder or ClipBackbone)  # fmt: skip
+
+
+def _earlier_subset(
+    opts: NamingOptions,
+    words: Sequence[str],
+    templates: Mapping,
+    arch: str,
+    pretrained: str,
+    tag: str,
+    cache_dir: Path | None,
+) -> VocabEmbeddings | None:
+    """The subset an earlier run chose under the same budget (no text encoder, no timing)."""
+    earlier = find_budget_subset(arch, tag, words, templates, opts.naming_budget, cache_dir)
+    if earlier is None:
+        return None
+    n = (peek_manifest(earlier) or {}).get("subset", {}).get("n_words", 0)
+    return read_cached(earlier, arch, pretrained, words[:n])
 
 
 def _published(
@@ -203,7 +227,7 @@ def _compute(
     timed = None
     rate = None
     if opts.max_words is None and not opts.full_vocabulary:
-        n0 = min(len(words.words), 64 if on_gpu else 8)
+        n0 = min(len(words.words), 64 if on_gpu else 4)  # 4 words x 30 templates: a few seconds on CPU
         rate, timed = measure_rate(words.words[:n0], encode, templates)
         log.info("text encoder: %.2f words/s (%d templates per word) on %s", rate,
                  sum(map(len, templates.values())), dev.type)  # fmt: skip
@@ -263,7 +287,7 @@ def run_embed(job: VocabEmbedJob) -> Path:
         job.naming, vocab_embeddings=None, vocab_repo=None, full_vocabulary=job.naming.max_words is None
     )
     got = resolve_vocabulary(opts, arch=job.arch, pretrained=job.pretrained, atlas_cache=job.out.parent,
-                             device=job.device, progress=job.progress)  # fmt: skip
+                             device=job.device, progress=job.progress, encoder=ClipBackbone)  # fmt: skip
     got.vocab.save_npz(job.out)
     log.info("wrote %s: %d words x %d parts of speech (%s)", job.out, got.vocab.n_words, got.vocab.n_pos,
              got.info["reason"])  # fmt: skip

@@ -49,6 +49,8 @@ class VocabPlan:
     """One sentence for logs, the vocabulary manifest and the app's concept pages."""
     estimate_s: float | None = None
     """Estimated seconds to embed all ``n_total`` words (None when nothing was timed)."""
+    budget_s: float | None = None
+    """The naming budget the plan was made for (None: an explicit choice, no budget)."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -64,7 +66,7 @@ class VocabPlan:
         """The ``subset`` block of a vocabulary manifest and of the ``name`` stage record."""
         estimate = None if self.estimate_s is None else round(self.estimate_s, 1)
         return {"policy": self.policy, "n_words": self.n_words, "n_total": self.n_total,
-                "reason": self.reason, "estimate_s": estimate}  # fmt: skip
+                "reason": self.reason, "estimate_s": estimate, "budget_s": self.budget_s}  # fmt: skip
 
 
 def nice_floor(n: float) -> int:
@@ -133,11 +135,11 @@ def plan_vocabulary(
     estimate = n_total / rate
     if estimate <= budget_s:
         reason = f"all {n_total:,} words fit the naming budget (~{_duration(estimate)})"
-        return VocabPlan("full", n_total, n_total, reason, estimate)
+        return VocabPlan("full", n_total, n_total, reason, estimate, budget_s)
     if not on_cpu:
         return VocabPlan("full-over-budget", n_total, n_total,
                          f"all {n_total:,} words (~{_duration(estimate)} on the GPU, over the "
-                         f"{_duration(budget_s)} budget)", estimate)  # fmt: skip
+                         f"{_duration(budget_s)} budget)", estimate, budget_s)  # fmt: skip
     n = min(n_total, max(min_words, nice_floor(budget_s * rate)))
     which = (
         "most concrete (Brysbaert ratings)"
@@ -147,7 +149,7 @@ def plan_vocabulary(
     reason = (f"naming budget {_duration(budget_s)} on CPU: the {n:,} {which} of {n_total:,} words "
               f"(all would take ~{_duration(estimate)})")  # fmt: skip
     policy = "budget-concreteness" if ranked_by == "concreteness" else "budget-list-order"
-    return VocabPlan(policy, n, n_total, reason, estimate)
+    return VocabPlan(policy, n, n_total, reason, estimate, budget_s)
 
 
 def over_budget_line(plan: VocabPlan, budget_s: float, device: str) -> str:

@@ -187,6 +187,45 @@ def read_cached(
     return hit
 
 
+def peek_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of a vocabulary file without reading its embeddings (None when it has none)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "manifest" not in z.files:
+                return None
+            doc = json.loads(str(z["manifest"][0]))
+    except (OSError, ValueError, KeyError, EOFError, IndexError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def find_budget_subset(
+    arch: str,
+    pretrained: str,
+    words: Sequence[str],
+    templates_by_pos: Mapping,
+    budget_s: float,
+    cache_dir: str | Path | None,
+) -> Path | None:
+    """A cached subset chosen earlier under the same naming budget for these ranked ``words`` (a prefix
+    of them), so a rerun reuses it without loading the text encoder to time a batch again."""
+    if is_random_init(pretrained):
+        return None
+    stem = cache_key(arch, pretrained, words, templates_by_pos)
+    head, tail = stem.rsplit("__", 2)[0], stem.rsplit("__", 1)[1]  # arch__tag, templates hash
+    best: tuple[int, Path] | None = None
+    for path in user_vocab_cache(cache_dir).glob(f"{head}__*__{tail}.npz"):
+        man = peek_manifest(path)
+        subset = (man or {}).get("subset", {})
+        n = subset.get("n_words")
+        same_budget = subset.get("budget_s") == budget_s and subset.get("n_total") == len(words)
+        if not isinstance(n, int) or not same_budget or man.get("words_sha256") != words_sha256(words[:n]):
+            continue
+        if best is None or n > best[0]:
+            best = (n, path)
+    return None if best is None else best[1]
+
+
 # --------------------------------------------------------------------------------------------------
 # Resumable embedding
 

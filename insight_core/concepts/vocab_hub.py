@@ -72,7 +72,7 @@ def push_vocab(
     if man.get("subset", {}).get("n_words") != man.get("subset", {}).get("n_total"):
         log.warning("%s holds a subset of its vocabulary (%s)", where, man.get("subset", {}).get("reason"))
     if not isinstance(man.get("templates"), dict) or set(man["templates"]) != set(vocab.pos_names):
-        raise ConfigError(f"{where}: its manifest's templates do not match its parts of speech {vocab.pos_names}")
+        raise ConfigError(f"{where}: its manifest's templates do not match its parts of speech")
     templates = {pos: man["templates"][pos] for pos in vocab.pos_names}  # in part-of-speech order
     key = cache_key(bb["arch"], bb["pretrained"], vocab.words, templates)
     npz_name, json_name = hub_paths(key)
