@@ -9,6 +9,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,13 +34,15 @@ class FakeTextEncoder:
     """Stands in for ClipBackbone: deterministic unit text embeddings; counts the texts it encodes."""
 
     is_random = False
-    encoded: list[str] = []
-    built = 0
+    encoded: ClassVar[list[str]] = []
+    built: ClassVar[int] = 0
 
     def __init__(self, cfg: object) -> None:
         type(self).built += 1
 
-    def encode_text(self, texts: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    def encode_text(
+        self, texts: Sequence[str], templates: Sequence[str], batch_size: int = 256
+    ) -> np.ndarray:
         type(self).encoded.extend(texts)
         rows = [np.random.default_rng(sum(map(ord, t + templates[0]))).standard_normal(8) for t in texts]
         emb = np.array(rows)
@@ -96,8 +99,9 @@ def test_over_budget_on_cpu_embeds_the_most_concrete_words_and_records_why(
     monkeypatch.setattr(vocab_stage, "measure_rate", _fixed_rate(1.0))  # 1 word/s: 4 fit in 4 s
     opts = NamingOptions(vocab_dir=vocab_dir, naming_budget=4.0, templates_per_pos=2)
     with caplog.at_level(logging.INFO):
-        got = vocab_stage.resolve_vocabulary(opts, arch="ViT-B-16", pretrained="openai",
-                                             atlas_cache=tmp_path / "atlas" / "cache", device="cpu")  # fmt: skip
+        got = vocab_stage.resolve_vocabulary(
+            opts, arch="ViT-B-16", pretrained="openai", atlas_cache=tmp_path / "atlas" / "cache", device="cpu"
+        )
     assert got.vocab.words == ("apple", "dog", "car", "tree")  # by Brysbaert rating, not list order
     loud = [r for r in caplog.records if r.getMessage().startswith("NAMING BUDGET")]
     assert len(loud) == 1
@@ -105,8 +109,10 @@ def test_over_budget_on_cpu_embeds_the_most_concrete_words_and_records_why(
     assert "13 vocabulary words" in loud[0].getMessage()
     subset = got.vocab.manifest["subset"]
     assert {k: subset[k] for k in ("policy", "n_words", "n_total")} == {
-        "policy": "budget-concreteness", "n_words": 4, "n_total": 13,
-    }  # fmt: skip
+        "policy": "budget-concreteness",
+        "n_words": 4,
+        "n_total": 13,
+    }
     assert "most concrete" in subset["reason"]
     assert got.info["origin"] == "computed"
     assert got.info["reason"] == subset["reason"]
@@ -115,9 +121,14 @@ def test_over_budget_on_cpu_embeds_the_most_concrete_words_and_records_why(
     assert len(cached) == 1
     assert load_vocab_embeddings(cached[0]).manifest["subset"]["n_words"] == 4
     monkeypatch.setattr(vocab_stage, "ClipBackbone", NoTextTower)
-    again = vocab_stage.resolve_vocabulary(opts, arch="ViT-B-16", pretrained="openai",
-                                           atlas_cache=tmp_path / "atlas" / "cache", device="cpu",
-                                           encoder=NoTextTower)  # fmt: skip
+    again = vocab_stage.resolve_vocabulary(
+        opts,
+        arch="ViT-B-16",
+        pretrained="openai",
+        atlas_cache=tmp_path / "atlas" / "cache",
+        device="cpu",
+        encoder=NoTextTower,
+    )
     assert again.vocab.words == got.vocab.words
 
 
@@ -137,10 +148,15 @@ def test_explicit_choices_and_a_fitting_budget_use_no_subset(
     assert capped.info["policy"] == "max-words"
 
 
-def test_random_init_embeddings_stay_in_the_atlas(fake_encoder, user_cache: Path, vocab_dir: Path,
-                                                  tmp_path: Path) -> None:  # fmt: skip
-    got = vocab_stage.resolve_vocabulary(NamingOptions(vocab_dir=vocab_dir, max_words=5), arch="ViT-B-16",
-                                         pretrained="none", atlas_cache=tmp_path / "atlas" / "cache")  # fmt: skip
+def test_random_init_embeddings_stay_in_the_atlas(
+    fake_encoder, user_cache: Path, vocab_dir: Path, tmp_path: Path
+) -> None:
+    got = vocab_stage.resolve_vocabulary(
+        NamingOptions(vocab_dir=vocab_dir, max_words=5),
+        arch="ViT-B-16",
+        pretrained="none",
+        atlas_cache=tmp_path / "atlas" / "cache",
+    )
     assert got.vocab.manifest["backbone"]["random_weights"] is True
     assert len(list((tmp_path / "atlas" / "cache").glob("vocab_emb_*.npz"))) == 1
     assert not (user_cache / "vocab").exists()
@@ -155,23 +171,41 @@ def test_a_published_file_for_the_exact_backbone_is_fetched_and_verified(
     templates = vocab_stage.templates_for(opts)
     emb = np.stack([FakeTextEncoder(None).encode_text(words, t) for t in templates.values()])
     subset = {"policy": "max-words", "n_words": 6, "n_total": 6, "reason": "test"}
-    man = vocab_manifest(arch="ViT-B-16", pretrained="openai", words=words, templates_by_pos=templates,
-                         subset=subset)  # fmt: skip
+    man = vocab_manifest(
+        arch="ViT-B-16", pretrained="openai", words=words, templates_by_pos=templates, subset=subset
+    )
     path = VocabEmbeddings(words, emb, tuple(templates), man).save_npz(tmp_path / "pub.npz")
     hub = FakeRepo(tmp_path / "hub")
     monkeypatch.setattr(vocab_hub, "HfApi", lambda token=None: hub)
     monkeypatch.setattr(vocab_hub, "hf_hub_download", hub.download)
     assert main(["vocab-push", "--file", str(path), "--repo-id", "me/vocab"]) == 0
-    got = vocab_stage.resolve_vocabulary(dataclass_replace(opts, vocab_repo="me/vocab"), arch="ViT-B-16",
-                                         pretrained="openai", atlas_cache=tmp_path / "c",
-                                         encoder=NoTextTower)  # fmt: skip
+    got = vocab_stage.resolve_vocabulary(
+        dataclass_replace(opts, vocab_repo="me/vocab"),
+        arch="ViT-B-16",
+        pretrained="openai",
+        atlas_cache=tmp_path / "c",
+        encoder=NoTextTower,
+    )
     assert got.info["origin"] == "hub"
     assert got.vocab.words == words
     assert len(list((user_cache / "vocab").glob("*.npz"))) == 1  # verified copy in the cache
     # vocab-pull fetches the same file on its own
     out = tmp_path / "pulled.npz"
-    args = ["vocab-pull", "--repo-id", "me/vocab", "--vocab-dir", str(vocab_dir), "--max-words", "6",
-            "--templates-per-pos", "1", "--pretrained", "openai", "--out", str(out)]  # fmt: skip
+    args = [
+        "vocab-pull",
+        "--repo-id",
+        "me/vocab",
+        "--vocab-dir",
+        str(vocab_dir),
+        "--max-words",
+        "6",
+        "--templates-per-pos",
+        "1",
+        "--pretrained",
+        "openai",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert load_vocab_embeddings(out).words == words
 
@@ -182,19 +216,38 @@ def dataclass_replace(opts: NamingOptions, **changes: object) -> NamingOptions:
     return dataclasses.replace(opts, **changes)  # type: ignore[arg-type]
 
 
-def test_vocab_embed_writes_a_file_with_its_manifest(fake_encoder, user_cache: Path, vocab_dir: Path,
-                                                     tmp_path: Path) -> None:  # fmt: skip
+def test_vocab_embed_writes_a_file_with_its_manifest(
+    fake_encoder, user_cache: Path, vocab_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "vocab.npz"
-    args = ["vocab-embed", "--out", str(out), "--vocab-dir", str(vocab_dir), "--arch", "ViT-B-16",
-            "--pretrained", "openai", "--templates-per-pos", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    args = [
+        "vocab-embed",
+        "--out",
+        str(out),
+        "--vocab-dir",
+        str(vocab_dir),
+        "--arch",
+        "ViT-B-16",
+        "--pretrained",
+        "openai",
+        "--templates-per-pos",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(args) == 0
     vocab = load_vocab_embeddings(out)
     man = vocab.manifest
     assert vocab.n_words == 13  # the whole vocabulary: no budget for the explicit job
     assert man["subset"]["policy"] == "full"
     assert (man["backbone"]["arch"], man["backbone"]["pretrained"]) == ("ViT-B-16", "openai")
-    assert [s["name"] for s in man["sources"]] == ["clip_dissect_20k", "brysbaert", "laion_unigram",
-                                                   "laion_bigram"]  # fmt: skip
+    assert [s["name"] for s in man["sources"]] == [
+        "clip_dissect_20k",
+        "brysbaert",
+        "laion_unigram",
+        "laion_bigram",
+    ]
     assert all(len(s["sha256"]) == 64 for s in man["sources"])
     assert man["templates"]["noun"] == ["a photo of a {}.", "a photo of the {}."]
 
@@ -212,9 +265,19 @@ def planted(tmp_path_factory) -> Path:
 
 def _vocab_for(planted: Path, arch: str, tag: str, out: Path) -> Path:
     world_vocab = load_vocab_embeddings(planted / "world" / "vocab.npz")
-    subset = {"policy": "full", "n_words": world_vocab.n_words, "n_total": world_vocab.n_words, "reason": "all"}
-    man = vocab_manifest(arch=arch, pretrained=tag, words=world_vocab.words,
-                         templates_by_pos={p: ("{}",) for p in world_vocab.pos_names}, subset=subset)  # fmt: skip
+    subset = {
+        "policy": "full",
+        "n_words": world_vocab.n_words,
+        "n_total": world_vocab.n_words,
+        "reason": "all",
+    }
+    man = vocab_manifest(
+        arch=arch,
+        pretrained=tag,
+        words=world_vocab.words,
+        templates_by_pos={p: ("{}",) for p in world_vocab.pos_names},
+        subset=subset,
+    )
     return VocabEmbeddings(world_vocab.words, world_vocab.emb_pwd, world_vocab.pos_names, man).save_npz(out)
 
 
@@ -226,8 +289,20 @@ def test_name_with_a_vocab_file_for_the_atlas_backbone_never_runs_the_text_tower
     atlas = tmp_path / "atlas"
     shutil.copytree(planted / "oracle_atlas", atlas)
     vocab = _vocab_for(planted, "ViT-B-16", "openai", tmp_path / "vocab.npz")
-    args = ["name", "--atlas", str(atlas), "--features", str(planted / "features"), "--vocab-embeddings",
-            str(vocab), "--arch", "ViT-B-16", "--pretrained", "openai", "--no-progress"]  # fmt: skip
+    args = [
+        "name",
+        "--atlas",
+        str(atlas),
+        "--features",
+        str(planted / "features"),
+        "--vocab-embeddings",
+        str(vocab),
+        "--arch",
+        "ViT-B-16",
+        "--pretrained",
+        "openai",
+        "--no-progress",
+    ]
     assert main(args) == 0
     table = pq.read_table(atlas / "concepts.parquet").to_pydict()
     world = load_world(planted / "world")
@@ -244,8 +319,16 @@ def test_a_vocab_file_for_another_backbone_or_tag_is_refused_naming_both(
     atlas = tmp_path / "atlas"
     shutil.copytree(planted / "oracle_atlas", atlas)
     vocab = _vocab_for(planted, "ViT-B-16", "openai", tmp_path / "vocab.npz")
-    base = ["name", "--atlas", str(atlas), "--features", str(planted / "features"), "--vocab-embeddings",
-            str(vocab), "--no-progress"]  # fmt: skip
+    base = [
+        "name",
+        "--atlas",
+        str(atlas),
+        "--features",
+        str(planted / "features"),
+        "--vocab-embeddings",
+        str(vocab),
+        "--no-progress",
+    ]
     with caplog.at_level(logging.ERROR):
         assert main([*base, "--pretrained", "laion2b_s34b_b88k"]) == 2
     assert "ViT-B-16/openai" in caplog.text
