@@ -340,3 +340,41 @@ def test_a_vocab_file_for_another_backbone_or_tag_is_refused_naming_both(
     assert not (atlas / "concepts.parquet").exists() or "vocabulary" not in json.loads(
         (atlas / "stages" / "name.json").read_text()
     ).get("info", {})
+
+
+# --------------------------------------------------------------------------------------------------
+# acceptance: build with the default vocabulary on 16 real photos, a small budget, the app opens it
+
+
+@pytest.mark.slow
+def test_build_with_default_vocabulary_fits_the_budget_and_the_app_shows_why(
+    imagenet_samples: list[Path], tmp_path: Path, caplog
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in imagenet_samples[:16]:
+        shutil.copy(p, photos / p.name)
+    atlas = tmp_path / "atlas"
+    args = ["build", "--images", str(photos), "--atlas", str(atlas), "--pretrained", "none",
+            "--dict-size", "256", "--steps", "30", "--naming-budget", "15", "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    loud = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NAMING BUDGET")]
+    assert len(loud) == 1
+    assert "45,501 vocabulary words" in loud[0]
+    record = json.loads((atlas / "stages" / "name.json").read_text())["info"]["vocabulary"]
+    assert record["policy"] == "budget-list-order"  # the shipped lists carry no concreteness ratings
+    assert record["n_total"] == 45_501
+    assert 4 <= record["n_words"] < 45_501
+    names = set(pq.read_table(atlas / "concepts.parquet").column("name").to_pylist())
+    assert not names & {"the", "of", "and", "a"}  # function words are ranked last
+    from app.concepts import concept_html, concept_page
+    from app.state import load_state
+
+    state = load_state(atlas)
+    assert state.atlas.manifest["configs"]["naming"]["vocabulary"] == record
+    page = concept_page(state, 0)
+    assert page["vocabulary_note"].startswith(f"names from a {record['n_words']:,}-word subset of the 45,501")
+    assert "naming budget" in page["vocabulary_note"]
+    assert "subset of the 45,501-word vocabulary" in concept_html(state, page)
