@@ -135,7 +135,8 @@ def check_vocab_backbone(vocab: VocabEmbeddings, arch: str, pretrained: str, whe
             f"{where}: manifest format {man.get('format')!r} v{man.get('version')!r} is not "
             f"{VOCAB_FORMAT!r} v{VOCAB_FORMAT_VERSION}; recompute it with `insight vocab-embed`"
         )
-    bb = man.get("backbone") if isinstance(man.get("backbone"), dict) else {}
+    block = man.get("backbone")
+    bb: Mapping[str, Any] = block if isinstance(block, dict) else {}
     theirs = (bb.get("arch"), bb.get("pretrained"))
     if theirs != (arch, pretrained):
         raise VocabularyMismatchError(
@@ -215,8 +216,8 @@ def find_budget_subset(
     head, tail = stem.rsplit("__", 2)[0], stem.rsplit("__", 1)[1]  # arch__tag, templates hash
     best: tuple[int, Path] | None = None
     for path in user_vocab_cache(cache_dir).glob(f"{head}__*__{tail}.npz"):
-        man = peek_manifest(path)
-        subset = (man or {}).get("subset", {})
+        man = peek_manifest(path) or {}
+        subset = man.get("subset", {})
         n = subset.get("n_words")
         same_budget = subset.get("budget_s") == budget_s and subset.get("n_total") == len(words)
         if not isinstance(n, int) or not same_budget or man.get("words_sha256") != words_sha256(words[:n]):
