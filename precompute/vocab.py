@@ -30,13 +30,12 @@ from insight_core.atlas.layout import VOCAB_DIR
 from insight_core.concepts.vocab_budget import measure_rate, over_budget_line, plan_vocabulary
 from insight_core.concepts.vocab_embeddings import TEMPLATES_BY_POS, VocabEmbeddings, load_vocab_embeddings
 from insight_core.concepts.vocab_files import (
-    cached_path,
+    VocabStore,
     check_vocab_backbone,
     embed_resumable,
     file_sha256,
-    find_budget_subset,
-    peek_manifest,
     read_cached,
+    user_vocab_cache,
     vocab_manifest,
     words_sha256,
 )
@@ -143,11 +142,12 @@ def resolve_vocabulary(
     words = vocabulary_words(opts)
     templates = templates_for(opts)
     tag, weights_sha = _cache_tag(pretrained)
-    hit = read_cached(
-        cached_path(arch, tag, words.words, templates, cache_dir), arch, pretrained, words.words
-    )
+    store = _store(pretrained, atlas_cache, cache_dir)
+    hit = read_cached(store.path(arch, tag, words.words, templates), arch, pretrained, words.words)
     if hit is None and opts.max_words is None and not opts.full_vocabulary:
-        hit = _earlier_subset(opts, words.words, templates, arch, pretrained, tag, cache_dir)
+        earlier = store.find_budget_subset(arch, tag, words.words, templates, opts.naming_budget)
+        if earlier is not None:
+            hit = read_cached(earlier[0], arch, pretrained, words.words[: earlier[1]])
     if hit is not None:
         return Resolved(hit, _info(hit, "cache", "the per-user cache"))
     published = _published(opts, arch, pretrained, words.words, templates, cache_dir)
@@ -156,25 +156,15 @@ def resolve_vocabulary(
             published, _info(published, "hub", f"published in {opts.vocab_repo or DEFAULT_VOCAB_REPO}")
         )
     return _compute(opts, words, templates, arch=arch, pretrained=pretrained, tag=tag,
-                    weights_sha=weights_sha, atlas_cache=atlas_cache, device=device, progress=progress,
-                    cache_dir=cache_dir, encoder=encoder or ClipBackbone)  # fmt: skip
+                    weights_sha=weights_sha, store=store, device=device, progress=progress,
+                    encoder=encoder or ClipBackbone)  # fmt: skip
 
 
-def _earlier_subset(
-    opts: NamingOptions,
-    words: Sequence[str],
-    templates: Mapping,
-    arch: str,
-    pretrained: str,
-    tag: str,
-    cache_dir: Path | None,
-) -> VocabEmbeddings | None:
-    """The subset an earlier run chose under the same budget (no text encoder, no timing)."""
-    earlier = find_budget_subset(arch, tag, words, templates, opts.naming_budget, cache_dir)
-    if earlier is None:
-        return None
-    n = (peek_manifest(earlier) or {}).get("subset", {}).get("n_words", 0)
-    return read_cached(earlier, arch, pretrained, words[:n])
+def _store(pretrained: str, atlas_cache: Path, cache_dir: Path | None) -> VocabStore:
+    """The per-user cache; for a random-init encoder the atlas's own cache (never shared)."""
+    if is_random_init(pretrained):
+        return VocabStore(atlas_cache, prefix="vocab_emb_")
+    return VocabStore(user_vocab_cache(cache_dir))
 
 
 def _published(
@@ -205,10 +195,9 @@ def _compute(
     pretrained: str,
     tag: str,
     weights_sha: str | None,
-    atlas_cache: Path,
+    store: VocabStore,
     device: str,
     progress: bool,
-    cache_dir: Path | None,
     encoder: Callable[[BackboneConfig], Any],
 ) -> Resolved:
     dev = resolve_device(device, what="--device")
@@ -238,9 +227,7 @@ def _compute(
         log.warning("%s", over_budget_line(plan, opts.naming_budget, dev.type))
     log.info("vocabulary: %s", plan.reason)
     chosen = words.words[: plan.n_words]
-    out = cached_path(arch, tag, chosen, templates, cache_dir)
-    if out is None:  # random init: the atlas's own cache, never shared
-        out = atlas_cache / f"vocab_emb_{words_sha256([arch, tag, *chosen])[:24]}.npz"
+    out = store.path(arch, tag, chosen, templates)
     hit = read_cached(out, arch, pretrained, chosen)
     if hit is not None:
         return Resolved(hit, _info(hit, "cache", plan.reason))

@@ -14,6 +14,7 @@ partial file every ``checkpoint_s`` seconds, so an interrupted run continues whe
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -167,7 +168,40 @@ def cached_path(
     """Where the per-user cache keeps these embeddings; None for a random-init encoder (never shared)."""
     if is_random_init(pretrained):
         return None
-    return user_vocab_cache(cache_dir) / f"{cache_key(arch, pretrained, words, templates_by_pos)}.npz"
+    return VocabStore(user_vocab_cache(cache_dir)).path(arch, pretrained, words, templates_by_pos)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VocabStore:
+    """A folder of cached vocabulary files named by :func:`cache_key`: the per-user cache, or an atlas's
+    own ``cache/`` (prefix ``vocab_emb_``) for random-init encoders, whose embeddings are not shared."""
+
+    folder: Path
+    """Where the files are."""
+    prefix: str = ""
+    """File name prefix before the key."""
+
+    def path(self, arch: str, pretrained: str, words: Sequence[str], templates_by_pos: Mapping) -> Path:
+        return self.folder / f"{self.prefix}{cache_key(arch, pretrained, words, templates_by_pos)}.npz"
+
+    def find_budget_subset(
+        self, arch: str, pretrained: str, words: Sequence[str], templates_by_pos: Mapping, budget_s: float
+    ) -> tuple[Path, int] | None:
+        """The largest cached prefix of the ranked ``words`` chosen earlier under the same naming budget
+        (path, n_words), so a rerun reuses it without loading the text encoder to time a batch again."""
+        stem = cache_key(arch, pretrained, words, templates_by_pos)
+        head, tail = stem.rsplit("__", 2)[0], stem.rsplit("__", 1)[1]  # arch__tag, templates hash
+        best: tuple[Path, int] | None = None
+        for path in self.folder.glob(f"{self.prefix}{head}__*__{tail}.npz"):
+            man = peek_manifest(path) or {}
+            subset = man.get("subset", {})
+            n = subset.get("n_words")
+            same_budget = subset.get("budget_s") == budget_s and subset.get("n_total") == len(words)
+            if not (isinstance(n, int) and same_budget) or man.get("words_sha256") != words_sha256(words[:n]):
+                continue
+            if best is None or n > best[1]:
+                best = (path, n)
+        return best
 
 
 def read_cached(
@@ -198,33 +232,6 @@ def peek_manifest(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, EOFError, IndexError):
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def find_budget_subset(
-    arch: str,
-    pretrained: str,
-    words: Sequence[str],
-    templates_by_pos: Mapping,
-    budget_s: float,
-    cache_dir: str | Path | None,
-) -> Path | None:
-    """A cached subset chosen earlier under the same naming budget for these ranked ``words`` (a prefix
-    of them), so a rerun reuses it without loading the text encoder to time a batch again."""
-    if is_random_init(pretrained):
-        return None
-    stem = cache_key(arch, pretrained, words, templates_by_pos)
-    head, tail = stem.rsplit("__", 2)[0], stem.rsplit("__", 1)[1]  # arch__tag, templates hash
-    best: tuple[int, Path] | None = None
-    for path in user_vocab_cache(cache_dir).glob(f"{head}__*__{tail}.npz"):
-        man = peek_manifest(path) or {}
-        subset = man.get("subset", {})
-        n = subset.get("n_words")
-        same_budget = subset.get("budget_s") == budget_s and subset.get("n_total") == len(words)
-        if not isinstance(n, int) or not same_budget or man.get("words_sha256") != words_sha256(words[:n]):
-            continue
-        if best is None or n > best[0]:
-            best = (n, path)
-    return None if best is None else best[1]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -160,6 +160,14 @@ def test_random_init_embeddings_stay_in_the_atlas(
     assert got.vocab.manifest["backbone"]["random_weights"] is True
     assert len(list((tmp_path / "atlas" / "cache").glob("vocab_emb_*.npz"))) == 1
     assert not (user_cache / "vocab").exists()
+    again = vocab_stage.resolve_vocabulary(
+        NamingOptions(vocab_dir=vocab_dir, max_words=5),
+        arch="ViT-B-16",
+        pretrained="none",
+        atlas_cache=tmp_path / "atlas" / "cache",
+        encoder=NoTextTower,  # a rerun takes the atlas's cache without building the text tower
+    )
+    assert again.vocab.words == got.vocab.words
 
 
 def test_a_published_file_for_the_exact_backbone_is_fetched_and_verified(
