@@ -59,10 +59,11 @@ class NameJob:
     naming: Annotated[NamingOptions, Flat] = dataclasses.field(default_factory=NamingOptions)
     """The vocabulary and how concepts are matched against it."""
     arch: str = PAPER_ARCH
-    """open_clip architecture of the text encoder (must match the atlas backbone)."""
+    """open_clip architecture of the text encoder, used when neither the feature nor the atlas
+    manifest records one (they win: the text encoder must be the atlas backbone's)."""
     pretrained: str = PAPER_PRETRAINED
-    """open_clip pretrained tag or local weights file of the text encoder (must match the atlas
-    backbone; default: the paper's laion2b_s34b_b88k)."""
+    """open_clip pretrained tag or local weights file of the text encoder (default: the paper's
+    laion2b_s34b_b88k), used when no manifest records one, as --arch."""
     text_aligned: bool | None = None
     """Whether the features share a space with a text encoder; None: read ``backbone.text_aligned``
     from the feature manifest (--features) or the atlas manifest (true when neither says). False
