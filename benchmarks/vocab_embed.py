@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -112,14 +113,16 @@ def main() -> int:
     parser.add_argument("--skip-name", action="store_true")
     args = parser.parse_args()
     batch = args.batch or (1024 if args.device.startswith("cuda") else 256)
-    report: dict = {"machine": platform.machine(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()}  # fmt: skip
+    report: dict = {"machine": platform.machine(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                    "threads": torch.get_num_threads(),
+                    "load_avg_1min_start": os.getloadavg()[0]}  # fmt: skip
     report["text"] = text_throughput(args.device, batch, args.seconds)
     print(json.dumps(report["text"], indent=1))
     if not args.skip_name:
         with tempfile.TemporaryDirectory() as tmp:
             report["name"] = name_end_to_end(args.m, args.n_images, Path(tmp))
         print(json.dumps(report["name"], indent=1))
+    report["load_avg_1min_end"] = os.getloadavg()[0]  # a shared machine: other jobs slow the figures
     tag = "cuda" if args.device.startswith("cuda") else "cpu"
     REPORTS.mkdir(exist_ok=True)
     (REPORTS / f"vocab-embed-{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -131,6 +134,8 @@ def _markdown(report: dict, tag: str) -> str:
     t = report["text"]
     lines = [
         f"# vocabulary benchmark ({tag}; torch {report['torch']}; {report['threads']} threads)", "",
+        f"Load average (1 min) {report['load_avg_1min_start']:.1f} at the start, "
+        f"{report['load_avg_1min_end']:.1f} at the end, on {report['cpus']} CPUs.", "",
         "`python benchmarks/vocab_embed.py" + (" --device cuda`" if tag == "cuda" else "`"), "",
         "| what | figure |", "|---|---|",
         f"| text tower (ViT-B-16, batch {t['batch_prompts']} prompts) | {t['prompts_per_s']} prompts/s |",
