@@ -91,6 +91,7 @@ def vocabulary_words(opts: NamingOptions) -> Words:
 
 
 def templates_for(opts: NamingOptions) -> dict[str, tuple[str, ...]]:
+    """The paper's template sets, cut to --templates-per-pos."""
     n = opts.templates_per_pos
     return {pos: tuple(t[:n] if n else t) for pos, t in TEMPLATES_BY_POS.items()}
 
@@ -109,6 +110,7 @@ class Resolved:
     """Vocabulary embeddings and the record of where they came from."""
 
     vocab: VocabEmbeddings
+    """The embeddings (with their manifest when ours)."""
     info: dict[str, Any]
     """``{"origin", "n_words", "policy", "reason", ...}`` (the ``name`` stage record, the atlas manifest)."""
 
