@@ -129,7 +129,23 @@ def concept_page(state: AppState, cid: Any, max_exemplars: int = 8) -> dict[str,
         "metrics": concept_metrics(state, cid),
         "evaluations": E.concept_metrics(state, cid),
         "permalink": links.concept_link(cid),
+        "vocabulary_note": vocabulary_note(state),
     }
+
+
+def vocabulary_note(state: AppState) -> str | None:
+    """Why names come from part of the vocabulary (the naming budget's choice, the manifest's
+    ``configs.naming.vocabulary``), or None when the whole vocabulary (or a given file) named them."""
+    configs = state.atlas.manifest.get("configs")
+    naming = configs.get("naming") if isinstance(configs, dict) else None
+    vocab = naming.get("vocabulary") if isinstance(naming, dict) else None
+    if not isinstance(vocab, dict):
+        return None
+    n_words, n_total = vocab.get("n_words"), vocab.get("n_total")
+    if not isinstance(n_words, int) or not isinstance(n_total, int) or n_words >= n_total:
+        return None
+    why = vocab.get("reason", "")
+    return f"names from a {n_words:,}-word subset of the {n_total:,}-word vocabulary: {why}"
 
 
 def cooccurring(state: AppState, cid: int, k: int = 8) -> list[dict]:
@@ -260,9 +276,11 @@ def _names_html(state: AppState, page: dict, alts: str) -> str:
                      "concepts against (ids, exemplars and families describe them)")  # fmt: skip
         return f"</div><p><i>{note}</i></p>"
     n_alts = len(page["alternatives"])
+    note = page.get("vocabulary_note")
+    subset = f"<p class='vocab-note'><i>{H.esc(note)}</i></p>" if note else ""
     return (f"<span>name score <b>{page['name_score']:.3f}</b> ({H.esc(page['name_pos'])})</span></div>"
             f"<details open><summary><b>Names</b> (best {n_alts} of the vocabulary)</summary>"
-            f"{alts}</details>")  # fmt: skip
+            f"{alts}{subset}</details>")  # fmt: skip
 
 
 def concept_html(state: AppState, page: dict) -> str:

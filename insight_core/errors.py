@@ -35,3 +35,8 @@ class LabelsError(InsightError, ValueError):
 class MaskFileError(InsightError, ValueError):
     """A segmentation-mask folder is malformed or does not match its feature shards (count, order,
     label values, class list)."""
+
+
+class VocabularyMismatchError(InsightError, ValueError):
+    """Vocabulary embeddings were made by another text encoder (arch / pretrained tag) than the atlas's,
+    or their manifest does not describe their contents."""

@@ -38,6 +38,7 @@ from precompute import (
     synth,
     train_adapter,
     train_sae,
+    vocab,
 )
 from precompute.common import setup_logging
 
@@ -74,6 +75,9 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "eval-bias": (eval_bias.EvalBiasJob, eval_bias.run),
     "sae-pareto": (sae_pareto.SaeParetoJob, sae_pareto.run),
     "import-sae": (import_sae.ImportSaeJob, import_sae.run),
+    "vocab-embed": (vocab.VocabEmbedJob, vocab.run_embed),
+    "vocab-push": (vocab.VocabPushJob, vocab.run_push),
+    "vocab-pull": (vocab.VocabPullJob, vocab.run_pull),
 }
 
 

@@ -110,7 +110,8 @@ def _run(job: BuildJob) -> Atlas:
     bb = job.backbone
     with progress.stage("name"):
         name.run(name.NameJob(atlas=layout.root, naming=job.naming, arch=bb.arch, pretrained=bb.pretrained,
-                              text_aligned=_text_aligned(job, features), progress=job.progress))  # fmt: skip
+                              text_aligned=_text_aligned(job, features), device=job.device,
+                              progress=job.progress))  # fmt: skip
     with progress.stage("index"):
         index.run(
             index.IndexJob(atlas=layout.root, features=features, index=job.index, progress=job.progress)

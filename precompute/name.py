@@ -3,10 +3,12 @@
 Family-informed concept vectors (Eq. B.9: the concept's decoder row plus its parents', weighted by
 co-occurrence confidence and activations on the concept's top-30 patches) are matched against a
 vocabulary embedded with noun / verb / adjective templates; the best word names the concept and
-the top-5 are kept as alternatives. ``--vocab-embeddings FILE.npz`` (``words``, ``embeddings``)
-bypasses the text encoder; without it, the word lists of ``--vocab-dir`` (default: the shipped
-``assets/vocab``, see its PROVENANCE.md) are embedded. Runs ``stats``/``families`` first when given
-``--features``.
+the top-5 are kept as alternatives. The vocabulary embeddings come from ``--vocab-embeddings
+FILE.npz`` (``vocab-embed``'s file, or ``words`` + ``embeddings``; refused when made for another
+backbone), the per-user cache, a published file (``--vocab-repo``), or are computed from the word
+lists of ``--vocab-dir`` (default: the shipped ``assets/vocab``, see its PROVENANCE.md) within
+``--naming-budget`` (precompute/vocab.py). Which, and why, is kept in the stage record and the atlas
+manifest (``configs.naming.vocabulary``). Runs ``stats``/``families`` first when given ``--features``.
 
 Atlases whose features are not text-aligned (a timm backbone such as DINOv2: the manifest's
 ``backbone.text_aligned`` is false) have no text encoder to name against: the stage then writes the
@@ -30,21 +32,16 @@ from insight_core.atlas import AtlasLayout, FeaturesLayout, fingerprint, read_js
 from insight_core.atlas.layout import VOCAB_DIR
 from insight_core.concepts.families import Families
 from insight_core.concepts.naming import concept_vectors, name_concepts, parents_from_edges
-from insight_core.concepts.vocab_embeddings import (
-    TEMPLATES_BY_POS,
-    VocabEmbeddings,
-    cached_vocab_embeddings,
-    load_vocab_embeddings,
-)
-from insight_core.concepts.vocabulary import build_vocabulary, paper_vocab_sources
+from insight_core.concepts.vocabulary import paper_vocab_sources
 from insight_core.errors import ConfigError
 from insight_core.io import atomic_write, write_safetensors
-from insight_core.models.backbone import PAPER_ARCH, PAPER_PRETRAINED, BackboneConfig, ClipBackbone
+from insight_core.models.backbone import PAPER_ARCH, PAPER_PRETRAINED, ClipBackbone
 from insight_core.models.feature_path import backbone_label, is_text_aligned
 from insight_core.models.timm_backbone import not_text_aligned_message
 from precompute import families as families_stage
 from precompute.common import load_atlas_sae, load_atlas_stats
 from precompute.options import Flat, NamingOptions
+from precompute.vocab import Resolved, resolve_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +59,19 @@ class NameJob:
     naming: Annotated[NamingOptions, Flat] = dataclasses.field(default_factory=NamingOptions)
     """The vocabulary and how concepts are matched against it."""
     arch: str = PAPER_ARCH
-    """open_clip architecture of the text encoder (must match the atlas backbone)."""
+    """open_clip architecture of the text encoder, used when neither the feature nor the atlas
+    manifest records one (they win: the text encoder must be the atlas backbone's)."""
     pretrained: str = PAPER_PRETRAINED
-    """open_clip pretrained tag or local weights file of the text encoder (must match the atlas
-    backbone; default: the paper's laion2b_s34b_b88k)."""
+    """open_clip pretrained tag or local weights file of the text encoder (default: the paper's
+    laion2b_s34b_b88k), used when no manifest records one, as --arch."""
     text_aligned: bool | None = None
     """Whether the features share a space with a text encoder; None: read ``backbone.text_aligned``
     from the feature manifest (--features) or the atlas manifest (true when neither says). False
     writes neutral names ('concept 123')."""
     force: bool = False
     """Rename even if the inputs (SAE, edges, stats, vocabulary) and settings are unchanged."""
+    device: str = "auto"
+    """Device of the text encoder when vocabulary embeddings are computed ('auto': CUDA when available)."""
     progress: bool = True
     """Show progress bars."""
 
@@ -89,31 +89,27 @@ def _vocab_dir(job: NameJob) -> Path:
     return Path(job.naming.vocab_dir) if job.naming.vocab_dir is not None else VOCAB_DIR
 
 
-def _vocabulary(job: NameJob) -> VocabEmbeddings:
-    opts = job.naming
-    if opts.vocab_embeddings is not None:
-        return load_vocab_embeddings(opts.vocab_embeddings)
-    vocab_dir = _vocab_dir(job)
-    if not vocab_dir.is_dir():
-        what = "--vocab-dir" if opts.vocab_dir is not None else "the shipped word lists"
-        raise ConfigError(
-            f"{what} {vocab_dir}: not a directory; "
-            "give --vocab-dir WORD_LIST_DIR or --vocab-embeddings FILE.npz"
-        )
-    vocab = build_vocabulary(paper_vocab_sources(vocab_dir), max_words=opts.max_words)
-    n = opts.templates_per_pos
-    templates = {pos: tuple(t[:n] if n else t) for pos, t in TEMPLATES_BY_POS.items()}
-    backbone = ClipBackbone(BackboneConfig(arch=job.arch, pretrained=job.pretrained))
-    if backbone.is_random:
-        log.warning("RANDOM-INIT TEXT ENCODER: concept names will be meaningless")
-    return cached_vocab_embeddings(
-        AtlasLayout(job.atlas).vocab_cache_dir,
-        vocab.words,
-        f"{job.arch}/{job.pretrained}",
-        backbone.encode_text,
-        templates,
-        progress=job.progress,
-    )
+def _vocabulary(job: NameJob) -> Resolved:
+    """The vocabulary embeddings (a given file, the cache, a published file, or computed within the
+    naming budget: precompute/vocab.py) and the record of which and why."""
+    arch, pretrained = text_encoder(job)
+    return resolve_vocabulary(job.naming, arch=arch, pretrained=pretrained,
+                              atlas_cache=AtlasLayout(job.atlas).vocab_cache_dir, device=job.device,
+                              progress=job.progress, encoder=ClipBackbone)  # fmt: skip
+
+
+def text_encoder(job: NameJob) -> tuple[str, str]:
+    """The atlas's text encoder: the arch and tag its feature (or atlas) manifest records, else
+    --arch / --pretrained. Vocabulary embeddings must come from exactly this encoder."""
+    block = _recorded_backbone(job)
+    arch, pretrained = block.get("arch"), block.get("pretrained")
+    recorded = block.get("kind", "open_clip") == "open_clip" and isinstance(arch, str)
+    if not recorded or not isinstance(arch, str) or not isinstance(pretrained, str):
+        return job.arch, job.pretrained
+    if (arch, pretrained) != (job.arch, job.pretrained):
+        log.info("text encoder: %s/%s, as the atlas's manifest records (not --arch %s --pretrained %s)",
+                 arch, pretrained, job.arch, job.pretrained)  # fmt: skip
+    return arch, pretrained
 
 
 def _vocab_files(job: NameJob) -> list[Path]:
@@ -125,9 +121,8 @@ def _vocab_files(job: NameJob) -> list[Path]:
 def _input_key(job: NameJob) -> str:
     layout = AtlasLayout(job.atlas)
     files = [layout.sae, layout.edges, layout.stats_tensors, layout.stats_meta, *_vocab_files(job)]
-    settings = {
-        k: v for k, v in dataclasses.asdict(job).items() if k not in ("force", "progress", "features")
-    }
+    not_settings = ("force", "progress", "features", "device")
+    settings = {k: v for k, v in dataclasses.asdict(job).items() if k not in not_settings}
     settings["text_aligned"] = _text_aligned(job)  # resolved from the manifests when not given
     return fingerprint([f for f in files if f.is_file()], {"name": settings})
 
@@ -142,7 +137,8 @@ def run(job: NameJob) -> list[dict]:
         log.info("%s is up to date; skipping (use --force to rename)", layout.concepts)
         return pq.read_table(layout.concepts).to_pylist()
     text_aligned = _text_aligned(job)
-    vocab = _vocabulary(job) if text_aligned else None
+    resolved = _vocabulary(job) if text_aligned else None
+    vocab = resolved.vocab if resolved is not None else None
     if vocab is not None and vocab.dim != sae.cfg.d_in:
         raise ConfigError(f"vocabulary embeddings have d={vocab.dim} but the SAE has d_in={sae.cfg.d_in}")
     parents = parents_from_edges(fam.parent_e, fam.child_e, sae.cfg.dict_size)
@@ -184,9 +180,10 @@ def run(job: NameJob) -> list[dict]:
     atomic_write(layout.concepts, lambda tmp: pq.write_table(table, str(tmp)))
     n_words = vocab.n_words if vocab is not None else 0
     record.write(key, [layout.concepts, layout.concept_vectors], n_concepts=len(records), n_words=n_words,
-                 text_aligned=text_aligned)  # fmt: skip
-    if vocab is not None:
-        log.info("named %d concepts against %d words -> %s", len(records), n_words, layout.concepts)
+                 text_aligned=text_aligned, vocabulary=resolved.info if resolved else None)  # fmt: skip
+    if resolved is not None:
+        log.info("named %d concepts against %d words (%s: %s) -> %s", len(records), n_words,
+                 resolved.info["origin"], resolved.info["reason"], layout.concepts)  # fmt: skip
     return records
 
 

@@ -272,12 +272,23 @@ class NamingOptions:
     """Naming concepts against a vocabulary (paper Sec. 3.4, App. B.4)."""
 
     vocab_embeddings: Path | None = None
-    """Precomputed vocabulary embeddings (.npz with 'words' and 'embeddings'); bypasses the text encoder."""
+    """Precomputed vocabulary embeddings (.npz from `insight vocab-embed` / `vocab-pull`, or your own with
+    'words' and 'embeddings'); bypasses the text encoder. A file whose manifest names another backbone
+    or tag than the atlas's is refused."""
     vocab_dir: Path | None = None
     """Folder with the paper's word lists (CLIP-Dissect 20k, LAION uni/bigrams, optional Brysbaert
     concreteness table); default: the shipped assets/vocab (without the Brysbaert table)."""
     max_words: int | None = None
-    """Keep only the first N vocabulary words (CPU runs: the full ~60k-word vocabulary is a GPU job)."""
+    """Keep only the first N words of the vocabulary union (overrides --naming-budget)."""
+    naming_budget: float = 600.0
+    """Seconds of text encoding name may spend computing vocabulary embeddings (timed on one batch
+    first). Over it: one loud warning, and on CPU the largest subset that fits, the most concrete words
+    first (on a GPU the whole vocabulary anyway). Not used with a precomputed or cached vocabulary."""
+    full_vocabulary: bool = False
+    """Embed the whole vocabulary whatever the budget (about 11 hours on 2 CPU cores; minutes on a GPU)."""
+    vocab_repo: str | None = None
+    """Hugging Face Hub repo of published vocabulary embeddings (`insight vocab-push`) to fetch a file
+    for this exact backbone + tag from (SHA-256 verified) before computing."""
     templates_per_pos: int | None = None
     """Use only the first N of the ten templates per part of speech (None: all ten, as in the paper)."""
     alpha: float = 1.33
@@ -286,6 +297,14 @@ class NamingOptions:
     """Names kept per concept (best + alternatives)."""
     use_parents: bool = True
     """Family-informed vectors (Eq. B.9); --no-use-parents names decoder rows alone."""
+
+    def __post_init__(self) -> None:
+        if not (self.naming_budget > 0):  # also refuses NaN
+            raise ConfigError(f"--naming-budget must be > 0 seconds, got {self.naming_budget!r}")
+        if self.max_words is not None and self.max_words < 1:
+            raise ConfigError(f"--max-words must be >= 1, got {self.max_words}")
+        if self.max_words is not None and self.full_vocabulary:
+            raise ConfigError("--max-words and --full-vocabulary contradict each other: give one")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -237,6 +237,9 @@ def _configs(layout: AtlasLayout) -> dict:
         out["families"] = _read_json(layout.families).get("config")
     if layout.stats_meta.is_file():
         out["stats"] = _read_json(layout.stats_meta).get("config")
+    vocabulary = layout.stage_record("name").info().get("vocabulary")
+    if isinstance(vocabulary, dict):  # which vocabulary named the concepts, and why (concept pages say it)
+        out["naming"] = {"vocabulary": vocabulary}
     return out
 
 

@@ -157,6 +157,9 @@ class VocabEmbeddings:
     """float32 (n_pos, W, d), unit rows."""
     pos_names: tuple[str, ...]
     """Name of each part-of-speech slice (``("noun", "verb", "adjective")``, or ``("any",)``)."""
+    manifest: Mapping[str, Any] | None = None
+    """What made the embeddings (backbone, tag, word and template hashes, subset choice;
+    :mod:`insight_core.concepts.vocab_files`), or None for a bring-your-own file without one."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "words", tuple(_check_words(self.words, "VocabEmbeddings.words")))
@@ -193,6 +196,8 @@ class VocabEmbeddings:
             "embeddings": np.ascontiguousarray(self.emb_pwd, dtype=np.float32),
             "pos_names": np.array(self.pos_names, dtype=str),
         }
+        if self.manifest is not None:  # JSON in a one-element str array: no pickle needed to read it
+            arrays["manifest"] = np.array([json.dumps(dict(self.manifest))], dtype=str)
         return write_npz(path, **arrays)
 
 
@@ -203,7 +208,8 @@ def load_vocab_embeddings(path: str | Path) -> VocabEmbeddings:
 
     - bring-your-own: ``words`` (W,) strings and ``embeddings`` (W, d) -- one embedding set used for
       all parts of speech (``pos_names = ("any",)``);
-    - ours (:meth:`VocabEmbeddings.save_npz`): ``embeddings`` (n_pos, W, d) and ``pos_names`` (n_pos,).
+    - ours (:meth:`VocabEmbeddings.save_npz`): ``embeddings`` (n_pos, W, d) and ``pos_names`` (n_pos,),
+      and ``manifest`` (one JSON string: what made them) when written by ``vocab-embed`` or ``name``.
 
     Floating dtypes are cast to float32 and rows are unit-normalised.
 
@@ -235,6 +241,7 @@ def load_vocab_embeddings(path: str | Path) -> VocabEmbeddings:
                 )
             words_arr, emb = z["words"], z["embeddings"]
             pos_arr = z["pos_names"] if "pos_names" in z.files else None
+            manifest_arr = z["manifest"] if "manifest" in z.files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # e.g. object arrays need pickle
         raise FeatureFileError(f"{where}: cannot read arrays ({e}); strings must be numpy str arrays") from e
     words = _str_array(words_arr, f"{where} 'words'")
@@ -266,7 +273,19 @@ def load_vocab_embeddings(path: str | Path) -> VocabEmbeddings:
     if len(set(pos_names)) != len(pos_names) or not all(pos_names):
         raise FeatureFileError(f"{where}: 'pos_names' must be unique non-empty strings, got {pos_names}")
     emb = _unit_rows(emb, where, FeatureFileError)
-    return VocabEmbeddings(tuple(words), emb, pos_names)
+    manifest = None if manifest_arr is None else _manifest(manifest_arr, where)
+    return VocabEmbeddings(tuple(words), emb, pos_names, manifest)
+
+
+def _manifest(arr: np.ndarray, where: str) -> dict[str, Any]:
+    text = _str_array(arr, f"{where} 'manifest'")
+    try:
+        doc = json.loads(text[0]) if len(text) == 1 else None
+    except json.JSONDecodeError as e:
+        raise FeatureFileError(f"{where}: 'manifest' is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise FeatureFileError(f"{where}: 'manifest' must be one JSON object string")
+    return doc
 
 
 def _str_array(arr: np.ndarray, where: str) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -100,21 +100,8 @@ def load_word_list(path: str | Path) -> list[str]:
     return list(out)
 
 
-def load_brysbaert(
-    path: str | Path, min_concreteness: float = 2.5, *, include_bigrams: bool = True
-) -> list[str]:
-    """Words (and bigrams) of the Brysbaert et al. (2014) table with ``Conc.M > min_concreteness``.
-
-    The file is tab-separated with a header naming at least ``Word`` and ``Conc.M`` (``Bigram``, 0/1,
-    is used when ``include_bigrams`` is False). Entries are normalised and deduplicated in file order.
-
-    Raises
-    ------
-    ConfigError
-        The file does not exist.
-    FeatureFileError
-        Missing columns, a short row or a non-numeric rating (the message names the file and line).
-    """
+def _brysbaert_rows(path: str | Path) -> Iterator[tuple[str, float, bool]]:
+    """(normalised word, Conc.M, is a bigram) per row of the Brysbaert et al. (2014) table."""
     path, text = _read_text(path, "concreteness table")
     lines = text.splitlines()
     header_at = next((i for i, line in enumerate(lines) if line.strip()), None)
@@ -130,7 +117,6 @@ def load_brysbaert(
     i_word, i_conc = header.index("Word"), header.index("Conc.M")
     i_bigram = header.index("Bigram") if "Bigram" in header else None
     need = max(i_word, i_conc, -1 if i_bigram is None else i_bigram) + 1
-    out: dict[str, None] = {}
     for lineno, line in enumerate(lines[header_at + 1 :], start=header_at + 2):
         if not line.strip():
             continue
@@ -146,12 +132,74 @@ def load_brysbaert(
                 f"concreteness table {str(path)!r} line {lineno}: Conc.M {cols[i_conc].strip()!r} "
                 "is not a number"
             ) from e
-        if not include_bigrams and i_bigram is not None and cols[i_bigram].strip() not in ("", "0"):
-            continue
+        bigram = i_bigram is not None and cols[i_bigram].strip() not in ("", "0")
         word = normalize_word(cols[i_word])
-        if word and conc > min_concreteness:
+        if word:
+            yield word, conc, bigram
+
+
+def load_brysbaert(
+    path: str | Path, min_concreteness: float = 2.5, *, include_bigrams: bool = True
+) -> list[str]:
+    """Words (and bigrams) of the Brysbaert et al. (2014) table with ``Conc.M > min_concreteness``.
+
+    The file is tab-separated with a header naming at least ``Word`` and ``Conc.M`` (``Bigram``, 0/1,
+    is used when ``include_bigrams`` is False). Entries are normalised and deduplicated in file order.
+
+    Raises
+    ------
+    ConfigError
+        The file does not exist.
+    FeatureFileError
+        Missing columns, a short row or a non-numeric rating (the message names the file and line).
+    """
+    out: dict[str, None] = {}
+    for word, conc, bigram in _brysbaert_rows(path):
+        if conc > min_concreteness and (include_bigrams or not bigram):
             out.setdefault(word)
     return list(out)
+
+
+def concreteness_ratings(path: str | Path) -> dict[str, float]:
+    """Mean concreteness rating (``Conc.M``, 1 = abstract .. 5 = concrete) of every entry of the
+    Brysbaert et al. (2014) table, by normalised word (the first row of a duplicate wins)."""
+    out: dict[str, float] = {}
+    for word, conc, _ in _brysbaert_rows(path):
+        out.setdefault(word, conc)
+    return out
+
+
+FUNCTION_WORDS: frozenset[str] = frozenset(
+    """a an the and or but nor so yet if then than that this these those there here of to in on at by
+    for with from into onto upon about above below over under after before between through during
+    without within along across against among around behind beyond near off out up down as is are was
+    were be been being am do does did done have has had having will would shall should can could may
+    might must not no yes i me my mine we us our ours you your yours he him his she her hers it its they
+    them their theirs who whom whose which what when where why how all any both each few more most
+    other some such only own same too very just also again once ever never always often s t don now
+    one two three four five six seven eight nine ten first second new get got make made like via per
+    le la de des du et en un une el los las il di del""".split()  # noqa: SIM905 (a word list, not code)
+)
+"""Common English (and a few Romance) function words: never useful concept names, ranked last when no
+concreteness ratings are available (the shipped word lists are frequency-ordered, "the", "of", ...)."""
+
+
+def rank_by_concreteness(words: Sequence[str], ratings: dict[str, float] | None) -> list[int]:
+    """Indices of ``words``, the most concrete first (a stable order: ties keep the vocabulary order).
+
+    With ``ratings`` (:func:`concreteness_ratings`): rated words by descending rating, then unrated
+    words in vocabulary order. Without: the vocabulary order with :data:`FUNCTION_WORDS` and one-letter
+    entries moved to the end (the best that frequency-ordered lists allow).
+    """
+
+    def key(i: int) -> tuple[int, float]:
+        w = words[i]
+        if ratings is not None and w in ratings:
+            return (0, -ratings[w])
+        junk = w in FUNCTION_WORDS or len(w) < 2
+        return (2 if junk else 1, 0.0)
+
+    return sorted(range(len(words)), key=key)
 
 
 def load_source(source: VocabSource) -> list[str]:

@@ -41,7 +41,7 @@ def test_name_uses_the_shipped_word_lists_by_default(tmp_path: Path, caplog) -> 
         atlas=tmp_path, naming=NamingOptions(max_words=40, templates_per_pos=1), progress=False
     )
     with caplog.at_level(logging.INFO):
-        vocab = name_stage._vocabulary(job)
+        vocab = name_stage._vocabulary(job).vocab
     assert vocab.words[:3] == ("the", "of", "and")  # msae_clip_disect_20k.txt comes first
     assert vocab.n_words == 40
     assert str(VOCAB_DIR / "msae_laion_400_bigram.txt") in caplog.text

@@ -10,9 +10,11 @@ import pytest
 from insight_core.concepts.vocabulary import (
     VocabSource,
     build_vocabulary,
+    concreteness_ratings,
     load_brysbaert,
     load_word_list,
     paper_vocab_sources,
+    rank_by_concreteness,
 )
 from insight_core.errors import ConfigError, FeatureFileError
 
@@ -164,3 +166,16 @@ def test_shipped_word_lists_without_brysbaert_warn_once(tmp_path: Path, caplog) 
         build_vocabulary(paper_vocab_sources(partial))
     with pytest.raises(ConfigError, match="no vocabulary source found"):
         build_vocabulary([VocabSource("only", tmp_path / "absent.txt", required=False)])
+
+
+def test_concreteness_ranking_puts_rated_concrete_words_first(tmp_path: Path) -> None:
+    table = tmp_path / "conc.txt"
+    table.write_text("Word\tBigram\tConc.M\nIdea\t0\t1.6\ndog\t0\t4.9\nbaseball bat\t1\t5.0\nred\t0\t3.2\n")
+    ratings = concreteness_ratings(table)
+    assert ratings == {"idea": 1.6, "dog": 4.9, "baseball bat": 5.0, "red": 3.2}
+    words = ["the", "idea", "run", "dog", "red", "baseball bat", "of"]
+    order = rank_by_concreteness(words, ratings)
+    assert [words[i] for i in order] == ["baseball bat", "dog", "red", "idea", "run", "the", "of"]
+    # without ratings: list order, function words and one-letter entries last
+    order = rank_by_concreteness(["the", "dog", "a", "x", "idea", "of"], None)
+    assert order == [1, 4, 0, 2, 3, 5]
