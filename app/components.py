@@ -11,9 +11,7 @@ import functools
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -216,13 +214,6 @@ def concept_label(t: dict) -> str:
 def label_id(label: str) -> int:
     """The concept id of a :func:`concept_label`."""
     return int(label.split()[0].lstrip("#"))
-
-
-def tmp_file(name: str, data: bytes) -> str:
-    """Write ``data`` to a fresh temporary folder as ``name`` (a download); returns its path."""
-    path = Path(tempfile.mkdtemp(prefix="insight-")) / name
-    path.write_bytes(data)
-    return str(path)
 
 
 def json_default(obj: Any) -> Any:

@@ -38,10 +38,10 @@ TIMER_S = 1.0
 
 def build_ui(views: Views, examples: list[str] | None = None, startup: Startup | None = None) -> gr.Blocks:
     """The explorer's Blocks (not launched). ``startup``: the background build/load, when the atlas
-    is not loaded yet (``app.startup``)."""
+    is not loaded yet (``app.startup``). Gradio's cache is swept as ``views.exports.config`` says."""
     examples = examples or []
     names = [Path(e).name for e in examples]
-    with gr.Blocks(title="INSIGHT concept explorer") as demo:
+    with gr.Blocks(title="INSIGHT concept explorer", delete_cache=views.exports.config.delete_cache) as demo:
         gr.Markdown(
             "# INSIGHT concept explorer\nSparse, hierarchical concepts of a vision backbone (named when it "
             "is text-aligned, like CLIP)."
