@@ -79,6 +79,12 @@ def create_demo(location: str | Path, cache: CacheConfig | None = None) -> tuple
     return _queued(build_ui(views, example_images())), views
 
 
+LAUNCH_OPTIONS: dict = {"max_file_size": MAX_FILE_SIZE, "show_error": False,
+                        "allowed_paths": [str(EXAMPLES_DIR)]}  # fmt: skip
+"""``Blocks.launch`` options of the served app. ``show_error=False``: an exception no handler caught
+reaches the browser as a bare "Error" (its text may hold server paths; the log has it); our own
+messages are ``gr.Error`` s, which Gradio always shows (``app.components``)."""
+
+
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kw) -> None:
-    demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, show_error=True,
-                allowed_paths=[str(EXAMPLES_DIR)], **kw)  # fmt: skip
+    demo.launch(server_name=host, server_port=port, **LAUNCH_OPTIONS, **kw)
