@@ -145,12 +145,16 @@ class ExportStore:
 
     def _sweep(self, keep: Path | None) -> int:
         now = time.time()
-        stats = []
-        for entry in self.entries():
+        stats = []  # (last use, bytes, entry folder); os.scandir: one stat per file, no Path objects
+        try:
+            folders = [e for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            folders = []
+        for folder in folders:
             try:
-                files = [f for f in entry.iterdir() if f.is_file()]
-                size = sum(f.stat().st_size for f in files)
-                stats.append((entry.stat().st_mtime, size, entry))
+                with os.scandir(folder.path) as files:
+                    size = sum(f.stat().st_size for f in files if f.is_file(follow_symlinks=False))
+                stats.append((folder.stat().st_mtime, size, Path(folder.path)))
             except FileNotFoundError:  # deleted meanwhile (another process, Gradio's sweep)
                 continue
         stats.sort(key=lambda s: s[0], reverse=True)  # newest first
