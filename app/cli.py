@@ -1,6 +1,7 @@
 """Command line of the explorer: ``insight-app`` (console script) and ``python app.py`` (Spaces).
 
     insight-app [--atlas PATH_OR_HUB_REPO] [--host 0.0.0.0] [--port 7860] [--trust-atlas-weights]
+                [--cache-max-age SECONDS]
 
 The atlas comes from --atlas, else $INSIGHT_ATLAS, else ./demo_atlas. The page is served at once and
 the atlas loads in the background; with nothing configured and no ./demo_atlas, ``insight demo``
@@ -20,10 +21,12 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from app.exports import DEFAULT_MAX_AGE_S, ENV_MAX_AGE, CacheConfig
 from app.server import launch, start_app
 from app.state import atlas_location
 from insight_core.atlas.spaces import preload_hint
 from insight_core.atlas.trust import ENV_TRUST
+from insight_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,11 @@ def parser() -> argparse.ArgumentParser:
         help=f"let the atlas name any backbone/LM weights (local paths, Hub repos); default: only built-in "
         f"open_clip/timm tags, GPT-2 and files the atlas lists (same as ${ENV_TRUST}=1; docs/atlas.md)",
     )
+    ap.add_argument(
+        "--cache-max-age", type=int, default=None, metavar="SECONDS",
+        help=f"delete downloads and Gradio's cached files this long after their last use (default: "
+             f"${ENV_MAX_AGE}, else {DEFAULT_MAX_AGE_S}; docs/app.md)",
+    )  # fmt: skip
     return ap
 
 
@@ -72,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     hint = spaces_hint(atlas_location(args.atlas), os.environ)
     if hint:
         log.warning("%s", hint)
-    demo, _, startup = start_app(args.atlas, dict(os.environ))
+    try:
+        cache = CacheConfig.from_env(os.environ, args.cache_max_age)
+    except ConfigError as err:
+        parser().error(str(err))
+    demo, _, startup = start_app(args.atlas, dict(os.environ), cache=cache)
     atexit.register(startup.close)  # a demo build still running stops with the app (a rerun resumes it)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM runs the atexit hooks too
     launch(demo, args.host, args.port)

@@ -1,8 +1,13 @@
 """Shared Gradio pieces of the explorer: the raw image input, the click bridge, error handling.
 
-User-facing problems (:class:`~app.state.AppError`, any ``InsightError``) never take the app down:
-UI handlers (:func:`ui_handler`) turn them into a status message plus a toast, API handlers
-(:func:`api_handler`) into a ``gr.Error`` with the same clear message.
+Errors never take the app down, and the browser never sees server internals:
+
+- user-facing problems (:class:`~app.state.AppError`, any ``InsightError``): UI handlers
+  (:func:`ui_handler`) turn them into a status message plus a toast, API handlers
+  (:func:`api_handler`) into a ``gr.Error``, with the same clear message, server paths shortened to
+  their last component (:func:`public_message`);
+- anything else is a bug: the traceback goes to the log under a short random id, the browser gets
+  "internal error" and that id only (:func:`internal_error`).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import functools
 import json
 import logging
 import os
+import re
+import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -179,15 +186,59 @@ def gpu(fn: Callable) -> Callable:
     return spaces.GPU(fn)
 
 
+# an absolute POSIX or Windows folder prefix (``/srv/a/b/``, ``C:\\a\\``, ``…/a/`` once a known root was
+# replaced) where a path starts; its last component (the file a message names) stays
+_ABS_DIRS = re.compile(r"(?<![\w.:/~\\-])…?/(?:[^\s/'\"<>|]+/)+|\b[A-Za-z]:\\(?:[^\s\\'\"<>|]+\\)+")
+_PATH_END = r"(?=[/\\\s'\"<>:,;)\]]|$)"
+
+
+def _private_roots() -> list[str]:
+    """Folders whose names say something about the server (home, working and temp folders)."""
+    return [str(Path.home()), os.getcwd(), tempfile.gettempdir(), os.path.realpath(tempfile.gettempdir())]
+
+
+def redact_paths(text: str, roots: Iterable[str | Path] = ()) -> str:
+    """``text`` with server folders replaced by ``…``: the given ``roots`` (e.g. the atlas folder; they
+    may contain spaces), home, working and temp folders, then any absolute folder prefix. File names
+    stay, so a message still names its input (``…/sae.safetensors: ...``)."""
+    found = {str(r).rstrip("/\\") for r in [*roots, *_private_roots()]}
+    for root in sorted((r for r in found if len(r) > 1), key=len, reverse=True):
+        text = re.sub(r"(?<![\w.~-])" + re.escape(root) + _PATH_END, "…", text)
+    return _ABS_DIRS.sub(lambda m: "…" + m.group(0)[-1], text)
+
+
+def public_message(err: BaseException) -> str:
+    """The message of a user-facing error as the browser may see it (:func:`redact_paths`)."""
+    return redact_paths(str(err)) or type(err).__name__
+
+
+def internal_error(err: BaseException, where: str) -> str:
+    """Log an unexpected exception with its traceback under a fresh id; returns the short message
+    the browser gets instead (no exception text: it may hold paths, data or code details)."""
+    error_id = secrets.token_hex(4)
+    log.error("%s failed (error id %s)", where, error_id, exc_info=err)
+    return f"internal error (id {error_id}): the server log has the details"
+
+
+def error_message(err: BaseException, where: str) -> str:
+    """What the browser shows for ``err``: :func:`public_message` of a user-facing error, else
+    :func:`internal_error` (logged)."""
+    if isinstance(err, AppError | InsightError):
+        return public_message(err)
+    if isinstance(err, gr.Error):  # raised on purpose (e.g. by Gradio's own input checks)
+        return redact_paths(err.message)
+    return internal_error(err, where)
+
+
 def api_handler(fn: Callable) -> Callable:
-    """API handlers: user-facing errors as gr.Error with the message (the client raises it)."""
+    """API handlers: every error as a ``gr.Error`` (the client raises it) with :func:`error_message`."""
 
     @functools.wraps(fn)
     def run(*args: Any) -> Any:
         try:
             return fn(*args)
-        except (AppError, InsightError) as err:
-            raise gr.Error(str(err)) from None
+        except Exception as err:
+            raise gr.Error(error_message(err, f"endpoint {fn.__name__}")) from None
 
     return run
 
@@ -197,27 +248,22 @@ NOTHING = object()
 
 
 def ui_handler(n_out: int) -> Callable:
-    """UI handlers return (*outputs, status_html); on a user-facing error: outputs unchanged, the
-    message in the status box and a toast. A handler returning :data:`NOTHING` changes nothing."""
+    """UI handlers return (*outputs, status_html); on an error: outputs unchanged, the message
+    (:func:`error_message`) in the status box and a toast. A handler returning :data:`NOTHING`
+    changes nothing."""
 
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args: Any) -> Any:
             try:
                 out = fn(*args)
-                if out is NOTHING:
-                    return (gr.skip(),) * (n_out + 1)
-                return (*out, "")
-            except (AppError, InsightError) as err:
-                gr.Warning(str(err))
-                return (*[gr.skip()] * n_out, H.message(str(err), "error"))
-            except Exception as err:  # keep serving; the log has the traceback
-                log.exception("handler %s failed", fn.__name__)
-                gr.Warning(f"internal error: {type(err).__name__}: {err}")
-                return (
-                    *[gr.skip()] * n_out,
-                    H.message(f"internal error: {type(err).__name__}: {err}", "error"),
-                )
+            except Exception as err:  # keep serving; an unexpected one is logged with its traceback
+                text = error_message(err, f"handler {fn.__name__}")
+                gr.Warning(text)
+                return (*[gr.skip()] * n_out, H.message(text, "error"))
+            if out is NOTHING:
+                return (gr.skip(),) * (n_out + 1)
+            return (*out, "")
 
         return run
 
@@ -232,13 +278,6 @@ def concept_label(t: dict) -> str:
 def label_id(label: str) -> int:
     """The concept id of a :func:`concept_label`."""
     return int(label.split()[0].lstrip("#"))
-
-
-def tmp_file(name: str, data: bytes) -> str:
-    """Write ``data`` to a fresh temporary folder as ``name`` (a download); returns its path."""
-    path = Path(tempfile.mkdtemp(prefix="insight-")) / name
-    path.write_bytes(data)
-    return str(path)
 
 
 def json_default(obj: Any) -> Any:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.exports import CacheConfig, ExportStore
 from app.startup import DemoBuild, Startup, demo_command
 from app.state import DEFAULT_ATLAS, ENV_ATLAS, atlas_location, load_state
 from app.ui import build_ui
@@ -32,13 +33,14 @@ def example_images() -> list[str]:
     return sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
 
 
-def load_views(location: str | Path) -> Views:
+def load_views(location: str | Path, cache: CacheConfig | None = None) -> Views:
     """Views over the loaded atlas, or over the load error (the app then serves that message)."""
+    exports = ExportStore(cache)
     try:
-        return Views(load_state(location))
+        return Views(load_state(location), exports=exports)
     except (InsightError, OSError) as err:
         log.error("could not load the atlas %s: %s", location, err)
-        return Views(None, f"{location}: {err}")
+        return Views(None, f"{location}: {err}", exports)
 
 
 def needs_demo_build(cli_atlas: str | None, env: Mapping[str, str]) -> bool:
@@ -53,26 +55,36 @@ def _queued(demo: gr.Blocks) -> gr.Blocks:
 
 
 def start_app(
-    cli_atlas: str | None, env: Mapping[str, str], build_command: Sequence[str] | None = None
+    cli_atlas: str | None,
+    env: Mapping[str, str],
+    build_command: Sequence[str] | None = None,
+    cache: CacheConfig | None = None,
 ) -> tuple[gr.Blocks, Views, Startup]:
     """The page at once; the atlas (built first by ``precompute demo`` in a separate process when
     nothing is configured and ./demo_atlas is missing) loads in the background.
 
-    ``build_command`` replaces the demo build's command line (tests).
+    ``build_command`` replaces the demo build's command line (tests); ``cache``: how long downloads
+    and Gradio's cached files live (default: :meth:`CacheConfig.from_env`).
     """
     location = atlas_location(cli_atlas) if cli_atlas or env.get(ENV_ATLAS) else DEFAULT_ATLAS
     build = DemoBuild(DEFAULT_ATLAS, build_command) if needs_demo_build(cli_atlas, env) else None
-    views = Views(None)
+    views = Views(None, exports=ExportStore(cache or CacheConfig.from_env(env)))
     startup = Startup(views, location, build).begin()
     return _queued(build_ui(views, example_images(), startup)), views, startup
 
 
-def create_demo(location: str | Path) -> tuple[gr.Blocks, Views]:
+def create_demo(location: str | Path, cache: CacheConfig | None = None) -> tuple[gr.Blocks, Views]:
     """The explorer over an atlas loaded now, before the page is served (benchmarks, embedding)."""
-    views = load_views(location)
+    views = load_views(location, cache)
     return _queued(build_ui(views, example_images())), views
 
 
+LAUNCH_OPTIONS: dict = {"max_file_size": MAX_FILE_SIZE, "show_error": False,
+                        "allowed_paths": [str(EXAMPLES_DIR)]}  # fmt: skip
+"""``Blocks.launch`` options of the served app. ``show_error=False``: an exception no handler caught
+reaches the browser as a bare "Error" (its text may hold server paths; the log has it); our own
+messages are ``gr.Error`` s, which Gradio always shows (``app.components``)."""
+
+
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kw) -> None:
-    demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, show_error=True,
-                allowed_paths=[str(EXAMPLES_DIR)], **kw)  # fmt: skip
+    demo.launch(server_name=host, server_port=port, **LAUNCH_OPTIONS, **kw)

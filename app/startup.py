@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from app import html as H
+from app.components import internal_error, redact_paths
 from app.state import AppState, load_state
 from app.views import Views
 from insight_core.atlas.layout import AtlasLayout
@@ -190,9 +191,8 @@ class Startup:
         except (InsightError, OSError) as err:
             self._fail(f"{self.location}: {err}")
             return
-        except Exception as err:  # keep serving the page with the message; the log has the traceback
-            log.exception("loading the atlas %s failed", self.location)
-            self._fail(f"{self.location}: {type(err).__name__}: {err}")
+        except Exception as err:  # keep serving the page; the log has the traceback, the page its id
+            self._fail(f"{self.location}: {internal_error(err, f'loading the atlas {self.location}')}")
             return
         self.views.attach(state)
         self.ready_s = time.time() - self.started
@@ -233,7 +233,7 @@ class Startup:
                 if tail
                 else ""
             )
-            message = H.message(self.error or "failed", "error")
+            message = H.message(redact_paths(self.error or "failed"), "error")
             return f'<div class="insight-startup">{message}{log_html}</div>'
         if self.phase == "loading":
             return (

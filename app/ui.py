@@ -24,7 +24,16 @@ import gradio as gr
 
 from app import html as H
 from app import links as L
-from app.components import ALT_JS, MODEL_EVENT, STARTUP_JS, api_handler, json_default, ui_handler
+from app.components import (
+    ALT_JS,
+    MODEL_EVENT,
+    STARTUP_JS,
+    api_handler,
+    error_message,
+    json_default,
+    redact_paths,
+    ui_handler,
+)
 from app.tabs import bias, classify, compare, concepts, explain, families, segment, similar, steer
 from app.views import Views
 from insight_core.atlas.layout import EXAMPLES_DIR
@@ -38,10 +47,10 @@ TIMER_S = 1.0
 
 def build_ui(views: Views, examples: list[str] | None = None, startup: Startup | None = None) -> gr.Blocks:
     """The explorer's Blocks (not launched). ``startup``: the background build/load, when the atlas
-    is not loaded yet (``app.startup``)."""
+    is not loaded yet (``app.startup``). Gradio's cache is swept as ``views.exports.config`` says."""
     examples = examples or []
     names = [Path(e).name for e in examples]
-    with gr.Blocks(title="INSIGHT concept explorer") as demo:
+    with gr.Blocks(title="INSIGHT concept explorer", delete_cache=views.exports.config.delete_cache) as demo:
         gr.Markdown(
             "# INSIGHT concept explorer\nSparse, hierarchical concepts of a vision backbone (named when it "
             "is text-aligned, like CLIP)."
@@ -84,7 +93,7 @@ def _startup(demo: gr.Blocks, views: Views, startup: Startup | None, banner: gr.
         if startup is not None and (views.state is None or startup.phase != "ready"):
             return startup.status_html()
         if views.state is None:
-            return H.message(f"No atlas loaded: {views.load_error}", "error")
+            return H.message(f"No atlas loaded: {redact_paths(views.load_error or '')}", "error")
         return ""
 
     def on_load():
@@ -164,8 +173,8 @@ def _deep_links(demo: gr.Blocks, views: Views, names: list[str], tabs: gr.Tabs, 
                     page_out = list(_concept_page(views, link.concept))
                 if link.family is not None:
                     fam_out = [link.family, link.depth, family_ui["draw"](link.family, link.depth)]
-            except Exception as err:  # a user-facing message, never a broken page
-                errors.append(str(err))
+            except Exception as err:  # a message (an unexpected error logged), never a broken page
+                errors.append(error_message(err, "deep link"))
             if link.target_tab == "families":
                 fill_out = list(fill_fn())
         message = H.message("link: " + "; ".join(errors), "warning") if errors else skip
@@ -188,8 +197,9 @@ def _model_link(demo: gr.Blocks, views: Views, names: list[str], outs: list,
             return (gr.skip(),) * len(outs)
         try:
             result = run(link, *paths)
-        except Exception as err:  # shown, never a broken page
-            return (*[gr.skip()] * (len(outs) - 1), H.message(f"link: {err}", "error"))
+        except Exception as err:  # shown (an unexpected error logged), never a broken page
+            message = error_message(err, "deep link")
+            return (*[gr.skip()] * (len(outs) - 1), H.message(f"link: {message}", "error"))
         return (*paths, *result, "")
 
     return demo.load(on_link, None, outs, api_visibility="private", **MODEL_EVENT)

@@ -23,15 +23,19 @@ from app import segment as G
 from app import similar as SIM
 from app import steer as S
 from app.components import gpu
+from app.exports import ExportStore
 from app.state import AppError, AppState
 
 
 class Views:
     """Request handlers bound to one loaded state (or to the load error when the atlas failed)."""
 
-    def __init__(self, state: AppState | None, load_error: str | None = None) -> None:
+    def __init__(self, state: AppState | None, load_error: str | None = None,
+                 exports: ExportStore | None = None) -> None:  # fmt: skip
         self.state = state
         self.load_error = load_error
+        self.exports = exports or ExportStore()
+        """Where the download buttons write their files (bounded: :mod:`app.exports`)."""
         self.explain = gpu(self._explain_impl)
         """Explain an image (upload path, file or PIL image) -> :class:`~app.explain.Explanation`."""
         self.steer = gpu(self._steer_impl)

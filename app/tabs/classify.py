@@ -9,7 +9,7 @@ import gradio as gr
 
 from app import classify as K
 from app import html as H
-from app.components import BRIDGE_JS, MODEL_EVENT, raw_image, ui_handler
+from app.components import BRIDGE_JS, MODEL_EVENT, raw_image, redact_paths, ui_handler
 from app.state import AppError
 from app.views import Views
 
@@ -98,7 +98,8 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
             return gr.skip(), gr.skip(), gr.skip()
         options = K.classifier_choices(st)
         text = " ".join(n for n in (st.probe_note, st.text_off_note("Zero-shot classification")) if n)
-        note = gr.update(value=H.message(text, "warning"), visible=True) if text else gr.update(visible=False)
+        note = (gr.update(value=H.message(redact_paths(text), "warning"), visible=True) if text
+                else gr.update(visible=False))  # fmt: skip
         zero_shot = bool(options) and options[0] == K.ZERO_SHOT
         value = options[0] if options else None
         return gr.update(choices=options, value=value), gr.update(visible=zero_shot), note

@@ -20,7 +20,6 @@ from app.components import (
     fold_js,
     label_id,
     raw_image,
-    tmp_file,
     ui_handler,
 )
 from app.state import AppError
@@ -175,14 +174,13 @@ def build(views: Views, examples: list[str], expl_state: gr.State, status: gr.HT
         state = views.s()
         doc = X.activations_doc(state, expl, int(group), int(k))
         tops = X.top_concepts(state, expl, int(k), int(group))
-        files = [tmp_file("activations.json", X.to_json_bytes(doc))]
+        files = [views.exports.write("activations.json", X.to_json_bytes(doc))]
         labels = [concept_label(t) for t in tops]
-        files.append(
-            tmp_file("overlay.png", X.to_png_bytes(_overlay(expl, shown or labels[:3], labels, alpha)))
-        )
+        overlay_png = X.to_png_bytes(_overlay(expl, shown or labels[:3], labels, alpha))
+        files.append(views.exports.write("overlay.png", overlay_png))
         for t in tops:
             png = X.to_png_bytes(X.heatmap(expl.image, X.concept_map(expl, t["id"]), alpha))
-            files.append(tmp_file(f"heatmap_{t['id']}.png", png))
+            files.append(views.exports.write(f"heatmap_{t['id']}.png", png))
         return (files,)
 
     outs = [expl_state, overlay, gallery, toggles, tops_html, hier_html, patch_html, export_files, status]

@@ -80,7 +80,7 @@ def build(views: Views, status: gr.HTML) -> dict:
 
     @ui_handler(1)
     def on_export():
-        return (graph_files.family_graph_files(views.s()),)
+        return (graph_files.family_graph_files(views.s(), views.exports),)
 
     show_btn.click(on_family, [cid_in, depth], [graph, status], api_visibility="private")
     export_btn.click(on_export, None, [export_files, status], api_visibility="private")

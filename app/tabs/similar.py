@@ -9,7 +9,7 @@ import gradio as gr
 from app import html as H
 from app import links
 from app import similar as SIM
-from app.components import BRIDGE_JS, LINK_SYNC_JS, MODEL_EVENT, raw_image, ui_handler
+from app.components import BRIDGE_JS, LINK_SYNC_JS, MODEL_EVENT, error_message, raw_image, ui_handler
 from app.views import Views
 
 
@@ -86,9 +86,9 @@ def build(views: Views, examples: list[str], status: gr.HTML) -> dict:
         mode = "subtract" if str(params.get("subtract") or "") in ("1", "true") else "drop"
         try:
             head, body = run(None, concepts, exclude, mode, 12)
-        except Exception as err:  # a bad link: say so, never a broken page
+        except Exception as err:  # a bad link: say so (an unexpected error logged), never a broken page
             return (SIM.index_summary(views.state), concepts, exclude, mode, skip, skip,
-                    H.message(f"link: {err}", "warning"))  # fmt: skip
+                    H.message(f"link: {error_message(err, 'similar-images link')}", "warning"))  # fmt: skip
         return SIM.index_summary(views.state), concepts, exclude, mode, head, body, skip
 
     inputs = [image_in, concepts_in, exclude_in, subtract, k]

@@ -8,7 +8,7 @@ from app import concepts as C
 from app import explain as X
 from app import html as H
 from app import steer as S
-from app.components import MODEL_EVENT, NOTHING, concept_label, label_id, ui_handler
+from app.components import MODEL_EVENT, NOTHING, concept_label, label_id, redact_paths, ui_handler
 from app.state import AppError
 from app.views import Views
 
@@ -49,9 +49,8 @@ def build(views: Views, expl_state: gr.State, status: gr.HTML, explain_ui: dict)
         if state is None:
             return gr.skip(), gr.skip()
         if state.steerer is None:
-            return gr.update(value=H.message(state.captioner_note, "warning"), visible=True), gr.update(
-                visible=False
-            )
+            note = H.message(redact_paths(state.captioner_note), "warning")
+            return gr.update(value=note, visible=True), gr.update(visible=False)
         return gr.update(visible=False), gr.update(visible=True)
 
     def slider_updates(ids: list[int]) -> list:

@@ -92,14 +92,15 @@ def app_state(app_atlas: Path):
 @pytest.fixture(scope="session")
 def launched_app(app_atlas: Path, app_state) -> Iterator[str]:
     """The explorer launched on a free local port; yields its URL."""
-    from app.server import MAX_FILE_SIZE, QUEUE_SIZE, example_images
+    from app.server import LAUNCH_OPTIONS, QUEUE_SIZE, example_images
     from app.ui import build_ui
     from app.views import Views
 
     demo = build_ui(Views(app_state), example_images())
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=4)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", max_file_size=MAX_FILE_SIZE,
-                            quiet=True, show_error=True, allowed_paths=[str(EXAMPLES)])  # fmt: skip
+    _, url, _ = demo.launch(
+        prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **LAUNCH_OPTIONS
+    )  # the served app's options (no exception text shown)
     try:
         yield url
     finally:
