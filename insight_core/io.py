@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -27,10 +28,35 @@ _FILE_MODE = 0o666 & ~_umask()
 """Mode of a normally created file: mkstemp's 0600 would hide atlas files from other users (Spaces)."""
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # the data written through ``path`` by any writer, not just ours
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; a no-op where folders cannot be opened (Windows)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as err:  # some file systems (network, FUSE) cannot sync a folder: EINVAL
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object], *, durable: bool = True) -> Path:
     """Call ``write(tmp_path)`` on a temp file in ``path``'s folder, then ``os.replace`` it into place.
 
-    A crash (or SIGKILL) leaves either the old file or the new one, never a partial file.
+    A crash (or SIGKILL) leaves either the old file or the new one, never a partial file. With
+    ``durable`` (the default) the temp file is fsynced before the rename and the folder after it, so
+    this also holds after a power cut (without it, the rename may reach the disk before the data).
+    ``durable=False`` is for scratch files whose loss is harmless (the build progress file).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,9 +66,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, _FILE_MODE)
+        if durable:
+            _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if durable:
+        _fsync_dir(path.parent)
     return path
 
 
