@@ -29,7 +29,8 @@ _FILE_MODE = 0o666 & ~_umask()
 
 
 def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # the data written through ``path`` by any writer, not just ours
+    # the data written through ``path`` by any writer; Windows can only commit a writable handle
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
