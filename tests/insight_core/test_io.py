@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from insight_core.io import atomic_write, write_json
+from insight_core.io import atomic_write, flush_to_disk, write_json
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -67,3 +67,26 @@ def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(
     events.clear()
     atomic_write(tmp_path / "scratch.txt", lambda tmp: tmp.write_text("x"), durable=False)
     assert events == [("replace", "scratch.txt")]
+
+
+def test_flush_to_disk_syncs_files_written_without_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thumbnails skip the per-file fsync; one flush makes them durable before their index is written."""
+    paths = [
+        atomic_write(tmp_path / f"{i}.webp", lambda t: t.write_bytes(b"x"), durable=False) for i in range(3)
+    ]
+    synced: list[str] = []
+    if hasattr(os, "sync"):
+        monkeypatch.setattr(os, "sync", lambda: synced.append("all"))
+        flush_to_disk(paths)
+        assert synced == ["all"]
+    monkeypatch.delattr(os, "sync", raising=False)  # no os.sync (Windows): every file, then the folder
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(str(os.fstat(fd).st_ino)), real_fsync(fd))[1])
+    synced.clear()
+    flush_to_disk(paths)
+    inodes = [str(p.stat().st_ino) for p in paths]
+    assert synced[:3] == inodes
+    if hasattr(os, "O_DIRECTORY"):
+        assert synced[3:] == [str(tmp_path.stat().st_ino)]
