@@ -57,7 +57,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], *, durable: 
     A crash (or SIGKILL) leaves either the old file or the new one, never a partial file. With
     ``durable`` (the default) the temp file is fsynced before the rename and the folder after it, so
     this also holds after a power cut (without it, the rename may reach the disk before the data).
-    ``durable=False`` is for scratch files whose loss is harmless (the build progress file).
+    ``durable=False`` skips both fsyncs: for scratch files whose loss is harmless (the build progress
+    file), or many small files made durable together by :func:`flush_to_disk` (thumbnails).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
