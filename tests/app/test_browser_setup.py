@@ -4,6 +4,7 @@ mean they ran."""
 from __future__ import annotations
 
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,15 @@ from tests.app import browser
 
 @pytest.mark.parametrize("ci", ["true", "1", "yes"])
 def test_missing_chromium_fails_in_ci(ci: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("playwright.sync_api")  # the chromium check comes after the import
+    fake = types.ModuleType("playwright.sync_api")  # installed or not: the chromium check comes next
+    monkeypatch.setitem(sys.modules, "playwright", types.ModuleType("playwright"))
+    monkeypatch.setitem(sys.modules, "playwright.sync_api", fake)
     monkeypatch.setattr(browser, "CHROMIUM", tmp_path / "no-chromium")
     monkeypatch.setenv("CI", ci)
     with pytest.raises(pytest.fail.Exception, match="no-chromium not found"):
         browser.playwright_or_skip()
+    (tmp_path / "no-chromium").write_bytes(b"")  # both present: the module, no skip, no failure
+    assert browser.playwright_or_skip() is fake
 
 
 @pytest.mark.parametrize("ci", [None, "", "false", "0"])
