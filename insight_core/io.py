@@ -85,10 +85,10 @@ def flush_to_disk(paths: Iterable[str | Path]) -> None:
     if hasattr(os, "sync"):
         os.sync()
         return
-    paths = [Path(p) for p in paths]
-    for path in paths:
+    files = [Path(p) for p in paths]
+    for path in files:
         _fsync_file(path)
-    for folder in {p.parent for p in paths}:
+    for folder in {p.parent for p in files}:
         _fsync_dir(folder)
 
 
