@@ -62,7 +62,7 @@ class StatsView:
         doc: dict[str, Any] = {}
         if atlas.has("stats_meta"):
             meta_path = atlas.read_path("stats_meta")
-            with reading(meta_path, "statistics metadata"):
+            with reading(meta_path, "statistics metadata", (TypeError,)):  # int() of untrusted JSON values
                 doc = json.loads(meta_path.read_bytes().decode("utf-8"))
                 if not isinstance(doc, dict):
                     raise ValueError(f"expected a JSON object, got {type(doc).__name__}")

@@ -75,7 +75,7 @@ def load_similar(state: AppState) -> None:
         parts = load_codes(codes_path)
     if parts[0].m != state.m:
         raise AtlasError(f"{codes_path}: indexes {parts[0].m} concepts but the SAE has {state.m}")
-    with reading(index_path, "FAISS index"):
+    with reading(index_path, "FAISS index", (RuntimeError,)):  # FAISS reports a corrupt file so
         index = ImageIndex.assemble(load_index(index_path), parts, index_path)
     state.image_index = index
     if atlas.has("image_thumbnails"):

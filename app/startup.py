@@ -24,6 +24,7 @@ from app.state import AppState, load_state
 from app.views import Views
 from insight_core.atlas.layout import AtlasLayout
 from insight_core.errors import InsightError
+from insight_core.locks import is_locked
 from insight_core.progress import JobProgress, read_progress
 
 log = logging.getLogger(__name__)
@@ -40,16 +41,6 @@ def demo_command(out: str | Path, progress_file: str | Path | None = None) -> li
     return cmd
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, but not ours
-        return True
-    return True
-
-
 class DemoBuild:
     """``precompute demo`` in a separate process, or one already running from an earlier start.
 
@@ -62,16 +53,20 @@ class DemoBuild:
         self.command = list(command) if command else demo_command(self.out, self.layout.demo_progress)
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
+        """The build process this app started (None when attached)."""
         self.attached = False
         """True when another process (an earlier app start) is building; we only watch it."""
 
     def start(self) -> None:
-        """Start the build (or attach to a running one); returns at once."""
-        earlier = read_progress(self.layout.demo_progress)
-        pid = int(earlier.pid) if earlier and earlier.status == "running" and earlier.pid else None
-        if pid is not None and pid != os.getpid() and _alive(pid):
-            self.pid, self.attached = pid, True
-            log.info("a demo build is already running (pid %d); following its progress", self.pid)
+        """Start the build (or attach to a running one); returns at once.
+
+        A build is running when something holds ``demo_lock`` (``precompute demo`` holds it for its
+        whole run; the OS drops it when the build dies), never because a PID in the progress file is
+        alive: after a reboot or PID reuse that PID is an unrelated process.
+        """
+        if is_locked(self.layout.demo_lock):
+            self.attached = True
+            log.info("a demo build is running (%s is held); following its progress", self.layout.demo_lock)
             return
         self.layout.demo_work_dir.mkdir(parents=True, exist_ok=True)
         self.layout.demo_progress.unlink(missing_ok=True)
@@ -89,7 +84,7 @@ class DemoBuild:
         """The exit code once finished (0 for an attached build that left a manifest), else None."""
         if self.proc is not None:
             return self.proc.poll()
-        if self.pid is not None and not _alive(self.pid):
+        if self.attached and not is_locked(self.layout.demo_lock):
             return 0 if self.layout.manifest.is_file() else 1
         return None
 

@@ -198,7 +198,8 @@ def _backbone(atlas: Atlas) -> tuple[DenseBackbone, Dinoiser]:
         raise AtlasError(f"{atlas.root}: features were pooled with a DINOiser head, but the atlas has none")
     head = atlas.read_path("dinoiser") if bb.get("pool") == "head" else None  # hash-verified first
     try:
-        with reading(head or manifest, "DINOiser head" if head else "backbone block"):
+        what = "DINOiser head" if head else "backbone block"
+        with reading(head or manifest, what, (RuntimeError, TypeError)):  # torch load; untrusted JSON values
             pool = manifest_pooling(bb, head)
         check_compatible(backbone, pool)
     except ConfigError as err:
@@ -227,7 +228,7 @@ def _read_json_object(atlas: Atlas, role: str) -> dict:
 
 def _concepts(atlas: Atlas, m: int) -> pd.DataFrame:
     df = _read_parquet(atlas, "concepts", CONCEPT_COLUMNS)
-    with reading(atlas.path("concepts"), "concept table"):
+    with reading(atlas.path("concepts"), "concept table", (TypeError,)):  # ids of any dtype
         df = df.set_index("id", drop=False).sort_index()
         ids_ok = len(df) == m and np.array_equal(df.index.to_numpy(), np.arange(m))
     if not ids_ok:
@@ -239,7 +240,7 @@ def _concepts(atlas: Atlas, m: int) -> pd.DataFrame:
 
 def _families(atlas: Atlas, m: int) -> Families:
     edges = _read_parquet(atlas, "edges", ("parent", "child", "confidence"))
-    with reading(atlas.path("edges"), "family edges"):
+    with reading(atlas.path("edges"), "family edges", (TypeError,)):  # columns of any dtype
         return Families.from_arrays(m, edges["parent"].to_numpy(), edges["child"].to_numpy(),
                                     edges["confidence"].to_numpy())  # fmt: skip
 
@@ -249,7 +250,7 @@ def _faiss(atlas: Atlas, role: str, ntotal: int, d: int) -> Any:
     from insight_core.concepts.index import load_index  # faiss import is slow; only when needed
 
     path = atlas.read_path(role)
-    with reading(path, "FAISS index"):
+    with reading(path, "FAISS index", (RuntimeError,)):  # FAISS reports a corrupt file so
         index = load_index(path)
     if (int(index.ntotal), int(index.d)) != (ntotal, d):
         raise AtlasError(
@@ -308,7 +309,7 @@ def _captioner(state: AppState) -> None:
         atlas.read_path("captioner_adapter")
         if layout.lm_dir.exists():  # the bundled LM is read as a folder: every file must be listed
             atlas.member_dir("captioner_lm")
-        with reading(layout.root, "captioner"):
+        with reading(layout.root, "captioner", (RuntimeError, TypeError)):  # torch and transformers
             policy = lm_policy(atlas, trust=state.trust_weights)  # the LM: bundled or a known name
             cap = SteerableCaptioner.load(layout.root, state.sae, lm_policy=policy)
     except InsightError as err:  # a broken captioner must not take the rest of the app down
@@ -422,7 +423,7 @@ def load_state(location: str | Path, *, trust_weights: bool | None = None) -> Ap
     atlas = dataclasses.replace(atlas, manifest={**atlas.manifest, "backbone": block})
     backbone, pool = _backbone(atlas)
     sae_path = atlas.read_path("sae")
-    with reading(sae_path, "SAE checkpoint"):
+    with reading(sae_path, "SAE checkpoint", (RuntimeError,)):  # torch load_state_dict
         sae = load_sae(sae_path).eval()
     if sae.cfg.d_in != backbone.embed_dim:
         raise AtlasError(

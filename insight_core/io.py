@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,37 @@ _FILE_MODE = 0o666 & ~_umask()
 """Mode of a normally created file: mkstemp's 0600 would hide atlas files from other users (Spaces)."""
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+def _fsync_file(path: Path) -> None:
+    # the data written through ``path`` by any writer; Windows can only commit a writable handle
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; a no-op where folders cannot be opened (Windows)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as err:  # some file systems (network, FUSE) cannot sync a folder: EINVAL
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object], *, durable: bool = True) -> Path:
     """Call ``write(tmp_path)`` on a temp file in ``path``'s folder, then ``os.replace`` it into place.
 
-    A crash (or SIGKILL) leaves either the old file or the new one, never a partial file.
+    A crash (or SIGKILL) leaves either the old file or the new one, never a partial file. With
+    ``durable`` (the default) the temp file is fsynced before the rename and the folder after it, so
+    this also holds after a power cut (without it, the rename may reach the disk before the data).
+    ``durable=False`` skips both fsyncs: for scratch files whose loss is harmless (the build progress
+    file), or many small files made durable together by :func:`flush_to_disk` (thumbnails).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,10 +68,28 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, _FILE_MODE)
+        if durable:
+            _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if durable:
+        _fsync_dir(path.parent)
     return path
+
+
+def flush_to_disk(paths: Iterable[str | Path]) -> None:
+    """Make many files written with ``atomic_write(..., durable=False)`` durable at once (thumbnails:
+    an fsync per small file costs ~10 ms). One ``os.sync()`` where it exists (POSIX), else an fsync
+    of each file and of their folders. Call it before writing the index that lists them."""
+    if hasattr(os, "sync"):
+        os.sync()
+        return
+    files = [Path(p) for p in paths]
+    for path in files:
+        _fsync_file(path)
+    for folder in {p.parent for p in files}:
+        _fsync_dir(folder)
 
 
 def write_json(path: str | Path, doc: Any) -> Path:

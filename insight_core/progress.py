@@ -221,7 +221,7 @@ class ProgressReporter:
     def write(self) -> None:
         text = "".join(json.dumps(line) + "\n" for line in self.lines())
         try:
-            atomic_write(self.path, lambda tmp: tmp.write_text(text))
+            atomic_write(self.path, lambda tmp: tmp.write_text(text), durable=False)  # rewritten often
         except OSError as err:  # progress is a courtesy: never fail the job over it
             log.debug("progress file %s not written: %s", self.path, err)
 

@@ -59,7 +59,7 @@ from insight_core.training.captioner import (
     evaluate_loss,
     train_captioner,
 )
-from precompute.common import default_of, fmt_metrics
+from precompute.common import atlas_manifest, default_of, fmt_metrics
 from precompute.options import BackboneOptions
 
 log = logging.getLogger(__name__)
@@ -314,7 +314,7 @@ def load_splits(job: CaptionerJob) -> dict[str, Split]:
 def backbone_options(job: CaptionerJob) -> BackboneOptions:
     """The atlas's feature path (its manifest's backbone block; the paper's defaults when the atlas
     has no manifest yet), with the job's explicit settings on top."""
-    block = read_json_dict(AtlasLayout(job.atlas).manifest).get("backbone") or {}
+    block = atlas_manifest(AtlasLayout(job.atlas)).get("backbone") or {}
     recorded = manifest_fields(block) if block.get("arch") else {}
     names = ("arch", "pretrained", "dense", "pool", "resize")
     given = {k: getattr(job, k) for k in names if getattr(job, k) is not None}
@@ -396,7 +396,7 @@ def run(job: CaptionerJob) -> dict:
         raise ConfigError(
             f"--atlas {layout.root}: no {layout.sae.name} (run train-sae first or import an SAE)"
         )
-    block = read_json_dict(layout.manifest).get("backbone") or {}
+    block = atlas_manifest(layout).get("backbone") or {}
     require_text_aligned(block, "the captioner (text generation from concepts)", layout.manifest)
     device = str(resolve_device(job.device, what="--device"))
     out = layout.captioner

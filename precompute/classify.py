@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
+from insight_core.atlas import AtlasLayout, fingerprint
 from insight_core.concepts.contributions import family_breakdown, probe_decision, top_classes
 from insight_core.concepts.families import Families
 from insight_core.concepts.pooling import pool_features
@@ -42,7 +42,7 @@ from insight_core.errors import CheckpointError, ConfigError
 from insight_core.evaluation.probe import probe_logits
 from insight_core.io import atomic_write
 from insight_core.models.probe import ConceptProbe
-from precompute.common import load_atlas_sae
+from precompute.common import atlas_manifest, load_atlas_sae
 from precompute.families import read_edges
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def run(job: ClassifyJob) -> dict[str, Any]:
     }
     if truth:
         summary.update(n_labelled=len(truth), accuracy=correct / len(truth))
-    if read_json_dict(layout.manifest).get("backbone", {}).get("random_weights"):
+    if atlas_manifest(layout).get("backbone", {}).get("random_weights"):
         log.warning("the atlas was built on a RANDOM-INIT backbone: these predictions carry no semantics")
     log.info(
         "classified %d images with probe %s in %.1f s (%.1f images/s)%s -> %s",

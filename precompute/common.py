@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
-from insight_core.atlas import AtlasLayout
+from insight_core.atlas import AtlasError, AtlasLayout, FeaturesLayout, read_json_data
 from insight_core.concepts.stats import ConceptStats
-from insight_core.errors import CheckpointError
+from insight_core.errors import CheckpointError, FeatureFileError
 from insight_core.models.sae import MatryoshkaSAE
 from insight_core.models.sae_kinds import load_sae
 
@@ -32,6 +33,18 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for name in ("insight_core", "precompute"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def atlas_manifest(layout: AtlasLayout) -> dict[str, Any]:
+    """The atlas manifest as data: ``{}`` before it is written; a torn one is an :class:`AtlasError`
+    (read as empty it would drop settings such as ``random_weights``)."""
+    return read_json_data(layout.manifest, "atlas manifest", AtlasError)
+
+
+def features_manifest(features: str | Path) -> dict[str, Any]:
+    """``extract``'s manifest of a feature folder: ``{}`` when absent (features from elsewhere); a
+    torn one is a :class:`FeatureFileError`."""
+    return read_json_data(FeaturesLayout(Path(features)).manifest, "feature manifest", FeatureFileError)
 
 
 def load_atlas_sae(layout: AtlasLayout) -> MatryoshkaSAE:

@@ -10,7 +10,8 @@ paper's released dense path; images are squashed (not centre-cropped) so that he
 photos (``--resize crop`` for the paper's preprocessing). A tiny captioner learns the example
 photos' COCO captions so that caption steering can be tried, and a tiny probe learns the example
 photos' main COCO objects (from their file names) so that the Classify tab has a probe: both are
-plumbing demos that memorise six photos, not models. Rerunning reuses finished stages.
+plumbing demos that memorise six photos, not models. Rerunning reuses finished stages. A build holds
+the file lock ``OUT-work/build.lock`` while it runs: a second build of the same atlas waits for it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from insight_core.atlas.layout import EXAMPLE_CAPTIONS, EXAMPLES_DIR
 from insight_core.data.images import list_image_files
 from insight_core.errors import ConfigError, ImageLoadError
 from insight_core.io import atomic_write
+from insight_core.locks import holding
 from insight_core.models.backbone import PAPER_PRETRAINED
 from insight_core.models.clip_weights import weights_available
 from insight_core.training.probe import ProbeTrainConfig
@@ -159,7 +161,11 @@ def run(job: DemoJob) -> Atlas:
     skipped = {"probe"} if not (job.probe and job.examples) else set()
     skipped |= {"captioner"} if not job.captioner else set()
     stages = tuple((name, label) for name, label in STAGES if name not in skipped)
-    with progress.reporting(job.progress_file, stages, job="demo"):
+    # one build of an atlas at a time; the app reads a held lock as "a build is running"
+    with (
+        holding(AtlasLayout(job.out).demo_lock, f"the demo build of {job.out}"),
+        progress.reporting(job.progress_file, stages, job="demo"),
+    ):
         return _run(job)
 
 

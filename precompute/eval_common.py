@@ -12,13 +12,13 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from insight_core.atlas import AtlasLayout, EvalLayout, FeaturesLayout, read_json_dict, register_evals
+from insight_core.atlas import AtlasLayout, EvalLayout, register_evals
 from insight_core.atlas.layout import check_name
 from insight_core.data.masks import MaskSet, open_masks
 from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError
 from insight_core.models.sae import MatryoshkaSAE
-from precompute.common import load_atlas_sae
+from precompute.common import atlas_manifest, features_manifest, load_atlas_sae
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ def open_inputs(atlas: Path, features: Path, masks: Path, name: str, device: str
             f"{layout.sae}: SAE d_in={sae.cfg.d_in} but features in {features} have d={ms.d}"
         )
     sae = sae.eval().to(resolve_device(device, what="--device"))
-    backbone = read_json_dict(layout.manifest).get("backbone") or {}
-    feats_bb = read_json_dict(FeaturesLayout(features).manifest).get("backbone") or {}
+    backbone = atlas_manifest(layout).get("backbone") or {}
+    feats_bb = features_manifest(features).get("backbone") or {}
     backbone = backbone or feats_bb
     random_weights = bool(
         backbone.get("random_weights")
@@ -92,7 +92,7 @@ def list_in_manifest(layout: AtlasLayout, name: str, changed: bool = True) -> No
     a manifest (planted oracle atlases) are left alone."""
     if not layout.manifest.is_file():
         return
-    if not changed and name in (read_json_dict(layout.manifest).get("evals") or {}):
+    if not changed and name in (atlas_manifest(layout).get("evals") or {}):
         return
     register_evals(layout.root)
 

@@ -8,14 +8,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from insight_core.atlas import AtlasLayout, FeaturesLayout, fingerprint, read_json_dict
+from insight_core.atlas import AtlasLayout, fingerprint
 from insight_core.concepts.pooling import PooledConcepts, pool_features
 from insight_core.data.features import FeatureSet, scan_features
 from insight_core.data.labels import FeatureImages, feature_images
 from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError
 from insight_core.models.sae import MatryoshkaSAE
-from precompute.common import load_atlas_sae
+from precompute.common import atlas_manifest, features_manifest, load_atlas_sae
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ def open_pooled(
         images_per_batch=images_per_batch,
         progress=progress,
     )
-    atlas_manifest = read_json_dict(layout.manifest)
-    feats_manifest = read_json_dict(FeaturesLayout(features).manifest)
-    backbone = atlas_manifest.get("backbone") or feats_manifest.get("backbone") or {}
+    atlas_doc = atlas_manifest(layout)
+    feats_manifest = features_manifest(features)
+    backbone = atlas_doc.get("backbone") or feats_manifest.get("backbone") or {}
     feats_bb = feats_manifest.get("backbone") or {}
     random_weights = bool(
         backbone.get("random_weights")

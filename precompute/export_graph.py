@@ -52,7 +52,7 @@ def load_atlas_families(atlas: Atlas) -> tuple[Families, dict[str, list]]:
     if not np.array_equal(ids[order], np.arange(m)):
         raise AtlasError(f"{concepts_path}: concept ids are not 0..{m - 1}")
     concepts = {k: [v[i] for i in order.tolist()] for k, v in concepts.items()}
-    with reading(edges_path, "family edges"):
+    with reading(edges_path, "family edges", (TypeError,)):  # columns of any dtype
         table = pq.read_table(edges_path)
         fam = Families.from_arrays(
             m, *(table.column(c).to_numpy() for c in ("parent", "child", "confidence"))

@@ -40,7 +40,7 @@ from insight_core.concepts.stats import ConceptStats
 from insight_core.data.features import FeatureSet, scan_features
 from insight_core.data.sources import ImageSource, open_source
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
-from insight_core.io import atomic_write, write_json
+from insight_core.io import atomic_write, flush_to_disk, write_json
 from precompute.common import load_atlas_stats
 from precompute.options import Flat, IndexOptions
 
@@ -264,7 +264,10 @@ def _save_thumb(img: Image.Image, dst: Path, size: int) -> tuple[int, int]:
     """Write ``dst`` (WebP, longest side <= ``size``); return the original (width, height)."""
     width, height = img.size
     img.thumbnail((size, size), Image.Resampling.LANCZOS)
-    atomic_write(dst, lambda tmp: img.save(tmp, format="WEBP", quality=THUMB_QUALITY, method=4))
+    def save(tmp: Path) -> None:
+        img.save(tmp, format="WEBP", quality=THUMB_QUALITY, method=4)
+
+    atomic_write(dst, save, durable=False)  # many small files: made durable together (flush_to_disk)
     return width, height
 
 
@@ -339,6 +342,7 @@ def write_thumbnails(
     for stale in target.folder.glob("*.webp"):  # images no longer referenced by any indexed exemplar
         if stale not in wanted:
             stale.unlink()
+    flush_to_disk(wanted)
     write_json(target.index, entries)
     if n_unmapped:
         log.warning("%d exemplar images have no known source path: no thumbnails", n_unmapped)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from insight_core.atlas import Atlas, AtlasLayout, FeaturesLayout, read_json_dict, write_manifest
+from insight_core.atlas import Atlas, AtlasLayout, FeaturesLayout, write_manifest
 from insight_core.errors import ConfigError
 from insight_core.models.dinoiser import Dinoiser
+from precompute.common import features_manifest
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def backbone_info(features: Path | None) -> dict | None:
     """The backbone block of an extract manifest, if the features came from ``extract``."""
     if features is None:
         return None
-    return read_json_dict(FeaturesLayout(features).manifest).get("backbone")
+    return features_manifest(features).get("backbone")
 
 
 def install_head(atlas: Path, features: Path | None) -> Path | None:

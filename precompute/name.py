@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from insight_core.atlas import AtlasLayout, FeaturesLayout, fingerprint, read_json_dict
+from insight_core.atlas import AtlasLayout, fingerprint
 from insight_core.atlas.layout import VOCAB_DIR
 from insight_core.concepts.families import Families
 from insight_core.concepts.naming import concept_vectors, name_concepts, parents_from_edges
@@ -39,7 +39,7 @@ from insight_core.models.backbone import PAPER_ARCH, PAPER_PRETRAINED, ClipBackb
 from insight_core.models.feature_path import backbone_label, is_text_aligned
 from insight_core.models.timm_backbone import not_text_aligned_message
 from precompute import families as families_stage
-from precompute.common import load_atlas_sae, load_atlas_stats
+from precompute.common import atlas_manifest, features_manifest, load_atlas_sae, load_atlas_stats
 from precompute.options import Flat, NamingOptions
 from precompute.vocab import Resolved, resolve_vocabulary
 
@@ -214,10 +214,10 @@ def _schema(records: list[dict]) -> pa.Schema | None:
 def _recorded_backbone(job: NameJob) -> dict:
     """The ``backbone`` block of the feature manifest (--features) or else of the atlas manifest."""
     if job.features is not None:
-        block = read_json_dict(FeaturesLayout(job.features).manifest).get("backbone")
+        block = features_manifest(job.features).get("backbone")
         if isinstance(block, dict):
             return block
-    block = read_json_dict(AtlasLayout(job.atlas).manifest).get("backbone")
+    block = atlas_manifest(AtlasLayout(job.atlas)).get("backbone")
     return block if isinstance(block, dict) else {}
 
 

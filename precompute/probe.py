@@ -49,7 +49,7 @@ from insight_core.training.probe import (
     sweep_probe,
     train_probe,
 )
-from precompute.common import RANDOM_BANNER, load_atlas_sae
+from precompute.common import RANDOM_BANNER, atlas_manifest, load_atlas_sae
 from precompute.options import Flat
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def run(job: ProbeJob) -> dict[str, Any]:
     if not job.force and record.is_current(key):
         log.info("%s is up to date; skipping (use --force to retrain)", probe_files.root)
         return read_json_dict(probe_files.metrics)
-    manifest = read_json_dict(layout.manifest)
+    manifest = atlas_manifest(layout)
     random_weights = bool(manifest.get("backbone", {}).get("random_weights", False))
     if random_weights:
         log.warning(

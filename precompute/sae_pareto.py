@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
+from insight_core.atlas import AtlasError, AtlasLayout, fingerprint, read_json_data, read_json_dict
 from insight_core.atlas.layout import check_name, public_inputs
 from insight_core.data.features import scan_features
 from insight_core.device import resolve_device
@@ -69,7 +69,8 @@ def _split_settings(job: SaeParetoJob, layout: AtlasLayout) -> tuple[float, int,
     """(held-out fraction, seed, whether they are train-sae's own)."""
     train_cfg: dict[str, Any] = {}
     if layout.sae_metrics.is_file():
-        train_cfg = read_json_dict(layout.sae_metrics).get("train_config") or {}
+        metrics = read_json_data(layout.sae_metrics, "SAE training metrics", AtlasError)
+        train_cfg = metrics.get("train_config") or {}
     known = "held_out_fraction" in train_cfg and "seed" in train_cfg
     fraction = (
         job.held_out_fraction

@@ -33,7 +33,7 @@ from insight_core.atlas.manifest import (
     register_probes,
     write_manifest,
 )
-from insight_core.atlas.records import StageRecord, fingerprint, read_json_dict
+from insight_core.atlas.records import StageRecord, fingerprint, read_json_data, read_json_dict
 
 __all__ = [
     "ATLAS_FILES",
@@ -56,6 +56,7 @@ __all__ = [
     "VerifyMode",
     "WorldLayout",
     "fingerprint",
+    "read_json_data",
     "read_json_dict",
     "reading",
     "register_evals",

@@ -401,6 +401,12 @@ class AtlasLayout:
         return self.demo_work_dir / "progress.jsonl"
 
     @property
+    def demo_lock(self) -> Path:
+        """The file lock a demo build holds while it runs (``filelock``): one build of an atlas at a time,
+        and how the app knows a build is running (the OS drops it when the build dies or on reboot)."""
+        return self.demo_work_dir / "build.lock"
+
+    @property
     def demo_build_log(self) -> Path:
         """The full output of a demo build the app started (the terminal only gets a short summary)."""
         return self.demo_work_dir / "build.log"

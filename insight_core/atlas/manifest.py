@@ -21,9 +21,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import struct
+import sys
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, get_args
+
+from safetensors import SafetensorError
 
 from insight_core.atlas.layout import (
     ATLAS_FILE_SETS,
@@ -60,12 +65,39 @@ class AtlasError(CheckpointError):
     """The atlas is missing, incomplete, stale, corrupt or from an incompatible schema."""
 
 
-@contextlib.contextmanager
-def reading(path: Path, what: str) -> Iterator[None]:
-    """Turn any failure while parsing ``path`` into one :class:`AtlasError` naming it.
+PARSE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # I/O; PIL and transformers report missing or corrupt files this way too
+    ValueError,  # json (JSONDecodeError), UnicodeDecodeError, numpy .npy/.npz headers, pyarrow ArrowInvalid
+    KeyError,  # a well-formed file without the entry asked for (npz member, safetensors tensor)
+    IndexError,
+    EOFError,
+    struct.error,
+    zipfile.BadZipFile,  # a corrupt .npz
+    OverflowError,  # sizes from a crafted header
+    MemoryError,
+    RecursionError,  # deeply nested JSON
+    SafetensorError,
+)
+"""What parsing an untrusted file raises; :func:`reading` turns these, and only these, into an
+:class:`AtlasError`. Programming errors (``AttributeError``, ``NameError``, a ``TypeError`` from a wrong
+call, ``AssertionError`` ...) pass through with their traceback. Every pyarrow error counts too
+(:func:`_parse_errors`)."""
 
-    Readers of untrusted files (pyarrow, safetensors, FAISS, transformers, json) raise many types;
-    inside this block each becomes ``AtlasError("PATH: unreadable WHAT (Type: message)")``.
+
+def _parse_errors(also: tuple[type[BaseException], ...]) -> tuple[type[BaseException], ...]:
+    arrow = sys.modules.get("pyarrow")  # not imported: nothing in the block can raise its errors
+    return (*PARSE_ERRORS, *also, *((arrow.ArrowException,) if arrow is not None else ()))
+
+
+@contextlib.contextmanager
+def reading(path: Path, what: str, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Turn a parse or I/O failure while reading ``path`` into one :class:`AtlasError` naming it.
+
+    Readers of untrusted files (pyarrow, safetensors, numpy, json) raise many types
+    (:data:`PARSE_ERRORS`); inside this block each becomes ``AtlasError("PATH: unreadable WHAT (Type:
+    message)")``. ``also`` adds the types a particular reader uses for bad input: ``RuntimeError`` for
+    FAISS and torch ``load_state_dict``, ``TypeError`` where the block coerces untrusted JSON values
+    (``int([1])``). Any other exception is a bug and propagates unchanged.
     """
     try:
         yield
@@ -73,7 +105,7 @@ def reading(path: Path, what: str) -> Iterator[None]:
         raise
     except InsightError as err:  # our readers' errors already say what is wrong
         raise AtlasError(str(err) if str(path) in str(err) else f"{path}: {what}: {err}") from err
-    except Exception as err:  # parsers of untrusted input raise anything: one error type out
+    except _parse_errors(also) as err:
         text = str(err).strip()
         first = text.splitlines()[0][:300] if text else ""
         raise AtlasError(f"{path}: unreadable {what} ({type(err).__name__}: {first})") from err

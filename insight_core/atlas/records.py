@@ -19,18 +19,40 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from insight_core.errors import InsightError
 from insight_core.io import write_json
 
 RECORD_FORMAT = "insight-stage-record"
 
 
 def read_json_dict(path: str | Path) -> dict[str, Any]:
-    """A JSON object file, or ``{}`` when it is missing, torn or not an object."""
+    """A JSON object file, or ``{}`` when it is missing, torn or not an object.
+
+    Only for bookkeeping whose loss means "do it again" (stage records, resume keys, caches, the
+    metrics a skipped stage returns). A file that is *data* (a manifest, an ids list) goes through
+    :func:`read_json_data`: read as ``{}`` when torn, it would silently skip a check or drop a setting.
+    """
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+def read_json_data(path: str | Path, what: str, error: type[InsightError] = InsightError) -> dict[str, Any]:
+    """A JSON object file that is data: ``{}`` when it does not exist (an optional file), else its
+    object; a file that exists but is unreadable, torn, not UTF-8 or not a JSON object raises
+    ``error`` naming it and ``what`` it is (``"feature manifest"``)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise error(f"{path}: unreadable {what} ({type(err).__name__}: {err})") from err
+    if not isinstance(doc, dict):
+        raise error(f"{path}: {what} must be a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 def fingerprint(files: Iterable[str | Path], config: Mapping[str, Any]) -> str:

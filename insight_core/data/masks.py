@@ -51,7 +51,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
 from insight_core.atlas.layout import FeaturesLayout, MasksLayout
-from insight_core.atlas.records import read_json_dict
+from insight_core.atlas.records import read_json_data, read_json_dict
 from insight_core.data.features import FeatureFile, inspect_file
 from insight_core.errors import ConfigError, FeatureFileError, MaskFileError
 from insight_core.io import write_json, write_npy
@@ -231,7 +231,7 @@ def feature_shards(features_dir: str | Path) -> list[FeatureShard]:
             raise FeatureFileError(f"{path}: shape {f.shape}; masks need (n_images, n_patches, d) shards")
         index = FeaturesLayout.shard_index(path)
         assert index is not None
-        doc = read_json_dict(FeaturesLayout.ids_of(path))
+        doc = read_json_data(FeaturesLayout.ids_of(path), "feature ids", FeatureFileError)
         ids = doc.get("ids") if isinstance(doc.get("ids"), list) else None
         if ids is not None and len(ids) != f.n_units:
             raise FeatureFileError(
@@ -245,7 +245,7 @@ def feature_shards(features_dir: str | Path) -> list[FeatureShard]:
 
 def feature_geometry(features_dir: str | Path) -> tuple[str | None, tuple[int, int] | None, str | None]:
     """(resize, grid, arch) recorded by ``extract`` in the feature folder's manifest (None when absent)."""
-    doc = read_json_dict(FeaturesLayout(Path(features_dir)).manifest)
+    doc = read_json_data(FeaturesLayout(Path(features_dir)).manifest, "feature manifest", FeatureFileError)
     bb: dict[str, Any] = doc["backbone"] if isinstance(doc.get("backbone"), dict) else {}
     grid = (int(bb["grid"][0]), int(bb["grid"][1])) if bb.get("grid") else None
     return bb.get("resize"), grid, bb.get("arch")
@@ -478,7 +478,7 @@ def _check_shard(layout: MasksLayout, labels: MaskLabels, shard: FeatureShard) -
         raise MaskFileError(
             f"{path}: maps are {arr.shape[1]}x{arr.shape[2]} but {layout.labels} says {labels.size}"
         )
-    ids_doc = read_json_dict(layout.mask_ids(shard.index))
+    ids_doc = read_json_data(layout.mask_ids(shard.index), "mask ids", MaskFileError)
     mask_ids = ids_doc.get("ids")
     if shard.ids is None or not isinstance(mask_ids, list):
         if shard.ids is not None or isinstance(mask_ids, list):

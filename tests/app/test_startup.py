@@ -3,6 +3,7 @@ progress shown stage by stage), then the atlas loads into the running app: no re
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -124,26 +125,57 @@ def test_a_missing_atlas_is_reported_and_the_app_keeps_serving(in_tmp: Path) -> 
     assert "not a directory" in startup.status_html()
 
 
+HOLD_LOCK = r"""
+import sys, time
+from insight_core.locks import holding
+with holding(sys.argv[1], "a demo build"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
 def test_a_second_start_follows_a_build_already_running(in_tmp: Path) -> None:
-    """An earlier app start left its build running (killed app): follow it, never start a second."""
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    """An earlier app start left its build running (killed app): it holds the build lock, so this start
+    follows it and never starts a second build; it ends when the holder does."""
+    layout = AtlasLayout(Path(DEFAULT_ATLAS))
+    cmd = [sys.executable, "-c", HOLD_LOCK, str(layout.demo_lock)]
+    holder = subprocess.Popen(cmd, stdout=subprocess.PIPE)
     try:
-        layout = AtlasLayout(Path(DEFAULT_ATLAS))
-        layout.demo_work_dir.mkdir(parents=True)
-        layout.demo_progress.write_text(
-            f'{{"kind": "job", "job": "demo", "status": "running", "pid": {sleeper.pid}}}\n'
-        )
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == b"held"
         build = DemoBuild(DEFAULT_ATLAS, [sys.executable, "-c", "raise SystemExit(9)"])
         build.start()
         assert build.attached
-        assert build.pid == sleeper.pid
         assert build.proc is None
         assert build.poll() is None
-        sleeper.kill()
-        sleeper.wait()
-        assert build.poll() == 1  # gone without a manifest: failed
+        holder.kill()
+        holder.wait()
+        assert build.poll() == 1  # the lock is free and no manifest was left: failed
     finally:
-        sleeper.kill()
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_progress_file_naming_a_live_process_does_not_attach(in_tmp: Path) -> None:
+    """After a reboot or PID reuse the PID in a progress file left "running" names an unrelated live
+    process: with the build lock free, the app starts its own build instead of waiting on it."""
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        layout = AtlasLayout(Path(DEFAULT_ATLAS))
+        layout.demo_work_dir.mkdir(parents=True)
+        for pid in (unrelated.pid, os.getpid()):
+            layout.demo_progress.write_text(
+                f'{{"kind": "job", "job": "demo", "status": "running", "pid": {pid}}}\n'
+            )
+            build = DemoBuild(DEFAULT_ATLAS, [sys.executable, "-c", "raise SystemExit(9)"])
+            build.start()
+            assert not build.attached
+            assert build.proc is not None
+            assert build.proc.wait(60) == 9
+            assert build.poll() == 9
+    finally:
+        unrelated.kill()
+        unrelated.wait()
 
 
 def test_progress_panel_without_a_report_yet() -> None:

@@ -79,3 +79,26 @@ def test_default_of_reads_the_paper_defaults_and_names_bad_fields() -> None:
         default_of(SaeOptions, "nope")
     with pytest.raises(TypeError, match="features has no plain default"):
         default_of(train_sae.TrainSaeJob, "features")
+
+
+def test_torn_manifests_are_errors_where_the_jobs_read_them_as_data(tmp_path) -> None:
+    """classify/eval-* read ``random_weights`` and the backbone from these manifests: a torn one must
+    stop the job with the file named, not read as "no manifest" (which drops the random-weights flag)."""
+    from insight_core.atlas import AtlasError, AtlasLayout, FeaturesLayout
+    from insight_core.errors import FeatureFileError
+    from precompute.common import atlas_manifest, features_manifest
+    from precompute.manifest import backbone_info
+
+    layout, feats = AtlasLayout(tmp_path / "atlas"), FeaturesLayout(tmp_path / "feats")
+    assert atlas_manifest(layout) == {}  # not written yet: fine
+    assert backbone_info(feats.root) is None
+    layout.root.mkdir()
+    feats.root.mkdir()
+    layout.manifest.write_text('{"backbone": {"random_weights": tr')
+    feats.manifest.write_text('{"backbone": {"arch": "ViT-B')
+    with pytest.raises(AtlasError, match=r"atlas/manifest\.json: unreadable atlas manifest"):
+        atlas_manifest(layout)
+    with pytest.raises(FeatureFileError, match=r"feats/manifest\.json: unreadable feature manifest"):
+        features_manifest(feats.root)
+    with pytest.raises(FeatureFileError, match=r"feats/manifest\.json"):
+        backbone_info(feats.root)

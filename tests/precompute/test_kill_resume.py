@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from insight_core.models.sae import MatryoshkaSAE
@@ -94,7 +95,9 @@ def reference(tmp_path_factory) -> Path:
 def test_sigkill_then_rerun_gives_the_same_atlas(reference: Path, tmp_path: Path, kill_point: str) -> None:
     photos, vocab = _inputs(tmp_path)
     args = _args(tmp_path, photos, vocab)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the killed run uses this process's thread count: kernels split their sums by thread count, and
+    # the rerun must compute exactly what the reference did to be compared bitwise
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(
         [sys.executable, "-m", "precompute", *args],
         cwd=REPO,

@@ -15,6 +15,7 @@ from insight_core.atlas import (
     Atlas,
     AtlasError,
     AtlasLayout,
+    reading,
     register_evals,
     write_manifest,
 )
@@ -358,3 +359,60 @@ def test_malformed_evals_blocks_are_refused(atlas_dir: Path, entry: dict, match:
     (atlas_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(AtlasError, match=match):
         Atlas.open(atlas_dir)
+
+
+def _read_json_in(path: Path, what: str = "JSON", also: tuple[type[BaseException], ...] = ()) -> object:
+    with reading(path, what, also):
+        return json.loads(path.read_bytes().decode("utf-8"))
+
+
+def test_reading_turns_parse_and_io_errors_into_one_atlas_error(tmp_path: Path) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+    from safetensors.numpy import load_file
+
+    torn = tmp_path / "torn.json"
+    torn.write_text('{"a": [1, 2')
+    with pytest.raises(AtlasError, match=r"torn\.json: unreadable JSON \(JSONDecodeError"):
+        _read_json_in(torn)
+    with pytest.raises(AtlasError, match=r"gone\.json: unreadable JSON \(FileNotFoundError"):
+        _read_json_in(tmp_path / "gone.json")
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"a": "\xe9"}')
+    with pytest.raises(AtlasError, match="UnicodeDecodeError"):
+        _read_json_in(latin)
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"\x00\x01garbage" * 10)
+    for what, read in (
+        ("parquet", pq.read_table),
+        ("safetensors", lambda p: load_file(str(p))),
+        ("npz", lambda p: np.load(p, allow_pickle=False)["x"]),
+    ):
+        with pytest.raises(AtlasError, match=rf"garbage\.bin: unreadable {what}"), reading(garbage, what):
+            read(garbage)
+
+
+BUGS = [AttributeError("x"), NameError("y"), TypeError("f() takes 1 argument"), RuntimeError("bug"),
+        AssertionError(), ZeroDivisionError(), NotImplementedError()]  # fmt: skip
+
+
+@pytest.mark.parametrize("bug", BUGS, ids=lambda e: type(e).__name__)
+def test_reading_lets_programming_errors_through(tmp_path: Path, bug: Exception) -> None:
+    """A bug in a reader keeps its type and traceback: it is not reported as an unreadable file."""
+    with pytest.raises(type(bug)) as caught, reading(tmp_path / "x.json", "JSON"):
+        raise bug
+    assert caught.value is bug
+
+
+def test_reading_also_takes_the_types_a_reader_uses_for_bad_input(tmp_path: Path) -> None:
+    values = tmp_path / "values.json"
+    values.write_text('{"m": [1]}')  # valid JSON, wrong type: int() raises TypeError
+    wrong_type = r"values\.json: unreadable metadata \(TypeError"
+    with pytest.raises(AtlasError, match=wrong_type), reading(values, "metadata", (TypeError,)):
+        int(json.loads(values.read_text())["m"])
+    with pytest.raises(TypeError), reading(values, "metadata"):
+        int(json.loads(values.read_text())["m"])
+    faiss_error = r"i\.faiss: unreadable FAISS index \(RuntimeError: Error in"
+    faiss_path = tmp_path / "i.faiss"
+    with pytest.raises(AtlasError, match=faiss_error), reading(faiss_path, "FAISS index", (RuntimeError,)):
+        raise RuntimeError("Error in faiss::read_index: bad magic")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from insight_core.atlas import AtlasLayout, fingerprint
-from insight_core.errors import ConfigError
+from insight_core.atlas import AtlasLayout, fingerprint, read_json_data, read_json_dict
+from insight_core.errors import ConfigError, FeatureFileError, InsightError
 
 
 def _touch(path: Path, data: bytes = b"x") -> Path:
@@ -64,3 +64,27 @@ def test_layout_lists_records_and_rejects_unsafe_names(tmp_path: Path) -> None:
             layout.probe(bad)
     assert layout.probe("imagenet-l1") == tmp_path / "probes" / "imagenet-l1"
     assert layout.thumb(12) == tmp_path / "thumbs" / "12.webp"
+
+
+def test_data_json_is_empty_only_when_absent_and_an_error_when_torn(tmp_path: Path) -> None:
+    """Bookkeeping may read a torn file as "redo"; data (manifests, ids) must not read it as "nothing"."""
+    path = tmp_path / "manifest.json"
+    assert read_json_data(path, "feature manifest", FeatureFileError) == {}
+    path.write_text('{"backbone": {"random_weights": true}}')
+    assert read_json_data(path, "feature manifest", FeatureFileError)["backbone"]["random_weights"] is True
+    for torn, why in (
+        ('{"backbone": {"random_w', "JSONDecodeError"),
+        (b'{"a": "\xff"}', "UnicodeDecodeError"),
+        ("", "JSONDecodeError"),
+    ):
+        path.write_bytes(torn if isinstance(torn, bytes) else torn.encode())
+        assert read_json_dict(path) == {}  # the lenient reader: "missing"
+        with pytest.raises(FeatureFileError, match=rf"manifest\.json: unreadable feature manifest \({why}"):
+            read_json_data(path, "feature manifest", FeatureFileError)
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"manifest\.json: settings must be a JSON object, got list"):
+        read_json_data(path, "settings", ConfigError)
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    with pytest.raises(InsightError, match=r"folder\.json: unreadable data \(IsADirectoryError"):
+        read_json_data(folder, "data")

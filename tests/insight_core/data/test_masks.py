@@ -23,7 +23,7 @@ from insight_core.data.masks import (
     upsample_patches,
     write_masks,
 )
-from insight_core.errors import ConfigError, MaskFileError
+from insight_core.errors import ConfigError, FeatureFileError, MaskFileError
 from insight_core.io import write_json, write_npy
 
 GRID = (4, 4)
@@ -97,6 +97,24 @@ def test_an_order_mismatch_names_the_first_differing_image(tmp_path: Path) -> No
     with pytest.raises(
         MaskFileError, match=r"masks_00000\.npy: image 1 is 'img2\.jpg' in the masks but 'img1\.jpg'"
     ):
+        open_masks(out.root, feats)
+
+
+def test_torn_ids_files_are_errors_not_a_skipped_order_check(tmp_path: Path) -> None:
+    """A torn ids file read as "no ids" would silently skip the image-order check: it is an error."""
+    feats = _features(tmp_path / "f", [3])
+    out = _write(tmp_path / "m", feats)
+    good = out.mask_ids(0).read_text()
+    out.mask_ids(0).write_text(good[: len(good) // 2])
+    with pytest.raises(MaskFileError, match=r"masks_00000\.ids\.json: unreadable mask ids \(JSONDecodeError"):
+        open_masks(out.root, feats)
+    out.mask_ids(0).write_text('["img0.jpg"]')
+    with pytest.raises(MaskFileError, match=r"masks_00000\.ids\.json: mask ids must be a JSON object"):
+        open_masks(out.root, feats)
+    out.mask_ids(0).write_text(good)
+    feat_ids = FeaturesLayout(feats).shard_ids(0)
+    feat_ids.write_bytes(b'{"ids": ["img0.jpg", "\xff')
+    with pytest.raises(FeatureFileError, match=r"shard_00000\.ids\.json: unreadable feature ids"):
         open_masks(out.root, feats)
 
 

@@ -26,6 +26,7 @@ from insight_core.data.sources import (
 from insight_core.errors import ConfigError, ImageLoadError
 from precompute.__main__ import main
 from tests import hostile
+from tests.tolerances import assert_fp16_features_close
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "assets" / "examples"
 PHOTOS = sorted(EXAMPLES.glob("*.jpg"))
@@ -84,8 +85,8 @@ def test_webdataset_extract_matches_folder(tar_shards: Path, tmp_path: Path, fol
     assert (manifest["n_images"], manifest["n_skipped"]) == (6, 1)
     feats = _features_by_id(out)
     assert next(iter(feats)) == f"train-0000.tar::{PHOTOS[0].stem}.jpg"
-    for image_id, arr in feats.items():
-        np.testing.assert_array_equal(arr, folder_features[image_id.split("::")[1]])
+    for image_id, arr in feats.items():  # 3 + 3 images per shard here, 2 per shard there: other batches
+        assert_fp16_features_close(arr, folder_features[image_id.split("::")[1]], image_id)
     skipped = [s for f in out.glob("*.ids.json") for s in json.loads(f.read_text())["skipped"]]
     assert skipped[0][0] == "train-0001.tar::broken.jpg"
     assert "broken.jpg" in skipped[0][1]
@@ -125,7 +126,6 @@ def _parquet_dataset(folder: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def hf_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     rows = [{"label": i, "img": {"bytes": p.read_bytes(), "path": p.name}} for i, p in enumerate(PHOTOS)]
@@ -143,8 +143,8 @@ def test_hf_dataset_extract_matches_folder_and_resumes(
     assert (manifest["n_images"], manifest["n_skipped"], len(manifest["shards"])) == (6, 1, 3)
     feats = _features_by_id(out)
     assert list(feats) == [f"train[{r}]" for r in (0, 1, 3, 4, 5, 6)]
-    for row, photo in zip((0, 1, 3, 4, 5, 6), PHOTOS, strict=True):
-        np.testing.assert_array_equal(feats[f"train[{row}]"], folder_features[photo.name])
+    for row, photo in zip((0, 1, 3, 4, 5, 6), PHOTOS, strict=True):  # batched otherwise than the folder
+        assert_fp16_features_close(feats[f"train[{row}]"], folder_features[photo.name], f"train[{row}]")
     # an interrupted run lost shard 1's completion record: only shard 1 is extracted again
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.npy")}
     (out / "shard_00001.ids.json").unlink()
