@@ -221,8 +221,11 @@ class Cooccurrence:
         """Raise ``ValueError`` (naming ``what``) unless the arrays form a valid CSR of D."""
         ptr, cols, vals = self.rowptr_m1, self.cols_e, self.vals_e
         if ptr.dtype != torch.int64 or tuple(ptr.shape) != (self.m + 1,):
-            raise ValueError(f"{what}: rowptr is {ptr.dtype} {tuple(ptr.shape)}, expected int64 ({self.m + 1},)")
-        if cols.dtype != torch.int32 or vals.dtype != torch.float32 or cols.shape != vals.shape or cols.ndim != 1:
+            raise ValueError(
+                f"{what}: rowptr is {ptr.dtype} {tuple(ptr.shape)}, expected int64 ({self.m + 1},)"
+            )
+        same_1d = cols.shape == vals.shape and cols.ndim == 1
+        if cols.dtype != torch.int32 or vals.dtype != torch.float32 or not same_1d:
             raise ValueError(
                 f"{what}: cols/vals are {cols.dtype} {tuple(cols.shape)} / {vals.dtype} {tuple(vals.shape)}, "
                 "expected int32 (e,) / float32 (e,)"

@@ -757,7 +757,9 @@ def _pairs_from_state(state: dict[str, torch.Tensor], m: int) -> PairSums:
         )
     k = keys.cpu().numpy().copy()
     if k.size and (k[0] < 0 or k[-1] >= m * m or np.any(np.diff(k) <= 0) or np.any(k // m == k % m)):
-        raise ConfigError(f"accumulator state 'pair_keys_e' must be ascending distinct off-diagonal keys < {m}^2")
+        raise ConfigError(
+            f"accumulator state 'pair_keys_e' must be ascending distinct off-diagonal keys < {m}^2"
+        )
     pairs = PairSums(m)
     pairs.keys, pairs.sums = k, sums.cpu().numpy().copy()
     return pairs
