@@ -75,6 +75,7 @@ _FORMAT_VERSION = 3
 """2 added the activation histograms and band samples; 3 stores D sparse (CSR: ``D_rowptr_m1``,
 ``D_cols_e``, ``D_vals_e``) instead of a dense ``D_mm``. Versions 1 and 2 still load."""
 _READABLE_VERSIONS = (1, 2, 3)
+_MAX_CODE_ELEMENTS = 1 << 28  # dense codes encoded at once by compute_stats (1 GiB of float32)
 _MAX_PAIRS = 1 << 23  # ordered (patch, j, j') pairs per index_add_ chunk (~200 MiB of temporaries)
 
 
@@ -777,11 +778,14 @@ def compute_stats(
     *,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    max_code_elements: int = _MAX_CODE_ELEMENTS,
 ) -> ConceptStats:
     """Encode ``(feats_bpd, image_ids_b)`` batches with ``sae`` (thresholded codes) and accumulate.
 
     ``feats_bpd`` holds whole images (B, P, d) and ``image_ids_b`` their ids (B,); patch indices are
-    0..P-1. Encoding runs on the SAE's device, accumulation on ``device``.
+    0..P-1. Encoding runs on the SAE's device, accumulation on ``device``. A batch is encoded in
+    chunks of whole images whose dense (rows, m) codes hold at most ``max_code_elements`` values
+    (at least one image), so memory stays bounded at large m (64 images at m = 65,536 are 3.3 GB).
     """
     from tqdm.auto import tqdm
 
@@ -794,11 +798,16 @@ def compute_stats(
             if feats_bpd.ndim != 3:
                 raise ConfigError(f"feats_bpd must have shape (B, P, d), got {tuple(feats_bpd.shape)}")
             b, p, d = feats_bpd.shape
-            codes = sae.encode(feats_bpd.reshape(b * p, d).to(sae_device).float())
             ids = torch.as_tensor(image_ids_b, dtype=torch.int64).reshape(-1)
             if ids.shape != (b,):
                 raise ConfigError(f"image_ids_b must have shape ({b},), got {tuple(ids.shape)}")
-            acc.update(codes.to(acc.device), ids.repeat_interleave(p), torch.arange(p).repeat(b))
+            step = max(1, max_code_elements // max(1, p * acc.m))
+            for s in range(0, b, step):
+                n = min(step, b - s)
+                codes = sae.encode(feats_bpd[s : s + n].reshape(n * p, d).to(sae_device).float())
+                rows_img, rows_patch = ids[s : s + n].repeat_interleave(p), torch.arange(p).repeat(n)
+                acc.update(codes.to(acc.device), rows_img, rows_patch)
+                del codes
             bar.update(1)
             bar.set_postfix(images=acc.n_images)
     return acc.finalize()
