@@ -73,7 +73,9 @@ logger = logging.getLogger(__name__)
 _FORMAT = "insight-concept-stats"
 _FORMAT_VERSION = 3
 """2 added the activation histograms and band samples; 3 stores D sparse (CSR: ``D_rowptr_m1``,
-``D_cols_e``, ``D_vals_e``) instead of a dense ``D_mm``. Versions 1 and 2 still load."""
+``D_cols_e``, ``D_vals_e``) instead of a dense ``D_mm``, and the exemplar codes unpadded (CSR over the
+``m * top_w`` exemplar rows: ``ex_code_ptr_g1``, ``ex_code_cols_e``, ``ex_code_vals_e``). Versions 1
+and 2 still load."""
 _READABLE_VERSIONS = (1, 2, 3)
 _MAX_CODE_ELEMENTS = 1 << 28  # dense codes encoded at once by compute_stats (1 GiB of float32)
 _MAX_PAIRS = 1 << 23  # ordered (patch, j, j') pairs per index_add_ chunk (~200 MiB of temporaries)
@@ -644,11 +646,15 @@ class ConceptStats:
 
     # ---------------------------------------------------------------------------------------- I/O
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        """What :meth:`save` writes: per-concept tensors, D in CSR, the exemplar codes unpadded."""
+        out = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name.endswith(("_m", "_mn", "_mwk", "_mb", "_msr")) and getattr(self, f.name) is not None
-        } | {"D_rowptr_m1": self.cooc.rowptr_m1, "D_cols_e": self.cooc.cols_e, "D_vals_e": self.cooc.vals_e}
+            if f.name.endswith(("_m", "_mn", "_mb", "_msr")) and getattr(self, f.name) is not None
+        }
+        c = self.cooc
+        out |= {"D_rowptr_m1": c.rowptr_m1, "D_cols_e": c.cols_e, "D_vals_e": c.vals_e}
+        return out | _pack_codes(self.ex_code_cols_mwk, self.ex_code_vals_mwk)
 
     def save(self, tensors_path: str | Path, meta_path: str | Path) -> None:
         """Write the tensors (safetensors) and the counts and config (JSON), each atomically.
@@ -665,6 +671,7 @@ class ConceptStats:
             "k_max": int(self.ex_code_cols_mwk.shape[-1]),
             "config": dataclasses.asdict(self.config),
             "cooccurrence": {"layout": "csr", "floor": self.cooc.floor, "nnz": self.cooc.nnz},
+            "exemplar_codes": {"layout": "csr", "nnz": int((self.ex_code_cols_mwk >= 0).sum())},
         }
         write_json(meta_path, doc)
 
@@ -691,6 +698,7 @@ class ConceptStats:
             version = int(doc["version"])
             floor = float(doc["cooccurrence"]["floor"]) if version >= 3 else 0.0
             nnz = int(doc["cooccurrence"]["nnz"]) if version >= 3 else 0
+            code_nnz = int(doc["exemplar_codes"]["nnz"]) if version >= 3 else 0
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise CheckpointError(f"{json_path}: missing or invalid entry: {e}") from e
         try:
@@ -706,17 +714,20 @@ class ConceptStats:
             "ex_act_mn": ((m, n), torch.float32),
             "ex_image_mn": ((m, n), torch.int64),
             "ex_patch_mn": ((m, n), torch.int64),
-            "ex_code_cols_mwk": ((m, w, k), torch.int32),
-            "ex_code_vals_mwk": ((m, w, k), torch.float32),
         }
         if version >= 3:
             expected |= {
+                "ex_code_ptr_g1": ((m * w + 1,), torch.int64),
+                "ex_code_cols_e": ((code_nnz,), torch.int32),
+                "ex_code_vals_e": ((code_nnz,), torch.float32),
                 "D_rowptr_m1": ((m + 1,), torch.int64),
                 "D_cols_e": ((nnz,), torch.int32),
                 "D_vals_e": ((nnz,), torch.float32),
             }
         else:
             expected["D_mm"] = ((m, m), torch.float32)
+            expected["ex_code_cols_mwk"] = ((m, w, k), torch.int32)
+            expected["ex_code_vals_mwk"] = ((m, w, k), torch.float32)
         if version >= 2:  # activation histograms and band samples
             s, r = cfg.n_bands, cfg.band_samples
             expected |= {
@@ -738,12 +749,40 @@ class ConceptStats:
             cooc = Cooccurrence(m, floor, *(tensors.pop(f"D_{x}") for x in ("rowptr_m1", "cols_e", "vals_e")))
             try:
                 cooc.validate(str(st_path))
+                packed = (tensors.pop(f"ex_code_{x}") for x in ("ptr_g1", "cols_e", "vals_e"))
+                tensors["ex_code_cols_mwk"], tensors["ex_code_vals_mwk"] = _unpack_codes(*packed, m, w, k)
             except ValueError as e:
-                raise CheckpointError(str(e)) from e
+                raise CheckpointError(f"{st_path}: {e}") from e
         else:  # dense D: keep every non-zero entry, so families, names and rows are unchanged
             cooc = Cooccurrence.from_dense(tensors.pop("D_mm"), floor=0.0)
-        fields = {name: tensors[name] for name in expected if name in tensors}
+        fields = {f.name: tensors[f.name] for f in dataclasses.fields(cls) if f.name in tensors}
         return cls(**fields, cooc=cooc, n_patches=n_patches, n_images=n_images, config=cfg)
+
+
+def _pack_codes(cols_mwk: torch.Tensor, vals_mwk: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The exemplar codes without their padding (file size: ~k per patch, not k_max; 3x smaller at
+    m = 65,536), CSR over the ``m * w`` exemplar rows."""
+    valid = cols_mwk >= 0
+    ptr = torch.zeros(valid.shape[0] * valid.shape[1] + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(valid.reshape(-1, valid.shape[-1]).sum(1), 0)
+    return {"ex_code_ptr_g1": ptr, "ex_code_cols_e": cols_mwk[valid], "ex_code_vals_e": vals_mwk[valid]}
+
+
+def _unpack_codes(
+    ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, m: int, w: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`_pack_codes`; ValueError when the arrays do not fit (m, w, k)."""
+    counts = ptr[1:] - ptr[:-1]
+    if int(ptr[0]) != 0 or int(ptr[-1]) != cols.numel() or bool(((counts < 0) | (counts > k)).any()):
+        raise ValueError(f"ex_code_ptr_g1 must rise from 0 to {cols.numel()} by at most k_max={k} per row")
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= m):
+        raise ValueError(f"ex_code_cols_e must hold concept ids in [0, {m})")
+    rows = torch.repeat_interleave(torch.arange(m * w), counts)
+    pos = torch.arange(cols.numel()) - ptr[rows]
+    out_cols = torch.full((m * w, k), -1, dtype=torch.int32)
+    out_vals = torch.zeros((m * w, k), dtype=torch.float32)
+    out_cols[rows, pos], out_vals[rows, pos] = cols, vals
+    return out_cols.view(m, w, k), out_vals.view(m, w, k)
 
 
 def _pairs_from_state(state: dict[str, torch.Tensor], m: int) -> PairSums:

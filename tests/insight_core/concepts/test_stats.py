@@ -389,13 +389,16 @@ def test_version_1_files_still_load(tmp_path: Path, small_stats: ConceptStats) -
     """A statistics file written before histograms (version 1: no hist/band tensors, no hist config)."""
     layout = AtlasLayout(tmp_path)
     small_stats.save(layout.stats_tensors, layout.stats_meta)
-    tensors = {k: v for k, v in small_stats._tensors().items() if not k.startswith(("hist_", "band_", "D_"))}
-    tensors["D_mm"] = small_stats.D_mm  # versions 1 and 2 stored D dense
+    old_names = ("hist_", "band_", "D_", "ex_code_")
+    tensors = {k: v for k, v in small_stats._tensors().items() if not k.startswith(old_names)}
+    tensors["D_mm"] = small_stats.D_mm  # versions 1 and 2 stored D dense and padded exemplar codes
+    tensors["ex_code_cols_mwk"] = small_stats.ex_code_cols_mwk
+    tensors["ex_code_vals_mwk"] = small_stats.ex_code_vals_mwk
     write_safetensors(layout.stats_tensors, tensors, {"format": "insight-concept-stats"})
     doc = json.loads(layout.stats_meta.read_text())
     doc["version"] = 1
     doc["config"] = {k: doc["config"][k] for k in ("top_n", "top_w", "min_activation")}
-    del doc["cooccurrence"]
+    del doc["cooccurrence"], doc["exemplar_codes"]
     layout.stats_meta.write_text(json.dumps(doc))
     old = ConceptStats.load(layout.stats_tensors, layout.stats_meta)
     assert old.hist_mb is None
@@ -439,6 +442,11 @@ def test_load_bad_files(tmp_path: Path, small_stats: ConceptStats) -> None:
         ConceptStats.load(st_path, json_path)
     write_safetensors(st_path, {**tensors, "D_cols_e": tensors["D_cols_e"].flip(0).contiguous()})
     with pytest.raises(CheckpointError, match=rf"{STATS_TENSORS}.*ascending"):
+        ConceptStats.load(st_path, json_path)
+    ptr = tensors["ex_code_ptr_g1"].clone()
+    ptr[1] = ptr[2] + 1  # a row of the exemplar codes that ends before it starts
+    write_safetensors(st_path, {**tensors, "ex_code_ptr_g1": ptr})
+    with pytest.raises(CheckpointError, match=rf"{STATS_TENSORS}.*ex_code_ptr_g1"):
         ConceptStats.load(st_path, json_path)
     write_safetensors(st_path, {**tensors, "ex_image_mn": tensors["ex_image_mn"].int()})
     with pytest.raises(CheckpointError, match=r"'ex_image_mn' is torch.int32"):
