@@ -749,8 +749,9 @@ class ConceptStats:
             cooc = Cooccurrence(m, floor, *(tensors.pop(f"D_{x}") for x in ("rowptr_m1", "cols_e", "vals_e")))
             try:
                 cooc.validate(str(st_path))
-                packed = (tensors.pop(f"ex_code_{x}") for x in ("ptr_g1", "cols_e", "vals_e"))
-                tensors["ex_code_cols_mwk"], tensors["ex_code_vals_mwk"] = _unpack_codes(*packed, m, w, k)
+                ptr, cols, vals = (tensors.pop(f"ex_code_{x}") for x in ("ptr_g1", "cols_e", "vals_e"))
+                codes = _unpack_codes(ptr, cols, vals, m, w, k)
+                tensors["ex_code_cols_mwk"], tensors["ex_code_vals_mwk"] = codes
             except ValueError as e:
                 raise CheckpointError(f"{st_path}: {e}") from e
         else:  # dense D: keep every non-zero entry, so families, names and rows are unchanged
