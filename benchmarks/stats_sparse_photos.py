@@ -7,9 +7,10 @@ Not a test (extracting 1000 photos takes minutes on CPU): prints the comparison 
         --pretrained none
     python benchmarks/stats_sparse_photos.py --features /tmp/feats
 
-A random-init m = 8,192 SAE (d = 512, threshold keeping ~k = 12 latents per patch) encodes the
-features once; the codes go through the dense accumulator of git ``--baseline-ref`` (default: the
-merge-base of HEAD and main) and through this tree's sparse one. Compared: family edges
+A random-init m = 8,192 SAE (d = 512, threshold set on the photos' features to keep ~k = 12 latents
+per patch) encodes the features once; the codes go through the dense accumulator of git
+``--baseline-ref`` (default: the merge-base of HEAD and main) and through this tree's sparse one.
+Compared: family edges
 (``build_families`` on the dense D vs on the CSR D), Eq. B.9 concept vectors and the names they get
 against a random 2,000-word vocabulary, and every co-occurrence row (entries >= the floor).
 """
@@ -51,6 +52,10 @@ def main() -> None:
     sae = _random_sae(m, 12)
     dense_acc, sparse_acc = _baseline_module(ref).StatsAccumulator(m), StatsAccumulator(m)
     feats = scan_features(args.features)
+    first = torch.as_tensor(next(iter(feats.iter_image_batches(16)))[0]).float().reshape(-1, 512)
+    with torch.no_grad():  # threshold on the photos' own features: ~12 active latents per patch
+        pre = sae.pre_activations(first[:2048])
+        sae.threshold.fill_(float(pre.flatten().kthvalue(pre.numel() - 12 * len(pre)).values))
     n_patches = 0
     for feats_bpd, ids in feats.iter_image_batches(64):
         feats_bpd = torch.as_tensor(feats_bpd).float()
