@@ -1,8 +1,10 @@
 """What concept pages read from the atlas statistics (``stats/``), without loading all of it.
 
-The statistics file holds the m x m co-occurrence matrix ``D_mm`` (256 MiB at m = 8192) besides the
-small per-concept tensors, so it is opened lazily (safetensors memory map): the activation histograms
-and band samples are read once, and a concept page reads one row of ``D``. Statistics files written
+The statistics file holds the co-occurrence matrix ``D`` besides the small per-concept tensors, so it
+is opened lazily (safetensors memory map): the activation histograms and band samples are read once,
+and a concept page reads one row of ``D``: a slice of the CSR arrays (``D_rowptr_m1``, ``D_cols_e``,
+``D_vals_e``; entries below the stats' ``cooc_floor`` are not stored), or of the dense ``D_mm`` of
+statistics files written before version 3. Statistics files written
 before histograms existed (version 1) still open: the page then says that they lack them.
 """
 
@@ -54,6 +56,10 @@ class StatsView:
     band_act_msr: np.ndarray | None = None
     band_image_msr: np.ndarray | None = None
     band_patch_msr: np.ndarray | None = None
+    cooc_rowptr_m1: np.ndarray | None = None
+    """(m + 1,) CSR row offsets of D (None: a dense ``D_mm``, or no D)."""
+    cooc_floor: float = 0.0
+    """Entries of D below this are not stored (0: every non-zero entry is)."""
 
     @classmethod
     def open(cls, atlas: Atlas) -> StatsView:
@@ -72,6 +78,7 @@ class StatsView:
                            n_patches=int(doc.get("n_patches", 0)))  # fmt: skip
                 lo, hi = float(cfg.get("hist_min", 1e-4)), float(cfg.get("hist_max", 1e4))
                 band_bins = cfg.get("band_bins")
+                view.cooc_floor = float((doc.get("cooccurrence") or {}).get("floor", 0.0))
         else:
             view = cls(path=atlas.read_path("stats"), m=0, n_images=0, n_patches=0)
             lo, hi, band_bins = 1e-4, 1e4, None
@@ -82,6 +89,8 @@ class StatsView:
                     view.m = int(fh.get_slice("freq_patches_m").get_shape()[0])
                 if "D_mm" in names and tuple(fh.get_slice("D_mm").get_shape()) != (view.m, view.m):
                     raise ValueError(f"D_mm has shape {fh.get_slice('D_mm').get_shape()}, expected m x m")
+                if {"D_rowptr_m1", "D_cols_e", "D_vals_e"} <= names:
+                    view.cooc_rowptr_m1 = _check_csr(fh, view.m)
                 if {"hist_mb", "band_act_msr", "band_image_msr", "band_patch_msr"} <= names:
                     view.hist_mb = fh.get_tensor("hist_mb")
                     view.band_act_msr = fh.get_tensor("band_act_msr")
@@ -140,9 +149,33 @@ class StatsView:
 
     def cooccurrence_row(self, cid: int) -> np.ndarray | None:
         """``D[cid, :]``: the share of the concept's activation mass on patches where each other concept
-        is active (paper Eq. 5); one row read from the memory-mapped file."""
+        is active (paper Eq. 5), 0 below :attr:`cooc_floor`; one row read from the memory-mapped file."""
+        cid = int(cid)
         try:
             with safe_open(str(self.path), framework="np") as fh:
-                return np.asarray(fh.get_slice("D_mm")[int(cid) : int(cid) + 1])[0]
-        except (OSError, SafetensorError, ValueError, KeyError):
+                ptr = self.cooc_rowptr_m1
+                if ptr is None:
+                    return np.asarray(fh.get_slice("D_mm")[cid : cid + 1])[0]
+                lo, hi = int(ptr[cid]), int(ptr[cid + 1])
+                cols = np.asarray(fh.get_slice("D_cols_e")[lo:hi], dtype=np.int64)
+                vals = np.asarray(fh.get_slice("D_vals_e")[lo:hi], dtype=np.float32)
+                if cols.size and (cols.min() < 0 or cols.max() >= self.m):
+                    return None
+                row = np.zeros(self.m, dtype=np.float32)
+                row[cols] = vals
+                return row
+        except (OSError, SafetensorError, ValueError, KeyError, IndexError):
             return None
+
+
+def _check_csr(fh: Any, m: int) -> np.ndarray:
+    """The CSR row offsets of D, checked against the column and value arrays (ValueError otherwise)."""
+    ptr = np.asarray(fh.get_tensor("D_rowptr_m1"))
+    n_cols, n_vals = (fh.get_slice(k).get_shape() for k in ("D_cols_e", "D_vals_e"))
+    if ptr.dtype != np.int64 or ptr.shape != (m + 1,):
+        raise ValueError(f"D_rowptr_m1 is {ptr.dtype} {ptr.shape}, expected int64 ({m + 1},)")
+    if len(n_cols) != 1 or n_cols != n_vals:
+        raise ValueError(f"D_cols_e {n_cols} and D_vals_e {n_vals} must be 1-D of one length")
+    if ptr[0] != 0 or ptr[-1] != n_cols[0] or np.any(np.diff(ptr) < 0):
+        raise ValueError(f"D_rowptr_m1 must rise from 0 to the number of entries ({n_cols[0]})")
+    return ptr

@@ -150,7 +150,8 @@ def vocabulary_note(state: AppState) -> str | None:
 
 def cooccurring(state: AppState, cid: int, k: int = 8) -> list[dict]:
     """The concepts most active together with ``cid``: ``share`` = D[cid, j], the fraction of cid's
-    activation mass on patches where j is active too (paper Eq. 5); ``relation`` parent/child/""."""
+    activation mass on patches where j is active too (paper Eq. 5); ``relation`` parent/child/"".
+    Shares below the statistics' floor (``StatsView.cooc_floor``) are not stored, hence not listed."""
     row = state.stats.cooccurrence_row(cid) if state.stats is not None else None
     if row is None:
         return []
@@ -299,8 +300,10 @@ def concept_html(state: AppState, page: dict) -> str:
     co = page.get("cooccurring") or []
     co_rows = [[H.concept_link(c["id"], c["name"]), f"{100 * c['share']:.0f}%", H.share_bar(c["share"]),
                 H.esc(c["relation"])] for c in co]  # fmt: skip
+    floor = state.stats.cooc_floor if state.stats is not None else 0.0
+    co_note = f"<div><i>shares under {100 * floor:.0f}% are not stored</i></div>" if floor > 0 else ""
     co_html = (
-        H.table(["concept", "of this concept's mass", "", "family"], co_rows)
+        H.table(["concept", "of this concept's mass", "", "family"], co_rows) + co_note
         if co_rows
         else "<i>no co-occurrence statistics</i>"
     )

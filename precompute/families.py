@@ -74,7 +74,7 @@ def run(job: FamiliesJob) -> Families:
     if not job.force and record.is_current(key):
         log.info("%s is up to date; skipping (use --force to rebuild)", layout.edges)
         return read_edges(layout.edges, stats.m)
-    fam = build_families(stats.D_mm, stats.freq_patches_m, cfg)
+    fam = build_families(stats.cooc, stats.freq_patches_m, cfg)
     write_edges(layout.edges, fam)
     summary = fam.summary()
     write_json(layout.families, {"config": dataclasses.asdict(cfg), **summary})

@@ -146,7 +146,7 @@ def run(job: NameJob) -> list[dict]:
         sae.W_dec_md.detach(),
         sae.b_dec_d.detach(),
         parents,
-        stats.D_mm.numpy(),
+        stats.cooc.lookup,  # D[i, a] for edges only: >= the floor, so always stored
         stats.w_pairs,
         alpha=job.naming.alpha,
         use_parents=job.naming.use_parents,

@@ -15,6 +15,7 @@ from typing import Any
 
 import tyro
 
+from insight_core.concepts.cooccurrence import DEFAULT_FLOOR
 from insight_core.concepts.image_search import ImageSearchConfig
 from insight_core.concepts.index import IndexConfig
 from insight_core.concepts.stats import StatsConfig
@@ -262,9 +263,12 @@ class StatsOptions:
     """Exemplar patches kept per concept."""
     top_w: int = 30
     """Top patches per concept used for w_ia (paper App. B.4)."""
+    cooc_floor: float = DEFAULT_FLOOR
+    """Co-occurrence entries D[j, j'] below this are not saved (0: all); families need
+    --min-confidence >= it (see insight_core/concepts/cooccurrence.py)."""
 
     def stats_config(self) -> StatsConfig:
-        return StatsConfig(top_n=self.top_n, top_w=self.top_w)
+        return StatsConfig(top_n=self.top_n, top_w=self.top_w, cooc_floor=self.cooc_floor)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """``stats``: one streaming pass of the atlas SAE over the feature shards -> ``ATLAS/stats/``.
 
 Per-concept frequency and mean activation, top-N exemplar patches, the w_ia values of the top-30
-patches, and the co-occurrence confidence matrix D (Eq. 5). Memory O(m^2) whatever the data size.
+patches, and the co-occurrence confidence matrix D (Eq. 5), sparse: memory grows with the distinct
+co-occurring pairs seen, never m^2; the saved D keeps entries >= ``--cooc-floor``.
 Skipped when ``stats/`` was computed from the same SAE and features.
 """
 

@@ -45,6 +45,7 @@ import networkx as nx
 import numpy as np
 import torch
 
+from insight_core.concepts.cooccurrence import Cooccurrence
 from insight_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -440,9 +441,14 @@ def _transitive_redundant(m: int, p_e: np.ndarray, c_e: np.ndarray) -> np.ndarra
 def build_families(D_mm: Any, freq_m: Any, cfg: FamilyConfig | None = None) -> Families:
     """Extract the family DAG from the co-occurrence confidence ``D_mm`` (m, m) and patch counts (m,).
 
-    See the module docstring for the rules (support, mutual pairs, cycles, transitive edges).
+    ``D_mm`` may be a sparse :class:`~insight_core.concepts.cooccurrence.Cooccurrence` (what the stats
+    stage saves): the same edges from its entries ``>= min_confidence`` (a ``ConfigError`` if the
+    threshold is below its floor). See the module docstring for the rules (support, mutual pairs,
+    cycles, transitive edges).
     """
     cfg = cfg or FamilyConfig()
+    if isinstance(D_mm, Cooccurrence):
+        return build_from_candidates(D_mm.m, *D_mm.candidates(cfg.min_confidence), freq_m, cfg)
     d = torch.as_tensor(D_mm)
     freq = torch.as_tensor(freq_m).reshape(-1)
     if d.ndim != 2 or d.shape[0] != d.shape[1]:

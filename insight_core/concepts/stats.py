@@ -7,8 +7,11 @@ the exemplar merging lives in :mod:`insight_core.concepts.exemplars`.
 :class:`StatsAccumulator` consumes batches of thresholded SAE codes, one row per patch, and keeps:
 
 - per concept: active patches, distinct images, sum and max of the activation;
-- the co-occurrence numerator ``N[j, j'] = sum_i A_ij * 1[j' active on i]`` (float64, m x m), so that
-  ``D = N / diag(N)[:, None]`` is Eq. 5: ``D[j, j'] = sum_i 1[j' active on i] A_ij / sum_i A_ij``;
+- the co-occurrence numerator ``N[j, j'] = sum_i A_ij * 1[j' active on i]``, sparse (float64 sums
+  over the distinct pairs seen, :mod:`insight_core.concepts.cooccurrence`), and its diagonal
+  ``S[j] = sum_i A_ij``, so that ``D = N / S[:, None]`` is Eq. 5:
+  ``D[j, j'] = sum_i 1[j' active on i] A_ij / sum_i A_ij``, saved in CSR without entries below
+  ``cooc_floor``;
 - the top-``N`` exemplar patches of each concept (activation, image id, patch index) and, for the
   top-``top_w`` of them, the patch's full sparse code, so that ``w(i, a)`` (mean activation of
   concept ``a`` on the top-30 patches of concept ``i``, App. B.4) can be read for any pair later;
@@ -17,11 +20,12 @@ the exemplar merging lives in :mod:`insight_core.concepts.exemplars`.
   concept page can show exemplars from the middle and the low end of its activations, not only the
   top (:mod:`insight_core.concepts.exemplars`).
 
-Memory is O(m^2) for ``N`` (512 MiB at m = 8192) plus O(m * top_n) and O(m * top_w * k_max) for the
-exemplars and O(m * hist_bins) for the histograms and band samples, whatever the dataset size.
-Codes are handled sparsely: a patch has ~k active concepts, so co-occurrence costs O(B * k^2) per
-batch (one ``index_add_`` of all ordered pairs of active concepts of every patch into the flattened
-``N``), never a dense (B, m)^T (B, m) product.
+Memory is 16 bytes per distinct co-occurring pair seen (never m^2: a dense float64 ``N`` would be
+34 GB at m = 65,536) plus O(m * top_n) and O(m * top_w * k_max) for the exemplars and
+O(m * hist_bins) for the histograms and band samples. Codes are handled sparsely: a patch has ~k
+active concepts, so co-occurrence costs O(B * k^2 log) per batch (the ordered pairs of active
+concepts of every patch, sorted and summed into the sparse ``N``), never a dense (B, m)^T (B, m)
+product.
 
 Contract: all patches of an image arrive in the same :meth:`StatsAccumulator.update` call (images
 are never split across batches), and different accumulators that are :meth:`merged
@@ -48,6 +52,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from insight_core.concepts.cooccurrence import DEFAULT_FLOOR, Cooccurrence, PairSums
 from insight_core.concepts.exemplars import (
     KEY_SPAN,
     BandSamples,
@@ -66,9 +71,13 @@ from insight_core.io import write_json, write_safetensors
 logger = logging.getLogger(__name__)
 
 _FORMAT = "insight-concept-stats"
-_FORMAT_VERSION = 2
-"""2 added the activation histograms and band samples; version 1 files still load (without them)."""
-_READABLE_VERSIONS = (1, 2)
+_FORMAT_VERSION = 3
+"""2 added the activation histograms and band samples; 3 stores D sparse (CSR: ``D_rowptr_m1``,
+``D_cols_e``, ``D_vals_e``) instead of a dense ``D_mm``, and the exemplar codes unpadded (CSR over the
+``m * top_w`` exemplar rows: ``ex_code_ptr_g1``, ``ex_code_cols_e``, ``ex_code_vals_e``). Versions 1
+and 2 still load."""
+_READABLE_VERSIONS = (1, 2, 3)
+_MAX_CODE_ELEMENTS = 1 << 28  # dense codes encoded at once by compute_stats (1 GiB of float32)
 _MAX_PAIRS = 1 << 23  # ordered (patch, j, j') pairs per index_add_ chunk (~200 MiB of temporaries)
 
 
@@ -92,6 +101,10 @@ class StatsConfig:
     """Histogram bins per sampling band: exemplars across the activation range are sampled per band."""
     band_samples: int = 4
     """Patches sampled (uniformly, deterministically) per concept and band."""
+    cooc_floor: float = DEFAULT_FLOOR
+    """Co-occurrence entries ``D[j, j'] <`` this are not saved (0: keep every non-zero). It must not
+    exceed the family threshold (0.75): see :mod:`insight_core.concepts.cooccurrence` for why no edge,
+    name or shown co-occurrence changes, and for the size bound (``m * k_max / floor`` entries)."""
 
     def __post_init__(self) -> None:
         if self.top_n < 1:
@@ -114,6 +127,8 @@ class StatsConfig:
             )
         if self.band_samples < 1:
             raise ConfigError(f"StatsConfig.band_samples must be >= 1, got {self.band_samples}")
+        if not 0.0 <= self.cooc_floor < 1.0:
+            raise ConfigError(f"StatsConfig.cooc_floor must be in [0, 1), got {self.cooc_floor}")
 
     @property
     def n_bands(self) -> int:
@@ -139,7 +154,7 @@ class StatsAccumulator:
     cfg:
         What to keep (exemplar counts, activity threshold).
     device:
-        Where the buffers live (the ``m x m`` float64 co-occurrence buffer is 8 m^2 bytes).
+        Where the buffers live (the sparse co-occurrence sums always live on the CPU).
     """
 
     def __init__(self, m: int, cfg: StatsConfig | None = None, *, device: str | torch.device = "cpu") -> None:
@@ -154,8 +169,10 @@ class StatsAccumulator:
         self.freq_patches_m = torch.zeros(m, dtype=torch.int64, device=dev)
         self.freq_images_m = torch.zeros(m, dtype=torch.int64, device=dev)
         self.max_act_m = torch.zeros(m, dtype=torch.float32, device=dev)
-        self.N_flat = torch.zeros(m * m, dtype=torch.float64, device=dev)
-        """Co-occurrence numerator, row-major ``N[j, j'] = N_flat[j * m + j']``; ``diag(N) = S``."""
+        self.pairs = PairSums(m)
+        """Off-diagonal co-occurrence numerator ``N[j, j']`` at keys ``j * m + j'``."""
+        self.self_sums_m = torch.zeros(m, dtype=torch.float64, device=dev)
+        """Its diagonal ``S[j] = N[j, j] = sum_i A_ij``."""
         self.ex = Exemplars(
             act_tn=torch.full((m, n), -torch.inf, device=dev),
             image_tn=torch.full((m, n), -1, dtype=torch.int64, device=dev),
@@ -256,6 +273,7 @@ class StatsAccumulator:
         row_start: torch.Tensor,
     ) -> None:
         """``N[j, j'] += A_ij`` for every patch ``i`` and every ordered pair of its active (j, j')."""
+        self.self_sums_m.index_add_(0, cols, vals.double())
         cnt_e = row_counts[rows]  # partners of each nonzero (its row's count, itself included)
         pairs_cum = torch.cumsum(cnt_e, 0)
         total = int(pairs_cum[-1])
@@ -274,7 +292,10 @@ class StatsAccumulator:
             src = torch.repeat_interleave(torch.arange(lo, hi, device=rows.device), cnt)
             first = torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
             partner = row_start[rows[src]] + (torch.arange(src.numel(), device=rows.device) - first)
-            self.N_flat.index_add_(0, cols[src] * self.m + cols[partner], vals[src].double())
+            off = src != partner  # the diagonal is self_sums_m
+            src, partner = src[off], partner[off]
+            keys = (cols[src] * self.m + cols[partner]).cpu().numpy()
+            self.pairs.add(keys, vals[src].float().cpu().numpy())
 
     def _update_exemplars(
         self,
@@ -396,7 +417,9 @@ class StatsAccumulator:
         self.freq_patches_m += other.freq_patches_m.to(dev)
         self.freq_images_m += other.freq_images_m.to(dev)
         self.max_act_m = torch.maximum(self.max_act_m, other.max_act_m.to(dev))
-        self.N_flat += other.N_flat.to(dev)
+        self.self_sums_m += other.self_sums_m.to(dev)
+        other.pairs.compact()
+        self.pairs.add_sorted(other.pairs.keys, other.pairs.sums)
         o = other.ex
         theirs = Exemplars(
             *(x.to(dev) for x in (o.act_tn, o.image_tn, o.patch_tn, o.code_cols_twk, o.code_vals_twk))
@@ -415,6 +438,7 @@ class StatsAccumulator:
     # ------------------------------------------------------------------------------ serialisation
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All running state as tensors (e.g. to ship a worker's accumulator to the merging process)."""
+        self.pairs.compact()
         ex = self.ex
         return {
             "n_patches": torch.tensor(self.n_patches, dtype=torch.int64),
@@ -422,7 +446,9 @@ class StatsAccumulator:
             "freq_patches_m": self.freq_patches_m,
             "freq_images_m": self.freq_images_m,
             "max_act_m": self.max_act_m,
-            "N_flat": self.N_flat,
+            "self_sums_m": self.self_sums_m,
+            "pair_keys_e": torch.from_numpy(self.pairs.keys),
+            "pair_sums_e": torch.from_numpy(self.pairs.sums),
             "ex_act_mn": ex.act_tn,
             "ex_image_mn": ex.image_tn,
             "ex_patch_mn": ex.patch_tn,
@@ -454,7 +480,7 @@ class StatsAccumulator:
             "freq_patches_m": ((m,), torch.int64),
             "freq_images_m": ((m,), torch.int64),
             "max_act_m": ((m,), torch.float32),
-            "N_flat": ((m * m,), torch.float64),
+            "self_sums_m": ((m,), torch.float64),
             "ex_act_mn": ((m, n), torch.float32),
             "ex_image_mn": ((m, n), torch.int64),
             "ex_patch_mn": ((m, n), torch.int64),
@@ -475,9 +501,11 @@ class StatsAccumulator:
         acc._prev_images = None
         acc.n_patches, acc.n_images = int(state["n_patches"]), int(state["n_images"])
         dev = acc.device
-        acc.freq_patches_m, acc.freq_images_m, acc.max_act_m, acc.N_flat = (
-            state[k_].to(dev).clone() for k_ in ("freq_patches_m", "freq_images_m", "max_act_m", "N_flat")
+        acc.freq_patches_m, acc.freq_images_m, acc.max_act_m, acc.self_sums_m = (
+            state[k_].to(dev).clone()
+            for k_ in ("freq_patches_m", "freq_images_m", "max_act_m", "self_sums_m")
         )
+        acc.pairs = _pairs_from_state(state, m)
         acc.ex = Exemplars(
             *(
                 state[k_].to(dev).clone()
@@ -494,15 +522,8 @@ class StatsAccumulator:
     def finalize(self) -> ConceptStats:
         """The statistics so far as a :class:`ConceptStats` (CPU tensors); the accumulator stays usable."""
         m = self.m
-        n_mm = self.N_flat.view(m, m)
-        s_m = n_mm.diagonal().clone()  # S[j] = sum_i A_ij  (= N[j, j])
-        active = s_m > 0
-        denom_m = torch.where(active, s_m, 1.0)
-        d_mm = torch.empty((m, m), dtype=torch.float32, device=self.device)
-        for r in range(0, m, 1024):  # row blocks: no second float64 m x m temporary
-            d_mm[r : r + 1024] = (n_mm[r : r + 1024] / denom_m[r : r + 1024, None]).clamp_(0.0, 1.0)
-        d_mm[~active] = 0.0
-        d_mm.diagonal()[active] = 1.0
+        s_m = self.self_sums_m  # S[j] = sum_i A_ij  (= N[j, j])
+        cooc = Cooccurrence.from_sums(m, self.pairs, s_m, self.cfg.cooc_floor)
         freq = self.freq_patches_m
         mean = torch.where(freq > 0, s_m / freq.clamp_min(1), 0.0).float()
         ex = self.ex
@@ -516,7 +537,7 @@ class StatsAccumulator:
             freq_images_m=self.freq_images_m.cpu().clone(),
             mean_act_m=mean.cpu(),
             max_act_m=self.max_act_m.cpu().clone(),
-            D_mm=d_mm.cpu(),
+            cooc=cooc,
             ex_act_mn=act.cpu(),
             ex_image_mn=ex.image_tn.cpu().clone(),
             ex_patch_mn=ex.patch_tn.cpu().clone(),
@@ -548,9 +569,10 @@ class ConceptStats:
     """(m,) float32: mean activation over the patches where it is active (0 if never active)."""
     max_act_m: torch.Tensor
     """(m,) float32: max activation (0 if never active)."""
-    D_mm: torch.Tensor
-    """(m, m) float32: Eq. 5 co-occurrence confidence ``D[j, j']`` (fraction of j's activation mass on
-    patches where j' is active); diagonal 1 for active concepts, all-zero rows for inactive ones."""
+    cooc: Cooccurrence
+    """Eq. 5 co-occurrence confidence ``D[j, j']`` (fraction of j's activation mass on patches where
+    j' is active), sparse: entries ``>= cooc.floor``; diagonal 1 for active concepts, empty rows for
+    inactive ones. Statistics files with a dense ``D_mm`` (versions 1, 2) load with floor 0."""
     ex_act_mn: torch.Tensor
     """(m, n) float32: top activations per concept, sorted (act desc, image asc, patch asc); NaN pad."""
     ex_image_mn: torch.Tensor
@@ -582,6 +604,12 @@ class ConceptStats:
     def m(self) -> int:
         """Number of concepts."""
         return int(self.freq_patches_m.shape[0])
+
+    @property
+    def D_mm(self) -> torch.Tensor:
+        """Dense (m, m) float32 D (entries below ``cooc.floor`` read 0): 4 m^2 bytes, for small m only
+        (tests, benchmarks); stages read :attr:`cooc`."""
+        return self.cooc.to_dense()
 
     @property
     def n_exemplars_m(self) -> torch.Tensor:
@@ -618,12 +646,15 @@ class ConceptStats:
 
     # ---------------------------------------------------------------------------------------- I/O
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        """What :meth:`save` writes: per-concept tensors, D in CSR, the exemplar codes unpadded."""
+        out = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name.endswith(("_m", "_mm", "_mn", "_mwk", "_mb", "_msr"))
-            and getattr(self, f.name) is not None
+            if f.name.endswith(("_m", "_mn", "_mb", "_msr")) and getattr(self, f.name) is not None
         }
+        c = self.cooc
+        out |= {"D_rowptr_m1": c.rowptr_m1, "D_cols_e": c.cols_e, "D_vals_e": c.vals_e}
+        return out | _pack_codes(self.ex_code_cols_mwk, self.ex_code_vals_mwk)
 
     def save(self, tensors_path: str | Path, meta_path: str | Path) -> None:
         """Write the tensors (safetensors) and the counts and config (JSON), each atomically.
@@ -639,6 +670,8 @@ class ConceptStats:
             "n_images": self.n_images,
             "k_max": int(self.ex_code_cols_mwk.shape[-1]),
             "config": dataclasses.asdict(self.config),
+            "cooccurrence": {"layout": "csr", "floor": self.cooc.floor, "nnz": self.cooc.nnz},
+            "exemplar_codes": {"layout": "csr", "nnz": int((self.ex_code_cols_mwk >= 0).sum())},
         }
         write_json(meta_path, doc)
 
@@ -662,6 +695,10 @@ class ConceptStats:
             cfg = StatsConfig(**doc["config"])
             m, k = int(doc["m"]), int(doc["k_max"])
             n_patches, n_images = int(doc["n_patches"]), int(doc["n_images"])
+            version = int(doc["version"])
+            floor = float(doc["cooccurrence"]["floor"]) if version >= 3 else 0.0
+            nnz = int(doc["cooccurrence"]["nnz"]) if version >= 3 else 0
+            code_nnz = int(doc["exemplar_codes"]["nnz"]) if version >= 3 else 0
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise CheckpointError(f"{json_path}: missing or invalid entry: {e}") from e
         try:
@@ -674,14 +711,24 @@ class ConceptStats:
             "freq_images_m": ((m,), torch.int64),
             "mean_act_m": ((m,), torch.float32),
             "max_act_m": ((m,), torch.float32),
-            "D_mm": ((m, m), torch.float32),
             "ex_act_mn": ((m, n), torch.float32),
             "ex_image_mn": ((m, n), torch.int64),
             "ex_patch_mn": ((m, n), torch.int64),
-            "ex_code_cols_mwk": ((m, w, k), torch.int32),
-            "ex_code_vals_mwk": ((m, w, k), torch.float32),
         }
-        if doc["version"] >= 2:  # activation histograms and band samples
+        if version >= 3:
+            expected |= {
+                "ex_code_ptr_g1": ((m * w + 1,), torch.int64),
+                "ex_code_cols_e": ((code_nnz,), torch.int32),
+                "ex_code_vals_e": ((code_nnz,), torch.float32),
+                "D_rowptr_m1": ((m + 1,), torch.int64),
+                "D_cols_e": ((nnz,), torch.int32),
+                "D_vals_e": ((nnz,), torch.float32),
+            }
+        else:
+            expected["D_mm"] = ((m, m), torch.float32)
+            expected["ex_code_cols_mwk"] = ((m, w, k), torch.int32)
+            expected["ex_code_vals_mwk"] = ((m, w, k), torch.float32)
+        if version >= 2:  # activation histograms and band samples
             s, r = cfg.n_bands, cfg.band_samples
             expected |= {
                 "hist_mb": ((m, cfg.hist_bins), torch.int64),
@@ -698,9 +745,65 @@ class ConceptStats:
                     f"{st_path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} "
                     f"(m={m}, top_n={n}, top_w={w}, k_max={k} from {json_path.name})"
                 )
-        return cls(
-            **{name: tensors[name] for name in expected}, n_patches=n_patches, n_images=n_images, config=cfg
+        if version >= 3:
+            cooc = Cooccurrence(m, floor, *(tensors.pop(f"D_{x}") for x in ("rowptr_m1", "cols_e", "vals_e")))
+            try:
+                cooc.validate(str(st_path))
+                ptr, cols, vals = (tensors.pop(f"ex_code_{x}") for x in ("ptr_g1", "cols_e", "vals_e"))
+                codes = _unpack_codes(ptr, cols, vals, m, w, k)
+                tensors["ex_code_cols_mwk"], tensors["ex_code_vals_mwk"] = codes
+            except ValueError as e:
+                raise CheckpointError(f"{st_path}: {e}") from e
+        else:  # dense D: keep every non-zero entry, so families, names and rows are unchanged
+            cooc = Cooccurrence.from_dense(tensors.pop("D_mm"), floor=0.0)
+        fields = {f.name: tensors[f.name] for f in dataclasses.fields(cls) if f.name in tensors}
+        return cls(**fields, cooc=cooc, n_patches=n_patches, n_images=n_images, config=cfg)
+
+
+def _pack_codes(cols_mwk: torch.Tensor, vals_mwk: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The exemplar codes without their padding (file size: ~k per patch, not k_max; 3x smaller at
+    m = 65,536), CSR over the ``m * w`` exemplar rows."""
+    valid = cols_mwk >= 0
+    ptr = torch.zeros(valid.shape[0] * valid.shape[1] + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(valid.reshape(-1, valid.shape[-1]).sum(1), 0)
+    return {"ex_code_ptr_g1": ptr, "ex_code_cols_e": cols_mwk[valid], "ex_code_vals_e": vals_mwk[valid]}
+
+
+def _unpack_codes(
+    ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, m: int, w: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`_pack_codes`; ValueError when the arrays do not fit (m, w, k)."""
+    counts = ptr[1:] - ptr[:-1]
+    if int(ptr[0]) != 0 or int(ptr[-1]) != cols.numel() or bool(((counts < 0) | (counts > k)).any()):
+        raise ValueError(f"ex_code_ptr_g1 must rise from 0 to {cols.numel()} by at most k_max={k} per row")
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= m):
+        raise ValueError(f"ex_code_cols_e must hold concept ids in [0, {m})")
+    rows = torch.repeat_interleave(torch.arange(m * w), counts)
+    pos = torch.arange(cols.numel()) - ptr[rows]
+    out_cols = torch.full((m * w, k), -1, dtype=torch.int32)
+    out_vals = torch.zeros((m * w, k), dtype=torch.float32)
+    out_cols[rows, pos], out_vals[rows, pos] = cols, vals
+    return out_cols.view(m, w, k), out_vals.view(m, w, k)
+
+
+def _pairs_from_state(state: dict[str, torch.Tensor], m: int) -> PairSums:
+    """The sparse co-occurrence sums of an accumulator state, checked (sorted distinct off-diagonal keys)."""
+    keys, sums = state.get("pair_keys_e"), state.get("pair_sums_e")
+    if keys is None or sums is None:
+        raise ConfigError("accumulator state needs 'pair_keys_e' and 'pair_sums_e' (sparse co-occurrence)")
+    if keys.dtype != torch.int64 or sums.dtype != torch.float64 or keys.ndim != 1 or keys.shape != sums.shape:
+        raise ConfigError(
+            f"accumulator state 'pair_keys_e'/'pair_sums_e' are {keys.dtype} {tuple(keys.shape)} / "
+            f"{sums.dtype} {tuple(sums.shape)}, expected int64 (e,) / float64 (e,)"
         )
+    k = keys.cpu().numpy().copy()
+    if k.size and (k[0] < 0 or k[-1] >= m * m or np.any(np.diff(k) <= 0) or np.any(k // m == k % m)):
+        raise ConfigError(
+            f"accumulator state 'pair_keys_e' must be ascending distinct off-diagonal keys < {m}^2"
+        )
+    pairs = PairSums(m)
+    pairs.keys, pairs.sums = k, sums.cpu().numpy().copy()
+    return pairs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -715,11 +818,14 @@ def compute_stats(
     *,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    max_code_elements: int = _MAX_CODE_ELEMENTS,
 ) -> ConceptStats:
     """Encode ``(feats_bpd, image_ids_b)`` batches with ``sae`` (thresholded codes) and accumulate.
 
     ``feats_bpd`` holds whole images (B, P, d) and ``image_ids_b`` their ids (B,); patch indices are
-    0..P-1. Encoding runs on the SAE's device, accumulation on ``device``.
+    0..P-1. Encoding runs on the SAE's device, accumulation on ``device``. A batch is encoded in
+    chunks of whole images whose dense (rows, m) codes hold at most ``max_code_elements`` values
+    (at least one image), so memory stays bounded at large m (64 images at m = 65,536 are 3.3 GB).
     """
     from tqdm.auto import tqdm
 
@@ -732,11 +838,16 @@ def compute_stats(
             if feats_bpd.ndim != 3:
                 raise ConfigError(f"feats_bpd must have shape (B, P, d), got {tuple(feats_bpd.shape)}")
             b, p, d = feats_bpd.shape
-            codes = sae.encode(feats_bpd.reshape(b * p, d).to(sae_device).float())
             ids = torch.as_tensor(image_ids_b, dtype=torch.int64).reshape(-1)
             if ids.shape != (b,):
                 raise ConfigError(f"image_ids_b must have shape ({b},), got {tuple(ids.shape)}")
-            acc.update(codes.to(acc.device), ids.repeat_interleave(p), torch.arange(p).repeat(b))
+            step = max(1, max_code_elements // max(1, p * acc.m))
+            for s in range(0, b, step):
+                n = min(step, b - s)
+                codes = sae.encode(feats_bpd[s : s + n].reshape(n * p, d).to(sae_device).float())
+                rows_img, rows_patch = ids[s : s + n].repeat_interleave(p), torch.arange(p).repeat(n)
+                acc.update(codes.to(acc.device), rows_img, rows_patch)
+                del codes
             bar.update(1)
             bar.set_postfix(images=acc.n_images)
     return acc.finalize()

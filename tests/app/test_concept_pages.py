@@ -23,6 +23,7 @@ from app.state import AppState, load_evaluations
 from app.tabs.explain import tree_html
 from insight_core.atlas import Atlas, register_evals, write_manifest
 from insight_core.concepts.stats import ConceptStats
+from insight_core.io import write_safetensors
 
 EVIL = [
     '<img src=x onerror="alert(1)">',
@@ -145,13 +146,29 @@ def test_metrics_come_from_evaluation_tables_only(app_state, tmp_path: Path) -> 
     assert "locality" in C.metrics_html(C.concept_metrics(state, 3))
 
 
-def test_stats_view_reads_rows_lazily(app_state) -> None:
+def test_stats_view_reads_rows_lazily(app_state, tmp_path: Path) -> None:
     view = StatsView.open(app_state.atlas)
     assert view.m == app_state.m
     assert view.has_histograms
     stats = ConceptStats.load(app_state.atlas.layout.stats_tensors, app_state.atlas.layout.stats_meta)
-    np.testing.assert_allclose(view.cooccurrence_row(4), stats.D_mm[4].numpy())
+    assert view.cooc_rowptr_m1 is not None  # a sparse (version 3) D
+    assert view.cooc_floor == stats.cooc.floor > 0
+    for cid in range(min(view.m, 64)):
+        np.testing.assert_array_equal(view.cooccurrence_row(cid), stats.cooc.row(cid))
     np.testing.assert_array_equal(view.hist_mb, stats.hist_mb.numpy())
+    # statistics written before version 3 hold a dense D_mm: their rows still read
+    dense = tmp_path / "dense.safetensors"
+    write_safetensors(dense, {"D_mm": stats.D_mm, "freq_patches_m": stats.freq_patches_m})
+    old = StatsView(path=dense, m=view.m, n_images=view.n_images, n_patches=view.n_patches)
+    np.testing.assert_array_equal(old.cooccurrence_row(4), stats.D_mm[4].numpy())
+
+
+def test_cooccurrence_list_says_small_shares_are_not_stored(app_state) -> None:
+    cid = _busy(app_state)
+    page = C.concept_page(app_state, cid)
+    assert page["cooccurring"]
+    assert all(c["share"] >= app_state.stats.cooc_floor for c in page["cooccurring"])
+    assert "shares under 5% are not stored" in C.concept_html(app_state, page)
 
 
 # --------------------------------------------------------------------------------------------------

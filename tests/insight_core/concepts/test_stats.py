@@ -28,7 +28,10 @@ from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 
 M, N_IMAGES, P = 24, 40, 6
 # histogram edges chosen so that no activation of _random_codes (0.1 ... 0.5) lies on an edge
-CFG = StatsConfig(top_n=7, top_w=3, hist_bins=12, hist_min=0.03, hist_max=1.0, band_bins=3, band_samples=2)
+# and no co-occurrence floor, so that D matches the naive dense D everywhere (the floor: test_cooccurrence.py)
+CFG = StatsConfig(
+    top_n=7, top_w=3, hist_bins=12, hist_min=0.03, hist_max=1.0, band_bins=3, band_samples=2, cooc_floor=0.0
+)
 
 
 def _random_codes(seed: int = 0, n_images: int = N_IMAGES, m: int = M, density: float = 0.2):
@@ -105,10 +108,13 @@ def _assert_same(a: ConceptStats, b: ConceptStats, d_atol: float = 0.0) -> None:
                 for t, pad in ((x, -1 if f.name.endswith("cols_mwk") else 0), (y, None)):
                     if pad is not None:
                         assert (t[..., k:] == pad).all()
-            elif f.name == "D_mm" or f.name == "mean_act_m":
+            elif f.name == "mean_act_m":
                 torch.testing.assert_close(x, y, atol=max(d_atol, 1e-6), rtol=0)
             else:
                 assert torch.equal(x.nan_to_num(-7.0), y.nan_to_num(-7.0)), f.name
+        elif f.name == "cooc":
+            assert x.floor == y.floor
+            torch.testing.assert_close(x.to_dense(), y.to_dense(), atol=max(d_atol, 1e-6), rtol=0)
         else:
             assert x == y, f.name
 
@@ -190,7 +196,7 @@ def test_ties_are_broken_by_image_then_patch() -> None:
 
 def test_min_activation_threshold() -> None:
     codes, image_ids, patch_ids = _random_codes(seed=4)
-    cfg = StatsConfig(top_n=5, top_w=2, min_activation=0.25)
+    cfg = StatsConfig(top_n=5, top_w=2, min_activation=0.25, cooc_floor=0.0)
     ref = _naive(codes, image_ids, patch_ids, cfg)
     st_ = _accumulate(codes, image_ids, patch_ids, 7, cfg).finalize()
     np.testing.assert_array_equal(st_.freq_patches_m.numpy(), ref["freq_patches"])
@@ -252,8 +258,13 @@ def test_state_dict_round_trip_for_distributed_merge(tmp_path: Path) -> None:
     _assert_same(b.finalize(), b_back.finalize())
     _assert_same(whole, a.merge(b_back).finalize(), d_atol=1e-6)
     state = b.state_dict()
-    with pytest.raises(ConfigError, match="'N_flat' is missing"):
-        StatsAccumulator.from_state_dict({k: v for k, v in state.items() if k != "N_flat"}, CFG)
+    with pytest.raises(ConfigError, match="'self_sums_m' is missing"):
+        StatsAccumulator.from_state_dict({k: v for k, v in state.items() if k != "self_sums_m"}, CFG)
+    with pytest.raises(ConfigError, match="pair_keys_e"):
+        StatsAccumulator.from_state_dict({k: v for k, v in state.items() if k != "pair_keys_e"}, CFG)
+    shuffled = state["pair_keys_e"].flip(0)
+    with pytest.raises(ConfigError, match="ascending distinct off-diagonal"):
+        StatsAccumulator.from_state_dict({**state, "pair_keys_e": shuffled}, CFG)
     with pytest.raises(ConfigError, match="'ex_act_mn'"):
         StatsAccumulator.from_state_dict(state, StatsConfig(top_n=8, top_w=3))
 
@@ -367,7 +378,9 @@ def test_save_load_round_trip(tmp_path: Path, small_stats: ConceptStats) -> None
     assert doc["m"] == M
     assert doc["n_images"] == N_IMAGES
     assert doc["config"]["top_n"] == CFG.top_n
-    assert doc["version"] == 2
+    assert doc["version"] == 3
+    assert doc["cooccurrence"] == {"layout": "csr", "floor": 0.0, "nnz": small_stats.cooc.nnz}
+    assert "D_mm" not in load_file(str(layout.stats_tensors))
     assert back.hist_mb is not None
     assert back.config.hist_bins == CFG.hist_bins
 
@@ -376,16 +389,22 @@ def test_version_1_files_still_load(tmp_path: Path, small_stats: ConceptStats) -
     """A statistics file written before histograms (version 1: no hist/band tensors, no hist config)."""
     layout = AtlasLayout(tmp_path)
     small_stats.save(layout.stats_tensors, layout.stats_meta)
-    tensors = {k: v for k, v in small_stats._tensors().items() if not k.startswith(("hist_", "band_"))}
+    old_names = ("hist_", "band_", "D_", "ex_code_")
+    tensors = {k: v for k, v in small_stats._tensors().items() if not k.startswith(old_names)}
+    tensors["D_mm"] = small_stats.D_mm  # versions 1 and 2 stored D dense and padded exemplar codes
+    tensors["ex_code_cols_mwk"] = small_stats.ex_code_cols_mwk
+    tensors["ex_code_vals_mwk"] = small_stats.ex_code_vals_mwk
     write_safetensors(layout.stats_tensors, tensors, {"format": "insight-concept-stats"})
     doc = json.loads(layout.stats_meta.read_text())
     doc["version"] = 1
     doc["config"] = {k: doc["config"][k] for k in ("top_n", "top_w", "min_activation")}
+    del doc["cooccurrence"], doc["exemplar_codes"]
     layout.stats_meta.write_text(json.dumps(doc))
     old = ConceptStats.load(layout.stats_tensors, layout.stats_meta)
     assert old.hist_mb is None
     assert old.band_image_msr is None
     torch.testing.assert_close(old.D_mm, small_stats.D_mm)
+    assert old.cooc.floor == 0.0
     assert old.w(1, 2) == small_stats.w(1, 2)
     doc["version"] = 2  # a version-2 file must have them
     layout.stats_meta.write_text(json.dumps(doc))
@@ -418,8 +437,16 @@ def test_load_bad_files(tmp_path: Path, small_stats: ConceptStats) -> None:
     json_path.write_text(good_json)
 
     tensors = small_stats._tensors()
-    write_safetensors(st_path, {k: v for k, v in tensors.items() if k != "D_mm"})
-    with pytest.raises(CheckpointError, match=r"missing tensor 'D_mm'"):
+    write_safetensors(st_path, {k: v for k, v in tensors.items() if k != "D_vals_e"})
+    with pytest.raises(CheckpointError, match=r"missing tensor 'D_vals_e'"):
+        ConceptStats.load(st_path, json_path)
+    write_safetensors(st_path, {**tensors, "D_cols_e": tensors["D_cols_e"].flip(0).contiguous()})
+    with pytest.raises(CheckpointError, match=rf"{STATS_TENSORS}.*ascending"):
+        ConceptStats.load(st_path, json_path)
+    ptr = tensors["ex_code_ptr_g1"].clone()
+    ptr[1] = ptr[2] + 1  # a row of the exemplar codes that ends before it starts
+    write_safetensors(st_path, {**tensors, "ex_code_ptr_g1": ptr})
+    with pytest.raises(CheckpointError, match=rf"{STATS_TENSORS}.*ex_code_ptr_g1"):
         ConceptStats.load(st_path, json_path)
     write_safetensors(st_path, {**tensors, "ex_image_mn": tensors["ex_image_mn"].int()})
     with pytest.raises(CheckpointError, match=r"'ex_image_mn' is torch.int32"):
