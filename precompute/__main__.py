@@ -20,6 +20,7 @@ from precompute import (
     eval_bias,
     eval_concepts,
     eval_ovs,
+    eval_sae,
     eval_taxonomy,
     export_graph,
     extract,
@@ -72,6 +73,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "eval-concepts": (eval_concepts.EvalConceptsJob, eval_concepts.run),
     "eval-taxonomy": (eval_taxonomy.EvalTaxonomyJob, eval_taxonomy.run),
     "eval-bias": (eval_bias.EvalBiasJob, eval_bias.run),
+    "eval-sae": (eval_sae.EvalSaeJob, eval_sae.run),
     "sae-pareto": (sae_pareto.SaeParetoJob, sae_pareto.run),
     "import-sae": (import_sae.ImportSaeJob, import_sae.run),
 }
