@@ -10,15 +10,18 @@ SAE, a PCA with as many components as the SAE's L0, a random SAE of the same siz
   Classify tab's rule, :mod:`insight_core.concepts.zeroshot`), the prediction its argmax; computed
   on the original features and on the reconstructions. ``zero_shot_recovered`` = reconstructed /
   original accuracy: the vision analogue of SAEBench's "loss recovered";
-- downstream preservation (VISAEBench M3): a multinomial logistic probe trained on mean-pooled
-  original features, evaluated on mean-pooled reconstructions of held-out images; the ratio of
+- downstream preservation (VISAEBench M3): a multinomial logistic probe (scikit-learn's objective,
+  C = 1) trained on mean-pooled original features, evaluated on mean-pooled reconstructions of held-out images; the ratio of
   accuracies, clamped to [0, 2];
 - sparse probing (SAEBench): per class, the k latents of the max-pooled codes with the largest
   mean difference (class minus rest, training split) feed a one-vs-rest logistic probe; top-1 accuracy
   is the argmax over the classes' probes on held-out images, per k;
 - localization (VISAEBench M1): Moran's I of a latent's activation map over the patch grid
-  (8-neighbour weights), averaged over (image, latent) pairs where the latent is active on at least
-  ``min_active_patches`` and at most ``max_active_fraction`` of the patches.
+  (8-neighbour weights) on the images where it is active on at least ``min_active_patches`` and at
+  most ``max_active_fraction`` of the patches; averaged per latent, then over the latents with at
+  least ``min_images_per_latent`` such images (VISAEBench's aggregation, without its subsampling);
+- ``fvu`` (VISAEBench M2): Var(x - x_hat) / Var(x) with variances over all scalars (one global mean),
+  next to ``fve`` (per-dimension means, SAEBench's explained variance).
 """
 
 from __future__ import annotations
@@ -54,23 +57,29 @@ class SuiteConfig:
     seed: int = 0
     """Seed of the train/test split and of the random-SAE baseline."""
     probe_l2: float = 1e-3
-    """L2 penalty (on the standardised features) of every logistic probe."""
+    """L2 penalty (on the standardised features) of the sparse probes."""
+    downstream_c: float = 1.0
+    """Inverse L2 strength of the downstream-preservation probe (scikit-learn's C; VISAEBench's 1.0)."""
     probe_iters: int = 100
     """L-BFGS iterations of every logistic probe."""
     min_active_patches: int = 3
     """Moran's I: a (image, latent) pair counts only when the latent fires on this many patches."""
     max_active_fraction: float = 0.9
     """Moran's I: ... and on at most this share of the patches (background latents excluded)."""
+    min_images_per_latent: int = 5
+    """Moran's I: a latent is scored only with this many counted images (VISAEBench uses 50)."""
 
     def __post_init__(self) -> None:
         if not self.probe_ks or any(int(k) < 1 for k in self.probe_ks):
             raise ConfigError(f"probe_ks: need positive latent counts, got {self.probe_ks}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
-        if self.probe_l2 < 0 or self.probe_iters < 1:
-            raise ConfigError("probe_l2 must be >= 0 and probe_iters >= 1")
+        if self.probe_l2 < 0 or self.probe_iters < 1 or self.downstream_c <= 0:
+            raise ConfigError("probe_l2 must be >= 0, probe_iters >= 1 and downstream_c > 0")
         if self.min_active_patches < 1 or not 0.0 < self.max_active_fraction <= 1.0:
             raise ConfigError("min_active_patches must be >= 1 and max_active_fraction in (0, 1]")
+        if self.min_images_per_latent < 1:
+            raise ConfigError(f"min_images_per_latent: must be >= 1, got {self.min_images_per_latent}")
 
 
 # ------------------------------------------------------------------------------------------ codecs
@@ -126,6 +135,8 @@ class PassResult:
     """What one pass over the features accumulated for one codec."""
 
     fve: float
+    fvu: float
+    """VISAEBench's FVU: residual over input variance, each over all scalars."""
     l0: float
     dead_fraction: float
     cosine: float
@@ -139,9 +150,11 @@ class PassResult:
     max_codes_im: np.ndarray | None
     """(images, m) max-pooled codes (only when asked for)."""
     morans_i: float | None
-    """Mean Moran's I over the counted (image, latent) pairs; None when none counted / no square grid."""
+    """Mean over the scored latents of their mean Moran's I; None when none scored / no square grid."""
     morans_pairs: int
+    """Counted (image, latent) pairs."""
     morans_latents: int
+    """Scored latents (>= ``min_images_per_latent`` counted images)."""
 
 
 @torch.no_grad()
@@ -157,6 +170,7 @@ def run_pass(
     """Stream ``(images, patches, d)`` batches through ``codec`` and accumulate every suite figure."""
     t_cd = None if text_cd is None else torch.nn.functional.normalize(text_cd.float(), dim=1)
     n, sum_d, sum_sq, err, cos_sum, l0 = 0, None, 0.0, 0.0, 0.0, 0.0
+    res_sum = 0.0
     fired: torch.Tensor | None = None
     zs_o, zs_r, mo, mr, mx = [], [], [], [], []
     mor_sum: torch.Tensor | None = None
@@ -170,6 +184,7 @@ def run_pass(
         sum_d = x.double().sum(0) if sum_d is None else sum_d + x.double().sum(0)
         sum_sq += float(x.double().pow(2).sum())
         err += float((x - xh).double().pow(2).sum())
+        res_sum += float((x - xh).double().sum())
         cos_sum += float(torch.nn.functional.cosine_similarity(x, xh, dim=1, eps=1e-12).double().sum())
         active = z != 0
         l0 += float(active.sum())
@@ -194,9 +209,15 @@ def run_pass(
     if n == 0 or sum_d is None or fired is None:
         raise ConfigError("the feature folder holds no patches")
     total_var = sum_sq - float(sum_d.pow(2).sum()) / n
+    n_scalars = n * sum_d.numel()
+    scalar_var_x = sum_sq / n_scalars - (float(sum_d.sum()) / n_scalars) ** 2
+    scalar_var_res = err / n_scalars - (res_sum / n_scalars) ** 2
     counted = int(mor_cnt.sum()) if mor_cnt is not None else 0
+    scored = (mor_cnt >= cfg.min_images_per_latent) if mor_cnt is not None else None
+    n_scored = int(scored.sum()) if scored is not None else 0
     return PassResult(
         fve=1.0 - err / max(total_var, 1e-12),
+        fvu=scalar_var_res / max(scalar_var_x, 1e-12),
         l0=l0 / n,
         dead_fraction=float((~fired).float().mean()),
         cosine=cos_sum / n,
@@ -206,10 +227,14 @@ def run_pass(
         mean_orig_id=torch.cat(mo).numpy(),
         mean_recon_id=torch.cat(mr).numpy(),
         max_codes_im=torch.cat(mx).numpy() if mx else None,
-        morans_i=float(mor_sum.sum() / counted) if counted and mor_sum is not None else None,
+        morans_i=_per_latent_mean(mor_sum, mor_cnt, scored) if n_scored else None,
         morans_pairs=counted,
-        morans_latents=int((mor_cnt > 0).sum()) if mor_cnt is not None else 0,
+        morans_latents=n_scored,
     )
+
+
+def _per_latent_mean(sum_m: Any, cnt_m: Any, scored_m: Any) -> float:
+    return float((sum_m[scored_m] / cnt_m[scored_m]).mean())
 
 
 def _patch_cos_mean(x_nd: torch.Tensor, t_cd: torch.Tensor, b: int, p: int) -> torch.Tensor:
@@ -268,18 +293,28 @@ def _standardise(train_nf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fit_softmax_probe(
     x_nf: np.ndarray, y_n: np.ndarray, n_classes: int, cfg: SuiteConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression (L-BFGS, L2) on standardised features: (W_fc, b_c, mu, sd)."""
+    """Multinomial logistic regression on the raw features (L-BFGS): (W_fc, b_c, mu, sd).
+
+    The objective is scikit-learn's ``LogisticRegression(C=downstream_c)`` (VISAEBench's probe): mean
+    cross-entropy + ||W||^2 / (2 C n), intercept unpenalised; ``mu``/``sd`` are the identity transform.
+    """
     x = torch.from_numpy(np.asarray(x_nf, dtype=np.float64))
     y = torch.from_numpy(np.asarray(y_n, dtype=np.int64))
-    mu, sd = _standardise(x)
-    xs = (x - mu) / sd
+    mu, sd = torch.zeros(x.shape[1], dtype=torch.float64), torch.ones(x.shape[1], dtype=torch.float64)
+    penalty = 1.0 / (2.0 * cfg.downstream_c * max(1, len(y)))
     w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=cfg.probe_iters, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        max_iter=cfg.probe_iters * 5,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xs @ w + b, y) + cfg.probe_l2 * w.pow(2).sum()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + penalty * w.pow(2).sum()
         loss.backward()
         return loss
 
@@ -295,11 +330,17 @@ def probe_predict(probe: tuple[torch.Tensor, ...], x_nf: np.ndarray) -> np.ndarr
 
 
 def downstream_preservation(
-    orig_nd: np.ndarray, recon_nd: np.ndarray, y_n: np.ndarray, n_classes: int, cfg: SuiteConfig
+    orig_nd: np.ndarray,
+    recon_nd: np.ndarray,
+    y_n: np.ndarray,
+    n_classes: int,
+    cfg: SuiteConfig,
+    split: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """VISAEBench M3: probe trained on original pooled features, scored on held-out originals and on
-    their reconstructions; ``preservation`` = reconstructed / original accuracy, clamped to [0, 2]."""
-    train, test = split_indices(y_n, cfg.test_fraction, cfg.seed)
+    their reconstructions; ``preservation`` = reconstructed / original accuracy, clamped to [0, 2].
+    ``split``: (train, test) indices, default :func:`split_indices`."""
+    train, test = split if split is not None else split_indices(y_n, cfg.test_fraction, cfg.seed)
     if test.size == 0:
         return {"downstream_preservation": None, "reason": "no class has two labelled images"}
     probe = fit_softmax_probe(orig_nd[train], y_n[train], n_classes, cfg)
@@ -370,7 +411,7 @@ def _ovr_probes(
 
 # ------------------------------------------------------------------------------------ the whole suite
 def core_figures(r: PassResult) -> dict[str, Any]:
-    return {"fve": r.fve, "l0": r.l0, "dead_fraction": r.dead_fraction, "cosine": r.cosine}
+    return {"fve": r.fve, "fvu": r.fvu, "l0": r.l0, "dead_fraction": r.dead_fraction, "cosine": r.cosine}
 
 
 def zero_shot_figures(r: PassResult, rows: np.ndarray, y_n: np.ndarray) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def test_one_pass_matches_plain_loops() -> None:
     x_bpd = rng.normal(size=(7, 9, 6)).astype(np.float32)  # 7 images of a 3x3 grid
     text_cd = rng.normal(size=(4, 6)).astype(np.float32)
     sae = _sae()
-    cfg = suite.SuiteConfig(min_active_patches=2, max_active_fraction=0.8)
+    cfg = suite.SuiteConfig(min_active_patches=2, max_active_fraction=0.8, min_images_per_latent=2)
     batches = [torch.from_numpy(x_bpd[:3]), torch.from_numpy(x_bpd[3:])]  # two batches
     r = suite.run_pass(
         suite.SaeCodec(sae), batches, text_cd=torch.from_numpy(text_cd), keep_max_codes=True, cfg=cfg
@@ -50,6 +50,7 @@ def test_one_pass_matches_plain_loops() -> None:
         z = sae.encode(torch.from_numpy(x_bpd.reshape(-1, 6)), use_threshold=True).double().numpy()
         xh = sae.decode(torch.from_numpy(z).float()).double().numpy()
     assert r.fve == pytest.approx(1 - ((x - xh) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-5)
+    assert r.fvu == pytest.approx(np.var(x - xh) / np.var(x), rel=1e-5)
     cos = [a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(x, xh, strict=True)]
     assert r.cosine == pytest.approx(np.mean(cos), rel=1e-5)
     assert r.l0 == pytest.approx((z > 0).sum(1).mean())
@@ -63,17 +64,21 @@ def test_one_pass_matches_plain_loops() -> None:
         np.testing.assert_allclose(r.zs_recon_ic[i], ref_r, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(r.max_codes_im[i], z[rows].max(0), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(r.mean_recon_id[i], xh[rows].mean(0), rtol=1e-5, atol=1e-6)
-    # Moran's I: mean over the valid (image, latent) pairs
-    vals = []
-    for i in range(7):
-        for j in range(10):
+    # Moran's I: per latent over its valid images, then over latents with >= 2 valid images
+    per_latent, pairs = [], 0
+    for j in range(10):
+        vals = []
+        for i in range(7):
             a = z[9 * i : 9 * i + 9, j]
             n_act = int((a != 0).sum())
             if 2 <= n_act <= 0.8 * 9 and ((a - a.mean()) ** 2).sum() > 1e-12:
                 vals.append(_ref_morans(a.reshape(3, 3)))
-    assert r.morans_pairs == len(vals)
-    assert len(vals) > 3  # the check has something to check
-    assert r.morans_i == pytest.approx(np.mean(vals), rel=1e-6)
+        pairs += len(vals)
+        if len(vals) >= 2:
+            per_latent.append(np.mean(vals))
+    assert r.morans_pairs == pairs
+    assert r.morans_latents == len(per_latent) >= 2  # the check has something to check
+    assert r.morans_i == pytest.approx(np.mean(per_latent), rel=1e-6)
 
 
 def test_morans_i_tells_a_blob_from_a_checkerboard() -> None:
