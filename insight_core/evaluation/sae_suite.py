@@ -11,8 +11,8 @@ SAE, a PCA with as many components as the SAE's L0, a random SAE of the same siz
   on the original features and on the reconstructions. ``zero_shot_recovered`` = reconstructed /
   original accuracy: the vision analogue of SAEBench's "loss recovered";
 - downstream preservation (VISAEBench M3): a multinomial logistic probe (scikit-learn's objective,
-  C = 1) trained on mean-pooled original features, evaluated on mean-pooled reconstructions of held-out images; the ratio of
-  accuracies, clamped to [0, 2];
+  C = 1) trained on mean-pooled original features, evaluated on mean-pooled reconstructions of
+  held-out images; the ratio of accuracies, clamped to [0, 2];
 - sparse probing (SAEBench): per class, the k latents of the max-pooled codes with the largest
   mean difference (class minus rest, training split) feed a one-vs-rest logistic probe; top-1 accuracy
   is the argmax over the classes' probes on held-out images, per k;
