@@ -15,6 +15,7 @@ from precompute import (
     build,
     captioner,
     classify,
+    compare_saes,
     demo,
     demo_planted,
     eval_bias,
@@ -74,6 +75,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "eval-taxonomy": (eval_taxonomy.EvalTaxonomyJob, eval_taxonomy.run),
     "eval-bias": (eval_bias.EvalBiasJob, eval_bias.run),
     "eval-sae": (eval_sae.EvalSaeJob, eval_sae.run),
+    "compare-saes": (compare_saes.CompareSaesJob, compare_saes.run),
     "sae-pareto": (sae_pareto.SaeParetoJob, sae_pareto.run),
     "import-sae": (import_sae.ImportSaeJob, import_sae.run),
 }
