@@ -18,6 +18,7 @@ from precompute import (
     compare_saes,
     demo,
     demo_planted,
+    eval_absorption,
     eval_bias,
     eval_concepts,
     eval_ovs,
@@ -76,6 +77,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "eval-bias": (eval_bias.EvalBiasJob, eval_bias.run),
     "eval-sae": (eval_sae.EvalSaeJob, eval_sae.run),
     "compare-saes": (compare_saes.CompareSaesJob, compare_saes.run),
+    "eval-absorption": (eval_absorption.EvalAbsorptionJob, eval_absorption.run),
     "sae-pareto": (sae_pareto.SaeParetoJob, sae_pareto.run),
     "import-sae": (import_sae.ImportSaeJob, import_sae.run),
 }
