@@ -31,6 +31,7 @@ from precompute import (
     image_index,
     import_sae,
     index,
+    leaderboard,
     manifest,
     masks,
     name,
@@ -78,6 +79,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "eval-sae": (eval_sae.EvalSaeJob, eval_sae.run),
     "compare-saes": (compare_saes.CompareSaesJob, compare_saes.run),
     "eval-absorption": (eval_absorption.EvalAbsorptionJob, eval_absorption.run),
+    "leaderboard": (leaderboard.LeaderboardJob, leaderboard.run),
     "sae-pareto": (sae_pareto.SaeParetoJob, sae_pareto.run),
     "import-sae": (import_sae.ImportSaeJob, import_sae.run),
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,38 @@ def test_class_embeddings_missing_a_class_is_a_clear_error(planted: Path, tmp_pa
     assert code == 2
     assert "bad.npz" in caplog.text
     assert "no embedding for the classes" in caplog.text
+
+
+def test_leaderboard_puts_suites_side_by_side(planted: Path, tmp_path: Path) -> None:
+    s = SynthLayout(planted)
+    other = tmp_path / "other_atlas"
+    shutil.copytree(s.oracle_atlas.root, other, ignore=shutil.ignore_patterns("evals", "stages"))
+    labels = ["--labels", str(planted / "objects.csv"), "--class-embeddings", str(planted / "objects.npz")]
+    _run(planted, *labels, "--name", "suite")
+    assert (
+        main(["eval-sae", "--atlas", str(other), "--features", str(s.features.root), "--no-baselines"]) == 0
+    )
+    assert main(["eval-absorption", "--atlas", str(other), "--features", str(s.features.root),
+                 "--taxonomy", str(s.taxonomy), "--labels", str(s.taxonomy_labels)]) == 0  # fmt: skip
+    out = tmp_path / "board.json"
+    assert (
+        main(["leaderboard", str(s.oracle_atlas.root), str(other), "--name", "suite", "--out", str(out)]) == 2
+    )
+    assert main(["leaderboard", str(s.oracle_atlas.root), str(other), "--out", str(out)]) == 0
+    rows = {(Path(r["atlas"]).name, r["evaluation"]): r for r in json.loads(out.read_text())}
+    suite_row = rows[("oracle_atlas", "suite")]
+    report = json.loads(s.oracle_atlas.eval_layout("suite").report_json.read_text())
+    assert suite_row["zero_shot_recovered"] == report["zero_shot_recovered"]
+    assert (
+        suite_row["random_sae_zero_shot_recovered"]
+        == report["baselines"]["random_sae"]["zero_shot_recovered"]
+    )
+    assert suite_row["sparse_probing_top1_k1"] == report["sparse_probing"]["1"]["top1_accuracy"]
+    plain = rows[("other_atlas", "sae-features")]
+    assert plain["zero_shot_recovered"] is None
+    assert plain["pca_fve"] is None
+    assert plain["absorption_rate"] is not None
+    assert plain["absorption_rate"] <= 0.05
+    md = tmp_path / "board.md"
+    assert main(["leaderboard", str(other), "--out", str(md)]) == 0
+    assert "| absorption_rate |" in md.read_text()
