@@ -51,6 +51,10 @@ def _num(x: Any) -> float | None:
     return float(x)
 
 
+def _dict(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
+
+
 def rows_of(atlas: Path, name: str | None = None) -> list[dict[str, Any]]:
     """The leaderboard rows of one atlas."""
     layout = AtlasLayout(atlas)
@@ -60,11 +64,10 @@ def rows_of(atlas: Path, name: str | None = None) -> list[dict[str, Any]]:
     for ev_name, rep in sorted(reports.items()):
         if rep.get("kind") != "sae-suite" or (name is not None and ev_name != name):
             continue
-        sp = rep.get("sparse_probing") if isinstance(rep.get("sparse_probing"), dict) else {}
-        base = rep.get("baselines") if isinstance(rep.get("baselines"), dict) else {}
+        sp, base = _dict(rep.get("sparse_probing")), _dict(rep.get("baselines"))
         fig = {c: _num(rep.get(c)) for c in COLUMNS}
         for k in ("1", "5"):
-            entry = sp.get(k) if isinstance(sp.get(k), dict) else {}
+            entry = _dict(sp.get(k))
             fig[f"sparse_probing_top1_k{k}"] = _num(entry.get("top1_accuracy"))
         fig["absorption_rate"] = _num(absorption.get("absorption_rate"))
         fig["pca_fve"] = _num((base.get("pca") or {}).get("fve"))
