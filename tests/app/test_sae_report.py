@@ -63,3 +63,11 @@ def test_panel_without_reports_says_how_to_make_one(app_state) -> None:
     state = dataclasses.replace(app_state, evaluations={})
     assert "eval-sae" in S.panel_html(state)
     assert "loading" in S.panel_html(None)
+
+
+def test_deep_link_opens_the_tab() -> None:
+    from app.links import parse
+
+    link = parse({"tab": "sae-report"}, m=10, examples=[])
+    assert link.tab == "sae-report"
+    assert link.errors == ()
