@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 TABS = ("explain", "concepts", "families", "steer", "compare", "classify", "segment", "similar",
-        "bias")
+        "bias", "sae-report")
 """Tab ids ``?tab=`` accepts (the ``id`` of each ``gr.Tab``)."""
 MAX_DEPTH = 6
 """Largest family depth a link may ask for (the slider's maximum)."""

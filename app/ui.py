@@ -34,7 +34,7 @@ from app.components import (
     redact_paths,
     ui_handler,
 )
-from app.tabs import bias, classify, compare, concepts, explain, families, segment, similar, steer
+from app.tabs import bias, classify, compare, concepts, explain, families, sae_report, segment, similar, steer
 from app.views import Views
 from insight_core.atlas.layout import EXAMPLES_DIR
 
@@ -72,9 +72,11 @@ def build_ui(views: Views, examples: list[str] | None = None, startup: Startup |
             segment_ui = segment.build(views, examples, status)
             similar_ui = similar.build(views, examples, status)
             bias_ui = bias.build(views)
+            sae_report_ui = sae_report.build(views)
         _startup(demo, views, startup, banner, status, timer)
         for fn, outputs in (concept_ui["on_load"], steer_ui["on_load"], classify_ui["on_load"],
-                            segment_ui["on_load"], similar_ui["on_load"], bias_ui["on_load"]):  # fmt: skip
+                            segment_ui["on_load"], similar_ui["on_load"], bias_ui["on_load"],
+                            sae_report_ui["on_load"]):  # fmt: skip
             demo.load(fn, None, outputs, api_visibility="private")
         _wire_links(views, tabs, concept_ui, family_ui, status,
                     [*explain_ui["links"], compare_ui["summary"], *classify_ui["links"],

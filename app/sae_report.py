@@ -1,0 +1,94 @@
+"""The atlas's SAE quality suite (``evals/NAME/`` of kinds ``sae-suite`` and ``absorption``, written by
+``eval-sae`` and ``eval-absorption``; docs/evaluation.md).
+
+Pure functions over :class:`~app.state.AppState`, whose evaluations were read (hash-verified) when the
+atlas loaded: the "SAE report" tab's panel (:func:`panel_html`): per suite its figures next to the
+PCA and random-SAE baselines and its sparse-probing table, per absorption evaluation its mean rate and
+the parents with the most absorption. Every value comes from an untrusted file: numbers are checked,
+text is escaped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app import html as H
+from app.bias import _f, _num, evaluations
+from app.state import AppState
+
+KINDS = ("sae-suite", "absorption")
+FIGURES = (
+    ("fve", "FVE"),
+    ("l0", "L0"),
+    ("dead_fraction", "dead"),
+    ("cosine", "cosine"),
+    ("zero_shot_accuracy_reconstructed", "zero-shot acc. (recon.)"),
+    ("zero_shot_recovered", "zero-shot recovered"),
+    ("downstream_preservation", "downstream preservation"),
+    ("localization_morans_i", "Moran's I"),
+)
+"""The columns of a suite's figure table: (report key, header)."""
+
+
+def _dict(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
+
+
+def _suite_section(name: str, rep: dict[str, Any]) -> str:
+    rows = [["this SAE", *[_f(rep.get(k)) for k, _ in FIGURES]]]
+    for kind, fig in _dict(rep.get("baselines")).items():
+        rows.append([H.esc(kind), *[_f(_dict(fig).get(k)) for k, _ in FIGURES]])
+    zs = _num(rep.get("zero_shot_accuracy"))
+    head = (
+        f"<h3>SAE quality suite: {H.esc(name)}</h3><p>Baselines: a PCA with as many components as the "
+        "SAE's L0, and an untrained SAE of the same size."
+    )
+    head += f" Zero-shot accuracy on the original features: {_f(zs)}.</p>" if zs is not None else "</p>"
+    out = head + H.table(["", *[h for _, h in FIGURES]], rows)
+    sp = _dict(rep.get("sparse_probing"))
+    if sp:
+        sp_rows = [[H.esc(k), _f(_dict(v).get("top1_accuracy")), _f(_dict(v).get("binary_accuracy"))]
+                   for k, v in sp.items()]  # fmt: skip
+        out += "<h4>Sparse probing (held-out images)</h4>" + H.table(
+            ["k latents per class", "top-1 accuracy", "binary accuracy"], sp_rows
+        )
+    return out
+
+
+def _absorption_section(name: str, rep: dict[str, Any]) -> str:
+    parents = [p for p in rep.get("parents") or [] if isinstance(p, dict)][:20]
+    rows = [
+        [
+            H.esc(p.get("node_name")),
+            str(int(_num(p.get("n_examples")) or 0)),
+            H.esc(", ".join(str(x) for x in p.get("main_names") or [])),
+            _f(p.get("absorption_rate")),
+            H.esc(", ".join(str(x) for x in (p.get("absorbing_names") or [])[:5])),
+        ]
+        for p in parents
+    ]
+    return (
+        f"<h3>Feature absorption: {H.esc(name)}</h3><p>Mean absorption rate over "
+        f"{int(_num(rep.get('n_parents')) or 0)} parent nodes: {_f(rep.get('absorption_rate'))} (0 = none; "
+        "an example is absorbed when the parent's main latents are silent on it while a latent along the "
+        "parent's direction fires).</p>"
+        + H.table(["parent", "examples", "main latents", "absorption rate", "absorbing latents"], rows)
+    )
+
+
+def panel_html(state: AppState | None) -> str:
+    """The tab's content: every SAE suite and absorption evaluation of the atlas (a hint when none)."""
+    if state is None:
+        return H.message("the atlas is loading…")
+    suites, absorption = evaluations(state, "sae-suite"), evaluations(state, "absorption")
+    if not suites and not absorption:
+        return H.message(
+            "this atlas has no SAE quality report: run `insight eval-sae` (and `eval-absorption`) on it "
+            "(docs/evaluation.md), then restart the app"
+        )
+    note = ""
+    if any(ev.report.get("random_weights") for ev in [*suites.values(), *absorption.values()]):
+        note = H.message("random-weights atlas: these figures only show the plumbing", "warning")
+    sections = [_suite_section(n, ev.report) for n, ev in suites.items()]
+    sections += [_absorption_section(n, ev.report) for n, ev in absorption.items()]
+    return '<div id="sae-report-panel">' + note + "".join(sections) + "</div>"

@@ -1,0 +1,97 @@
+"""``leaderboard``: several atlases' SAE quality suites side by side (issue 23).
+
+    insight leaderboard A1 A2 ... --out table.md [--name N]
+
+One row per ``eval-sae`` report (kind ``sae-suite``) of each atlas (only the evaluation ``--name`` when
+given), with the atlas's absorption rate (its ``eval-absorption`` report, the first by name) and the
+baselines' figures as yardsticks. Numbers are read from ``A/evals/*/report.json``; anything that is
+not a finite number shows as ``-``. Writes a markdown table (``--out *.md``) or JSON rows (``*.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import tyro
+
+from insight_core.atlas import AtlasLayout, read_json_dict
+from insight_core.errors import ConfigError
+from insight_core.io import atomic_write, write_json
+from precompute.eval_common import md_table
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "fve", "l0", "dead_fraction", "cosine", "zero_shot_recovered", "downstream_preservation",
+    "sparse_probing_top1_k1", "sparse_probing_top1_k5", "localization_morans_i", "absorption_rate",
+    "pca_fve", "random_sae_zero_shot_recovered",
+)  # fmt: skip
+"""The table's figures, in order."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeaderboardJob:
+    """Put several atlases' SAE quality suites side by side."""
+
+    atlas: Annotated[tuple[Path, ...], tyro.conf.Positional]
+    """Atlas directories (with eval-sae reports)."""
+    out: Path
+    """Table to write: .md (markdown) or .json (rows)."""
+    name: str | None = None
+    """Only the eval-sae evaluation of this name (default: every one of each atlas)."""
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(float(x)):
+        return None
+    return float(x)
+
+
+def _dict(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
+
+
+def rows_of(atlas: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """The leaderboard rows of one atlas."""
+    layout = AtlasLayout(atlas)
+    reports = {n: read_json_dict(layout.eval_layout(n).report_json) for n in layout.evaluations()}
+    absorption = next((r for _, r in sorted(reports.items()) if r.get("kind") == "absorption"), {})
+    rows = []
+    for ev_name, rep in sorted(reports.items()):
+        if rep.get("kind") != "sae-suite" or (name is not None and ev_name != name):
+            continue
+        sp, base = _dict(rep.get("sparse_probing")), _dict(rep.get("baselines"))
+        fig = {c: _num(rep.get(c)) for c in COLUMNS}
+        for k in ("1", "5"):
+            entry = _dict(sp.get(k))
+            fig[f"sparse_probing_top1_k{k}"] = _num(entry.get("top1_accuracy"))
+        fig["absorption_rate"] = _num(absorption.get("absorption_rate"))
+        fig["pca_fve"] = _num((base.get("pca") or {}).get("fve"))
+        fig["random_sae_zero_shot_recovered"] = _num(
+            (base.get("random_sae") or {}).get("zero_shot_recovered")
+        )
+        rows.append({"atlas": str(atlas), "evaluation": ev_name, **fig})
+    return rows
+
+
+def run(job: LeaderboardJob) -> list[dict[str, Any]]:
+    if not job.atlas:
+        raise ConfigError("leaderboard: give at least one atlas directory")
+    if job.out.suffix not in (".md", ".json"):
+        raise ConfigError(f"--out {job.out}: expected a .md or .json file")
+    rows = [row for a in job.atlas for row in rows_of(a, job.name)]
+    missing = [str(a) for a in job.atlas if not any(r["atlas"] == str(a) for r in rows)]
+    if missing:
+        raise ConfigError(f"no eval-sae report in {', '.join(missing)}: run `insight eval-sae` on it first")
+    if job.out.suffix == ".json":
+        write_json(job.out, rows)
+    else:
+        cells = [[r["atlas"], r["evaluation"], *[r[c] for c in COLUMNS]] for r in rows]
+        table = md_table(["atlas", "evaluation", *COLUMNS], cells)
+        atomic_write(job.out, lambda tmp: tmp.write_text("# SAE leaderboard\n\n" + "\n".join(table) + "\n"))
+    log.info("leaderboard: %d row(s) -> %s", len(rows), job.out)
+    return rows

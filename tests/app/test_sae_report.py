@@ -1,0 +1,73 @@
+"""The "SAE report" tab's panel (app.sae_report): the suite's figures with baselines, absorption, and
+untrusted report text escaped."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app import sae_report as S
+from app.state import load_evaluations
+from insight_core.atlas import Atlas
+
+DOG = "<i>dog</i>"
+"""A parent node with markup: it must show escaped."""
+
+
+@pytest.fixture(scope="module")
+def report_state(app_atlas: Path, app_state, tmp_path_factory) -> object:
+    from insight_core.atlas.layout import AtlasLayout
+    from insight_core.data.features import scan_features
+    from insight_core.data.labels import feature_images
+    from precompute.__main__ import main
+
+    feats = AtlasLayout(app_atlas).demo_features_dir
+    ids = feature_images(scan_features(feats)).ids
+    tmp = tmp_path_factory.mktemp("app-sae-report")
+    atlas = tmp / "atlas"
+    shutil.copytree(app_atlas, atlas, ignore=shutil.ignore_patterns(".cache", "evals"))
+    labels = tmp / "labels.csv"
+    classes = ("beagle", "poodle", "cat")
+    labels.write_text("image,label\n" + "".join(f'"{i}",{classes[k % 3]}\n' for k, i in enumerate(ids)))
+    taxonomy = tmp / "taxonomy.csv"
+    taxonomy.write_text(f"child,parent\nbeagle,{DOG}\npoodle,{DOG}\n{DOG},animal\ncat,animal\n")
+    common = ["--atlas", str(atlas), "--features", str(feats)]
+    assert main(["eval-sae", *common, "--name", "suite"]) == 0
+    assert main(["eval-absorption", *common, "--labels", str(labels), "--taxonomy", str(taxonomy),
+                 "--min-examples", "1", "--name", "absorb"]) == 0  # fmt: skip
+    state = dataclasses.replace(app_state, atlas=Atlas.open(atlas), evaluations={}, text_cache={})
+    load_evaluations(state)
+    return state
+
+
+def test_panel_shows_the_suite_with_baselines_and_absorption(report_state) -> None:
+    state = report_state
+    assert {"suite", "absorb"} <= set(state.atlas.evaluations)
+    html = S.panel_html(state)
+    rep = json.loads(state.atlas.evaluation_file("suite", "report").read_text())
+    assert "SAE quality suite: suite" in html
+    assert f"<td>{rep['fve']:.3f}</td>" in html
+    assert f"<td>{rep['baselines']['pca']['fve']:.3f}</td>" in html
+    assert "<td>random_sae</td>" in html
+    assert "Feature absorption: absorb" in html
+    assert "random-weights atlas" in html  # the demo atlas runs on random weights
+    assert DOG not in html
+    assert "&lt;i&gt;dog&lt;/i&gt;" in html
+
+
+def test_panel_without_reports_says_how_to_make_one(app_state) -> None:
+    state = dataclasses.replace(app_state, evaluations={})
+    assert "eval-sae" in S.panel_html(state)
+    assert "loading" in S.panel_html(None)
+
+
+def test_deep_link_opens_the_tab() -> None:
+    from app.links import parse
+
+    link = parse({"tab": "sae-report"}, m=10, examples=[])
+    assert link.tab == "sae-report"
+    assert link.errors == ()
