@@ -215,7 +215,8 @@ def test_monosemanticity_subsamples_with_the_seed_and_drops_failed_images() -> N
     a = suite.monosemanticity(codes, emb, top_k=4, max_features=10, seed=1)
     b = suite.monosemanticity(codes, emb, top_k=4, max_features=10, seed=1)
     c = suite.monosemanticity(codes, emb, top_k=4, max_features=10, seed=2)
-    assert a.latents_s.size == 10 and a.latents_s.tolist() == b.latents_s.tolist()
+    assert a.latents_s.size == 10
+    assert a.latents_s.tolist() == b.latents_s.tolist()
     assert a.latents_s.tolist() != c.latents_s.tolist()
     # an image the evaluator cannot embed (NaN row) keeps its top-k slot with weight 0
     top = int(np.argmax(codes[:, 0]))
@@ -253,5 +254,6 @@ def test_monosemanticity_known_answer_on_a_planted_world() -> None:
     rand_sae = MatryoshkaSAE(oracle_sae(world).cfg, seed=7)
     rand = suite.run_pass(suite.SaeCodec(rand_sae), [x], keep_max_codes=True)
     rand_res = suite.monosemanticity(rand.max_codes_im, onehot, top_k=8)
-    assert rand_res.value is not None and rand_res.n_alive > 10
+    assert rand_res.value is not None
+    assert rand_res.n_alive > 10
     assert rand_res.value < 0.75  # clearly below the object latents' 1 (chance for 4 classes: ~0.25)
