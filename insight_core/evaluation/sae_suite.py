@@ -536,7 +536,7 @@ def _evaluator_embeddings(
                 "expected (u, e)"
             )
     emb = np.asarray(raw, dtype=np.float64)
-    failed = ~np.isfinite(emb).all(1)
+    failed = np.asarray(~np.isfinite(emb).all(axis=1), dtype=bool)
     emb = np.where(failed[:, None], 0.0, emb)
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     if emb.shape[0] == 0:
