@@ -199,6 +199,15 @@ def test_monosemanticity_with_a_timm_evaluator_on_real_photos(photo_atlas, tmp_p
     assert "not sparse latents" in rep["baselines"]["pca"]["monosemanticity_note"]
     md = (atlas / "evals" / "mono" / "report.md").read_text()
     assert "Monosemanticity evaluator: `timm:deit_tiny_patch16_224:none (layer -1)`" in md
+    # the leaderboard carries it, with the random SAE's, and names the evaluator
+    board = tmp_path / "board.json"
+    assert main(["leaderboard", str(atlas), "--name", "mono", "--out", str(board)]) == 0
+    (row,) = json.loads(board.read_text())
+    assert row["monosemanticity"] == rep["monosemanticity"]
+    assert row["random_sae_monosemanticity"] == rnd["monosemanticity"]
+    assert row["monosemanticity_evaluator"] == ev["label"]
+    assert main(["leaderboard", str(atlas), "--name", "mono", "--out", str(tmp_path / "board.md")]) == 0
+    assert "- mono (" in (tmp_path / "board.md").read_text()
     # the photos moved: --images finds them; an unreadable one is left out with a warning, not a crash
     moved = tmp_path / "moved"
     shutil.copytree(photos, moved)
