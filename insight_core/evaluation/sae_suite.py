@@ -478,8 +478,8 @@ def monosemanticity(
         The evaluator: an (images, e) array, or a function of image indices (see :data:`EmbedFn`),
         called once with exactly the images that carry weight. Embeddings are L2-normalised here.
     """
-    codes = np.asarray(codes_nm, dtype=np.float64)
-    if codes.ndim != 2 or codes.shape[0] == 0:
+    codes = np.asarray(codes_nm)  # (images, m) float32 stays float32: only the scored columns go float64
+    if codes.ndim != 2 or codes.shape[0] == 0 or not np.issubdtype(codes.dtype, np.number):
         raise ConfigError(
             f"monosemanticity: codes must be (images, latents) with images > 0, got {codes.shape}"
         )
@@ -487,12 +487,12 @@ def monosemanticity(
         raise ConfigError(
             f"monosemanticity: top_k must be >= 2 and max_features >= 1, got {top_k}, {max_features}"
         )
-    hi_m, lo_m = codes.max(0), codes.min(0)
+    hi_m, lo_m = codes.max(0).astype(np.float64), codes.min(0).astype(np.float64)
     alive = np.flatnonzero(hi_m > 0)
     latents = alive
     if alive.size > max_features:
         latents = np.sort(np.random.default_rng(seed).choice(alive, size=max_features, replace=False))
-    cols_ns = codes[:, latents]
+    cols_ns = codes[:, latents].astype(np.float64)
     k = min(top_k, codes.shape[0])
     top_sk = np.argsort(-cols_ns, axis=0, kind="stable")[:k].T
     span_s = hi_m[latents] - lo_m[latents]
