@@ -214,7 +214,9 @@ class _ImageEmbedder:
     (the SAE and the random SAE share most top images). Images that cannot be mapped or loaded give NaN
     rows (monosemanticity counts them with weight 0) and a warning."""
 
-    def __init__(self, spec: EvaluatorSpec, images: ExemplarImages, device: str, batch_size: int = 32):
+    def __init__(
+        self, spec: EvaluatorSpec, images: ExemplarImages, device: str, batch_size: int = 32
+    ) -> None:
         self.spec = spec
         self.images = images
         self.batch_size = batch_size
