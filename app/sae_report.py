@@ -26,6 +26,7 @@ FIGURES = (
     ("zero_shot_recovered", "zero-shot recovered"),
     ("downstream_preservation", "downstream preservation"),
     ("localization_morans_i", "Moran's I"),
+    ("monosemanticity", "monosemanticity"),
 )
 """The columns of a suite's figure table: (report key, header)."""
 
@@ -44,7 +45,7 @@ def _suite_section(name: str, rep: dict[str, Any]) -> str:
         "SAE's L0, and an untrained SAE of the same size."
     )
     head += f" Zero-shot accuracy on the original features: {_f(zs)}.</p>" if zs is not None else "</p>"
-    out = head + H.table(["", *[h for _, h in FIGURES]], rows)
+    out = head + H.table(["", *[h for _, h in FIGURES]], rows) + _mono_note(rep)
     sp = _dict(rep.get("sparse_probing"))
     if sp:
         sp_rows = [[H.esc(k), _f(_dict(v).get("top1_accuracy")), _f(_dict(v).get("binary_accuracy"))]
@@ -53,6 +54,22 @@ def _suite_section(name: str, rep: dict[str, Any]) -> str:
             ["k latents per class", "top-1 accuracy", "binary accuracy"], sp_rows
         )
     return out
+
+
+def _mono_note(rep: dict[str, Any]) -> str:
+    """Which backbone judged monosemanticity (and that PCA has no value for it), when it was measured."""
+    ev = _dict(rep.get("monosemanticity_evaluator"))
+    if not ev:
+        return ""
+    n = _num(rep.get("monosemanticity_n_scored"))
+    note = (
+        f"<p>Monosemanticity (weighted mean pairwise cosine of each latent's top images; 1 = identical): "
+        f"evaluator <code>{H.esc(ev.get('label'))}</code>, {int(n or 0)} latents scored; PCA: n/a "
+        "(its components are dense, signed directions, not sparse latents)."
+    )
+    if ev.get("random_weights"):
+        note += " The evaluator has random-init weights: this score only shows the plumbing."
+    return note + "</p>"
 
 
 def _absorption_section(name: str, rep: dict[str, Any]) -> str:

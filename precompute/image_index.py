@@ -32,7 +32,8 @@ from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json
 from precompute.common import load_atlas_sae
-from precompute.index import THUMB_QUALITY, ThumbTarget, exemplar_images, write_thumbnails
+from precompute.feature_images import exemplar_images
+from precompute.index import THUMB_QUALITY, ThumbTarget, write_thumbnails
 from precompute.options import Flat, ImageIndexOptions
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,6 @@ its inputs (file names, sizes, mtimes, settings) changed; a thumbnail newer than
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,10 +37,11 @@ from insight_core.concepts.exemplars import RANGE_QUANTILES, range_sample_images
 from insight_core.concepts.index import build_index, describe_index, save_index
 from insight_core.concepts.stats import ConceptStats
 from insight_core.data.features import FeatureSet, scan_features
-from insight_core.data.sources import ImageSource, open_source
+from insight_core.data.sources import ImageSource
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
 from insight_core.io import atomic_write, flush_to_disk, write_json
 from precompute.common import load_atlas_stats
+from precompute.feature_images import ExemplarImages, exemplar_images
 from precompute.options import Flat, IndexOptions
 
 log = logging.getLogger(__name__)
@@ -178,86 +178,12 @@ def gather_patch_features(
 # Thumbnails
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ExemplarImages:
-    """Where the images of an ``extract`` feature directory come from."""
-
-    source: ImageSource
-    """The extract's image source (folder, webdataset shards or Hugging Face dataset)."""
-    paths: dict[int, str]
-    """Global image id -> the source's image id (path relative to the folder, tar::member, split[row])."""
-    manifest: dict[str, Any]
-    """The feature directory's manifest.json."""
-
-
 def _public_source(desc: dict[str, Any], layout: AtlasLayout) -> dict[str, Any]:
     """An image source's description for the published atlas: a local folder or shard pattern
     relative to the atlas, or None outside it (the builder's machine); dataset names as they are."""
     if desc.get("kind") in ("folder", "webdataset") and isinstance(desc.get("path"), str):
         return {**desc, "path": layout.public(desc["path"])}
     return desc
-
-
-def _reopen_source(manifest: dict[str, Any], features_dir: Path, images: Path | None) -> ImageSource | str:
-    desc = manifest["source"]
-    if isinstance(desc, str):  # features written before sources had kinds: an image folder
-        desc = {"kind": "folder", "path": desc}
-    if not isinstance(desc, dict):
-        return f"{features_dir / 'manifest.json'}: 'source' is neither a folder nor a source description"
-    desc = dict(desc)
-    if images is not None:
-        if desc.get("kind") not in ("folder", "webdataset"):
-            log.warning("--images ignored: the features come from a %s source", desc.get("kind"))
-        else:
-            desc["path"] = str(images)
-    elif desc.get("kind") in ("folder", "webdataset"):
-        path = Path(desc["path"])
-        if not path.exists() and not path.is_absolute() and (features_dir / path).exists():
-            desc["path"] = str(features_dir / path)
-    try:
-        return open_source(desc)
-    except (ImageLoadError, ConfigError) as err:
-        hint = "; pass --images" if desc.get("kind") in ("folder", "webdataset") else ""
-        return f"image source of {features_dir} unavailable: {err}{hint}"
-
-
-def exemplar_images(
-    features_dir: Path, features: FeatureSet, images: Path | None = None
-) -> ExemplarImages | str:
-    """Map global image ids to source image ids, or return why that is impossible (a message)."""
-    features_dir = Path(features_dir)
-    manifest_path = FeaturesLayout(features_dir).manifest
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
-        return f"no extract manifest.json in {features_dir} (features not extracted from images)"
-    if not isinstance(manifest, dict) or not manifest.get("source"):
-        return f"{manifest_path} names no image 'source'"
-    source = _reopen_source(manifest, features_dir, images)
-    if isinstance(source, str):
-        return source
-    paths: dict[int, str] = {}
-    start = 0
-    for f in features.files:
-        ids_path = FeaturesLayout.ids_of(f.path)
-        try:
-            ids = json.loads(ids_path.read_text())["ids"]
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("%s missing or unreadable: no thumbnails for the images of %s", ids_path, f.path)
-            ids = None
-        if ids is not None and len(ids) != f.n_units:
-            log.warning(
-                "%s lists %d images but %s has %d: no thumbnails for them",
-                ids_path,
-                len(ids),
-                f.path,
-                f.n_units,
-            )
-            ids = None
-        if ids is not None:
-            paths.update((start + j, str(p)) for j, p in enumerate(ids))
-        start += f.n_units
-    return ExemplarImages(source=source, paths=paths, manifest=manifest)
 
 
 def _save_thumb(img: Image.Image, dst: Path, size: int) -> tuple[int, int]:

@@ -4,8 +4,10 @@
 
 One row per ``eval-sae`` report (kind ``sae-suite``) of each atlas (only the evaluation ``--name`` when
 given), with the atlas's absorption rate (its ``eval-absorption`` report, the first by name) and the
-baselines' figures as yardsticks. Numbers are read from ``A/evals/*/report.json``; anything that is
-not a finite number shows as ``-``. Writes a markdown table (``--out *.md``) or JSON rows (``*.json``).
+baselines' figures as yardsticks; ``monosemanticity`` depends on its evaluator backbone (named in the
+JSON rows and under the markdown table): compare it only between rows judged by the same one. Numbers
+are read from ``A/evals/*/report.json``; anything that is not a finite number shows as ``-``. Writes a
+markdown table (``--out *.md``) or JSON rows (``*.json``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,8 +30,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = (
     "fve", "l0", "dead_fraction", "cosine", "zero_shot_recovered", "downstream_preservation",
-    "sparse_probing_top1_k1", "sparse_probing_top1_k5", "localization_morans_i", "absorption_rate",
-    "pca_fve", "random_sae_zero_shot_recovered",
+    "sparse_probing_top1_k1", "sparse_probing_top1_k5", "localization_morans_i", "monosemanticity",
+    "absorption_rate", "pca_fve", "random_sae_zero_shot_recovered", "random_sae_monosemanticity",
 )  # fmt: skip
 """The table's figures, in order."""
 
@@ -71,10 +74,14 @@ def rows_of(atlas: Path, name: str | None = None) -> list[dict[str, Any]]:
             fig[f"sparse_probing_top1_k{k}"] = _num(entry.get("top1_accuracy"))
         fig["absorption_rate"] = _num(absorption.get("absorption_rate"))
         fig["pca_fve"] = _num((base.get("pca") or {}).get("fve"))
-        fig["random_sae_zero_shot_recovered"] = _num(
-            (base.get("random_sae") or {}).get("zero_shot_recovered")
+        rnd = _dict(base.get("random_sae"))
+        fig["random_sae_zero_shot_recovered"] = _num(rnd.get("zero_shot_recovered"))
+        fig["random_sae_monosemanticity"] = _num(rnd.get("monosemanticity"))
+        label = _dict(rep.get("monosemanticity_evaluator")).get("label")
+        evaluator = re.sub(r"[`|\s]+", " ", label)[:200] if isinstance(label, str) else None  # untrusted text
+        rows.append(
+            {"atlas": str(atlas), "evaluation": ev_name, **fig, "monosemanticity_evaluator": evaluator}
         )
-        rows.append({"atlas": str(atlas), "evaluation": ev_name, **fig})
     return rows
 
 
@@ -92,6 +99,11 @@ def run(job: LeaderboardJob) -> list[dict[str, Any]]:
     else:
         cells = [[r["atlas"], r["evaluation"], *[r[c] for c in COLUMNS]] for r in rows]
         table = md_table(["atlas", "evaluation", *COLUMNS], cells)
+        judged = [f"- {r['evaluation']} ({r['atlas']}): `{r['monosemanticity_evaluator']}`"
+                  for r in rows if r["monosemanticity_evaluator"]]  # fmt: skip
+        if judged:
+            table += ["", "Monosemanticity evaluators (compare the column only between rows with the same):"]
+            table += judged
         atomic_write(job.out, lambda tmp: tmp.write_text("# SAE leaderboard\n\n" + "\n".join(table) + "\n"))
     log.info("leaderboard: %d row(s) -> %s", len(rows), job.out)
     return rows

@@ -21,14 +21,16 @@ SAE, a PCA with as many components as the SAE's L0, a random SAE of the same siz
   most ``max_active_fraction`` of the patches; averaged per latent, then over the latents with at
   least ``min_images_per_latent`` such images (VISAEBench's aggregation, without its subsampling);
 - ``fvu`` (VISAEBench M2): Var(x - x_hat) / Var(x) with variances over all scalars (one global mean),
-  next to ``fve`` (per-dimension means, SAEBench's explained variance).
+  next to ``fve`` (per-dimension means, SAEBench's explained variance);
+- monosemanticity (VISAEBench M5, Pach et al. 2025; :func:`monosemanticity`): per alive latent, the
+  activation-weighted mean pairwise cosine of its top images in a *second* backbone's embedding space.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -68,6 +70,10 @@ class SuiteConfig:
     """Moran's I: ... and on at most this share of the patches (background latents excluded)."""
     min_images_per_latent: int = 5
     """Moran's I: a latent is scored only with this many counted images (VISAEBench uses 50)."""
+    mono_top_k: int = 16
+    """Monosemanticity: top-activating images compared per latent (VISAEBench's 16)."""
+    mono_max_features: int = 1000
+    """Monosemanticity: alive latents scored at most (a seeded random subset beyond; VISAEBench's 1000)."""
 
     def __post_init__(self) -> None:
         if not self.probe_ks or any(int(k) < 1 for k in self.probe_ks):
@@ -80,6 +86,11 @@ class SuiteConfig:
             raise ConfigError("min_active_patches must be >= 1 and max_active_fraction in (0, 1]")
         if self.min_images_per_latent < 1:
             raise ConfigError(f"min_images_per_latent: must be >= 1, got {self.min_images_per_latent}")
+        if self.mono_top_k < 2 or self.mono_max_features < 1:
+            raise ConfigError(
+                f"mono_top_k must be >= 2 (pairs of images) and mono_max_features >= 1, got "
+                f"{self.mono_top_k} and {self.mono_max_features}"
+            )
 
 
 # ------------------------------------------------------------------------------------------ codecs
@@ -417,6 +428,132 @@ def _ovr_probes(
         opt.step(closure)
     xte_ctk = (x[test][:, sel].permute(1, 0, 2) - mu_ck[:, None]) / sd_ck[:, None]
     return (torch.einsum("ctk,ck->ct", xte_ctk, w.detach()) + b.detach()[:, None]).T.numpy()
+
+
+# --------------------------------------------------------------------------------- monosemanticity
+EmbedFn = Callable[[np.ndarray], np.ndarray]
+"""Sorted, unique image indices (u,) -> their evaluator embeddings (u, e); a row with a NaN marks an
+image that could not be embedded (it then counts with weight 0)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Monosemanticity:
+    """VISAEBench's M5 of one SAE (:func:`monosemanticity`)."""
+
+    value: float | None
+    """Mean score over the scored latents (None when none could be scored)."""
+    latents_s: np.ndarray
+    """Ids of the scored latents (ascending)."""
+    scores_s: np.ndarray
+    """Their scores: weighted mean pairwise cosine of their top images, in [-1, 1]."""
+    n_alive: int
+    """Latents active on at least one image."""
+    n_images: int
+    """Images the evaluator embedded (positive weight in some scored latent's top images)."""
+    n_failed: int
+    """Of those, images the evaluator could not embed (NaN rows)."""
+
+
+def monosemanticity(
+    codes_nm: np.ndarray,
+    embed: EmbedFn | np.ndarray,
+    *,
+    top_k: int = 16,
+    max_features: int = 1000,
+    seed: int = 0,
+) -> Monosemanticity:
+    """Monosemanticity with a second backbone as evaluator (VISAEBench M5, Pach et al. 2025).
+
+    For each alive latent j (max over images > 0; a seeded random ``max_features`` of them when there
+    are more): its ``top_k`` images by activation (ties: lower image index first), weights
+    ``w = (a - min_j) / (max_j - min_j)`` (min and max over all images), and
+    ``MS_j = sum_{a<b} w_a w_b cos(e_a, e_b) / sum_{a<b} w_a w_b`` over the images' evaluator
+    embeddings ``e``. Latents with fewer than two positively weighted top images are not scored.
+
+    Parameters
+    ----------
+    codes_nm
+        Per-image pooled codes (images, m): VISAEBench max-pools each image's patch codes.
+    embed
+        The evaluator: an (images, e) array, or a function of image indices (see :data:`EmbedFn`),
+        called once with exactly the images that carry weight. Embeddings are L2-normalised here.
+    """
+    codes = np.asarray(codes_nm)  # (images, m) float32 stays float32: only the scored columns go float64
+    if codes.ndim != 2 or codes.shape[0] == 0 or not np.issubdtype(codes.dtype, np.number):
+        raise ConfigError(
+            f"monosemanticity: codes must be (images, latents) with images > 0, got {codes.shape}"
+        )
+    if top_k < 2 or max_features < 1:
+        raise ConfigError(
+            f"monosemanticity: top_k must be >= 2 and max_features >= 1, got {top_k}, {max_features}"
+        )
+    hi_m, lo_m = codes.max(0).astype(np.float64), codes.min(0).astype(np.float64)
+    alive = np.flatnonzero(hi_m > 0)
+    latents = alive
+    if alive.size > max_features:
+        latents = np.sort(np.random.default_rng(seed).choice(alive, size=max_features, replace=False))
+    cols_ns = codes[:, latents].astype(np.float64)
+    k = min(top_k, codes.shape[0])
+    top_sk = np.argsort(-cols_ns, axis=0, kind="stable")[:k].T
+    span_s = hi_m[latents] - lo_m[latents]
+    span_s[span_s == 0] = 1.0  # a constant latent: every weight 0, not scored
+    w_sk = (np.take_along_axis(cols_ns.T, top_sk, axis=1) - lo_m[latents, None]) / span_s[:, None]
+    needed = np.unique(top_sk[w_sk > 0])
+    emb_ue, failed = _evaluator_embeddings(embed, needed, codes.shape[0])
+    pos_sk = np.clip(np.searchsorted(needed, top_sk), 0, max(needed.size - 1, 0))
+    if needed.size:
+        w_sk = np.where(failed[pos_sk] | (w_sk <= 0), 0.0, w_sk)
+    scores_s = np.full(latents.size, np.nan)
+    for chunk in range(0, latents.size, 256):  # (latents, k, e) in slices: bounded memory
+        sl = slice(chunk, chunk + 256)
+        scores_s[sl] = _weighted_pair_cosine(emb_ue[pos_sk[sl]], w_sk[sl])
+    ok = np.isfinite(scores_s)
+    return Monosemanticity(
+        value=float(scores_s[ok].mean()) if ok.any() else None,
+        latents_s=latents[ok],
+        scores_s=scores_s[ok],
+        n_alive=int(alive.size),
+        n_images=int(needed.size),
+        n_failed=int(failed.sum()),
+    )
+
+
+def _evaluator_embeddings(
+    embed: EmbedFn | np.ndarray, needed: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm embeddings (u, e) of the ``needed`` images (failed rows zero) and the failed mask (u,)."""
+    if isinstance(embed, np.ndarray):
+        if embed.ndim != 2 or embed.shape[0] != n:
+            raise ConfigError(
+                f"monosemanticity: embeddings must be ({n}, e) (one per image), got {embed.shape}"
+            )
+        raw = embed[needed]
+    else:
+        raw = np.asarray(embed(needed)) if needed.size else np.zeros((0, 1))
+        if raw.ndim != 2 or raw.shape[0] != needed.size:
+            raise ConfigError(
+                f"monosemanticity: the evaluator returned {raw.shape} for {needed.size} images, "
+                "expected (u, e)"
+            )
+    emb = np.asarray(raw, dtype=np.float64)
+    failed = np.asarray(~np.isfinite(emb).all(axis=1), dtype=bool)
+    emb = np.where(failed[:, None], 0.0, emb)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    if emb.shape[0] == 0:
+        emb = np.zeros((1, emb.shape[1]))  # gathers of weight-0 slots need one row
+    return emb, failed
+
+
+def _weighted_pair_cosine(e_ske: np.ndarray, w_sk: np.ndarray) -> np.ndarray:
+    """Per latent, sum_{a<b} w_a w_b cos(e_a, e_b) / sum_{a<b} w_a w_b (NaN without a weighted pair)."""
+    k = w_sk.shape[1]
+    upper = np.triu(np.ones((k, k), dtype=bool), 1)
+    cos_skk = np.einsum("ske,sle->skl", e_ske, e_ske)
+    ww_skk = w_sk[:, :, None] * w_sk[:, None, :]
+    numer = (cos_skk * ww_skk)[:, upper].sum(1)
+    pairs = (w_sk > 0).sum(1) >= 2
+    denom = ww_skk[:, upper].sum(1)
+    return np.where(pairs, numer / np.where(pairs, denom, 1.0), np.nan)
 
 
 # ------------------------------------------------------------------------------------ the whole suite

@@ -71,3 +71,27 @@ def test_deep_link_opens_the_tab() -> None:
     link = parse({"tab": "sae-report"}, m=10, examples=[])
     assert link.tab == "sae-report"
     assert link.errors == ()
+
+
+def test_suite_section_shows_monosemanticity_and_its_evaluator() -> None:
+    rep = {
+        "fve": 0.5,
+        "monosemanticity": 0.6125,
+        "monosemanticity_n_scored": 37,
+        "monosemanticity_evaluator": {"label": "timm:<b>x</b>:none (layer -1)", "random_weights": True},
+        "baselines": {
+            "pca": {"fve": 0.7, "monosemanticity": None},
+            "random_sae": {"fve": -0.1, "monosemanticity": 0.2},
+        },
+    }
+    html = S._suite_section("suite", rep)
+    assert "<th>monosemanticity</th>" in html
+    assert "<td>0.613</td>" in html
+    assert "<td>0.200</td>" in html
+    assert "37 latents scored" in html
+    assert "PCA: n/a" in html
+    assert "random-init weights" in html
+    assert "<b>x</b>" not in html  # the evaluator label comes from an untrusted file
+    assert "&lt;b&gt;x&lt;/b&gt;" in html
+    plain = S._suite_section("suite", {"fve": 0.5, "baselines": {}})
+    assert "Monosemanticity (" not in plain  # not measured: no evaluator line

@@ -151,3 +151,89 @@ def test_leaderboard_puts_suites_side_by_side(planted: Path, tmp_path: Path) -> 
     md = tmp_path / "board.md"
     assert main(["leaderboard", str(other), "--out", str(md)]) == 0
     assert "| absorption_rate |" in md.read_text()
+
+
+# ------------------------------------------------------- monosemanticity with a second backbone (real photos)
+TINY = "vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def photo_atlas(imagenet_samples: list[Path], tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Six real photos -> timm tiny ViT tokens (random init) -> a small SAE: (atlas, features, photos)."""
+    root = tmp_path_factory.mktemp("photo-suite")
+    photos = root / "photos"
+    photos.mkdir()
+    for p in imagenet_samples[:6]:
+        shutil.copy(p, photos / p.name)
+    feats, atlas = root / "feats", root / "atlas"
+    assert main(["extract", "--images", str(photos), "--out", str(feats), "--backbone", f"timm:{TINY}",
+                 "--pretrained", "none", "--device", "cpu", "--batch-size", "6",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["train-sae", "--features", str(feats), "--out", str(atlas), "--dict-size", "32", "--k", "4",
+                 "--group-fractions", "0.25", "0.75", "--steps", "20", "--batch-size", "256",
+                 "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    return atlas, feats, photos
+
+
+def _eval_photos(atlas: Path, feats: Path, *extra: str) -> int:
+    return main(["eval-sae", "--atlas", str(atlas), "--features", str(feats), "--device", "cpu",
+                 "--mono-top-k", "4", *extra])  # fmt: skip
+
+
+def test_monosemanticity_with_a_timm_evaluator_on_real_photos(photo_atlas, tmp_path: Path, caplog) -> None:
+    atlas, feats, photos = photo_atlas
+    caplog.set_level("WARNING")
+    assert _eval_photos(atlas, feats, "--evaluator", "timm:deit_tiny_patch16_224:none", "--name", "mono") == 0
+    rep = json.loads((atlas / "evals" / "mono" / "report.json").read_text())
+    assert -1.0 <= rep["monosemanticity"] <= 1.0
+    assert rep["monosemanticity_n_scored"] >= 1
+    assert rep["monosemanticity_images"] == 6  # every photo is among some latent's top images
+    assert rep["monosemanticity_failed_images"] == 0
+    ev = rep["monosemanticity_evaluator"]
+    assert (ev["kind"], ev["arch"], ev["layer"]) == ("timm", "deit_tiny_patch16_224", -1)
+    assert ev["random_weights"] is True
+    assert "RANDOM-INIT" in caplog.text  # said loudly: no weights can be downloaded here
+    rnd = rep["baselines"]["random_sae"]
+    assert rnd["monosemanticity_n_scored"] >= 1
+    assert rep["baselines"]["pca"]["monosemanticity"] is None
+    assert "not sparse latents" in rep["baselines"]["pca"]["monosemanticity_note"]
+    md = (atlas / "evals" / "mono" / "report.md").read_text()
+    assert "Monosemanticity evaluator: `timm:deit_tiny_patch16_224:none (layer -1)`" in md
+    # the leaderboard carries it, with the random SAE's, and names the evaluator
+    board = tmp_path / "board.json"
+    assert main(["leaderboard", str(atlas), "--name", "mono", "--out", str(board)]) == 0
+    (row,) = json.loads(board.read_text())
+    assert row["monosemanticity"] == rep["monosemanticity"]
+    assert row["random_sae_monosemanticity"] == rnd["monosemanticity"]
+    assert row["monosemanticity_evaluator"] == ev["label"]
+    assert main(["leaderboard", str(atlas), "--name", "mono", "--out", str(tmp_path / "board.md")]) == 0
+    assert "- mono (" in (tmp_path / "board.md").read_text()
+    # the photos moved: --images finds them; an unreadable one is left out with a warning, not a crash
+    moved = tmp_path / "moved"
+    shutil.copytree(photos, moved)
+    victim = sorted(moved.iterdir())[0]
+    victim.write_bytes(b"%!PS-Adobe-3.0 not an image")
+    caplog.clear()
+    assert _eval_photos(atlas, feats, "--evaluator", "timm:deit_tiny_patch16_224:none", "--name", "moved",
+                        "--images", str(moved), "--no-baselines") == 0  # fmt: skip
+    rep2 = json.loads((atlas / "evals" / "moved" / "report.json").read_text())
+    assert rep2["monosemanticity_failed_images"] == 1
+    assert victim.name in caplog.text
+
+
+def test_the_atlas_own_backbone_as_evaluator_is_refused(photo_atlas, caplog) -> None:
+    atlas, feats, _ = photo_atlas
+    assert _eval_photos(atlas, feats, "--evaluator", f"timm:{TINY}:none", "--name", "circular") == 2
+    assert "atlas's own backbone" in caplog.text
+    assert "circular" in caplog.text
+    assert not (atlas / "evals" / "circular").exists()
+    assert _eval_photos(atlas, feats, "--evaluator", "dino:v2", "--name", "bad") == 2
+    assert "expected 'timm:NAME[:WEIGHTS]'" in caplog.text
+
+
+def test_an_evaluator_needs_the_source_images(planted: Path, caplog) -> None:
+    s = SynthLayout(planted)
+    code = main(["eval-sae", "--atlas", str(s.oracle_atlas.root), "--features", str(s.features.root),
+                 "--evaluator", "timm:deit_tiny_patch16_224:none", "--name", "noimages"])  # fmt: skip
+    assert code == 2
+    assert "--evaluator needs the images behind --features" in caplog.text

@@ -164,3 +164,96 @@ def test_zero_shot_figures_and_bad_inputs() -> None:
         suite.SuiteConfig(probe_ks=(0,))
     with pytest.raises(ConfigError, match="no patches"):
         suite.run_pass(suite.SaeCodec(_sae()), [])
+
+
+# ----------------------------------------------------------------------------------- monosemanticity
+def _ref_mono_latent(col: np.ndarray, emb: np.ndarray, top_k: int, lost: int = -1) -> float | None:
+    """One latent's score with explicit loops over image pairs (image ``lost``: weight 0)."""
+    order = sorted(range(len(col)), key=lambda i: (-col[i], i))[:top_k]
+    lo, hi = col.min(), col.max()
+    w = [0.0 if i == lost else (col[i] - lo) / (hi - lo if hi > lo else 1.0) for i in order]
+    num = den = 0.0
+    for a in range(len(order)):
+        for b in range(a + 1, len(order)):
+            ea, eb = emb[order[a]], emb[order[b]]
+            cos = ea @ eb / np.linalg.norm(ea) / np.linalg.norm(eb)
+            num += w[a] * w[b] * cos
+            den += w[a] * w[b]
+    return num / den if den > 0 else None
+
+
+def test_monosemanticity_matches_plain_loops() -> None:
+    rng = np.random.default_rng(3)
+    codes = np.maximum(rng.normal(size=(40, 12)) - 0.8, 0.0)  # sparse, non-negative
+    codes[:, 3] = 0.0  # dead
+    codes[:, 4] = 0.0
+    codes[7, 4] = 1.0  # fires on one image only: no weighted pair, not scored
+    emb = rng.normal(size=(40, 5))
+    asked: list[np.ndarray] = []
+
+    def embed(idx: np.ndarray) -> np.ndarray:
+        asked.append(idx.copy())
+        return emb[idx] * 3.0  # unnormalised: the function normalises
+
+    res = suite.monosemanticity(codes, embed, top_k=6, max_features=100)
+    ref = {j: _ref_mono_latent(codes[:, j], emb, 6) for j in range(12) if codes[:, j].max() > 0}
+    scored = {j: s for j, s in ref.items() if s is not None}
+    assert res.latents_s.tolist() == sorted(scored)
+    np.testing.assert_allclose(res.scores_s, [scored[j] for j in sorted(scored)], rtol=1e-10)
+    assert res.value == pytest.approx(np.mean(list(scored.values())))
+    assert res.n_alive == 11
+    # the evaluator is asked once, only for images with a positive weight in some top list
+    assert len(asked) == 1
+    weighted = {i for j in ref for i in np.argsort(-codes[:, j], kind="stable")[:6] if codes[i, j] > 0}
+    assert set(asked[0].tolist()) == weighted
+
+
+def test_monosemanticity_subsamples_with_the_seed_and_drops_failed_images() -> None:
+    rng = np.random.default_rng(4)
+    codes = rng.random((30, 50))
+    emb = rng.normal(size=(30, 4))
+    a = suite.monosemanticity(codes, emb, top_k=4, max_features=10, seed=1)
+    b = suite.monosemanticity(codes, emb, top_k=4, max_features=10, seed=1)
+    c = suite.monosemanticity(codes, emb, top_k=4, max_features=10, seed=2)
+    assert a.latents_s.size == 10
+    assert a.latents_s.tolist() == b.latents_s.tolist()
+    assert a.latents_s.tolist() != c.latents_s.tolist()
+    # an image the evaluator cannot embed (NaN row) keeps its top-k slot with weight 0
+    top = int(np.argmax(codes[:, 0]))
+    broken = emb.copy()
+    broken[top] = np.nan
+    one = suite.monosemanticity(codes[:, :1], broken, top_k=4)
+    assert one.n_failed == 1
+    assert one.value == pytest.approx(_ref_mono_latent(codes[:, 0], emb, 4, lost=top))
+    assert one.value != pytest.approx(_ref_mono_latent(codes[:, 0], emb, 4))
+    with pytest.raises(ConfigError, match=r"embeddings must be \(30, e\)"):
+        suite.monosemanticity(codes, emb[:5])
+    with pytest.raises(ConfigError, match="top_k"):
+        suite.monosemanticity(codes, emb, top_k=1)
+
+
+def test_monosemanticity_known_answer_on_a_planted_world() -> None:
+    """Evaluator = the planted object class (one-hot): the oracle's object latents score 1 exactly, an
+    untrained SAE of the same size clearly less."""
+    from insight_core.planted import WorldConfig, make_world, sample_images
+    from insight_core.planted.metrics import oracle_codes, oracle_sae
+
+    world = make_world(WorldConfig(d=48, grid=6, n_objects=4, n_attributes=4, n_backgrounds=2,
+                                   n_distractors=5, objects_per_image=(1, 1)))  # fmt: skip
+    sample = sample_images(world, 80, seed=2)
+    codes = oracle_codes(world, sample)
+    objects = world.atoms_of_kind("object")
+    onehot = (codes[:, :, objects].max(1) > 0).astype(np.float64)
+    assert (onehot.sum(1) == 1).all()  # one object per image: its class
+    x = torch.from_numpy(sample.feats_npd).float()
+    oracle = suite.run_pass(suite.SaeCodec(oracle_sae(world)), [x], keep_max_codes=True)
+    res = suite.monosemanticity(oracle.max_codes_im, onehot, top_k=8)
+    obj_scores = res.scores_s[np.isin(res.latents_s, objects)]
+    assert obj_scores.size == objects.size
+    np.testing.assert_allclose(obj_scores, 1.0, atol=1e-9)
+    rand_sae = MatryoshkaSAE(oracle_sae(world).cfg, seed=7)
+    rand = suite.run_pass(suite.SaeCodec(rand_sae), [x], keep_max_codes=True)
+    rand_res = suite.monosemanticity(rand.max_codes_im, onehot, top_k=8)
+    assert rand_res.value is not None
+    assert rand_res.n_alive > 10
+    assert rand_res.value < 0.75  # clearly below the object latents' 1 (chance for 4 classes: ~0.25)
