@@ -31,7 +31,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from insight_core.atlas import AtlasLayout, CaptionerLayout, fingerprint, read_json_dict, write_manifest
 from insight_core.data.images import load_image
@@ -52,6 +51,7 @@ from insight_core.models.feature_path import (
 from insight_core.models.lm import build_tiny_lm
 from insight_core.models.sae import MatryoshkaSAE
 from insight_core.models.sae_kinds import load_sae
+from insight_core.progress import tqdm
 from insight_core.training.captioner import (
     CaptionData,
     CaptionTrainConfig,

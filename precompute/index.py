@@ -31,7 +31,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from insight_core.atlas import AtlasLayout, FeaturesLayout, fingerprint, read_json_dict
 from insight_core.concepts.exemplars import RANGE_QUANTILES, range_sample_images
@@ -41,6 +40,7 @@ from insight_core.data.features import FeatureSet, scan_features
 from insight_core.data.sources import ImageSource, open_source
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
 from insight_core.io import atomic_write, flush_to_disk, write_json
+from insight_core.progress import tqdm
 from precompute.common import load_atlas_stats
 from precompute.options import Flat, IndexOptions
 

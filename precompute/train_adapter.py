@@ -31,7 +31,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
 from insight_core.data.images import DEFAULT_MAX_PIXELS, LoadReport, iter_images, list_image_files
@@ -39,6 +38,7 @@ from insight_core.errors import ConfigError, ImageLoadError
 from insight_core.io import write_json, write_safetensors
 from insight_core.models.backbone import PAPER_ARCH, PAPER_PRETRAINED, BackboneConfig, ClipBackbone
 from insight_core.models.dinoiser import AffinityHead, Dinoiser, DinoiserConfig, affinities
+from insight_core.progress import tqdm
 from insight_core.training.dinoiser import DinoTeacher, teacher_targets, train_affinity_head
 from precompute.common import fmt_metrics
 

@@ -827,7 +827,7 @@ def compute_stats(
     chunks of whole images whose dense (rows, m) codes hold at most ``max_code_elements`` values
     (at least one image), so memory stays bounded at large m (64 images at m = 65,536 are 3.3 GB).
     """
-    from tqdm.auto import tqdm
+    from insight_core.progress import tqdm
 
     sae_device = next(sae.parameters()).device
     acc = StatsAccumulator(sae.cfg.dict_size, cfg, device=device)
