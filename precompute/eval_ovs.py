@@ -109,7 +109,7 @@ def _classes(job: EvalOvsJob, inp: EvalInputs, cfg: OvsConfig) -> tuple[OvsClass
     names, prompts, values = (tuple(x) for x in zip(*triples, strict=True))
     if job.class_embeddings is not None:
         emb = embeddings_from_file(job.class_embeddings, prompts)
-        return OvsClasses(names, prompts, values, emb), {"file": str(job.class_embeddings)}  # type: ignore[arg-type]
+        return OvsClasses(names, prompts, values, emb), {"file": str(job.class_embeddings)}
     arch = job.arch or inp.backbone.get("arch")
     pretrained = job.pretrained or inp.backbone.get("pretrained")
     if not arch or not pretrained:
@@ -125,7 +125,7 @@ def _classes(job: EvalOvsJob, inp: EvalInputs, cfg: OvsConfig) -> tuple[OvsClass
     emb = embed_classes(prompts, backbone.encode_text, cfg.template_list())
     return OvsClasses(names, prompts, values, emb), {
         "arch": arch,
-        "pretrained": pretrained,  # type: ignore[arg-type]
+        "pretrained": pretrained,
         "templates": cfg.templates,
     }
 

@@ -20,6 +20,7 @@ manifest so the concept pages show it. Skipped when nothing changed (stage recor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from pathlib import Path
@@ -93,6 +94,14 @@ class EvalTaxonomyJob:
     """How it runs: --thresholded, --name, --images-per-batch, --device, --force, --progress."""
 
 
+def _write_parquet(table: pa.Table, tmp: Path) -> None:
+    pq.write_table(table, str(tmp))
+
+
+def _write_text(text: str, tmp: Path) -> None:
+    tmp.write_text(text)
+
+
 def _default_name(labels: Path) -> str:
     base = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(labels).stem).strip("-.") or "labels"
     return f"taxonomy-{base}"[:64]
@@ -141,9 +150,9 @@ def run(job: EvalTaxonomyJob) -> list[dict]:
         ev = r.inp.layout.eval_layout(name)
         table = pa.table(_per_concept(r))
         report = _report(job, name, r, layers, settings)
-        atomic_write(ev.concepts, lambda tmp, t=table: pq.write_table(t, str(tmp)))
+        atomic_write(ev.concepts, functools.partial(_write_parquet, table))
         write_json(ev.report_json, report)
-        atomic_write(ev.report_md, lambda tmp, rep=report: tmp.write_text(_markdown(rep)))
+        atomic_write(ev.report_md, functools.partial(_write_text, _markdown(report)))
         record.write(
             key,
             [ev.report_json, ev.report_md, ev.concepts],

@@ -118,7 +118,7 @@ def select_exemplars(stats: ConceptStats, max_exemplars: int) -> dict[str, np.nd
     image_mn = stats.ex_image_mn[:, :n].numpy()
     valid = image_mn >= 0
     concept, rank = np.nonzero(valid)  # row-major: concept ascending, then rank ascending
-    cols = {
+    cols: dict[str, np.ndarray] = {
         "concept": concept.astype(np.int32),
         "rank": rank.astype(np.int32),
         "image_id": image_mn[concept, rank].astype(np.int64),
