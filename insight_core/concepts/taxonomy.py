@@ -69,6 +69,8 @@ class Taxonomy:
     """Direct parents of each node (indices into ``nodes``)."""
     names: dict[str, str]
     """Display name of a node id (from the names file; ids without one show as themselves)."""
+    depth_n: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    """Depths computed when the file was checked (:meth:`depths` computes them when None)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", {n: i for i, n in enumerate(self.nodes)})
@@ -96,7 +98,9 @@ class Taxonomy:
 
     def depths(self) -> np.ndarray:
         """(n,) longest-path depth of every node from a root (a node without parents: 0)."""
-        return _generations(self.parents, self.path, self.nodes)
+        if self.depth_n is None:
+            return _generations(self.parents, self.path, self.nodes)
+        return self.depth_n.copy()
 
     def resolve_classes(self, classes: Sequence[str], labels_path: str | Path) -> list[int]:
         """The node of each label class: its id, else a display name that names one node only.
@@ -258,8 +262,8 @@ def read_taxonomy(
     parents: list[list[int]] = [[] for _ in nodes]
     for c, p in sorted(edges):
         parents[c].append(p)
-    _generations(parents, path, nodes)  # a cycle raises here
-    return Taxonomy(path, nodes, parents, read_names(names) if names is not None else {})
+    depth = _generations(parents, path, nodes)  # a cycle raises here
+    return Taxonomy(path, nodes, parents, read_names(names) if names is not None else {}, depth)
 
 
 def read_names(path: str | Path) -> dict[str, str]:
