@@ -176,13 +176,13 @@ def concept_rows(state: AppState, cid: int) -> list[list[str]]:
             f"{H.esc(g)}: d {_f(row.get(f'd [{g}]'), '+.2f')}, q {_f(row.get(f'q [{g}]'), '.2g')}"
             for g in groups
         ]
-        best = row.get("max_d_group") if "max_d_group" in row.index else None
+        over = row.get("max_d_group") if "max_d_group" in row.index else None
         rows.append(
             [
                 H.esc(name),
                 "bias (group vs rest)",
                 "; ".join(figs) or "-",
-                f"most over-represented in {H.esc(best)}" if isinstance(best, str) else "-",
+                f"most over-represented in {H.esc(over)}" if isinstance(over, str) else "-",
             ]
         )
     return rows

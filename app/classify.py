@@ -13,7 +13,6 @@ Pure functions over :class:`~app.state.AppState` (no Gradio), shared by the tab 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import threading
@@ -34,7 +33,7 @@ from insight_core.concepts.contributions import (
 )
 from insight_core.concepts.pooling import PooledConcepts, concept_codes, pool_codes
 from insight_core.concepts.zeroshot import CLIP_LOGIT_SCALE, LABEL_TEMPLATES, ZeroShot, zero_shot
-from insight_core.errors import CheckpointError, InsightError
+from insight_core.errors import InsightError
 from insight_core.models.probe import ConceptProbe
 
 log = logging.getLogger(__name__)
@@ -52,40 +51,6 @@ N_HEATMAPS = 3
 _LABEL_CACHE: dict[tuple[int, str], torch.Tensor] = {}
 _LABEL_CACHE_LOCK = threading.Lock()
 _LABEL_CACHE_MAX = 4096
-
-
-# -------------------------------------------------------------------------------------- loading
-def load_probes(state: AppState) -> None:
-    """Load every probe the manifest lists; a broken one is skipped with a note (the app keeps running)."""
-    atlas = state.atlas
-    notes = []
-    for name, entry in sorted(atlas.probes.items()):
-        try:
-            files = atlas.probe_layout(name)
-            probe = ConceptProbe.load(files.weights)
-            if probe.m != state.m:
-                raise CheckpointError(f"{files.weights}: reads {probe.m} concepts but the SAE has {state.m}")
-            config = json.loads(files.config.read_text())
-        except (InsightError, OSError, ValueError) as err:
-            log.error("probe %s not loaded: %s", name, err)
-            notes.append(f"probe {name!r} could not be loaded: {err}")
-            continue
-        state.probes[name] = probe
-        state.probe_info[name] = {
-            "description": str(config.get("description") or ""),
-            "n_classes": probe.cfg.n_classes,
-            "pooling": probe.cfg.pooling,
-            "top1": entry.get("top1"),
-            "top5": entry.get("top5"),
-            "held_out": config.get("held_out"),
-        }
-    if not atlas.probes:
-        notes.append(
-            "This atlas has no classification probe: train one with `python -m precompute probe --atlas "
-            "ATLAS --features FEATURES --labels LABELS.csv`."
-            + (" Zero-shot labels work without one." if state.text_aligned else "")
-        )
-    state.probe_note = " ".join(notes)
 
 
 def classifier_choices(state: AppState) -> list[str]:

@@ -162,7 +162,7 @@ def raw_image(**kw: Any) -> gr.Image:
         url = getattr(payload, "url", None) or ""
         return _data_url_bytes(url) if url.startswith("data:") else None
 
-    comp.preprocess = preprocess  # type: ignore[method-assign]
+    comp.preprocess = preprocess  # type: ignore[method-assign,assignment]
     return comp
 
 

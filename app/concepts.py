@@ -273,9 +273,9 @@ def group_colour(group: int) -> str:
 def _names_html(state: AppState, page: dict, alts: str) -> str:
     """The name score and the vocabulary alternatives; a note instead when the atlas has no text encoder."""
     if not state.text_aligned:
-        note = H.esc("unnamed: this atlas's features are not text-aligned, so there is no vocabulary to name "
-                     "concepts against (ids, exemplars and families describe them)")  # fmt: skip
-        return f"</div><p><i>{note}</i></p>"
+        unnamed = H.esc("unnamed: this atlas's features are not text-aligned, so there is no vocabulary to "
+                        "name concepts against (ids, exemplars and families describe them)")  # fmt: skip
+        return f"</div><p><i>{unnamed}</i></p>"
     n_alts = len(page["alternatives"])
     note = page.get("vocabulary_note")
     subset = f"<p class='vocab-note'><i>{H.esc(note)}</i></p>" if note else ""

@@ -176,7 +176,7 @@ def hierarchy(
     limit = group_limit(state, max_group)
     codes = expl.codes_pm
     mass = codes[:, :limit].sum(0)
-    out = []
+    out: list[dict] = []
     for p in np.argsort(-mass, kind="stable"):
         p = int(p)
         if mass[p] <= 0 or len(out) >= max_parents:

@@ -124,8 +124,8 @@ def class_embeddings(state: AppState, prompts: list[str]) -> np.ndarray:
             cache[_EVALS_KEY] = np.zeros(0, np.float32)
         missing = [p for p in dict.fromkeys(prompts) if p not in cache and _EVAL_PREFIX + p not in cache]
         if missing:
-            emb = state.backbone.encode_text(missing, list(TEMPLATES)).float().numpy()
-            for p, e in zip(missing, emb, strict=True):
+            emb_td = state.backbone.encode_text(missing, list(TEMPLATES)).float().numpy()
+            for p, e in zip(missing, emb_td, strict=True):
                 cache[p] = e / max(float(np.linalg.norm(e)), 1e-12)
         out = np.stack([cache[p] if p in cache else cache[_EVAL_PREFIX + p] for p in prompts])
         typed = [k for k in cache if not k.startswith(_EVAL_PREFIX) and k != _EVALS_KEY]
@@ -187,7 +187,7 @@ def segment_image(
     label_hw = up[0].argmax(0).numpy()
     scores = sc.insight_nc.float().numpy()
     p = gh * gw
-    segments = []
+    segments: list[dict[str, Any]] = []
     for s in range(seg.n):
         k = int(seg.class_s[s])
         on = pred.numpy() == k

@@ -28,8 +28,7 @@ import numpy as np
 from app import html as H
 from app.concepts import file_data_uri
 from app.explain import Explanation
-from app.state import AppError, AppState, _read_json_object
-from insight_core.atlas import AtlasError, reading
+from app.state import BUILD_HINT, AppError, AppState
 from insight_core.concepts.image_search import (
     EXCLUDE_MODES,
     Hit,
@@ -37,7 +36,6 @@ from insight_core.concepts.image_search import (
     QueryError,
     image_concepts,
     image_query,
-    load_codes,
     parse_ids,
     parse_weights,
     search_concepts,
@@ -51,36 +49,6 @@ MAX_K = 48
 """Most results per query."""
 SHARED_SHOWN = 6
 """Shared concepts listed under each result."""
-BUILD_HINT = "build it with `python -m precompute image-index --atlas ATLAS --features ATLAS-features`"
-
-
-# -------------------------------------------------------------------------------------- loading
-def load_similar(state: AppState) -> None:
-    """The atlas's image index (hash-verified before FAISS reads it) and its thumbnail list.
-
-    Raises
-    ------
-    AtlasError
-        A listed index file that cannot be read or does not match the SAE (naming the file).
-    """
-    atlas = state.atlas
-    if not (atlas.has("image_index") and atlas.has("image_codes")):
-        state.similar_note = f"This atlas has no image search index: {BUILD_HINT}."
-        return
-    from insight_core.concepts.index import load_index  # faiss import is slow; only when needed
-
-    codes_path = atlas.read_path("image_codes")
-    index_path = atlas.read_path("image_index")
-    with reading(codes_path, "image search codes"):
-        parts = load_codes(codes_path)
-    if parts[0].m != state.m:
-        raise AtlasError(f"{codes_path}: indexes {parts[0].m} concepts but the SAE has {state.m}")
-    with reading(index_path, "FAISS index", (RuntimeError,)):  # FAISS reports a corrupt file so
-        index = ImageIndex.assemble(load_index(index_path), parts, index_path)
-    state.image_index = index
-    if atlas.has("image_thumbnails"):
-        state.image_thumbs = _read_json_object(atlas, "image_thumbnails")
-    log.info("image search: %d images (%s)", index.n, "exact" if index.exact else "IVF-PQ")
 
 
 def require_index(state: AppState) -> ImageIndex:

@@ -200,7 +200,7 @@ class Startup:
         while (rc := build.poll()) is None:
             report = build.progress()
             cur = report.current if report else None
-            if cur is not None and cur.stage != last:
+            if report is not None and cur is not None and cur.stage != last:
                 last = cur.stage
                 log.info("demo build %d/%d: %s (%s)", cur.index, len(report.stages), cur.stage, cur.label)
             time.sleep(self.poll_s)

@@ -26,7 +26,8 @@ from insight_core.atlas import Atlas, AtlasError, reading
 from insight_core.atlas.hub import resolve_atlas
 from insight_core.atlas.trust import check_atlas_refs, lm_policy, resolve_trust
 from insight_core.concepts.families import Families
-from insight_core.errors import ConfigError, InsightError
+from insight_core.concepts.image_search import ImageIndex, load_codes
+from insight_core.errors import CheckpointError, ConfigError, InsightError
 from insight_core.models.dinoiser import Dinoiser
 from insight_core.models.feature_path import (
     DenseBackbone,
@@ -35,6 +36,7 @@ from insight_core.models.feature_path import (
     manifest_backbone,
     manifest_pooling,
 )
+from insight_core.models.probe import ConceptProbe
 from insight_core.models.sae import MatryoshkaSAE
 from insight_core.models.sae_kinds import load_sae
 from insight_core.models.timm_backbone import not_text_aligned_message
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 
 ENV_ATLAS = "INSIGHT_ATLAS"
 DEFAULT_ATLAS = "demo_atlas"
+BUILD_HINT = "build it with `python -m precompute image-index --atlas ATLAS --features ATLAS-features`"
+"""How to build the image search index the Similar tab needs."""
 CONCEPT_COLUMNS = ("id", "name", "name_score", "name_pos", "top_names", "top_scores", "top_pos", "group",
                    "freq_patches", "frequency", "freq_images", "mean_activation")  # fmt: skip
 """Columns of concepts.parquet the views read (a table without them is refused on load)."""
@@ -90,8 +94,8 @@ class AppState:
     captioner: Any = None
     steerer: Any = None
     captioner_note: str = ""
-    probes: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Classification probes of the atlas by name (``ConceptProbe``; see :mod:`app.classify`)."""
+    probes: dict[str, ConceptProbe] = dataclasses.field(default_factory=dict)
+    """Classification probes of the atlas by name (used by :mod:`app.classify`)."""
     probe_info: dict[str, dict] = dataclasses.field(default_factory=dict)
     """Per probe: its ``config.json`` and held-out metrics summary (description, classes, top-1)."""
     probe_note: str = ""
@@ -401,6 +405,67 @@ def load_evaluations(state: AppState) -> None:
     state.eval_note = "; ".join(notes)
 
 
+def load_probes(state: AppState) -> None:
+    """Load every probe the manifest lists; a broken one is skipped with a note (the app keeps running)."""
+    atlas = state.atlas
+    notes = []
+    for name, entry in sorted(atlas.probes.items()):
+        try:
+            files = atlas.probe_layout(name)
+            probe = ConceptProbe.load(files.weights)
+            if probe.m != state.m:
+                raise CheckpointError(f"{files.weights}: reads {probe.m} concepts but the SAE has {state.m}")
+            config = json.loads(files.config.read_text())
+        except (InsightError, OSError, ValueError) as err:
+            log.error("probe %s not loaded: %s", name, err)
+            notes.append(f"probe {name!r} could not be loaded: {err}")
+            continue
+        state.probes[name] = probe
+        state.probe_info[name] = {
+            "description": str(config.get("description") or ""),
+            "n_classes": probe.cfg.n_classes,
+            "pooling": probe.cfg.pooling,
+            "top1": entry.get("top1"),
+            "top5": entry.get("top5"),
+            "held_out": config.get("held_out"),
+        }
+    if not atlas.probes:
+        notes.append(
+            "This atlas has no classification probe: train one with `python -m precompute probe --atlas "
+            "ATLAS --features FEATURES --labels LABELS.csv`."
+            + (" Zero-shot labels work without one." if state.text_aligned else "")
+        )
+    state.probe_note = " ".join(notes)
+
+
+def load_similar(state: AppState) -> None:
+    """The atlas's image index (hash-verified before FAISS reads it) and its thumbnail list.
+
+    Raises
+    ------
+    AtlasError
+        A listed index file that cannot be read or does not match the SAE (naming the file).
+    """
+    atlas = state.atlas
+    if not (atlas.has("image_index") and atlas.has("image_codes")):
+        state.similar_note = f"This atlas has no image search index: {BUILD_HINT}."
+        return
+    from insight_core.concepts.index import load_index  # faiss import is slow; only when needed
+
+    codes_path = atlas.read_path("image_codes")
+    index_path = atlas.read_path("image_index")
+    with reading(codes_path, "image search codes"):
+        parts = load_codes(codes_path)
+    if parts[0].m != state.m:
+        raise AtlasError(f"{codes_path}: indexes {parts[0].m} concepts but the SAE has {state.m}")
+    with reading(index_path, "FAISS index", (RuntimeError,)):  # FAISS reports a corrupt file so
+        index = ImageIndex.assemble(load_index(index_path), parts, index_path)
+    state.image_index = index
+    if atlas.has("image_thumbnails"):
+        state.image_thumbs = _read_json_object(atlas, "image_thumbnails")
+    log.info("image search: %d images (%s)", index.n, "exact" if index.exact else "IVF-PQ")
+
+
 def load_state(location: str | Path, *, trust_weights: bool | None = None) -> AppState:
     """Resolve (local folder or Hub repo id), validate and load an atlas with its models.
 
@@ -449,11 +514,7 @@ def load_state(location: str | Path, *, trust_weights: bool | None = None) -> Ap
     load_evaluations(state)
     _indexes(state)
     _captioner(state)
-    from app.classify import load_probes  # the Classify tab's loader (app.classify imports this module)
-
     load_probes(state)
-    from app.similar import load_similar  # the Similar tab's loader (app.similar imports this module)
-
     load_similar(state)
     if state.random_weights:
         log.warning("atlas %s was built on a RANDOM-INIT backbone: concepts carry no semantics", atlas.root)

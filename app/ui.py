@@ -250,7 +250,7 @@ def _api_endpoints(views: Views) -> None:
         flag = gr.Checkbox(label="flag", value=False)
         out = gr.JSON(label="result")
         # name -> (handler, inputs, description, runs a model)
-        endpoints = {
+        endpoints: dict[str, tuple[Callable, list[Any], str, bool]] = {
             "explain": (
                 views.api_explain,
                 [image, num, num2],

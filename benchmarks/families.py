@@ -14,7 +14,8 @@ Per m, each hand-written pass and its networkx equivalent run on the same graph 
 (asserted); the networkx time includes building the ``nx.DiGraph`` it needs (the hand-written code
 works on the CSR arrays the ``Families`` object already has):
 
-- scc: iterative Tarjan vs ``nx.strongly_connected_components``;
+- scc: scipy's ``connected_components(connection="strong")`` vs ``nx.strongly_connected_components``
+  (and, with ``--before REF``, vs that ref's ``_strongly_connected``: the iterative Tarjan it replaced);
 - cycle check: Pearce-Kelly incremental order vs ``nx.has_path`` per intra-component edge;
 - depth: Kahn's order + longest-path relaxation vs ``nx.topological_generations``;
 - walks: 200 depth-2 and 200 unlimited ancestor+descendant queries vs ``nx`` BFS / ``nx.ancestors``;
@@ -137,7 +138,9 @@ def _edges(fam: Any) -> tuple[list, list, list]:
     return fam.parent_e.tolist(), fam.child_e.tolist(), fam.confidence_e.tolist()
 
 
-def bench_pieces(m: int, c_e, p_e, conf, freq, max_nx_transitive: int) -> tuple[dict, Any]:
+def bench_pieces(
+    m: int, c_e, p_e, conf, freq, max_nx_transitive: int, before: ModuleType | None = None
+) -> tuple[dict, Any]:
     """Hand-written vs networkx, per pass, on the graph of this input (see the module docstring)."""
     out: dict[str, dict] = {}
     p, c, cf, _ = F._break_mutual(m, p_e, c_e, conf, freq)
@@ -155,6 +158,10 @@ def bench_pieces(m: int, c_e, p_e, conf, freq, max_nx_transitive: int) -> tuple[
     same = comp[p] == comp[c]
     assert np.array_equal(same, comp_nx[p] == comp_nx[c]), "scc: the two disagree"
     out["scc"] = {"hand_s": t_hand, "nx_s": t_nx, "edges": len(p)}
+    if before is not None:
+        t_before, comp_before = timed(lambda: before._strongly_connected(m, p, c))
+        assert np.array_equal(same, comp_before[p] == comp_before[c]), "scc: before and after disagree"
+        out["scc"]["before_s"] = t_before
 
     inside = np.flatnonzero(same)
 
@@ -313,7 +320,7 @@ def main() -> None:
     for m in args.sizes:
         c_e, p_e, conf, freq = synthetic_candidates(m, noise_per_concept=args.noise)
         row: dict[str, Any] = {"m": m, "candidates": len(c_e)}
-        row["pieces"], fam = bench_pieces(m, c_e, p_e, conf, freq, args.max_nx_transitive)
+        row["pieces"], fam = bench_pieces(m, c_e, p_e, conf, freq, args.max_nx_transitive, before)
         row.update(edges=fam.n_edges, roots=len(fam.roots), max_depth=int(fam.depth_m.max()))
         if m in args.build_sizes:
             d, f_t = dense_matrix(m, c_e, p_e, conf), torch.from_numpy(freq)
@@ -352,7 +359,8 @@ def main() -> None:
         f"# families benchmark ({args.tag}; networkx {nx.__version__}; {args.threads} torch threads)",
         "",
         f"Synthetic forest + {args.noise} noise implications per concept (`python benchmarks/families.py`).",
-        "Seconds, hand-written / networkx (networkx time includes building its DiGraph); "
+        "Seconds, this checkout (hand-written; scipy for scc) / networkx "
+        "(networkx time includes building its DiGraph); "
         "outputs asserted equal.",
         "",
         "| m | candidates | edges | max depth | " + " | ".join(PIECES) + " |",
@@ -367,6 +375,12 @@ def main() -> None:
         lines.append(
             f"| {r['m']} | {r['candidates']} | {r['edges']} | {r['max_depth']} | " + " | ".join(cells) + " |"
         )
+    if before is not None:
+        lines += ["", f"scc: `{args.before}` (iterative Tarjan) vs this checkout (scipy), seconds:", ""]
+        lines += ["| m | before (s) | after (s) |", "|---|---|---|"]
+        for r in rows:
+            x = r["pieces"]["scc"]
+            lines.append(f"| {r['m']} | {x['before_s']:.3f} | {x['hand_s']:.3f} |")
     builds = [r for r in rows if "build_after_s" in r]
     if builds:
         lines += ["", f"`build_families` + `summary` on a dense D (best of {args.repeat}):", ""]

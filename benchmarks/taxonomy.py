@@ -8,13 +8,23 @@ nodes before keeping the classes' ancestors, depth ~ 14, near ImageNet-1k's Word
 images with ~300 active concepts each (CSR pooled codes, as ``PooledConcepts``), a family DAG of
 ~1.5 edges per concept. Random numbers: speed
 only. Writes benchmarks/reports/taxonomy-cpu.{json,md}.
+
+``--before REF`` also times the library kernels against ``insight_core/concepts/taxonomy.py`` and
+``insight_core/evaluation/bias.py`` of a git ref, on the same inputs (outputs asserted equal; float
+results to 1e-9): reading a taxonomy + its depths (the 1.9k-node tree and a WordNet-sized 80k-node one;
+Kahn's order level by level, vectorised, vs node by node; and a 10k-deep chain, the worst case for
+the level-by-level pass) and the Welch tests of
+``bias_statistics`` (``scipy.stats.ttest_ind_from_stats`` vs the hand-written t / df / p).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +45,93 @@ def _taxonomy(path: Path, n_classes: int, n_inner: int, rng) -> list[str]:
     return classes
 
 
+def _module_at(ref: str, rel: str):
+    """The file ``rel`` of git ``ref`` as a standalone module (its imports resolve to this checkout)."""
+    show = ["git", "show", f"{ref}:{rel}"]
+    path = Path(tempfile.mkdtemp()) / Path(rel).name
+    path.write_text(subprocess.run(show, cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+    spec = importlib.util.spec_from_file_location(f"before_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {rel} of {ref}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _best(fn, repeat: int = 3) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+TAXONOMIES = (("1.9k nodes", 900, 1000), ("WordNet-sized, 80k nodes", 60_000, 20_000))
+"""(label, inner nodes, classes) of the taxonomies the kernels are timed on."""
+
+
+def _taxonomy_kernels(tax_before, tax_now, tmp: Path, rng) -> list[dict]:
+
+    rows = []
+    chain = tmp / "chain.csv"  # the worst case of a level-by-level pass: one level per node
+    chain.write_text("child,parent\n" + "".join(f"n{i + 1},n{i}\n" for i in range(10_000)))
+    for label, n_inner, n_classes in (*TAXONOMIES, ("a 10k-deep chain", 0, 0)):
+        path = tmp / f"t{n_inner}.csv" if n_inner else chain
+        if n_inner:
+            _taxonomy(path, n_classes, n_inner, rng)
+        out = {}
+        for when, mod in (("before", tax_before), ("after", tax_now)):
+            tax = mod.read_taxonomy(path)
+            out[when] = (tax.nodes, tax.parents, tax.depths().tolist())
+            out[f"{when}_s"] = _best(lambda mod=mod, path=path: mod.read_taxonomy(path).depths())[0]
+        if out["before"] != out["after"]:
+            raise AssertionError(f"read taxonomy + depths ({label}): before and after differ")
+        rows.append({"kernel": f"read taxonomy + depths ({label})", "before_s": out["before_s"],
+                     "after_s": out["after_s"]})  # fmt: skip
+    return rows
+
+
+def _bias_kernels(bias_before, bias_now, sums: tuple, rng) -> list[dict]:
+    import numpy as np
+
+    rows = []
+    for n_groups in (2, 8):
+        s, ss, fires, n_g = sums
+        if n_groups > 2:  # spread the two-group sums over more groups (speed only)
+            w = rng.dirichlet(np.ones(n_groups))
+            s, ss, fires = (np.outer(w, x.sum(0)) for x in (s, ss, fires))
+            n_g = np.maximum((w * n_g.sum()).astype(np.int64), 2)
+        inputs = (s, ss, np.round(fires), n_g, [f"g{i}" for i in range(n_groups)])
+        res, secs = {}, {}
+        for when, mod in (("before", bias_before), ("after", bias_now)):
+            run = functools.partial(mod.bias_statistics, *inputs, cfg=mod.BiasConfig())
+            secs[when], res[when] = _best(run)
+        for field in ("t_gm", "p_gm", "q_gm"):
+            a, b = getattr(res["before"], field), getattr(res["after"], field)
+            if not np.allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True):
+                raise AssertionError(f"bias_statistics {field}: before and after differ")
+        rows.append({"kernel": f"bias: d, Welch tests, BH ({n_groups} groups x {s.shape[1]} concepts)",
+                     "before_s": secs["before"], "after_s": secs["after"]})  # fmt: skip
+    return rows
+
+
+def kernels_vs(ref: str, sums: tuple, rng) -> list[dict]:
+    """Seconds (best of 3) of this checkout's taxonomy/bias kernels and ``ref``'s, same inputs."""
+    from insight_core.concepts import taxonomy as tax_now
+    from insight_core.evaluation import bias as bias_now
+
+    tax_before = _module_at(ref, "insight_core/concepts/taxonomy.py")
+    bias_before = _module_at(ref, "insight_core/evaluation/bias.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = _taxonomy_kernels(tax_before, tax_now, Path(tmp), rng)
+    rows += _bias_kernels(bias_before, bias_now, sums, rng)
+    for r in rows:
+        print(f"{r['kernel']}: before {r['before_s']:.3f} s, after {r['after_s']:.3f} s", flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=50_000)
@@ -42,6 +139,7 @@ def main() -> int:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--active", type=int, default=300, help="active concepts per image")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--before", default=None, help="git ref whose taxonomy/bias kernels are timed too")
     args = ap.parse_args()
 
     import numpy as np
@@ -98,12 +196,14 @@ def main() -> int:
     g = rng.integers(0, 2, n)
     sums = timed("bias: group sums", lambda: group_sums(pooled, np.arange(n), g, 2))
     timed("bias: d, Welch tests, BH", lambda: bias_statistics(*sums, groups=["a", "b"], cfg=BiasConfig()))
+    kernels = kernels_vs(args.before, sums, rng) if args.before else []
     report = {
         "images": n, "concepts": m, "classes": c, "taxonomy_nodes": tax.n, "max_depth": int(depth.max()),
         "active_per_image": k, "family_edges": int(fam.n_edges), "mapped": res.n_mapped,
         "seconds": {key: round(v, 3) for key, v in times.items()},
         "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(), "note": "random data: speed only",
+        "before": args.before, "kernels_before_after": kernels,
     }  # fmt: skip
     out = Path(args.out or ROOT / "benchmarks" / "reports" / "taxonomy-cpu")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +219,10 @@ def main() -> int:
         "|---|---|",
         *[f"| {key} | {v:.2f} |" for key, v in times.items()],
     ]
+    if kernels:
+        md += ["", f"Library kernels, `{args.before}` vs this checkout (best of 3, outputs asserted equal):",
+               "", "| kernel | before (s) | after (s) |", "|---|---|---|"]  # fmt: skip
+        md += [f"| {r['kernel']} | {r['before_s']:.3f} | {r['after_s']:.3f} |" for r in kernels]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     return 0
 

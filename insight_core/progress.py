@@ -2,9 +2,10 @@
 
 The explorer starts the demo build as a separate process and shows its progress in the page; this
 module is the contract between the two. The job side wraps each stage in :func:`stage` under a
-:func:`reporting` block; a background thread samples the live ``tqdm`` bars of the running stage
-(counts, rate) twice a second, so no stage code has to report anything itself. The reader side is
-:func:`read_progress`.
+:func:`reporting` block. Stage code draws its progress bars with this module's :class:`tqdm` (a
+drop-in subclass of ``tqdm.auto.tqdm``), which registers each bar with the active reporter while it is
+open; a background thread samples the running stage's registered bars (counts, rate) twice a second.
+A bar made with plain ``tqdm`` is not reported. The reader side is :func:`read_progress`.
 
 The file is JSON lines, rewritten atomically (temp file + rename) on every change, so a reader never
 sees a torn file::
@@ -34,6 +35,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm as _tqdm
 
 from insight_core.io import atomic_write
 
@@ -105,16 +108,26 @@ class JobProgress:
         return sum(s.status == "done" for s in self.stages)
 
 
-def _bar_snapshot(since: float) -> dict[str, Any] | None:
-    """Counts of the most recently started live tqdm bar that started after ``since`` (or None)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a requirement
-        return None
-    try:
-        bars = list(getattr(tqdm, "_instances", ()))
-    except RuntimeError:  # the set changed while copying; try again at the next poll
-        return None
+class tqdm(_tqdm):  # lower-case: a drop-in for tqdm.auto.tqdm
+    """``tqdm.auto.tqdm`` whose counts the active :class:`ProgressReporter` (if any) reports while the
+    bar is open: stage code uses it instead of tqdm's own class and reports nothing else."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reporter = _current
+        if self._reporter is not None and not self.disable:
+            self._reporter.track(self)
+
+    def close(self) -> None:
+        super().close()
+        reporter = getattr(self, "_reporter", None)  # close() also runs from __del__, once more
+        self._reporter = None
+        if reporter is not None:
+            reporter.untrack(self)
+
+
+def _bar_snapshot(bars: Sequence[Any], since: float) -> dict[str, Any] | None:
+    """Counts of the most recently started open bar among ``bars`` that started after ``since`` (or None)."""
     best, best_start = None, since
     for bar in bars:
         start = float(getattr(bar, "start_t", 0.0) or 0.0)
@@ -150,7 +163,9 @@ class ProgressReporter:
         }
         self._t0: dict[str, float] = {}
         self._running: str | None = None
-        self._lock = threading.Lock()
+        self._bars: list[tqdm] = []
+        """The open bars (:class:`tqdm` registers and unregisters itself)."""
+        self._lock = threading.RLock()  # a bar closed by GC while the lock is held re-enters it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="progress-file", daemon=True)
 
@@ -171,6 +186,15 @@ class ProgressReporter:
                 self._set(self._running, status="failed")
         self.write()
 
+    # -- bars ---------------------------------------------------------------------------------
+    def track(self, bar: tqdm) -> None:
+        with self._lock:
+            self._bars.append(bar)
+
+    def untrack(self, bar: tqdm) -> None:
+        with self._lock:
+            self._bars = [b for b in self._bars if b is not bar]
+
     # -- stages -------------------------------------------------------------------------------
     def begin(self, name: str) -> None:
         with self._lock:
@@ -183,7 +207,7 @@ class ProgressReporter:
 
     def end(self, name: str, ok: bool = True) -> None:
         with self._lock:
-            snap = _bar_snapshot(self._t0.get(name, self.started))
+            snap = _bar_snapshot(self._bars, self._t0.get(name, self.started))
             cur = self.stages[name]
             done = {"done": cur.total, "eta_s": 0.0} if ok and cur.total else {}
             if snap and ok:
@@ -204,7 +228,7 @@ class ProgressReporter:
                 if name is None:
                     continue
                 t0 = self._t0.get(name, self.started)
-                snap = _bar_snapshot(t0) or {}
+                snap = _bar_snapshot(self._bars, t0) or {}
                 self._set(name, elapsed_s=time.time() - t0, **snap)
             self.write()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from insight_core import progress
 from insight_core.atlas import Atlas, AtlasLayout, write_manifest
@@ -90,7 +90,7 @@ def _run(job: BuildJob) -> Atlas:
         raise ConfigError(
             "give an image source (--images, --webdataset or --hf-dataset) or --features (feature folder)"
         )
-    common = {"device": job.device, "progress": job.progress}
+    common: dict[str, Any] = {"device": job.device, "progress": job.progress}
     if job.source.given and len(job.backbone.layer) > 1:
         raise ConfigError(
             f"--layer {' '.join(map(str, job.backbone.layer))}: build makes one atlas from one layer; "

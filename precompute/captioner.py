@@ -26,12 +26,11 @@ import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from insight_core.atlas import AtlasLayout, CaptionerLayout, fingerprint, read_json_dict, write_manifest
 from insight_core.data.images import load_image
@@ -41,7 +40,7 @@ from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
 from insight_core.evaluation.captions import reproduction_rate, score_captions
 from insight_core.io import write_json
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
-from insight_core.models.captioner import CaptionerConfig, SteerableCaptioner, public_lm_source
+from insight_core.models.captioner import CaptionerConfig, Source, SteerableCaptioner, public_lm_source
 from insight_core.models.dinoiser import Dinoiser
 from insight_core.models.feature_path import (
     check_compatible,
@@ -52,6 +51,7 @@ from insight_core.models.feature_path import (
 from insight_core.models.lm import build_tiny_lm
 from insight_core.models.sae import MatryoshkaSAE
 from insight_core.models.sae_kinds import load_sae
+from insight_core.progress import tqdm
 from insight_core.training.captioner import (
     CaptionData,
     CaptionTrainConfig,
@@ -291,12 +291,14 @@ def load_splits(job: CaptionerJob) -> dict[str, Split]:
             splits["val"] = hf_split(job, job.val_split)
         if job.test_split:
             splits["test"] = hf_split(job, job.test_split)
-    elif is_karpathy(job.captions):
-        splits = karpathy_splits(job.captions, job.images)
     else:
-        splits = {"train": coco_split("train", job.captions, job.images)}
-        if job.val_captions is not None:
-            splits["val"] = coco_split("val", job.val_captions, job.val_images)
+        captions, images = cast(Path, job.captions), cast(Path, job.images)  # __post_init__: both given
+        if is_karpathy(captions):
+            splits = karpathy_splits(captions, images)
+        else:
+            splits = {"train": coco_split("train", captions, images)}
+            if job.val_captions is not None and job.val_images is not None:
+                splits["val"] = coco_split("val", job.val_captions, job.val_images)
     if "train" not in splits:
         raise ConfigError(
             f"captioner: the data source has no training images ({job.captions or job.dataset})"
@@ -424,7 +426,7 @@ def run(job: CaptionerJob) -> dict:
         epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, warmup_steps=job.warmup_steps,
         finetune_lm=finetune, seed=job.seed, device=device,
     )  # fmt: skip
-    sources = ["insight", "dense"] if job.baseline else ["insight"]
+    sources: list[Source] = ["insight", "dense"] if job.baseline else ["insight"]
     results = {}
     for source in sources:
         cfg = CaptionerConfig(

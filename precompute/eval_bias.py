@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,7 @@ from insight_core.evaluation.bias import BiasConfig, BiasResult, bias_statistics
 from insight_core.io import atomic_write, write_json
 from precompute.eval_common import PLUMBING_NOTE, concept_names, list_in_manifest, md_table
 from precompute.eval_images import open_pooled
+from precompute.options import EvalRunOptions, Flat
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +59,8 @@ class EvalBiasJob:
     """False discovery rate (Benjamini-Hochberg) at which a difference is significant."""
     top_k: int = 20
     """Concepts listed per group in the report and the app."""
-    thresholded: bool = False
-    """Encode with per-concept thresholds (needs an SAE that has them)."""
-    name: str | None = None
-    """Evaluation name (folder under A/evals/); default bias-<attributes file stem>."""
-    images_per_batch: int = 64
-    """Images encoded per step when pooling codes."""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
-    force: bool = False
-    """Recompute even if up to date."""
-    progress: bool = True
-    """Show a progress bar."""
+    options: Annotated[EvalRunOptions, Flat] = dataclasses.field(default_factory=EvalRunOptions)
+    """How it runs: --thresholded, --name, --images-per-batch, --device, --force, --progress."""
 
 
 def _default_name(path: Path) -> str:
@@ -79,21 +70,22 @@ def _default_name(path: Path) -> str:
 
 def run(job: EvalBiasJob) -> dict:
     cfg = BiasConfig(pooling=job.pooling, min_images=job.min_images, alpha=job.alpha, top_k=job.top_k)
-    name = check_name(job.name or _default_name(job.attributes), "--name")
+    name = check_name(job.options.name or _default_name(job.attributes), "--name")
     layout = AtlasLayout(job.atlas)
-    codes = "concept" if job.thresholded else "global"
+    codes = "concept" if job.options.thresholded else "global"
     settings = {**dataclasses.asdict(cfg), "codes": codes}
     key = fingerprint(
         [job.attributes, layout.sae, *sorted(Path(job.features).rglob("*.npy"))], {STAGE: settings}
     )
     record = layout.stage_record(f"{STAGE}.{name}")
     ev = layout.eval_layout(name)
-    if not job.force and record.is_current(key):
+    if not job.options.force and record.is_current(key):
         log.info("%s is up to date; skipping (use --force to recompute)", ev.root)
         list_in_manifest(layout, name, changed=False)
         return read_json_dict(ev.report_json)
-    inp = open_pooled(job.atlas, job.features, codes=codes, device=job.device,
-                      images_per_batch=job.images_per_batch, progress=job.progress)  # fmt: skip
+    inp = open_pooled(job.atlas, job.features, codes=codes, device=job.options.device,
+                      images_per_batch=job.options.images_per_batch,
+                      progress=job.options.progress)  # fmt: skip
     attrs = read_labels(job.attributes, inp.images, column=ATTRIBUTE_COLUMN, min_classes=1)
     small = [f"{g!r} ({n})" for g, n in zip(attrs.classes, attrs.class_counts(), strict=True) if n < 2]
     if len(attrs.classes) < 2 or small:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,6 +38,7 @@ from precompute.eval_common import (
     md_table,
     open_inputs,
 )
+from precompute.options import EvalRunOptions, Flat
 
 log = logging.getLogger(__name__)
 
@@ -55,34 +57,26 @@ class EvalConceptsJob:
     """Mask folder written by `precompute masks` (parts or segments: PartImageNet, COCO-Stuff, ...)."""
     min_images: int = 5
     """Impurity averages over concepts active in at least N images (paper: 5 PartImageNet, 20 COCO-Stuff)."""
-    thresholded: bool = False
-    """Binarise with per-concept thresholds (needs an SAE that has them)."""
-    name: str | None = None
-    """Evaluation name (folder under A/evals/); default concepts-<masks folder>[-thr]."""
-    images_per_batch: int = 16
-    """Images encoded per step."""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
-    force: bool = False
-    """Recompute even if up to date."""
-    progress: bool = True
-    """Show a progress bar."""
+    options: Annotated[EvalRunOptions, Flat] = dataclasses.field(
+        default_factory=lambda: EvalRunOptions(images_per_batch=16)
+    )
+    """How it runs: --thresholded, --name, --images-per-batch, --device, --force, --progress."""
 
 
 def run(job: EvalConceptsJob) -> dict:
-    cfg = ConceptMetricsConfig(min_images=job.min_images, thresholded=job.thresholded)
-    name = job.name or default_name("concepts", job.masks, "thr" if job.thresholded else "")
-    inp = open_inputs(job.atlas, job.features, job.masks, name, job.device)
-    rule = code_rule(inp.sae, job.thresholded)
+    cfg = ConceptMetricsConfig(min_images=job.min_images, thresholded=job.options.thresholded)
+    name = job.options.name or default_name("concepts", job.masks, "thr" if job.options.thresholded else "")
+    inp = open_inputs(job.atlas, job.features, job.masks, name, job.options.device)
+    rule = code_rule(inp.sae, job.options.thresholded)
     ev, record = inp.ev, inp.layout.stage_record(f"{STAGE}.{inp.name}")
     key = fingerprint(
         [*inp.masks.files(), inp.layout.sae], {STAGE: {**dataclasses.asdict(cfg), "rule": rule}}
     )
-    if not job.force and record.is_current(key):
+    if not job.options.force and record.is_current(key):
         log.info("%s is up to date; skipping (use --force to recompute)", ev.root)
         list_in_manifest(inp.layout, inp.name, changed=False)
         return read_json_dict(ev.report_json)
-    if job.force:
+    if job.options.force:
         clear_parts(ev)
     acc, stats = run_concept_metrics(
         inp.masks,
@@ -90,8 +84,8 @@ def run(job: EvalConceptsJob) -> dict:
         cfg,
         partial=ev.partial,
         key=key,
-        images_per_batch=job.images_per_batch,
-        progress=job.progress,
+        images_per_batch=job.options.images_per_batch,
+        progress=job.options.progress,
     )
     metrics = acc.result(cfg)
     names = concept_names(inp.layout, inp.sae.cfg.dict_size)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,6 +51,7 @@ from precompute.eval_common import (
     md_table,
     open_inputs,
 )
+from precompute.options import EvalRunOptions, Flat
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,10 @@ class EvalOvsJob:
     """Score the background as a class (prompt --background-text): the "w/ background" protocol."""
     background_text: str = "background"
     """Text of the background prompt."""
-    thresholded: bool = False
-    """The paper's thresholded variant (per-concept thresholds; needs an SAE that has them)."""
+    options: Annotated[EvalRunOptions, Flat] = dataclasses.field(
+        default_factory=lambda: EvalRunOptions(images_per_batch=16)
+    )
+    """How it runs: --thresholded, --name, --images-per-batch, --device, --force, --progress."""
     templates: str = "imagenet80"
     """Prompt templates for class names: imagenet80 (CLIP's 80; the MaskCLIP/CLIP-DINOiser protocol),
     noun or single."""
@@ -83,20 +87,10 @@ class EvalOvsJob:
     patch's class)."""
     top_k: int = 5
     """Concepts kept per segment in segments.parquet."""
-    name: str | None = None
-    """Evaluation name (folder under A/evals/); default ovs-<masks folder>[-bg][-thr]."""
     arch: str | None = None
     """Text encoder architecture (default: the atlas manifest's backbone)."""
     pretrained: str | None = None
     """Text encoder weights (default: the atlas manifest's backbone)."""
-    images_per_batch: int = 16
-    """Images encoded per step."""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
-    force: bool = False
-    """Recompute even if up to date."""
-    progress: bool = True
-    """Show a progress bar."""
 
     def ovs_config(self) -> OvsConfig:
         return OvsConfig(
@@ -105,7 +99,7 @@ class EvalOvsJob:
             templates=self.templates,
             upsample=self.upsample,
             top_k=self.top_k,
-            thresholded=self.thresholded,
+            thresholded=self.options.thresholded,
         )
 
 
@@ -115,7 +109,7 @@ def _classes(job: EvalOvsJob, inp: EvalInputs, cfg: OvsConfig) -> tuple[OvsClass
     names, prompts, values = (tuple(x) for x in zip(*triples, strict=True))
     if job.class_embeddings is not None:
         emb = embeddings_from_file(job.class_embeddings, prompts)
-        return OvsClasses(names, prompts, values, emb), {"file": str(job.class_embeddings)}  # type: ignore[arg-type]
+        return OvsClasses(names, prompts, values, emb), {"file": str(job.class_embeddings)}
     arch = job.arch or inp.backbone.get("arch")
     pretrained = job.pretrained or inp.backbone.get("pretrained")
     if not arch or not pretrained:
@@ -131,28 +125,28 @@ def _classes(job: EvalOvsJob, inp: EvalInputs, cfg: OvsConfig) -> tuple[OvsClass
     emb = embed_classes(prompts, backbone.encode_text, cfg.template_list())
     return OvsClasses(names, prompts, values, emb), {
         "arch": arch,
-        "pretrained": pretrained,  # type: ignore[arg-type]
+        "pretrained": pretrained,
         "templates": cfg.templates,
     }
 
 
 def run(job: EvalOvsJob) -> dict:
     cfg = job.ovs_config()
-    name = job.name or default_name(
-        "ovs", job.masks, "bg" if job.background_prompt else "", "thr" if job.thresholded else ""
+    name = job.options.name or default_name(
+        "ovs", job.masks, "bg" if job.background_prompt else "", "thr" if job.options.thresholded else ""
     )
-    inp = open_inputs(job.atlas, job.features, job.masks, name, job.device)
-    rule = code_rule(inp.sae, job.thresholded)
+    inp = open_inputs(job.atlas, job.features, job.masks, name, job.options.device)
+    rule = code_rule(inp.sae, job.options.thresholded)
     ev, record = inp.ev, inp.layout.stage_record(f"{STAGE}.{inp.name}")
     settings = {**dataclasses.asdict(cfg), "arch": job.arch, "pretrained": job.pretrained, "rule": rule}
     files = [*inp.masks.files(), inp.layout.sae, *([job.class_embeddings] if job.class_embeddings else [])]
     key = fingerprint(files, {STAGE: settings})
-    if not job.force and record.is_current(key):
+    if not job.options.force and record.is_current(key):
         log.info("%s is up to date; skipping (use --force to recompute)", ev.root)
         list_in_manifest(inp.layout, inp.name, changed=False)
         return read_json_dict(ev.report_json)
     classes, text_source = _classes(job, inp, cfg)
-    if job.force:
+    if job.options.force:
         clear_parts(ev)
     acc, stats = run_ovs(
         inp.masks,
@@ -162,8 +156,8 @@ def run(job: EvalOvsJob) -> dict:
         partial=ev.partial,
         key=key,
         part_path=ev.part,
-        images_per_batch=job.images_per_batch,
-        progress=job.progress,
+        images_per_batch=job.options.images_per_batch,
+        progress=job.options.progress,
     )
     names = concept_names(inp.layout, inp.sae.cfg.dict_size)
     result = acc.result(names)

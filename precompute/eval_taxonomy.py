@@ -20,10 +20,11 @@ manifest so the concept pages show it. Skipped when nothing changed (stage recor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +49,7 @@ from insight_core.io import atomic_write, write_json
 from precompute.eval_common import PLUMBING_NOTE, concept_names, list_in_manifest, md_table
 from precompute.eval_images import PooledInputs, open_pooled
 from precompute.families import read_edges
+from precompute.options import EvalRunOptions, Flat
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +90,16 @@ class EvalTaxonomyJob:
     """Map a concept only if its node's subtree holds this fraction of its activation mass."""
     min_images: int = 5
     """Map a concept only if it fires on this many labelled images."""
-    thresholded: bool = False
-    """Encode with per-concept thresholds (needs an SAE that has them)."""
-    name: str | None = None
-    """Evaluation name (folder under A/evals/); default taxonomy-<labels file stem>."""
-    images_per_batch: int = 64
-    """Images encoded per step when pooling codes."""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
-    force: bool = False
-    """Recompute even if up to date."""
-    progress: bool = True
-    """Show progress bars."""
+    options: Annotated[EvalRunOptions, Flat] = dataclasses.field(default_factory=EvalRunOptions)
+    """How it runs: --thresholded, --name, --images-per-batch, --device, --force, --progress."""
+
+
+def _write_parquet(table: pa.Table, tmp: Path) -> None:
+    pq.write_table(table, str(tmp))
+
+
+def _write_text(text: str, tmp: Path) -> None:
+    tmp.write_text(text)
 
 
 def _default_name(labels: Path) -> str:
@@ -122,9 +122,9 @@ def _check(job: EvalTaxonomyJob) -> TaxonomyConfig:
 
 def run(job: EvalTaxonomyJob) -> list[dict]:
     cfg = _check(job)
-    name = check_name(job.name or _default_name(job.labels), "--name")
+    name = check_name(job.options.name or _default_name(job.labels), "--name")
     taxonomy = read_taxonomy(job.taxonomy, job.taxonomy_names, parent_first=job.parent_first)
-    codes = "concept" if job.thresholded else "global"
+    codes = "concept" if job.options.thresholded else "global"
     settings = {**dataclasses.asdict(cfg), "codes": codes, "parent_first": job.parent_first,
                 "layers": [str(a) for a in job.atlas], "layer_names": list(job.layer_names)}  # fmt: skip
     files = [job.labels, job.taxonomy, *([job.taxonomy_names] if job.taxonomy_names else [])]
@@ -137,7 +137,7 @@ def run(job: EvalTaxonomyJob) -> list[dict]:
         fingerprint([*files, lay.sae, lay.edges, *sorted(Path(f).rglob("*.npy"))], {STAGE: settings})
         for lay, f in zip(layouts, job.features, strict=True)
     ]
-    if not job.force and all(r.is_current(k) for r, k in zip(records, keys, strict=True)):
+    if not job.options.force and all(r.is_current(k) for r, k in zip(records, keys, strict=True)):
         log.info("%s is up to date in every atlas; skipping (use --force to recompute)", name)
         for lay in layouts:
             list_in_manifest(lay, name, changed=False)
@@ -150,9 +150,9 @@ def run(job: EvalTaxonomyJob) -> list[dict]:
         ev = r.inp.layout.eval_layout(name)
         table = pa.table(_per_concept(r))
         report = _report(job, name, r, layers, settings)
-        atomic_write(ev.concepts, lambda tmp, t=table: pq.write_table(t, str(tmp)))
+        atomic_write(ev.concepts, functools.partial(_write_parquet, table))
         write_json(ev.report_json, report)
-        atomic_write(ev.report_md, lambda tmp, rep=report: tmp.write_text(_markdown(rep)))
+        atomic_write(ev.report_md, functools.partial(_write_text, _markdown(report)))
         record.write(
             key,
             [ev.report_json, ev.report_md, ev.concepts],
@@ -184,8 +184,9 @@ class _Layer:
 
 
 def _layer(job: EvalTaxonomyJob, cfg: TaxonomyConfig, taxonomy: Taxonomy, codes: str, i: int) -> _Layer:
-    inp = open_pooled(job.atlas[i], job.features[i], codes=codes, device=job.device,
-                      images_per_batch=job.images_per_batch, progress=job.progress)  # fmt: skip
+    inp = open_pooled(job.atlas[i], job.features[i], codes=codes, device=job.options.device,
+                      images_per_batch=job.options.images_per_batch,
+                      progress=job.options.progress)  # fmt: skip
     labels = read_labels(job.labels, inp.images, min_classes=1)
     class_node = taxonomy.resolve_classes(labels.classes, job.labels)
     tax, new_of = taxonomy.restrict(class_node)

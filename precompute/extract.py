@@ -42,7 +42,6 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from insight_core import distributed
 from insight_core.atlas import FeaturesLayout, read_json_dict
@@ -60,6 +59,7 @@ from insight_core.models.feature_path import (
     pooled_features,
 )
 from insight_core.models.timm_backbone import TimmBackbone
+from insight_core.progress import tqdm
 from precompute.options import BackboneOptions, Flat, SourceOptions
 
 log = logging.getLogger(__name__)

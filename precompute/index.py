@@ -30,7 +30,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from insight_core.atlas import AtlasLayout, FeaturesLayout, fingerprint, read_json_dict
 from insight_core.concepts.exemplars import RANGE_QUANTILES, range_sample_images
@@ -40,6 +39,7 @@ from insight_core.data.features import FeatureSet, scan_features
 from insight_core.data.sources import ImageSource
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
 from insight_core.io import atomic_write, flush_to_disk, write_json
+from insight_core.progress import tqdm
 from precompute.common import load_atlas_stats
 from precompute.feature_images import ExemplarImages, exemplar_images
 from precompute.options import Flat, IndexOptions
@@ -118,7 +118,7 @@ def select_exemplars(stats: ConceptStats, max_exemplars: int) -> dict[str, np.nd
     image_mn = stats.ex_image_mn[:, :n].numpy()
     valid = image_mn >= 0
     concept, rank = np.nonzero(valid)  # row-major: concept ascending, then rank ascending
-    cols = {
+    cols: dict[str, np.ndarray] = {
         "concept": concept.astype(np.int32),
         "rank": rank.astype(np.int32),
         "image_id": image_mn[concept, rank].astype(np.int64),

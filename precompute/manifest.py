@@ -37,6 +37,8 @@ def install_head(atlas: Path, features: Path | None) -> Path | None:
     """Put the DINOiser head the features were pooled with into the atlas (``dinoiser.safetensors``,
     converted from CLIP-DINOiser's ``last.pt`` when that was used), so the app rebuilds the same
     pooling. Returns the atlas head, or None when the features were not pooled with a head."""
+    if features is None:
+        return None
     block = backbone_info(features) or {}
     if block.get("pool") != "head" or not block.get("dinoiser"):
         return None

@@ -108,7 +108,7 @@ def run(job: MasksJob) -> MaskLabels:
         )
         names, background, inputs = source.names, source.background, list(job.coco)
     else:
-        if job.classes is None:
+        if job.classes is None or job.png_dir is None:  # png_dir: the one source left
             raise ConfigError("--png-dir needs --classes (the class list: one name per label value)")
         names = read_class_list(job.classes)
         background = job.background_value
@@ -116,7 +116,7 @@ def run(job: MasksJob) -> MaskLabels:
             job.png_dir,
             names,
             background=background,
-            ignore=job.ignore_value,  # type: ignore[arg-type]
+            ignore=job.ignore_value,
             reduce_zero_label=job.reduce_zero_label,
             image_suffix=job.image_suffix,
             png_suffix=job.png_suffix,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import tyro
 
@@ -22,7 +22,15 @@ from insight_core.concepts.stats import StatsConfig
 from insight_core.data.images import DEFAULT_MAX_PIXELS
 from insight_core.data.sources import HFDatasetSpec, ImageSource, make_source
 from insight_core.errors import ConfigError
-from insight_core.models.backbone import DENSE_VARIANTS, PAPER_ARCH, PAPER_PRETRAINED, BackboneConfig
+from insight_core.models.backbone import (
+    DENSE_VARIANTS,
+    PAPER_ARCH,
+    PAPER_PRETRAINED,
+    BackboneConfig,
+    DenseVariant,
+    Precision,
+    ResizeMode,
+)
 from insight_core.models.dinoiser import Dinoiser
 from insight_core.models.msae import DEFAULT_K_LEVELS, MSAEConfig, Weighting
 from insight_core.models.probe import check_codes, check_pooling
@@ -145,9 +153,9 @@ class BackboneOptions:
             raise ConfigError(f"--dense must be one of {', '.join(DENSE_VARIANTS)}, got {self.dense!r}")
 
     def backbone_config(self, device: str = "auto", batch_size: int = 32) -> BackboneConfig:
-        return BackboneConfig(arch=self.arch, pretrained=self.pretrained, device=device, resize=self.resize,
-                              dense=self.dense, precision=self.precision,  # type: ignore[arg-type]
-                              batch_size=batch_size)  # fmt: skip
+        return BackboneConfig(arch=self.arch, pretrained=self.pretrained, device=device,
+                              resize=cast(ResizeMode, self.resize), dense=cast(DenseVariant, self.dense),
+                              precision=cast(Precision, self.precision), batch_size=batch_size)  # fmt: skip
 
     @property
     def timm_name(self) -> str | None:
@@ -398,3 +406,26 @@ class ImageIndexOptions:
 def _shared(options: Any, config: type) -> dict[str, Any]:
     """The fields of ``options`` that ``config`` (a dataclass) also has."""
     return {f.name: getattr(options, f.name) for f in dataclasses.fields(config) if hasattr(options, f.name)}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EvalRunOptions:
+    """How an evaluation job runs (``eval-ovs``, ``eval-concepts``, ``eval-taxonomy``, ``eval-bias``)."""
+
+    thresholded: bool = False
+    """Encode with per-concept thresholds, the paper's thresholded variant (needs an SAE that has them)."""
+    name: str | None = None
+    """Evaluation name (folder under A/evals/); default: from the inputs (ovs-<masks folder>[-bg][-thr],
+    concepts-<masks folder>[-thr], taxonomy-<labels file stem>, bias-<attributes file stem>)."""
+    images_per_batch: int = 64
+    """Images encoded per step (eval-ovs and eval-concepts default to 16: they keep dense maps)."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
+    force: bool = False
+    """Recompute even if up to date."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if self.images_per_batch < 1:
+            raise ConfigError(f"--images-per-batch must be >= 1, got {self.images_per_batch}")

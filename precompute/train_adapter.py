@@ -26,19 +26,27 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
 from insight_core.data.images import DEFAULT_MAX_PIXELS, LoadReport, iter_images, list_image_files
 from insight_core.errors import ConfigError, ImageLoadError
 from insight_core.io import write_json, write_safetensors
 from insight_core.models.backbone import PAPER_ARCH, PAPER_PRETRAINED, BackboneConfig, ClipBackbone
-from insight_core.models.dinoiser import AffinityHead, Dinoiser, DinoiserConfig, affinities
+from insight_core.models.dinoiser import (
+    AffinityHead,
+    Dinoiser,
+    DinoiserConfig,
+    LossKind,
+    TeacherFeatures,
+    affinities,
+)
+from insight_core.progress import tqdm
 from insight_core.training.dinoiser import DinoTeacher, teacher_targets, train_affinity_head
 from precompute.common import fmt_metrics
 
@@ -116,10 +124,10 @@ class TrainAdapterJob:
         base = DinoiserConfig() if self.head == "released" else DinoiserConfig.output_head()
         return dataclasses.replace(
             base, in_dim=in_dim or base.in_dim, head_dim=self.head_dim or base.head_dim, gamma=self.gamma,
-            lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, loss=self.loss, teacher=self.teacher,
-            teacher_features=self.teacher_features, teacher_pretrained=self.teacher_pretrained,
-            seed=self.seed,
-        )  # type: ignore[arg-type]  # fmt: skip
+            lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, loss=cast(LossKind, self.loss),
+            teacher=self.teacher, teacher_features=cast(TeacherFeatures, self.teacher_features),
+            teacher_pretrained=self.teacher_pretrained, seed=self.seed,
+        )  # fmt: skip  # DinoiserConfig checks the values
 
     def input_settings(self) -> dict:
         """What the encoded features and targets depend on (the cache key)."""
@@ -188,7 +196,7 @@ def _encode(
         for batch in _chunks(loaded, job.encode_batch_size):
             squares = [_square(img, job.resize, side) for _, img in batch]
             dense = backbone.dense_features(squares, intermediate=block)
-            feats.append((dense.inter_bhwc if block is not None else dense.patches_bhwd).half())
+            feats.append((dense.patches_bhwd if dense.inter_bhwc is None else dense.inter_bhwc).half())
             with torch.no_grad():
                 teacher_bhwc = teacher(teacher.preprocess(squares))
             targets.append(teacher_targets(teacher_bhwc, grid_hw, job.gamma).cpu())

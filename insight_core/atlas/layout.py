@@ -5,7 +5,8 @@ app all ask an :class:`AtlasLayout` for paths (``layout.sae``, ``layout.thumb(7)
 ``layout.stage_record("stats")``, ``layout.probe("imagenet")``) instead of joining names themselves,
 so moving a file is a one-line change here. The same goes for the folders the pipeline reads and
 writes beside an atlas: extracted features (:class:`FeaturesLayout`), the captioner inside the atlas
-(:class:`CaptionerLayout`) and planted worlds (:class:`SynthLayout`).
+(:class:`CaptionerLayout`) and planted worlds (:class:`SynthLayout`). The captioner, probe and
+evaluation folders are spelled in :mod:`~insight_core.atlas.member_layouts` (re-exported here).
 
 Roles (:data:`ATLAS_FILES`) are the keys of the manifest's ``files`` block; :data:`REQUIRED_ROLES`
 are the ones the app cannot open an atlas without.
@@ -19,6 +20,13 @@ import os
 import re
 from pathlib import Path
 
+from insight_core.atlas.member_layouts import (
+    EVAL_FILES,
+    PROBE_FILES,
+    CaptionerLayout,
+    EvalLayout,
+    ProbeLayout,
+)
 from insight_core.atlas.records import StageRecord
 from insight_core.errors import ConfigError
 
@@ -44,191 +52,6 @@ _SIMILAR_DIR = "similar"
 GRAPH_FORMATS = ("graphml", "gexf")
 """File formats of the family DAG export (``export-graph``)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CaptionerLayout:
-    """A captioner folder (``ATLAS/captioner/``; its dense baseline is the same layout in ``dense/``)."""
-
-    root: Path
-
-    CONFIG = "config.json"
-    ADAPTER = "adapter.safetensors"
-    LM_DIR = "lm"
-    METRICS = "metrics.json"
-
-    @property
-    def config(self) -> Path:
-        return self.root / self.CONFIG
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / self.ADAPTER
-
-    @property
-    def lm_dir(self) -> Path:
-        """The bundled LM + tokenizer (``save_pretrained``), when fine-tuned or local."""
-        return self.root / self.LM_DIR
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / self.METRICS
-
-    @property
-    def dense(self) -> CaptionerLayout:
-        """The dense-backbone baseline captioner."""
-        return CaptionerLayout(self.root / "dense")
-
-    @property
-    def cache_dir(self) -> Path:
-        """fp16 feature caches of the training job (hidden: not uploaded, not needed by the app)."""
-        return self.root / ".cache"
-
-    @property
-    def tiny_lm_dir(self) -> Path:
-        """The offline test LM built from the training captions (``--lm tiny``)."""
-        return self.cache_dir / "tiny_lm"
-
-    def split_cache(self, split: str) -> tuple[Path, Path, Path]:
-        """A split's cached dense features, SAE reconstructions (``.npy``) and their key (JSON)."""
-        prefix = self.cache_dir / split
-        return (prefix.with_name(f"{split}_dense.npy"), prefix.with_name(f"{split}_insight.npy"),
-                prefix.with_name(f"{split}_key.json"))  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ProbeLayout:
-    """A probe folder (``ATLAS/probes/NAME/``): a linear classifier on pooled concept activations."""
-
-    root: Path
-
-    WEIGHTS = "probe.safetensors"
-    CONFIG = "config.json"
-    METRICS = "metrics.json"
-
-    @property
-    def name(self) -> str:
-        return self.root.name
-
-    @property
-    def weights(self) -> Path:
-        """The probe weights (safetensors) with its config and classes in the metadata."""
-        return self.root / self.WEIGHTS
-
-    @property
-    def config(self) -> Path:
-        """Classes, pooling, codes, training settings, data summary (readable JSON)."""
-        return self.root / self.CONFIG
-
-    @property
-    def metrics(self) -> Path:
-        """Held-out top-1/top-5, per-class accuracy, active concepts per class, the sweep."""
-        return self.root / self.METRICS
-
-    def file(self, role: str) -> Path:
-        """The path of a probe file role (see :data:`PROBE_FILES`)."""
-        try:
-            return self.root / PROBE_FILES[role]
-        except KeyError:
-            raise ConfigError(f"unknown probe file role {role!r} (known: {sorted(PROBE_FILES)})") from None
-
-
-PROBE_FILES: dict[str, str] = {
-    "weights": ProbeLayout.WEIGHTS,
-    "config": ProbeLayout.CONFIG,
-    "metrics": ProbeLayout.METRICS,
-}
-"""Role -> file name inside a probe folder; the manifest's ``probes`` block lists each probe's files
-by these roles (all three are required for a probe to be listed)."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class EvalLayout:
-    """One evaluation folder (``ATLAS/evals/NAME/``, written by ``eval-ovs`` or ``eval-concepts``)."""
-
-    root: Path
-
-    REPORT_JSON = "report.json"
-    REPORT_MD = "report.md"
-    CONCEPTS = "concepts.parquet"
-    PER_CLASS = "per_class.parquet"
-    SEGMENTS = "segments.parquet"
-    CLASS_EMBEDDINGS = "class_embeddings.npz"
-    LEVELS = "levels.parquet"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def report_json(self) -> Path:
-        """Summary figures, settings and inputs (``kind``: ``"ovs"`` or ``"concepts"``)."""
-        return self.root / self.REPORT_JSON
-
-    @property
-    def report_md(self) -> Path:
-        """The same figures as a markdown table."""
-        return self.root / self.REPORT_MD
-
-    @property
-    def concepts(self) -> Path:
-        """Per-concept results: an ``id`` column and one column per metric (concept metrics: images,
-        impurity, best label and its IoU); the app's concept pages show them."""
-        return self.root / self.CONCEPTS
-
-    @property
-    def per_class(self) -> Path:
-        """Per class (OVS) or per label (concept metrics) figures."""
-        return self.root / self.PER_CLASS
-
-    @property
-    def segments(self) -> Path:
-        """OVS: one row per predicted segment with its top concept contributions."""
-        return self.root / self.SEGMENTS
-
-    @property
-    def class_embeddings(self) -> Path:
-        """OVS: the class text embeddings used (the ``--vocab-embeddings`` ``.npz`` format)."""
-        return self.root / self.CLASS_EMBEDDINGS
-
-    @property
-    def levels(self) -> Path:
-        """sae-pareto: one row per sparsity level (rule, k, L0, FVE, dead fraction, MSE, on_frontier),
-        ready to plot."""
-        return self.root / self.LEVELS
-
-    @property
-    def partial(self) -> Path:
-        """Accumulators after the last finished shard, to resume an interrupted run (hidden)."""
-        return self.root / ".partial.safetensors"
-
-    @property
-    def parts_dir(self) -> Path:
-        """Per-shard pieces of a table written while streaming (hidden; joined at the end)."""
-        return self.root / ".parts"
-
-    def part(self, shard: int) -> Path:
-        return self.parts_dir / f"part_{shard:05d}.parquet"
-
-    def file(self, role: str) -> Path:
-        """The path of an evaluation file role (see :data:`EVAL_FILES`)."""
-        try:
-            return self.root / EVAL_FILES[role]
-        except KeyError:
-            known = sorted(EVAL_FILES)
-            raise ConfigError(f"unknown evaluation file role {role!r} (known: {known})") from None
-
-
-EVAL_FILES: dict[str, str] = {
-    "report": EvalLayout.REPORT_JSON,
-    "report_md": EvalLayout.REPORT_MD,
-    "concepts": EvalLayout.CONCEPTS,
-    "per_class": EvalLayout.PER_CLASS,
-    "segments": EvalLayout.SEGMENTS,
-    "class_embeddings": EvalLayout.CLASS_EMBEDDINGS,
-    "levels": EvalLayout.LEVELS,
-}
-"""Role -> file name inside an evaluation folder (``evals/NAME/``); the manifest's ``evals`` block lists
-each evaluation's files present by these roles (at least one of them)."""
 
 
 ATLAS_FILES: dict[str, str] = {

@@ -20,13 +20,14 @@ Making the result a DAG, deterministically:
 4. **Transitive edges** (optional, ``keep_transitive=False``): an edge ``p -> c`` is dropped when ``c``
    is also reachable from ``p`` through another child of ``p`` (a path of length >= 2).
 
-networkx and hand-written code. :attr:`Families.graph` is the DAG as an ``nx.DiGraph`` (for
-exports, user code and display: :meth:`FamilyView.reduced` is ``nx.transitive_reduction``), and a
-cycle is reported with ``nx.find_cycle``. The passes that run on the whole graph at build and load
-time stay hand-written because each is measurably faster than its networkx counterpart at
-m = 8192..65536 (``python benchmarks/families.py``, report in ``benchmarks/reports/families-cpu.md``;
-the tests check each against networkx): strongly connected components (iterative Tarjan over CSR
-arrays vs ``nx.strongly_connected_components``, which first needs the graph built), the incremental
+networkx, scipy and hand-written code. :attr:`Families.graph` is the DAG as an ``nx.DiGraph`` (for
+exports, user code and display: :meth:`FamilyView.reduced` is ``nx.transitive_reduction``), a cycle
+is reported with ``nx.find_cycle``, and strongly connected components are scipy's
+(``csgraph.connected_components(connection="strong")``, C over the CSR arrays; faster than the
+iterative Tarjan it replaced and than networkx: ``benchmarks/families.py``, "scc"). The other passes
+that run on the whole graph at build and load time stay hand-written because each is measurably
+faster than its networkx counterpart at m = 8192..65536 (``python benchmarks/families.py``, report in
+``benchmarks/reports/families-cpu.md``; the tests check each against networkx): the incremental
 cycle check (networkx has no dynamic topological order; ``nx.has_path`` per edge), depths (Kahn's
 order over CSR vs ``nx.topological_generations``), ancestor/descendant walks and family sizes
 (CSR slices vs ``nx.ancestors``/``nx.descendants``), and transitive edges (Python-int bitsets vs
@@ -43,7 +44,9 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
+import scipy.sparse
 import torch
+from scipy.sparse.csgraph import connected_components
 
 from insight_core.concepts.cooccurrence import Cooccurrence
 from insight_core.errors import ConfigError
@@ -311,53 +314,9 @@ class Families:
 
 
 def _strongly_connected(m: int, p_e: np.ndarray, c_e: np.ndarray) -> np.ndarray:
-    """Component id per node (iterative Tarjan) of the graph with edges ``p_e -> c_e``.
-
-    Hand-written: faster than building an ``nx.DiGraph`` and running
-    ``nx.strongly_connected_components`` at m = 8192..65536 (``benchmarks/families.py``, "scc").
-    """
-    ptr, nbr = _csr(m, p_e, c_e)
-    index = np.full(m, -1, dtype=np.int64)
-    low = np.zeros(m, dtype=np.int64)
-    comp = np.full(m, -1, dtype=np.int64)
-    on_stack = np.zeros(m, dtype=bool)
-    stack: list[int] = []
-    counter = n_comp = 0
-    for root in np.unique(np.concatenate([p_e, c_e])).tolist():
-        if index[root] >= 0:
-            continue
-        work = [(root, int(ptr[root]))]
-        index[root] = low[root] = counter
-        counter += 1
-        stack.append(root)
-        on_stack[root] = True
-        while work:
-            v, e = work[-1]
-            if e < ptr[v + 1]:
-                work[-1] = (v, e + 1)
-                w = int(nbr[e])
-                if index[w] < 0:
-                    index[w] = low[w] = counter
-                    counter += 1
-                    stack.append(w)
-                    on_stack[w] = True
-                    work.append((w, int(ptr[w])))
-                elif on_stack[w]:
-                    low[v] = min(low[v], index[w])
-                continue
-            work.pop()
-            if work:
-                u = work[-1][0]
-                low[u] = min(low[u], low[v])
-            if low[v] == index[v]:
-                while True:
-                    w = stack.pop()
-                    on_stack[w] = False
-                    comp[w] = n_comp
-                    if w == v:
-                        break
-                n_comp += 1
-    return comp
+    """Component id per node of the graph with edges ``p_e -> c_e`` (scipy's strong components, in C)."""
+    adj = scipy.sparse.csr_array((np.ones(len(p_e), np.float32), (p_e, c_e)), shape=(m, m))
+    return connected_components(adj, directed=True, connection="strong")[1]
 
 
 class _DynamicTopoOrder:

@@ -41,12 +41,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from insight_core.concepts.pooling import PooledConcepts  # faiss is imported where used: it loads slowly
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import read_safetensors, write_safetensors
 from insight_core.models.probe import check_codes, check_pooling, n_features
+from insight_core.progress import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from insight_core.atlas.records import fingerprint
 from insight_core.data.features import FeatureFile, FeatureSet
@@ -32,6 +31,7 @@ from insight_core.errors import CheckpointError, ConfigError, FeatureFileError
 from insight_core.io import read_safetensors, write_safetensors
 from insight_core.models.probe import CODES, POOLINGS, check_codes, check_pooling, n_features
 from insight_core.models.sae import MatryoshkaSAE, ThresholdMode
+from insight_core.progress import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -327,7 +327,7 @@ def embed_vocabulary(
     VocabEmbeddings
         ``emb_pwd`` (n_pos, W, d) float32 unit rows.
     """
-    from tqdm.auto import tqdm
+    from insight_core.progress import tqdm
 
     words = _check_words(words, "words")
     sets = _check_template_sets(templates_by_pos)

@@ -287,7 +287,7 @@ def embed_resumable(
     np.ndarray
         ``emb_pwd`` (n_pos, W, d) float32 unit rows.
     """
-    from tqdm.auto import tqdm
+    from insight_core.progress import tqdm
 
     if batch_words < 1:
         raise ConfigError(f"batch_words must be >= 1, got {batch_words}")

@@ -48,13 +48,13 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
-from tqdm.auto import tqdm
 
 from insight_core.atlas.layout import FeaturesLayout, MasksLayout
 from insight_core.atlas.records import read_json_data, read_json_dict
 from insight_core.data.features import FeatureFile, inspect_file
 from insight_core.errors import ConfigError, FeatureFileError, MaskFileError
 from insight_core.io import write_json, write_npy
+from insight_core.progress import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from insight_core.data.masks import MaskBatch, MaskSet
 from insight_core.errors import ConfigError
 from insight_core.io import write_safetensors
+from insight_core.progress import tqdm
 
 log = logging.getLogger(__name__)
 

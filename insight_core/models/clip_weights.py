@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import open_clip
 import torch
@@ -16,8 +16,18 @@ from torch import nn
 
 from insight_core.errors import CheckpointError, ConfigError
 
-if TYPE_CHECKING:
-    from insight_core.models.backbone import BackboneConfig
+
+class WeightsSpec(Protocol):
+    """What :func:`create_model` reads of a ``BackboneConfig`` (a protocol, so this module does not
+    import :mod:`insight_core.models.backbone`, which imports it)."""
+
+    @property
+    def arch(self) -> str: ...
+    @property
+    def pretrained(self) -> str: ...
+    @property
+    def is_random(self) -> bool: ...
+
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -56,7 +66,7 @@ def _check_vision_cfg(arch: str) -> None:
         )
 
 
-def _resolve_weights(cfg: BackboneConfig) -> tuple[str | None, bool]:
+def _resolve_weights(cfg: WeightsSpec) -> tuple[str | None, bool]:
     """Return (value for open_clip's ``pretrained`` argument, force QuickGELU)."""
     if cfg.is_random:
         return None, False
@@ -123,7 +133,7 @@ RANDOM_INIT_SEED = 0
 """Seed of ``pretrained='none'`` models: random, but the same in every process."""
 
 
-def create_model(cfg: BackboneConfig) -> nn.Module:
+def create_model(cfg: WeightsSpec) -> nn.Module:
     if cfg.arch not in open_clip.list_models():
         raise ConfigError(
             f"BackboneConfig.arch={cfg.arch!r} is not an open_clip model name "

@@ -43,7 +43,7 @@ from torch import nn
 
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json, write_safetensors
-from insight_core.models.sparse_shells import SparsePlan, SparseShellLoss
+from insight_core.models.sparse_shells import SparsePlan, SparseShellLoss, TopKSelection
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +99,6 @@ class SAEConfig:
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "group_fractions": list(self.group_fractions)}
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TopKSelection:
-    """The latents kept by BatchTopK for a batch: parallel 1-D tensors of length K (<= B*k)."""
-
-    rows_k: torch.Tensor
-    """Batch row of each kept activation (int64)."""
-    cols_k: torch.Tensor
-    """Latent index of each kept activation (int64)."""
-    vals_k: torch.Tensor
-    """Pre-activation value (positive) of each kept activation, without autograd."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from insight_core.models.sae import TopKSelection
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TopKSelection:
+    """The latents kept by BatchTopK for a batch: parallel 1-D tensors of length K (<= B*k)."""
+
+    rows_k: torch.Tensor
+    """Batch row of each kept activation (int64)."""
+    cols_k: torch.Tensor
+    """Latent index of each kept activation (int64)."""
+    vals_k: torch.Tensor
+    """Pre-activation value (positive) of each kept activation, without autograd."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

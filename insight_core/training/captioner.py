@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from insight_core.errors import ConfigError
 from insight_core.models.captioner import SteerableCaptioner
+from insight_core.progress import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -261,7 +261,7 @@ def train_affinity_head(
     epochs
         Overrides ``cfg.epochs``.
     """
-    from tqdm.auto import tqdm
+    from insight_core.progress import tqdm
 
     epochs = cfg.epochs if epochs is None else epochs
     if epochs < 1:

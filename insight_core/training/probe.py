@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from insight_core.concepts.pooling import PooledConcepts
 from insight_core.device import resolve_device
 from insight_core.errors import ConfigError
 from insight_core.evaluation.probe import probe_logits, topk_accuracy
 from insight_core.models.probe import ConceptProbe, ProbeConfig
+from insight_core.progress import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from insight_core import distributed
 from insight_core.data.features import FeatureSplit
@@ -66,6 +65,7 @@ from insight_core.io import write_safetensors
 from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 from insight_core.models.sae_kinds import build_sae
 from insight_core.models.sparse_shells import stable_argsort
+from insight_core.progress import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from gradio_client import handle_file
 
 from app import classify as K
 from app import explain as X
+from app import state as S
 from app.state import AppError
 from insight_core.atlas import Atlas, AtlasError, write_manifest
 
@@ -117,11 +118,11 @@ def test_a_broken_probe_is_skipped_with_a_note(app_state, tmp_path: Path) -> Non
         Atlas.open(root)  # an atlas whose files changed after its manifest is refused, naming the file
     write_manifest(root)  # a consistent manifest for an unreadable probe: the app skips the probe
     state = dataclasses.replace(app_state, atlas=Atlas.open(root), probes={}, probe_info={}, probe_note="")
-    K.load_probes(state)
+    S.load_probes(state)
     assert state.probes == {}
     assert "probe 'examples' could not be loaded" in state.probe_note
     bare = dataclasses.replace(state, atlas=Atlas(root=root, manifest={**state.atlas.manifest, "probes": {}}))
-    K.load_probes(bare)
+    S.load_probes(bare)
     assert "has no classification probe" in bare.probe_note
 
 

@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FAKE_BUILD = r"""
 import shutil, sys, time
 from pathlib import Path
-from tqdm import tqdm
-from insight_core.progress import reporting, stage
+from insight_core.progress import reporting, stage, tqdm
 src, out, progress, go = sys.argv[1:5]
 print("fake build: every line of output goes to the build log")
 with reporting(progress, [("one", "first <stage>"), ("two", "second stage")], job="demo"):

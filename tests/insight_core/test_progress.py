@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tqdm import tqdm
 
 from insight_core import progress
-from insight_core.progress import read_progress, reporting, stage
+from insight_core.progress import read_progress, reporting, stage, tqdm
 
 STAGES = (("prepare", "getting ready"), ("train", "training"), ("finish", "writing"))
 
@@ -108,3 +107,25 @@ def test_read_progress_tolerates_missing_and_foreign_files(tmp_path: Path) -> No
     assert report is not None
     assert [s.stage for s in report.stages] == ["a", "b"]
     assert report.stages[1].fraction is None
+
+
+def test_only_the_modules_open_bars_are_reported(tmp_path: Path) -> None:
+    """Bars register themselves explicitly: tqdm's own class is not sampled, a closed bar is dropped."""
+    from tqdm import tqdm as plain_tqdm
+
+    path = tmp_path / "p.jsonl"
+    with reporting(path, STAGES) as reporter, stage("train"):
+        assert reporter is not None
+        with plain_tqdm(total=5, disable=False, file=io.StringIO()) as other:
+            other.update(5)
+            time.sleep(0.1)  # several polls
+            running = read_progress(path)
+            assert running is not None
+            assert running.current is not None
+            assert running.current.done is None  # no reported bar yet
+        with tqdm(total=8, unit="img", disable=False, file=io.StringIO()) as bar:
+            bar.update(3)
+            _wait_for(path, lambda r: r.current is not None and r.current.done == 3)
+        assert reporter._bars == []  # closed bars are unregistered
+        with tqdm(total=8, disable=True):
+            assert reporter._bars == []  # disabled bars are never registered
