@@ -45,7 +45,7 @@ def _suite_section(name: str, rep: dict[str, Any]) -> str:
         "SAE's L0, and an untrained SAE of the same size."
     )
     head += f" Zero-shot accuracy on the original features: {_f(zs)}.</p>" if zs is not None else "</p>"
-    out = head + H.table(["", *[h for _, h in FIGURES]], rows) + _mono_note(rep)
+    out = head + H.table(["", *[h for _, h in FIGURES]], rows) + _localization_note(rep) + _mono_note(rep)
     sp = _dict(rep.get("sparse_probing"))
     if sp:
         sp_rows = [[H.esc(k), _f(_dict(v).get("top1_accuracy")), _f(_dict(v).get("binary_accuracy"))]
@@ -72,15 +72,36 @@ def _mono_note(rep: dict[str, Any]) -> str:
     return note + "</p>"
 
 
-def _absorption_section(name: str, rep: dict[str, Any]) -> str:
+def _latent_chips(state: AppState, ids: Any, limit: int = 5) -> str:
+    """Latent ids from an untrusted report as concept chips named by the atlas (ids outside it dropped)."""
+    cids = [int(x) for x in ids if _num(x) is not None] if isinstance(ids, list) else []
+    chips = [H.concept_link(c, state.name(c)) for c in dict.fromkeys(cids) if 0 <= c < state.m][:limit]
+    return " ".join(chips) or "-"
+
+
+def _localization_note(rep: dict[str, Any]) -> str:
+    """Why Moran's I is missing: no latent met the bar (too few images for the atlas, usually)."""
+    if _num(rep.get("localization_morans_i")) is not None:
+        return ""
+    st = _dict(rep.get("settings"))
+    n_img, lo = _num(st.get("min_images_per_latent")), _num(st.get("min_active_patches"))
+    if n_img is None or lo is None:
+        return ""
+    return (
+        f"<p>Moran's I: not measured, no latent was active on at least {int(lo)} patches (and not on nearly "
+        f"all) of {int(n_img)} or more images; a larger feature set gives the figure.</p>"
+    )
+
+
+def _absorption_section(state: AppState, name: str, rep: dict[str, Any]) -> str:
     parents = [p for p in rep.get("parents") or [] if isinstance(p, dict)][:20]
     rows = [
         [
             H.esc(p.get("node_name")),
             str(int(_num(p.get("n_examples")) or 0)),
-            H.esc(", ".join(str(x) for x in p.get("main_names") or [])),
+            _latent_chips(state, p.get("main_latents")),
             _f(p.get("absorption_rate")),
-            H.esc(", ".join(str(x) for x in (p.get("absorbing_names") or [])[:5])),
+            _latent_chips(state, p.get("absorbing_latents")),
         ]
         for p in parents
     ]
@@ -107,5 +128,5 @@ def panel_html(state: AppState | None) -> str:
     if any(ev.report.get("random_weights") for ev in [*suites.values(), *absorption.values()]):
         note = H.message("random-weights atlas: these figures only show the plumbing", "warning")
     sections = [_suite_section(n, ev.report) for n, ev in suites.items()]
-    sections += [_absorption_section(n, ev.report) for n, ev in absorption.items()]
+    sections += [_absorption_section(state, n, ev.report) for n, ev in absorption.items()]
     return '<div id="sae-report-panel">' + note + "".join(sections) + "</div>"

@@ -80,7 +80,8 @@ def build_ui(views: Views, examples: list[str] | None = None, startup: Startup |
             demo.load(fn, None, outputs, api_visibility="private")
         _wire_links(views, tabs, concept_ui, family_ui, status,
                     [*explain_ui["links"], compare_ui["summary"], *classify_ui["links"],
-                     *segment_ui["links"], *similar_ui["links"], bias_ui["panel"]])  # fmt: skip
+                     *segment_ui["links"], *similar_ui["links"], bias_ui["panel"],
+                     sae_report_ui["panel"]])  # fmt: skip
         _deep_links(demo, views, names, tabs, concept_ui, family_ui, status)
         _deep_link_compare(demo, views, names, compare_ui)
         _api_endpoints(views)

@@ -1,11 +1,12 @@
 """The "SAE report" tab: the atlas's SAE quality suite with its baselines and feature absorption,
-filled when the atlas is loaded (:mod:`app.sae_report`)."""
+filled when the atlas is loaded (:mod:`app.sae_report`); its latent chips open concept pages."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from app import sae_report as S
+from app.components import BRIDGE_JS
 from app.views import Views
 
 
@@ -17,7 +18,7 @@ def build(views: Views) -> dict:
             "localization next to PCA and random-SAE baselines (`insight eval-sae`), and feature absorption "
             "over a class taxonomy (`insight eval-absorption`). Definitions: docs/evaluation.md."
         )
-        panel = gr.HTML(S.panel_html(views.state), elem_id="sae-report-html")
+        panel = gr.HTML(S.panel_html(views.state), js_on_load=BRIDGE_JS, elem_id="sae-report-html")
 
     def on_load():
         if views.state is None:

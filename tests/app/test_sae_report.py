@@ -59,6 +59,35 @@ def test_panel_shows_the_suite_with_baselines_and_absorption(report_state) -> No
     assert "&lt;i&gt;dog&lt;/i&gt;" in html
 
 
+def test_absorption_latents_are_concept_links_and_hostile_ids_are_dropped(report_state) -> None:
+    state = report_state
+    ev = state.evaluations["absorb"]
+    parent = ev.report["parents"][0]
+    assert parent["main_latents"]
+    html = S.panel_html(state)
+    for cid in parent["main_latents"]:  # the atlas's own names, clickable (the page's concept bridge)
+        assert f'data-concept="{cid}"' in html
+        assert f"#{cid} " in html
+    hostile = {**parent, "main_latents": [state.m + 7, -1, "<b>", 1e9], "absorbing_latents": "x"}
+    html = _with_report(state, "absorb", parents=[hostile])
+    assert f'data-concept="{state.m + 7}"' not in html
+    assert "<b>" not in html
+
+
+def _with_report(state, name: str, **changes) -> str:
+    """The panel of ``state`` with evaluation ``name``'s report changed (only that evaluation)."""
+    ev = state.evaluations[name]
+    ev = dataclasses.replace(ev, report={**ev.report, **changes})
+    return S.panel_html(dataclasses.replace(state, evaluations={name: ev}))
+
+
+def test_missing_morans_i_is_explained(report_state) -> None:
+    assert "Moran's I: not measured" in _with_report(report_state, "suite", localization_morans_i=None)
+    html = _with_report(report_state, "suite", localization_morans_i=0.42)
+    assert "not measured" not in html
+    assert "<td>0.420</td>" in html
+
+
 def test_panel_without_reports_says_how_to_make_one(app_state) -> None:
     state = dataclasses.replace(app_state, evaluations={})
     assert "eval-sae" in S.panel_html(state)
