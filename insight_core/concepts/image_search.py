@@ -103,7 +103,8 @@ class ImageSearchConfig:
     def __post_init__(self) -> None:
         check_pooling(self.pooling, "ImageSearchConfig.pooling")
         check_codes(self.codes, "ImageSearchConfig.codes")
-        for name in ("flat_max_bytes", "pq_m", "nprobe", "max_train", "max_train_bytes", "top_t", "batch_images"):
+        for name in ("flat_max_bytes", "pq_m", "nprobe", "max_train", "max_train_bytes", "top_t",
+                     "batch_images"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"ImageSearchConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.nlist is not None and self.nlist < 1:
