@@ -2,7 +2,7 @@
 # One GPU check: every `-m gpu` test and every benchmark's CUDA run, sized for ~8 minutes on one H100.
 #
 #   bash benchmarks/gpu_check.sh                 # from anywhere; PYTHON=/path/to/python to pick the interpreter
-#   QUICK=1 bash benchmarks/gpu_check.sh         # tests + the smallest benchmark sizes only (~3 minutes)
+#   QUICK=1 bash benchmarks/gpu_check.sh         # without sae-defaults and similar, a smaller scale grid (~5 min)
 #
 # Run it whenever a GPU is at hand (README, docs/scale.md). It writes the benchmarks' *-gpu reports
 # (benchmarks/reports/*-gpu.{json,md}; similar-gpu-host.*: FAISS on the GPU host) and a summary,
@@ -70,17 +70,17 @@ else
 fi
 step throughput 90 "$PY" benchmarks/throughput.py --device cuda --sae-steps 30 "${baseline[@]}"
 step msae 60 "$PY" benchmarks/msae.py --device cuda --steps 20
-step pipeline 90 "$PY" benchmarks/pipeline.py --device cuda --n-images 64 --batch 32 --stats-patches 1000000
+step pipeline 90 "$PY" benchmarks/pipeline.py --device cuda --n-images 64 --batch 32 --stats-patches 200000
 step evals 90 "$PY" benchmarks/evals.py --device cuda --images 2048 --batch 64
 step probe 90 "$PY" benchmarks/probe.py --device cuda --train-images 20000
-step vocab-embed 90 "$PY" benchmarks/vocab_embed.py --device cuda --seconds 15
+step vocab-embed 60 "$PY" benchmarks/vocab_embed.py --device cuda --seconds 15 --skip-name  # name: scale.py
 step timm-layers 60 "$PY" benchmarks/timm_layers.py --device cuda --images 256 --batch 64
 if [ "$QUICK" = "1" ]; then
     step scale 150 "$PY" benchmarks/scale.py --device cuda --n-images 500 2000 --dict-sizes 8192 32768 \
         --grid 14 --name scale-gpu --note "gpu_check.sh QUICK grid"
 else
     step sae-defaults 90 "$PY" benchmarks/sae_defaults.py --device cuda --no-paper-settings
-    step similar-gpu-host 60 "$PY" benchmarks/similar.py --sizes 10000 100000 --name similar-gpu-host
+    step similar-gpu-host 60 "$PY" benchmarks/similar.py --sizes 100000 --name similar-gpu-host
     step scale 200 "$PY" benchmarks/scale.py --device cuda --n-images 1000 4000 --dict-sizes 8192 32768 \
         --grid 14 --name scale-gpu --note "gpu_check.sh grid (sized for its 8-minute budget)"
 fi
