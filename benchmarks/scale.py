@@ -199,13 +199,29 @@ STAGE_CODE = ("import json, sys, time; from precompute.__main__ import main; t =
               "sys.exit(rc)")  # fmt: skip
 
 
-def measure(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` in its own process; wall s, CPU s and the peak RSS (MB) of that process alone."""
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(line.split()[1]) for line in fh if line.startswith("VmRSS")), 0)
+    except OSError:  # gone, or no /proc
+        return 0
+
+
+def measure(cmd: list[str], log: Path, rss_cap_gb: float = 0.0) -> dict:
+    """Run ``cmd`` in its own process; wall s, CPU s and the peak RSS (MB) of that process alone.
+    Above ``rss_cap_gb`` (0: no cap) it is killed (rc -9), so a stage that would exhaust a shared
+    machine's memory fails alone instead of taking the machine's other processes with it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with log.open("ab") as out:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG if rss_cap_gb else 0)
+            if pid:
+                break
+            if _rss_kb(proc.pid) > rss_cap_gb * 2**20:
+                proc.kill()
+            time.sleep(0.2)
         wall = time.perf_counter() - t
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"rc": proc.returncode, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
@@ -233,7 +249,7 @@ def run_point(work: Path, n: int, m: int, args, log: Path) -> dict:
     for stage in args.stages:
         res = work / f"{stage}.result.json"
         cmd = [sys.executable, "-c", STAGE_CODE, str(res), stage, *stage_args(stage, work, args.device)]
-        proc = measure(cmd, log)
+        proc = measure(cmd, log, args.rss_cap_gb)
         if res.is_file():  # the in-process times, the process's peak RSS
             r = {**json.loads(res.read_text()), "process_wall_s": proc["wall_s"],
                  "process_cpu_s": proc["cpu_s"], "peak_rss_mb": proc["peak_rss_mb"]}  # fmt: skip
@@ -272,6 +288,12 @@ def fit(series_n: list[dict], series_m: list[dict], stage: str, key: str, base: 
     def inc(p: dict) -> float:
         return max(p["stages"][stage][key] - base, floor)
 
+    # a stage that failed (killed over --rss-cap-gb, or its input missing) gives no figure to fit
+    series_n = [p for p in series_n if p["stages"].get(stage, {}).get("rc") == 0]
+    series_m = [p for p in series_m if p["stages"].get(stage, {}).get("rc") == 0]
+    if not series_n:
+        return {"exp_n": None, "exp_m": None, "exp_n_top": None, "exp_m_top": None, "estimate": float("nan")}
+
     def exps(series: list[dict], x: str) -> tuple[float | None, float | None]:
         top = sorted(series, key=lambda p: p[x])[-2:]
         return (slope([p[x] for p in series], [inc(p) for p in series]),
@@ -284,6 +306,14 @@ def fit(series_n: list[dict], series_m: list[dict], stage: str, key: str, base: 
     est = inc(top) * (target_patches / top["patches"]) ** max(e_n_top or 0.0, 0.0)
     est *= (target_m / top["m"]) ** max(e_m_top or 0.0, 0.0)
     return {"exp_n": e_n, "exp_m": e_m, "exp_n_top": e_n_top, "exp_m_top": e_m_top, "estimate": base + est}
+
+
+def fit_all(series_n: list[dict], series_m: list[dict], stages: list[str], startup: dict,
+            target_patches: float, target_m: float) -> dict:  # fmt: skip
+    """``fit`` of every stage and figure; times are in-process (no import cost), RSS less the imports'."""
+    base = {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_mb": startup["peak_rss_mb"]}
+    return {s: {key: fit(series_n, series_m, s, key, base[key], target_patches, target_m) for key in base}
+            for s in stages}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -305,6 +335,13 @@ def _fmt_mb(mb: float) -> str:
 
 def _e(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+def _cell(fmt, run: dict, key: str) -> str:
+    """One stage's figure; a failed run says so (killed: the figure where it was stopped)."""
+    if run.get("rc") == 0:
+        return fmt(run[key])
+    return f"failed ({'killed at ' if run.get('rc') in (-9, 137) else ''}{fmt(run[key])})"
 
 
 def markdown(report: dict) -> str:
@@ -333,9 +370,9 @@ def markdown(report: dict) -> str:
         md += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for stage in a["stages"]:
             f = report["fits"][stage][key]
-            cells = [fmt(p["stages"][stage][key]) for p in pts_n]
+            cells = [_cell(fmt, p["stages"][stage], key) for p in pts_n]
             cells.append(f"{_e(f['exp_n'])} / {_e(f['exp_n_top'])}")
-            cells += [fmt(p["stages"][stage][key]) for p in pts_m]
+            cells += [_cell(fmt, p["stages"][stage], key) for p in pts_m]
             cells.append(f"{_e(f['exp_m'])} / {_e(f['exp_m_top'])}")
             flag = ""
             if key != "peak_rss_mb" and (f["exp_n_top"] or 0) > 1.1:
@@ -369,13 +406,19 @@ def main() -> int:
     ap.add_argument("--target-patches", type=float, default=IMAGENET_PATCHES)
     ap.add_argument("--target-m", type=int, default=65536)
     ap.add_argument("--ram-gb", type=float, default=24.0, help="memory the estimate is checked against")
+    ap.add_argument("--rss-cap-gb", type=float, default=12.0,
+                    help="kill a stage above this RSS (0: no cap); it is reported as failed")
     ap.add_argument("--note", default="", help="a line for the report (e.g. how loaded the machine was)")
     ap.add_argument("--name", default=None, help="report name (default: scale-cpu / scale-gpu)")
     ap.add_argument("--render", type=Path, default=None, help="only rewrite the .md of a JSON report")
     ap.add_argument("--worker-write", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.render:
-        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+    if args.render:  # refit (older reports fitted failed stages too) and rewrite the markdown
+        report = json.loads(args.render.read_text())
+        report["fits"] = fit_all(report["series_n"], report["series_m"], report["args"]["stages"],
+                                 report["startup"], report["target_patches"], report["target_m"])  # fmt: skip
+        args.render.write_text(json.dumps(report, indent=1) + "\n")
+        args.render.with_suffix(".md").write_text(markdown(report))
         return 0
     if args.worker_write:
         write_point(args.worker_write, args.n_images[0], args.dict_sizes[0], args.grid, args.vocab_words,
@@ -404,9 +447,7 @@ def main() -> int:
     failed = [(k, s) for k, p in done.items() for s, r in p["stages"].items() if r["rc"]]
     series_n = [done[(n, args.base_m)] for n in args.n_images]
     series_m = [done[(args.base_n, m)] for m in args.dict_sizes]
-    base = {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_mb": startup["peak_rss_mb"]}  # times exclude imports
-    fits = {s: {key: fit(series_n, series_m, s, key, base[key], args.target_patches, args.target_m)
-                for key in base} for s in args.stages}  # fmt: skip
+    fits = fit_all(series_n, series_m, args.stages, startup, args.target_patches, args.target_m)
     dev = torch.cuda.get_device_name(0) if tag == "gpu" and torch.cuda.is_available() else "cpu"
     report = {
         "device": dev, "torch_threads": torch.get_num_threads(), "machine": f"{os.cpu_count()} CPU cores, "
