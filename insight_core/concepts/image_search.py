@@ -88,6 +88,9 @@ class ImageSearchConfig:
     """Inverted lists visited per query (IVF)."""
     max_train: int = 32_768
     """Images sampled to train IVF-PQ (dense, so memory is max_train * dim * 4 bytes)."""
+    max_train_bytes: int = 2 * 2**30
+    """Cap on that dense training sample, in bytes: the sample shrinks to fit it (at m = 65,536 with max
+    pooling, 32,768 images would take 8.6 GB, and FAISS holds a second copy while training)."""
     top_t: int = 64
     """Strongest concepts stored per image (shared concepts, exclusion, IVF re-scoring)."""
     batch_images: int = 4096
@@ -100,7 +103,8 @@ class ImageSearchConfig:
     def __post_init__(self) -> None:
         check_pooling(self.pooling, "ImageSearchConfig.pooling")
         check_codes(self.codes, "ImageSearchConfig.codes")
-        for name in ("flat_max_bytes", "pq_m", "nprobe", "max_train", "top_t", "batch_images"):
+        for name in ("flat_max_bytes", "pq_m", "nprobe", "max_train", "max_train_bytes", "top_t",
+                     "batch_images"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"ImageSearchConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.nlist is not None and self.nlist < 1:
@@ -342,8 +346,10 @@ def _train_ivfpq(pooled: PooledConcepts, cfg: ImageSearchConfig, scale_f: np.nda
 
     n = pooled.n
     # every list needs >= 39 training images, and the (dense) training sample is capped by max_train
-    nlist = max(1, min(cfg.nlist or default_nlist(n), min(n, cfg.max_train) // _MIN_TRAIN_PER_LIST))
-    n_train = min(n, cfg.max_train, max(256 * nlist, 256 * 64))
+    # images and max_train_bytes (a count that grows with the dimension would not fit RAM at m = 65,536)
+    limit = min(n, cfg.max_train, max(_MIN_IVF_VECTORS, cfg.max_train_bytes // (4 * dim)))
+    nlist = max(1, min(cfg.nlist or default_nlist(n), limit // _MIN_TRAIN_PER_LIST))
+    n_train = min(limit, max(256 * nlist, 256 * 64))
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
     train = np.concatenate([image_vectors(pooled, rows[s : s + cfg.batch_images], cfg.pooling, scale_f)

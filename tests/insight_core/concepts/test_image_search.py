@@ -149,6 +149,23 @@ def test_ivf_pq_reranks_exactly(planted) -> None:
     np.testing.assert_allclose([h.score for h in b], [h.score for h in a], atol=1e-5)
 
 
+def test_ivf_training_sample_is_capped_in_bytes(planted, caplog) -> None:
+    """At m = 65,536 a 32,768-image dense sample is 8.6 GB: ``max_train_bytes`` bounds it instead."""
+    pooled, _layout = planted
+    dim = pooled.m  # max pooling: one value per concept
+    caplog.set_level("INFO", logger="insight_core.concepts.image_search")
+    build_image_index(pooled, ImageSearchConfig(flat_max_bytes=1, nlist=4, pq_m=8))
+    assert f"on {N_IMAGES} of {N_IMAGES} images (dim {dim})" in caplog.text
+    caplog.clear()
+    capped = build_image_index(pooled, ImageSearchConfig(flat_max_bytes=1, nlist=4, pq_m=8,
+                                                         max_train_bytes=280 * dim * 4))  # fmt: skip
+    assert f"on 280 of {N_IMAGES} images (dim {dim})" in caplog.text
+    assert capped.describe()["type"] == "ivfpq"
+    assert capped.index.ntotal == N_IMAGES  # every image is indexed, only the sample shrank
+    with pytest.raises(ConfigError, match="max_train_bytes must be >= 1"):
+        ImageSearchConfig(max_train_bytes=0)
+
+
 def test_save_load_round_trip_and_corrupt_files(index: ImageIndex, tmp_path: Path) -> None:
     idx_path, codes_path = tmp_path / "images.faiss", tmp_path / "images.safetensors"
     index.save(idx_path, codes_path)
