@@ -27,19 +27,30 @@ class JsonModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow", frozen=True)
 
 
-def _where(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc if part != "[key]") or "(document)"
+def _where(doc: Any, error: Any) -> str:
+    """The path of an error inside ``doc``: pydantic also puts union members (``int``) and ``[key]``
+    into ``loc``; only steps that exist in the document are kept (and a missing field's name)."""
+    loc, parts = error["loc"], []
+    missing = loc[-1:] if error["type"] == "missing" else ()
+    for part in loc[: len(loc) - len(missing)]:
+        try:
+            doc = doc[part]
+        except (KeyError, IndexError, TypeError):
+            continue
+        parts.append(str(part))
+    return ".".join([*parts, *map(str, missing)]) or "(document)"
 
 
-def describe(err: ValidationError) -> str:
-    """``field.path: what is wrong`` for the first error (a validator's own words kept verbatim), and
-    how many more there are."""
+def describe(err: ValidationError, doc: Any) -> str:
+    """``field.path: what is wrong`` for the first error of ``doc`` (a validator's own words kept
+    verbatim), and how many other fields are wrong."""
     errors = err.errors(include_url=False)
     first = errors[0]
     cause = first.get("ctx", {}).get("error")
     text = str(cause) if first["type"] == "value_error" and cause is not None else first["msg"]
-    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
-    return f"{_where(first['loc'])}: {text}{more}"
+    others = len({_where(doc, e) for e in errors}) - 1
+    more = f" (and {others} more error(s))" if others else ""
+    return f"{_where(doc, first)}: {text}{more}"
 
 
 def validate(model: type[M], doc: Any, source: str | Path, error: type[InsightError]) -> M:
@@ -47,7 +58,7 @@ def validate(model: type[M], doc: Any, source: str | Path, error: type[InsightEr
     try:
         return model.model_validate(doc)
     except ValidationError as err:
-        raise error(f"{source}: {describe(err)}") from None
+        raise error(f"{source}: {describe(err, doc)}") from None
 
 
 def said(message: str) -> WrapValidator:
@@ -73,7 +84,7 @@ def summarised(message: str) -> WrapValidator:
         try:
             return handler(value)
         except ValidationError as err:
-            raise ValueError(f"{message} ({describe(err)})") from None
+            raise ValueError(f"{message} ({describe(err, value)})") from None
 
     return WrapValidator(wrap)
 

@@ -172,7 +172,7 @@ def write_manifest(
         "backbone": backbone if backbone is not None else previous.get("backbone", {}),
         "configs": _configs(layout),
         "counts": _counts(layout),
-        "stages": {name: rec.read().get("input_fingerprint") for name, rec in layout.stage_records().items()},
+        "stages": _fingerprints(layout),
         "files": files,
         "file_sets": {name: members for name, members in file_sets.items() if members},
         "probes": _probes(layout),
@@ -182,6 +182,12 @@ def write_manifest(
     manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
     write_json(layout.manifest, manifest)
     return manifest
+
+
+def _fingerprints(layout: AtlasLayout) -> dict[str, str | None]:
+    """The ``stages`` block: stage -> the input fingerprint of its record (None when unreadable)."""
+    records = {name: rec.parsed() for name, rec in layout.stage_records().items()}
+    return {name: None if doc is None else doc.input_fingerprint for name, doc in records.items()}
 
 
 def _probes(layout: AtlasLayout) -> dict[str, dict[str, Any]]:
@@ -235,9 +241,7 @@ def _rewrite_blocks(root: str | Path, blocks: dict[str, Any]) -> dict[str, Any] 
     if not isinstance(manifest, dict) or manifest.get("format") != ATLAS_FORMAT:
         raise AtlasError(f"{layout.manifest}: not an INSIGHT atlas manifest")
     manifest.update(blocks)
-    manifest["stages"] = {
-        name: rec.read().get("input_fingerprint") for name, rec in layout.stage_records().items()
-    }
+    manifest["stages"] = _fingerprints(layout)
     manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
     write_json(layout.manifest, manifest)
     return manifest

@@ -48,3 +48,13 @@ def test_errors_name_source_and_field(doc: object, message: str) -> None:
 def test_further_errors_are_counted() -> None:
     with pytest.raises(ConfigError, match=r"inner: malformed inner .* \(and 1 more error\(s\)\)$"):
         validate(Doc, {"inner": {}, "table": []}, "f.json", ConfigError)
+
+
+class Layered(JsonModel):
+    layer: int | str | None = None
+
+
+def test_union_errors_name_the_field_once() -> None:
+    """pydantic puts the union members into an error's location; the message names the document's path."""
+    with pytest.raises(ConfigError, match=r"^f\.json: layer: Input should be a valid integer$"):
+        validate(Layered, {"layer": [3]}, "f.json", ConfigError)
