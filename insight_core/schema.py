@@ -6,15 +6,27 @@ message that names the file and the field path, e.g.
 ``ATLAS/manifest.json: files.sae: malformed entry (sha256: Field required)``. Models are strict (no
 ``"1"`` for ``1``, no ``true`` for a count) and allow extra keys: the formats are open, and files
 written by a newer version still open.
+
+Reports the app only *shows* use :class:`LenientModel` instead: a value of the wrong type reads as
+the field's default (``None``, ``{}``), so a hostile report renders as dashes, never as a crash.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
 
 from insight_core.errors import InsightError
 
@@ -89,12 +101,43 @@ def summarised(message: str) -> WrapValidator:
     return WrapValidator(wrap)
 
 
-def checked(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """An after-validator from a function that raises a ``ValueError`` subclass (``ConfigError``) or
-    returns None: the value passes through unchanged."""
+def _or_none(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    try:
+        return handler(value)
+    except ValidationError:
+        return None
 
-    def run(value: Any) -> Any:
-        check(value)
-        return value
 
-    return run
+OR_NONE = WrapValidator(_or_none)
+"""``Annotated[X | None, OR_NONE]``: a value that is not an ``X`` reads as None (items of a list or
+dict one by one, where :class:`LenientModel`'s own fallback would drop the whole container)."""
+
+Num = Annotated[float | None, AfterValidator(lambda x: x if x is None or math.isfinite(x) else None), OR_NONE]
+"""A finite number from an untrusted report, else None (text, ``true``, NaN and infinities too)."""
+
+
+L = TypeVar("L", bound="LenientModel")
+
+
+class LenientModel(BaseModel):
+    """A report the app shows: strict types, but a field whose value does not fit reads as its
+    default instead of raising (extra keys kept)."""
+
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _default_when_unfit(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            assert info.field_name is not None
+            return cls.model_fields[info.field_name].get_default(call_default_factory=True)
+
+    @classmethod
+    def read(cls: type[L], doc: Any) -> L:
+        """The report in ``doc`` (anything but a JSON object reads as an empty report)."""
+        return cls.model_validate(doc if isinstance(doc, dict) else {})
+

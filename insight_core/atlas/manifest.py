@@ -43,7 +43,13 @@ from insight_core.atlas.layout import (
     ProbeLayout,
     verification_cache,
 )
-from insight_core.atlas.manifest_schema import FileEntry, ManifestDoc
+from insight_core.atlas.manifest_schema import (
+    FileEntry,
+    ManifestDoc,
+    ProbeConfigSummary,
+    ProbeMetricsSummary,
+    ReportKind,
+)
 from insight_core.atlas.verify import VerificationCache, sha256_file
 from insight_core.errors import CheckpointError, InsightError
 from insight_core.io import write_json
@@ -195,16 +201,13 @@ def _probes(layout: AtlasLayout) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name in layout.probe_names():
         probe = layout.probe_layout(name)
-        config = _read_json(probe.config)
-        metrics = _read_json(probe.metrics)
-        if not isinstance(config, dict) or not isinstance(metrics, dict):
-            raise AtlasError(f"{probe.root}: the probe's config and metrics must be JSON objects")
-        held = metrics.get("held_out", {}) if isinstance(metrics.get("held_out"), dict) else {}
+        config = validate(ProbeConfigSummary, _read_json(probe.config), probe.config, AtlasError)
+        held = validate(ProbeMetricsSummary, _read_json(probe.metrics), probe.metrics, AtlasError).held_out
         out[name] = {
-            "n_classes": len(config.get("classes", [])),
-            "pooling": config.get("pooling"),
-            "codes": config.get("codes"),
-            "description": config.get("description", ""),
+            "n_classes": len(config.classes),
+            "pooling": config.pooling,
+            "codes": config.codes,
+            "description": config.description,
             "top1": held.get("top1"),
             "top5": held.get("top5"),
             "files": {role: _entry(layout, probe.file(role)) for role in PROBE_FILES},
@@ -222,12 +225,8 @@ def _evals(layout: AtlasLayout) -> dict[str, dict[str, Any]]:
             continue
         kind = None
         if "report" in files:
-            try:
-                report = _read_json(files["report"])
-            except AtlasError:  # listed anyway: the app reports it by name when it reads it
-                report = None
-            if isinstance(report, dict) and isinstance(report.get("kind"), str):
-                kind = report["kind"]
+            with contextlib.suppress(AtlasError):  # listed anyway: the app names it when it reads it
+                kind = ReportKind.read(_read_json(files["report"])).kind
         out[name] = {"kind": kind, "files": {role: _entry(layout, path) for role, path in files.items()}}
     return out
 

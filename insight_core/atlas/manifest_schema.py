@@ -14,7 +14,7 @@ from pydantic import AfterValidator, Field
 
 from insight_core.atlas.layout import ATLAS_FILE_SETS, check_name
 from insight_core.atlas.member_layouts import EVAL_FILES
-from insight_core.schema import JsonModel, said, summarised
+from insight_core.schema import JsonModel, LenientModel, said, summarised
 
 _BLOCKS = "'files', 'file_sets', 'probes' and 'evals' must be JSON objects"
 
@@ -85,3 +85,24 @@ class ManifestDoc(JsonModel):
         ],
         said(_BLOCKS),
     ] = Field(default_factory=dict)
+
+
+class ProbeConfigSummary(JsonModel):
+    """The fields of ``probes/NAME/config.json`` the manifest's ``probes`` block summarises."""
+
+    classes: list[Any] = Field(default_factory=list)
+    pooling: Any = None
+    codes: Any = None
+    description: str = ""
+
+
+class ProbeMetricsSummary(JsonModel):
+    """The fields of ``probes/NAME/metrics.json`` the manifest summarises (held-out top-1 / top-5)."""
+
+    held_out: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReportKind(LenientModel):
+    """The ``kind`` of an evaluation report (None when it has none, or not as text)."""
+
+    kind: str | None = None

@@ -8,7 +8,7 @@ import pytest
 from pydantic import Field
 
 from insight_core.errors import ConfigError, InsightError
-from insight_core.schema import JsonModel, said, summarised, validate
+from insight_core.schema import OR_NONE, JsonModel, LenientModel, Num, said, summarised, validate
 
 
 class Inner(JsonModel):
@@ -58,3 +58,31 @@ def test_union_errors_name_the_field_once() -> None:
     """pydantic puts the union members into an error's location; the message names the document's path."""
     with pytest.raises(ConfigError, match=r"^f\.json: layer: Input should be a valid integer$"):
         validate(Layered, {"layer": [3]}, "f.json", ConfigError)
+
+
+class Row(LenientModel):
+    id: int | None = None
+    score: Num = None
+
+
+class Report(LenientModel):
+    counts: dict[str, Num] = Field(default_factory=dict)
+    rows: list[Annotated[Row | None, OR_NONE]] = Field(default_factory=list)
+    label: str = "?"
+
+
+def test_lenient_reports_read_unfit_values_as_defaults_one_by_one() -> None:
+    rep = Report.read(
+        {
+            "counts": {"a": 3, "b": True, "c": "4", "d": float("inf"), "e": 0.5},
+            "rows": [{"id": 1, "score": 2}, "junk", {"id": "2", "score": float("nan")}],
+            "label": ["x"],
+            "extra": 1,
+        }
+    )
+    assert rep.counts == {"a": 3.0, "b": None, "c": None, "d": None, "e": 0.5}
+    assert rep.rows == [Row(id=1, score=2.0), None, Row()]
+    assert rep.label == "?"
+    assert rep.model_extra == {"extra": 1}
+    assert Report.read([1, 2]) == Report()
+    assert Report.read({"counts": [], "rows": {}}) == Report()
