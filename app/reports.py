@@ -130,3 +130,39 @@ class AbsorptionReport(LenientModel):
     n_parents: Num = None
     absorption_rate: Num = None
     parents: list[Annotated[AbsorptionParent | None, OR_NONE]] = Field(default_factory=list)
+
+
+class ConceptsReport(LenientModel):
+    """``kind: concepts`` (``eval-concepts``): the dataset-level interpretability figures."""
+
+    locality: Num = None
+    consistency: Num = None
+    impurity: Num = None
+    min_images: int | None = None
+    """Concepts active in fewer images are left out of the impurity average."""
+
+
+class OvsSettings(LenientModel):
+    background_prompt: Any = None
+    """Truthy when class 0 is a background prompt (the Segment tab has its own switch)."""
+
+
+class OvsClass(LenientModel):
+    """One class of an OVS evaluation: the concepts that explain it most."""
+
+    class_: Any = Field(default=None, alias="class")
+    top_concepts: list[Any] = Field(default_factory=list)
+    top_contributions_per_patch: list[Num] = Field(default_factory=list)
+
+
+class OvsInsight(LenientModel):
+    miou: Num = None
+
+
+class OvsReport(LenientModel):
+    """``kind: ovs`` (``eval-ovs``): the class list, per-class explanations and the mIoU."""
+
+    classes: list[Any] = Field(default_factory=list)
+    settings: OvsSettings = Field(default_factory=OvsSettings)
+    per_class: list[Annotated[OvsClass | None, OR_NONE]] = Field(default_factory=list)
+    insight: OvsInsight = Field(default_factory=OvsInsight)
