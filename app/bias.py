@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from app import html as H
+from app.reports import BiasReport, BiasRow, TaxonomyReport
 from app.state import AppState
 
 KINDS = ("bias", "taxonomy")
@@ -41,44 +42,38 @@ def evaluations(state: AppState, kind: str) -> dict[str, Any]:
     return {n: ev for n, ev in sorted(state.evaluations.items()) if ev.kind == kind}
 
 
+def _rows(state: AppState, rows: list[BiasRow | None] | None) -> list[tuple[int, BiasRow]]:
+    """(concept id, row) of the rows that name a concept of this atlas."""
+    return [(r.id, r) for r in rows or [] if r is not None and r.id is not None and 0 <= r.id < state.m]
+
+
 def _bias_section(state: AppState, name: str, ev: Any) -> str:
-    rep = ev.report
-    groups = rep.get("groups") if isinstance(rep.get("groups"), dict) else {}
-    sig = rep.get("n_significant_fdr") if isinstance(rep.get("n_significant_fdr"), dict) else {}
-    settings = rep.get("settings") if isinstance(rep.get("settings"), dict) else {}
-    head = ", ".join(f"{H.esc(g)}: {int(n)} images" for g, n in groups.items() if _num(n) is not None)
+    rep = BiasReport.read(ev.report)
+    head = ", ".join(f"{H.esc(g)}: {int(n)} images" for g, n in rep.groups.items() if n is not None)
     parts = [
         f"<h3>Bias: {H.esc(name)}</h3>",
-        f"<p>{head}. {int(_num(rep.get('n_concepts_tested')) or 0)} concepts tested; significant at "
-        f"FDR {_f(rep.get('alpha'), '.2g')}: "
-        + ", ".join(f"{H.esc(g)} {int(n)}" for g, n in sig.items() if _num(n) is not None)
-        + f". Image-level activation: {H.esc(settings.get('pooling', 'mean'))}-pooled "
+        f"<p>{head}. {int(rep.n_concepts_tested or 0)} concepts tested; significant at "
+        f"FDR {_f(rep.alpha, '.2g')}: "
+        + ", ".join(f"{H.esc(g)} {int(n)}" for g, n in rep.n_significant_fdr.items() if n is not None)
+        + f". Image-level activation: {H.esc(rep.settings.pooling)}-pooled "
         "codes; effect size Cohen's d (group vs the other images) with a 95% interval; q: "
         "Benjamini-Hochberg adjusted p-value (Welch's t-test).</p>",
     ]
-    top = rep.get("top") if isinstance(rep.get("top"), dict) else {}
-    for g, rows in top.items():
+    for g, rows in rep.top.items():
         parts.append(f"<h4>More active in {H.esc(g)}</h4>")
-        if not isinstance(rows, list) or not rows:
+        if not rows:
             parts.append(H.message("no concept is significantly more active in this group"))
             continue
-        body = []
-        for r in rows[:12]:
-            if not isinstance(r, dict) or _num(r.get("id")) is None:
-                continue
-            cid = int(r["id"])
-            if not 0 <= cid < state.m:
-                continue
-            body.append(
-                [
-                    H.concept_link(cid, state.name(cid)),
-                    f"{_f(r.get('d'), '.2f')} "
-                    f"<small>[{_f(r.get('d_low'), '.2f')}, {_f(r.get('d_high'), '.2f')}]</small>",
-                    _f(r.get("q"), ".2g"),
-                    f"{_f(r.get('mean'), '.3g')} / {_f(r.get('mean_rest'), '.3g')}",
-                    f"{_pct(r.get('firing'))} / {_pct(r.get('firing_rest'))}",
-                ]
-            )
+        body = [
+            [
+                H.concept_link(cid, state.name(cid)),
+                f"{_f(r.d, '.2f')} <small>[{_f(r.d_low, '.2f')}, {_f(r.d_high, '.2f')}]</small>",
+                _f(r.q, ".2g"),
+                f"{_f(r.mean, '.3g')} / {_f(r.mean_rest, '.3g')}",
+                f"{_pct(r.firing)} / {_pct(r.firing_rest)}",
+            ]
+            for cid, r in _rows(state, rows[:12])
+        ]
         parts.append(
             H.table(["concept", "d [95% CI]", "q", "mean (group / rest)", "active on (group / rest)"], body)
         )
@@ -86,30 +81,26 @@ def _bias_section(state: AppState, name: str, ev: Any) -> str:
 
 
 def _taxonomy_section(name: str, ev: Any) -> str:
-    rep = ev.report
-    layers = rep.get("layers") if isinstance(rep.get("layers"), list) else []
-    rows = []
-    for r in layers:
-        if not isinstance(r, dict):
-            continue
-        rows.append(
-            [
-                H.esc(r.get("layer")),
-                _pct(r.get("edge_precision")),
-                _pct(r.get("edge_recall")),
-                _pct(r.get("edge_precision_with_collapsed")),
-                _f(r.get("depth_spearman_family"), ".2f"),
-                _f(r.get("depth_spearman_group"), ".2f"),
-                f"{int(_num(r.get('n_mapped')) or 0)} / {int(_num(r.get('n_concepts')) or 0)}",
-                str(int(_num(r.get("n_edges_evaluated")) or 0)),
-            ]
-        )
-    tax = rep.get("taxonomy") if isinstance(rep.get("taxonomy"), dict) else {}
+    rep = TaxonomyReport.read(ev.report)
+    rows = [
+        [
+            H.esc(r.layer),
+            _pct(r.edge_precision),
+            _pct(r.edge_recall),
+            _pct(r.edge_precision_with_collapsed),
+            _f(r.depth_spearman_family, ".2f"),
+            _f(r.depth_spearman_group, ".2f"),
+            f"{int(r.n_mapped or 0)} / {int(r.n_concepts or 0)}",
+            str(int(r.n_edges_evaluated or 0)),
+        ]
+        for r in rep.layers
+        if r is not None
+    ]
     return (
         f"<h3>Taxonomy alignment: {H.esc(name)}</h3><p>Each concept is mapped to the taxonomy node whose "
         "subtree its activation mass falls on; a family edge agrees when the parent concept's node is a "
         "proper ancestor of the child concept's node. Taxonomy: "
-        f"{H.esc(tax.get('file', '?'))} ({int(_num(tax.get('nodes_used')) or 0)} nodes).</p>"
+        f"{H.esc(rep.taxonomy.file)} ({int(rep.taxonomy.nodes_used or 0)} nodes).</p>"
         + H.table(
             [
                 "layer",
@@ -204,26 +195,25 @@ def api_doc(state: AppState) -> dict[str, Any]:
     group with their names) and taxonomy alignment (the layer x metric table) of the atlas."""
     bias = {}
     for name, ev in evaluations(state, "bias").items():
-        rep = ev.report
-        top = rep.get("top") if isinstance(rep.get("top"), dict) else {}
+        rep = BiasReport.read(ev.report)
         bias[name] = {
-            "groups": _jsonable(rep.get("groups") if isinstance(rep.get("groups"), dict) else {}),
-            "n_tests": _num(rep.get("n_tests")),
-            "alpha": _num(rep.get("alpha")),
-            "n_significant_fdr": _jsonable(rep.get("n_significant_fdr") or {}),
-            "random_weights": bool(rep.get("random_weights")),
+            "groups": _jsonable(rep.groups),
+            "n_tests": rep.n_tests,
+            "alpha": rep.alpha,
+            "n_significant_fdr": _jsonable(rep.n_significant_fdr),
+            "random_weights": bool(ev.report.get("random_weights")),
             "top": {
                 str(g): [
-                    {**_jsonable(r), "name": state.name(int(r["id"]))}
-                    for r in (rows if isinstance(rows, list) else [])
-                    if isinstance(r, dict) and _num(r.get("id")) is not None and 0 <= int(r["id"]) < state.m
+                    {**_jsonable(r.model_dump()), "name": state.name(cid)} for cid, r in _rows(state, rows)
                 ]
-                for g, rows in top.items()
+                for g, rows in rep.top.items()
             },
         }
     taxonomy = {
         name: {
-            "layers": _jsonable([r for r in ev.report.get("layers") or [] if isinstance(r, dict)]),
+            "layers": _jsonable(
+                [r.model_dump() for r in TaxonomyReport.read(ev.report).layers if r is not None]
+            ),
             "random_weights": bool(ev.report.get("random_weights")),
         }
         for name, ev in evaluations(state, "taxonomy").items()

@@ -18,6 +18,7 @@ import numpy as np
 
 from app import bias as B
 from app import html as H
+from app.reports import ConceptsReport, OvsReport
 from app.state import AppState
 
 KINDS = ("concepts", "ovs", *B.KINDS)
@@ -33,12 +34,11 @@ def ovs_class_lists(state: AppState) -> dict[str, tuple[list[str], dict[str, np.
     """Class lists of the atlas's OVS evaluations: name -> (class names, prompt -> embedding used)."""
     out = {}
     for name, ev in evaluations(state).items():
-        classes = ev.report.get("classes")
-        if ev.kind != "ovs" or not isinstance(classes, list) or not classes:
+        report = OvsReport.read(ev.report)
+        if ev.kind != "ovs" or not report.classes:
             continue
-        classes = [str(c) for c in classes]
-        settings = ev.report.get("settings")
-        if isinstance(settings, dict) and settings.get("background_prompt"):
+        classes = [str(c) for c in report.classes]
+        if report.settings.background_prompt:
             classes = classes[1:]  # the background class comes first; the tab has its own switch
         out[name] = (classes, dict(ev.class_embeddings))
     return out
@@ -51,11 +51,11 @@ def _finite(x: Any) -> float | None:
 
 
 def _concepts_entry(ev: Any, cid: int, base: dict[str, Any]) -> dict[str, Any]:
-    report = ev.report
+    report = ConceptsReport.read(ev.report)
     entry = {
         **base,
-        "dataset": {k: _finite(report.get(k)) for k in ("locality", "consistency", "impurity")},
-        "min_images": report.get("min_images"),
+        "dataset": {k: getattr(report, k) for k in ("locality", "consistency", "impurity")},
+        "min_images": report.min_images,
         "images": 0,
     }
     table = ev.concepts
@@ -78,21 +78,18 @@ def _concepts_entry(ev: Any, cid: int, base: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ovs_entry(ev: Any, cid: int, base: dict[str, Any]) -> dict[str, Any]:
+    report = OvsReport.read(ev.report)
     explains = []
-    per_class = ev.report.get("per_class")
-    for r in per_class if isinstance(per_class, list) else []:
-        tops = r.get("top_concepts") if isinstance(r, dict) else None
-        if not isinstance(tops, list) or cid not in tops:
+    for r in report.per_class:
+        if r is None or cid not in r.top_concepts:
             continue
-        k = tops.index(cid)
-        contributions = r.get("top_contributions_per_patch") or []
+        k, contributions = r.top_concepts.index(cid), r.top_contributions_per_patch
         explains.append({
-            "class": str(r.get("class")),
+            "class": str(r.class_),
             "rank": k + 1,
-            "contribution_per_patch": _finite(contributions[k]) if k < len(contributions) else None,
+            "contribution_per_patch": contributions[k] if k < len(contributions) else None,
         })  # fmt: skip
-    insight = ev.report.get("insight")
-    miou = _finite(insight.get("miou")) if isinstance(insight, dict) else None
+    miou = report.insight.miou
     return {**base, "miou": miou, "explains": explains}
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 from app.concept_stats import StatsView
 from insight_core.atlas import Atlas, AtlasError, reading
 from insight_core.atlas.hub import resolve_atlas
+from insight_core.atlas.manifest_schema import ReportKind
 from insight_core.atlas.trust import check_atlas_refs, lm_policy, resolve_trust
 from insight_core.concepts.families import Families
 from insight_core.concepts.image_search import ImageIndex, load_codes
@@ -389,7 +390,7 @@ def _evaluation(atlas: Atlas, name: str, m: int, d: int) -> Evaluation:
         table = df.set_index("id")
     path = atlas.evaluation_file(name, "class_embeddings")
     embeddings = _class_embeddings(path, d) if path is not None else {}
-    kind = report.get("kind") if isinstance(report.get("kind"), str) else None
+    kind = ReportKind.read(report).kind
     return Evaluation(name=name, kind=kind, report=report, concepts=table, class_embeddings=embeddings)
 
 

@@ -8,11 +8,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from insight_core.atlas import AtlasError, AtlasLayout, FeaturesLayout, read_json_data
 from insight_core.concepts.stats import ConceptStats
 from insight_core.errors import CheckpointError, FeatureFileError
 from insight_core.models.sae import MatryoshkaSAE
 from insight_core.models.sae_kinds import load_sae
+from insight_core.schema import JsonModel
 
 RANDOM_BANNER = (
     "\n"
@@ -35,16 +38,28 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+class RecordedBackbone(JsonModel):
+    """What the jobs read from an atlas or feature manifest (the rest is checked where it is used:
+    :meth:`insight_core.atlas.Atlas.open`, :class:`insight_core.data.features.FeatureSet`)."""
+
+    backbone: dict[str, Any] | None = Field(default=None)
+    """Arch, pretrained tag, kind, ``random_weights``, ``text_aligned``, ``layer`` (open)."""
+    layer: int | str | None = None
+    """The backbone layer the features were taken from (feature manifests of layer sweeps)."""
+
+
 def atlas_manifest(layout: AtlasLayout) -> dict[str, Any]:
-    """The atlas manifest as data: ``{}`` before it is written; a torn one is an :class:`AtlasError`
-    (read as empty it would drop settings such as ``random_weights``)."""
-    return read_json_data(layout.manifest, "atlas manifest", AtlasError)
+    """The atlas manifest as data: ``{}`` before it is written; a torn one (or a ``backbone`` that is
+    not an object) is an :class:`AtlasError` (read as empty it would drop settings such as
+    ``random_weights``)."""
+    return read_json_data(layout.manifest, "atlas manifest", AtlasError, RecordedBackbone)
 
 
 def features_manifest(features: str | Path) -> dict[str, Any]:
     """``extract``'s manifest of a feature folder: ``{}`` when absent (features from elsewhere); a
-    torn one is a :class:`FeatureFileError`."""
-    return read_json_data(FeaturesLayout(Path(features)).manifest, "feature manifest", FeatureFileError)
+    torn or malformed one is a :class:`FeatureFileError`."""
+    path = FeaturesLayout(Path(features)).manifest
+    return read_json_data(path, "feature manifest", FeatureFileError, RecordedBackbone)
 
 
 def load_atlas_sae(layout: AtlasLayout) -> MatryoshkaSAE:

@@ -77,14 +77,14 @@ def open_pooled(
         or feats_bb.get("random_weights")
         or str(backbone.get("pretrained")) == "none"
     )
-    layer = feats_manifest.get("layer", feats_bb.get("layer") if isinstance(feats_bb, dict) else None)
+    layer = feats_manifest.get("layer", feats_bb.get("layer"))
     return PooledInputs(
         layout=layout,
         sae=sae,
         features=fs,
         images=images,
         pooled=pooled,
-        backbone=backbone if isinstance(backbone, dict) else {},
+        backbone=backbone,
         random_weights=random_weights,
         layer=str(layer) if layer is not None else Path(features).resolve().name,
     )

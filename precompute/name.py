@@ -213,12 +213,9 @@ def _schema(records: list[dict]) -> pa.Schema | None:
 
 def _recorded_backbone(job: NameJob) -> dict:
     """The ``backbone`` block of the feature manifest (--features) or else of the atlas manifest."""
-    if job.features is not None:
-        block = features_manifest(job.features).get("backbone")
-        if isinstance(block, dict):
-            return block
-    block = atlas_manifest(AtlasLayout(job.atlas)).get("backbone")
-    return block if isinstance(block, dict) else {}
+    if job.features is not None and (block := features_manifest(job.features).get("backbone")) is not None:
+        return block
+    return atlas_manifest(AtlasLayout(job.atlas)).get("backbone") or {}
 
 
 def _text_aligned(job: NameJob) -> bool:

@@ -41,12 +41,19 @@ from insight_core.atlas.layout import (
     REQUIRED_ROLES,
     AtlasLayout,
     ProbeLayout,
-    check_name,
     verification_cache,
 )
+from insight_core.atlas.manifest_schema import (
+    FileEntry,
+    ManifestDoc,
+    ProbeConfigSummary,
+    ProbeMetricsSummary,
+    ReportKind,
+)
 from insight_core.atlas.verify import VerificationCache, sha256_file
-from insight_core.errors import CheckpointError, ConfigError, InsightError
+from insight_core.errors import CheckpointError, InsightError
 from insight_core.io import write_json
+from insight_core.schema import validate
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +178,7 @@ def write_manifest(
         "backbone": backbone if backbone is not None else previous.get("backbone", {}),
         "configs": _configs(layout),
         "counts": _counts(layout),
-        "stages": {name: rec.read().get("input_fingerprint") for name, rec in layout.stage_records().items()},
+        "stages": _fingerprints(layout),
         "files": files,
         "file_sets": {name: members for name, members in file_sets.items() if members},
         "probes": _probes(layout),
@@ -183,21 +190,24 @@ def write_manifest(
     return manifest
 
 
+def _fingerprints(layout: AtlasLayout) -> dict[str, str | None]:
+    """The ``stages`` block: stage -> the input fingerprint of its record (None when unreadable)."""
+    records = {name: rec.parsed() for name, rec in layout.stage_records().items()}
+    return {name: None if doc is None else doc.input_fingerprint for name, doc in records.items()}
+
+
 def _probes(layout: AtlasLayout) -> dict[str, dict[str, Any]]:
     """The ``probes`` block: every complete probe folder, its files (by role) and a summary."""
     out: dict[str, dict[str, Any]] = {}
     for name in layout.probe_names():
         probe = layout.probe_layout(name)
-        config = _read_json(probe.config)
-        metrics = _read_json(probe.metrics)
-        if not isinstance(config, dict) or not isinstance(metrics, dict):
-            raise AtlasError(f"{probe.root}: the probe's config and metrics must be JSON objects")
-        held = metrics.get("held_out", {}) if isinstance(metrics.get("held_out"), dict) else {}
+        config = validate(ProbeConfigSummary, _read_json(probe.config), probe.config, AtlasError)
+        held = validate(ProbeMetricsSummary, _read_json(probe.metrics), probe.metrics, AtlasError).held_out
         out[name] = {
-            "n_classes": len(config.get("classes", [])),
-            "pooling": config.get("pooling"),
-            "codes": config.get("codes"),
-            "description": config.get("description", ""),
+            "n_classes": len(config.classes),
+            "pooling": config.pooling,
+            "codes": config.codes,
+            "description": config.description,
             "top1": held.get("top1"),
             "top5": held.get("top5"),
             "files": {role: _entry(layout, probe.file(role)) for role in PROBE_FILES},
@@ -215,12 +225,8 @@ def _evals(layout: AtlasLayout) -> dict[str, dict[str, Any]]:
             continue
         kind = None
         if "report" in files:
-            try:
-                report = _read_json(files["report"])
-            except AtlasError:  # listed anyway: the app reports it by name when it reads it
-                report = None
-            if isinstance(report, dict) and isinstance(report.get("kind"), str):
-                kind = report["kind"]
+            with contextlib.suppress(AtlasError):  # listed anyway: the app names it when it reads it
+                kind = ReportKind.read(_read_json(files["report"])).kind
         out[name] = {"kind": kind, "files": {role: _entry(layout, path) for role, path in files.items()}}
     return out
 
@@ -234,9 +240,7 @@ def _rewrite_blocks(root: str | Path, blocks: dict[str, Any]) -> dict[str, Any] 
     if not isinstance(manifest, dict) or manifest.get("format") != ATLAS_FORMAT:
         raise AtlasError(f"{layout.manifest}: not an INSIGHT atlas manifest")
     manifest.update(blocks)
-    manifest["stages"] = {
-        name: rec.read().get("input_fingerprint") for name, rec in layout.stage_records().items()
-    }
+    manifest["stages"] = _fingerprints(layout)
     manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
     write_json(layout.manifest, manifest)
     return manifest
@@ -335,37 +339,20 @@ class Atlas:
                 f"{root}: no {MANIFEST}; build the atlas with `insight build` "
                 "or write one with `insight manifest --atlas ...`"
             )
-        manifest = _read_json(manifest_path)
-        if not isinstance(manifest, dict) or manifest.get("format") != ATLAS_FORMAT:
-            raise AtlasError(f"{manifest_path}: not an INSIGHT atlas manifest")
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise AtlasError(
-                f"{manifest_path}: atlas schema version {version}, this code reads version "
-                f"{SCHEMA_VERSION}; rebuild the atlas with this version of the precompute jobs"
-            )
-        if CHECKSUM_KEY in manifest and manifest[CHECKSUM_KEY] != manifest_checksum(manifest):
-            raise AtlasError(
-                f"{manifest_path}: checksum mismatch: the manifest was corrupted or edited after it was "
-                "written; download the atlas again, or rewrite it with `insight manifest --atlas ...`"
-            )
-        entries = _entries(manifest_path, manifest)
-        files = manifest.get("files", {})
+        manifest, doc = parse_manifest(manifest_path)
+        entries = _entries(manifest_path, doc)
         for role in require:
-            if role not in files:
+            if role not in doc.files:
                 raise AtlasError(
                     f"{root}: the manifest lists no {role!r} file ({ATLAS_FILES.get(role, role)})"
                 )
-        hashed = {_safe_rel(manifest_path, files[r]["path"]) for r in EXPLORER_ROLES if r in files}
-        hashed |= {rel for rel, key in entries.items() if not key.startswith(("role:", "eval:"))}
-        hashed |= {rel for rel, key in entries.items()
-                   if key.startswith("eval:") and key.rpartition(":")[2] in EVAL_EXPLORER_ROLES}  # fmt: skip
+        hashed = {rel for rel, (key, _) in entries.items() if _read_by_explorer(key)}
         store = VerificationCache(verification_cache(root) if cache and verify != "sizes" else None)
         verified = set()
         try:
-            for rel, key in entries.items():
+            for rel, (_, entry) in entries.items():
                 hash_it = verify == "all" or (verify == "read" and rel in hashed)
-                if _check_file(root, rel, _lookup(manifest, key), hash_it, store):
+                if _check_file(root, rel, entry, hash_it, store):
                     verified.add(rel)
         finally:
             store.save()
@@ -489,8 +476,7 @@ class Atlas:
 
     @property
     def backbone(self) -> dict[str, Any]:
-        backbone = self.manifest.get("backbone", {})
-        return backbone if isinstance(backbone, dict) else {}
+        return dict(self.manifest.get("backbone", {}))  # an object: checked when opened
 
     @property
     def random_weights(self) -> bool:
@@ -520,11 +506,12 @@ class Atlas:
         """
         manifest_path = self.root / MANIFEST
         rel = _safe_rel(manifest_path, rel)
-        key = _entries(manifest_path, self.manifest).get(rel)
-        if key is None:
+        doc = validate(ManifestDoc, self.manifest, manifest_path, AtlasError)
+        listed = _entries(manifest_path, doc).get(rel)
+        if listed is None:
             return None
         if rel not in self.verified:  # size, link and hash checks before anything parses it
-            _check_file(self.root, rel, _lookup(self.manifest, key), True, VerificationCache(None))
+            _check_file(self.root, rel, listed[1], True, VerificationCache(None))
         return self.root / rel
 
 
@@ -555,89 +542,84 @@ def resolves_inside(root: Path, path: Path) -> bool:
     return any(real == base or real.is_relative_to(base) for base in bases)
 
 
-def _entries(manifest_path: Path, manifest: dict[str, Any]) -> dict[str, str]:
-    """Relative path -> where its entry is (``role:NAME``, ``set:NAME:PATH``, ``probe:NAME:ROLE`` or
-    ``eval:NAME:ROLE``), after checking shapes."""
-    files = manifest.get("files", {})
-    sets = manifest.get("file_sets", {})
-    probes = manifest.get("probes", {})
-    evals = manifest.get("evals", {})
-    if not all(isinstance(block, dict) for block in (files, sets, probes, evals)):
-        raise AtlasError(f"{manifest_path}: 'files', 'file_sets', 'probes' and 'evals' must be JSON objects")
-    out: dict[str, str] = {}
+def parse_manifest(path: Path) -> tuple[dict[str, Any], ManifestDoc]:
+    """Read ``manifest.json``: its object and its checked structure (:class:`ManifestDoc`).
 
-    def add(rel: Any, entry: Any, key: str, expected: str | None) -> None:
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("bytes"), int)
-            or (not isinstance(entry.get("sha256"), str))
-        ):
-            raise AtlasError(f"{manifest_path}: malformed entry {key!r} (expected path, bytes, sha256)")
+    Raises
+    ------
+    AtlasError
+        Naming the file (and the field): unreadable JSON, not an atlas manifest, another schema
+        version, a checksum mismatch, or a block of the wrong shape.
+    """
+    manifest = _read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("format") != ATLAS_FORMAT:
+        raise AtlasError(f"{path}: not an INSIGHT atlas manifest")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise AtlasError(
+            f"{path}: atlas schema version {version}, this code reads version "
+            f"{SCHEMA_VERSION}; rebuild the atlas with this version of the precompute jobs"
+        )
+    if CHECKSUM_KEY in manifest and manifest[CHECKSUM_KEY] != manifest_checksum(manifest):
+        raise AtlasError(
+            f"{path}: checksum mismatch: the manifest was corrupted or edited after it was "
+            "written; download the atlas again, or rewrite it with `insight manifest --atlas ...`"
+        )
+    return manifest, validate(ManifestDoc, manifest, path, AtlasError)
+
+
+def _read_by_explorer(key: str) -> bool:
+    """Whether :meth:`Atlas.open` hashes the entry at ``key`` by default: explorer roles, file sets,
+    probes and the evaluation files the explorer reads."""
+    kind, _, rest = key.partition(":")
+    role = rest.rpartition(":")[2]
+    return {"role": role in EXPLORER_ROLES, "eval": role in EVAL_EXPLORER_ROLES}.get(kind, True)
+
+
+def _entries(manifest_path: Path, doc: ManifestDoc) -> dict[str, tuple[str, FileEntry]]:
+    """Relative path -> where its entry is (``role:NAME``, ``set:NAME:PATH``, ``probe:NAME:ROLE`` or
+    ``eval:NAME:ROLE``) and the entry, after checking each path is where its role says, once."""
+    out: dict[str, tuple[str, FileEntry]] = {}
+
+    def add(rel: str | None, entry: FileEntry, key: str, expected: str | None) -> None:
         rel = _safe_rel(manifest_path, rel)
         if expected is not None and rel != expected:
             raise AtlasError(f"{manifest_path}: {key!r} must be at {expected!r}, the manifest says {rel!r}")
         if rel in out:
             raise AtlasError(f"{manifest_path}: {rel!r} is listed twice")
-        out[rel] = key
+        out[rel] = (key, entry)
 
-    for role, entry in files.items():
-        rel = entry.get("path") if isinstance(entry, dict) else None
-        add(rel, entry, f"role:{role}", ATLAS_FILES.get(role))
-    for name, members in sets.items():
-        if name not in ATLAS_FILE_SETS or not isinstance(members, dict):
-            raise AtlasError(f"{manifest_path}: unknown or malformed file set {name!r}")
+    for role, entry in doc.files.items():
+        add(entry.path, entry, f"role:{role}", ATLAS_FILES.get(role))
+    for name, members in doc.file_sets.items():
         prefix = ATLAS_FILE_SETS[name] + "/"
         for rel, entry in members.items():
-            if not (isinstance(rel, str) and rel.startswith(prefix)):
+            if not rel.startswith(prefix):
                 raise AtlasError(f"{manifest_path}: file set {name!r} lists {rel!r} outside {prefix}")
-            if isinstance(entry, dict) and entry.get("path", rel) != rel:
+            if entry.path not in (None, rel):
                 raise AtlasError(f"{manifest_path}: file set {name!r}: entry {rel!r} names another path")
             add(rel, entry, f"set:{name}:{rel}", None)
     layout = AtlasLayout(manifest_path.parent)
-    for name, probe in probes.items():
-        try:
-            expected = layout.probe_layout(check_name(name, "probe name"))
-        except ConfigError as err:
-            raise AtlasError(f"{manifest_path}: {err}") from None
-        probe_files = probe.get("files") if isinstance(probe, dict) else None
-        if not isinstance(probe_files, dict) or set(probe_files) != set(PROBE_FILES):
+    for name, probe in doc.probes.items():
+        if set(probe.files) != set(PROBE_FILES):
             raise AtlasError(
                 f"{manifest_path}: probe {name!r} must list exactly the files {sorted(PROBE_FILES)}; rerun "
                 f"`insight probe ... --name {name}` or `insight manifest --atlas ...`"
             )
-        for role, entry in probe_files.items():
-            rel = entry.get("path") if isinstance(entry, dict) else None
-            add(rel, entry, f"probe:{name}:{role}", layout.rel(expected.file(role)))
-    for name, evaluation in evals.items():
-        try:
-            check_name(name, "evaluation name")
-        except ConfigError as err:
-            raise AtlasError(f"{manifest_path}: {err}") from None
-        eval_files = evaluation.get("files") if isinstance(evaluation, dict) else None
-        if not isinstance(eval_files, dict) or not eval_files or not set(eval_files) <= set(EVAL_FILES):
+        for role, entry in probe.files.items():
+            add(entry.path, entry, f"probe:{name}:{role}", layout.rel(layout.probe_layout(name).file(role)))
+    for name, evaluation in doc.evals.items():
+        if not evaluation.files or not set(evaluation.files) <= set(EVAL_FILES):
             raise AtlasError(
                 f"{manifest_path}: evaluation {name!r} must list some of the files {sorted(EVAL_FILES)}; "
                 "rerun the evaluation or `insight manifest --atlas ...`"
             )
-        for role, entry in eval_files.items():
-            rel = entry.get("path") if isinstance(entry, dict) else None
-            add(rel, entry, f"eval:{name}:{role}", layout.rel(layout.evaluation_file(name, role)))
+        for role, entry in evaluation.files.items():
+            add(entry.path, entry, f"eval:{name}:{role}", layout.rel(layout.evaluation_file(name, role)))
     return out
 
 
-def _lookup(manifest: dict[str, Any], key: str) -> dict[str, Any]:
-    kind, _, rest = key.partition(":")
-    if kind == "role":
-        return manifest["files"][rest]
-    name, _, rel = rest.partition(":")
-    if kind == "probe":
-        return manifest["probes"][name]["files"][rel]
-    if kind == "eval":
-        return manifest["evals"][name]["files"][rel]
-    return manifest["file_sets"][name][rel]
-
-
-def _check_file(root: Path, rel: str, entry: dict, hash_it: bool, store: VerificationCache) -> bool:
+def _check_file(root: Path, rel: str, entry: FileEntry, hash_it: bool, store: VerificationCache) -> bool:
     """Presence and size (always) and SHA-256 (when ``hash_it``); returns whether it was hashed."""
     path = root / rel
     if not resolves_inside(root, path):  # checked before anything reads (or stats) the target
@@ -649,9 +631,9 @@ def _check_file(root: Path, rel: str, entry: dict, hash_it: bool, store: Verific
             f"{path}: listed in the manifest but missing; rebuild the atlas (or restore the file)"
         )
     size = path.stat().st_size
-    if size != entry.get("bytes"):
+    if size != entry.bytes:
         raise AtlasError(
-            f"{path}: {size} bytes but the manifest says {entry.get('bytes')}: the file changed after "
+            f"{path}: {size} bytes but the manifest says {entry.bytes}: the file changed after "
             "the manifest was written (stale or corrupt); rerun the stage that writes it"
         )
     if not hash_it:
@@ -660,7 +642,7 @@ def _check_file(root: Path, rel: str, entry: dict, hash_it: bool, store: Verific
         digest = store.sha256(path)
     except OSError as err:
         raise AtlasError(f"{path}: unreadable ({err})") from err
-    if digest != entry.get("sha256"):
+    if digest != entry.sha256:
         raise AtlasError(
             f"{path}: content hash differs from the manifest (stale or corrupt); download the atlas "
             "again or rerun the stage that writes it"

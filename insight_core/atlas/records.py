@@ -17,12 +17,30 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
 
 from insight_core.errors import InsightError
 from insight_core.io import write_json
+from insight_core.schema import JsonModel, validate
 
 RECORD_FORMAT = "insight-stage-record"
+
+
+class StageRecordDoc(JsonModel):
+    """``stages/NAME.json``: written by :meth:`StageRecord.write`, read as "not done" when it does not fit."""
+
+    format: Literal["insight-stage-record"]
+    input_fingerprint: str
+    """:func:`fingerprint` of the inputs the stage ran on."""
+    outputs: dict[str, int] = Field(default_factory=dict)
+    """Output path (relative to the record's root) -> size in bytes when the stage finished."""
+    info: dict[str, Any] = Field(default_factory=dict)
+    """What the stage stored beside its bookkeeping (summary, config)."""
+    stage: str | None = None
+    finished: str | None = None
+    """UTC time, ISO 8601."""
 
 
 def read_json_dict(path: str | Path) -> dict[str, Any]:
@@ -39,10 +57,16 @@ def read_json_dict(path: str | Path) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def read_json_data(path: str | Path, what: str, error: type[InsightError] = InsightError) -> dict[str, Any]:
+def read_json_data(
+    path: str | Path,
+    what: str,
+    error: type[InsightError] = InsightError,
+    model: type[JsonModel] | None = None,
+) -> dict[str, Any]:
     """A JSON object file that is data: ``{}`` when it does not exist (an optional file), else its
-    object; a file that exists but is unreadable, torn, not UTF-8 or not a JSON object raises
-    ``error`` naming it and ``what`` it is (``"feature manifest"``)."""
+    object; a file that exists but is unreadable, torn, not UTF-8, not a JSON object or (given a
+    ``model``) not of its schema raises ``error`` naming it, ``what`` it is (``"feature manifest"``)
+    and the field."""
     path = Path(path)
     if not path.exists():
         return {}
@@ -52,6 +76,8 @@ def read_json_data(path: str | Path, what: str, error: type[InsightError] = Insi
         raise error(f"{path}: unreadable {what} ({type(err).__name__}: {err})") from err
     if not isinstance(doc, dict):
         raise error(f"{path}: {what} must be a JSON object, got {type(doc).__name__}")
+    if model is not None:
+        validate(model, doc, f"{path}: {what}", error)
     return doc
 
 
@@ -75,20 +101,24 @@ class StageRecord:
     def stage(self) -> str:
         return self.path.stem
 
+    def parsed(self) -> StageRecordDoc | None:
+        """The record, or None when it is missing, torn or not a stage record (the stage runs again)."""
+        try:
+            return StageRecordDoc.model_validate(read_json_dict(self.path))
+        except ValidationError:
+            return None
+
     def read(self) -> dict[str, Any]:
-        """The record, or ``{}`` when it is missing, torn or not a stage record."""
-        doc = read_json_dict(self.path)
-        return doc if doc.get("format") == RECORD_FORMAT else {}
+        """The record as JSON, or ``{}`` when it is missing, torn or not a stage record."""
+        doc = self.parsed()
+        return {} if doc is None else doc.model_dump()
 
     def is_current(self, key: str) -> bool:
         """True when the stage finished with inputs ``key`` and its outputs are unchanged since."""
-        doc = self.read()
-        if doc.get("input_fingerprint") != key:
+        doc = self.parsed()
+        if doc is None or doc.input_fingerprint != key:
             return False
-        outputs = doc.get("outputs")
-        if not isinstance(outputs, dict):
-            return False
-        for rel, size in outputs.items():
+        for rel, size in doc.outputs.items():
             path = self.root / rel
             if not path.is_file() or path.stat().st_size != size:
                 return False
@@ -96,7 +126,8 @@ class StageRecord:
 
     def info(self) -> dict[str, Any]:
         """What the stage stored beside its bookkeeping (summary, config)."""
-        return self.read().get("info", {})
+        doc = self.parsed()
+        return {} if doc is None else dict(doc.info)
 
     def write(self, key: str, outputs: Iterable[str | Path] = (), **info: Any) -> dict[str, Any]:
         """Mark the stage done: call after every output is written."""

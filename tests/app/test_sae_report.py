@@ -124,3 +124,30 @@ def test_suite_section_shows_monosemanticity_and_its_evaluator() -> None:
     assert "&lt;b&gt;x&lt;/b&gt;" in html
     plain = S._suite_section("suite", {"fve": 0.5, "baselines": {}})
     assert "Monosemanticity (" not in plain  # not measured: no evaluator line
+
+
+def test_hostile_suite_and_absorption_reports_render_dashes_without_crashing(report_state) -> None:
+    evil = "<img src=x onerror=alert(1)>"
+    suite = {
+        "fve": "0.9",  # text, not a number
+        "l0": True,
+        "cosine": float("nan"),
+        "dead_fraction": 0.25,
+        "baselines": {evil: [1, 2], "pca": {"fve": 0.7, "l0": "x"}},
+        "sparse_probing": {"1": "junk", "5": {"top1_accuracy": 0.5}},
+        "monosemanticity_evaluator": {},
+        "zero_shot_accuracy": [0.5],
+    }
+    html = S._suite_section("suite", suite)
+    assert "<img" not in html
+    assert "<td>0.250</td>" in html  # the one valid figure of this SAE
+    assert "<td>0.700</td>" in html  # and of the PCA baseline
+    assert "<td>0.500</td>" in html  # sparse probing at k=5
+    assert "Monosemanticity (" not in html
+    assert "Zero-shot accuracy on" not in html
+    parents = [7, {"node_name": evil, "n_examples": 3}]
+    absorption = {"n_parents": "many", "absorption_rate": 0.125, "parents": parents}
+    html = S._absorption_section(report_state, "abs", absorption)
+    assert "<img" not in html
+    assert "&lt;img" in html
+    assert "over 0 parent nodes: 0.125" in html

@@ -102,3 +102,21 @@ def test_torn_manifests_are_errors_where_the_jobs_read_them_as_data(tmp_path) ->
         features_manifest(feats.root)
     with pytest.raises(FeatureFileError, match=r"feats/manifest\.json"):
         backbone_info(feats.root)
+
+
+def test_manifests_whose_backbone_is_not_an_object_are_errors_naming_the_field(tmp_path) -> None:
+    from insight_core.atlas import AtlasError, AtlasLayout, FeaturesLayout
+    from insight_core.errors import FeatureFileError
+    from precompute.common import atlas_manifest, features_manifest
+
+    layout, feats = AtlasLayout(tmp_path / "atlas"), FeaturesLayout(tmp_path / "feats")
+    layout.root.mkdir()
+    feats.root.mkdir()
+    layout.manifest.write_text('{"backbone": "ViT-B-16"}')
+    feats.manifest.write_text('{"backbone": {"arch": "ViT-B-16"}, "layer": [3]}')
+    with pytest.raises(AtlasError, match=r"atlas/manifest\.json: atlas manifest: backbone: .*dictionary"):
+        atlas_manifest(layout)
+    with pytest.raises(FeatureFileError, match=r"feats/manifest\.json: feature manifest: layer: "):
+        features_manifest(feats.root)
+    feats.manifest.write_text('{"backbone": null, "layer": 9, "shards": [], "added_later": 1}')
+    assert features_manifest(feats.root)["added_later"] == 1  # open format: other keys pass

@@ -416,3 +416,27 @@ def test_reading_also_takes_the_types_a_reader_uses_for_bad_input(tmp_path: Path
     faiss_path = tmp_path / "i.faiss"
     with pytest.raises(AtlasError, match=faiss_error), reading(faiss_path, "FAISS index", (RuntimeError,)):
         raise RuntimeError("Error in faiss::read_index: bad magic")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d["files"]["sae"].update(bytes="12"), r"files\.sae: malformed entry .*bytes: .*integer"),
+        (lambda d: d["files"]["sae"].update(bytes=True), r"files\.sae: malformed entry .*bytes"),
+        (lambda d: d["files"]["sae"].update(bytes=-1), r"files\.sae: .*greater than or equal to 0"),
+        (lambda d: d.update(backbone=["ViT-B-16"]), r"manifest\.json: backbone: .* valid dictionary"),
+        (lambda d: d.update(evals={"parts": {"kind": 3}}), r"evals\.parts\.kind: .* valid string"),
+        (lambda d: d.update(file_sets={"thumbs": []}), r"file_sets\.thumbs: a file set must be"),
+    ],
+)  # fmt: skip
+def test_schema_errors_name_the_file_and_the_field(atlas_dir: Path, edit, match: str) -> None:
+    write_manifest(atlas_dir)
+    _rewrite(atlas_dir, edit)
+    with pytest.raises(AtlasError, match=match):
+        Atlas.open(atlas_dir)
+
+
+def test_extra_keys_pass_so_newer_manifests_open(atlas_dir: Path) -> None:
+    write_manifest(atlas_dir)
+    _rewrite(atlas_dir, lambda d: d.update(added_later={"x": 1}) or d["files"]["sae"].update(note="new"))
+    assert Atlas.open(atlas_dir).manifest["added_later"] == {"x": 1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -88,3 +89,36 @@ def test_data_json_is_empty_only_when_absent_and_an_error_when_torn(tmp_path: Pa
     folder.mkdir()
     with pytest.raises(InsightError, match=r"folder\.json: unreadable data \(IsADirectoryError"):
         read_json_data(folder, "data")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"outputs": ["edges.parquet"]},  # not an object
+        {"outputs": {"edges.parquet": "5"}},  # a size as text
+        {"input_fingerprint": 12},
+        {"info": "done"},
+        {"format": "something-else"},
+    ],
+)
+def test_records_that_do_not_fit_the_schema_mean_not_done(tmp_path: Path, edit: dict) -> None:
+    layout = AtlasLayout(tmp_path)
+    record = layout.stage_record("families")
+    doc = record.write("abc", [_touch(layout.edges, b"edges")], n_edges=3)
+    parsed = record.parsed()
+    assert parsed is not None
+    assert parsed.outputs == {"edges.parquet": 5}
+    record.path.write_text(json.dumps({**doc, **edit}))
+    assert record.parsed() is None
+    assert record.read() == {}
+    assert record.info() == {}
+    assert not record.is_current("abc")
+
+
+def test_records_keep_keys_added_by_newer_versions(tmp_path: Path) -> None:
+    record = AtlasLayout(tmp_path).stage_record("stats")
+    doc = record.write("abc", n=1)
+    record.path.write_text(json.dumps({**doc, "host": "node-3"}))
+    assert record.is_current("abc")
+    assert record.read()["host"] == "node-3"
+    assert record.info() == {"n": 1}
