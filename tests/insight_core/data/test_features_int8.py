@@ -33,8 +33,10 @@ def test_int8_folder_reads_like_fp16(tmp_path: Path) -> None:
     fp16, int8 = _write_pair(tmp_path)
     a, b = scan_features(fp16), scan_features(int8)
     assert len(b.files) == 2  # scale files are not feature arrays
-    assert b.quantised and not a.quantised
-    assert b.files[0].n_groups == 2 and b.n_rows == a.n_rows == 240
+    assert b.quantised
+    assert not a.quantised
+    assert b.files[0].n_groups == 2
+    assert b.n_rows == a.n_rows == 240
     assert b.paths == [p for f in b.files for p in (f.path, scale_path_of(f.path))]
     xa = a.all_rows().sample(1000, seed=3)
     xb = b.all_rows().sample(1000, seed=3)  # same chunks, same shuffle
@@ -42,7 +44,8 @@ def test_int8_folder_reads_like_fp16(tmp_path: Path) -> None:
     rel = (xa - xb).norm(dim=1) / xa.norm(dim=1)
     assert float(rel.max()) < 0.02
     for (fa, ia), (fb, ib) in zip(a.iter_image_batches(7), b.iter_image_batches(7), strict=True):
-        assert fb.shape == fa.shape and torch.equal(ia, ib)
+        assert fb.shape == fa.shape
+        assert torch.equal(ia, ib)
         assert torch.allclose(fa, fb, atol=0.03)
     rows = np.array([0, 5, 149])
     np.testing.assert_allclose(b.files[0].read_rows(rows), a.files[0].read_rows(rows), atol=0.03)
@@ -57,7 +60,8 @@ def test_device_batches_keep_int8_until_the_device(tmp_path: Path) -> None:
     dev = list(train.iter_batches(32, seed=5, chunk_rows=30, buffer_chunks=2, device="cpu"))
     assert len(host) == len(dev) > 0
     for h, d in zip(host, dev, strict=True):
-        assert d.dtype == torch.float32 and d.device.type == "cpu"
+        assert d.dtype == torch.float32
+        assert d.device.type == "cpu"
         torch.testing.assert_close(h, d, rtol=1e-6, atol=1e-6)
     tail = list(train.iter_batches(1000, drop_last=False, device="cpu"))
     assert sum(len(t) for t in tail) == train.n_rows

@@ -30,7 +30,8 @@ def _feats(n: int = 300, d: int = 512, seed: int = 0) -> np.ndarray:
 def test_every_value_within_half_a_step_of_its_group_scale(group_size: int) -> None:
     x = _feats()
     q, scale = quantise(x, group_size)
-    assert q.dtype == np.int8 and scale.dtype == np.float16
+    assert q.dtype == np.int8
+    assert scale.dtype == np.float16
     assert scale.shape == (300, 512 // group_size)
     assert int(np.abs(q.astype(np.int32)).max()) <= QMAX
     err = np.abs(dequantise(q, scale) - x).reshape(300, -1, group_size)
@@ -81,7 +82,7 @@ def test_int8_shard_bytes_at_most_0_52_of_fp16() -> None:
 
 
 def test_bad_input_is_refused() -> None:
-    with pytest.raises(ConfigError, match="group_size 48 .* divide the feature dimension 512"):
+    with pytest.raises(ConfigError, match=r"group_size 48 .* divide the feature dimension 512"):
         check_group_size(512, 48)
     bad = _feats(n=4)
     bad[1, 7] = np.nan
