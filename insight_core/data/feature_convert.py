@@ -12,6 +12,7 @@ redoes at most the file it was writing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 from collections.abc import Callable
@@ -142,6 +143,6 @@ def _copy_companions(src_root: Path, dst_root: Path, cfg: ConvertConfig) -> int:
                 write_json(dst, doc)
         elif not (dst.is_file() and dst.read_bytes() == path.read_bytes()):
             dst.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(dst, lambda tmp, src=path: shutil.copyfile(src, tmp))
+            atomic_write(dst, functools.partial(shutil.copyfile, path))
         n += 1
     return n

@@ -141,3 +141,14 @@ def test_open_rows_refuses_int8(tmp_path: Path) -> None:
     _, int8 = _write_pair(tmp_path)
     with pytest.raises(FeatureFileError, match="int8 features; read them with read_rows"):
         scan_features(int8).files[0].open_rows()
+
+
+@pytest.mark.gpu
+def test_int8_batches_are_dequantised_on_the_gpu(tmp_path: Path) -> None:
+    _, int8 = _write_pair(tmp_path)
+    split = scan_features(int8).all_rows()
+    host = list(split.iter_batches(64, seed=2))
+    gpu = list(split.iter_batches(64, seed=2, device="cuda"))
+    assert all(g.device.type == "cuda" and g.dtype == torch.float32 for g in gpu)
+    for h, g in zip(host, gpu, strict=True):
+        torch.testing.assert_close(g.cpu(), h, rtol=1e-6, atol=1e-6)
