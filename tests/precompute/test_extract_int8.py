@@ -15,7 +15,7 @@ from insight_core.atlas import Atlas
 from insight_core.data.features import scan_features
 from precompute.__main__ import main
 
-pytestmark = pytest.mark.slow  # two extracts and two small builds of a random-init ViT-B/16 on CPU
+pytestmark = pytest.mark.slow  # three extracts and a small build with a random-init ViT-B/16 on CPU
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
 
@@ -94,26 +94,26 @@ def test_convert_features_carries_ids_and_manifest_over(folders) -> None:
         assert (conv / ids.name).read_bytes() == ids.read_bytes()
     assert _bytes(conv) == _bytes(f8)
     for fc, f in zip(scan_features(conv).files, scan_features(f8).files, strict=True):
-        np.testing.assert_allclose(fc.read_rows(slice(None)), f.read_rows(slice(None)), atol=0.02)
+        x, y = f.read_rows(slice(None)), fc.read_rows(slice(None))  # quantised from fp32 / from fp16
+        rel = np.linalg.norm(y - x, axis=1) / np.linalg.norm(x, axis=1)
+        assert rel.max() < 0.03, rel.max()
 
 
-def test_an_int8_folder_builds_an_atlas_like_fp16(folders) -> None:
+def test_an_int8_folder_builds_an_atlas(folders) -> None:
+    """``build --features`` on int8 shards: every stage reads them (test_build covers fp16)."""
     root = folders["root"]
     vocab = root / "vocab.npz"
     rng = np.random.default_rng(0)
     np.savez(vocab, words=np.array([f"word{i}" for i in range(40)]),
              embeddings=rng.normal(size=(40, 512)).astype(np.float32))  # fmt: skip
-    atlases = {}
-    for kind in ("fp16", "int8"):
-        atlas = root / f"atlas-{kind}"
-        args = ["build", "--atlas", str(atlas), "--features", str(folders[kind]), "--pretrained", "none",
-                "--dict-size", "64", "--k", "4", "--group-fractions", "0.25", "0.75", "--steps", "30",
-                "--batch-size", "128", "--lr", "3e-3", "--vocab-embeddings", str(vocab),
-                "--no-progress"]  # fmt: skip
-        assert main(args) == 0
-        atlases[kind] = Atlas.open(atlas, verify="all")
-    counts = [a.manifest["counts"] for a in atlases.values()]
-    assert counts[0]["n_images"] == counts[1]["n_images"] == 4
-    assert counts[0]["n_patches"] == counts[1]["n_patches"] == 4 * 196
-    fve = [json.loads((root / f"atlas-{k}" / "sae_metrics.json").read_text())["fve"] for k in atlases]
-    assert abs(fve[0] - fve[1]) < 0.02, fve
+    atlas = root / "atlas-int8"
+    args = ["build", "--atlas", str(atlas), "--features", str(folders["int8"]), "--pretrained", "none",
+            "--dict-size", "64", "--k", "4", "--group-fractions", "0.25", "0.75", "--steps", "30",
+            "--batch-size", "128", "--lr", "3e-3", "--vocab-embeddings", str(vocab),
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    opened = Atlas.open(atlas, verify="all")
+    assert opened.manifest["counts"]["n_images"] == 4
+    assert opened.manifest["counts"]["n_patches"] == 4 * 196
+    metrics = json.loads((atlas / "sae_metrics.json").read_text())
+    assert np.isfinite(metrics["fve"])
