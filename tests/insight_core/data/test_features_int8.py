@@ -152,3 +152,27 @@ def test_int8_batches_are_dequantised_on_the_gpu(tmp_path: Path) -> None:
     assert all(g.device.type == "cuda" and g.dtype == torch.float32 for g in gpu)
     for h, g in zip(host, gpu, strict=True):
         torch.testing.assert_close(g.cpu(), h, rtol=1e-6, atol=1e-6)
+
+
+def test_mask_batches_read_int8_shards(tmp_path: Path) -> None:
+    """eval-ovs / eval-concepts read features through the mask set: int8 folders work there too."""
+    from insight_core.data.feature_convert import convert_folder
+    from insight_core.data.masks import open_masks
+    from insight_core.planted.masks import write_planted_masks
+    from insight_core.planted.sampling import sample_images, write_feature_shards
+    from insight_core.planted.world import WorldConfig, make_world
+
+    world = make_world(WorldConfig())
+    sample = sample_images(world, 12, seed=0)
+    planted = tmp_path / "planted"
+    write_feature_shards(sample, planted / "features", shard_size=5)
+    write_planted_masks(world, sample.layout, planted / "features", planted / "masks")
+    convert_folder(planted / "features", tmp_path / "int8")
+    fp16 = list(open_masks(planted / "masks", planted / "features").iter_batches(4))
+    int8 = list(open_masks(planted / "masks", tmp_path / "int8").iter_batches(4))
+    assert [b.shard for b in int8] == [b.shard for b in fp16] == [0, 0, 1, 1, 2]
+    for a, b in zip(fp16, int8, strict=True):
+        np.testing.assert_array_equal(a.labels_bhw, b.labels_bhw)
+        assert b.feats_bpd.dtype == np.float32
+        rel = np.linalg.norm(b.feats_bpd - a.feats_bpd, axis=-1) / np.linalg.norm(a.feats_bpd, axis=-1)
+        assert rel.max() < 0.02
