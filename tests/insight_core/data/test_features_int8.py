@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import insight_core.data.features as features_mod
 from insight_core.data.features import scan_features
 from insight_core.data.quantise import quantise, scale_path_of
 from insight_core.errors import FeatureFileError
@@ -51,9 +52,10 @@ def test_int8_folder_reads_like_fp16(tmp_path: Path) -> None:
     np.testing.assert_allclose(b.files[0].read_rows(rows), a.files[0].read_rows(rows), atol=0.03)
 
 
-def test_device_batches_keep_int8_until_the_device(tmp_path: Path) -> None:
-    """With a device the shuffle buffer stays int8 and batches are dequantised there; the values and
-    the order are those of the CPU path."""
+def test_device_batches_keep_int8_until_the_device(tmp_path: Path, monkeypatch) -> None:
+    """With an accelerator the shuffle buffer stays int8 and batches are dequantised there (here
+    forced on the CPU); the values and the order are those of the numpy path."""
+    monkeypatch.setattr(features_mod, "_dequantise_on", lambda device: device is not None)
     _, int8 = _write_pair(tmp_path)
     train, _ = scan_features(int8).split(0.2, seed=1)
     host = list(train.iter_batches(32, seed=5, chunk_rows=30, buffer_chunks=2))
