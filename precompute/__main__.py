@@ -16,6 +16,7 @@ from precompute import (
     captioner,
     classify,
     compare_saes,
+    convert_features,
     demo,
     demo_planted,
     eval_absorption,
@@ -52,6 +53,7 @@ log = logging.getLogger("precompute")
 STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "build": (build.BuildJob, build.run),
     "extract": (extract.ExtractJob, extract.run),
+    "convert-features": (convert_features.ConvertFeaturesJob, convert_features.run),
     "train-adapter": (train_adapter.TrainAdapterJob, train_adapter.run),
     "train-sae": (train_sae.TrainSaeJob, train_sae.run),
     "stats": (stats.StatsJob, stats.run),

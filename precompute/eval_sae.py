@@ -275,8 +275,8 @@ def _mono_figures(codes_nm: np.ndarray, embedder: _ImageEmbedder, cfg: suite.Sui
 
 
 def _batches(fs: FeatureSet, images_per_batch: int, dev: torch.device) -> Iterator[torch.Tensor]:
-    for feats_bpd, _ in fs.iter_image_batches(images_per_batch):
-        yield feats_bpd.to(dev)
+    for feats_bpd, _ in fs.iter_image_batches(images_per_batch, device=dev):  # int8: dequantised on dev
+        yield feats_bpd
 
 
 def _random_sae(sae: MatryoshkaSAE, seed: int) -> suite.SaeCodec:

@@ -8,7 +8,11 @@ Output folder (read by ``train-sae`` like any feature directory)::
     shard_00000.npy         (n_images_in_shard, grid_h * grid_w, d) float16, row-major patch order
     shard_00000.ids.json    the images of that shard, in order, and the ones skipped (with reasons)
     manifest.json           backbone (arch, weights, dense variant, resize, pooling, head kind), grid,
-                            dim, counts, shard list, input fingerprint
+                            dim, counts, shard list, input fingerprint, dtype (+ scale layout)
+
+``--dtype int8`` stores ``shard_00000.npy`` as int8 with float16 scales in ``shard_00000.scale.npy``
+(symmetric absmax per patch and group of ``--group-size`` dims; 0.516x the bytes of fp16 at 512-d:
+:mod:`insight_core.data.quantise`, docs/scale.md). Every feature reader dequantises on the fly.
 
 Images are planned into shards in source order, so shard k always holds the same images: a rerun
 skips shards whose id file matches the plan (resume after an interruption), and a changed source
@@ -38,13 +42,14 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 
 from insight_core import distributed
 from insight_core.atlas import FeaturesLayout, read_json_dict
+from insight_core.data.quantise import DEFAULT_GROUP_SIZE, check_group_size, quantise, scale_block
 from insight_core.data.sources import ImageSource, PlannedShard, Record
 from insight_core.distributed import DistInfo
 from insight_core.errors import ConfigError, FeatureFileError, ImageLoadError
@@ -66,6 +71,7 @@ log = logging.getLogger(__name__)
 
 FEATURES_FORMAT = "insight-features"
 FEATURES_VERSION = 1
+FeatureDtype = Literal["float16", "int8"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,6 +90,22 @@ class ExtractJob:
     """'auto', 'cpu', 'cuda' or 'cuda:N'."""
     progress: bool = True
     """Show a progress bar."""
+    dtype: FeatureDtype = "float16"
+    """Stored feature dtype: 'float16', or 'int8' with float16 scales (0.516x the bytes at 512-d)."""
+    group_size: int = DEFAULT_GROUP_SIZE
+    """int8: dims sharing one scale (must divide the feature dim; the dim itself = one per patch)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "int8"):
+            raise ConfigError(f"--dtype must be 'float16' or 'int8', got {self.dtype!r}")
+        if self.group_size < 1:
+            raise ConfigError(f"--group-size must be >= 1, got {self.group_size}")
+
+
+def storage(job: ExtractJob) -> dict:
+    """How shards are stored, for the shard keys and the manifest (empty for fp16: keys of folders
+    extracted before int8 existed stay valid)."""
+    return {} if job.dtype == "float16" else {"dtype": job.dtype, "scale": scale_block(job.group_size)}
 
 
 def _model_stamp(opts: BackboneOptions, backbone: ClipBackbone, pool: Dinoiser) -> dict:
@@ -178,7 +200,7 @@ def _timm_outputs(job: ExtractJob, device: str) -> tuple[TimmBackbone, list[_Out
 
 
 def _timm_arrays(backbone: TimmBackbone, images: list, tokens: str) -> list[np.ndarray]:
-    """fp16 features of every configured layer for one batch, shaped as ``--tokens`` asks."""
+    """float32 features of every configured layer for one batch, shaped as ``--tokens`` asks."""
     arrays = []
     for layer in backbone.layer_tokens(images):
         p_bpd = layer.patches_bhwd.flatten(1, 2)
@@ -188,7 +210,7 @@ def _timm_arrays(backbone: TimmBackbone, images: list, tokens: str) -> list[np.n
             x = torch.cat([layer.cls_bd[:, None], p_bpd], dim=1)
         else:
             x = p_bpd
-        arrays.append(x.to(torch.float16).numpy())
+        arrays.append(x.float().numpy())
     return arrays
 
 
@@ -208,8 +230,18 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
 
         def features(images: list) -> list[np.ndarray]:
             pooled = pooled_features(backbone, pool, images)
-            return [pooled.reshape(len(images), -1, pooled.shape[-1]).to(torch.float16).numpy()]
+            return [pooled.reshape(len(images), -1, pooled.shape[-1]).float().numpy()]
 
+    def encode(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """A batch as stored: fp16, or int8 and its scales (quantised per batch: no fp32 shard)."""
+        if job.dtype == "float16":
+            return arr.astype(np.float16), None
+        check_group_size(arr.shape[-1], job.group_size)
+        return quantise(arr, job.group_size)
+
+    stored = storage(job)
+    if stored:  # part of every shard key: switching dtype re-extracts
+        outputs = [dataclasses.replace(o, stamp={**o.stamp, **stored}) for o in outputs]
     for output in outputs:
         output.layout.root.mkdir(parents=True, exist_ok=True)
     keys: list[list[str]] = []  # every shard's key per output, in plan order (all ranks walk the whole plan)
@@ -228,7 +260,8 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
             continue
         previous = [read_json_dict(o.layout.shard_ids(shard.index)) for o in outputs]
         finished = all(
-            prev.get("key") == key and (o.layout.shard(shard.index).is_file() or prev.get("n_images") == 0)
+            prev.get("key") == key
+            and (_shard_complete(o.layout, shard.index, job) or prev.get("n_images") == 0)
             for o, prev, key in zip(outputs, previous, shard_keys, strict=True)
         )
         if finished:  # by an earlier run (every layer of it)
@@ -237,21 +270,18 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
             bar.update(previous[0]["n_images"] + len(previous[0].get("skipped", [])))
             continue
         skipped: list = []
-        feats: list[list[np.ndarray]] = [[] for _ in outputs]
+        feats: list[list[tuple[np.ndarray, np.ndarray | None]]] = [[] for _ in outputs]
         ids: list[str] = []
         for batch_ids, images in _batches(shard.records(), job.batch_size, skipped):
             for k, arr in enumerate(features(images)):
-                feats[k].append(arr)
+                feats[k].append(encode(arr))
             ids += batch_ids
             bar.update(len(images))
             done_images += len(images)
         bar.update(len(skipped))
         for k, (output, key) in enumerate(zip(outputs, shard_keys, strict=True)):
             npy_path = output.layout.shard(shard.index)
-            if feats[k]:
-                write_npy(npy_path, np.concatenate(feats[k]))
-            else:  # every image of the shard was unreadable
-                npy_path.unlink(missing_ok=True)
+            _write_shard(output.layout, shard.index, feats[k])
             entry = {"file": npy_path.name, "key": key, "n_images": len(ids), "ids": ids, "skipped": skipped}
             write_json(output.layout.shard_ids(shard.index), entry)  # written last: marks the shard complete
             entries[k].append(entry)
@@ -267,7 +297,7 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
     manifests = []
     for output, out_entries in zip(outputs, entries, strict=True):
         _remove_stale(output.layout, len(keys))
-        manifest = _manifest(source, output.block, out_entries)
+        manifest = _manifest(source, output.block, out_entries, stored)
         if not _same_manifest(read_json_dict(output.layout.manifest), manifest):
             write_json(output.layout.manifest, manifest)  # unchanged: keep its mtime (later stages hash it)
         manifests.append(manifest)
@@ -281,6 +311,28 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
         rate,
     )
     return manifests[0]
+
+
+def _shard_complete(layout: FeaturesLayout, index: int, job: ExtractJob) -> bool:
+    scales_ok = job.dtype == "float16" or layout.shard_scale(index).is_file()
+    return layout.shard(index).is_file() and scales_ok
+
+
+def _write_shard(
+    layout: FeaturesLayout, index: int, parts: list[tuple[np.ndarray, np.ndarray | None]]
+) -> None:
+    """One shard's arrays, atomically: the scales first, so an int8 array never lacks them (the ids
+    file, written after this, marks the shard complete)."""
+    npy_path, scale_path = layout.shard(index), layout.shard_scale(index)
+    if not parts:  # every image of the shard was unreadable
+        npy_path.unlink(missing_ok=True)
+        scale_path.unlink(missing_ok=True)
+        return
+    if parts[0][1] is not None:
+        write_npy(scale_path, np.concatenate([s for _, s in parts]))
+    else:
+        scale_path.unlink(missing_ok=True)  # an fp16 rerun over an int8 folder
+    write_npy(npy_path, np.concatenate([v for v, _ in parts]))
 
 
 def _describe(source: ImageSource) -> str:
@@ -332,12 +384,13 @@ def _same_manifest(previous: dict, manifest: dict) -> bool:
     return previous == {**manifest, "backbone": block}
 
 
-def _manifest(source: ImageSource, block: dict, entries: list) -> dict:
+def _manifest(source: ImageSource, block: dict, entries: list, stored: dict) -> dict:
     return {
         "format": FEATURES_FORMAT,
         "version": FEATURES_VERSION,
         "backbone": block,
         "dtype": "float16",
+        **stored,
         "source": source.describe(),
         "n_planned": sum(e["n_images"] + len(e["skipped"]) for e in entries),
         "n_images": sum(e["n_images"] for e in entries),

@@ -61,10 +61,12 @@ def run(job: StatsJob) -> ConceptStats:
     if not job.force and record.is_current(key):
         log.info("%s is up to date; skipping (use --force to recompute)", layout.stats_dir)
         return load_atlas_stats(layout)
-    sae = sae.to(resolve_device(job.device, what="--device"))
+    dev = resolve_device(job.device, what="--device")
+    sae = sae.to(dev)
     per_batch = job.stats.images_per_batch
     n_batches = sum(math.ceil(f.n_units / per_batch) for f in features.files)
-    batches = _Sized(features.iter_image_batches(per_batch), n_batches)
+    # int8 shards are dequantised on dev
+    batches = _Sized(features.iter_image_batches(per_batch, device=dev), n_batches)
     with torch.no_grad():
         stats = compute_stats(sae, batches, cfg, progress=job.progress)
     stats.save(layout.stats_tensors, layout.stats_meta)

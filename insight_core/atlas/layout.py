@@ -525,7 +525,8 @@ class MasksLayout:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FeaturesLayout:
-    """A feature folder written by ``extract`` (or ``synth``): fp16 shards, their image ids, a manifest."""
+    """A feature folder written by ``extract`` (or ``synth``): fp16 (or int8 + scale) shards, their
+    image ids, a manifest."""
 
     root: Path
 
@@ -545,6 +546,10 @@ class FeaturesLayout:
     def shard(self, index: int) -> Path:
         return self.root / f"shard_{index:05d}.npy"
 
+    def shard_scale(self, index: int) -> Path:
+        """The float16 scales of an int8 shard (``extract --dtype int8``; docs/scale.md)."""
+        return self.root / f"shard_{index:05d}.scale.npy"
+
     def shard_ids(self, index: int) -> Path:
         """The images of a shard, in order, and the skipped ones (extract's per-shard record)."""
         return self.root / f"shard_{index:05d}.ids.json"
@@ -557,12 +562,15 @@ class FeaturesLayout:
     @staticmethod
     def shard_index(path: Path) -> int | None:
         """The index of a ``shard_XXXXX.*`` file, or None for other files."""
-        match = re.fullmatch(r"shard_(\d{5})\.(npy|ids\.json)", Path(path).name)
+        match = re.fullmatch(r"shard_(\d{5})\.(npy|ids\.json|scale\.npy)", Path(path).name)
         return int(match.group(1)) if match else None
 
     def shard_arrays(self) -> list[Path]:
-        """The ``shard_XXXXX.npy`` feature arrays (top level only), sorted by index."""
-        return sorted(p for p in self.root.glob(self.SHARD_GLOB) if self.shard_index(p) is not None)
+        """The ``shard_XXXXX.npy`` feature arrays (top level only; not int8 scales), sorted by index."""
+        return sorted(
+            p for p in self.root.glob(self.SHARD_GLOB)
+            if self.shard_index(p) is not None and not p.name.endswith(".scale.npy")
+        )  # fmt: skip
 
     def shard_files(self) -> list[Path]:
         """Every ``shard_*`` file (arrays and id files), sorted."""

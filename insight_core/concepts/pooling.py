@@ -27,7 +27,7 @@ import torch
 
 from insight_core.atlas.records import fingerprint
 from insight_core.data.features import FeatureFile, FeatureSet
-from insight_core.errors import CheckpointError, ConfigError, FeatureFileError
+from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import read_safetensors, write_safetensors
 from insight_core.models.probe import CODES, POOLINGS, check_codes, check_pooling, n_features
 from insight_core.models.sae import MatryoshkaSAE, ThresholdMode
@@ -232,15 +232,11 @@ def pool_images(sae: MatryoshkaSAE, feats_bpd: torch.Tensor, codes: str = "globa
 def _pool_file(
     sae: MatryoshkaSAE, f: FeatureFile, codes: str, images_per_batch: int, bar: tqdm
 ) -> PooledConcepts:
-    rows = f.open_rows()
     per = f.rows_per_unit
     parts = []
     for start in range(0, f.n_units, images_per_batch):
         end = min(start + images_per_batch, f.n_units)
-        block = np.asarray(rows[start * per : end * per], dtype=np.float32)
-        if not np.isfinite(block).all():
-            bad = start * per + int(np.argwhere(~np.isfinite(block))[0, 0])
-            raise FeatureFileError(f"{f.path}: NaN or inf values near row {bad}; features must be finite")
+        block = f.read_rows(slice(start * per, end * per))  # checked finite; int8 dequantised
         feats = torch.from_numpy(block).reshape(end - start, per, f.d)
         parts.append(pool_images(sae, feats, codes).to("cpu"))
         bar.update(end - start)

@@ -582,6 +582,7 @@ class SAETrainer:
             seed=self.cfg.seed + st.epoch,
             shard=shard,
             chunk_rows=self.chunk_rows,
+            device=self.device,  # int8 shards move as int8 and are dequantised there
         )
         for i, x_bd in enumerate(batches):
             if i >= st.batch_in_epoch:
