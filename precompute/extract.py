@@ -221,10 +221,11 @@ def _run(job: ExtractJob, info: DistInfo) -> dict:
     device = distributed.local_device_name(job.device, info)
     backbone: DenseBackbone
     if job.backbone.timm_name is not None:
-        backbone, outputs = _timm_outputs(job, device)
+        timm_backbone, outputs = _timm_outputs(job, device)
+        backbone = timm_backbone
 
         def features(images: list) -> list[np.ndarray]:
-            return _timm_arrays(backbone, images, job.backbone.tokens)
+            return _timm_arrays(timm_backbone, images, job.backbone.tokens)
     else:
         backbone, pool, outputs = _clip_outputs(job, device)
 
