@@ -21,8 +21,10 @@ here; the exemplar merging lives in :mod:`insight_core.concepts.exemplars`.
   top (:mod:`insight_core.concepts.exemplars`).
 
 Memory is 16 bytes per distinct co-occurring pair seen (never m^2: a dense float64 ``N`` would be
-34 GB at m = 65,536) plus O(m * top_n) and O(m * top_w * k_max) for the exemplars and
-O(m * hist_bins) for the histograms and band samples. Codes are handled sparsely: a patch has ~k
+34 GB at m = 65,536) plus O(m * top_n) for the exemplars, the actual entries of their top-``top_w``
+patches' codes (ragged: a pool of entries that rows point into, compacted once garbage outweighs
+the live entries; never padded to the busiest patch's k_max) and O(m * hist_bins) for the
+histograms and band samples. Codes are handled sparsely: a patch has ~k
 active concepts, so co-occurrence costs O(B * k^2 log) per batch (the ordered pairs of active
 concepts of every patch, sorted and summed into the sparse ``N``), never a dense (B, m)^T (B, m)
 product.
@@ -359,7 +361,9 @@ class StatsAccumulator:
         ptr, cols, vals = other.exemplar_codes()
         base = self.codes.append(cols.to(dev), vals.to(dev))
         theirs = Exemplars(
-            *(x.to(dev) for x in (o.act_tn, o.image_tn, o.patch_tn)),
+            act_tn=o.act_tn.to(dev),
+            image_tn=o.image_tn.to(dev),
+            patch_tn=o.patch_tn.to(dev),
             code_start_tw=(base + ptr[:-1]).to(dev).view(self.m, -1),
             code_count_tw=(ptr[1:] - ptr[:-1]).to(dev).view(self.m, -1),
         )
@@ -456,7 +460,9 @@ class StatsAccumulator:
         acc.codes = CodePool(dev)
         acc.codes.append(cols, vals)
         acc.ex = Exemplars(
-            *(state[k_].to(dev).clone() for k_ in ("ex_act_mn", "ex_image_mn", "ex_patch_mn")),
+            act_tn=state["ex_act_mn"].to(dev).clone(),
+            image_tn=state["ex_image_mn"].to(dev).clone(),
+            patch_tn=state["ex_patch_mn"].to(dev).clone(),
             code_start_tw=ptr[:-1].to(dev).view(m, w).clone(),
             code_count_tw=(ptr[1:] - ptr[:-1]).to(dev).view(m, w),
         )
