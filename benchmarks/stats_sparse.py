@@ -119,7 +119,7 @@ def worker_big(m: int, k: int, n_patches: int) -> dict:
     return {"m": m, "k": k, "patches": n_images * PATCHES,
             "stats_wall_s": stats_s[0], "stats_cpu_s": stats_s[1],
             "stats_peak_rss_mb": rss_stats, "files_bytes": files, "d_bytes": st.cooc.nbytes,
-            "d_entries": st.cooc.nnz, "k_max": int(st.ex_code_cols_mwk.shape[-1]),
+            "d_entries": st.cooc.nnz, "k_max": st.k_max,
             "families_wall_s": fam_s[0], "families_cpu_s": fam_s[1], "n_edges": len(fam.parent_e),
             "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
 

@@ -33,31 +33,29 @@ def lexsort_rows(keys: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclasses.dataclass
 class Exemplars:
-    """Top-N exemplars of ``T`` concepts, sorted by (act desc, image asc, patch asc); -inf/-1 padding."""
+    """Top-N exemplars of ``T`` concepts, sorted by (act desc, image asc, patch asc); -inf/-1 padding.
+
+    The sparse code of each of the top-``top_w`` exemplar patches is a row of a :class:`CodePool`
+    (entries ``[start, start + count)``), so memory follows the codes' actual sizes, not the busiest
+    patch's (a dense (T, w, k_max) table was over 12 GB at m = 32,768 with k_max = 893).
+    """
 
     act_tn: torch.Tensor
     image_tn: torch.Tensor
     patch_tn: torch.Tensor
-    code_cols_twk: torch.Tensor
-    """Active concepts of the top-``top_w`` exemplar patches (int32, -1 padding)."""
-    code_vals_twk: torch.Tensor
-    """Their activations (float32, 0 padding)."""
-
-
-def pad_k(t: torch.Tensor, k: int, fill: float) -> torch.Tensor:
-    if t.shape[-1] >= k:
-        return t
-    pad = t.new_full((*t.shape[:-1], k - t.shape[-1]), fill)
-    return torch.cat([t, pad], dim=-1)
+    code_start_tw: torch.Tensor
+    """(T, w) int64: where the code of each top-``top_w`` exemplar patch starts in its pool."""
+    code_count_tw: torch.Tensor
+    """(T, w) int64: its number of active concepts (0 for an empty slot)."""
 
 
 def merge_exemplars(cur: Exemplars, new: Exemplars, top_n: int, top_w: int) -> Exemplars:
     """Merge two sorted exemplar sets of the same concepts into the sorted top ``top_n``.
 
-    Because both inputs are sorted, an entry can only move *down* in rank; so an entry that ends in the
-    merged top ``top_w`` was in the top ``top_w`` of its own input, where its code is available.
+    Both sets' code rows must point into the same :class:`CodePool`. Because both inputs are sorted, an
+    entry can only move *down* in rank; so an entry that ends in the merged top ``top_w`` was in the
+    top ``top_w`` of its own input, where its code row is: the merge only moves row pointers.
     """
-    k = max(cur.code_cols_twk.shape[-1], new.code_cols_twk.shape[-1])
     act = torch.cat([cur.act_tn, new.act_tn], dim=1)
     img = torch.cat([cur.image_tn, new.image_tn], dim=1)
     patch = torch.cat([cur.patch_tn, new.patch_tn], dim=1)
@@ -65,16 +63,76 @@ def merge_exemplars(cur: Exemplars, new: Exemplars, top_n: int, top_w: int) -> E
     n_cur = cur.act_tn.shape[1]
     src = perm[:, :top_w]
     code_src = torch.where(src < n_cur, src, src - n_cur + top_w)  # index into cat of the two code sets
-    cols = torch.cat([pad_k(cur.code_cols_twk, k, -1), pad_k(new.code_cols_twk, k, -1)], dim=1)
-    vals = torch.cat([pad_k(cur.code_vals_twk, k, 0.0), pad_k(new.code_vals_twk, k, 0.0)], dim=1)
-    idx = code_src[:, :, None].expand(-1, -1, k)
+    start = torch.cat([cur.code_start_tw, new.code_start_tw], dim=1)
+    count = torch.cat([cur.code_count_tw, new.code_count_tw], dim=1)
     return Exemplars(
         act_tn=act.gather(1, perm),
         image_tn=img.gather(1, perm),
         patch_tn=patch.gather(1, perm),
-        code_cols_twk=cols.gather(1, idx),
-        code_vals_twk=vals.gather(1, idx),
+        code_start_tw=start.gather(1, code_src),
+        code_count_tw=count.gather(1, code_src),
     )
+
+
+def ragged_index(start_g: torch.Tensor, count_g: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the entries of rows ``[start, start + count)``, row after row."""
+    start_g, count_g = start_g.reshape(-1), count_g.reshape(-1)
+    first_g = torch.cumsum(count_g, 0) - count_g
+    total = int(count_g.sum()) if count_g.numel() else 0
+    shift = torch.repeat_interleave(start_g - first_g, count_g, output_size=total)
+    return torch.arange(total, device=count_g.device) + shift
+
+
+def row_ptr(count_g: torch.Tensor) -> torch.Tensor:
+    """(G + 1,) int64 CSR row pointer of rows with ``count_g`` entries."""
+    ptr = torch.zeros(count_g.numel() + 1, dtype=torch.int64, device=count_g.device)
+    ptr[1:] = torch.cumsum(count_g.reshape(-1), 0)
+    return ptr
+
+
+class CodePool:
+    """Growable flat buffers of sparse-code entries (int32 concept, float32 activation).
+
+    Rows are appended and referenced by (start, count). Rows that fall out of every top-``top_w`` leave
+    garbage behind, which :meth:`compact` drops; the accumulator compacts once garbage outweighs the
+    live entries, so the pool holds ~2x the live entries at most, plus one batch's new rows.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cols_c = torch.zeros(0, dtype=torch.int32, device=device)
+        self.vals_c = torch.zeros(0, dtype=torch.float32, device=device)
+        self.size = 0
+        """Entries in use (the buffers' capacity may be larger)."""
+
+    @property
+    def capacity(self) -> int:
+        """Entries the buffers hold without growing."""
+        return int(self.cols_c.numel())
+
+    def append(self, cols_e: torch.Tensor, vals_e: torch.Tensor) -> int:
+        """Store entries at the end; returns where they start."""
+        start, n = self.size, int(cols_e.numel())
+        if start + n > self.capacity:  # grow geometrically: amortised O(1) copies per entry
+            cap = max(start + n, int(self.capacity * 1.5), 1024)
+            self.cols_c = torch.cat([self.cols_c[:start], self.cols_c.new_zeros(cap - start)])
+            self.vals_c = torch.cat([self.vals_c[:start], self.vals_c.new_zeros(cap - start)])
+        self.cols_c[start : start + n] = cols_e.to(self.cols_c.device, torch.int32)
+        self.vals_c[start : start + n] = vals_e.to(self.vals_c.device, torch.float32)
+        self.size = start + n
+        return start
+
+    def rows(
+        self, start_g: torch.Tensor, count_g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows as CSR ``(ptr_g1, cols_e, vals_e)``, in row order."""
+        idx = ragged_index(start_g, count_g)
+        return row_ptr(count_g), self.cols_c[idx], self.vals_c[idx]
+
+    def compact(self, start_g: torch.Tensor, count_g: torch.Tensor) -> torch.Tensor:
+        """Keep only the entries of the given rows (exactly sized buffers); returns their new starts."""
+        ptr, cols, vals = self.rows(start_g, count_g)
+        self.cols_c, self.vals_c, self.size = cols, vals, int(cols.numel())
+        return ptr[:-1].reshape(start_g.shape)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ here; the exemplar merging lives in :mod:`insight_core.concepts.exemplars`.
   top (:mod:`insight_core.concepts.exemplars`).
 
 Memory is 16 bytes per distinct co-occurring pair seen (never m^2: a dense float64 ``N`` would be
-34 GB at m = 65,536) plus O(m * top_n) and O(m * top_w * k_max) for the exemplars and
-O(m * hist_bins) for the histograms and band samples. Codes are handled sparsely: a patch has ~k
+34 GB at m = 65,536) plus O(m * top_n) for the exemplars, the actual entries of their top-``top_w``
+patches' codes (ragged: a pool of entries that rows point into, compacted once garbage outweighs
+the live entries; never padded to the busiest patch's k_max) and O(m * hist_bins) for the
+histograms and band samples. Codes are handled sparsely: a patch has ~k
 active concepts, so co-occurrence costs O(B * k^2 log) per batch (the ordered pairs of active
 concepts of every patch, sorted and summed into the sparse ``N``), never a dense (B, m)^T (B, m)
 product.
@@ -51,21 +53,23 @@ from insight_core.concepts.cooccurrence import Cooccurrence, PairSums
 from insight_core.concepts.exemplars import (
     KEY_SPAN,
     BandSamples,
+    CodePool,
     Exemplars,
     band_keys,
     hist_bin,
     lexsort_rows,
     merge_band_samples,
     merge_exemplars,
-    pad_k,
+    ragged_index,
 )
-from insight_core.concepts.stats_file import ConceptStats, StatsConfig
+from insight_core.concepts.stats_file import ConceptStats, StatsConfig, check_codes
 from insight_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 _MAX_CODE_ELEMENTS = 1 << 28  # dense codes encoded at once by compute_stats (1 GiB of float32)
 _MAX_PAIRS = 1 << 23  # ordered (patch, j, j') pairs per index_add_ chunk (~200 MiB of temporaries)
+_POOL_SLACK = 1 << 20  # garbage entries of the exemplar code pool tolerated before compacting (8 MiB)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,9 +109,11 @@ class StatsAccumulator:
             act_tn=torch.full((m, n), -torch.inf, device=dev),
             image_tn=torch.full((m, n), -1, dtype=torch.int64, device=dev),
             patch_tn=torch.full((m, n), -1, dtype=torch.int64, device=dev),
-            code_cols_twk=torch.full((m, w, 1), -1, dtype=torch.int32, device=dev),
-            code_vals_twk=torch.zeros((m, w, 1), device=dev),
+            code_start_tw=torch.zeros((m, w), dtype=torch.int64, device=dev),
+            code_count_tw=torch.zeros((m, w), dtype=torch.int64, device=dev),
         )
+        self.codes = CodePool(dev)
+        """Sparse codes of the top-``top_w`` exemplar patches (rows referenced by ``ex.code_*_tw``)."""
         self.hist_flat = torch.zeros(m * self.cfg.hist_bins, dtype=torch.int64, device=dev)
         """Activation histograms, row-major ``hist[j, bin] = hist_flat[j * hist_bins + bin]``."""
         g, r = m * self.cfg.n_bands, self.cfg.band_samples
@@ -254,27 +260,28 @@ class StatsAccumulator:
         new_img = torch.full((t, n), -1, dtype=torch.int64, device=dev)
         new_patch = torch.full((t, n), -1, dtype=torch.int64, device=dev)
         new_act[slot, rank], new_img[slot, rank], new_patch[slot, rank] = vals, img, patch
-        # full codes of the rows that enter the top-w of some concept in this batch
-        in_w = rank < w
-        code_rows = rows[in_w]
-        k = int(row_counts[code_rows].max()) if code_rows.numel() else 1
-        offs = torch.arange(k, device=dev)
-        src = row_start[code_rows][:, None] + offs  # (R, k) indices into the row-major nonzeros
-        valid = offs < row_counts[code_rows][:, None]
-        src = torch.where(valid, src, 0)
-        new_cols = torch.full((t, w, k), -1, dtype=torch.int32, device=dev)
-        new_vals = torch.zeros((t, w, k), device=dev)
-        new_cols[slot[in_w], rank[in_w]] = torch.where(valid, all_cols[src], -1).int()
-        new_vals[slot[in_w], rank[in_w]] = torch.where(valid, all_vals[src], 0.0)
-        self._grow_k(k)
+        # full codes of the rows that can enter the top-w of their concept: in the batch's top-w and not
+        # below the concept's current w-th activation (others cannot displace a kept top-w exemplar)
+        cutoff = self.ex.act_tn[cols, w - 1]
+        in_w = (rank < w) & (vals >= cutoff)
+        new_start = torch.zeros((t, w), dtype=torch.int64, device=dev)
+        new_count = torch.zeros((t, w), dtype=torch.int64, device=dev)
+        if bool(in_w.any()):
+            code_rows, which = torch.unique(rows[in_w], return_inverse=True)  # each patch's code once
+            cnt = row_counts[code_rows]
+            idx = ragged_index(row_start[code_rows], cnt)  # into the row-major nonzeros
+            base = self.codes.append(all_cols[idx], all_vals[idx])
+            starts = base + torch.cumsum(cnt, 0) - cnt
+            new_start[slot[in_w], rank[in_w]] = starts[which]
+            new_count[slot[in_w], rank[in_w]] = cnt[which]
         cur = Exemplars(
             self.ex.act_tn[touched],
             self.ex.image_tn[touched],
             self.ex.patch_tn[touched],
-            self.ex.code_cols_twk[touched],
-            self.ex.code_vals_twk[touched],
+            self.ex.code_start_tw[touched],
+            self.ex.code_count_tw[touched],
         )
-        merged = merge_exemplars(cur, Exemplars(new_act, new_img, new_patch, new_cols, new_vals), n, w)
+        merged = merge_exemplars(cur, Exemplars(new_act, new_img, new_patch, new_start, new_count), n, w)
         self._store_exemplars(touched, merged)
 
     def _update_bands(self, cols: torch.Tensor, vals: torch.Tensor, img: torch.Tensor,
@@ -314,19 +321,21 @@ class StatsAccumulator:
             merged.act_gr, merged.image_gr, merged.patch_gr
         )
 
-    def _grow_k(self, k: int) -> None:
-        if k > self.ex.code_cols_twk.shape[-1]:
-            self.ex.code_cols_twk = pad_k(self.ex.code_cols_twk, k, -1)
-            self.ex.code_vals_twk = pad_k(self.ex.code_vals_twk, k, 0.0)
-
     def _store_exemplars(self, touched: torch.Tensor, merged: Exemplars) -> None:
-        self._grow_k(merged.code_cols_twk.shape[-1])
-        k = self.ex.code_cols_twk.shape[-1]
-        self.ex.act_tn[touched] = merged.act_tn
-        self.ex.image_tn[touched] = merged.image_tn
-        self.ex.patch_tn[touched] = merged.patch_tn
-        self.ex.code_cols_twk[touched] = pad_k(merged.code_cols_twk, k, -1)
-        self.ex.code_vals_twk[touched] = pad_k(merged.code_vals_twk, k, 0.0)
+        ex = self.ex
+        ex.act_tn[touched] = merged.act_tn
+        ex.image_tn[touched] = merged.image_tn
+        ex.patch_tn[touched] = merged.patch_tn
+        ex.code_start_tw[touched] = merged.code_start_tw
+        ex.code_count_tw[touched] = merged.code_count_tw
+        live = int(ex.code_count_tw.sum())
+        if self.codes.size > 2 * live + _POOL_SLACK:  # garbage outweighs the live codes: drop it
+            ex.code_start_tw = self.codes.compact(ex.code_start_tw, ex.code_count_tw)
+
+    def exemplar_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The codes of the top-``top_w`` exemplars as CSR over the ``m * top_w`` (concept, rank) rows:
+        ``(ptr_g1, cols_e, vals_e)`` (the layout of statistics files, version 3)."""
+        return self.codes.rows(self.ex.code_start_tw, self.ex.code_count_tw)
 
     # -------------------------------------------------------------------------------------- merge
     def merge(self, other: StatsAccumulator) -> StatsAccumulator:
@@ -349,8 +358,14 @@ class StatsAccumulator:
         other.pairs.compact()
         self.pairs.add_sorted(other.pairs.keys, other.pairs.sums)
         o = other.ex
+        ptr, cols, vals = other.exemplar_codes()
+        base = self.codes.append(cols.to(dev), vals.to(dev))
         theirs = Exemplars(
-            *(x.to(dev) for x in (o.act_tn, o.image_tn, o.patch_tn, o.code_cols_twk, o.code_vals_twk))
+            act_tn=o.act_tn.to(dev),
+            image_tn=o.image_tn.to(dev),
+            patch_tn=o.patch_tn.to(dev),
+            code_start_tw=(base + ptr[:-1]).to(dev).view(self.m, -1),
+            code_count_tw=(ptr[1:] - ptr[:-1]).to(dev).view(self.m, -1),
         )
         merged = merge_exemplars(self.ex, theirs, self.cfg.top_n, self.cfg.top_w)
         self._store_exemplars(torch.arange(self.m, device=dev), merged)
@@ -368,6 +383,7 @@ class StatsAccumulator:
         """All running state as tensors (e.g. to ship a worker's accumulator to the merging process)."""
         self.pairs.compact()
         ex = self.ex
+        ptr, cols, vals = self.exemplar_codes()
         return {
             "n_patches": torch.tensor(self.n_patches, dtype=torch.int64),
             "n_images": torch.tensor(self.n_images, dtype=torch.int64),
@@ -380,8 +396,9 @@ class StatsAccumulator:
             "ex_act_mn": ex.act_tn,
             "ex_image_mn": ex.image_tn,
             "ex_patch_mn": ex.patch_tn,
-            "ex_code_cols_mwk": ex.code_cols_twk,
-            "ex_code_vals_mwk": ex.code_vals_twk,
+            "ex_code_ptr_g1": ptr,
+            "ex_code_cols_e": cols,
+            "ex_code_vals_e": vals,
             "hist_flat": self.hist_flat,
             "band_act_gr": self.bands.act_gr,
             "band_image_gr": self.bands.image_gr,
@@ -401,7 +418,7 @@ class StatsAccumulator:
         if "freq_patches_m" not in state or state["freq_patches_m"].ndim != 1:
             raise ConfigError("accumulator state needs a 1-D 'freq_patches_m' tensor")
         m, n, w = int(state["freq_patches_m"].shape[0]), cfg.top_n, cfg.top_w
-        k = int(state["ex_code_cols_mwk"].shape[-1]) if "ex_code_cols_mwk" in state else 1
+        nnz = int(state["ex_code_cols_e"].numel()) if "ex_code_cols_e" in state else 0
         expected = {
             "n_patches": ((), torch.int64),
             "n_images": ((), torch.int64),
@@ -412,8 +429,9 @@ class StatsAccumulator:
             "ex_act_mn": ((m, n), torch.float32),
             "ex_image_mn": ((m, n), torch.int64),
             "ex_patch_mn": ((m, n), torch.int64),
-            "ex_code_cols_mwk": ((m, w, k), torch.int32),
-            "ex_code_vals_mwk": ((m, w, k), torch.float32),
+            "ex_code_ptr_g1": ((m * w + 1,), torch.int64),
+            "ex_code_cols_e": ((nnz,), torch.int32),
+            "ex_code_vals_e": ((nnz,), torch.float32),
             "hist_flat": ((m * cfg.hist_bins,), torch.int64),
             "band_act_gr": ((m * cfg.n_bands, cfg.band_samples), torch.float32),
             "band_image_gr": ((m * cfg.n_bands, cfg.band_samples), torch.int64),
@@ -434,11 +452,19 @@ class StatsAccumulator:
             for k_ in ("freq_patches_m", "freq_images_m", "max_act_m", "self_sums_m")
         )
         acc.pairs = _pairs_from_state(state, m)
+        ptr, cols, vals = (state[f"ex_code_{x}"] for x in ("ptr_g1", "cols_e", "vals_e"))
+        try:
+            check_codes(ptr, cols, m, None)
+        except ValueError as e:
+            raise ConfigError(f"accumulator state: {e}") from e
+        acc.codes = CodePool(dev)
+        acc.codes.append(cols, vals)
         acc.ex = Exemplars(
-            *(
-                state[k_].to(dev).clone()
-                for k_ in ("ex_act_mn", "ex_image_mn", "ex_patch_mn", "ex_code_cols_mwk", "ex_code_vals_mwk")
-            )
+            act_tn=state["ex_act_mn"].to(dev).clone(),
+            image_tn=state["ex_image_mn"].to(dev).clone(),
+            patch_tn=state["ex_patch_mn"].to(dev).clone(),
+            code_start_tw=ptr[:-1].to(dev).view(m, w).clone(),
+            code_count_tw=(ptr[1:] - ptr[:-1]).to(dev).view(m, w),
         )
         acc.hist_flat = state["hist_flat"].to(dev).clone()
         acc.bands = BandSamples(
@@ -455,6 +481,7 @@ class StatsAccumulator:
         freq = self.freq_patches_m
         mean = torch.where(freq > 0, s_m / freq.clamp_min(1), 0.0).float()
         ex = self.ex
+        ptr, cols, vals = self.exemplar_codes()
         filled = ex.image_tn >= 0
         act = torch.where(filled, ex.act_tn, torch.nan)
         s, r = self.cfg.n_bands, self.cfg.band_samples
@@ -469,8 +496,9 @@ class StatsAccumulator:
             ex_act_mn=act.cpu(),
             ex_image_mn=ex.image_tn.cpu().clone(),
             ex_patch_mn=ex.patch_tn.cpu().clone(),
-            ex_code_cols_mwk=ex.code_cols_twk.cpu().clone(),
-            ex_code_vals_mwk=ex.code_vals_twk.cpu().clone(),
+            ex_code_ptr_g1=ptr.cpu(),
+            ex_code_cols_e=cols.cpu(),
+            ex_code_vals_e=vals.cpu(),
             n_patches=self.n_patches,
             n_images=self.n_images,
             config=self.cfg,

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from insight_core.concepts.cooccurrence import DEFAULT_FLOOR, Cooccurrence
-from insight_core.concepts.exemplars import hist_edges
+from insight_core.concepts.exemplars import hist_edges, ragged_index
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json, write_safetensors
 
@@ -28,6 +28,7 @@ _FORMAT_VERSION = 3
 ``m * top_w`` exemplar rows: ``ex_code_ptr_g1``, ``ex_code_cols_e``, ``ex_code_vals_e``). Versions 1
 and 2 still load."""
 _READABLE_VERSIONS = (1, 2, 3)
+_MAX_W_ENTRIES = 1 << 24  # code entries ConceptStats.w_pairs reads at once (~0.4 GiB of temporaries)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -115,10 +116,15 @@ class ConceptStats:
     """(m, n) int64: image id of each exemplar; -1 pad."""
     ex_patch_mn: torch.Tensor
     """(m, n) int64: patch index of each exemplar within its image; -1 pad."""
-    ex_code_cols_mwk: torch.Tensor
-    """(m, w, k_max) int32: active concepts on each of the top-``w`` exemplar patches; -1 pad."""
-    ex_code_vals_mwk: torch.Tensor
-    """(m, w, k_max) float32: their activations; 0 pad."""
+    ex_code_ptr_g1: torch.Tensor
+    """(m * w + 1,) int64: CSR row pointer of the sparse codes of the top-``w`` exemplar patches, one
+    row per (concept, rank) at ``g = concept * w + rank`` (empty rows for empty slots). Kept ragged in
+    memory as on disk: the busiest exemplar patches (hundreds of active concepts) would make a padded
+    (m, w, k_max) table tens of GB at m = 65,536."""
+    ex_code_cols_e: torch.Tensor
+    """(e,) int32: active concepts of each row, in ascending order."""
+    ex_code_vals_e: torch.Tensor
+    """(e,) float32: their activations."""
     n_patches: int
     """Patches seen."""
     n_images: int
@@ -148,14 +154,44 @@ class ConceptStats:
         return self.cooc.to_dense()
 
     @property
+    def k_max(self) -> int:
+        """Most active concepts on a kept exemplar patch (at least 1)."""
+        counts = self.ex_code_ptr_g1[1:] - self.ex_code_ptr_g1[:-1]
+        return max(1, int(counts.max())) if counts.numel() else 1
+
+    @property
+    def ex_code_cols_mwk(self) -> torch.Tensor:
+        """Dense (m, w, k_max) int32 exemplar codes (-1 pad): for small m only (tests, version-2 files)."""
+        return self._dense_codes()[0]
+
+    @property
+    def ex_code_vals_mwk(self) -> torch.Tensor:
+        """Dense (m, w, k_max) float32 activations of :attr:`ex_code_cols_mwk` (0 pad); small m only."""
+        return self._dense_codes()[1]
+
+    def _dense_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ptr, m, w, k = self.ex_code_ptr_g1, self.m, self.config.top_w, self.k_max
+        counts = ptr[1:] - ptr[:-1]
+        rows = torch.repeat_interleave(torch.arange(m * w), counts)
+        pos = torch.arange(self.ex_code_cols_e.numel()) - ptr[rows]
+        cols = torch.full((m * w, k), -1, dtype=torch.int32)
+        vals = torch.zeros((m * w, k), dtype=torch.float32)
+        cols[rows, pos], vals[rows, pos] = self.ex_code_cols_e, self.ex_code_vals_e
+        return cols.view(m, w, k), vals.view(m, w, k)
+
+    @property
     def n_exemplars_m(self) -> torch.Tensor:
         """(m,) int64: exemplars stored per concept (min(top_n, freq_patches))."""
         return (self.ex_image_mn >= 0).sum(1)
 
-    def w_pairs(self, i_idx: Any, a_idx: Any, *, chunk: int = 4096) -> torch.Tensor:
+    def w_pairs(
+        self, i_idx: Any, a_idx: Any, *, chunk: int = 4096, max_entries: int = _MAX_W_ENTRIES
+    ) -> torch.Tensor:
         """``w(i, a)`` for parallel index arrays: mean activation of concept ``a`` over the top-``top_w``
         exemplar patches of concept ``i`` (0 where ``a`` is inactive on a patch; 0 if ``i`` never fired).
-        Returns float32 of the broadcast shape of the inputs."""
+        Returns float32 of the broadcast shape of the inputs. Reads the ragged codes in chunks of at
+        most ``chunk`` pairs and ``max_entries`` code entries (a pair whose codes alone exceed it runs
+        alone), so memory follows the codes actually read."""
         i_t = torch.as_tensor(i_idx, dtype=torch.int64)
         a_t = torch.as_tensor(a_idx, dtype=torch.int64)
         i_t, a_t = torch.broadcast_tensors(i_t, a_t)
@@ -167,13 +203,18 @@ class ConceptStats:
                 raise ConfigError(
                     f"{name} must hold concept ids in [0, {m}), got range [{int(t.min())}, {int(t.max())}]"
                 )
-        n_w = (self.ex_image_mn[:, : self.config.top_w] >= 0).sum(1)
+        w, ptr = self.config.top_w, self.ex_code_ptr_g1
+        n_w = (self.ex_image_mn[:, :w] >= 0).sum(1)
+        # concept i's exemplar codes are one contiguous run of entries: [ptr[i * w], ptr[(i + 1) * w])
+        lo_p, len_p = ptr[i_t * w], ptr[(i_t + 1) * w] - ptr[i_t * w]
         out = torch.zeros(i_t.numel(), dtype=torch.float32)
-        for s in range(0, i_t.numel(), chunk):
-            i, a = i_t[s : s + chunk], a_t[s : s + chunk]
-            match = self.ex_code_cols_mwk[i] == a[:, None, None].int()
-            total = (self.ex_code_vals_mwk[i] * match).sum((1, 2))
-            out[s : s + chunk] = total / n_w[i].clamp_min(1)
+        for s, e in _chunks(len_p, chunk, max_entries):
+            idx = ragged_index(lo_p[s:e], len_p[s:e])  # the chunk's entries, pair after pair
+            pair = torch.repeat_interleave(torch.arange(e - s), len_p[s:e], output_size=idx.numel())
+            hit = self.ex_code_cols_e[idx].long() == a_t[s:e][pair]
+            total = torch.zeros(e - s, dtype=torch.float64)
+            total.index_add_(0, pair[hit], self.ex_code_vals_e[idx][hit].double())
+            out[s:e] = total.float() / n_w[i_t[s:e]].clamp_min(1)
         return out.reshape(shape)
 
     def w(self, i: int, a: int) -> float:
@@ -190,7 +231,11 @@ class ConceptStats:
         }
         c = self.cooc
         out |= {"D_rowptr_m1": c.rowptr_m1, "D_cols_e": c.cols_e, "D_vals_e": c.vals_e}
-        return out | _pack_codes(self.ex_code_cols_mwk, self.ex_code_vals_mwk)
+        return out | {
+            "ex_code_ptr_g1": self.ex_code_ptr_g1,
+            "ex_code_cols_e": self.ex_code_cols_e,
+            "ex_code_vals_e": self.ex_code_vals_e,
+        }
 
     def save(self, tensors_path: str | Path, meta_path: str | Path) -> None:
         """Write the tensors (safetensors) and the counts and config (JSON), each atomically.
@@ -204,10 +249,10 @@ class ConceptStats:
             "m": self.m,
             "n_patches": self.n_patches,
             "n_images": self.n_images,
-            "k_max": int(self.ex_code_cols_mwk.shape[-1]),
+            "k_max": self.k_max,
             "config": dataclasses.asdict(self.config),
             "cooccurrence": {"layout": "csr", "floor": self.cooc.floor, "nnz": self.cooc.nnz},
-            "exemplar_codes": {"layout": "csr", "nnz": int((self.ex_code_cols_mwk >= 0).sum())},
+            "exemplar_codes": {"layout": "csr", "nnz": int(self.ex_code_cols_e.numel())},
         }
         write_json(meta_path, doc)
 
@@ -285,13 +330,12 @@ class ConceptStats:
             cooc = Cooccurrence(m, floor, *(tensors.pop(f"D_{x}") for x in ("rowptr_m1", "cols_e", "vals_e")))
             try:
                 cooc.validate(str(st_path))
-                ptr, cols, vals = (tensors.pop(f"ex_code_{x}") for x in ("ptr_g1", "cols_e", "vals_e"))
-                codes = _unpack_codes(ptr, cols, vals, m, w, k)
-                tensors["ex_code_cols_mwk"], tensors["ex_code_vals_mwk"] = codes
+                check_codes(tensors["ex_code_ptr_g1"], tensors["ex_code_cols_e"], m, k)
             except ValueError as e:
                 raise CheckpointError(f"{st_path}: {e}") from e
         else:  # dense D: keep every non-zero entry, so families, names and rows are unchanged
             cooc = Cooccurrence.from_dense(tensors.pop("D_mm"), floor=0.0)
+            tensors |= _pack_codes(tensors.pop("ex_code_cols_mwk"), tensors.pop("ex_code_vals_mwk"))
         fields = {f.name: tensors[f.name] for f in dataclasses.fields(cls) if f.name in tensors}
         return cls(**fields, cooc=cooc, n_patches=n_patches, n_images=n_images, config=cfg)
 
@@ -305,18 +349,27 @@ def _pack_codes(cols_mwk: torch.Tensor, vals_mwk: torch.Tensor) -> dict[str, tor
     return {"ex_code_ptr_g1": ptr, "ex_code_cols_e": cols_mwk[valid], "ex_code_vals_e": vals_mwk[valid]}
 
 
-def _unpack_codes(
-    ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, m: int, w: int, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`_pack_codes`; ValueError when the arrays do not fit (m, w, k)."""
+def check_codes(ptr: torch.Tensor, cols: torch.Tensor, m: int, k: int | None) -> None:
+    """ValueError unless ``ptr`` is a CSR row pointer over ``cols`` (rows of at most ``k`` entries when
+    given) and ``cols`` holds concept ids in [0, m)."""
     counts = ptr[1:] - ptr[:-1]
-    if int(ptr[0]) != 0 or int(ptr[-1]) != cols.numel() or bool(((counts < 0) | (counts > k)).any()):
-        raise ValueError(f"ex_code_ptr_g1 must rise from 0 to {cols.numel()} by at most k_max={k} per row")
+    most = "" if k is None else f" by at most k_max={k} per row"
+    bad = bool((counts < 0).any()) or (k is not None and bool((counts > k).any()))
+    if ptr.numel() == 0 or int(ptr[0]) != 0 or int(ptr[-1]) != cols.numel() or bad:
+        raise ValueError(f"ex_code_ptr_g1 must rise from 0 to {cols.numel()}{most}")
     if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= m):
         raise ValueError(f"ex_code_cols_e must hold concept ids in [0, {m})")
-    rows = torch.repeat_interleave(torch.arange(m * w), counts)
-    pos = torch.arange(cols.numel()) - ptr[rows]
-    out_cols = torch.full((m * w, k), -1, dtype=torch.int32)
-    out_vals = torch.zeros((m * w, k), dtype=torch.float32)
-    out_cols[rows, pos], out_vals[rows, pos] = cols, vals
-    return out_cols.view(m, w, k), out_vals.view(m, w, k)
+
+
+def _chunks(len_p: torch.Tensor, max_pairs: int, max_entries: int) -> list[tuple[int, int]]:
+    """Consecutive ``[s, e)`` ranges of pairs with at most ``max_pairs`` pairs and ``max_entries``
+    entries each (a single pair over ``max_entries`` gets its own range)."""
+    out, s, n = [], 0, int(len_p.numel())
+    cum = torch.cumsum(len_p, 0)
+    while s < n:
+        before = int(cum[s - 1]) if s else 0
+        e = int(torch.searchsorted(cum, before + max_entries, right=True))
+        e = min(max(e, s + 1), s + max(1, max_pairs), n)
+        out.append((s, e))
+        s = e
+    return out

@@ -478,3 +478,92 @@ def test_cuda_accumulator_matches_cpu() -> None:
     cpu = _accumulate(codes, image_ids, patch_ids, 5).finalize()
     cuda = _accumulate(codes, image_ids, patch_ids, 5, device="cuda").finalize()
     _assert_same(cpu, cuda, d_atol=1e-5)
+
+
+def _busy_codes(m: int = 8192, n_images: int = 40, p: int = 4, busy: int = 400, seed: int = 12):
+    """~5 active concepts per patch, but three patches (in three images) with ``busy`` active concepts
+    and large activations, so they are top exemplars of hundreds of concepts (k_max = busy)."""
+    rng = np.random.default_rng(seed)
+    b = n_images * p
+    codes = np.zeros((b, m), np.float32)
+    for i in range(b):
+        codes[i, rng.choice(m, 5, replace=False)] = rng.integers(1, 6, 5) / 10
+    for i in (5, 61, 130):
+        codes[i, rng.choice(m, busy, replace=False)] = rng.uniform(1.0, 2.0, busy).astype(np.float32)
+    image_ids = np.repeat(np.arange(n_images) * 3 + 1, p).astype(np.int64)
+    return codes, image_ids, np.tile(np.arange(p), n_images).astype(np.int64)
+
+
+def _top_w_codes(codes: np.ndarray, image_ids: np.ndarray, patch_ids: np.ndarray, w: int) -> list[list[int]]:
+    """Per concept, the rows of its top-``w`` exemplar patches (the reference order)."""
+    out = []
+    for j in range(codes.shape[1]):
+        rows = sorted(np.flatnonzero(codes[:, j] > 0).tolist(),
+                      key=lambda i: (-codes[i, j], image_ids[i], patch_ids[i]))  # fmt: skip
+        out.append(rows[:w])
+    return out
+
+
+def test_busy_exemplar_codes_stay_ragged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Patches with hundreds of active concepts are top exemplars of hundreds of concepts: the exemplar
+    code state holds their actual entries (bounded by the live entries and one batch), never a padded
+    (m, top_w, k_max) table, and w(i, a), merging and the state dict still match the reference."""
+    cfg = StatsConfig(top_n=6, top_w=4)
+    codes, image_ids, patch_ids = _busy_codes()
+    m, p = codes.shape[1], 4
+    top = _top_w_codes(codes, image_ids, patch_ids, cfg.top_w)
+    live = sum(int((codes[r] > 0).sum()) for rows in top for r in rows)
+    k_max = int((codes > 0).sum(1).max())  # ~400: a busy patch
+    assert live * 10 < m * cfg.top_w * k_max  # the data makes padding matter (dense: 13 M entries)
+
+    monkeypatch.setattr(stats_mod, "_POOL_SLACK", 0)  # compact as soon as garbage outweighs live codes
+    acc = StatsAccumulator(m, cfg)
+    step, most_batch = 5 * p, 0
+    for s in range(0, len(codes), step):
+        acc.update(torch.from_numpy(codes[s : s + step]), image_ids[s : s + step], patch_ids[s : s + step])
+        most_batch = max(most_batch, int((codes[s : s + step] > 0).sum()))
+        kept = int(acc.ex.code_count_tw.sum())
+        assert acc.codes.size <= 2 * kept + most_batch
+        assert acc.codes.capacity <= 1.5 * (2 * kept + most_batch) + 1024
+    assert acc.ex.code_start_tw.shape == acc.ex.code_count_tw.shape == (m, cfg.top_w)
+    st_ = acc.finalize()
+    assert st_.ex_code_cols_e.numel() == int(acc.ex.code_count_tw.sum()) == live
+    assert st_.k_max == k_max
+
+    # w(i, a) against the reference for concepts of busy patches, whatever the chunking
+    rng = np.random.default_rng(0)
+    ii = np.concatenate([np.flatnonzero(codes[5] > 0)[:40], rng.integers(0, m, 40)])
+    aa = np.concatenate([np.flatnonzero(codes[61] > 0)[:40], np.flatnonzero(codes[5] > 0)[:40]])
+    pairs = zip(ii.tolist(), aa.tolist(), strict=True)
+    ref = np.array([codes[top[i], a].sum() / len(top[i]) if top[i] else 0.0 for i, a in pairs])
+    np.testing.assert_allclose(st_.w_pairs(ii, aa).numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(st_.w_pairs(ii, aa, chunk=3, max_entries=50).numpy(), ref, atol=1e-6)
+
+    # compaction, merging and the state dict give the same statistics
+    monkeypatch.setattr(stats_mod, "_POOL_SLACK", 1 << 20)
+    _assert_same(st_, _accumulate_with(codes, image_ids, patch_ids, 3 * p, cfg).finalize())
+    h = 20 * p
+    a = _accumulate_with(codes[:h], image_ids[:h], patch_ids[:h], 7 * p, cfg)
+    b = _accumulate_with(codes[h:], image_ids[h:], patch_ids[h:], 2 * p, cfg)
+    b = StatsAccumulator.from_state_dict(b.state_dict(), cfg)
+    _assert_same(st_, a.merge(b).finalize(), d_atol=1e-6)
+
+
+def _accumulate_with(codes, image_ids, patch_ids, step: int, cfg: StatsConfig) -> StatsAccumulator:
+    acc = StatsAccumulator(codes.shape[1], cfg)
+    for s in range(0, len(codes), step):
+        acc.update(torch.from_numpy(codes[s : s + step]), image_ids[s : s + step], patch_ids[s : s + step])
+    return acc
+
+
+def test_accumulator_state_rejects_bad_exemplar_codes() -> None:
+    codes, image_ids, patch_ids = _random_codes(seed=13)
+    state = _accumulate(codes, image_ids, patch_ids, 5).state_dict()
+    ptr = state["ex_code_ptr_g1"].clone()
+    ptr[3] = ptr[4] + 1  # a row that ends before it starts
+    with pytest.raises(ConfigError, match="ex_code_ptr_g1 must rise"):
+        StatsAccumulator.from_state_dict({**state, "ex_code_ptr_g1": ptr}, CFG)
+    cols = state["ex_code_cols_e"].clone()
+    cols[0] = M
+    with pytest.raises(ConfigError, match=rf"ex_code_cols_e must hold concept ids in \[0, {M}\)"):
+        StatsAccumulator.from_state_dict({**state, "ex_code_cols_e": cols}, CFG)
