@@ -7,12 +7,16 @@ message that names the file and the field path, e.g.
 ``"1"`` for ``1``, no ``true`` for a count) and allow extra keys: the formats are open, and files
 written by a newer version still open.
 
+A frozen config dataclass stored as a JSON object is its own schema (:func:`validate_config`): its
+field types are checked as JSON types, its values by its ``__post_init__``.
+
 Reports the app only *shows* use :class:`LenientModel` instead: a value of the wrong type reads as
 the field's default (``None``, ``{}``), so a hostile report renders as dashes, never as a crash.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -21,6 +25,7 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
@@ -31,6 +36,7 @@ from pydantic import (
 from insight_core.errors import InsightError
 
 M = TypeVar("M", bound=BaseModel)
+D = TypeVar("D")
 
 
 class JsonModel(BaseModel):
@@ -71,6 +77,26 @@ def validate(model: type[M], doc: Any, source: str | Path, error: type[InsightEr
         return model.model_validate(doc)
     except ValidationError as err:
         raise error(f"{source}: {describe(err, doc)}") from None
+
+
+def validate_config(cls: type[D], doc: Any, source: str | Path, error: type[InsightError]) -> D:
+    """The config dataclass ``cls`` from its JSON object ``doc``, the dataclass being the schema:
+    field types checked strictly as JSON (an array for a tuple, no ``"8"`` for ``8``), values by its
+    ``__post_init__`` (its words kept), unknown keys ignored; ``error("SOURCE: field: what")`` otherwise."""
+    try:
+        return TypeAdapter(cls).validate_json(json.dumps(doc), strict=True)
+    except ValidationError as err:
+        raise error(f"{source}: {describe(err, doc)}") from None
+
+
+def read_file(model: type[M], path: str | Path, error: type[InsightError], what: str = "JSON file") -> M:
+    """The JSON file at ``path`` checked against ``model``; ``error`` naming the file when it is
+    missing, unreadable, torn, not UTF-8 or does not fit (then with the field path)."""
+    try:
+        doc = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise error(f"{path}: unreadable {what} ({type(err).__name__}: {err})") from None
+    return validate(model, doc, path, error)
 
 
 def said(message: str) -> WrapValidator:

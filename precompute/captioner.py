@@ -52,6 +52,7 @@ from insight_core.models.lm import build_tiny_lm
 from insight_core.models.sae import MatryoshkaSAE
 from insight_core.models.sae_kinds import load_sae
 from insight_core.progress import tqdm
+from insight_core.schema import JsonModel, validate
 from insight_core.training.captioner import (
     CaptionData,
     CaptionTrainConfig,
@@ -187,7 +188,43 @@ class Split:
         return Split(self.name, self.keys[:n], self.loaders[:n], self.captions[:n])
 
 
-def _read_json(path: Path) -> dict:
+class _CocoImage(JsonModel):
+    id: int
+    file_name: str
+
+
+class _CocoCaption(JsonModel):
+    image_id: int
+    caption: str
+
+
+class CocoCaptionsFile(JsonModel):
+    """A COCO ``captions_*.json`` (the fields read; others pass)."""
+
+    images: list[_CocoImage]
+    annotations: list[_CocoCaption]
+
+
+class _Sentence(JsonModel):
+    raw: str
+
+
+class _KarpathyImage(JsonModel):
+    filename: str
+    filepath: str = ""
+    """Folder of the image below the images root (``train2014``)."""
+    split: str | None = None
+    """train, restval (read as train), val or test; other images are skipped."""
+    sentences: list[_Sentence]
+
+
+class KarpathyFile(JsonModel):
+    """A Karpathy split file (``dataset_coco.json``; the fields read)."""
+
+    images: list[_KarpathyImage]
+
+
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
@@ -200,15 +237,11 @@ def _file_loader(path: Path) -> Callable[[], Image.Image]:
 
 def coco_split(name: str, captions_json: Path, images: Path) -> Split:
     """Images with at least one caption in a COCO ``captions_*.json``, sorted by image id."""
-    doc = _read_json(captions_json)
-    if "images" not in doc or "annotations" not in doc:
-        raise FeatureFileError(
-            f"{captions_json}: not a COCO captions file (needs 'images' and 'annotations')"
-        )
+    doc = validate(CocoCaptionsFile, _read_json(captions_json), captions_json, FeatureFileError)
     caps: dict[int, list[str]] = {}
-    for ann in doc["annotations"]:
-        caps.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]).strip())
-    files = {int(im["id"]): im["file_name"] for im in doc["images"]}
+    for ann in doc.annotations:
+        caps.setdefault(ann.image_id, []).append(ann.caption.strip())
+    files = {im.id: im.file_name for im in doc.images}
     ids = sorted(i for i in caps if i in files)
     if not ids:
         raise FeatureFileError(f"{captions_json}: no image has a caption")
@@ -218,23 +251,26 @@ def coco_split(name: str, captions_json: Path, images: Path) -> Split:
 
 def karpathy_splits(split_json: Path, root: Path) -> dict[str, Split]:
     """train (train + restval), val and test of a Karpathy ``dataset_coco.json``."""
-    doc = _read_json(split_json)
+    doc = validate(KarpathyFile, _read_json(split_json), split_json, FeatureFileError)
     out = {s: Split(s, [], [], []) for s in ("train", "val", "test")}
-    for im in doc["images"]:
-        split = {"restval": "train"}.get(im.get("split"), im.get("split"))
+    for im in doc.images:
+        split = "train" if im.split == "restval" else im.split
         if split not in out:
             continue
-        path = Path(root) / im.get("filepath", "") / im["filename"]
+        path = Path(root) / im.filepath / im.filename
         out[split].keys.append(str(path))
         out[split].loaders.append(_file_loader(path))
-        out[split].captions.append([s["raw"].strip() for s in im["sentences"]])
+        out[split].captions.append([s.raw.strip() for s in im.sentences])
     return {k: v for k, v in out.items() if v.keys}
 
 
 def is_karpathy(path: Path) -> bool:
+    """A Karpathy split file (images with ``sentences`` and ``split``), not COCO captions."""
     doc = _read_json(path)
+    if not isinstance(doc, dict) or "annotations" in doc:
+        return False
     images = doc.get("images") or [{}]
-    return "annotations" not in doc and "sentences" in images[0] and "split" in images[0]
+    return isinstance(images, list) and "sentences" in images[0] and "split" in images[0]
 
 
 def hf_split(job: CaptionerJob, split: str) -> Split:

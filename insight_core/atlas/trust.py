@@ -22,15 +22,15 @@ and do not go through here; the app, ``pull`` and Hub atlases do.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from functools import lru_cache
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from insight_core.atlas.layout import CaptionerLayout
 from insight_core.atlas.manifest import Atlas, AtlasError
+from insight_core.schema import LenientModel, read_file
 
 ENV_TRUST = "INSIGHT_TRUST_ATLAS_WEIGHTS"
 """``1`` (or ``true``/``yes``/``on``) lets atlases name any weights, as ``--trust-atlas-weights``."""
@@ -223,12 +223,17 @@ def _captioner_lm(atlas: Atlas) -> Any:
     if not atlas.has("captioner"):
         return None
     try:
-        path = atlas.read_path("captioner")
-        doc = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (AtlasError, OSError, ValueError):
+        config = read_file(_CaptionerLm, atlas.read_path("captioner"), AtlasError).config
+    except AtlasError:
         return None
-    config = doc.get("config") if isinstance(doc, dict) else None
-    return config.get("lm", "gpt2") if isinstance(config, dict) else None
+    return None if config is None else config.get("lm", "gpt2")
+
+
+class _CaptionerLm(LenientModel):
+    """The block of ``captioner/config.json`` (``insight_core.models.captioner.CaptionerFile``) that
+    names the LM; read here without importing the model code."""
+
+    config: dict[str, Any] | None = None
 
 
 def check_atlas_refs(atlas: Atlas, *, trust: bool | None = None) -> dict[str, Any]:

@@ -19,7 +19,6 @@ On disk a captioner is a directory: ``config.json`` (:class:`CaptionerConfig` + 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json, write_safetensors
 from insight_core.models.lm import load_lm
 from insight_core.models.sae import MatryoshkaSAE
+from insight_core.schema import JsonModel, read_file, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,22 @@ class CaptionerConfig:
         return {**dataclasses.asdict(self), "grid": list(self.grid), "pooled_grid": list(self.pooled_grid)}
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> CaptionerConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {
-            k: (tuple(v) if isinstance(v, list) else v) for k, v in doc.items() if k in names
-        }
-        return cls(**kwargs)
+    def from_json(cls, doc: Any, source: str | Path = "captioner config") -> CaptionerConfig:
+        """The config in a ``config.json``'s ``config`` block (:class:`CheckpointError` naming
+        ``source`` and the field when it does not fit)."""
+        return validate_config(cls, doc, source, CheckpointError)
+
+
+class CaptionerFile(JsonModel):
+    """``captioner/config.json``, written by :meth:`SteerableCaptioner.save`."""
+
+    format: Literal["insight-captioner"]
+    config: dict[str, Any]
+    """:class:`CaptionerConfig` fields; ``lm`` is :data:`BUNDLED_LM` when the LM is in ``lm/``."""
+    lm_source: str | None = None
+    """Where the LM came from (:func:`public_lm_source`)."""
+    d_lm: int | None = None
+    """Hidden size of the LM (the adapter's output width)."""
 
 
 def _require(ok: bool, field: str, expected: str) -> None:
@@ -347,11 +357,12 @@ class SteerableCaptioner(nn.Module):
         must not choose what is downloaded: ``insight_core.atlas.trust.lm_policy``); None: any name.
         """
         files = CaptionerLayout(Path(in_dir))
-        doc = _read_config(files.config)
-        try:
-            cfg = CaptionerConfig.from_json(doc["config"])
-        except (KeyError, TypeError) as err:
-            raise CheckpointError(f"{files.config}: bad captioner config ({err})") from err
+        if not files.config.is_file():
+            raise CheckpointError(
+                f"{files.config}: missing; expected a captioner directory written by the captioner job"
+            )
+        doc = read_file(CaptionerFile, files.config, CheckpointError, "captioner config")
+        cfg = CaptionerConfig.from_json(doc.config, f"{files.config}: config")
         lm_ref = lm_policy(cfg.lm) if lm_policy is not None else cfg.lm
         bundled = lm_ref == BUNDLED_LM
         lm_name = str(files.lm_dir) if bundled else lm_ref
@@ -372,18 +383,6 @@ def public_lm_source(lm: str, root: Path) -> str | None:
         return local.resolve().relative_to(Path(root).resolve()).as_posix()
     except ValueError:
         return None
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; expected a captioner directory written by the captioner job")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable JSON ({err})") from err
-    if doc.get("format") != CAPTIONER_FORMAT:
-        raise CheckpointError(f"{path}: format {doc.get('format')!r}, expected {CAPTIONER_FORMAT!r}")
-    return doc
 
 
 def _load_adapter(adapter: PrefixAdapter, path: Path) -> None:
