@@ -31,9 +31,11 @@ from insight_core.concepts.vocab_budget import measure_rate, over_budget_line, p
 from insight_core.concepts.vocab_embeddings import TEMPLATES_BY_POS, VocabEmbeddings, load_vocab_embeddings
 from insight_core.concepts.vocab_files import (
     VocabStore,
+    VocabSubset,
     check_vocab_backbone,
     embed_resumable,
     file_sha256,
+    parse_manifest,
     read_cached,
     user_vocab_cache,
     vocab_manifest,
@@ -116,9 +118,10 @@ class Resolved:
 
 
 def _info(vocab: VocabEmbeddings, origin: str, reason: str) -> dict[str, Any]:
-    subset = (vocab.manifest or {}).get("subset", {})
-    return {"origin": origin, "n_words": vocab.n_words, "n_total": subset.get("n_total", vocab.n_words),
-            "policy": subset.get("policy", "file"), "reason": subset.get("reason") or reason}  # fmt: skip
+    man = parse_manifest(vocab, "vocabulary embeddings")
+    subset = man.subset if man is not None else VocabSubset()
+    return {"origin": origin, "n_words": vocab.n_words, "n_total": subset.n_total or vocab.n_words,
+            "policy": subset.policy or "file", "reason": subset.reason or reason}  # fmt: skip
 
 
 def resolve_vocabulary(

@@ -23,9 +23,10 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from insight_core.atlas.layout import user_cache_dir
 from insight_core.concepts._util import as_numpy, chunks
@@ -38,6 +39,7 @@ from insight_core.concepts.vocab_embeddings import (
 from insight_core.errors import ConfigError, FeatureFileError, VocabularyMismatchError
 from insight_core.io import write_npz
 from insight_core.models.image_batches import is_random_init
+from insight_core.schema import JsonModel, validate
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,69 @@ VOCAB_FORMAT_VERSION = 1
 """Bumped when the recipe changes (old files then count as made by another recipe)."""
 TEXT_PATH = "open_clip encode_text; per template L2-normalised, averaged, renormalised; per part of speech"
 """How the text tower is used (recorded: a file made another way must not pass as ours)."""
+
+
+class VocabBackbone(JsonModel):
+    """The text encoder a vocabulary file was made with."""
+
+    arch: str
+    pretrained: str
+    """Tag, or ``NAME-HASH`` of a local weights file."""
+    random_weights: bool = False
+    weights_sha256: str | None = None
+    """Hash of a local weights file given as ``pretrained`` (None for a named tag)."""
+    text_path: str | None = None
+    """How the text tower was used (:data:`TEXT_PATH`)."""
+
+
+class VocabSubset(JsonModel):
+    """Which part of the vocabulary was embedded and why (``vocab_budget.VocabPlan.record``)."""
+
+    policy: str | None = None
+    """``full``, ``max-words``, ``budget-concreteness`` or ``budget-list-order``."""
+    n_words: int | None = None
+    n_total: int | None = None
+    reason: str | None = None
+    budget_s: float | None = None
+    """The naming budget the subset was chosen under (None: no budget)."""
+
+
+class VocabManifest(JsonModel):
+    """The ``manifest`` of a vocabulary-embedding file (:func:`vocab_manifest`; also the Hub sidecar's)."""
+
+    format: Literal["insight-vocab-embeddings"]
+    version: Literal[1]
+    backbone: VocabBackbone
+    n_words: int
+    words_sha256: str
+    """:func:`words_sha256` of the words in the file."""
+    pos_names: list[str]
+    templates: dict[str, list[str]]
+    """Part of speech -> its templates (``"a photo of a {}"``)."""
+    templates_sha256: str
+    subset: VocabSubset = Field(default_factory=VocabSubset)
+    sources: list[dict[str, Any]] = Field(default_factory=list)
+    """The word lists (``name``, ``file``, ``sha256``) the vocabulary was built from."""
+    created: str | None = None
+
+
+def parse_manifest(vocab: VocabEmbeddings, where: str) -> VocabManifest | None:
+    """``vocab``'s manifest checked against :class:`VocabManifest` (None when the file has none).
+
+    Raises
+    ------
+    VocabularyMismatchError
+        Another format or recipe version (recompute the file), or a field that does not fit.
+    """
+    man = vocab.manifest
+    if man is None:
+        return None
+    if (man.get("format"), man.get("version")) != (VOCAB_FORMAT, VOCAB_FORMAT_VERSION):
+        raise VocabularyMismatchError(
+            f"{where}: manifest format {man.get('format')!r} v{man.get('version')!r} is not "
+            f"{VOCAB_FORMAT!r} v{VOCAB_FORMAT_VERSION}; recompute it with `insight vocab-embed`"
+        )
+    return validate(VocabManifest, man, f"{where}: manifest", VocabularyMismatchError)
 
 
 def words_sha256(words: Sequence[str]) -> str:
@@ -124,30 +189,21 @@ def check_vocab_backbone(vocab: VocabEmbeddings, arch: str, pretrained: str, whe
     VocabularyMismatchError
         Naming both backbones (file and atlas) and the file.
     """
-    man = vocab.manifest
+    man = parse_manifest(vocab, where)
     if man is None:
         logger.warning(
             "%s has no manifest: cannot check that it was made by %s/%s (the atlas's text encoder); "
             "using it as given", where, arch, pretrained,
         )  # fmt: skip
         return
-    if man.get("format") != VOCAB_FORMAT or man.get("version") != VOCAB_FORMAT_VERSION:
-        raise VocabularyMismatchError(
-            f"{where}: manifest format {man.get('format')!r} v{man.get('version')!r} is not "
-            f"{VOCAB_FORMAT!r} v{VOCAB_FORMAT_VERSION}; recompute it with `insight vocab-embed`"
-        )
-    block = man.get("backbone")
-    bb: Mapping[str, Any] = block if isinstance(block, dict) else {}
-    theirs = (bb.get("arch"), bb.get("pretrained"))
+    theirs = (man.backbone.arch, man.backbone.pretrained)
     if theirs != (arch, pretrained):
         raise VocabularyMismatchError(
             f"{where} was made with text encoder {theirs[0]}/{theirs[1]}, but the atlas's backbone is "
             f"{arch}/{pretrained}: names would be matched in another embedding space. Use a file made "
             f"for {arch}/{pretrained} (`insight vocab-embed --arch {arch} --pretrained {pretrained}`)"
         )
-    if man.get("words_sha256") != words_sha256(vocab.words) or list(man.get("pos_names", [])) != list(
-        vocab.pos_names
-    ):
+    if man.words_sha256 != words_sha256(vocab.words) or man.pos_names != list(vocab.pos_names):
         raise VocabularyMismatchError(f"{where}: its manifest does not describe its words / parts of speech")
 
 
@@ -193,11 +249,12 @@ class VocabStore:
         head, tail = stem.rsplit("__", 2)[0], stem.rsplit("__", 1)[1]  # arch__tag, templates hash
         best: tuple[Path, int] | None = None
         for path in self.folder.glob(f"{self.prefix}{head}__*__{tail}.npz"):
-            man = peek_manifest(path) or {}
-            subset = man.get("subset", {})
-            n = subset.get("n_words")
-            same_budget = subset.get("budget_s") == budget_s and subset.get("n_total") == len(words)
-            if not (isinstance(n, int) and same_budget) or man.get("words_sha256") != words_sha256(words[:n]):
+            man = peek_manifest(path)
+            sub = man.subset if man is not None else VocabSubset()
+            if man is None or sub.n_words is None or (sub.budget_s, sub.n_total) != (budget_s, len(words)):
+                continue
+            n = sub.n_words
+            if man.words_sha256 != words_sha256(words[:n]):
                 continue
             if best is None or n > best[1]:
                 best = (path, n)
@@ -222,16 +279,14 @@ def read_cached(
     return hit
 
 
-def peek_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest of a vocabulary file without reading its embeddings (None when it has none)."""
+def peek_manifest(path: Path) -> VocabManifest | None:
+    """The manifest of a vocabulary file without reading its embeddings (None when it has none or
+    one that does not fit)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            if "manifest" not in z.files:
-                return None
-            doc = json.loads(str(z["manifest"][0]))
-    except (OSError, ValueError, KeyError, EOFError, IndexError):
+            return VocabManifest.model_validate(json.loads(str(z["manifest"][0])))
+    except (OSError, ValueError, KeyError, EOFError, IndexError):  # ValidationError is a ValueError
         return None
-    return doc if isinstance(doc, dict) else None
 
 
 # --------------------------------------------------------------------------------------------------

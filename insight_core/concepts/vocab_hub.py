@@ -16,7 +16,6 @@ import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
@@ -24,9 +23,17 @@ from huggingface_hub.utils import HfHubHTTPError, HFValidationError
 
 from insight_core.atlas.hub import DEFAULT_REPO_TYPE, _check_repo_type, _hub_error
 from insight_core.concepts.vocab_embeddings import VocabEmbeddings, load_vocab_embeddings
-from insight_core.concepts.vocab_files import cache_key, check_vocab_backbone, file_sha256, user_vocab_cache
+from insight_core.concepts.vocab_files import (
+    VocabManifest,
+    cache_key,
+    check_vocab_backbone,
+    file_sha256,
+    parse_manifest,
+    user_vocab_cache,
+)
 from insight_core.errors import ConfigError, FeatureFileError, VocabularyMismatchError
 from insight_core.models.image_batches import is_random_init
+from insight_core.schema import JsonModel, validate
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +66,27 @@ def push_vocab(
     _check_repo_type(repo_type)
     path = Path(path)
     vocab = load_vocab_embeddings(path)
-    man = vocab.manifest
     where = f"vocabulary embeddings {str(path)!r}"
+    man = parse_manifest(vocab, where)
     if man is None:
         raise ConfigError(
             f"{where} has no manifest; only files written by `insight vocab-embed` are published"
         )
-    bb = man.get("backbone", {})
-    check_vocab_backbone(vocab, str(bb.get("arch")), str(bb.get("pretrained")), where)  # self-consistency
-    if bb.get("random_weights") or is_random_init(str(bb.get("pretrained", ""))):
+    bb = man.backbone
+    check_vocab_backbone(vocab, bb.arch, bb.pretrained, where)  # self-consistency
+    if bb.random_weights or is_random_init(bb.pretrained):
         raise ConfigError(f"{where} was made by a random-init text encoder: it is meaningless, not published")
-    if man.get("subset", {}).get("n_words") != man.get("subset", {}).get("n_total"):
-        log.warning("%s holds a subset of its vocabulary (%s)", where, man.get("subset", {}).get("reason"))
-    if not isinstance(man.get("templates"), dict) or set(man["templates"]) != set(vocab.pos_names):
+    if man.subset.n_words != man.subset.n_total:
+        log.warning("%s holds a subset of its vocabulary (%s)", where, man.subset.reason)
+    if set(man.templates) != set(vocab.pos_names):
         raise ConfigError(f"{where}: its manifest's templates do not match its parts of speech")
-    templates = {pos: man["templates"][pos] for pos in vocab.pos_names}  # in part-of-speech order
-    key = cache_key(bb["arch"], bb["pretrained"], vocab.words, templates)
+    templates = {pos: man.templates[pos] for pos in vocab.pos_names}  # in part-of-speech order
+    key = cache_key(bb.arch, bb.pretrained, vocab.words, templates)
     npz_name, json_name = hub_paths(key)
-    sidecar = {"manifest": man, "sha256": file_sha256(path), "size": path.stat().st_size, "file": npz_name}
+    sidecar = {"manifest": vocab.manifest, "sha256": file_sha256(path), "size": path.stat().st_size,
+               "file": npz_name}  # fmt: skip
     api = api or HfApi(token=token)
-    message = f"vocabulary embeddings {bb['arch']}/{bb['pretrained']} ({vocab.n_words:,} words)"
+    message = f"vocabulary embeddings {bb.arch}/{bb.pretrained} ({vocab.n_words:,} words)"
     try:
         api.create_repo(repo_id, repo_type=repo_type, exist_ok=True, token=token)
         for data, dest in ((str(path), npz_name), (json.dumps(sidecar, indent=1).encode(), json_name)):
@@ -123,10 +131,10 @@ def fetch_vocab(
     try:
         sidecar = _read_sidecar(get(repo_id, json_name, repo_type=repo_type, revision=revision, token=token),
                                 where)  # fmt: skip
-        bb = sidecar["manifest"].get("backbone", {})
-        if (bb.get("arch"), bb.get("pretrained")) != (arch, pretrained):
+        bb = sidecar.manifest.backbone
+        if (bb.arch, bb.pretrained) != (arch, pretrained):
             raise VocabularyMismatchError(
-                f"{where} is for text encoder {bb.get('arch')}/{bb.get('pretrained')}, not the atlas's "
+                f"{where} is for text encoder {bb.arch}/{bb.pretrained}, not the atlas's "
                 f"{arch}/{pretrained}"
             )
         local = Path(get(repo_id, npz_name, repo_type=repo_type, revision=revision, token=token))
@@ -135,7 +143,7 @@ def fetch_vocab(
         return None
     except (HfHubHTTPError, HFValidationError, OSError) as err:
         raise _hub_error(err, repo_id, repo_type, revision) from err
-    if file_sha256(local) != sidecar["sha256"]:
+    if file_sha256(local) != sidecar.sha256:
         raise VocabularyMismatchError(
             f"{where}: SHA-256 differs from its sidecar {json_name!r} (corrupt or altered)"
         )
@@ -150,15 +158,21 @@ def fetch_vocab(
     return vocab, dest
 
 
-def _read_sidecar(path: str, where: str) -> dict[str, Any]:
+class VocabSidecar(JsonModel):
+    """``vocab/<key>.json`` beside a published vocabulary file (:func:`push_vocab`)."""
+
+    manifest: VocabManifest
+    """The file's own manifest."""
+    sha256: str
+    """SHA-256 of the ``.npz``; a download that differs is refused."""
+    size: int | None = None
+    file: str | None = None
+    """Path of the ``.npz`` inside the repo."""
+
+
+def _read_sidecar(path: str, where: str) -> VocabSidecar:
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FeatureFileError(f"{where}: sidecar is not readable JSON: {e}") from e
-    if (
-        not isinstance(doc, dict)
-        or not isinstance(doc.get("manifest"), dict)
-        or not isinstance(doc.get("sha256"), str)
-    ):
-        raise FeatureFileError(f"{where}: sidecar lacks 'manifest' / 'sha256'")
-    return doc
+    return validate(VocabSidecar, doc, f"{where}: sidecar", FeatureFileError)
