@@ -8,7 +8,7 @@ still escaped where it is shown. Keys not declared here pass through (``model_ex
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -179,3 +179,28 @@ class OvsReport(LenientModel):
     settings: OvsSettings = Field(default_factory=OvsSettings)
     per_class: list[Annotated[OvsClass | None, OR_NONE]] = Field(default_factory=list)
     insight: OvsInsight = Field(default_factory=OvsInsight)
+
+
+class SaeMetricsBlock(LenientModel):
+    fve_per_shell: list[float] | None = None
+    """Held-out FVE of each Matryoshka shell (None unless every value is a number)."""
+
+
+class SaeMetrics(SaeMetricsBlock):
+    """``sae_metrics.json`` (``train-sae``) as the app shows it; older files nest the shell FVE in
+    ``metrics``."""
+
+    metrics: SaeMetricsBlock = Field(default_factory=SaeMetricsBlock)
+    fve_per_level: dict[str, Num] = Field(default_factory=dict)
+    """An MSAE's held-out FVE per trained k (keys are k as text; a value that is not a number: None)."""
+
+
+class ThumbSettings(LenientModel):
+    resize: Literal["squash", "crop"] = "squash"
+    """How exemplar thumbnails were cut from their image."""
+
+
+class IndexMeta(LenientModel):
+    """``index/meta.json`` (``index``): the thumbnail settings the concept pages need."""
+
+    thumbs: ThumbSettings = Field(default_factory=ThumbSettings)

@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 
 from app.concept_stats import StatsView
+from app.reports import IndexMeta, SaeMetrics
 from insight_core.atlas import Atlas, AtlasError, reading
 from insight_core.atlas.hub import resolve_atlas
-from insight_core.atlas.manifest_schema import ReportKind
+from insight_core.atlas.manifest_schema import ProbeConfigSummary, ReportKind
 from insight_core.atlas.trust import check_atlas_refs, lm_policy, resolve_trust
 from insight_core.concepts.families import Families
 from insight_core.concepts.image_search import ImageIndex, load_codes
@@ -41,6 +42,7 @@ from insight_core.models.probe import ConceptProbe
 from insight_core.models.sae import MatryoshkaSAE
 from insight_core.models.sae_kinds import load_sae
 from insight_core.models.timm_backbone import not_text_aligned_message
+from insight_core.schema import read_file
 
 log = logging.getLogger(__name__)
 
@@ -287,9 +289,7 @@ def _indexes(state: AppState) -> None:
     if atlas.has("thumbnails"):
         state.thumbs = _read_json_object(atlas, "thumbnails")
     if atlas.has("index_meta"):
-        thumbs_meta = _read_json_object(atlas, "index_meta").get("thumbs", {})
-        resize = thumbs_meta.get("resize", "squash") if isinstance(thumbs_meta, dict) else "squash"
-        state.thumb_resize = resize if resize in ("squash", "crop") else "squash"
+        state.thumb_resize = IndexMeta.read(_read_json_object(atlas, "index_meta")).thumbs.resize
 
 
 def _captioner(state: AppState) -> None:
@@ -332,25 +332,16 @@ def _shell_fve(atlas: Atlas) -> tuple[float, ...]:
     """The SAE's held-out FVE per Matryoshka shell, from its training metrics (``sae_metrics.json``)."""
     if not atlas.has("sae_metrics"):
         return ()
-    doc = _read_json_object(atlas, "sae_metrics")
-    per = doc.get("fve_per_shell") or (doc.get("metrics") or {}).get("fve_per_shell")
-    if isinstance(per, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in per):
-        return tuple(float(v) for v in per)
-    return ()
+    doc = SaeMetrics.read(_read_json_object(atlas, "sae_metrics"))
+    return tuple(doc.fve_per_shell or doc.metrics.fve_per_shell or ())
 
 
 def _level_fve(atlas: Atlas) -> tuple[tuple[int, float], ...]:
     """An MSAE's held-out FVE per k level (``sae_metrics.json`` ``fve_per_level``; () when absent)."""
     if not atlas.has("sae_metrics"):
         return ()
-    per = _read_json_object(atlas, "sae_metrics").get("fve_per_level")
-    if not isinstance(per, dict):
-        return ()
-    out = []
-    for k, v in per.items():
-        if str(k).isdigit() and isinstance(v, int | float) and not isinstance(v, bool):
-            out.append((int(k), float(v)))
-    return tuple(sorted(out))
+    per = SaeMetrics.read(_read_json_object(atlas, "sae_metrics")).fve_per_level
+    return tuple(sorted((int(k), v) for k, v in per.items() if k.isdigit() and v is not None))
 
 
 def _class_embeddings(path: Path, d: int) -> dict[str, np.ndarray]:
@@ -416,19 +407,19 @@ def load_probes(state: AppState) -> None:
             probe = ConceptProbe.load(files.weights)
             if probe.m != state.m:
                 raise CheckpointError(f"{files.weights}: reads {probe.m} concepts but the SAE has {state.m}")
-            config = json.loads(files.config.read_text())
+            config = read_file(ProbeConfigSummary, files.config, AtlasError, "probe config")
         except (InsightError, OSError, ValueError) as err:
             log.error("probe %s not loaded: %s", name, err)
             notes.append(f"probe {name!r} could not be loaded: {err}")
             continue
         state.probes[name] = probe
         state.probe_info[name] = {
-            "description": str(config.get("description") or ""),
+            "description": config.description,
             "n_classes": probe.cfg.n_classes,
             "pooling": probe.cfg.pooling,
             "top1": entry.get("top1"),
             "top5": entry.get("top5"),
-            "held_out": config.get("held_out"),
+            "held_out": config.held_out,
         }
     if not atlas.probes:
         notes.append(

@@ -88,12 +88,15 @@ class ManifestDoc(JsonModel):
 
 
 class ProbeConfigSummary(JsonModel):
-    """The fields of ``probes/NAME/config.json`` the manifest's ``probes`` block summarises."""
+    """``probes/NAME/config.json`` (written by ``precompute/probe.py``): the fields the manifest's
+    ``probes`` block and the app read; the rest (``ProbeConfig`` fields, inputs, fingerprint) is open."""
 
     classes: list[Any] = Field(default_factory=list)
     pooling: Any = None
     codes: Any = None
     description: str = ""
+    held_out: str | None = None
+    """Which images the held-out metrics are on (``val-labels``, ``split``, or none: training images)."""
 
 
 class ProbeMetricsSummary(JsonModel):

@@ -15,13 +15,15 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Json
 from torch import nn
 
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import read_safetensors, write_safetensors
+from insight_core.schema import JsonModel, validate, validate_config
 
 PROBE_FORMAT = "insight-concept-probe"
 POOLINGS = ("max", "mean", "both")
@@ -83,6 +85,16 @@ class ProbeConfig:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class ProbeMetadata(JsonModel):
+    """The safetensors metadata of a probe file (strings, two of them JSON)."""
+
+    format: Literal["insight-concept-probe"]
+    config: Json[dict[str, Any]]
+    """:class:`ProbeConfig` as JSON."""
+    classes: Json[list[str]]
+    """Class names in logit order, as a JSON list."""
 
 
 class ConceptProbe(nn.Module):
@@ -161,11 +173,11 @@ class ConceptProbe(nn.Module):
         tensors, meta = read_safetensors(path, "probe weights")
         if meta.get("format") != PROBE_FORMAT:
             raise CheckpointError(f"{path}: not a concept probe (format {meta.get('format')!r})")
+        doc = validate(ProbeMetadata, meta, f"{path}: metadata", CheckpointError)
+        cfg = validate_config(ProbeConfig, doc.config, f"{path}: metadata config", CheckpointError)
         try:
-            cfg = ProbeConfig(**json.loads(meta["config"]))
-            classes = json.loads(meta["classes"])
-            probe = cls(cfg, classes)
-        except (KeyError, TypeError, ValueError, ConfigError) as err:
+            probe = cls(cfg, doc.classes)
+        except ConfigError as err:  # class names that do not fit the config
             raise CheckpointError(f"{path}: malformed probe metadata ({err})") from err
         weight = tensors.get("weight_cf")
         if weight is None or tuple(weight.shape) != (cfg.n_classes, cfg.n_features):
