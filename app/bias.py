@@ -10,6 +10,7 @@ its concept page (:func:`concept_rows`, added to the "Evaluation figures" block 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ from app.reports import BiasReport, BiasRow, TaxonomyReport
 from app.state import AppState
 
 KINDS = ("bias", "taxonomy")
+Section = Callable[[AppState, str, Any], str]
+"""Renders one evaluation (state, name, :class:`~app.state.Evaluation`) as an HTML section."""
 
 
 def _num(x: Any) -> float | None:
@@ -80,7 +83,7 @@ def _bias_section(state: AppState, name: str, ev: Any) -> str:
     return "".join(parts)
 
 
-def _taxonomy_section(name: str, ev: Any) -> str:
+def _taxonomy_section(state: AppState, name: str, ev: Any) -> str:
     rep = TaxonomyReport.read(ev.report)
     rows = [
         [
@@ -117,22 +120,25 @@ def _taxonomy_section(name: str, ev: Any) -> str:
     )
 
 
-def panel_html(state: AppState | None) -> str:
-    """The tab's content: every bias analysis and taxonomy alignment of the atlas (a hint when none)."""
+def reports_panel(state: AppState | None, div_id: str, hint: str, sections: dict[str, Section]) -> str:
+    """A tab's panel: a section per loaded evaluation of each kind of ``sections`` (kind -> its
+    renderer), in that order; ``hint`` when the atlas has none; a warning on random-weights atlases."""
     if state is None:
         return H.message("the atlas is loading…")
-    bias, taxonomy = evaluations(state, "bias"), evaluations(state, "taxonomy")
-    if not bias and not taxonomy:
-        return H.message(
-            "this atlas has no bias analysis or taxonomy alignment: run `python -m precompute eval-bias` or "
-            "`eval-taxonomy` on it (docs/taxonomy_bias.md), then restart the app"
-        )
+    found = [(show, n, ev) for kind, show in sections.items() for n, ev in evaluations(state, kind).items()]
+    if not found:
+        return H.message(hint)
     note = ""
-    if any(ev.report.get("random_weights") for ev in [*bias.values(), *taxonomy.values()]):
+    if any(ev.report.get("random_weights") for _, _, ev in found):
         note = H.message("random-weights atlas: these figures only show the plumbing", "warning")
-    sections = [_bias_section(state, n, ev) for n, ev in bias.items()]
-    sections += [_taxonomy_section(n, ev) for n, ev in taxonomy.items()]
-    return '<div id="bias-panel">' + note + "".join(sections) + "</div>"
+    return f'<div id="{div_id}">' + note + "".join(show(state, n, ev) for show, n, ev in found) + "</div>"
+
+
+def panel_html(state: AppState | None) -> str:
+    """The tab's content: every bias analysis and taxonomy alignment of the atlas (a hint when none)."""
+    hint = ("this atlas has no bias analysis or taxonomy alignment: run `python -m precompute eval-bias` or "
+            "`eval-taxonomy` on it (docs/taxonomy_bias.md), then restart the app")  # fmt: skip
+    return reports_panel(state, "bias-panel", hint, {"bias": _bias_section, "taxonomy": _taxonomy_section})
 
 
 def concept_rows(state: AppState, cid: int) -> list[list[str]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from app import html as H
-from app.bias import _f, evaluations
+from app.bias import _f, reports_panel
 from app.reports import AbsorptionReport, MonoEvaluator, SuiteReport
 from app.state import AppState
 
@@ -108,17 +108,8 @@ def _absorption_section(state: AppState, name: str, doc: dict[str, Any]) -> str:
 
 def panel_html(state: AppState | None) -> str:
     """The tab's content: every SAE suite and absorption evaluation of the atlas (a hint when none)."""
-    if state is None:
-        return H.message("the atlas is loading…")
-    suites, absorption = evaluations(state, "sae-suite"), evaluations(state, "absorption")
-    if not suites and not absorption:
-        return H.message(
-            "this atlas has no SAE quality report: run `insight eval-sae` (and `eval-absorption`) on it "
-            "(docs/evaluation.md), then restart the app"
-        )
-    note = ""
-    if any(ev.report.get("random_weights") for ev in [*suites.values(), *absorption.values()]):
-        note = H.message("random-weights atlas: these figures only show the plumbing", "warning")
-    sections = [_suite_section(n, ev.report) for n, ev in suites.items()]
-    sections += [_absorption_section(state, n, ev.report) for n, ev in absorption.items()]
-    return '<div id="sae-report-panel">' + note + "".join(sections) + "</div>"
+    hint = ("this atlas has no SAE quality report: run `insight eval-sae` (and `eval-absorption`) on it "
+            "(docs/evaluation.md), then restart the app")  # fmt: skip
+    sections = {"sae-suite": lambda _, n, ev: _suite_section(n, ev.report),
+                "absorption": lambda state, n, ev: _absorption_section(state, n, ev.report)}  # fmt: skip
+    return reports_panel(state, "sae-report-panel", hint, sections)

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
-from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
-from insight_core.atlas.layout import check_name
+from insight_core.atlas import AtlasLayout, fingerprint
 from insight_core.concepts.taxonomy import Taxonomy, read_taxonomy
 from insight_core.data.features import scan_features
 from insight_core.data.labels import feature_images, read_labels
@@ -31,11 +29,11 @@ from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError
 from insight_core.evaluation import absorption as absorb
 from insight_core.evaluation import sae_suite as suite
-from insight_core.io import atomic_write, write_json
 from insight_core.models.sae import ThresholdMode
 from precompute.common import load_atlas_sae
-from precompute.eval_common import concept_names, list_in_manifest, md_table
-from precompute.eval_sae import _backbone, _batches
+from precompute.eval_common import EvalRun, concept_names, eval_name, md_table, provenance
+from precompute.eval_sae import _batches
+from precompute.options import EvalRunOptions, Flat
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +62,9 @@ class EvalAbsorptionJob:
     """Cosine an absorbing latent's decoder direction must exceed with the parent's direction."""
     min_examples: int = 5
     """Parents with fewer labelled images are skipped."""
-    thresholded: bool = False
-    """Encode with per-concept thresholds (needs an SAE that has them)."""
-    name: str | None = None
-    """Evaluation name (folder under A/evals/); default absorption-<labels file stem>."""
-    images_per_batch: int = 64
-    """Images encoded per step."""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
-    force: bool = False
-    """Recompute even if up to date."""
+    options: Annotated[EvalRunOptions, Flat] = dataclasses.field(default_factory=EvalRunOptions)
+    """How it runs: --thresholded, --name (default absorption-<labels file stem>), --images-per-batch,
+    --device, --force, --progress (unused: one pass)."""
 
     def config(self) -> absorb.AbsorptionConfig:
         return absorb.AbsorptionConfig(max_k=self.max_k, cos_threshold=self.cos_threshold,
@@ -83,21 +74,16 @@ class EvalAbsorptionJob:
 def run(job: EvalAbsorptionJob) -> dict[str, Any]:
     cfg = job.config()
     layout = AtlasLayout(job.atlas)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(job.labels).stem).strip("-.") or "labels"
-    name = check_name(job.name or f"absorption-{stem}"[:64], "--name")
-    settings = {**dataclasses.asdict(cfg), "thresholded": job.thresholded, "parent_first": job.parent_first}
+    name = eval_name(job.options.name, "absorption", job.labels, empty="labels", stem=True)
+    settings = {**dataclasses.asdict(cfg), "thresholded": job.options.thresholded,
+                "parent_first": job.parent_first}  # fmt: skip
     files = [job.labels, job.taxonomy, *([job.taxonomy_names] if job.taxonomy_names else [])]
     key = fingerprint([layout.sae, *files, *sorted(Path(job.features).rglob("*.npy"))], {STAGE: settings})
-    record, ev = layout.stage_record(f"{STAGE}.{name}"), layout.eval_layout(name)
-    if not job.force and record.is_current(key):
-        log.info("%s is up to date; skipping (use --force to recompute)", name)
-        list_in_manifest(layout, name, changed=False)
-        return read_json_dict(ev.report_json)
+    run_ = EvalRun(layout, STAGE, name, key)
+    if (done := run_.current_report(job.options.force)) is not None:
+        return done
     report = _evaluate(job, layout, cfg, name, settings)
-    write_json(ev.report_json, report)
-    atomic_write(ev.report_md, lambda tmp: tmp.write_text(markdown(report)))
-    record.write(key, [ev.report_json, ev.report_md], absorption_rate=report["absorption_rate"])
-    list_in_manifest(layout, name)
+    run_.finish(report, markdown(report), absorption_rate=report["absorption_rate"])
     return report
 
 
@@ -120,7 +106,7 @@ def _evaluate(
     fs = scan_features(job.features)
     if sae.cfg.d_in != fs.d:
         raise CheckpointError(f"{layout.sae}: SAE d_in={sae.cfg.d_in} but {job.features} has d={fs.d}")
-    dev = resolve_device(job.device, what="--device")
+    dev = resolve_device(job.options.device, what="--device")
     sae = sae.eval().to(dev)
     labels = read_labels(job.labels, feature_images(fs, job.features), min_classes=1)
     taxonomy = read_taxonomy(job.taxonomy, job.taxonomy_names, parent_first=job.parent_first)
@@ -128,8 +114,8 @@ def _evaluate(
     tax, new_of = taxonomy.restrict(class_node)
     node_n = new_of[np.asarray(class_node, dtype=np.int64)][labels.y]
     parents, has_pn = membership(tax, node_n)
-    threshold: ThresholdMode = "concept" if job.thresholded else "global"
-    r = suite.run_pass(suite.SaeCodec(sae, threshold), _batches(fs, job.images_per_batch, dev),
+    threshold: ThresholdMode = "concept" if job.options.thresholded else "global"
+    r = suite.run_pass(suite.SaeCodec(sae, threshold), _batches(fs, job.options.images_per_batch, dev),
                        keep_max_codes=True, localization=False)  # fmt: skip
     assert r.max_codes_im is not None
     w_dec = sae.W_dec_md.detach().cpu().double().numpy()
@@ -143,7 +129,7 @@ def _evaluate(
         rows.append({"node": node, "node_name": tax.name(node), **row,
                      "main_names": [names[j] for j in res.main_latents],
                      "absorbing_names": [names[j] for j in res.absorbing_latents]})  # fmt: skip
-    backbone, random_weights = _backbone(layout, job.features)
+    backbone, random_weights, _ = provenance(layout, job.features)
     return {
         "kind": "absorption",
         "name": name,

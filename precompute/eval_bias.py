@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
-from insight_core.atlas.layout import check_name, public_inputs
+from insight_core.atlas import AtlasLayout, fingerprint
+from insight_core.atlas.layout import public_inputs
 from insight_core.data.labels import read_labels
 from insight_core.errors import LabelsError
 from insight_core.evaluation.bias import BiasConfig, BiasResult, bias_statistics, group_sums
-from insight_core.io import atomic_write, write_json
-from precompute.eval_common import PLUMBING_NOTE, concept_names, list_in_manifest, md_table
+from precompute.eval_common import PLUMBING_NOTE, EvalRun, concept_names, eval_name, md_table, write_parquet
 from precompute.eval_images import open_pooled
 from precompute.options import EvalRunOptions, Flat
 
@@ -63,26 +60,18 @@ class EvalBiasJob:
     """How it runs: --thresholded, --name, --images-per-batch, --device, --force, --progress."""
 
 
-def _default_name(path: Path) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem).strip("-.") or "attributes"
-    return f"bias-{base}"[:64]
-
-
 def run(job: EvalBiasJob) -> dict:
     cfg = BiasConfig(pooling=job.pooling, min_images=job.min_images, alpha=job.alpha, top_k=job.top_k)
-    name = check_name(job.options.name or _default_name(job.attributes), "--name")
+    name = eval_name(job.options.name, "bias", job.attributes, empty="attributes", stem=True)
     layout = AtlasLayout(job.atlas)
     codes = "concept" if job.options.thresholded else "global"
     settings = {**dataclasses.asdict(cfg), "codes": codes}
     key = fingerprint(
         [job.attributes, layout.sae, *sorted(Path(job.features).rglob("*.npy"))], {STAGE: settings}
     )
-    record = layout.stage_record(f"{STAGE}.{name}")
-    ev = layout.eval_layout(name)
-    if not job.options.force and record.is_current(key):
-        log.info("%s is up to date; skipping (use --force to recompute)", ev.root)
-        list_in_manifest(layout, name, changed=False)
-        return read_json_dict(ev.report_json)
+    run_ = EvalRun(layout, STAGE, name, key)
+    if (done := run_.current_report(job.options.force)) is not None:
+        return done
     inp = open_pooled(job.atlas, job.features, codes=codes, device=job.options.device,
                       images_per_batch=job.options.images_per_batch,
                       progress=job.options.progress)  # fmt: skip
@@ -117,16 +106,12 @@ def run(job: EvalBiasJob) -> dict:
         ),
         "top": {g: _top(result, gi, cfg, names) for gi, g in enumerate(result.groups)},
     }
-    table = pa.table(_per_concept(result))
-    atomic_write(ev.concepts, lambda tmp: pq.write_table(table, str(tmp)))
-    write_json(ev.report_json, report)
-    atomic_write(ev.report_md, lambda tmp: tmp.write_text(_markdown(report)))
-    record.write(key, [ev.report_json, ev.report_md, ev.concepts], n_tests=result.n_tests)
-    list_in_manifest(layout, name)
+    table = write_parquet(run_.ev.concepts, pa.table(_per_concept(result)))
+    run_.finish(report, _markdown(report), [table], n_tests=result.n_tests)
     log.info(
         "bias %s: %d images in groups %s; %d concepts tested, significant (FDR %.2g): %s -> %s",
         name, report["n_images"], report["groups"], report["n_concepts_tested"], cfg.alpha,
-        report["n_significant_fdr"], ev.root,
+        report["n_significant_fdr"], run_.ev.root,
     )  # fmt: skip
     if inp.random_weights:
         log.warning(PLUMBING_NOTE)

@@ -1,4 +1,5 @@
-"""What ``eval-ovs`` and ``eval-concepts`` share: inputs, evaluation names, provenance, report helpers."""
+"""What the evaluation jobs share: inputs, evaluation names, provenance, the skip-if-current check and
+the report writing (:class:`EvalRun`), markdown helpers."""
 
 from __future__ import annotations
 
@@ -6,17 +7,20 @@ import dataclasses
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from insight_core.atlas import AtlasLayout, EvalLayout, register_evals
+from insight_core.atlas import AtlasLayout, EvalLayout, read_json_dict, register_evals
 from insight_core.atlas.layout import check_name
 from insight_core.data.masks import MaskSet, open_masks
 from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError
+from insight_core.io import atomic_write, write_json
 from insight_core.models.sae import MatryoshkaSAE
 from precompute.common import atlas_manifest, features_manifest, load_atlas_sae
 
@@ -42,10 +46,27 @@ class EvalInputs:
     random_weights: bool
 
 
-def default_name(prefix: str, masks: Path, *suffixes: str) -> str:
-    """``PREFIX-<masks folder>[-suffix...]``, made safe as a folder name."""
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(masks).resolve().name).strip("-.") or "masks"
-    return "-".join([prefix, base, *[s for s in suffixes if s]])[:64]
+def eval_name(
+    given: str | None, prefix: str, path: Path, *suffixes: str, empty: str, stem: bool = False
+) -> str:
+    """``--name`` (``given``), else ``PREFIX-<path>[-suffix...]`` made safe as a folder name: the input
+    folder's name, or with ``stem`` the input file's stem (``empty`` when nothing safe is left)."""
+    if given is None:
+        base = Path(path).stem if stem else Path(path).resolve().name
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or empty
+        given = "-".join([prefix, base, *[s for s in suffixes if s]])[:64]
+    return check_name(given, "--name")
+
+
+def provenance(layout: AtlasLayout, features: Path) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+    """The backbone block of the atlas manifest (else of the features manifest; {} if neither),
+    whether either records random weights, and the features manifest."""
+    feats = features_manifest(features)
+    feats_bb = feats.get("backbone") or {}
+    backbone = atlas_manifest(layout).get("backbone") or feats_bb
+    pretrained_none = str(backbone.get("pretrained")) == "none"
+    random_weights = bool(backbone.get("random_weights") or feats_bb.get("random_weights") or pretrained_none)
+    return backbone, random_weights, feats
 
 
 def open_inputs(atlas: Path, features: Path, masks: Path, name: str, device: str) -> EvalInputs:
@@ -57,16 +78,54 @@ def open_inputs(atlas: Path, features: Path, masks: Path, name: str, device: str
             f"{layout.sae}: SAE d_in={sae.cfg.d_in} but features in {features} have d={ms.d}"
         )
     sae = sae.eval().to(resolve_device(device, what="--device"))
-    backbone = atlas_manifest(layout).get("backbone") or {}
-    feats_bb = features_manifest(features).get("backbone") or {}
-    backbone = backbone or feats_bb
-    random_weights = bool(
-        backbone.get("random_weights")
-        or feats_bb.get("random_weights")
-        or str(backbone.get("pretrained")) == "none"
-    )
-    name = check_name(name, "--name")
+    backbone, random_weights, _ = provenance(layout, features)
     return EvalInputs(layout, layout.eval_layout(name), name, ms, sae, backbone, random_weights)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EvalRun:
+    """One evaluation's bookkeeping: its folder ``evals/NAME/``, its stage record ``STAGE.NAME`` and
+    the fingerprint of its inputs and settings."""
+
+    layout: AtlasLayout
+    stage: str
+    name: str
+    key: str
+
+    @property
+    def ev(self) -> EvalLayout:
+        return self.layout.eval_layout(self.name)
+
+    @property
+    def is_current(self) -> bool:
+        return self.layout.stage_record(f"{self.stage}.{self.name}").is_current(self.key)
+
+    def current_report(self, force: bool) -> dict[str, Any] | None:
+        """The report when the evaluation is up to date and not ``force``d (then listed in the
+        manifest if it was not yet), else None: the job runs."""
+        if force or not self.is_current:
+            return None
+        log.info("%s is up to date; skipping (use --force to recompute)", self.ev.root)
+        list_in_manifest(self.layout, self.name, changed=False)
+        return read_json_dict(self.ev.report_json)
+
+    def finish(
+        self, report: dict[str, Any], markdown: str, outputs: Sequence[Path] = (), **summary: Any
+    ) -> None:
+        """Write ``report.json`` and ``report.md``, then the stage record over them and the job's other
+        ``outputs`` (already written), then list the evaluation in the atlas manifest."""
+        ev = self.ev
+        write_json(ev.report_json, report)
+        atomic_write(ev.report_md, lambda tmp: tmp.write_text(markdown))
+        record = self.layout.stage_record(f"{self.stage}.{self.name}")
+        record.write(self.key, [ev.report_json, ev.report_md, *outputs], **summary)
+        list_in_manifest(self.layout, self.name)
+
+
+def write_parquet(path: Path, table: pa.Table) -> Path:
+    """``table`` written atomically as parquet; returns ``path``."""
+    atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
+    return path
 
 
 def concept_names(layout: AtlasLayout, m: int) -> list[str]:

@@ -21,22 +21,21 @@ from pathlib import Path
 from typing import Annotated
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from insight_core.atlas import fingerprint, read_json_dict
+from insight_core.atlas import fingerprint
 from insight_core.atlas.layout import public_inputs
 from insight_core.evaluation.concept_metrics import ConceptMetricsConfig, run_concept_metrics
 from insight_core.evaluation.encoding import code_rule
-from insight_core.io import atomic_write, write_json
 from precompute.eval_common import (
     PLUMBING_NOTE,
+    EvalRun,
     clear_parts,
     concept_names,
-    default_name,
     device_name,
-    list_in_manifest,
+    eval_name,
     md_table,
     open_inputs,
+    write_parquet,
 )
 from precompute.options import EvalRunOptions, Flat
 
@@ -65,17 +64,17 @@ class EvalConceptsJob:
 
 def run(job: EvalConceptsJob) -> dict:
     cfg = ConceptMetricsConfig(min_images=job.min_images, thresholded=job.options.thresholded)
-    name = job.options.name or default_name("concepts", job.masks, "thr" if job.options.thresholded else "")
+    thr = "thr" if job.options.thresholded else ""
+    name = eval_name(job.options.name, "concepts", job.masks, thr, empty="masks")
     inp = open_inputs(job.atlas, job.features, job.masks, name, job.options.device)
     rule = code_rule(inp.sae, job.options.thresholded)
-    ev, record = inp.ev, inp.layout.stage_record(f"{STAGE}.{inp.name}")
+    ev = inp.ev
     key = fingerprint(
         [*inp.masks.files(), inp.layout.sae], {STAGE: {**dataclasses.asdict(cfg), "rule": rule}}
     )
-    if not job.options.force and record.is_current(key):
-        log.info("%s is up to date; skipping (use --force to recompute)", ev.root)
-        list_in_manifest(inp.layout, inp.name, changed=False)
-        return read_json_dict(ev.report_json)
+    run_ = EvalRun(inp.layout, STAGE, inp.name, key)
+    if (done := run_.current_report(job.options.force)) is not None:
+        return done
     if job.options.force:
         clear_parts(ev)
     acc, stats = run_concept_metrics(
@@ -114,21 +113,11 @@ def run(job: EvalConceptsJob) -> dict:
         "resumed_shards": stats.resumed_shards,
         "per_label": per_label,
     }
-    per_concept = pa.table(metrics.per_concept(labels.names))
-    atomic_write(ev.concepts, lambda tmp: pq.write_table(per_concept, str(tmp)))
-    per_class = pa.Table.from_pylist(per_label)
-    atomic_write(ev.per_class, lambda tmp: pq.write_table(per_class, str(tmp)))
-    write_json(ev.report_json, report)
-    atomic_write(ev.report_md, lambda tmp: tmp.write_text(_markdown(report)))
+    tables = [write_parquet(ev.concepts, pa.table(metrics.per_concept(labels.names))),
+              write_parquet(ev.per_class, pa.Table.from_pylist(per_label))]  # fmt: skip
     clear_parts(ev)
-    record.write(
-        key,
-        [ev.report_json, ev.report_md, ev.per_class, ev.concepts],
-        locality=metrics.locality,
-        consistency=metrics.consistency,
-        impurity=metrics.impurity,
-    )
-    list_in_manifest(inp.layout, inp.name)
+    run_.finish(report, _markdown(report), tables, locality=metrics.locality,
+                consistency=metrics.consistency, impurity=metrics.impurity)  # fmt: skip
     log.info(
         "concept metrics %s over %d images: locality %.4f, consistency %.4f, impurity %.4f "
         "(%d active concepts); %.0f patches/s -> %s",

@@ -15,7 +15,8 @@ from insight_core.data.labels import FeatureImages, feature_images
 from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError
 from insight_core.models.sae import MatryoshkaSAE
-from precompute.common import atlas_manifest, features_manifest, load_atlas_sae
+from precompute.common import load_atlas_sae
+from precompute.eval_common import provenance
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,6 @@ class PooledInputs:
     random_weights: bool
     layer: str
     """The layer the features come from (the features manifest's ``layer``), else the folder name."""
-
-    def input_files(self) -> list[Path]:
-        return [self.layout.sae, *(f.path for f in self.features.files)]
 
 
 def open_pooled(
@@ -68,16 +66,8 @@ def open_pooled(
         images_per_batch=images_per_batch,
         progress=progress,
     )
-    atlas_doc = atlas_manifest(layout)
-    feats_manifest = features_manifest(features)
-    backbone = atlas_doc.get("backbone") or feats_manifest.get("backbone") or {}
-    feats_bb = feats_manifest.get("backbone") or {}
-    random_weights = bool(
-        backbone.get("random_weights")
-        or feats_bb.get("random_weights")
-        or str(backbone.get("pretrained")) == "none"
-    )
-    layer = feats_manifest.get("layer", feats_bb.get("layer"))
+    backbone, random_weights, feats_manifest = provenance(layout, features)
+    layer = feats_manifest.get("layer", (feats_manifest.get("backbone") or {}).get("layer"))
     return PooledInputs(
         layout=layout,
         sae=sae,

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Annotated
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from insight_core.atlas import fingerprint, read_json_dict
+from insight_core.atlas import fingerprint
 from insight_core.atlas.layout import public_inputs
 from insight_core.concepts.vocab_embeddings import VocabEmbeddings
 from insight_core.errors import ConfigError
@@ -37,19 +36,19 @@ from insight_core.evaluation.ovs import (
     join_tables,
     run_ovs,
 )
-from insight_core.io import atomic_write, write_json
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from insight_core.models.feature_path import require_text_aligned
 from precompute.eval_common import (
     PLUMBING_NOTE,
     EvalInputs,
+    EvalRun,
     clear_parts,
     concept_names,
-    default_name,
     device_name,
-    list_in_manifest,
+    eval_name,
     md_table,
     open_inputs,
+    write_parquet,
 )
 from precompute.options import EvalRunOptions, Flat
 
@@ -132,19 +131,17 @@ def _classes(job: EvalOvsJob, inp: EvalInputs, cfg: OvsConfig) -> tuple[OvsClass
 
 def run(job: EvalOvsJob) -> dict:
     cfg = job.ovs_config()
-    name = job.options.name or default_name(
-        "ovs", job.masks, "bg" if job.background_prompt else "", "thr" if job.options.thresholded else ""
-    )
+    suffixes = ("bg" if job.background_prompt else "", "thr" if job.options.thresholded else "")
+    name = eval_name(job.options.name, "ovs", job.masks, *suffixes, empty="masks")
     inp = open_inputs(job.atlas, job.features, job.masks, name, job.options.device)
     rule = code_rule(inp.sae, job.options.thresholded)
-    ev, record = inp.ev, inp.layout.stage_record(f"{STAGE}.{inp.name}")
+    ev = inp.ev
     settings = {**dataclasses.asdict(cfg), "arch": job.arch, "pretrained": job.pretrained, "rule": rule}
     files = [*inp.masks.files(), inp.layout.sae, *([job.class_embeddings] if job.class_embeddings else [])]
     key = fingerprint(files, {STAGE: settings})
-    if not job.options.force and record.is_current(key):
-        log.info("%s is up to date; skipping (use --force to recompute)", ev.root)
-        list_in_manifest(inp.layout, inp.name, changed=False)
-        return read_json_dict(ev.report_json)
+    run_ = EvalRun(inp.layout, STAGE, inp.name, key)
+    if (done := run_.current_report(job.options.force)) is not None:
+        return done
     classes, text_source = _classes(job, inp, cfg)
     if job.options.force:
         clear_parts(ev)
@@ -181,20 +178,15 @@ def run(job: EvalOvsJob) -> dict:
         "per_class": result["per_class"],
     }
     VocabEmbeddings(classes.prompts, classes.emb_cd[None], ("noun",)).save_npz(ev.class_embeddings)
-    per_class = pa.Table.from_pylist(
-        [{k: v for k, v in r.items() if k != "top_concept_names"} for r in result["per_class"]]
-    )
-    atomic_write(ev.per_class, lambda tmp: pq.write_table(per_class, str(tmp)))
+    per_class = [{k: v for k, v in r.items() if k != "top_concept_names"} for r in result["per_class"]]
+    write_parquet(ev.per_class, pa.Table.from_pylist(per_class))
     parts = [ev.part(s.index) for s in inp.masks.shards]
     if any(p.is_file() for p in parts):
         join_tables(parts, ev.segments)
-    write_json(ev.report_json, report)
-    atomic_write(ev.report_md, lambda tmp: tmp.write_text(_markdown(report)))
     clear_parts(ev)
-    outputs = [ev.report_json, ev.report_md, ev.per_class, ev.class_embeddings]
-    outputs += [ev.segments] if ev.segments.is_file() else []
-    record.write(key, outputs, miou_insight=report["insight"]["miou"], miou_dense=report["dense"]["miou"])
-    list_in_manifest(inp.layout, inp.name)
+    outputs = [ev.per_class, ev.class_embeddings, *([ev.segments] if ev.segments.is_file() else [])]
+    run_.finish(report, _markdown(report), outputs, miou_insight=report["insight"]["miou"],
+                miou_dense=report["dense"]["miou"])  # fmt: skip
     log.info(
         "OVS %s over %d images (%d classes): mIoU INSIGHT %.4f, dense %.4f; %.0f patches/s -> %s",
         inp.name,

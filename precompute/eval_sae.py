@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from insight_core.atlas import AtlasLayout, FeaturesLayout, fingerprint, read_json_dict
-from insight_core.atlas.layout import check_name
+from insight_core.atlas import AtlasLayout, fingerprint
 from insight_core.concepts.zeroshot import LABEL_TEMPLATES
 from insight_core.data.features import FeatureSet, scan_features
 from insight_core.data.labels import Labels, feature_images, read_labels
@@ -40,14 +38,14 @@ from insight_core.errors import CheckpointError, ConfigError, ImageLoadError
 from insight_core.evaluation import sae_suite as suite
 from insight_core.evaluation.evaluator import Evaluator, EvaluatorSpec, check_not_circular, parse_evaluator
 from insight_core.evaluation.ovs import embed_classes, embeddings_from_file
-from insight_core.io import atomic_write, write_json
 from insight_core.models.backbone import BackboneConfig, ClipBackbone
 from insight_core.models.feature_path import is_text_aligned
 from insight_core.models.sae import MatryoshkaSAE, ThresholdMode
 from insight_core.models.sae_kinds import build_sae, sae_kind
 from precompute.common import load_atlas_sae
-from precompute.eval_common import PLUMBING_NOTE, list_in_manifest, md_table
+from precompute.eval_common import PLUMBING_NOTE, EvalRun, eval_name, md_table, provenance
 from precompute.feature_images import ExemplarImages, exemplar_images
+from precompute.options import EvalRunOptions, Flat
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +67,6 @@ class EvalSaeJob:
     class_embeddings: Path | None = None
     """Class text embeddings (.npz, 'words' + 'embeddings', words = the class names); default: the class
     names through the atlas backbone's text tower (text-aligned atlases only)."""
-    name: str | None = None
-    """Evaluation name (folder under A/evals/); default sae-<features folder>."""
-    thresholded: bool = False
-    """Encode with per-concept thresholds (needs an SAE that has them)."""
     probe_ks: tuple[int, ...] = (1, 2, 5, 20)
     """Latents per class of the k-sparse probes."""
     test_fraction: float = 0.2
@@ -81,8 +75,6 @@ class EvalSaeJob:
     """Seed of the probe split, the PCA sample and the random-SAE baseline."""
     baselines: bool = True
     """Also evaluate the PCA and random-SAE baselines."""
-    images_per_batch: int = 64
-    """Images encoded per step."""
     evaluator: str | None = None
     """Second backbone for monosemanticity (VISAEBench M5): 'timm:NAME[:WEIGHTS]' or
     'openclip:ARCH[:PRETRAINED]' (WEIGHTS/PRETRAINED: hub / an open_clip tag, a weights file, or 'none'
@@ -96,12 +88,9 @@ class EvalSaeJob:
     images: Path | None = None
     """Image folder (or webdataset shards) of the features when they moved since extract (default: the
     'source' recorded in the features' manifest.json); used by --evaluator."""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
-    force: bool = False
-    """Recompute even if up to date."""
-    progress: bool = True
-    """Show progress bars (unused: one pass per codec)."""
+    options: Annotated[EvalRunOptions, Flat] = dataclasses.field(default_factory=EvalRunOptions)
+    """How it runs: --thresholded, --name (default sae-<features folder>), --images-per-batch, --device,
+    --force, --progress (unused: one pass per codec)."""
 
     def suite_config(self) -> suite.SuiteConfig:
         return suite.SuiteConfig(
@@ -113,31 +102,20 @@ class EvalSaeJob:
         )
 
 
-def default_name(features: Path) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(features).resolve().name).strip("-.") or "features"
-    return f"sae-{base}"[:64]
-
-
 def run(job: EvalSaeJob) -> dict[str, Any]:
     cfg = job.suite_config()
     layout = AtlasLayout(job.atlas)
-    name = check_name(job.name or default_name(job.features), "--name")
-    settings = {**dataclasses.asdict(cfg), "thresholded": job.thresholded, "baselines": job.baselines,
+    name = eval_name(job.options.name, "sae", job.features, empty="features")
+    settings = {**dataclasses.asdict(cfg), "thresholded": job.options.thresholded, "baselines": job.baselines,
                 "evaluator": job.evaluator, "evaluator_layer": job.evaluator_layer,
                 "images": None if job.images is None else str(job.images)}  # fmt: skip
     files = [p for p in (job.labels, job.class_embeddings) if p is not None]
     key = fingerprint([layout.sae, *files, *sorted(Path(job.features).rglob("*.npy"))], {STAGE: settings})
-    record = layout.stage_record(f"{STAGE}.{name}")
-    ev = layout.eval_layout(name)
-    if not job.force and record.is_current(key):
-        log.info("%s is up to date; skipping (use --force to recompute)", name)
-        list_in_manifest(layout, name, changed=False)
-        return read_json_dict(ev.report_json)
+    run_ = EvalRun(layout, STAGE, name, key)
+    if (done := run_.current_report(job.options.force)) is not None:
+        return done
     report = evaluate_atlas(job, layout, cfg, name)
-    write_json(ev.report_json, report)
-    atomic_write(ev.report_md, lambda tmp: tmp.write_text(markdown(report)))
-    record.write(key, [ev.report_json, ev.report_md], fve=report["fve"], l0=report["l0"])
-    list_in_manifest(layout, name)
+    run_.finish(report, markdown(report), fve=report["fve"], l0=report["l0"])
     if report["random_weights"]:
         log.warning(PLUMBING_NOTE)
     return report
@@ -150,19 +128,18 @@ def evaluate_atlas(job: EvalSaeJob, layout: AtlasLayout, cfg: suite.SuiteConfig,
         raise CheckpointError(
             f"{layout.sae}: SAE d_in={sae.cfg.d_in} but features in {job.features} have d={fs.d}"
         )
-    dev = resolve_device(job.device, what="--device")
+    dev = resolve_device(job.options.device, what="--device")
     sae = sae.eval().to(dev)
-    backbone, random_weights = _backbone(layout, job.features)
+    backbone, random_weights, _ = provenance(layout, job.features)
     labels = read_labels(job.labels, feature_images(fs, job.features)) if job.labels else None
     text_cd, text_source = _class_text(job, labels, backbone, fs.d, str(dev))
     embedder = _image_embedder(job, backbone, fs, str(dev))  # fails fast, before any pass
-    threshold: ThresholdMode = "concept" if job.thresholded else "global"
+    threshold: ThresholdMode = "concept" if job.options.thresholded else "global"
+    batch = job.options.images_per_batch
 
     def one(codec: suite.Codec, sparse: bool, mono: bool) -> dict[str, Any]:
         keep = sparse or mono
-        r = suite.run_pass(
-            codec, _batches(fs, job.images_per_batch, dev), text_cd=text_cd, keep_max_codes=keep, cfg=cfg
-        )
+        r = suite.run_pass(codec, _batches(fs, batch, dev), text_cd=text_cd, keep_max_codes=keep, cfg=cfg)
         out = {**suite.core_figures(r), **suite.localization_figures(r)}
         if labels is not None:
             out.update(suite.label_figures(r, labels.rows, labels.y, len(labels.classes), cfg, sparse=sparse))
@@ -200,7 +177,7 @@ def evaluate_atlas(job: EvalSaeJob, layout: AtlasLayout, cfg: suite.SuiteConfig,
         if labels is None
         else {"file": str(job.labels), "images": labels.n, "classes": len(labels.classes)},
         "text": text_source,
-        "settings": {**dataclasses.asdict(cfg), "thresholded": job.thresholded},
+        "settings": {**dataclasses.asdict(cfg), "thresholded": job.options.thresholded},
         "inputs": {"atlas": str(layout.root), "features": str(job.features), "rows": fs.n_rows},
         "backbone": backbone,
     }
@@ -283,14 +260,6 @@ def _random_sae(sae: MatryoshkaSAE, seed: int) -> suite.SaeCodec:
     """An untrained SAE of the same size and k: BatchTopK codes (it has no learned threshold)."""
     rand = build_sae(sae.cfg, seed=seed + 1).eval().to(sae.W_dec_md.device)
     return suite.SaeCodec(rand)
-
-
-def _backbone(layout: AtlasLayout, features: Path) -> tuple[dict[str, Any], bool]:
-    bb = read_json_dict(layout.manifest).get("backbone") or {}
-    feats_bb = read_json_dict(FeaturesLayout(features).manifest).get("backbone") or {}
-    bb = bb if isinstance(bb, dict) and bb else feats_bb if isinstance(feats_bb, dict) else {}
-    random = bool(bb.get("random_weights") or str(bb.get("pretrained")) == "none")
-    return bb, random
 
 
 def _class_text(

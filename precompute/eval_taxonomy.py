@@ -20,18 +20,15 @@ manifest so the concept pages show it. Skipped when nothing changed (stage recor
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
-from insight_core.atlas.layout import check_name, public_inputs
+from insight_core.atlas import AtlasLayout, fingerprint
+from insight_core.atlas.layout import public_inputs
 from insight_core.concepts.families import Families
 from insight_core.concepts.taxonomy import (
     Alignment,
@@ -45,8 +42,7 @@ from insight_core.concepts.taxonomy import (
 )
 from insight_core.data.labels import Labels, read_labels
 from insight_core.errors import CheckpointError, ConfigError
-from insight_core.io import atomic_write, write_json
-from precompute.eval_common import PLUMBING_NOTE, concept_names, list_in_manifest, md_table
+from precompute.eval_common import PLUMBING_NOTE, EvalRun, concept_names, eval_name, md_table, write_parquet
 from precompute.eval_images import PooledInputs, open_pooled
 from precompute.families import read_edges
 from precompute.options import EvalRunOptions, Flat
@@ -94,19 +90,6 @@ class EvalTaxonomyJob:
     """How it runs: --thresholded, --name, --images-per-batch, --device, --force, --progress."""
 
 
-def _write_parquet(table: pa.Table, tmp: Path) -> None:
-    pq.write_table(table, str(tmp))
-
-
-def _write_text(text: str, tmp: Path) -> None:
-    tmp.write_text(text)
-
-
-def _default_name(labels: Path) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(labels).stem).strip("-.") or "labels"
-    return f"taxonomy-{base}"[:64]
-
-
 def _check(job: EvalTaxonomyJob) -> TaxonomyConfig:
     if not job.atlas:
         raise ConfigError("--atlas: give at least one atlas")
@@ -122,7 +105,7 @@ def _check(job: EvalTaxonomyJob) -> TaxonomyConfig:
 
 def run(job: EvalTaxonomyJob) -> list[dict]:
     cfg = _check(job)
-    name = check_name(job.options.name or _default_name(job.labels), "--name")
+    name = eval_name(job.options.name, "taxonomy", job.labels, empty="labels", stem=True)
     taxonomy = read_taxonomy(job.taxonomy, job.taxonomy_names, parent_first=job.parent_first)
     codes = "concept" if job.options.thresholded else "global"
     settings = {**dataclasses.asdict(cfg), "codes": codes, "parent_first": job.parent_first,
@@ -132,34 +115,22 @@ def run(job: EvalTaxonomyJob) -> list[dict]:
     for lay in layouts:
         if not lay.edges.is_file():
             raise CheckpointError(f"{lay.edges} not found: run the families stage on {lay.root} first")
-    records = [lay.stage_record(f"{STAGE}.{name}") for lay in layouts]
-    keys = [
-        fingerprint([*files, lay.sae, lay.edges, *sorted(Path(f).rglob("*.npy"))], {STAGE: settings})
+    runs = [
+        EvalRun(lay, STAGE, name, fingerprint([*files, lay.sae, lay.edges, *sorted(Path(f).rglob("*.npy"))],
+                                              {STAGE: settings}))
         for lay, f in zip(layouts, job.features, strict=True)
-    ]
-    if not job.options.force and all(r.is_current(k) for r, k in zip(records, keys, strict=True)):
-        log.info("%s is up to date in every atlas; skipping (use --force to recompute)", name)
-        for lay in layouts:
-            list_in_manifest(lay, name, changed=False)
-        return [read_json_dict(lay.eval_layout(name).report_json) for lay in layouts]
+    ]  # fmt: skip
+    if not job.options.force and all(r.is_current for r in runs):
+        return [r.current_report(force=False) or {} for r in runs]
 
     results = [_layer(job, cfg, taxonomy, codes, i) for i in range(len(job.atlas))]
     layers = [{"layer": r.layer, "atlas": str(r.inp.layout.root), **r.alignment.summary()} for r in results]
     reports = []
-    for r, record, key in zip(results, records, keys, strict=True):
-        ev = r.inp.layout.eval_layout(name)
-        table = pa.table(_per_concept(r))
+    for r, run_ in zip(results, runs, strict=True):
         report = _report(job, name, r, layers, settings)
-        atomic_write(ev.concepts, functools.partial(_write_parquet, table))
-        write_json(ev.report_json, report)
-        atomic_write(ev.report_md, functools.partial(_write_text, _markdown(report)))
-        record.write(
-            key,
-            [ev.report_json, ev.report_md, ev.concepts],
-            edge_precision=r.alignment.precision,
-            edge_recall=r.alignment.recall,
-        )
-        list_in_manifest(r.inp.layout, name)
+        table = write_parquet(run_.ev.concepts, pa.table(_per_concept(r)))
+        run_.finish(report, _markdown(report), [table], edge_precision=r.alignment.precision,
+                    edge_recall=r.alignment.recall)  # fmt: skip
         if r.inp.random_weights:
             log.warning(PLUMBING_NOTE)
         reports.append(report)
