@@ -24,9 +24,6 @@ from insight_core.errors import InsightError
 
 log = logging.getLogger(__name__)
 
-THUMB_GRID = 14
-
-
 def _row(state: AppState, cid: int) -> dict[str, Any]:
     r = state.concepts.loc[int(cid)]
     return {

@@ -26,6 +26,7 @@ from insight_core.atlas.member_layouts import (
     CaptionerLayout,
     EvalLayout,
     ProbeLayout,
+    Under,
 )
 from insight_core.atlas.records import StageRecord
 from insight_core.errors import ConfigError
@@ -194,9 +195,7 @@ class AtlasLayout:
         except (ValueError, OSError):
             return None
 
-    @property
-    def manifest(self) -> Path:
-        return self.root / MANIFEST
+    manifest = Under(MANIFEST)
 
     @property
     def default_features_dir(self) -> Path:
@@ -240,110 +239,45 @@ class AtlasLayout:
         return self.demo_work_dir / "example_labels.csv"
 
     # -- SAE ------------------------------------------------------------------------------------
-    @property
-    def sae(self) -> Path:
-        return self.file("sae")
-
-    @property
-    def sae_config(self) -> Path:
-        return self.file("sae_config")
-
-    @property
-    def sae_metrics(self) -> Path:
-        return self.file("sae_metrics")
-
-    @property
-    def sae_train_state(self) -> Path:
-        """Resumable training checkpoint (hidden; removed when training finishes)."""
-        return self.root / ".train_state.safetensors"
+    sae = Under(role="sae")
+    sae_config = Under(role="sae_config")
+    sae_metrics = Under(role="sae_metrics")
+    sae_train_state = Under(".train_state.safetensors")
+    """Resumable training checkpoint (hidden; removed when training finishes)."""
 
     # -- statistics, families, names ---------------------------------------------------------------
-    @property
-    def stats_dir(self) -> Path:
-        return self.root / _STATS_DIR
-
-    @property
-    def stats_tensors(self) -> Path:
-        return self.file("stats")
-
-    @property
-    def stats_meta(self) -> Path:
-        return self.file("stats_meta")
-
-    @property
-    def edges(self) -> Path:
-        return self.file("edges")
-
-    @property
-    def families(self) -> Path:
-        """Family config and summary."""
-        return self.file("families")
-
-    @property
-    def concepts(self) -> Path:
-        return self.file("concepts")
-
-    @property
-    def concept_vectors(self) -> Path:
-        return self.file("concept_vectors")
-
-    @property
-    def vocab_cache_dir(self) -> Path:
-        """Cached vocabulary text embeddings (not uploaded)."""
-        return self.root / _VOCAB_CACHE_DIR
+    stats_dir = Under(_STATS_DIR)
+    stats_tensors = Under(role="stats")
+    stats_meta = Under(role="stats_meta")
+    edges = Under(role="edges")
+    families = Under(role="families")
+    """Family config and summary."""
+    concepts = Under(role="concepts")
+    concept_vectors = Under(role="concept_vectors")
+    vocab_cache_dir = Under(_VOCAB_CACHE_DIR)
+    """Cached vocabulary text embeddings (not uploaded)."""
 
     # -- indexes and thumbnails ---------------------------------------------------------------------
-    @property
-    def concept_index(self) -> Path:
-        return self.file("concept_index")
-
-    @property
-    def exemplar_index(self) -> Path:
-        return self.file("exemplar_index")
-
-    @property
-    def index_meta(self) -> Path:
-        return self.file("index_meta")
-
-    @property
-    def exemplars(self) -> Path:
-        return self.file("exemplars")
-
-    @property
-    def thumbs_dir(self) -> Path:
-        return self.root / _THUMBS_DIR
-
-    @property
-    def thumbs_index(self) -> Path:
-        return self.file("thumbnails")
+    concept_index = Under(role="concept_index")
+    exemplar_index = Under(role="exemplar_index")
+    index_meta = Under(role="index_meta")
+    exemplars = Under(role="exemplars")
+    thumbs_dir = Under(_THUMBS_DIR)
+    thumbs_index = Under(role="thumbnails")
 
     def thumb(self, image_id: int) -> Path:
         """The WebP thumbnail of a (global) image id."""
         return self.thumbs_dir / f"{int(image_id)}.webp"
 
     # -- concept-based image search (``image-index``) ---------------------------------------------
-    @property
-    def image_index(self) -> Path:
-        """FAISS index of every image's concept vector (row = image)."""
-        return self.file("image_index")
-
-    @property
-    def image_codes(self) -> Path:
-        """The strongest pooled concepts of every indexed image (CSR), the per-concept scale, image ids."""
-        return self.file("image_codes")
-
-    @property
-    def image_index_meta(self) -> Path:
-        """Index type, settings, counts and the thumbnail summary of the image index."""
-        return self.file("image_index_meta")
-
-    @property
-    def image_thumbs_dir(self) -> Path:
-        return self.root / ATLAS_FILE_SETS["image_thumbs"]
-
-    @property
-    def image_thumbs_index(self) -> Path:
-        return self.file("image_thumbnails")
+    image_index = Under(role="image_index")
+    """FAISS index of every image's concept vector (row = image)."""
+    image_codes = Under(role="image_codes")
+    """The strongest pooled concepts of every indexed image (CSR), the per-concept scale, image ids."""
+    image_index_meta = Under(role="image_index_meta")
+    """Index type, settings, counts and the thumbnail summary of the image index."""
+    image_thumbs_dir = Under(ATLAS_FILE_SETS["image_thumbs"])
+    image_thumbs_index = Under(role="image_thumbnails")
 
     def image_thumb(self, image_id: int) -> Path:
         """The small WebP thumbnail of an indexed image (search results)."""
@@ -372,27 +306,17 @@ class AtlasLayout:
         )
 
     # -- models beside the SAE ----------------------------------------------------------------------
-    @property
-    def dinoiser(self) -> Path:
-        return self.file("dinoiser")
-
-    @property
-    def dinoiser_metrics(self) -> Path:
-        return self.file("dinoiser_metrics")
-
-    @property
-    def dinoiser_inputs_cache(self) -> Path:
-        """Encoded training inputs of train-adapter, kept across interruptions (hidden)."""
-        return self.root / ".dinoiser_inputs.safetensors"
+    dinoiser = Under(role="dinoiser")
+    dinoiser_metrics = Under(role="dinoiser_metrics")
+    dinoiser_inputs_cache = Under(".dinoiser_inputs.safetensors")
+    """Encoded training inputs of train-adapter, kept across interruptions (hidden)."""
 
     @property
     def captioner(self) -> CaptionerLayout:
         return CaptionerLayout(self.root / _CAPTIONER_DIR)
 
     # -- bookkeeping, probes, evaluations -------------------------------------------------------
-    @property
-    def records_dir(self) -> Path:
-        return self.root / _RECORDS_DIR
+    records_dir = Under(_RECORDS_DIR)
 
     def stage_record(self, stage: str) -> StageRecord:
         """The record a stage writes when it finishes (input fingerprint, outputs, summary)."""
@@ -404,9 +328,7 @@ class AtlasLayout:
             return {}
         return {p.stem: StageRecord(p, self.root) for p in sorted(self.records_dir.glob("*.json"))}
 
-    @property
-    def probes_dir(self) -> Path:
-        return self.root / _PROBES_DIR
+    probes_dir = Under(_PROBES_DIR)
 
     def probe(self, name: str) -> Path:
         """The folder of a named probe (``probes/NAME/``)."""
@@ -428,20 +350,12 @@ class AtlasLayout:
                     names.append(folder.name)
         return names
 
-    @property
-    def pooled_cache_dir(self) -> Path:
-        """Cached image-level concept vectors (max / mean pooled codes) of feature files, per SAE
-        (hidden: not uploaded, not needed by the app)."""
-        return self.root / ".cache" / "pooled"
-
-    @property
-    def evals_dir(self) -> Path:
-        return self.root / _EVALS_DIR
-
-    @property
-    def planted_recovery(self) -> Path:
-        """``eval-synth``'s report on this atlas against a planted world."""
-        return self.root / "planted_recovery.json"
+    pooled_cache_dir = Under(".cache/pooled")
+    """Cached image-level concept vectors (max / mean pooled codes) of feature files, per SAE
+    (hidden: not uploaded, not needed by the app)."""
+    evals_dir = Under(_EVALS_DIR)
+    planted_recovery = Under("planted_recovery.json")
+    """``eval-synth``'s report on this atlas against a planted world."""
 
     def evaluation(self, name: str) -> Path:
         """The folder of a named evaluation (``evals/NAME/``)."""
@@ -471,10 +385,8 @@ class AtlasLayout:
         files = {role: self.evaluation_file(name, role) for role in EVAL_FILES}
         return {role: path for role, path in files.items() if path.is_file()}
 
-    @property
-    def exports_dir(self) -> Path:
-        """Default folder of ``export-graph`` (not part of the manifest; derived from the atlas)."""
-        return self.root / _EXPORTS_DIR
+    exports_dir = Under(_EXPORTS_DIR)
+    """Default folder of ``export-graph`` (not part of the manifest; derived from the atlas)."""
 
     def graph_export(self, fmt: str, folder: Path | None = None) -> Path:
         """The family DAG exported as ``families.<fmt>`` (``graphml`` or ``gexf``) in ``folder``
@@ -501,9 +413,7 @@ class MasksLayout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
-    @property
-    def labels(self) -> Path:
-        return self.root / self.LABELS
+    labels = Under(LABELS)
 
     def masks(self, index: int) -> Path:
         """The label maps of feature shard ``index``."""
@@ -594,18 +504,10 @@ class WorldLayout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
-    @property
-    def config(self) -> Path:
-        return self.root / "world.json"
-
-    @property
-    def tensors(self) -> Path:
-        return self.root / "world.safetensors"
-
-    @property
-    def vocab(self) -> Path:
-        """Word embeddings of the world's vocabulary (the ``--vocab-embeddings`` format)."""
-        return self.root / "vocab.npz"
+    config = Under("world.json")
+    tensors = Under("world.safetensors")
+    vocab = Under("vocab.npz")
+    """Word embeddings of the world's vocabulary (the ``--vocab-embeddings`` format)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -635,18 +537,10 @@ class SynthLayout:
         """The true atoms as an SAE, to test later stages alone."""
         return AtlasLayout(self.root / "oracle_atlas")
 
-    @property
-    def taxonomy(self) -> Path:
-        """The world's object -> part -> sub-part hierarchy as a taxonomy (``child,parent`` CSV, for
-        ``eval-taxonomy``)."""
-        return self.root / "taxonomy.csv"
-
-    @property
-    def taxonomy_labels(self) -> Path:
-        """Each image's most specific planted node (``image,label`` CSV, for ``eval-taxonomy``)."""
-        return self.root / "taxonomy_labels.csv"
-
-    @property
-    def attributes(self) -> Path:
-        """A planted image attribute (``image,attribute`` CSV, for ``eval-bias``)."""
-        return self.root / "attributes.csv"
+    taxonomy = Under("taxonomy.csv")
+    """The world's object -> part -> sub-part hierarchy as a taxonomy (``child,parent`` CSV, for
+    ``eval-taxonomy``)."""
+    taxonomy_labels = Under("taxonomy_labels.csv")
+    """Each image's most specific planted node (``image,label`` CSV, for ``eval-taxonomy``)."""
+    attributes = Under("attributes.csv")
+    """A planted image attribute (``image,attribute`` CSV, for ``eval-bias``)."""

@@ -9,8 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any, overload
 
 from insight_core.errors import ConfigError
+
+
+class Under:
+    """A layout attribute that is a path below the layout's ``root``, computed on access:
+    ``config = Under("config.json")``; ``Under(role="sae")`` is the path of a file role, through the
+    layout's ``file(role)`` (its role table spells the name)."""
+
+    def __init__(self, rel: str = "", *, role: str | None = None) -> None:
+        self.rel, self.role = rel, role
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> Under: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> Path: ...
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        return obj.file(self.role) if self.role is not None else obj.root / self.rel
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -24,32 +43,19 @@ class CaptionerLayout:
     LM_DIR = "lm"
     METRICS = "metrics.json"
 
-    @property
-    def config(self) -> Path:
-        return self.root / self.CONFIG
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / self.ADAPTER
-
-    @property
-    def lm_dir(self) -> Path:
-        """The bundled LM + tokenizer (``save_pretrained``), when fine-tuned or local."""
-        return self.root / self.LM_DIR
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / self.METRICS
+    config = Under(CONFIG)
+    adapter = Under(ADAPTER)
+    lm_dir = Under(LM_DIR)
+    """The bundled LM + tokenizer (``save_pretrained``), when fine-tuned or local."""
+    metrics = Under(METRICS)
 
     @property
     def dense(self) -> CaptionerLayout:
         """The dense-backbone baseline captioner."""
         return CaptionerLayout(self.root / "dense")
 
-    @property
-    def cache_dir(self) -> Path:
-        """fp16 feature caches of the training job (hidden: not uploaded, not needed by the app)."""
-        return self.root / ".cache"
+    cache_dir = Under(".cache")
+    """fp16 feature caches of the training job (hidden: not uploaded, not needed by the app)."""
 
     @property
     def tiny_lm_dir(self) -> Path:
@@ -77,20 +83,12 @@ class ProbeLayout:
     def name(self) -> str:
         return self.root.name
 
-    @property
-    def weights(self) -> Path:
-        """The probe weights (safetensors) with its config and classes in the metadata."""
-        return self.root / self.WEIGHTS
-
-    @property
-    def config(self) -> Path:
-        """Classes, pooling, codes, training settings, data summary (readable JSON)."""
-        return self.root / self.CONFIG
-
-    @property
-    def metrics(self) -> Path:
-        """Held-out top-1/top-5, per-class accuracy, active concepts per class, the sweep."""
-        return self.root / self.METRICS
+    weights = Under(WEIGHTS)
+    """The probe weights (safetensors) with its config and classes in the metadata."""
+    config = Under(CONFIG)
+    """Classes, pooling, codes, training settings, data summary (readable JSON)."""
+    metrics = Under(METRICS)
+    """Held-out top-1/top-5, per-class accuracy, active concepts per class, the sweep."""
 
     def file(self, role: str) -> Path:
         """The path of a probe file role (see :data:`PROBE_FILES`)."""
@@ -126,52 +124,26 @@ class EvalLayout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
-    @property
-    def report_json(self) -> Path:
-        """Summary figures, settings and inputs (``kind``: ``"ovs"`` or ``"concepts"``)."""
-        return self.root / self.REPORT_JSON
-
-    @property
-    def report_md(self) -> Path:
-        """The same figures as a markdown table."""
-        return self.root / self.REPORT_MD
-
-    @property
-    def concepts(self) -> Path:
-        """Per-concept results: an ``id`` column and one column per metric (concept metrics: images,
-        impurity, best label and its IoU); the app's concept pages show them."""
-        return self.root / self.CONCEPTS
-
-    @property
-    def per_class(self) -> Path:
-        """Per class (OVS) or per label (concept metrics) figures."""
-        return self.root / self.PER_CLASS
-
-    @property
-    def segments(self) -> Path:
-        """OVS: one row per predicted segment with its top concept contributions."""
-        return self.root / self.SEGMENTS
-
-    @property
-    def class_embeddings(self) -> Path:
-        """OVS: the class text embeddings used (the ``--vocab-embeddings`` ``.npz`` format)."""
-        return self.root / self.CLASS_EMBEDDINGS
-
-    @property
-    def levels(self) -> Path:
-        """sae-pareto: one row per sparsity level (rule, k, L0, FVE, dead fraction, MSE, on_frontier),
-        ready to plot."""
-        return self.root / self.LEVELS
-
-    @property
-    def partial(self) -> Path:
-        """Accumulators after the last finished shard, to resume an interrupted run (hidden)."""
-        return self.root / ".partial.safetensors"
-
-    @property
-    def parts_dir(self) -> Path:
-        """Per-shard pieces of a table written while streaming (hidden; joined at the end)."""
-        return self.root / ".parts"
+    report_json = Under(REPORT_JSON)
+    """Summary figures, settings and inputs (``kind``: ``"ovs"`` or ``"concepts"``)."""
+    report_md = Under(REPORT_MD)
+    """The same figures as a markdown table."""
+    concepts = Under(CONCEPTS)
+    """Per-concept results: an ``id`` column and one column per metric (concept metrics: images,
+    impurity, best label and its IoU); the app's concept pages show them."""
+    per_class = Under(PER_CLASS)
+    """Per class (OVS) or per label (concept metrics) figures."""
+    segments = Under(SEGMENTS)
+    """OVS: one row per predicted segment with its top concept contributions."""
+    class_embeddings = Under(CLASS_EMBEDDINGS)
+    """OVS: the class text embeddings used (the ``--vocab-embeddings`` ``.npz`` format)."""
+    levels = Under(LEVELS)
+    """sae-pareto: one row per sparsity level (rule, k, L0, FVE, dead fraction, MSE, on_frontier),
+    ready to plot."""
+    partial = Under(".partial.safetensors")
+    """Accumulators after the last finished shard, to resume an interrupted run (hidden)."""
+    parts_dir = Under(".parts")
+    """Per-shard pieces of a table written while streaming (hidden; joined at the end)."""
 
     def part(self, shard: int) -> Path:
         return self.parts_dir / f"part_{shard:05d}.parquet"

@@ -27,7 +27,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,10 +41,6 @@ logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # Concept vectors (Eq. B.9)
-
-PairLookup = Callable[[np.ndarray, np.ndarray], Any]
-"""``lookup(i_idx, a_idx) -> values`` of shape ``i_idx.shape`` (vectorised over index arrays)."""
-
 
 def parents_from_edges(parent_idx: Any, child_idx: Any, m: int) -> list[list[int]]:
     """Parent lists (length ``m``) from ``(parent, child)`` edge arrays (e.g. ``edges.parquet``).

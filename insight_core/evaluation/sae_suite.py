@@ -305,12 +305,6 @@ def zero_shot_accuracy(scores_nc: np.ndarray, y_n: np.ndarray) -> float:
     return float((scores_nc.argmax(1) == y_n).mean())
 
 
-def _standardise(train_nf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mu = train_nf.mean(0)
-    sd = train_nf.std(0, unbiased=False).clamp_min(1e-6)
-    return mu, sd
-
-
 def fit_softmax_probe(
     x_nf: np.ndarray, y_n: np.ndarray, n_classes: int, cfg: SuiteConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
