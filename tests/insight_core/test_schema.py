@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Literal
 
 import pytest
 from pydantic import Field
 
-from insight_core.errors import ConfigError, InsightError
-from insight_core.schema import OR_NONE, JsonModel, LenientModel, Num, said, summarised, validate
+from insight_core.errors import CheckpointError, ConfigError, InsightError
+from insight_core.schema import (
+    OR_NONE,
+    JsonModel,
+    LenientModel,
+    Num,
+    read_file,
+    said,
+    summarised,
+    validate,
+    validate_config,
+)
 
 
 class Inner(JsonModel):
@@ -86,3 +99,45 @@ def test_lenient_reports_read_unfit_values_as_defaults_one_by_one() -> None:
     assert rep.model_extra == {"extra": 1}
     assert Report.read([1, 2]) == Report()
     assert Report.read({"counts": [], "rows": {}}) == Report()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cfg:
+    grid: tuple[int, int] = (14, 14)
+    ratio: float = 4.0
+    mode: Literal["a", "b"] = "a"
+
+    def __post_init__(self) -> None:
+        if min(self.grid) < 1:
+            raise ConfigError(f"Cfg.grid must be positive, got {self.grid}")
+
+
+def test_a_config_dataclass_is_its_own_json_schema() -> None:
+    got = validate_config(Cfg, {"grid": [7, 8], "ratio": 2, "unknown": 1}, "c.json", CheckpointError)
+    assert got == Cfg(grid=(7, 8), ratio=2.0)  # a JSON array for a tuple, an int for a float; extras ignored
+    for doc, message in [
+        ({"grid": ["7", 8]}, "c.json: grid.0: Input should be a valid integer"),
+        ({"mode": "c"}, "c.json: mode: Input should be 'a' or 'b'"),
+        ({"grid": [0, 1]}, "c.json: (document): Cfg.grid must be positive, got (0, 1)"),  # its own words
+        ([], "c.json: (document): Input should be an object"),
+    ]:
+        with pytest.raises(CheckpointError) as err:
+            validate_config(Cfg, doc, "c.json", CheckpointError)
+        assert str(err.value) == message
+
+
+def test_read_file_names_the_file_for_every_failure(tmp_path: Path) -> None:
+    path = tmp_path / "f.json"
+    with pytest.raises(ConfigError, match=r"f\.json: unreadable thing \(FileNotFoundError"):
+        read_file(Layered, path, ConfigError, "thing")
+    path.write_bytes(b"{torn")
+    with pytest.raises(ConfigError, match=r"f\.json: unreadable JSON file \(JSONDecodeError"):
+        read_file(Layered, path, ConfigError)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"f\.json: unreadable JSON file \(UnicodeDecodeError"):
+        read_file(Layered, path, ConfigError)
+    path.write_text(json.dumps({"layer": [1]}))
+    with pytest.raises(ConfigError, match=r"f\.json: layer: Input should be a valid integer"):
+        read_file(Layered, path, ConfigError)
+    path.write_text(json.dumps({"layer": 3}))
+    assert read_file(Layered, path, ConfigError).layer == 3

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from insight_core.errors import ConfigError
+from insight_core.errors import ConfigError, FeatureFileError
 from insight_core.models.captioner import SteerableCaptioner
 from insight_core.models.sae import MatryoshkaSAE, SAEConfig
 from precompute import captioner as job_mod
@@ -168,3 +168,18 @@ def test_hf_dataset_images_go_through_the_allow_listed_loader(
     with pytest.raises(ImageLoadError, match=r"\[train\]\[1\]: EPS image .* not allowed"):
         split.loaders[1]()
     assert fake_gs.started() == []
+
+
+def test_malformed_caption_files_name_the_file_and_field(tmp_path: Path) -> None:
+    coco = tmp_path / "captions.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                                "annotations": [{"image_id": 1, "caption": None}]}))  # fmt: skip
+    with pytest.raises(FeatureFileError, match=r"captions\.json: annotations\.0\.caption: Input should be"):
+        job_mod.coco_split("train", coco, tmp_path)
+    coco.write_text(json.dumps({"images": []}))
+    with pytest.raises(FeatureFileError, match=r"captions\.json: annotations: Field required"):
+        job_mod.coco_split("train", coco, tmp_path)
+    split = tmp_path / "dataset_coco.json"
+    split.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "train", "sentences": [{}]}]}))
+    with pytest.raises(FeatureFileError, match=r"dataset_coco\.json: images\.0\.sentences\.0\.raw: Field"):
+        karpathy_splits(split, tmp_path)

@@ -14,6 +14,7 @@ from insight_core.concepts.vocab_files import (
     cached_path,
     check_vocab_backbone,
     embed_resumable,
+    peek_manifest,
     read_cached,
     vocab_manifest,
 )
@@ -149,3 +150,18 @@ def test_the_timed_batch_is_not_embedded_twice(tmp_path: Path) -> None:
     emb = embed_resumable(WORDS, encode, TEMPLATES, out=tmp_path / "v.npz", key="k", done_pwd=done)
     assert seen == [list(WORDS[2:])] * 2
     assert emb.shape == (2, 5, 6)
+
+
+def test_a_manifest_field_that_does_not_fit_is_refused_naming_it(tmp_path: Path) -> None:
+    good = make_vocab()
+    man = {**good.manifest, "backbone": {**good.manifest["backbone"], "arch": 16}}
+    forged = VocabEmbeddings(good.words, good.emb_pwd, good.pos_names, man)
+    with pytest.raises(VocabularyMismatchError, match=r"f\.npz: manifest: backbone\.arch: Input should be"):
+        check_vocab_backbone(forged, "ViT-B-16", "openai", "f.npz")
+    old = VocabEmbeddings(good.words, good.emb_pwd, good.pos_names, {**good.manifest, "version": 0})
+    with pytest.raises(VocabularyMismatchError, match=r"v0 is not 'insight-vocab-embeddings' v1; recompute"):
+        check_vocab_backbone(old, "ViT-B-16", "openai", "f.npz")
+    budget = {**good.manifest, "subset": {"n_words": "5"}}  # unreadable as a budget subset: skipped, no error
+    path = VocabEmbeddings(good.words, good.emb_pwd, good.pos_names, budget).save_npz(tmp_path / "b.npz")
+    assert peek_manifest(path) is None
+    assert peek_manifest(make_vocab().save_npz(tmp_path / "ok.npz")).subset.n_words == len(WORDS)

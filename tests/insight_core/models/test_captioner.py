@@ -151,3 +151,26 @@ def test_insight_reads_reconstructions_dense_reads_features(
 def test_config_errors_name_the_field(kw: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=f"CaptionerConfig.{field} must be"):
         CaptionerConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"format": "other", "config": {}}, r"config\.json: format: Input should be 'insight-captioner'"),
+        ({"format": "insight-captioner"}, r"config\.json: config: Field required"),
+        ({"format": "insight-captioner", "config": {"n_layers": "8"}},
+         r"config\.json: config: n_layers: Input should be a valid integer"),
+        ({"format": "insight-captioner", "config": {"grid": [14]}}, r"config\.json: config: grid\.1"),
+        ({"format": "insight-captioner", "config": {"n_heads": 0}},
+         r"config\.json: config: \(document\): CaptionerConfig\.n_heads must be >= 1"),
+    ],
+)  # fmt: skip
+def test_a_malformed_config_json_names_the_file_and_field(tmp_path: Path, doc: dict, message: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=message):  # before any LM or weights are loaded
+        SteerableCaptioner.load(tmp_path)
+
+
+def test_config_round_trips_through_json() -> None:
+    cfg = CaptionerConfig(grid=(7, 7), pooled_grid=(4, 4), n_layers=2, d_model=32, n_heads=4, source="dense")
+    assert CaptionerConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg

@@ -86,3 +86,19 @@ def test_active_concepts_are_relative_to_each_class() -> None:
         probe.weight_cf[1, 4 + 0] = 0.01
     active = probe.active_concepts()
     assert active.tolist() == [[False, True, False, True], [True, False, False, False]]
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ({"classes": "[1, 2, 3]"}, r"p\.safetensors: metadata: classes\.0: Input should be a valid string"),
+        ({"classes": "[torn"}, r"p\.safetensors: metadata: classes: Invalid JSON"),
+        ({"config": '{"n_concepts": "6", "n_classes": 3}'}, r"metadata config: n_concepts: Input should be"),
+        ({"config": '{"n_concepts": 6, "n_classes": 3, "pooling": "sum"}'}, r"metadata config: .*pooling"),
+        ({"classes": '["a", "b"]'}, r"malformed probe metadata \(2 class names for n_classes=3\)"),
+    ],
+)  # fmt: skip
+def test_malformed_metadata_names_the_file_and_field(tmp_path: Path, meta: dict, message: str) -> None:
+    _probe().save(tmp_path / "p.safetensors", meta)  # extra metadata overrides the written keys
+    with pytest.raises(CheckpointError, match=message):
+        ConceptProbe.load(tmp_path / "p.safetensors")
