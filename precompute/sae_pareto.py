@@ -24,17 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from insight_core.atlas import AtlasError, AtlasLayout, fingerprint, read_json_data, read_json_dict
+from insight_core.atlas import AtlasError, AtlasLayout, fingerprint, read_json_data
 from insight_core.atlas.layout import check_name, public_inputs
 from insight_core.data.features import scan_features
 from insight_core.device import resolve_device
 from insight_core.errors import ConfigError
 from insight_core.evaluation.pareto import describe, sparsity_fve
-from insight_core.io import atomic_write, write_json
 from precompute.common import load_atlas_sae
-from precompute.eval_common import device_name, list_in_manifest, md_table
+from precompute.eval_common import EvalRun, device_name, md_table, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +87,6 @@ def _split_settings(job: SaeParetoJob, layout: AtlasLayout) -> tuple[float, int,
 def run(job: SaeParetoJob) -> dict:
     layout = AtlasLayout(job.atlas)
     name = check_name(job.name, "--name")
-    ev = layout.eval_layout(name)
     sae = load_atlas_sae(layout)
     features = scan_features(job.features)
     if features.d != sae.cfg.d_in:
@@ -101,11 +98,9 @@ def run(job: SaeParetoJob) -> dict:
         raise ConfigError(f"--held-out-fraction must be > 0 to evaluate held-out rows, got {fraction}")
     settings = {"k": list(job.k), "max_rows": job.max_rows, "held_out_fraction": fraction, "seed": seed}
     key = fingerprint([layout.sae, *(f.path for f in features.files)], {STAGE: settings})
-    record = layout.stage_record(f"{STAGE}.{name}")
-    if not job.force and record.is_current(key):
-        log.info("%s is up to date; skipping (use --force to recompute)", ev.root)
-        list_in_manifest(layout, name, changed=False)
-        return read_json_dict(ev.report_json)
+    run_ = EvalRun(layout, STAGE, name, key)
+    if (done := run_.current_report(job.force)) is not None:
+        return done
     _, held = features.split(fraction, seed=seed)
     if held.n_rows == 0:
         raise ConfigError(
@@ -136,20 +131,16 @@ def run(job: SaeParetoJob) -> dict:
         "device": device_name(sae),
         "seconds": round(seconds, 3),
     }  # fmt: skip
-    table = pa.Table.from_pylist([dataclasses.asdict(r) for r in rows])
-    ev.root.mkdir(parents=True, exist_ok=True)
-    atomic_write(ev.levels, lambda tmp: pq.write_table(table, str(tmp)))
-    write_json(ev.report_json, report)
-    atomic_write(ev.report_md, lambda tmp: tmp.write_text(_markdown(report)))
+    run_.ev.root.mkdir(parents=True, exist_ok=True)
+    levels = write_parquet(run_.ev.levels, pa.Table.from_pylist([dataclasses.asdict(r) for r in rows]))
     best = max(rows, key=lambda r: r.fve)
-    record.write(key, [ev.report_json, ev.report_md, ev.levels], best_fve=best.fve, points=len(rows))
-    list_in_manifest(layout, name)
+    run_.finish(report, _markdown(report), [levels], best_fve=best.fve, points=len(rows))
     log.info(
         "sae-pareto %s (%s, %d held-out rows): %s -> %s",
         name, report["sae"]["kind"], len(x_nd),
         ", ".join(f"{_label(r.rule, r.k)}: FVE {r.fve:.3f} L0 {r.l0:.1f} dead {r.dead_fraction:.1%}"
                   for r in rows),
-        ev.root,
+        run_.ev.root,
     )  # fmt: skip
     return report
 
