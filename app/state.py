@@ -225,8 +225,12 @@ def _read_parquet(atlas: Atlas, role: str, columns: tuple[str, ...]) -> pd.DataF
 
 
 def _read_json_object(atlas: Atlas, role: str) -> dict:
-    path = atlas.read_path(role)
-    with reading(path, "JSON"):
+    return _json_object(atlas.read_path(role), "JSON")
+
+
+def _json_object(path: Path, what: str) -> dict:
+    """A hash-verified JSON file that must hold an object (:class:`AtlasError` naming it otherwise)."""
+    with reading(path, what):
         doc = json.loads(path.read_bytes().decode("utf-8"))
     if not isinstance(doc, dict):
         raise AtlasError(f"{path}: expected a JSON object, got {type(doc).__name__}")
@@ -358,14 +362,8 @@ def _class_embeddings(path: Path, d: int) -> dict[str, np.ndarray]:
 def _evaluation(atlas: Atlas, name: str, m: int, d: int) -> Evaluation:
     """One listed evaluation: its report, per-concept table and class embeddings (hash-verified),
     checked against the SAE (m concepts of dimension d)."""
-    report: dict[str, Any] = {}
     path = atlas.evaluation_file(name, "report")
-    if path is not None:
-        with reading(path, "evaluation report"):
-            doc = json.loads(path.read_bytes().decode("utf-8"))
-        if not isinstance(doc, dict):
-            raise AtlasError(f"{path}: expected a JSON object, got {type(doc).__name__}")
-        report = doc
+    report = _json_object(path, "evaluation report") if path is not None else {}
     table = None
     path = atlas.evaluation_file(name, "concepts")
     if path is not None:

@@ -31,6 +31,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 from PIL import Image
+from typing_extensions import NotRequired, TypedDict
 
 from insight_core.atlas import AtlasLayout, CaptionerLayout, fingerprint, read_json_dict, write_manifest
 from insight_core.data.images import load_image
@@ -188,12 +189,14 @@ class Split:
         return Split(self.name, self.keys[:n], self.loaders[:n], self.captions[:n])
 
 
-class _CocoImage(JsonModel):
+# The items of these large files are TypedDicts, checked as strictly as the models that hold them:
+# 700k COCO records validate in ~1.5 s as dicts, ~10 s as model instances.
+class _CocoImage(TypedDict):
     id: int
     file_name: str
 
 
-class _CocoCaption(JsonModel):
+class _CocoCaption(TypedDict):
     image_id: int
     caption: str
 
@@ -205,15 +208,15 @@ class CocoCaptionsFile(JsonModel):
     annotations: list[_CocoCaption]
 
 
-class _Sentence(JsonModel):
+class _Sentence(TypedDict):
     raw: str
 
 
-class _KarpathyImage(JsonModel):
+class _KarpathyImage(TypedDict):
     filename: str
-    filepath: str = ""
+    filepath: NotRequired[str]
     """Folder of the image below the images root (``train2014``)."""
-    split: str | None = None
+    split: NotRequired[str]
     """train, restval (read as train), val or test; other images are skipped."""
     sentences: list[_Sentence]
 
@@ -240,8 +243,8 @@ def coco_split(name: str, captions_json: Path, images: Path) -> Split:
     doc = validate(CocoCaptionsFile, _read_json(captions_json), captions_json, FeatureFileError)
     caps: dict[int, list[str]] = {}
     for ann in doc.annotations:
-        caps.setdefault(ann.image_id, []).append(ann.caption.strip())
-    files = {im.id: im.file_name for im in doc.images}
+        caps.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+    files = {im["id"]: im["file_name"] for im in doc.images}
     ids = sorted(i for i in caps if i in files)
     if not ids:
         raise FeatureFileError(f"{captions_json}: no image has a caption")
@@ -254,13 +257,13 @@ def karpathy_splits(split_json: Path, root: Path) -> dict[str, Split]:
     doc = validate(KarpathyFile, _read_json(split_json), split_json, FeatureFileError)
     out = {s: Split(s, [], [], []) for s in ("train", "val", "test")}
     for im in doc.images:
-        split = "train" if im.split == "restval" else im.split
+        split = "train" if im.get("split") == "restval" else im.get("split", "")
         if split not in out:
             continue
-        path = Path(root) / im.filepath / im.filename
+        path = Path(root) / im.get("filepath", "") / im["filename"]
         out[split].keys.append(str(path))
         out[split].loaders.append(_file_loader(path))
-        out[split].captions.append([s.raw.strip() for s in im.sentences])
+        out[split].captions.append([s["raw"].strip() for s in im["sentences"]])
     return {k: v for k, v in out.items() if v.keys}
 
 
