@@ -24,19 +24,20 @@ Section = Callable[[AppState, str, Any], str]
 """Renders one evaluation (state, name, :class:`~app.state.Evaluation`) as an HTML section."""
 
 
-def _num(x: Any) -> float | None:
+def finite(x: Any) -> float | None:
+    """``x`` as a float when it is a finite number (not a bool), else None: values of untrusted files."""
     if x is None or isinstance(x, bool) or not isinstance(x, int | float | np.number):
         return None
     return float(x) if math.isfinite(float(x)) else None
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:
-    v = _num(x)
+    v = finite(x)
     return "-" if v is None else format(v, fmt)
 
 
 def _pct(x: Any) -> str:
-    v = _num(x)
+    v = finite(x)
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
@@ -151,11 +152,11 @@ def concept_rows(state: AppState, cid: int) -> list[list[str]]:
             continue
         row = table.loc[cid]
         node = row.get("taxonomy_name") if "taxonomy_name" in row.index else None
-        images = int(_num(row.get("images")) or 0)
+        images = int(finite(row.get("images")) or 0)
         top = row.get("top_class") if "top_class" in row.index else None
         if isinstance(node, str) and node:
             figure = (
-                f"{H.esc(node)} (depth {int(_num(row.get('taxonomy_depth')) or 0)}): "
+                f"{H.esc(node)} (depth {int(finite(row.get('taxonomy_depth')) or 0)}): "
                 f"{_pct(row.get('node_share'))} of its mass, active on {_pct(row.get('node_coverage'))} "
                 "of its images"
             )
@@ -193,7 +194,7 @@ def _jsonable(x: Any) -> Any:
         return [_jsonable(v) for v in x]
     if isinstance(x, bool) or x is None or isinstance(x, str):
         return x
-    return _num(x)
+    return finite(x)
 
 
 def api_doc(state: AppState) -> dict[str, Any]:

@@ -11,7 +11,6 @@ A re-run evaluation shows after the atlas is reloaded (restart the app).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -44,12 +43,6 @@ def ovs_class_lists(state: AppState) -> dict[str, tuple[list[str], dict[str, np.
     return out
 
 
-def _finite(x: Any) -> float | None:
-    if x is None or isinstance(x, bool) or not isinstance(x, int | float | np.number):
-        return None
-    return float(x) if math.isfinite(float(x)) else None
-
-
 def _concepts_entry(ev: Any, cid: int, base: dict[str, Any]) -> dict[str, Any]:
     report = ConceptsReport.read(ev.report)
     entry = {
@@ -68,10 +61,10 @@ def _concepts_entry(ev: Any, cid: int, base: dict[str, Any]) -> dict[str, Any]:
 
     entry.update(
         images=int(get("images", 0)),
-        impurity=_finite(get("impurity")),
+        impurity=B.finite(get("impurity")),
         in_impurity=bool(get("in_impurity", False)),
         best_label=str(get("best_label") or "") or None,
-        best_label_iou=_finite(get("best_label_iou")),
+        best_label_iou=B.finite(get("best_label_iou")),
         best_label_images=int(get("best_label_images", 0)),
     )
     return entry
