@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from app import html as H
-from app.reports import BiasReport, BiasRow, TaxonomyReport
 from app.state import AppState
+from insight_core.atlas.report_schema import BiasReport, BiasRow, TaxonomyReport
 
 KINDS = ("bias", "taxonomy")
 Section = Callable[[AppState, str, Any], str]

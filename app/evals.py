@@ -17,8 +17,8 @@ import numpy as np
 
 from app import bias as B
 from app import html as H
-from app.reports import ConceptsReport, OvsReport
 from app.state import AppState
+from insight_core.atlas.report_schema import ConceptsReport, OvsReport
 
 KINDS = ("concepts", "ovs", *B.KINDS)
 """Evaluation kinds this module describes (the others show as plain figures on concept pages)."""

@@ -14,8 +14,8 @@ from typing import Any
 
 from app import html as H
 from app.bias import _f, reports_panel
-from app.reports import AbsorptionReport, MonoEvaluator, SuiteReport
 from app.state import AppState
+from insight_core.atlas.report_schema import AbsorptionReport, MonoEvaluator, SuiteReport
 
 KINDS = ("sae-suite", "absorption")
 FIGURES = (

@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 
 from app.concept_stats import StatsView
-from app.reports import IndexMeta, SaeMetrics
 from insight_core.atlas import Atlas, AtlasError, reading
 from insight_core.atlas.hub import resolve_atlas
 from insight_core.atlas.manifest_schema import ProbeConfigSummary, ReportKind
+from insight_core.atlas.report_schema import IndexMeta, SaeMetrics
 from insight_core.atlas.trust import check_atlas_refs, lm_policy, resolve_trust
 from insight_core.concepts.families import Families
 from insight_core.concepts.image_search import ImageIndex, load_codes

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +21,7 @@ from typing import Annotated, Any
 import tyro
 
 from insight_core.atlas import AtlasLayout, read_json_dict
+from insight_core.atlas.report_schema import AbsorptionReport, SuiteFigures, SuiteReport
 from insight_core.errors import ConfigError
 from insight_core.io import atomic_write, write_json
 from precompute.eval_common import md_table
@@ -48,37 +48,26 @@ class LeaderboardJob:
     """Only the eval-sae evaluation of this name (default: every one of each atlas)."""
 
 
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(float(x)):
-        return None
-    return float(x)
-
-
-def _dict(x: Any) -> dict[str, Any]:
-    return x if isinstance(x, dict) else {}
-
-
 def rows_of(atlas: Path, name: str | None = None) -> list[dict[str, Any]]:
-    """The leaderboard rows of one atlas."""
+    """The leaderboard rows of one atlas (untrusted reports: a figure that is not a finite number is None)."""
     layout = AtlasLayout(atlas)
     reports = {n: read_json_dict(layout.eval_layout(n).report_json) for n in layout.evaluations()}
     absorption = next((r for _, r in sorted(reports.items()) if r.get("kind") == "absorption"), {})
     rows = []
-    for ev_name, rep in sorted(reports.items()):
-        if rep.get("kind") != "sae-suite" or (name is not None and ev_name != name):
+    for ev_name, doc in sorted(reports.items()):
+        if doc.get("kind") != "sae-suite" or (name is not None and ev_name != name):
             continue
-        sp, base = _dict(rep.get("sparse_probing")), _dict(rep.get("baselines"))
-        fig = {c: _num(rep.get(c)) for c in COLUMNS}
+        rep = SuiteReport.read(doc)
+        fig = {c: getattr(rep, c, None) for c in COLUMNS}
         for k in ("1", "5"):
-            entry = _dict(sp.get(k))
-            fig[f"sparse_probing_top1_k{k}"] = _num(entry.get("top1_accuracy"))
-        fig["absorption_rate"] = _num(absorption.get("absorption_rate"))
-        fig["pca_fve"] = _num((base.get("pca") or {}).get("fve"))
-        rnd = _dict(base.get("random_sae"))
-        fig["random_sae_zero_shot_recovered"] = _num(rnd.get("zero_shot_recovered"))
-        fig["random_sae_monosemanticity"] = _num(rnd.get("monosemanticity"))
-        label = _dict(rep.get("monosemanticity_evaluator")).get("label")
-        evaluator = re.sub(r"[`|\s]+", " ", label)[:200] if isinstance(label, str) else None  # untrusted text
+            fig[f"sparse_probing_top1_k{k}"] = getattr(rep.sparse_probing.get(k), "top1_accuracy", None)
+        fig["absorption_rate"] = AbsorptionReport.read(absorption).absorption_rate
+        fig["pca_fve"] = getattr(rep.baselines.get("pca"), "fve", None)
+        rnd = rep.baselines.get("random_sae") or SuiteFigures()
+        fig["random_sae_zero_shot_recovered"] = rnd.zero_shot_recovered
+        fig["random_sae_monosemanticity"] = rnd.monosemanticity
+        label = rep.monosemanticity_evaluator.label if rep.monosemanticity_evaluator else None
+        evaluator = re.sub(r"[`|\s]+", " ", label)[:200] if label is not None else None  # untrusted text
         rows.append(
             {"atlas": str(atlas), "evaluation": ev_name, **fig, "monosemanticity_evaluator": evaluator}
         )

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from insight_core.atlas import AtlasError, AtlasLayout, fingerprint, read_json_data
 from insight_core.atlas.layout import check_name, public_inputs
+from insight_core.atlas.report_schema import SaeMetrics, TrainSplit
 from insight_core.data.features import scan_features
 from insight_core.device import resolve_device
 from insight_core.errors import ConfigError
@@ -65,22 +66,13 @@ class SaeParetoJob:
 
 def _split_settings(job: SaeParetoJob, layout: AtlasLayout) -> tuple[float, int, bool]:
     """(held-out fraction, seed, whether they are train-sae's own)."""
-    train_cfg: dict[str, Any] = {}
+    train = TrainSplit()
     if layout.sae_metrics.is_file():
         metrics = read_json_data(layout.sae_metrics, "SAE training metrics", AtlasError)
-        train_cfg = metrics.get("train_config") or {}
-    known = "held_out_fraction" in train_cfg and "seed" in train_cfg
-    fraction = (
-        job.held_out_fraction
-        if job.held_out_fraction is not None
-        else train_cfg.get("held_out_fraction", 0.1)
-    )
-    seed = job.seed if job.seed is not None else train_cfg.get("seed", 0)
-    same = (
-        known
-        and float(fraction) == float(train_cfg["held_out_fraction"])
-        and int(seed) == int(train_cfg["seed"])
-    )
+        train = SaeMetrics.read(metrics).train_config
+    fraction = next(f for f in (job.held_out_fraction, train.held_out_fraction, 0.1) if f is not None)
+    seed = next(s for s in (job.seed, train.seed, 0) if s is not None)
+    same = (fraction, seed) == (train.held_out_fraction, train.seed)  # both recorded, both the same
     return float(fraction), int(seed), same
 
 

@@ -1,4 +1,5 @@
-"""Declared schemas of the evaluation reports the app shows (``evals/NAME/report.json``, per kind).
+"""Declared schemas of the reports inside an atlas as their readers take them: ``evals/NAME/report.json``
+per kind (the app's views, the ``leaderboard`` job), ``sae_metrics.json`` and ``index/meta.json``.
 
 Reports come from someone else's atlas: every model is a :class:`~insight_core.schema.LenientModel`,
 so a value of the wrong type reads as None (or an empty container) and renders as "-"; a list item or
@@ -186,13 +187,21 @@ class SaeMetricsBlock(LenientModel):
     """Held-out FVE of each Matryoshka shell (None unless every value is a number)."""
 
 
+class TrainSplit(LenientModel):
+    """The held-out split ``train-sae`` used (``sae-pareto`` evaluates on the same rows)."""
+
+    held_out_fraction: Num = None
+    seed: Annotated[int | None, OR_NONE] = None
+
+
 class SaeMetrics(SaeMetricsBlock):
-    """``sae_metrics.json`` (``train-sae``) as the app shows it; older files nest the shell FVE in
-    ``metrics``."""
+    """``sae_metrics.json`` (``train-sae``) as the app and ``sae-pareto`` read it; older files nest the
+    shell FVE in ``metrics``."""
 
     metrics: SaeMetricsBlock = Field(default_factory=SaeMetricsBlock)
     fve_per_level: dict[str, Num] = Field(default_factory=dict)
     """An MSAE's held-out FVE per trained k (keys are k as text; a value that is not a number: None)."""
+    train_config: TrainSplit = Field(default_factory=TrainSplit)
 
 
 class ThumbSettings(LenientModel):

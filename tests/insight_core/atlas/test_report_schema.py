@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.reports import IndexMeta, SaeMetrics
+from insight_core.atlas.report_schema import IndexMeta, SaeMetrics
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,10 @@ def test_sae_metrics_keep_only_numbers(doc: object, shells: list | None, levels:
 )  # fmt: skip
 def test_index_meta_thumbnail_resize(doc: dict, resize: str) -> None:
     assert IndexMeta.read(doc).thumbs.resize == resize
+
+
+def test_the_training_split_reads_only_typed_values() -> None:
+    split = SaeMetrics.read({"train_config": {"held_out_fraction": 0.2, "seed": 3}}).train_config
+    assert (split.held_out_fraction, split.seed) == (0.2, 3)
+    split = SaeMetrics.read({"train_config": {"held_out_fraction": "0.2", "seed": 1.5}}).train_config
+    assert (split.held_out_fraction, split.seed) == (None, None)  # not recorded as such: sae-pareto says so
