@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 # Concept vectors (Eq. B.9)
 
+
 def parents_from_edges(parent_idx: Any, child_idx: Any, m: int) -> list[list[int]]:
     """Parent lists (length ``m``) from ``(parent, child)`` edge arrays (e.g. ``edges.parquet``).
 

@@ -134,8 +134,7 @@ def fetch_vocab(
         bb = sidecar.manifest.backbone
         if (bb.arch, bb.pretrained) != (arch, pretrained):
             raise VocabularyMismatchError(
-                f"{where} is for text encoder {bb.arch}/{bb.pretrained}, not the atlas's "
-                f"{arch}/{pretrained}"
+                f"{where} is for text encoder {bb.arch}/{bb.pretrained}, not the atlas's {arch}/{pretrained}"
             )
         local = Path(get(repo_id, npz_name, repo_type=repo_type, revision=revision, token=token))
     except RemoteEntryNotFoundError:
