@@ -16,11 +16,10 @@ Everything is deterministic given the seeds (numpy ``Generator``), and computed 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from safetensors import SafetensorError
@@ -29,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 from insight_core.atlas.layout import WorldLayout
 from insight_core.errors import ConfigError, FeatureFileError
 from insight_core.io import atomic_write, write_json, write_npz
+from insight_core.schema import JsonModel, read_file, validate_config
 
 logger = logging.getLogger(__name__)
 
@@ -441,41 +441,48 @@ def save_world(world: PlantedWorld, out_dir: str | Path) -> Path:
     return files.root
 
 
+class WorldFile(JsonModel):
+    """``world/world.json`` (:func:`save_world`): the world's config and its non-tensor truth."""
+
+    format: Literal["insight-planted-world"]
+    version: Literal[1]
+    config: dict[str, Any]
+    """:class:`WorldConfig` fields (checked by ``validate_config``)."""
+    names: list[str]
+    kinds: list[str]
+    parents: list[int]
+    """Per atom its parent atom (-1: none)."""
+    vocab_words: list[str]
+    true_word_index: list[int]
+    vocab_atom: list[int]
+
+
 def load_world(in_dir: str | Path) -> PlantedWorld:
     """Read a world written by :func:`save_world`; raises ``FeatureFileError`` naming a bad file."""
     in_dir = Path(in_dir)
     json_path, st_path = WorldLayout(in_dir).config, WorldLayout(in_dir).tensors
+    doc = read_file(WorldFile, json_path, FeatureFileError, "planted world file")
+    cfg = validate_config(WorldConfig, doc.config, f"{json_path}: config", FeatureFileError)
     try:
-        doc = json.loads(json_path.read_text())
         tensors = load_file(str(st_path))
-    except (OSError, ValueError, SafetensorError) as e:
-        raise FeatureFileError(
-            f"cannot read planted world from {in_dir} ({json_path.name} + {st_path.name}): {e}"
-        ) from e
-    if not isinstance(doc, dict) or doc.get("format") != _FORMAT or doc.get("version") != _FORMAT_VERSION:
-        raise FeatureFileError(
-            f"{json_path} is not a planted world file (format {_FORMAT} v{_FORMAT_VERSION})"
-        )
-    try:
-        config = doc["config"]
-        cfg_doc: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-        cfg = WorldConfig(**cfg_doc)
-        parents = [int(p) for p in doc["parents"]]
-        world = PlantedWorld(
-            config=cfg,
-            atoms_ad=tensors["atoms_ad"],
-            names=list(doc["names"]),
-            kinds=list(doc["kinds"]),
-            parents=parents,
-            depth=[len(_chain(parents, a)) for a in range(len(parents))],
-            offset_d=tensors["offset_d"],
-            vocab_words=list(doc["vocab_words"]),
-            vocab_emb_wd=tensors["vocab_emb_wd"],
-            true_word_index=np.asarray(doc["true_word_index"], dtype=np.int64),
-            vocab_atom=np.asarray(doc["vocab_atom"], dtype=np.int64),
-        )
-    except (KeyError, TypeError, ConfigError) as e:
-        raise FeatureFileError(f"{json_path} / {st_path}: missing or invalid entry: {e}") from e
+    except (OSError, SafetensorError) as e:
+        raise FeatureFileError(f"cannot read planted world tensors {st_path}: {e}") from e
+    missing = {"atoms_ad", "offset_d", "vocab_emb_wd"} - set(tensors)
+    if missing:
+        raise FeatureFileError(f"{st_path}: missing tensors {sorted(missing)}")
+    world = PlantedWorld(
+        config=cfg,
+        atoms_ad=tensors["atoms_ad"],
+        names=doc.names,
+        kinds=doc.kinds,
+        parents=doc.parents,
+        depth=[len(_chain(doc.parents, a)) for a in range(len(doc.parents))],
+        offset_d=tensors["offset_d"],
+        vocab_words=doc.vocab_words,
+        vocab_emb_wd=tensors["vocab_emb_wd"],
+        true_word_index=np.asarray(doc.true_word_index, dtype=np.int64),
+        vocab_atom=np.asarray(doc.vocab_atom, dtype=np.int64),
+    )
     n, n_words = cfg.n_atoms, len(world.vocab_words)
     shapes_ok = (
         world.atoms_ad.shape == (n, cfg.d)

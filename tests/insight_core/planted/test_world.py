@@ -160,3 +160,22 @@ def test_naming_needs_ancestor_context(default_world: PlantedWorld, kind: str) -
     assert acc["bare"][kind] == pytest.approx(bare)
     assert acc["with_ancestors"][kind] == pytest.approx(ctx)
     assert acc["bare"]["object"] == acc["bare"]["attribute"] == acc["bare"]["background"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"format": "other"}, r"world\.json: format: Input should be 'insight-planted-world'"),
+        ({"parents": ["0"]}, r"world\.json: parents\.0: Input should be a valid integer"),
+        ({"config": {"objects_per_image": [1]}}, r"world\.json: config: objects_per_image\.1"),
+        ({"config": {"noise_std": -1.0}}, r"world\.json: config: .*noise_std"),
+    ],
+)  # fmt: skip
+def test_a_malformed_world_json_names_the_field(world: PlantedWorld, tmp_path: Path, edit: dict,
+                                                message: str) -> None:  # fmt: skip
+    save_world(world, tmp_path)
+    doc = json.loads((tmp_path / "world.json").read_text())
+    config = {**doc["config"], **edit.pop("config", {})}
+    (tmp_path / "world.json").write_text(json.dumps({**doc, **edit, "config": config}))
+    with pytest.raises(FeatureFileError, match=message):
+        load_world(tmp_path)
