@@ -121,8 +121,9 @@ def _run(job: BuildJob) -> Atlas:
         with progress.stage("extract"):
             extract.run(extract.ExtractJob(out=features, source=job.source, backbone=job.backbone, **common))
     with progress.stage("train-sae"):  # the plan is done: train-sae reads the streamed folder as it is
-        train_sae.run(train_sae.TrainSaeJob(features=features, out=layout.root, sae=job.sae,
-                                            stream=dataclasses.replace(job.stream, stream=False), **common))  # fmt: skip
+        planned = dataclasses.replace(job.stream, stream=False)
+        train_sae.run(train_sae.TrainSaeJob(features=features, out=layout.root, sae=job.sae, stream=planned,
+                                            **common))  # fmt: skip
     with progress.stage("stats"):
         stats.run(stats.StatsJob(atlas=layout.root, features=features, stats=job.stats, **common))
     with progress.stage("families"):

@@ -70,8 +70,8 @@ def run(job: PlanStreamJob) -> dict:
     stored = out.shard_arrays() if out.root.is_dir() else []
     if stored:
         raise ConfigError(
-            f"{stored[0]}: {out.root} holds stored feature shards; a streamed build needs a folder of its own "
-            "(pass another --features, or remove the shards)"
+            f"{stored[0]}: {out.root} holds stored feature shards; a streamed build needs a folder of its "
+            "own (pass another --features, or remove the shards)"
         )
     source = job.source.open()
     n_total = source.n_total(job.source.max_images)  # fails early on a folder without images
@@ -90,8 +90,14 @@ def run(job: PlanStreamJob) -> dict:
             continue
         ids, skipped = _validate(source, shard, job.stream.decode_workers, bar)
         decoded += len(ids) + len(skipped)
-        entry = {"file": out.shard_ids(shard.index).name, "key": key, "n_images": len(ids), "ids": ids,
-                 "skipped": skipped, "stream": True}  # fmt: skip
+        entry = {
+            "file": out.shard_ids(shard.index).name,
+            "key": key,
+            "n_images": len(ids),
+            "ids": ids,
+            "skipped": skipped,
+            "stream": True,
+        }
         write_json(out.shard_ids(shard.index), entry)
         entries.append(entry)
     bar.close()
@@ -103,24 +109,35 @@ def run(job: PlanStreamJob) -> dict:
         write_json(out.manifest, manifest)  # unchanged: keep its mtime
     log.info(
         "planned %d images (%d skipped) in %d shards -> %s (streamed: no feature arrays); %.1f img/s decoded",
-        manifest["n_images"], manifest["n_skipped"], len(entries), out.root,
+        manifest["n_images"],
+        manifest["n_skipped"],
+        len(entries),
+        out.root,
         decoded / max(time.perf_counter() - t0, 1e-9),
-    )  # fmt: skip
+    )
     return manifest
 
 
 def _check_options(job: PlanStreamJob) -> None:
     bb = job.backbone
     if len(bb.layer) > 1:
-        raise ConfigError(f"--layer {' '.join(map(str, bb.layer))}: a streamed folder has one layer; give one")
+        raise ConfigError(
+            f"--layer {' '.join(map(str, bb.layer))}: a streamed folder has one layer; give one"
+        )
     if bb.tokens != "patch":
         raise ConfigError(f"--tokens {bb.tokens}: streaming computes patch tokens only (--tokens patch)")
 
 
 def _describe_backbone(job: PlanStreamJob) -> _Output:
     """The stamp and manifest block of the backbone (built on the CPU, never run here)."""
-    extract_job = ExtractJob(out=job.out, source=job.source, backbone=job.backbone, device="cpu",
-                             batch_size=job.stream.image_batch, progress=False)  # fmt: skip
+    extract_job = ExtractJob(
+        out=job.out,
+        source=job.source,
+        backbone=job.backbone,
+        device="cpu",
+        batch_size=job.stream.image_batch,
+        progress=False,
+    )
     if job.backbone.timm_name is not None:
         _, outputs = _timm_outputs(extract_job, "cpu")
     else:

@@ -37,12 +37,12 @@ from insight_core import distributed
 from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
 from insight_core.data.features import scan_features
 from insight_core.distributed import DistInfo
+from insight_core.errors import ConfigError
 from insight_core.evaluation.pareto import sparsity_fve
 from insight_core.evaluation.sae import evaluate
 from insight_core.io import write_json
 from insight_core.models.msae import MSAE
 from insight_core.training.sae import SAETrainer, training_warnings
-from insight_core.errors import ConfigError
 from precompute import stream_plan
 from precompute.common import fmt_metrics
 from precompute.options import BackboneOptions, Flat, SaeOptions, SourceOptions, StreamOptions
@@ -127,8 +127,11 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
     if features.streamed:
         per_image = features.files[0].rows_per_unit
         trainer.buffer_chunks = max(1, -(-job.stream.shuffle_images * per_image // trainer.chunk_rows))
-        log.info("streaming: every batch is computed from the images; shuffle buffer %d chunks of %d rows "
-                 "(>= %d images)", trainer.buffer_chunks, trainer.chunk_rows, job.stream.shuffle_images)  # fmt: skip
+        log.info(
+            "streaming: every batch is computed from the images; shuffle buffer %d chunks of %d rows "
+            "(>= %d images)",
+            trainer.buffer_chunks, trainer.chunk_rows, job.stream.shuffle_images,
+        )  # fmt: skip
     t0, seen0 = time.perf_counter(), trainer.state.samples_seen
     state = trainer.fit(train, checkpoint=layout.sae_train_state, progress=job.progress and info.is_main)
     seconds = time.perf_counter() - t0

@@ -348,10 +348,8 @@ def _streamed_set(root: Path) -> FeatureSet:
             "storage 'stream'); remove it, or use another folder"
         )
     shards = streamed_shards(root)
-    files = tuple(
-        FeatureFile(path=s.ids_path, shape=(s.n_units, s.n_patches, s.d), dtype=np.dtype(np.float32), stream=s)
-        for s in shards
-    )
+    f32 = np.dtype(np.float32)
+    files = tuple(FeatureFile(s.ids_path, (s.n_units, s.n_patches, s.d), f32, stream=s) for s in shards)
     return FeatureSet(files=files, d=shards[0].d)
 
 

@@ -197,7 +197,9 @@ class StreamedShard:
         if len(units) == 0:
             return np.empty((0, self.n_patches, self.d), dtype=np.float32)
         if units[0] < 0 or units[-1] >= self.n_units:
-            raise FeatureFileError(f"{self.ids_path}: images {units[0]}..{units[-1]} outside 0..{self.n_units - 1}")
+            raise FeatureFileError(
+                f"{self.ids_path}: images {units[0]}..{units[-1]} outside 0..{self.n_units - 1}"
+            )
         wanted = [self.ids[int(u)] for u in units]
         loaded = dict(self.source().fetch(wanted, self.workers))
         images = []
@@ -232,16 +234,28 @@ def streamed_shards(folder: str | Path, *, device: str = "auto") -> list[Streame
         if entry.n_images == 0:
             continue
         ids_path = folder / Path(entry.file).name  # a name in the folder, never a path elsewhere
-        ids_doc = validate(StreamedIds, read_json_data(ids_path, "streamed shard ids", FeatureFileError),
-                           ids_path, FeatureFileError)  # fmt: skip
+        ids_doc = validate(
+            StreamedIds,
+            read_json_data(ids_path, "streamed shard ids", FeatureFileError),
+            ids_path,
+            FeatureFileError,
+        )
         if ids_doc.key != entry.key or len(ids_doc.ids) != entry.n_images:
             raise FeatureFileError(
                 f"{ids_path}: does not match {path} (key or image count); the plan was interrupted or "
                 "edited: rerun the --stream command"
             )
-        shards.append(StreamedShard(ids_path=ids_path, ids=tuple(ids_doc.ids), n_patches=manifest.n_patches,
-                                    d=manifest.dim, source_doc=manifest.source, computer=computer,
-                                    workers=settings.workers))  # fmt: skip
+        shards.append(
+            StreamedShard(
+                ids_path=ids_path,
+                ids=tuple(ids_doc.ids),
+                n_patches=manifest.n_patches,
+                d=manifest.dim,
+                source_doc=manifest.source,
+                computer=computer,
+                workers=settings.workers,
+            )
+        )
     if not shards:
         raise FeatureFileError(f"{path}: a streamed feature folder with no readable images")
     return shards

@@ -22,9 +22,30 @@ from precompute.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "vit_tiny_patch16_224"
-SAE_ARGS = ["--dict-size", "32", "--k", "4", "--group-fractions", "0.25", "0.75", "--batch-size", "256",
-            "--lr", "1e-2", "--warmup-steps", "5", "--threshold-start-step", "10", "--held-out-fraction", "0.25",
-            "--seed", "3", "--device", "cpu", "--no-progress"]  # fmt: skip
+SAE_ARGS = [
+    "--dict-size",
+    "32",
+    "--k",
+    "4",
+    "--group-fractions",
+    "0.25",
+    "0.75",
+    "--batch-size",
+    "256",
+    "--lr",
+    "1e-2",
+    "--warmup-steps",
+    "5",
+    "--threshold-start-step",
+    "10",
+    "--held-out-fraction",
+    "0.25",
+    "--seed",
+    "3",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 TIMM_ARGS = ["--backbone", f"timm:{TINY}", "--pretrained", "none"]
 
 
@@ -48,12 +69,37 @@ def streamed_build(imagenet_samples: list[Path], tmp_path_factory) -> tuple[Path
     photos = _photos(imagenet_samples, root / "photos", 16)
     before = _snapshot(photos)
     rng = np.random.default_rng(0)
-    np.savez(root / "vocab.npz", words=np.array([f"w{i}" for i in range(30)]),
-             embeddings=rng.normal(size=(30, 512)).astype("f4"))  # fmt: skip
-    args = ["build", "--stream", "--atlas", str(root / "atlas"), "--images", str(photos), "--pretrained", "none",
-            "--dict-size", "128", "--k", "4", "--group-fractions", "0.25", "0.75", "--steps", "30",
-            "--batch-size", "256", "--lr", "3e-3", "--vocab-embeddings", str(root / "vocab.npz"),
-            "--no-progress"]  # fmt: skip
+    np.savez(
+        root / "vocab.npz",
+        words=np.array([f"w{i}" for i in range(30)]),
+        embeddings=rng.normal(size=(30, 512)).astype("f4"),
+    )
+    args = [
+        "build",
+        "--stream",
+        "--atlas",
+        str(root / "atlas"),
+        "--images",
+        str(photos),
+        "--pretrained",
+        "none",
+        "--dict-size",
+        "128",
+        "--k",
+        "4",
+        "--group-fractions",
+        "0.25",
+        "0.75",
+        "--steps",
+        "30",
+        "--batch-size",
+        "256",
+        "--lr",
+        "3e-3",
+        "--vocab-embeddings",
+        str(root / "vocab.npz"),
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert _snapshot(photos) == before, "streaming must only read the source"
     return root, photos, {"args": args}
@@ -66,12 +112,14 @@ def test_build_stream_stores_no_features_and_gives_an_atlas_the_app_opens(stream
     features = root / "atlas-features"
     assert sorted(p.name for p in features.iterdir()) == ["manifest.json", "shard_00000.ids.json"]
     ids = json.loads((features / "shard_00000.ids.json").read_text())
-    assert ids["n_images"] == 16 and ids["stream"] is True
+    assert ids["n_images"] == 16
+    assert ids["stream"] is True
     assert [s[0] for s in ids["skipped"]] == ["broken.jpg"]  # listed with its reason, like extract
     atlas = Atlas.open(root / "atlas", verify="all")
     assert atlas.manifest["counts"]["n_images"] == 16
     block = atlas.manifest["features"]
-    assert block["storage"] == "stream" and block["n_skipped"] == 1
+    assert block["storage"] == "stream"
+    assert block["n_skipped"] == 1
     assert block["source"] == {"kind": "folder", "path": None}  # the builder's path is not published
     from app.state import load_state
 
@@ -92,19 +140,57 @@ def test_streamed_sae_matches_the_stored_feature_sae(imagenet_samples: list[Path
     """Same photos, backbone and seed: the streamed SAE's held-out FVE is the stored one's within 0.01."""
     photos = _photos(imagenet_samples, tmp_path / "photos", 16, broken=False)
     stored = tmp_path / "stored"
-    assert main(["extract", "--images", str(photos), "--out", str(stored), *TIMM_ARGS, "--device", "cpu",
-                 "--batch-size", "16", "--no-progress"]) == 0  # fmt: skip
-    assert main(["train-sae", "--features", str(stored), "--out", str(tmp_path / "a"), "--steps", "60",
-                 *SAE_ARGS]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "extract",
+                "--images",
+                str(photos),
+                "--out",
+                str(stored),
+                *TIMM_ARGS,
+                "--device",
+                "cpu",
+                "--batch-size",
+                "16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            ["train-sae", "--features", str(stored), "--out", str(tmp_path / "a"), "--steps", "60", *SAE_ARGS]
+        )
+        == 0
+    )
     streamed = tmp_path / "streamed"
-    assert main(["train-sae", "--stream", "--images", str(photos), *TIMM_ARGS, "--features", str(streamed),
-                 "--out", str(tmp_path / "b"), "--steps", "60", *SAE_ARGS]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train-sae",
+                "--stream",
+                "--images",
+                str(photos),
+                *TIMM_ARGS,
+                "--features",
+                str(streamed),
+                "--out",
+                str(tmp_path / "b"),
+                "--steps",
+                "60",
+                *SAE_ARGS,
+            ]
+        )
+        == 0
+    )
     assert not list(streamed.glob("*.npy"))
     a = json.loads((tmp_path / "a" / "sae_metrics.json").read_text())
     b = json.loads((tmp_path / "b" / "sae_metrics.json").read_text())
     assert a["steps"] == b["steps"] == 60
     assert a["fve"] > 0.5  # a trained SAE, so that the comparison means something
-    assert b["features_storage"] == "stream" and "features_storage" not in a
+    assert b["features_storage"] == "stream"
+    assert "features_storage" not in a
     assert abs(a["fve"] - b["fve"]) < 0.01, (a["fve"], b["fve"])
     # the streamed rows are the stored ones up to fp16 rounding
     x_stored = scan_features(stored).files[0].read_rows(slice(0, 392))
@@ -113,10 +199,24 @@ def test_streamed_sae_matches_the_stored_feature_sae(imagenet_samples: list[Path
 
 
 def test_train_sae_stream_needs_a_source_and_a_source_needs_stream(tmp_path: Path, caplog) -> None:
-    assert main(["train-sae", "--stream", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "a")]) == 2
+    assert (
+        main(["train-sae", "--stream", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "a")]) == 2
+    )
     assert "--stream needs an image source" in caplog.text
-    assert main(["train-sae", "--images", str(tmp_path), "--features", str(tmp_path / "f"),
-                 "--out", str(tmp_path / "a")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train-sae",
+                "--images",
+                str(tmp_path),
+                "--features",
+                str(tmp_path / "f"),
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 2
+    )
     assert "needs --stream" in caplog.text
 
 
@@ -125,14 +225,20 @@ def test_plan_refuses_a_folder_of_stored_shards(imagenet_samples: list[Path], tm
     feats = tmp_path / "feats"
     feats.mkdir()
     np.save(feats / "shard_00000.npy", np.zeros((2, 196, 192), np.float16))
-    assert main(["plan-stream", "--images", str(photos), "--out", str(feats), *TIMM_ARGS, "--no-progress"]) == 2
+    assert (
+        main(["plan-stream", "--images", str(photos), "--out", str(feats), *TIMM_ARGS, "--no-progress"]) == 2
+    )
     assert "holds stored feature shards" in caplog.text
 
 
-def test_streamed_reads_name_an_image_that_no_longer_loads(imagenet_samples: list[Path], tmp_path: Path) -> None:
+def test_streamed_reads_name_an_image_that_no_longer_loads(
+    imagenet_samples: list[Path], tmp_path: Path
+) -> None:
     photos = _photos(imagenet_samples, tmp_path / "photos", 3, broken=False)
     feats = tmp_path / "feats"
-    assert main(["plan-stream", "--images", str(photos), "--out", str(feats), *TIMM_ARGS, "--no-progress"]) == 0
+    assert (
+        main(["plan-stream", "--images", str(photos), "--out", str(feats), *TIMM_ARGS, "--no-progress"]) == 0
+    )
     files = scan_features(feats).files
     assert [f.shape for f in files] == [(3, 196, 192)]
     victim = sorted(photos.iterdir())[1]
@@ -158,11 +264,30 @@ def test_sigkilled_streaming_training_resumes(imagenet_samples: list[Path], tmp_
     """SIGKILL train-sae --stream after its first checkpoint; the rerun resumes from it and finishes."""
     photos = _photos(imagenet_samples, tmp_path / "photos", 8, broken=False)
     atlas = tmp_path / "atlas"
-    args = ["train-sae", "--stream", "--images", str(photos), *TIMM_ARGS, "--features", str(tmp_path / "f"),
-            "--out", str(atlas), "--steps", "40", "--checkpoint-every", "3", *SAE_ARGS]  # fmt: skip
+    args = [
+        "train-sae",
+        "--stream",
+        "--images",
+        str(photos),
+        *TIMM_ARGS,
+        "--features",
+        str(tmp_path / "f"),
+        "--out",
+        str(atlas),
+        "--steps",
+        "40",
+        "--checkpoint-every",
+        "3",
+        *SAE_ARGS,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "precompute", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "precompute", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(atlas / ".train_state.safetensors", proc)
         proc.send_signal(signal.SIGKILL)
@@ -173,6 +298,7 @@ def test_sigkilled_streaming_training_resumes(imagenet_samples: list[Path], tmp_
     assert main(args) == 0
     assert "resumed from" in caplog.text
     metrics = json.loads((atlas / "sae_metrics.json").read_text())
-    assert metrics["steps"] == 40 and metrics["features_storage"] == "stream"
+    assert metrics["steps"] == 40
+    assert metrics["features_storage"] == "stream"
     assert not (atlas / ".train_state.safetensors").exists()
     assert not list(tmp_path.rglob("*.npy"))
