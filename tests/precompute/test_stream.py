@@ -302,3 +302,19 @@ def test_sigkilled_streaming_training_resumes(imagenet_samples: list[Path], tmp_
     assert metrics["features_storage"] == "stream"
     assert not (atlas / ".train_state.safetensors").exists()
     assert not list(tmp_path.rglob("*.npy"))
+
+
+@pytest.mark.slow
+def test_probe_and_classify_read_the_streamed_folder(streamed_build, tmp_path: Path) -> None:
+    root, _, _ = streamed_build
+    features, atlas = root / "atlas-features", root / "atlas"
+    ids = json.loads((features / "shard_00000.ids.json").read_text())["ids"]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,label\n" + "".join(f"{i},{'ab'[k % 2]}\n" for k, i in enumerate(ids)))
+    assert main(["probe", "--atlas", str(atlas), "--features", str(features), "--labels", str(labels),
+                 "--name", "parity", "--epochs", "2", "--no-progress"]) == 0  # fmt: skip
+    out = tmp_path / "pred.jsonl"
+    assert main(["classify", "--atlas", str(atlas), "--probe", "parity", "--features", str(features),
+                 "--out", str(out), "--labels", str(labels), "--no-progress"]) == 0  # fmt: skip
+    assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == ids
+    assert not list(root.rglob("*.npy"))
