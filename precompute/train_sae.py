@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from insight_core import distributed
 from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
@@ -107,7 +107,7 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
     plan_if_streaming(job, info)
     features = scan_features(job.features)
     sae_cfg, train_cfg = job.sae.sae_config(features.d), job.sae.train_config(job.device)
-    settings = {"sae": sae_cfg.to_json(), "train": dataclasses.asdict(train_cfg)}
+    settings: dict[str, Any] = {"sae": sae_cfg.to_json(), "train": dataclasses.asdict(train_cfg)}
     if features.streamed:  # the shuffle buffer decides the batches (stored sets: a fixed one)
         settings["shuffle_images"] = job.stream.shuffle_images
     stamp = fingerprint([f.path for f in features.files], settings)

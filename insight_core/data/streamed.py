@@ -20,7 +20,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -128,7 +128,7 @@ def _models(block: dict[str, Any], device: str, image_batch: int) -> tuple[Any, 
 
 
 def _build_models(block: dict[str, Any], device: str, image_batch: int) -> tuple[Any, Any]:
-    from insight_core.models.backbone import ClipBackbone
+    from insight_core.models.backbone import ClipBackbone, Precision
     from insight_core.models.feature_path import (
         CLIP_KIND,
         backbone_kind,
@@ -139,15 +139,15 @@ def _build_models(block: dict[str, Any], device: str, image_batch: int) -> tuple
     )
     from insight_core.models.timm_backbone import TimmBackbone
 
-    precision = str(block.get("precision") or "auto")
+    precision = cast("Precision", str(block.get("precision") or "auto"))  # the configs check it
     if backbone_kind(block) != CLIP_KIND:
-        cfg = manifest_timm_config(block, device=device, batch_size=image_batch)
-        timm = TimmBackbone(dataclasses.replace(cfg, precision=precision))
+        timm_cfg = manifest_timm_config(block, device=device, batch_size=image_batch)
+        timm = TimmBackbone(dataclasses.replace(timm_cfg, precision=precision))
         if timm.is_random:
             log.warning("RANDOM-INIT BACKBONE (pretrained='none'): streamed features carry no semantics")
         return timm, None
-    cfg = manifest_backbone_config(block, device=device, batch_size=image_batch)
-    clip = ClipBackbone(dataclasses.replace(cfg, precision=precision))
+    clip_cfg = manifest_backbone_config(block, device=device, batch_size=image_batch)
+    clip = ClipBackbone(dataclasses.replace(clip_cfg, precision=precision))
     head = Path(block["dinoiser"]) if block.get("dinoiser") else None
     pool = manifest_pooling(block, head)
     check_compatible(clip, pool)
