@@ -7,7 +7,9 @@ A feature directory holds ``.npy`` files shaped ``(n, d)`` (one row per patch) o
 goes through :meth:`FeatureFile.read_rows` (float32 out) or the batch iterators, which dequantise
 int8 on the fly: on ``device`` when one is given (int8 moves, float32 is made there). A folder's
 ``manifest.json`` naming a dtype this reader does not know is refused. Files are memory-mapped,
-never loaded whole. The held-out split is drawn per
+never loaded whole. A *streamed* folder (``manifest.json`` says ``"storage": "stream"``: an image
+plan, no arrays; :mod:`insight_core.data.streamed`) gives virtual float32 files whose reads compute
+the features of the images they cover. The held-out split is drawn per
 *unit* (an image for 3-D files, a row for 2-D files) so no image leaks patches into both splits.
 
 Streaming uses a chunked shuffle: the units of all files are cut into chunks read sequentially
