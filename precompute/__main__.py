@@ -40,6 +40,7 @@ from precompute import (
     sae_pareto,
     space_readme,
     stats,
+    stream_plan,
     synth,
     train_adapter,
     train_sae,
@@ -53,6 +54,7 @@ log = logging.getLogger("precompute")
 STAGES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "build": (build.BuildJob, build.run),
     "extract": (extract.ExtractJob, extract.run),
+    "plan-stream": (stream_plan.PlanStreamJob, stream_plan.run),
     "convert-features": (convert_features.ConvertFeaturesJob, convert_features.run),
     "train-adapter": (train_adapter.TrainAdapterJob, train_adapter.run),
     "train-sae": (train_sae.TrainSaeJob, train_sae.run),

@@ -2,6 +2,11 @@
 
 extract -> train-sae -> stats -> families -> name -> index -> image-index -> manifest. Each stage is
 idempotent, so an interrupted build resumes where it stopped when rerun with the same arguments.
+
+``--stream`` replaces extract by ``plan-stream``: the feature folder (default ``ATLAS-features``)
+then holds only the image plan (json) and every later stage computes the features it reads from the
+images (:mod:`insight_core.data.streamed`); no feature array is written. The atlas manifest's
+``features`` block records that it was built streaming and from what source (public form).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from insight_core.atlas import Atlas, AtlasLayout, write_manifest
 from insight_core.concepts.families import FamilyConfig
 from insight_core.errors import ConfigError
 from insight_core.models.feature_path import is_text_aligned
-from precompute import extract, families, image_index, index, name, stats, train_sae
-from precompute.manifest import backbone_info, install_head, public_backbone
+from precompute import extract, families, image_index, index, name, stats, stream_plan, train_sae
+from precompute.manifest import backbone_info, feature_origin, install_head, public_backbone
 from precompute.options import (
     BackboneOptions,
     Flat,
@@ -27,6 +32,7 @@ from precompute.options import (
     SaeOptions,
     SourceOptions,
     StatsOptions,
+    StreamOptions,
 )
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,11 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("manifest", "manifest and validation"),
 )
 """``build``'s stages in order, with what each does (the ``--progress-file`` stage list)."""
+STREAM_STAGES: tuple[tuple[str, str], ...] = (
+    ("plan-stream", "planning the photos (each decoded once; features are computed when read)"),
+    *STAGES[1:],
+)
+"""``build --stream``'s stages: plan-stream instead of extract."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,6 +80,8 @@ class BuildJob:
     """Indexes and thumbnails (index)."""
     similar: Annotated[ImageIndexOptions, Flat] = dataclasses.field(default_factory=ImageIndexOptions)
     """Concept-based image search (image-index)."""
+    stream: Annotated[StreamOptions, Flat] = dataclasses.field(default_factory=StreamOptions)
+    """Streaming: no stored features (--stream)."""
     device: str = "auto"
     """Device for all stages."""
     progress: bool = True
@@ -79,7 +92,7 @@ class BuildJob:
 
 
 def run(job: BuildJob) -> Atlas:
-    with progress.reporting(job.progress_file, STAGES, job="build"):
+    with progress.reporting(job.progress_file, STREAM_STAGES if job.stream.stream else STAGES, job="build"):
         return _run(job)
 
 
@@ -98,11 +111,19 @@ def _run(job: BuildJob) -> Atlas:
         )
     if job.source.given and job.backbone.tokens != "patch":
         raise ConfigError(f"--tokens {job.backbone.tokens}: build needs patch tokens (--tokens patch)")
-    if job.source.given:
+    if job.stream.stream:
+        if not job.source.given:
+            raise ConfigError("--stream needs an image source: --images, --webdataset or --hf-dataset")
+        with progress.stage("plan-stream"):
+            stream_plan.run(stream_plan.PlanStreamJob(out=features, source=job.source, backbone=job.backbone,
+                                                      stream=job.stream, progress=job.progress))  # fmt: skip
+    elif job.source.given:
         with progress.stage("extract"):
             extract.run(extract.ExtractJob(out=features, source=job.source, backbone=job.backbone, **common))
-    with progress.stage("train-sae"):
-        train_sae.run(train_sae.TrainSaeJob(features=features, out=layout.root, sae=job.sae, **common))
+    with progress.stage("train-sae"):  # the plan is done: train-sae reads the streamed folder as it is
+        planned = dataclasses.replace(job.stream, stream=False)
+        train_sae.run(train_sae.TrainSaeJob(features=features, out=layout.root, sae=job.sae, stream=planned,
+                                            **common))  # fmt: skip
     with progress.stage("stats"):
         stats.run(stats.StatsJob(atlas=layout.root, features=features, stats=job.stats, **common))
     with progress.stage("families"):
@@ -124,7 +145,7 @@ def _run(job: BuildJob) -> Atlas:
     with progress.stage("manifest"):
         install_head(layout.root, features)
         backbone = public_backbone(backbone_info(features), layout.root) or _own_features_block(bb, features)
-        write_manifest(layout.root, backbone=backbone)
+        write_manifest(layout.root, backbone=backbone, extra=feature_origin(features, layout.root))
         opened = Atlas.open(layout.root)
     log.info(
         "atlas ready: %s%s",

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from insight_core.atlas import Atlas, AtlasLayout, FeaturesLayout, write_manifest
+from insight_core.data.streamed import STREAM_STORAGE, is_streamed
 from insight_core.errors import ConfigError
 from insight_core.models.dinoiser import Dinoiser
 from precompute.common import features_manifest
@@ -69,9 +70,27 @@ def public_backbone(block: dict | None, atlas: Path) -> dict | None:
     return {**block, "dinoiser": head}
 
 
+def feature_origin(features: Path | None, atlas: Path) -> dict:
+    """The atlas manifest's ``features`` block of a streamed build (``{}`` for stored features):
+    ``storage: "stream"`` and the image source, in public form (a folder or file path only when it
+    lies inside the atlas, else None: builder paths are not published; a Hub dataset keeps its
+    name, a local dataset folder is a path like any other)."""
+    if features is None or not is_streamed(features):
+        return {}
+    doc = features_manifest(features)
+    layout, source = AtlasLayout(atlas), dict(doc.get("source") or {})
+    for field in ("path", "name", "data_dir"):
+        value = source.get(field)
+        if isinstance(value, str) and (field != "name" or Path(value).expanduser().exists()):
+            source[field] = layout.public(value)
+    block = {"storage": STREAM_STORAGE, "source": source}
+    return {"features": {**block, **{k: doc[k] for k in ("n_images", "n_skipped") if k in doc}}}
+
+
 def run_manifest(job: ManifestJob) -> dict:
     install_head(job.atlas, job.features)
-    manifest = write_manifest(job.atlas, backbone=public_backbone(backbone_info(job.features), job.atlas))
+    manifest = write_manifest(job.atlas, backbone=public_backbone(backbone_info(job.features), job.atlas),
+                              extra=feature_origin(job.features, job.atlas))  # fmt: skip
     log.info(
         "wrote %s (%d files, schema v%d)",
         AtlasLayout(job.atlas).manifest,

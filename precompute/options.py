@@ -262,6 +262,28 @@ class SaeOptions:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class StreamOptions:
+    """Streaming: compute patch features on the fly from the image source instead of storing shards
+    (docs/scale.md, "Stored or streamed features")."""
+
+    stream: bool = False
+    """Never write feature arrays: plan the images (one decode each, to list the unreadable ones),
+    then every stage computes the features it reads (epochs re-run the backbone)."""
+    shuffle_images: int = 512
+    """Streamed training: images whose patches are shuffled together before batches are cut (the
+    shuffle buffer; more mixes better and holds more rows in memory)."""
+    image_batch: int = 32
+    """Streamed reads: images per backbone pass."""
+    decode_workers: int = 4
+    """Threads decoding images (the plan and streamed reads)."""
+
+    def __post_init__(self) -> None:
+        for name in ("shuffle_images", "image_batch", "decode_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StatsOptions:
     """The statistics pass (exemplars, w_ia, co-occurrence)."""
 

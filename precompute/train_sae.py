@@ -8,6 +8,12 @@ Writes ``sae.safetensors`` (dictionary_learning names) + ``sae.json`` (config) a
 ``sae_metrics.json`` (held-out FVE, L0, dead fraction, per-shell FVE, throughput). Rerunning with
 the same inputs and settings is a no-op; an interrupted run resumes from ``.train_state.safetensors``.
 
+``--stream`` with an image source (``--images`` / ``--webdataset`` / ``--hf-dataset``, as extract):
+``--features`` becomes a streamed feature folder (``plan-stream`` writes its image plan there, no
+arrays) and every batch is computed from the images when it is needed: ``--shuffle-images`` images
+are shuffled together before batches are cut, each epoch runs the backbone again, a resume skips the
+consumed buffers without computing them (docs/scale.md, "Stored or streamed features").
+
 Data-parallel on several processes (GPUs: NCCL, one per process; CPU: gloo)::
 
     torchrun --nproc_per_node 4 -m precompute train-sae --features F --out ATLAS ...
@@ -25,19 +31,21 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from insight_core import distributed
 from insight_core.atlas import AtlasLayout, fingerprint, read_json_dict
 from insight_core.data.features import scan_features
 from insight_core.distributed import DistInfo
+from insight_core.errors import ConfigError
 from insight_core.evaluation.pareto import sparsity_fve
 from insight_core.evaluation.sae import evaluate
 from insight_core.io import write_json
 from insight_core.models.msae import MSAE
 from insight_core.training.sae import SAETrainer, training_warnings
+from precompute import stream_plan
 from precompute.common import fmt_metrics
-from precompute.options import Flat, SaeOptions
+from precompute.options import BackboneOptions, Flat, SaeOptions, SourceOptions, StreamOptions
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +58,8 @@ class TrainSaeJob:
     (n_images, n_patches, d)."""
 
     features: Path
-    """Directory of .npy feature arrays (float16/float32), or one .npy file."""
+    """Directory of .npy feature arrays (float16/float32), or one .npy file; with --stream, the
+    streamed feature folder (the image plan; json only)."""
     out: Path
     """Atlas directory to write sae.safetensors, sae.json and sae_metrics.json into."""
     sae: Annotated[SaeOptions, Flat] = dataclasses.field(default_factory=SaeOptions)
@@ -61,6 +70,12 @@ class TrainSaeJob:
     """Retrain even if an up-to-date sae.safetensors exists."""
     progress: bool = True
     """Show a progress bar."""
+    source: Annotated[SourceOptions, Flat] = dataclasses.field(default_factory=SourceOptions)
+    """The images (--stream only)."""
+    backbone: Annotated[BackboneOptions, Flat] = dataclasses.field(default_factory=BackboneOptions)
+    """The backbone and pooling (--stream only)."""
+    stream: Annotated[StreamOptions, Flat] = dataclasses.field(default_factory=StreamOptions)
+    """Streaming (compute features on the fly instead of reading stored ones)."""
 
 
 def run(job: TrainSaeJob) -> dict:
@@ -72,12 +87,30 @@ def run(job: TrainSaeJob) -> dict:
         return _run(job, info)
 
 
+def plan_if_streaming(job: TrainSaeJob, info: DistInfo) -> None:
+    """``--stream``: (re)plan the streamed folder on rank 0 while the others wait; else refuse
+    image-source flags (stored features come from ``extract``)."""
+    if not job.stream.stream:
+        if job.source.given:
+            raise ConfigError("an image source (--images, --webdataset, --hf-dataset) needs --stream "
+                              "(or run extract first and pass its --features)")  # fmt: skip
+        return
+    if not job.source.given:
+        raise ConfigError("--stream needs an image source: --images, --webdataset or --hf-dataset")
+    if info.is_main:
+        stream_plan.run(stream_plan.PlanStreamJob(out=job.features, source=job.source, backbone=job.backbone,
+                                                  stream=job.stream, progress=job.progress))  # fmt: skip
+    distributed.barrier()
+
+
 def _run(job: TrainSaeJob, info: DistInfo) -> dict:
+    plan_if_streaming(job, info)
     features = scan_features(job.features)
     sae_cfg, train_cfg = job.sae.sae_config(features.d), job.sae.train_config(job.device)
-    stamp = fingerprint(
-        [f.path for f in features.files], {"sae": sae_cfg.to_json(), "train": dataclasses.asdict(train_cfg)}
-    )
+    settings: dict[str, Any] = {"sae": sae_cfg.to_json(), "train": dataclasses.asdict(train_cfg)}
+    if features.streamed:  # the shuffle buffer decides the batches (stored sets: a fixed one)
+        settings["shuffle_images"] = job.stream.shuffle_images
+    stamp = fingerprint([f.path for f in features.files], settings)
     layout = AtlasLayout(job.out)
     record = layout.stage_record(STAGE)
     up_to_date = info.is_main and not job.force and record.is_current(stamp)
@@ -91,6 +124,14 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
         *(f"{train.n_rows:,}", len(features.files), f"{held.n_rows:,}"),
     )
     trainer = SAETrainer(sae_cfg, train_cfg, train.n_rows, dist=info)
+    if features.streamed:
+        per_image = features.files[0].rows_per_unit
+        trainer.buffer_chunks = max(1, -(-job.stream.shuffle_images * per_image // trainer.chunk_rows))
+        log.info(
+            "streaming: every batch is computed from the images; shuffle buffer %d chunks of %d rows "
+            "(>= %d images)",
+            trainer.buffer_chunks, trainer.chunk_rows, job.stream.shuffle_images,
+        )  # fmt: skip
     t0, seen0 = time.perf_counter(), trainer.state.samples_seen
     state = trainer.fit(train, checkpoint=layout.sae_train_state, progress=job.progress and info.is_main)
     seconds = time.perf_counter() - t0
@@ -133,6 +174,8 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
         train_config=dataclasses.asdict(train_cfg),
         features=layout.public(job.features),  # no builder paths in published files
     )
+    if features.streamed:
+        metrics["features_storage"] = "stream"
     meta = {"input_fingerprint": stamp, "concept_threshold_k": str(train_cfg.concept_threshold_k)}
     trainer.sae.cpu().save(layout.sae, config_path=layout.sae_config, extra_metadata=meta)
     write_json(layout.sae_metrics, metrics)

@@ -466,7 +466,9 @@ class FeaturesLayout:
 
     @staticmethod
     def ids_of(shard: Path) -> Path:
-        """The ids file beside a shard file."""
+        """The ids file beside a shard file (a streamed folder's virtual shard is its ids file)."""
+        if shard.name.endswith(".ids.json"):
+            return shard
         return shard.with_name(shard.name.removesuffix(".npy") + ".ids.json")
 
     @staticmethod

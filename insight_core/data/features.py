@@ -7,7 +7,9 @@ A feature directory holds ``.npy`` files shaped ``(n, d)`` (one row per patch) o
 goes through :meth:`FeatureFile.read_rows` (float32 out) or the batch iterators, which dequantise
 int8 on the fly: on ``device`` when one is given (int8 moves, float32 is made there). A folder's
 ``manifest.json`` naming a dtype this reader does not know is refused. Files are memory-mapped,
-never loaded whole. The held-out split is drawn per
+never loaded whole. A *streamed* folder (``manifest.json`` says ``"storage": "stream"``: an image
+plan, no arrays; :mod:`insight_core.data.streamed`) gives virtual float32 files whose reads compute
+the features of the images they cover. The held-out split is drawn per
 *unit* (an image for 3-D files, a row for 2-D files) so no image leaks patches into both splits.
 
 Streaming uses a chunked shuffle: the units of all files are cut into chunks read sequentially
@@ -27,6 +29,7 @@ import torch
 
 from insight_core.atlas.records import read_json_data
 from insight_core.data.quantise import dequantise, dequantise_torch, is_scale_file, scale_path_of
+from insight_core.data.streamed import MANIFEST, StreamedShard, is_streamed, streamed_shards
 from insight_core.errors import FeatureFileError
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,9 @@ class FeatureFile:
     """int8 files: the float16 scales, shaped ``shape[:-1] + (n_groups,)``; None for float files."""
     n_groups: int = 0
     """int8 files: scales per row (``d / n_groups`` dims share one); 0 for float files."""
+    stream: StreamedShard | None = None
+    """Streamed folders: the planned images whose features a read computes (``path`` is then the
+    shard's ids file; nothing is stored). None for arrays on disk."""
 
     @property
     def d(self) -> int:
@@ -63,7 +69,9 @@ class FeatureFile:
 
     @property
     def paths(self) -> tuple[Path, ...]:
-        """Every file holding this array's values (for stage fingerprints)."""
+        """Every file holding this array's values (for stage fingerprints; streamed: the plan)."""
+        if self.stream is not None:
+            return (self.path, self.path.parent / MANIFEST)
         return (self.path,) if self.scale_path is None else (self.path, self.scale_path)
 
     @property
@@ -86,11 +94,34 @@ class FeatureFile:
         return self._stored_rows()
 
     def _stored_rows(self) -> np.ndarray:
+        if self.stream is not None:
+            raise FeatureFileError(f"{self.path}: streamed features are computed on read; use read_rows")
         return _open_npy(self.path).reshape(self.n_rows, self.d)
+
+    def read_units(self, units: np.ndarray) -> np.ndarray:
+        """float32 ``(len(units) * rows_per_unit, d)`` rows of the units ``units`` (sorted indices)."""
+        if self.stream is not None:
+            return self.stream.read_units(units).reshape(-1, self.d)
+        per = self.rows_per_unit
+        rows = (np.asarray(units, dtype=np.int64)[:, None] * per + np.arange(per)).reshape(-1)
+        return self.read_rows(rows)
+
+    def _computed_rows(self, rows: Rows) -> np.ndarray:
+        """A streamed file's rows: the features of the images covering them, computed now."""
+        per = self.rows_per_unit
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.n_rows)
+            rows = np.arange(start, stop, step)
+        rows = np.asarray(rows, dtype=np.int64)
+        units = np.unique(rows // per)
+        block = self.stream.read_units(units).reshape(-1, self.d)  # type: ignore[union-attr]
+        return block[np.searchsorted(units, rows // per) * per + rows % per]
 
     def read_raw(self, rows: Rows) -> tuple[np.ndarray, np.ndarray | None]:
         """``(values (n, d), scales (n, groups) float16 or None)`` as stored (float files: float32,
-        checked finite; int8 files: int8 and their checked scales)."""
+        checked finite; int8 files: int8 and their checked scales; streamed: computed float32)."""
+        if self.stream is not None:
+            return self._computed_rows(rows), None
         if self.scale_path is None:
             block = np.asarray(self._stored_rows()[rows], dtype=np.float32)
             if not np.isfinite(block).all():
@@ -231,6 +262,11 @@ class FeatureSet:
         reach their device)."""
         return all(f.quantised for f in self.files) and len({f.n_groups for f in self.files}) == 1
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the rows are computed on read (a streamed folder: reading costs a backbone pass)."""
+        return any(f.stream is not None for f in self.files)
+
     def split(self, held_out_fraction: float, seed: int = 0) -> tuple[FeatureSplit, FeatureSplit]:
         """Deterministic (train, held_out) split by unit (image for 3-D files)."""
         if not 0.0 <= held_out_fraction < 1.0:
@@ -274,6 +310,8 @@ def scan_features(source: str | Path | Sequence[str | Path]) -> FeatureSet:
         root = Path(source)
         if not root.exists():
             raise FeatureFileError(f"{root}: feature directory not found")
+        if is_streamed(root):
+            return _streamed_set(root)
         paths = [root] if root.is_file() else sorted(root.rglob("*.npy"))
         if not paths:
             raise FeatureFileError(f"{root}: no .npy feature files found")
@@ -302,6 +340,21 @@ def scan_features(source: str | Path | Sequence[str | Path]) -> FeatureSet:
     return FeatureSet(files=files, d=d)
 
 
+def _streamed_set(root: Path) -> FeatureSet:
+    """The virtual files of a streamed folder (``insight_core.data.streamed``); stored arrays beside
+    them are refused (one folder, one kind of storage)."""
+    stored = sorted(root.rglob("*.npy"))
+    if stored:
+        raise FeatureFileError(
+            f"{stored[0]}: a stored array in a streamed feature folder ({root / MANIFEST} says "
+            "storage 'stream'); remove it, or use another folder"
+        )
+    shards = streamed_shards(root)
+    f32 = np.dtype(np.float32)
+    files = tuple(FeatureFile(s.ids_path, (s.n_units, s.n_patches, s.d), f32, stream=s) for s in shards)
+    return FeatureSet(files=files, d=shards[0].d)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class FeatureSplit:
     """A subset of a :class:`FeatureSet`'s units (per-file boolean masks)."""
@@ -323,6 +376,11 @@ class FeatureSplit:
             chunks += [(i, s, min(s + units, f.n_units)) for s in range(0, f.n_units, units)]
         return chunks
 
+    def _chunk_rows(self, file_idx: int, start: int, end: int) -> int:
+        """Rows of the selected units in ``[start, end)`` of one file (known without reading)."""
+        f = self.features.files[file_idx]
+        return int(self.unit_masks[file_idx][start:end].sum()) * f.rows_per_unit
+
     def _read_chunk(self, file_idx: int, start: int, end: int) -> np.ndarray:
         """float32 rows of the selected units in ``[start, end)`` of one file."""
         values, scale = self._read_chunk_raw(file_idx, start, end, keep_int8=False)
@@ -338,6 +396,8 @@ class FeatureSplit:
             groups = f.n_groups if keep_int8 else 0
             empty = np.empty((0, f.d), dtype=np.int8 if groups else np.float32)
             return empty, (np.empty((0, groups), dtype=np.float16) if groups else None)
+        if f.stream is not None:  # compute only the selected images
+            return f.read_units(start + np.flatnonzero(mask)), None
         per = f.rows_per_unit
         values, scale = f.read_raw(slice(start * per, end * per))
         values = values.reshape(end - start, per, f.d)[mask].reshape(-1, f.d)
@@ -357,12 +417,18 @@ class FeatureSplit:
         buffer_chunks: int = 8,
         shard: tuple[int, int] = (0, 1),
         device: torch.device | str | None = None,
+        skip: int = 0,
     ) -> Iterator[torch.Tensor]:
         """Yield float32 (batch_size, d) tensors; one full pass over the split.
 
         ``shard=(rank, world_size)`` keeps every world_size-th chunk (distributed training). With
         ``device`` batches arrive there; on an accelerator an all-int8 set keeps int8 rows in its
         shuffle buffer (a quarter of the memory) and dequantises each batch there after moving it.
+        ``skip``: leave out the first ``skip`` batches (a resumed epoch). Stored sets read and drop
+        them (the rest is exactly what an uninterrupted pass yields); a streamed set skips whole
+        buffers without computing them (their sizes are known from the plan), so the rows one of them
+        would have carried over into the next buffer are not replayed and the resumed pass yields
+        ``skip`` fewer batches at most, cut from the remaining rows.
         """
         rng = np.random.default_rng(seed)
         chunks = self._chunks(chunk_rows)
@@ -372,19 +438,33 @@ class FeatureSplit:
         chunks = chunks[rank::world]
         keep = self.features.quantised and _dequantise_on(device)
         pending: tuple[np.ndarray, np.ndarray | None] | None = None
+        n_pending, done = 0, 0  # rows carried over; batches of this pass so far (yielded or skipped)
         for start in range(0, len(chunks), buffer_chunks):
+            group = chunks[start : start + buffer_chunks]
+            if self.features.streamed and skip:
+                n_buf = n_pending + sum(self._chunk_rows(*c) for c in group)
+                if done + n_buf // batch_size <= skip:  # every batch of this buffer was consumed
+                    if shuffle:
+                        rng.permutation(n_buf)  # keep the rng where an uninterrupted pass has it
+                    done += n_buf // batch_size
+                    n_pending, pending = n_buf % batch_size, None
+                    continue
             blocks = ([pending] if pending is not None else []) + [
-                self._read_chunk_raw(*c, keep_int8=keep) for c in chunks[start : start + buffer_chunks]
+                self._read_chunk_raw(*c, keep_int8=keep) for c in group
             ]
             buf = np.concatenate([v for v, _ in blocks])
             sbuf = np.concatenate([s for _, s in blocks if s is not None]) if keep else None
             order = rng.permutation(len(buf)) if shuffle else np.arange(len(buf))
             n_full = len(buf) // batch_size
             for j in range(n_full):  # gather batch by batch: no second copy of the whole buffer
+                done += 1
+                if done <= skip:
+                    continue
                 idx = order[j * batch_size : (j + 1) * batch_size]
                 yield _to_float(buf[idx], None if sbuf is None else sbuf[idx], device)
             rest = order[n_full * batch_size :]
             pending = (buf[rest], None if sbuf is None else sbuf[rest])
+            n_pending = len(rest)
         if pending is not None and len(pending[0]) and not drop_last:
             yield _to_float(*pending, device)
 

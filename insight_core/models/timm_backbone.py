@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.models.backbone import DenseFeatures, Precision, _resolve_dtype
+from insight_core.models.clip_weights import RANDOM_INIT_SEED
 from insight_core.models.image_batches import ImageBatches, check_run_settings, is_random_init
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,13 @@ def _create(cfg: TimmConfig) -> Any:
             )
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     try:
-        return timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+        if pretrained:
+            return timm.create_model(cfg.name, pretrained=True, **kwargs)
+        # random init seeded as open_clip's (clip_weights.RANDOM_INIT_SEED): every process (a resumed
+        # job, a streamed read) gets the same model; fork_rng leaves the caller's RNG state untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return timm.create_model(cfg.name, pretrained=False, **kwargs)
     except TypeError as err:  # e.g. a CNN that takes no img_size
         raise ConfigError(f"timm model {cfg.name} is not a ViT with patch tokens ({err})") from err
     except (OSError, RuntimeError, ValueError) as err:

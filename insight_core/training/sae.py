@@ -26,7 +26,10 @@ largest becomes the concept's threshold (a concept seen fewer than k times gets 
 seen, one never seen +inf) in ``MatryoshkaSAE.concept_threshold_m``.
 
 Training state (weights, Adam moments, counters, thresholds) is checkpointed atomically as
-safetensors + JSON so an interrupted run resumes where it stopped.
+safetensors + JSON so an interrupted run resumes where it stopped. On a streamed feature set
+(features computed on read) the resumed epoch skips consumed shuffle buffers without running the
+backbone; the few rows such a buffer carried into the next one are not replayed
+(:meth:`~insight_core.data.features.FeatureSplit.iter_batches`).
 
 Data-parallel training (``torchrun``, see :mod:`insight_core.distributed`): every process holds an
 identical replica and trains on its shard of the batches (every world-th chunk) with a per-process
@@ -320,6 +323,8 @@ class SAETrainer:
             )
         # data-parallel: chunks small enough that every rank gets several, even on small datasets
         self.chunk_rows = min(_CHUNK_ROWS, max(1, n_train_rows // (4 * world))) if world > 1 else _CHUNK_ROWS
+        self.buffer_chunks = 8
+        """Chunks whose rows are shuffled together (``train-sae --shuffle-images`` sets it for streams)."""
         self.sae: MatryoshkaSAE = build_sae(sae_cfg, seed=cfg.seed).to(self.device)
         self.steps_per_epoch = schedule.steps_per_epoch
         self.total_steps = schedule.total_steps
@@ -582,11 +587,11 @@ class SAETrainer:
             seed=self.cfg.seed + st.epoch,
             shard=shard,
             chunk_rows=self.chunk_rows,
+            buffer_chunks=self.buffer_chunks,
             device=self.device,  # int8 shards move as int8 and are dequantised there
+            skip=st.batch_in_epoch,  # a streamed set skips consumed buffers without computing them
         )
-        for i, x_bd in enumerate(batches):
-            if i >= st.batch_in_epoch:
-                yield x_bd
+        yield from batches
         if st.batch_in_epoch == 0:
             if shard[1] > 1:
                 raise ConfigError(

@@ -98,6 +98,17 @@ def test_squash_resize_keeps_the_whole_image() -> None:
     assert px[:, -1].mean() > crop[:, -1].mean()
 
 
+def test_random_init_is_the_same_every_time_and_leaves_the_callers_rng_alone(tiny: TimmBackbone) -> None:
+    """Streamed reads and resumed jobs rebuild a random-init backbone: they must get the same one."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    again = TimmBackbone(TimmConfig(name=TINY, pretrained="none", layers=(-1, -4, 0), device="cpu"))
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is untouched
+    for (name, a), b in zip(tiny.model.state_dict().items(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_bad_inputs_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match="unknown timm model"):
         TimmBackbone(TimmConfig(name="vit_nonexistent_patch99", pretrained="none", device="cpu"))
