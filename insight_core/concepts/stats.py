@@ -1,7 +1,7 @@
 """Concept statistics in one streaming pass (DESIGN "precompute stats"; paper Eq. 5 and App. B.4).
 
 The pass's configuration :class:`StatsConfig` and its result :class:`ConceptStats` with the file format
-(``save``/``load``, versions 1-3) live in :mod:`insight_core.concepts.stats_file` and are re-exported
+(``save``/``load``, versions 1-4) live in :mod:`insight_core.concepts.stats_file` and are re-exported
 here; the exemplar merging lives in :mod:`insight_core.concepts.exemplars`.
 
 :class:`StatsAccumulator` consumes batches of thresholded SAE codes, one row per patch, and keeps:
@@ -61,8 +61,9 @@ from insight_core.concepts.exemplars import (
     merge_band_samples,
     merge_exemplars,
     ragged_index,
+    shared_slots,
 )
-from insight_core.concepts.stats_file import ConceptStats, StatsConfig, check_codes
+from insight_core.concepts.stats_file import ConceptStats, StatsConfig, check_codes, check_slots
 from insight_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -334,8 +335,22 @@ class StatsAccumulator:
 
     def exemplar_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The codes of the top-``top_w`` exemplars as CSR over the ``m * top_w`` (concept, rank) rows:
-        ``(ptr_g1, cols_e, vals_e)`` (the layout of statistics files, version 3)."""
+        ``(ptr_g1, cols_e, vals_e)`` (the in-memory layout of :class:`ConceptStats`)."""
         return self.codes.rows(self.ex.code_start_tw, self.ex.code_count_tw)
+
+    def shared_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same codes with each exemplar patch's code once: ``(row_mw, ptr_r1, cols_e, vals_e)``,
+        ``row_mw`` the CSR row of each (concept, rank) slot (-1: empty); what :meth:`state_dict` ships."""
+        return self.codes.shared(self.ex.code_start_tw, self.ex.code_count_tw)
+
+    def _add_shared_codes(
+        self, row_mw: torch.Tensor, ptr_r1: torch.Tensor, cols_e: torch.Tensor, vals_e: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append shared codes to the pool; the (start, count) of each slot pointing at them."""
+        dev = self.device
+        base = self.codes.append(cols_e.to(dev), vals_e.to(dev))
+        start, count = shared_slots(row_mw.to(dev), ptr_r1.to(dev))
+        return torch.where(count > 0, start + base, 0), count
 
     # -------------------------------------------------------------------------------------- merge
     def merge(self, other: StatsAccumulator) -> StatsAccumulator:
@@ -358,15 +373,8 @@ class StatsAccumulator:
         other.pairs.compact()
         self.pairs.add_sorted(other.pairs.keys, other.pairs.sums)
         o = other.ex
-        ptr, cols, vals = other.exemplar_codes()
-        base = self.codes.append(cols.to(dev), vals.to(dev))
-        theirs = Exemplars(
-            act_tn=o.act_tn.to(dev),
-            image_tn=o.image_tn.to(dev),
-            patch_tn=o.patch_tn.to(dev),
-            code_start_tw=(base + ptr[:-1]).to(dev).view(self.m, -1),
-            code_count_tw=(ptr[1:] - ptr[:-1]).to(dev).view(self.m, -1),
-        )
+        start, count = self._add_shared_codes(*other.shared_codes())
+        theirs = Exemplars(o.act_tn.to(dev), o.image_tn.to(dev), o.patch_tn.to(dev), start, count)
         merged = merge_exemplars(self.ex, theirs, self.cfg.top_n, self.cfg.top_w)
         self._store_exemplars(torch.arange(self.m, device=dev), merged)
         self.hist_flat += other.hist_flat.to(dev)
@@ -383,7 +391,7 @@ class StatsAccumulator:
         """All running state as tensors (e.g. to ship a worker's accumulator to the merging process)."""
         self.pairs.compact()
         ex = self.ex
-        ptr, cols, vals = self.exemplar_codes()
+        row, ptr, cols, vals = self.shared_codes()
         return {
             "n_patches": torch.tensor(self.n_patches, dtype=torch.int64),
             "n_images": torch.tensor(self.n_images, dtype=torch.int64),
@@ -396,6 +404,7 @@ class StatsAccumulator:
             "ex_act_mn": ex.act_tn,
             "ex_image_mn": ex.image_tn,
             "ex_patch_mn": ex.patch_tn,
+            "ex_code_row_mw": row,
             "ex_code_ptr_g1": ptr,
             "ex_code_cols_e": cols,
             "ex_code_vals_e": vals,
@@ -419,6 +428,8 @@ class StatsAccumulator:
             raise ConfigError("accumulator state needs a 1-D 'freq_patches_m' tensor")
         m, n, w = int(state["freq_patches_m"].shape[0]), cfg.top_n, cfg.top_w
         nnz = int(state["ex_code_cols_e"].numel()) if "ex_code_cols_e" in state else 0
+        ptr_t = state.get("ex_code_ptr_g1")
+        rows = int(ptr_t.numel()) - 1 if ptr_t is not None and ptr_t.ndim == 1 else 0
         expected = {
             "n_patches": ((), torch.int64),
             "n_images": ((), torch.int64),
@@ -429,7 +440,8 @@ class StatsAccumulator:
             "ex_act_mn": ((m, n), torch.float32),
             "ex_image_mn": ((m, n), torch.int64),
             "ex_patch_mn": ((m, n), torch.int64),
-            "ex_code_ptr_g1": ((m * w + 1,), torch.int64),
+            "ex_code_row_mw": ((m, w), torch.int64),
+            "ex_code_ptr_g1": ((rows + 1,), torch.int64),
             "ex_code_cols_e": ((nnz,), torch.int32),
             "ex_code_vals_e": ((nnz,), torch.float32),
             "hist_flat": ((m * cfg.hist_bins,), torch.int64),
@@ -452,19 +464,20 @@ class StatsAccumulator:
             for k_ in ("freq_patches_m", "freq_images_m", "max_act_m", "self_sums_m")
         )
         acc.pairs = _pairs_from_state(state, m)
-        ptr, cols, vals = (state[f"ex_code_{x}"] for x in ("ptr_g1", "cols_e", "vals_e"))
+        row, ptr, cols, vals = (state[f"ex_code_{x}"] for x in ("row_mw", "ptr_g1", "cols_e", "vals_e"))
         try:
             check_codes(ptr, cols, m, None)
+            check_slots(row, state["ex_image_mn"][:, :w], rows)
         except ValueError as e:
             raise ConfigError(f"accumulator state: {e}") from e
         acc.codes = CodePool(dev)
-        acc.codes.append(cols, vals)
+        start, count = acc._add_shared_codes(row, ptr, cols, vals)
         acc.ex = Exemplars(
             act_tn=state["ex_act_mn"].to(dev).clone(),
             image_tn=state["ex_image_mn"].to(dev).clone(),
             patch_tn=state["ex_patch_mn"].to(dev).clone(),
-            code_start_tw=ptr[:-1].to(dev).view(m, w).clone(),
-            code_count_tw=(ptr[1:] - ptr[:-1]).to(dev).view(m, w),
+            code_start_tw=start,
+            code_count_tw=count,
         )
         acc.hist_flat = state["hist_flat"].to(dev).clone()
         acc.bands = BandSamples(
