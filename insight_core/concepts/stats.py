@@ -21,7 +21,8 @@ here; the exemplar merging lives in :mod:`insight_core.concepts.exemplars`.
   top (:mod:`insight_core.concepts.exemplars`).
 
 Memory is 16 bytes per distinct co-occurring pair seen (never m^2: a dense float64 ``N`` would be
-34 GB at m = 65,536) plus O(m * top_n) for the exemplars, the actual entries of their top-``top_w``
+34 GB at m = 65,536; with ``pair_budget_bytes`` about twice that budget, the rest spilled to disk)
+plus O(m * top_n) for the exemplars, the actual entries of their top-``top_w``
 patches' codes (ragged: a pool of entries that rows point into, compacted once garbage outweighs
 the live entries; never padded to the busiest patch's k_max) and O(m * hist_bins) for the
 histograms and band samples. Codes are handled sparsely: a patch has ~k
@@ -44,6 +45,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,9 +90,23 @@ class StatsAccumulator:
         What to keep (exemplar counts, activity threshold).
     device:
         Where the buffers live (the sparse co-occurrence sums always live on the CPU).
+    pair_budget_bytes:
+        Memory for the co-occurrence sums before they spill sorted runs to disk (0: never; see
+        :class:`~insight_core.concepts.cooccurrence.PairSums`); the statistics are the same.
+    spill_dir:
+        Where spilled runs go (a temporary folder inside it, removed with the accumulator; default:
+        the system's temporary folder).
     """
 
-    def __init__(self, m: int, cfg: StatsConfig | None = None, *, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        m: int,
+        cfg: StatsConfig | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        pair_budget_bytes: int = 0,
+        spill_dir: str | Path | None = None,
+    ) -> None:
         if m < 1:
             raise ConfigError(f"m (number of concepts) must be >= 1, got {m}")
         self.m = int(m)
@@ -102,7 +118,7 @@ class StatsAccumulator:
         self.freq_patches_m = torch.zeros(m, dtype=torch.int64, device=dev)
         self.freq_images_m = torch.zeros(m, dtype=torch.int64, device=dev)
         self.max_act_m = torch.zeros(m, dtype=torch.float32, device=dev)
-        self.pairs = PairSums(m)
+        self.pairs = PairSums(m, budget_bytes=pair_budget_bytes, spill_dir=spill_dir)
         """Off-diagonal co-occurrence numerator ``N[j, j']`` at keys ``j * m + j'``."""
         self.self_sums_m = torch.zeros(m, dtype=torch.float64, device=dev)
         """Its diagonal ``S[j] = N[j, j] = sum_i A_ij``."""
@@ -370,8 +386,8 @@ class StatsAccumulator:
         self.freq_images_m += other.freq_images_m.to(dev)
         self.max_act_m = torch.maximum(self.max_act_m, other.max_act_m.to(dev))
         self.self_sums_m += other.self_sums_m.to(dev)
-        other.pairs.compact()
-        self.pairs.add_sorted(other.pairs.keys, other.pairs.sums)
+        for keys, sums in other.pairs.blocks():
+            self.pairs.add_sorted(keys, sums)
         o = other.ex
         start, count = self._add_shared_codes(*other.shared_codes())
         theirs = Exemplars(o.act_tn.to(dev), o.image_tn.to(dev), o.patch_tn.to(dev), start, count)
@@ -389,7 +405,7 @@ class StatsAccumulator:
     # ------------------------------------------------------------------------------ serialisation
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All running state as tensors (e.g. to ship a worker's accumulator to the merging process)."""
-        self.pairs.compact()
+        pair_keys, pair_sums = self.pairs.items()
         ex = self.ex
         row, ptr, cols, vals = self.shared_codes()
         return {
@@ -399,8 +415,8 @@ class StatsAccumulator:
             "freq_images_m": self.freq_images_m,
             "max_act_m": self.max_act_m,
             "self_sums_m": self.self_sums_m,
-            "pair_keys_e": torch.from_numpy(self.pairs.keys),
-            "pair_sums_e": torch.from_numpy(self.pairs.sums),
+            "pair_keys_e": torch.from_numpy(pair_keys),
+            "pair_sums_e": torch.from_numpy(pair_sums),
             "ex_act_mn": ex.act_tn,
             "ex_image_mn": ex.image_tn,
             "ex_patch_mn": ex.patch_tn,
@@ -555,6 +571,7 @@ def compute_stats(
     progress: bool = True,
     device: str | torch.device = "cpu",
     max_code_elements: int = _MAX_CODE_ELEMENTS,
+    pair_budget_bytes: int = 0,
 ) -> ConceptStats:
     """Encode ``(feats_bpd, image_ids_b)`` batches with ``sae`` (thresholded codes) and accumulate.
 
@@ -562,11 +579,12 @@ def compute_stats(
     0..P-1. Encoding runs on the SAE's device, accumulation on ``device``. A batch is encoded in
     chunks of whole images whose dense (rows, m) codes hold at most ``max_code_elements`` values
     (at least one image), so memory stays bounded at large m (64 images at m = 65,536 are 3.3 GB).
+    ``pair_budget_bytes`` > 0 spills the co-occurrence sums past that budget to disk (same result).
     """
     from insight_core.progress import tqdm
 
     sae_device = next(sae.parameters()).device
-    acc = StatsAccumulator(sae.cfg.dict_size, cfg, device=device)
+    acc = StatsAccumulator(sae.cfg.dict_size, cfg, device=device, pair_budget_bytes=pair_budget_bytes)
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     with tqdm(total=total, desc="stats", unit="batch", disable=not progress, dynamic_ncols=True) as bar:
         for feats_bpd, image_ids_b in batches:
