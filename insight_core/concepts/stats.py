@@ -131,6 +131,8 @@ class StatsAccumulator:
         )
         self.codes = CodePool(dev)
         """Sparse codes of the top-``top_w`` exemplar patches (rows referenced by ``ex.code_*_tw``)."""
+        self._pool_live = 0
+        """Entries the pool held right after its last compaction (each shared code once)."""
         self.hist_flat = torch.zeros(m * self.cfg.hist_bins, dtype=torch.int64, device=dev)
         """Activation histograms, row-major ``hist[j, bin] = hist_flat[j * hist_bins + bin]``."""
         g, r = m * self.cfg.n_bands, self.cfg.band_samples
@@ -345,9 +347,12 @@ class StatsAccumulator:
         ex.patch_tn[touched] = merged.patch_tn
         ex.code_start_tw[touched] = merged.code_start_tw
         ex.code_count_tw[touched] = merged.code_count_tw
-        live = int(ex.code_count_tw.sum())
-        if self.codes.size > 2 * live + _POOL_SLACK:  # garbage outweighs the live codes: drop it
+        # garbage outweighs the live codes: drop it. The per-slot count counts a busy patch's code once
+        # per slot holding it, so the entries held once at the last compaction bound it too
+        live = min(int(ex.code_count_tw.sum()), self._pool_live)
+        if self.codes.size > 2 * live + _POOL_SLACK:
             ex.code_start_tw = self.codes.compact(ex.code_start_tw, ex.code_count_tw)
+            self._pool_live = self.codes.size
 
     def exemplar_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The codes of the top-``top_w`` exemplars as CSR over the ``m * top_w`` (concept, rank) rows:
@@ -488,6 +493,7 @@ class StatsAccumulator:
             raise ConfigError(f"accumulator state: {e}") from e
         acc.codes = CodePool(dev)
         start, count = acc._add_shared_codes(row, ptr, cols, vals)
+        acc._pool_live = acc.codes.size
         acc.ex = Exemplars(
             act_tn=state["ex_act_mn"].to(dev).clone(),
             image_tn=state["ex_image_mn"].to(dev).clone(),

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import insight_core.concepts.stats as stats_mod
 from insight_core.atlas import AtlasLayout
 from insight_core.concepts.stats import ConceptStats, StatsAccumulator, StatsConfig
 from insight_core.errors import CheckpointError
@@ -143,3 +144,28 @@ def test_accumulator_keeps_and_ships_shared_codes_once(busy) -> None:
     again = StatsAccumulator.from_state_dict(state, CFG)
     assert again.codes.size == distinct_entries
     _assert_same(st_, again.finalize())
+
+
+def test_code_pool_is_bounded_by_the_distinct_live_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One busy patch per image, active on every concept and stronger than the last, evicts the oldest
+    busy patch from every concept's top exemplars: the pool is compacted against the entries it holds
+    once each (distinct patches), not against the per-slot count, which counts a busy patch's code
+    once per slot and would let the evicted codes pile up far past the live ones."""
+    monkeypatch.setattr(stats_mod, "_POOL_SLACK", 0)
+    rng = np.random.default_rng(7)
+    m, n_img = 64, 100
+    codes = np.zeros((n_img * P, m), np.float32)
+    for i in range(n_img * P):
+        codes[i, rng.choice(m, 3, replace=False)] = rng.integers(1, 6, 3) / 10
+    codes[::P] = 1.0 + np.arange(n_img)[:, None] / 100  # patch 0 of every image: the busy one
+    image_ids = np.repeat(np.arange(n_img), P)
+    patch_ids = np.tile(np.arange(P), n_img)
+    acc = StatsAccumulator(m, CFG)
+    most_distinct, most_batch, step = 0, 0, 2 * P
+    for s in range(0, len(codes), step):
+        acc.update(torch.from_numpy(codes[s : s + step]), image_ids[s : s + step], patch_ids[s : s + step])
+        most_batch = max(most_batch, int((codes[s : s + step] > 0).sum()))
+        most_distinct = max(most_distinct, int(acc.shared_codes()[2].numel()))
+        assert acc.codes.size <= 2 * most_distinct + most_batch
+    assert int(acc.ex.code_count_tw.sum()) == m * CFG.top_w * m  # per slot: 4 busy codes x 64 concepts
+    assert acc.shared_codes()[2].numel() == CFG.top_w * m  # held once: the 4 strongest busy patches
