@@ -330,12 +330,13 @@ def fit(series_n: list[dict], series_m: list[dict], stage: str, key: str, base: 
     linear = stage in STREAMING and key not in MEMORY_KEYS
     est = inc(top) * (target_patches / top["patches"]) ** (1.0 if linear else max(e_n_top or 0.0, 0.0))
     at = {p["m"]: p for p in series_m}
-    if target_m in at and top["m"] in at:  # measured: the m-series' ratio between the two m
+    measured_m = target_m in at and top["m"] in at
+    if measured_m:  # the m-series' ratio between the two m
         est *= inc(at[target_m]) / inc(at[top["m"]])
     else:
         est *= (target_m / top["m"]) ** max(e_m_top or 0.0, 0.0)
     return {"exp_n": e_n, "exp_m": e_m, "exp_n_top": e_n_top, "exp_m_top": e_m_top, "estimate": base + est,
-            "rule": ("linear n" if linear else "power n") + (", measured m" if target_m in at else "")}
+            "rule": ("linear n" if linear else "power n") + (", measured m" if measured_m else "")}
 
 
 def fit_all(series_n: list[dict], series_m: list[dict], stages: list[str], startup: dict,
