@@ -171,6 +171,16 @@ def _reduce_batch(keys: np.ndarray, vals: np.ndarray, m: int) -> tuple[np.ndarra
     return keys[start], np.add.reduceat(vals.astype(np.float64), start)
 
 
+def _floored(
+    keys: np.ndarray, sums: np.ndarray, s: np.ndarray, m: int, floor: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The keys and float32 ``D = N / S[row]`` values of one block's sums with ``D >= floor``."""
+    rows = keys // m
+    d = np.clip(sums / np.where(s[rows] > 0, s[rows], 1.0), 0.0, 1.0).astype(np.float32)
+    keep = d >= np.float32(floor)
+    return keys[keep], d[keep]
+
+
 @dataclasses.dataclass(frozen=True)
 class Cooccurrence:
     """Eq. 5 co-occurrence confidence ``D`` (m x m) in CSR: entries ``>= floor`` and the diagonal.
@@ -265,16 +275,13 @@ class Cooccurrence:
     ) -> Cooccurrence:
         """``D = N / S[j]`` from off-diagonal sums and the diagonal ``S``; entries ``>= floor`` kept."""
         s = self_sums_m.detach().cpu().double().numpy()
-        kept_keys, kept_vals = [], []
-        for keys, sums in pairs.blocks():  # one block of rows at a time: the floor bounds what is kept
-            rows = keys // m
-            d = np.clip(sums / np.where(s[rows] > 0, s[rows], 1.0), 0.0, 1.0).astype(np.float32)
-            keep = d >= np.float32(floor)
-            kept_keys.append(keys[keep])
-            kept_vals.append(d[keep])
+        # one block of rows at a time (the floor bounds what is kept); each block's temporaries are
+        # freed when _floored returns, the kept parts once they are joined
+        kept = [_floored(keys, sums, s, m, floor) for keys, sums in pairs.blocks()]
         active = np.flatnonzero(s > 0)
-        keys = np.concatenate([*kept_keys, active * (m + 1)])  # plus the diagonal: 1 for active
-        vals = np.concatenate([*kept_vals, np.ones(active.size, np.float32)])
+        keys = np.concatenate([*(k for k, _ in kept), active * (m + 1)])  # plus the diagonal: 1 for active
+        vals = np.concatenate([*(v for _, v in kept), np.ones(active.size, np.float32)])
+        del kept
         order = np.argsort(keys, kind="stable")
         keys, vals = keys[order], vals[order]
         rowptr = np.zeros(m + 1, dtype=np.int64)

@@ -348,8 +348,11 @@ class StatsAccumulator:
         ex.code_start_tw[touched] = merged.code_start_tw
         ex.code_count_tw[touched] = merged.code_count_tw
         # garbage outweighs the live codes: drop it. The per-slot count counts a busy patch's code once
-        # per slot holding it, so the entries held once at the last compaction bound it too
-        live = min(int(ex.code_count_tw.sum()), self._pool_live)
+        # per slot holding it, so the entries held once at the last compaction bound it too; but not
+        # below the slot table's size: a compaction's temporaries are O(m * top_w), so a smaller pool is
+        # not worth compacting
+        held_once = max(self._pool_live, int(ex.code_count_tw.numel()))
+        live = min(int(ex.code_count_tw.sum()), held_once)
         if self.codes.size > 2 * live + _POOL_SLACK:
             ex.code_start_tw = self.codes.compact(ex.code_start_tw, ex.code_count_tw)
             self._pool_live = self.codes.size
