@@ -24,17 +24,29 @@ real thing (written in a fresh process, not timed):
 - random vocabulary embeddings (``--vocab-words``, 3 parts of speech) for ``name``, class embeddings
   for ``eval-ovs``, a labels CSV (``--classes``) for ``probe``, blocky label maps for the evaluations.
 
-Each stage runs as ``precompute.__main__.main([STAGE, ...])`` in its own process, reaped with
-``os.wait4``: the stage's wall and CPU seconds measured in the process after the imports (importing
-torch, faiss, open_clip ... takes 10-20 s on a loaded 2-core machine; the process figures are kept too)
-and the peak RSS of that process alone. A bare interpreter importing the CLI is measured the same way
-(``startup``). Exponents are least-squares slopes of log(seconds) (log(RSS - startup RSS) for memory)
-against log(n) (n-series, n in patches) or log(m) (m-series), over all points and over the two largest
-(closer to the asymptote; the estimate uses these). The estimate at ImageNet-1k (``--target-patches``,
-251 M = 1.28 M images x 196) and ``--target-m`` (65,536) is
-``base + (largest n-point - base) * (N / n)^e_n * (M / m)^e_m`` (a separable power law, negative
-exponents clamped to 0); stages whose work is per image (probe training, image-index search
-structure) are overestimated by 196 / grid^2 when ``--grid`` < 14.
+Each stage runs as ``precompute.__main__.main([STAGE, ...])`` in its own process (``--threads``: its
+OpenMP/MKL thread count), reaped with ``os.wait4``: the stage's wall and CPU seconds measured in the
+process after the imports (importing torch, faiss, open_clip ... takes 10-20 s on a loaded 2-core
+machine; the process figures are kept too), the peak RSS of that process alone (``ru_maxrss`` = VmHWM:
+it counts the page cache of memory-mapped feature shards the stage has read, which the kernel drops
+under pressure) and its peak anonymous memory (``RssAnon`` of ``/proc/PID/status``, sampled every
+0.2 s: heap and tensors only, the memory a stage really needs; a spike shorter than 0.2 s can be
+missed, VmHWM bounds it). ``--rss-cap-gb`` kills a stage whose anonymous memory passes it. A bare
+interpreter importing the CLI is measured the same way (``startup``).
+
+Exponents are least-squares slopes of log(seconds) (log(memory - startup memory) for memory) against
+log(n) (n-series, n in patches) or log(m) (m-series), over all points and over the two largest (closer
+to the asymptote). The estimate at ImageNet-1k (``--target-patches``, 251 M = 1.28 M images x 196) and
+``--target-m`` (65,536) starts from the largest n-point: ``base + (largest n-point - base) * f_n * f_m``.
+
+- ``f_n``: for the time of a stage that is one streaming pass over the patches (``STREAMING``), linear
+  in patches, ``N / n``: at small n the fixed work (loading the SAE, the vocabulary) flattens the
+  fitted exponent, and a pass over the shards is linear by construction. Otherwise (memory, and the
+  stages that do not touch every patch) ``(N / n)^e_n`` with the two-largest exponent (clamped >= 0).
+- ``f_m``: the measured ratio (point at ``--target-m`` / point at the n-series' m, both at the
+  m-series' n) when the m-series reaches the target; otherwise ``(M / m)^e_m`` (two-largest, >= 0).
+
+Per-image work (probe training, the image index) is overestimated by 196 / grid^2 when ``--grid`` < 14.
 """
 
 from __future__ import annotations
@@ -62,6 +74,9 @@ STAGES = ("train-sae", "stats", "families", "name", "index", "image-index", "pro
           "eval-concepts")  # fmt: skip
 IMAGENET_PATCHES = 1_281_167 * 196
 SHARD_IMAGES = 512
+STREAMING = ("train-sae", "stats", "image-index", "probe", "eval-ovs", "eval-concepts")
+"""Stages that are one streaming pass over every patch (train-sae: per epoch): time linear in patches."""
+MEMORY_KEYS = ("peak_rss_mb", "peak_anon_mb")
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -199,33 +214,40 @@ STAGE_CODE = ("import json, sys, time; from precompute.__main__ import main; t =
               "sys.exit(rc)")  # fmt: skip
 
 
-def _rss_kb(pid: int) -> int:
+def _anon_kb(pid: int) -> int:
+    """The process's anonymous resident memory (``RssAnon``: not file-backed pages) in kB, 0 if gone."""
     try:
         with open(f"/proc/{pid}/status") as fh:
-            return next((int(line.split()[1]) for line in fh if line.startswith("VmRSS")), 0)
+            return next((int(line.split()[1]) for line in fh if line.startswith("RssAnon")), 0)
     except OSError:  # gone, or no /proc
         return 0
 
 
-def measure(cmd: list[str], log: Path, rss_cap_gb: float = 0.0) -> dict:
-    """Run ``cmd`` in its own process; wall s, CPU s and the peak RSS (MB) of that process alone.
-    Above ``rss_cap_gb`` (0: no cap) it is killed (rc -9), so a stage that would exhaust a shared
-    machine's memory fails alone instead of taking the machine's other processes with it."""
+def measure(cmd: list[str], log: Path, rss_cap_gb: float = 0.0, threads: int = 0) -> dict:
+    """Run ``cmd`` in its own process; wall s, CPU s, peak RSS (VmHWM, MB) and peak anonymous memory
+    (``RssAnon`` sampled every 0.2 s, MB) of that process alone. Anonymous memory above ``rss_cap_gb``
+    (0: no cap) kills it (rc -9), so a stage that would exhaust a shared machine's memory fails alone;
+    page cache of memory-mapped shards does not count (the kernel reclaims it). ``threads`` > 0 sets
+    its OpenMP/MKL thread count."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if threads > 0:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    peak_anon = 0
     with log.open("ab") as out:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG if rss_cap_gb else 0)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if _rss_kb(proc.pid) > rss_cap_gb * 2**20:
+            peak_anon = max(peak_anon, _anon_kb(proc.pid))
+            if rss_cap_gb and peak_anon > rss_cap_gb * 2**20:
                 proc.kill()
             time.sleep(0.2)
         wall = time.perf_counter() - t
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"rc": proc.returncode, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": usage.ru_maxrss / 1024}  # fmt: skip
+            "peak_rss_mb": usage.ru_maxrss / 1024, "peak_anon_mb": peak_anon / 1024}  # fmt: skip
 
 
 def du_mb(path: Path) -> float:
@@ -249,10 +271,11 @@ def run_point(work: Path, n: int, m: int, args, log: Path) -> dict:
     for stage in args.stages:
         res = work / f"{stage}.result.json"
         cmd = [sys.executable, "-c", STAGE_CODE, str(res), stage, *stage_args(stage, work, args.device)]
-        proc = measure(cmd, log, args.rss_cap_gb)
-        if res.is_file():  # the in-process times, the process's peak RSS
+        proc = measure(cmd, log, args.rss_cap_gb, args.threads)
+        if res.is_file():  # the in-process times, the process's peak memory
             r = {**json.loads(res.read_text()), "process_wall_s": proc["wall_s"],
-                 "process_cpu_s": proc["cpu_s"], "peak_rss_mb": proc["peak_rss_mb"]}  # fmt: skip
+                 "process_cpu_s": proc["cpu_s"], "peak_rss_mb": proc["peak_rss_mb"],
+                 "peak_anon_mb": proc["peak_anon_mb"]}  # fmt: skip
         else:  # died before writing its result
             r = {**proc, "rc": proc["rc"] or 1}
         if stage == "train-sae":
@@ -260,7 +283,8 @@ def run_point(work: Path, n: int, m: int, args, log: Path) -> dict:
         point["stages"][stage] = r
         state = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']} (see {log})"
         print(f"  n={n:>7,} m={m:>6,} {stage:14s} {r['wall_s']:8.1f} s wall {r['cpu_s']:8.1f} s CPU "
-              f"{r['peak_rss_mb']:7.0f} MB  {state}", flush=True)  # fmt: skip
+              f"{r['peak_rss_mb']:7.0f} MB RSS {r['peak_anon_mb']:7.0f} MB anon  {state}",
+              flush=True)  # fmt: skip
     point["atlas_mb"] = du_mb(work / "atlas")
     point["stats_mb"] = du_mb(work / "atlas" / "stats")
     if not args.keep:
@@ -281,8 +305,9 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
 
 def fit(series_n: list[dict], series_m: list[dict], stage: str, key: str, base: float,
         target_patches: float, target_m: float) -> dict:  # fmt: skip
-    """Exponents in n (patches) and m of ``key - base`` (all points, and the two largest: the one the
-    estimate uses, closest to the asymptote), and the estimate at the target."""
+    """Exponents in n (patches) and m of ``key - base`` (all points, and the two largest, closest to
+    the asymptote), and the estimate at the target (module docstring: linear in patches for the time
+    of a streaming stage, the measured m ratio when the m-series reaches the target)."""
     floor = max(base * 0.01, 1e-3)
 
     def inc(p: dict) -> float:
@@ -301,17 +326,25 @@ def fit(series_n: list[dict], series_m: list[dict], stage: str, key: str, base: 
 
     e_n, e_n_top = exps(series_n, "patches")
     e_m, e_m_top = exps(series_m, "m")
-    # from the largest point of the n-series, along n with e_n_top, then along m with e_m_top
     top = max(series_n, key=lambda p: p["patches"])
-    est = inc(top) * (target_patches / top["patches"]) ** max(e_n_top or 0.0, 0.0)
-    est *= (target_m / top["m"]) ** max(e_m_top or 0.0, 0.0)
-    return {"exp_n": e_n, "exp_m": e_m, "exp_n_top": e_n_top, "exp_m_top": e_m_top, "estimate": base + est}
+    linear = stage in STREAMING and key not in MEMORY_KEYS
+    est = inc(top) * (target_patches / top["patches"]) ** (1.0 if linear else max(e_n_top or 0.0, 0.0))
+    at = {p["m"]: p for p in series_m}
+    measured_m = target_m in at and top["m"] in at
+    if measured_m:  # the m-series' ratio between the two m
+        est *= inc(at[target_m]) / inc(at[top["m"]])
+    else:
+        est *= (target_m / top["m"]) ** max(e_m_top or 0.0, 0.0)
+    return {"exp_n": e_n, "exp_m": e_m, "exp_n_top": e_n_top, "exp_m_top": e_m_top, "estimate": base + est,
+            "rule": ("linear n" if linear else "power n") + (", measured m" if measured_m else "")}
 
 
 def fit_all(series_n: list[dict], series_m: list[dict], stages: list[str], startup: dict,
             target_patches: float, target_m: float) -> dict:  # fmt: skip
-    """``fit`` of every stage and figure; times are in-process (no import cost), RSS less the imports'."""
+    """``fit`` of every stage and figure; times are in-process (no import cost), memory less the imports'."""
     base = {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_mb": startup["peak_rss_mb"]}
+    if "peak_anon_mb" in startup:  # reports before anonymous memory was sampled have none
+        base["peak_anon_mb"] = startup["peak_anon_mb"]
     return {s: {key: fit(series_n, series_m, s, key, base[key], target_patches, target_m) for key in base}
             for s in stages}  # fmt: skip
 
@@ -357,16 +390,26 @@ def markdown(report: dict) -> str:
           f"patch, vocabulary {a['vocab_words']:,} words x 3 parts of speech, {a['classes']} probe classes "
           f"(20 epochs). Startup (interpreter + CLI imports): {report['startup']['wall_s']:.1f} s, "
           f"{report['startup']['peak_rss_mb']:.0f} MB.", "",
-          f"Times are the stage's own (in its process, after the imports); peak RSS is the whole process's. "
-          f"Exponents (log-log least squares; n counted in patches) are 'all points / the two largest', "
-          f"RSS ones on RSS - startup RSS; the estimate at ImageNet-1k "
-          f"({report['target_patches'] / 1e6:,.0f} M "
-          f"patches) and m = {report['target_m']:,} uses the two-largest ones.", ""]  # fmt: skip
+          f"Times are the stage's own (in its process, after the imports); memory is the whole process's: "
+          f"peak RSS (VmHWM, page cache of memory-mapped shards included) and peak anonymous memory "
+          f"(RssAnon sampled every 0.2 s: what the stage needs). Exponents (log-log least squares; n counted "
+          f"in patches) are 'all points / the two largest', memory ones on memory - startup memory. The "
+          f"estimate at ImageNet-1k ({report['target_patches'] / 1e6:,.0f} M patches) and "
+          f"m = {report['target_m']:,} starts from the largest n-point: time of a streaming stage "
+          f"({', '.join(STREAMING)}) linear in patches, otherwise the two-largest n exponent; times the "
+          f"measured ratio between the m-series' points at m = {report['target_m']:,} and at the n-series' m "
+          f"when the grid reaches it (else the two-largest m exponent). The memory limit is checked on "
+          f"anonymous memory.", ""]  # fmt: skip
     pts_n, pts_m = report["series_n"], report["series_m"]
     head = ["stage", *[f"n={p['n_images']:,}" for p in pts_n], "exp n",
             *[f"m={p['m']:,}" for p in pts_m], "exp m", "ImageNet + 65k"]  # fmt: skip
-    for title, key, fmt in (("Wall time", "wall_s", _fmt_s), ("CPU time (user + system)", "cpu_s", _fmt_s),
-                            ("Peak RSS", "peak_rss_mb", _fmt_mb)):  # fmt: skip
+    tables = [("Wall time", "wall_s", _fmt_s), ("CPU time (user + system)", "cpu_s", _fmt_s),
+              ("Peak RSS (VmHWM)", "peak_rss_mb", _fmt_mb)]  # fmt: skip
+    has_anon = "peak_anon_mb" in report["startup"]
+    if has_anon:
+        tables.append(("Peak anonymous memory (RssAnon)", "peak_anon_mb", _fmt_mb))
+    limit_key = "peak_anon_mb" if has_anon else "peak_rss_mb"
+    for title, key, fmt in tables:
         md += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for stage in a["stages"]:
             f = report["fits"][stage][key]
@@ -377,7 +420,7 @@ def markdown(report: dict) -> str:
             flag = ""
             if key != "peak_rss_mb" and (f["exp_n_top"] or 0) > 1.1:
                 flag = " (exp n > 1.1)"
-            if key == "peak_rss_mb" and f["estimate"] > ram * 1024:
+            if key == limit_key and f["estimate"] > ram * 1024:
                 flag = f" (> {ram} GB)"
             md.append(f"| {stage} | " + " | ".join(cells) + f" | **{fmt(f['estimate'])}**{flag} |")
         md.append("")
@@ -408,6 +451,8 @@ def main() -> int:
     ap.add_argument("--ram-gb", type=float, default=24.0, help="memory the estimate is checked against")
     ap.add_argument("--rss-cap-gb", type=float, default=12.0,
                     help="kill a stage above this RSS (0: no cap); it is reported as failed")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OpenMP/MKL threads of each stage process (0: the library default)")
     ap.add_argument("--note", default="", help="a line for the report (e.g. how loaded the machine was)")
     ap.add_argument("--name", default=None, help="report name (default: scale-cpu / scale-gpu)")
     ap.add_argument("--render", type=Path, default=None, help="only rewrite the .md of a JSON report")
@@ -424,7 +469,6 @@ def main() -> int:
         write_point(args.worker_write, args.n_images[0], args.dict_sizes[0], args.grid, args.vocab_words,
                     args.classes)  # fmt: skip
         return 0
-    import torch
 
     args.base_m = args.base_m or min(args.dict_sizes)
     args.base_n = args.base_n or min(args.n_images)
@@ -436,38 +480,50 @@ def main() -> int:
     REPORTS.mkdir(exist_ok=True)
     log.write_text("")
     load_start = os.getloadavg()
-    startup = measure([sys.executable, "-c", "import precompute.__main__"], log)
+    startup = measure([sys.executable, "-c", "import precompute.__main__"], log, threads=args.threads)
     print(f"startup: {startup['wall_s']:.1f} s, {startup['peak_rss_mb']:.0f} MB; log -> {log}", flush=True)
-    pairs = [(n, args.base_m) for n in args.n_images]
-    pairs += [(args.base_n, m) for m in args.dict_sizes if (args.base_n, m) not in pairs]
+    # the m-series first (the largest m is the point most at risk); the report is rewritten after each
+    # point, so a run stopped early still leaves the points it finished
+    pairs = [(args.base_n, m) for m in args.dict_sizes]
+    pairs += [(n, args.base_m) for n in args.n_images if (n, args.base_m) not in pairs]
     done: dict[tuple[int, int], dict] = {}
     t0 = time.perf_counter()
+    failed: list = []
     for n, m in pairs:
         done[(n, m)] = run_point(work / f"n{n}-m{m}", n, m, args, log)
-    failed = [(k, s) for k, p in done.items() for s, r in p["stages"].items() if r["rc"]]
-    series_n = [done[(n, args.base_m)] for n in args.n_images]
-    series_m = [done[(args.base_n, m)] for m in args.dict_sizes]
-    fits = fit_all(series_n, series_m, args.stages, startup, args.target_patches, args.target_m)
-    dev = torch.cuda.get_device_name(0) if tag == "gpu" and torch.cuda.is_available() else "cpu"
-    report = {
-        "device": dev, "torch_threads": torch.get_num_threads(), "machine": f"{os.cpu_count()} CPU cores, "
-        f"{platform.machine()}, shared with other users" if tag == "cpu" else dev,
-        "note": args.note, "load_start": load_start, "load_end": os.getloadavg(),
-        "total_s": time.perf_counter() - t0,
-        "command": " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]]),
-        "args": {"n_images": args.n_images, "dict_sizes": args.dict_sizes, "base_m": args.base_m,
-                 "base_n": args.base_n, "grid": args.grid, "vocab_words": args.vocab_words,
-                 "classes": args.classes, "stages": args.stages, "device": args.device},
-        "startup": startup, "target_patches": args.target_patches, "target_m": args.target_m,
-        "ram_limit_gb": args.ram_gb, "series_n": series_n, "series_m": series_m, "fits": fits,
-        "failed": [f"n={k[0]} m={k[1]} {s}" for k, s in failed],
-    }  # fmt: skip
-    (REPORTS / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (REPORTS / f"{name}.md").write_text(markdown(report))
+        failed = [(k, s) for k, p in done.items() for s, r in p["stages"].items() if r["rc"]]
+        report = _report(args, done, startup, load_start, time.perf_counter() - t0, failed, tag)
+        (REPORTS / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (REPORTS / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
     if failed:
         print(f"FAILED stages: {report['failed']} (see {log})")
     return 1 if failed else 0
+
+
+def _report(args, done: dict, startup: dict, load_start, total_s: float, failed: list, tag: str) -> dict:
+    """The report of the points finished so far."""
+    import torch
+
+    series_n = [done[(n, args.base_m)] for n in args.n_images if (n, args.base_m) in done]
+    series_m = [done[(args.base_n, m)] for m in args.dict_sizes if (args.base_n, m) in done]
+    fits = fit_all(series_n, series_m, args.stages, startup, args.target_patches, args.target_m)
+    dev = torch.cuda.get_device_name(0) if tag == "gpu" and torch.cuda.is_available() else "cpu"
+    threads = args.threads or torch.get_num_threads()
+    return {
+        "device": dev, "torch_threads": threads, "machine": f"{os.cpu_count()} CPU cores, "
+        f"{platform.machine()}, shared with other users" if tag == "cpu" else dev,
+        "note": args.note, "load_start": load_start, "load_end": os.getloadavg(),
+        "total_s": total_s,
+        "command": " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]]),
+        "args": {"n_images": args.n_images, "dict_sizes": args.dict_sizes, "base_m": args.base_m,
+                 "base_n": args.base_n, "grid": args.grid, "vocab_words": args.vocab_words,
+                 "classes": args.classes, "stages": args.stages, "device": args.device,
+                 "threads": args.threads},
+        "startup": startup, "target_patches": args.target_patches, "target_m": args.target_m,
+        "ram_limit_gb": args.ram_gb, "series_n": series_n, "series_m": series_m, "fits": fits,
+        "failed": [f"n={k[0]} m={k[1]} {s}" for k, s in failed],
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

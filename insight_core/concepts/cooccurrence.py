@@ -16,6 +16,11 @@ diagonal (1 for active concepts). Why the floor cannot change families or names:
 - a concept page lists the largest entries of a row; entries below the floor are not stored, so it
   lists only shares ``>= floor`` (the page says so).
 
+Memory budget: with ``budget_bytes`` a :class:`PairSums` whose main run passes the budget writes it to
+a temporary file (a sorted run) and starts over; :meth:`PairSums.blocks` merges the spilled runs and
+the in-memory ones one block of rows at a time, so ``from_sums`` (and merging accumulators) holds
+about one block plus twice the budget, whatever the number of distinct pairs.
+
 Size bound: a row's entries sum to the activation-weighted mean number of concepts active with ``j``
 (``sum_j' D[j, j'] <= max active per patch``), so a row holds at most ``k_max / floor`` entries
 (~240 at k = 12 and floor 0.05): at most ``m * k_max / floor`` entries whatever the data size.
@@ -24,6 +29,11 @@ Size bound: a row's entries sum to the activation-weighted mean number of concep
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,21 +50,32 @@ class PairSums:
     """Running sums of ``N[j, j']`` over distinct keys ``j * m + j'`` (log-structured: sorted runs).
 
     Each :meth:`add` reduces a batch to one sorted run; runs are merged into the main run once they
-    hold as many pairs as it does (each pair is re-sorted O(log n) times in all).
+    hold as many pairs as it does (each pair is re-sorted O(log n) times in all). With
+    ``budget_bytes`` > 0, a main run larger than the budget is spilled to a temporary folder under
+    ``spill_dir`` (default: the system's) and memory stays about twice the budget; read the sums
+    with :meth:`blocks` (or :meth:`items`), not :attr:`keys` / :attr:`sums`, which hold the main run only.
     """
 
-    def __init__(self, m: int) -> None:
+    def __init__(self, m: int, *, budget_bytes: int = 0, spill_dir: str | Path | None = None) -> None:
+        if budget_bytes < 0:
+            raise ConfigError(f"budget_bytes must be >= 0 (0: never spill), got {budget_bytes}")
         self.m = int(m)
         self.keys = np.zeros(0, dtype=np.int64)
         """Sorted distinct keys of the main run."""
         self.sums = np.zeros(0, dtype=np.float64)
         """Their sums."""
+        self.budget_bytes = int(budget_bytes)
+        """Main-run bytes above which it is spilled to disk (0: never)."""
+        self._spill_dir = spill_dir
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None  # removed with this object
+        self.spilled: list[Path] = []
+        """Files of the spilled runs (``.keys.npy`` / ``.sums.npy`` pairs share a stem)."""
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending = 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes held (main run and pending runs)."""
+        """Bytes held in memory (main run and pending runs; not the spilled runs)."""
         return int(self.keys.nbytes + self.sums.nbytes + sum(k.nbytes + s.nbytes for k, s in self._runs))
 
     def add(self, keys: np.ndarray, vals: np.ndarray) -> None:
@@ -73,6 +94,53 @@ class PairSums:
         self._pending += keys.size
         if self._pending >= max(self.keys.size, _COMPACT_MIN):
             self.compact()
+            if self.budget_bytes and self.keys.nbytes + self.sums.nbytes > self.budget_bytes:
+                self._spill()
+
+    def _spill(self) -> None:
+        """Write the main run to a temporary file (a sorted run of distinct keys) and empty it."""
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="insight-pairs-", dir=self._spill_dir)
+        stem = Path(self._tmp.name) / f"run{len(self.spilled):05d}"
+        np.save(stem.with_suffix(".keys.npy"), self.keys, allow_pickle=False)
+        np.save(stem.with_suffix(".sums.npy"), self.sums, allow_pickle=False)
+        self.spilled.append(stem)
+        self.keys, self.sums = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+
+    def blocks(self, max_entries: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Sorted distinct keys and their total sums over every run (spilled ones included), one block
+        of whole rows at a time (rows split evenly so that a block holds about ``max_entries`` stored
+        pairs; 0: the budget's worth, or one block when nothing was spilled)."""
+        self.compact()
+        if not self.spilled:
+            yield self.keys, self.sums
+            return
+        runs = [(self.keys, self.sums)] + [
+            (np.load(p.with_suffix(".keys.npy"), mmap_mode="r", allow_pickle=False),
+             np.load(p.with_suffix(".sums.npy"), mmap_mode="r", allow_pickle=False))
+            for p in self.spilled
+        ]  # fmt: skip
+        total = sum(k.size for k, _ in runs)
+        per_block = max_entries or max(self.budget_bytes // 16, 1)
+        n_blocks = min(self.m, max(1, math.ceil(total / per_block)))
+        bounds = np.linspace(0, self.m, n_blocks + 1).round().astype(np.int64) * self.m
+        for lo, hi in itertools.pairwise(bounds.tolist()):
+            parts = []
+            for k, s in runs:  # each run is sorted: its keys of these rows are one slice
+                a, b = np.searchsorted(k, [lo, hi])
+                parts.append((np.asarray(k[a:b]), np.asarray(s[a:b])))
+            keys = np.concatenate([k for k, _ in parts])
+            sums = np.concatenate([s for _, s in parts])
+            order = np.argsort(keys, kind="stable")
+            keys, sums = keys[order], sums[order]
+            start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else keys
+            yield keys[start], np.add.reduceat(sums, start) if start.size else sums
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every distinct key and its sum (all blocks of :meth:`blocks` at once: spilled runs are read
+        back into memory)."""
+        parts = list(self.blocks())
+        return np.concatenate([k for k, _ in parts]), np.concatenate([s for _, s in parts])
 
     def compact(self) -> None:
         """Merge every pending run into the main run."""
@@ -101,6 +169,16 @@ def _reduce_batch(keys: np.ndarray, vals: np.ndarray, m: int) -> tuple[np.ndarra
         keys, vals = keys[order], vals[order]
     start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     return keys[start], np.add.reduceat(vals.astype(np.float64), start)
+
+
+def _floored(
+    keys: np.ndarray, sums: np.ndarray, s: np.ndarray, m: int, floor: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The keys and float32 ``D = N / S[row]`` values of one block's sums with ``D >= floor``."""
+    rows = keys // m
+    d = np.clip(sums / np.where(s[rows] > 0, s[rows], 1.0), 0.0, 1.0).astype(np.float32)
+    keep = d >= np.float32(floor)
+    return keys[keep], d[keep]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,15 +274,14 @@ class Cooccurrence:
         cls, m: int, pairs: PairSums, self_sums_m: torch.Tensor, floor: float = DEFAULT_FLOOR
     ) -> Cooccurrence:
         """``D = N / S[j]`` from off-diagonal sums and the diagonal ``S``; entries ``>= floor`` kept."""
-        pairs.compact()
         s = self_sums_m.detach().cpu().double().numpy()
-        keys = pairs.keys
-        rows = keys // m
-        d = np.clip(pairs.sums / np.where(s[rows] > 0, s[rows], 1.0), 0.0, 1.0).astype(np.float32)
-        keep = d >= np.float32(floor)
+        # one block of rows at a time (the floor bounds what is kept); each block's temporaries are
+        # freed when _floored returns, the kept parts once they are joined
+        kept = [_floored(keys, sums, s, m, floor) for keys, sums in pairs.blocks()]
         active = np.flatnonzero(s > 0)
-        keys = np.concatenate([keys[keep], active * (m + 1)])  # plus the diagonal: 1 for active
-        vals = np.concatenate([d[keep], np.ones(active.size, np.float32)])
+        keys = np.concatenate([*(k for k, _ in kept), active * (m + 1)])  # plus the diagonal: 1 for active
+        vals = np.concatenate([*(v for _, v in kept), np.ones(active.size, np.float32)])
+        del kept
         order = np.argsort(keys, kind="stable")
         keys, vals = keys[order], vals[order]
         rowptr = np.zeros(m + 1, dtype=np.int64)

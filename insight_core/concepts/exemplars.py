@@ -90,12 +90,45 @@ def row_ptr(count_g: torch.Tensor) -> torch.Tensor:
     return ptr
 
 
+def shared_slots(row_g: torch.Tensor, ptr_r1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start_g, count_g)`` of slots that point at rows of a CSR table (``row_g`` -1: an empty slot,
+    start 0 and count 0); the inverse of :meth:`CodePool.shared`."""
+    filled = row_g >= 0
+    if ptr_r1.numel() < 2:  # no stored rows: every slot is empty
+        zero = torch.zeros_like(row_g)
+        return zero, zero.clone()
+    row = row_g.clamp(0, ptr_r1.numel() - 2)
+    start = torch.where(filled, ptr_r1[row], 0)
+    return start, torch.where(filled, ptr_r1[row + 1] - ptr_r1[row], 0)
+
+
+def share_rows(
+    ptr_g1: torch.Tensor, cols_e: torch.Tensor, vals_e: torch.Tensor, image_g: torch.Tensor,
+    patch_g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The CSR rows ``g`` (the code of patch ``(image_g, patch_g)``) with each distinct patch's code
+    stored once: ``(row_g, ptr_r1, cols_e, vals_e)``, rows sorted by (image, patch), ``row_g`` the row
+    of each slot (-1 where it is empty). A busy patch is a top exemplar of hundreds of concepts; its
+    code is stored once, not once per (concept, rank)."""
+    count_g = ptr_g1[1:] - ptr_g1[:-1]
+    live_l = torch.nonzero(count_g > 0, as_tuple=True)[0]
+    keys = torch.stack([image_g[live_l], patch_g[live_l]], dim=1)
+    uniq, inv = torch.unique(keys, dim=0, return_inverse=True)
+    first = torch.full((uniq.shape[0],), count_g.numel(), dtype=torch.int64, device=ptr_g1.device)
+    first.scatter_reduce_(0, inv, live_l, reduce="amin")  # each patch's first slot holds its code
+    idx = ragged_index(ptr_g1[first], count_g[first])
+    row_g = torch.full_like(count_g, -1)
+    row_g[live_l] = inv
+    return row_g, row_ptr(count_g[first]), cols_e[idx], vals_e[idx]
+
+
 class CodePool:
     """Growable flat buffers of sparse-code entries (int32 concept, float32 activation).
 
-    Rows are appended and referenced by (start, count). Rows that fall out of every top-``top_w`` leave
-    garbage behind, which :meth:`compact` drops; the accumulator compacts once garbage outweighs the
-    live entries, so the pool holds ~2x the live entries at most, plus one batch's new rows.
+    Rows are appended and referenced by (start, count); slots of different concepts that hold the same
+    patch point at the same entries. Rows that fall out of every top-``top_w`` leave garbage behind,
+    which :meth:`compact` drops (keeping each shared code once); the accumulator compacts once garbage
+    outweighs the live entries, so the pool holds ~2x the live entries at most, plus one batch's new rows.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -128,11 +161,27 @@ class CodePool:
         idx = ragged_index(start_g, count_g)
         return row_ptr(count_g), self.cols_c[idx], self.vals_c[idx]
 
+    def shared(
+        self, start_g: torch.Tensor, count_g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows with each stored code once: ``(row_g, ptr_r1, cols_e, vals_e)``, ``row_g`` the CSR
+        row of each slot (-1: empty). Slots with the same start share a code (a code is appended once
+        per patch and slots only copy pointers), so they share a row."""
+        flat_start, flat_count = start_g.reshape(-1), count_g.reshape(-1)
+        live = flat_count > 0
+        uniq, inv = torch.unique(flat_start[live], return_inverse=True)
+        count_r = torch.zeros_like(uniq).scatter_(0, inv, flat_count[live])
+        ptr, cols, vals = self.rows(uniq, count_r)
+        row_g = torch.full_like(flat_start, -1)
+        row_g[live] = inv
+        return row_g.reshape(start_g.shape), ptr, cols, vals
+
     def compact(self, start_g: torch.Tensor, count_g: torch.Tensor) -> torch.Tensor:
-        """Keep only the entries of the given rows (exactly sized buffers); returns their new starts."""
-        ptr, cols, vals = self.rows(start_g, count_g)
+        """Keep only the entries of the given rows, each shared code once (exactly sized buffers);
+        returns their new starts (0 for empty rows)."""
+        row_g, ptr, cols, vals = self.shared(start_g, count_g)
         self.cols_c, self.vals_c, self.size = cols, vals, int(cols.numel())
-        return ptr[:-1].reshape(start_g.shape)
+        return shared_slots(row_g, ptr)[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Concept statistics in one streaming pass (DESIGN "precompute stats"; paper Eq. 5 and App. B.4).
 
 The pass's configuration :class:`StatsConfig` and its result :class:`ConceptStats` with the file format
-(``save``/``load``, versions 1-3) live in :mod:`insight_core.concepts.stats_file` and are re-exported
+(``save``/``load``, versions 1-4) live in :mod:`insight_core.concepts.stats_file` and are re-exported
 here; the exemplar merging lives in :mod:`insight_core.concepts.exemplars`.
 
 :class:`StatsAccumulator` consumes batches of thresholded SAE codes, one row per patch, and keeps:
@@ -21,7 +21,8 @@ here; the exemplar merging lives in :mod:`insight_core.concepts.exemplars`.
   top (:mod:`insight_core.concepts.exemplars`).
 
 Memory is 16 bytes per distinct co-occurring pair seen (never m^2: a dense float64 ``N`` would be
-34 GB at m = 65,536) plus O(m * top_n) for the exemplars, the actual entries of their top-``top_w``
+34 GB at m = 65,536; with ``pair_budget_bytes`` about twice that budget, the rest spilled to disk)
+plus O(m * top_n) for the exemplars, the actual entries of their top-``top_w``
 patches' codes (ragged: a pool of entries that rows point into, compacted once garbage outweighs
 the live entries; never padded to the busiest patch's k_max) and O(m * hist_bins) for the
 histograms and band samples. Codes are handled sparsely: a patch has ~k
@@ -44,6 +45,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,8 +63,9 @@ from insight_core.concepts.exemplars import (
     merge_band_samples,
     merge_exemplars,
     ragged_index,
+    shared_slots,
 )
-from insight_core.concepts.stats_file import ConceptStats, StatsConfig, check_codes
+from insight_core.concepts.stats_file import ConceptStats, StatsConfig, check_codes, check_slots
 from insight_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -87,9 +90,23 @@ class StatsAccumulator:
         What to keep (exemplar counts, activity threshold).
     device:
         Where the buffers live (the sparse co-occurrence sums always live on the CPU).
+    pair_budget_bytes:
+        Memory for the co-occurrence sums before they spill sorted runs to disk (0: never; see
+        :class:`~insight_core.concepts.cooccurrence.PairSums`); the statistics are the same.
+    spill_dir:
+        Where spilled runs go (a temporary folder inside it, removed with the accumulator; default:
+        the system's temporary folder).
     """
 
-    def __init__(self, m: int, cfg: StatsConfig | None = None, *, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        m: int,
+        cfg: StatsConfig | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        pair_budget_bytes: int = 0,
+        spill_dir: str | Path | None = None,
+    ) -> None:
         if m < 1:
             raise ConfigError(f"m (number of concepts) must be >= 1, got {m}")
         self.m = int(m)
@@ -101,7 +118,7 @@ class StatsAccumulator:
         self.freq_patches_m = torch.zeros(m, dtype=torch.int64, device=dev)
         self.freq_images_m = torch.zeros(m, dtype=torch.int64, device=dev)
         self.max_act_m = torch.zeros(m, dtype=torch.float32, device=dev)
-        self.pairs = PairSums(m)
+        self.pairs = PairSums(m, budget_bytes=pair_budget_bytes, spill_dir=spill_dir)
         """Off-diagonal co-occurrence numerator ``N[j, j']`` at keys ``j * m + j'``."""
         self.self_sums_m = torch.zeros(m, dtype=torch.float64, device=dev)
         """Its diagonal ``S[j] = N[j, j] = sum_i A_ij``."""
@@ -114,6 +131,8 @@ class StatsAccumulator:
         )
         self.codes = CodePool(dev)
         """Sparse codes of the top-``top_w`` exemplar patches (rows referenced by ``ex.code_*_tw``)."""
+        self._pool_live = 0
+        """Entries the pool held right after its last compaction (each shared code once)."""
         self.hist_flat = torch.zeros(m * self.cfg.hist_bins, dtype=torch.int64, device=dev)
         """Activation histograms, row-major ``hist[j, bin] = hist_flat[j * hist_bins + bin]``."""
         g, r = m * self.cfg.n_bands, self.cfg.band_samples
@@ -328,14 +347,34 @@ class StatsAccumulator:
         ex.patch_tn[touched] = merged.patch_tn
         ex.code_start_tw[touched] = merged.code_start_tw
         ex.code_count_tw[touched] = merged.code_count_tw
-        live = int(ex.code_count_tw.sum())
-        if self.codes.size > 2 * live + _POOL_SLACK:  # garbage outweighs the live codes: drop it
+        # garbage outweighs the live codes: drop it. The per-slot count counts a busy patch's code once
+        # per slot holding it, so the entries held once at the last compaction bound it too; but not
+        # below the slot table's size: a compaction's temporaries are O(m * top_w), so a smaller pool is
+        # not worth compacting
+        held_once = max(self._pool_live, int(ex.code_count_tw.numel()))
+        live = min(int(ex.code_count_tw.sum()), held_once)
+        if self.codes.size > 2 * live + _POOL_SLACK:
             ex.code_start_tw = self.codes.compact(ex.code_start_tw, ex.code_count_tw)
+            self._pool_live = self.codes.size
 
     def exemplar_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The codes of the top-``top_w`` exemplars as CSR over the ``m * top_w`` (concept, rank) rows:
-        ``(ptr_g1, cols_e, vals_e)`` (the layout of statistics files, version 3)."""
+        ``(ptr_g1, cols_e, vals_e)`` (the in-memory layout of :class:`ConceptStats`)."""
         return self.codes.rows(self.ex.code_start_tw, self.ex.code_count_tw)
+
+    def shared_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same codes with each exemplar patch's code once: ``(row_mw, ptr_r1, cols_e, vals_e)``,
+        ``row_mw`` the CSR row of each (concept, rank) slot (-1: empty); what :meth:`state_dict` ships."""
+        return self.codes.shared(self.ex.code_start_tw, self.ex.code_count_tw)
+
+    def _add_shared_codes(
+        self, row_mw: torch.Tensor, ptr_r1: torch.Tensor, cols_e: torch.Tensor, vals_e: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append shared codes to the pool; the (start, count) of each slot pointing at them."""
+        dev = self.device
+        base = self.codes.append(cols_e.to(dev), vals_e.to(dev))
+        start, count = shared_slots(row_mw.to(dev), ptr_r1.to(dev))
+        return torch.where(count > 0, start + base, 0), count
 
     # -------------------------------------------------------------------------------------- merge
     def merge(self, other: StatsAccumulator) -> StatsAccumulator:
@@ -355,18 +394,11 @@ class StatsAccumulator:
         self.freq_images_m += other.freq_images_m.to(dev)
         self.max_act_m = torch.maximum(self.max_act_m, other.max_act_m.to(dev))
         self.self_sums_m += other.self_sums_m.to(dev)
-        other.pairs.compact()
-        self.pairs.add_sorted(other.pairs.keys, other.pairs.sums)
+        for keys, sums in other.pairs.blocks():
+            self.pairs.add_sorted(keys, sums)
         o = other.ex
-        ptr, cols, vals = other.exemplar_codes()
-        base = self.codes.append(cols.to(dev), vals.to(dev))
-        theirs = Exemplars(
-            act_tn=o.act_tn.to(dev),
-            image_tn=o.image_tn.to(dev),
-            patch_tn=o.patch_tn.to(dev),
-            code_start_tw=(base + ptr[:-1]).to(dev).view(self.m, -1),
-            code_count_tw=(ptr[1:] - ptr[:-1]).to(dev).view(self.m, -1),
-        )
+        start, count = self._add_shared_codes(*other.shared_codes())
+        theirs = Exemplars(o.act_tn.to(dev), o.image_tn.to(dev), o.patch_tn.to(dev), start, count)
         merged = merge_exemplars(self.ex, theirs, self.cfg.top_n, self.cfg.top_w)
         self._store_exemplars(torch.arange(self.m, device=dev), merged)
         self.hist_flat += other.hist_flat.to(dev)
@@ -381,9 +413,9 @@ class StatsAccumulator:
     # ------------------------------------------------------------------------------ serialisation
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All running state as tensors (e.g. to ship a worker's accumulator to the merging process)."""
-        self.pairs.compact()
+        pair_keys, pair_sums = self.pairs.items()
         ex = self.ex
-        ptr, cols, vals = self.exemplar_codes()
+        row, ptr, cols, vals = self.shared_codes()
         return {
             "n_patches": torch.tensor(self.n_patches, dtype=torch.int64),
             "n_images": torch.tensor(self.n_images, dtype=torch.int64),
@@ -391,11 +423,12 @@ class StatsAccumulator:
             "freq_images_m": self.freq_images_m,
             "max_act_m": self.max_act_m,
             "self_sums_m": self.self_sums_m,
-            "pair_keys_e": torch.from_numpy(self.pairs.keys),
-            "pair_sums_e": torch.from_numpy(self.pairs.sums),
+            "pair_keys_e": torch.from_numpy(pair_keys),
+            "pair_sums_e": torch.from_numpy(pair_sums),
             "ex_act_mn": ex.act_tn,
             "ex_image_mn": ex.image_tn,
             "ex_patch_mn": ex.patch_tn,
+            "ex_code_row_mw": row,
             "ex_code_ptr_g1": ptr,
             "ex_code_cols_e": cols,
             "ex_code_vals_e": vals,
@@ -419,6 +452,8 @@ class StatsAccumulator:
             raise ConfigError("accumulator state needs a 1-D 'freq_patches_m' tensor")
         m, n, w = int(state["freq_patches_m"].shape[0]), cfg.top_n, cfg.top_w
         nnz = int(state["ex_code_cols_e"].numel()) if "ex_code_cols_e" in state else 0
+        ptr_t = state.get("ex_code_ptr_g1")
+        rows = int(ptr_t.numel()) - 1 if ptr_t is not None and ptr_t.ndim == 1 else 0
         expected = {
             "n_patches": ((), torch.int64),
             "n_images": ((), torch.int64),
@@ -429,7 +464,8 @@ class StatsAccumulator:
             "ex_act_mn": ((m, n), torch.float32),
             "ex_image_mn": ((m, n), torch.int64),
             "ex_patch_mn": ((m, n), torch.int64),
-            "ex_code_ptr_g1": ((m * w + 1,), torch.int64),
+            "ex_code_row_mw": ((m, w), torch.int64),
+            "ex_code_ptr_g1": ((rows + 1,), torch.int64),
             "ex_code_cols_e": ((nnz,), torch.int32),
             "ex_code_vals_e": ((nnz,), torch.float32),
             "hist_flat": ((m * cfg.hist_bins,), torch.int64),
@@ -452,19 +488,21 @@ class StatsAccumulator:
             for k_ in ("freq_patches_m", "freq_images_m", "max_act_m", "self_sums_m")
         )
         acc.pairs = _pairs_from_state(state, m)
-        ptr, cols, vals = (state[f"ex_code_{x}"] for x in ("ptr_g1", "cols_e", "vals_e"))
+        row, ptr, cols, vals = (state[f"ex_code_{x}"] for x in ("row_mw", "ptr_g1", "cols_e", "vals_e"))
         try:
             check_codes(ptr, cols, m, None)
+            check_slots(row, state["ex_image_mn"][:, :w], rows)
         except ValueError as e:
             raise ConfigError(f"accumulator state: {e}") from e
         acc.codes = CodePool(dev)
-        acc.codes.append(cols, vals)
+        start, count = acc._add_shared_codes(row, ptr, cols, vals)
+        acc._pool_live = acc.codes.size
         acc.ex = Exemplars(
             act_tn=state["ex_act_mn"].to(dev).clone(),
             image_tn=state["ex_image_mn"].to(dev).clone(),
             patch_tn=state["ex_patch_mn"].to(dev).clone(),
-            code_start_tw=ptr[:-1].to(dev).view(m, w).clone(),
-            code_count_tw=(ptr[1:] - ptr[:-1]).to(dev).view(m, w),
+            code_start_tw=start,
+            code_count_tw=count,
         )
         acc.hist_flat = state["hist_flat"].to(dev).clone()
         acc.bands = BandSamples(
@@ -542,6 +580,7 @@ def compute_stats(
     progress: bool = True,
     device: str | torch.device = "cpu",
     max_code_elements: int = _MAX_CODE_ELEMENTS,
+    pair_budget_bytes: int = 0,
 ) -> ConceptStats:
     """Encode ``(feats_bpd, image_ids_b)`` batches with ``sae`` (thresholded codes) and accumulate.
 
@@ -549,11 +588,12 @@ def compute_stats(
     0..P-1. Encoding runs on the SAE's device, accumulation on ``device``. A batch is encoded in
     chunks of whole images whose dense (rows, m) codes hold at most ``max_code_elements`` values
     (at least one image), so memory stays bounded at large m (64 images at m = 65,536 are 3.3 GB).
+    ``pair_budget_bytes`` > 0 spills the co-occurrence sums past that budget to disk (same result).
     """
     from insight_core.progress import tqdm
 
     sae_device = next(sae.parameters()).device
-    acc = StatsAccumulator(sae.cfg.dict_size, cfg, device=device)
+    acc = StatsAccumulator(sae.cfg.dict_size, cfg, device=device, pair_budget_bytes=pair_budget_bytes)
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     with tqdm(total=total, desc="stats", unit="batch", disable=not progress, dynamic_ncols=True) as bar:
         for feats_bpd, image_ids_b in batches:

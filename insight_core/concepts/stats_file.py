@@ -1,6 +1,6 @@
 """The statistics pass's configuration (:class:`StatsConfig`) and its result (:class:`ConceptStats`) with
 its file format: ``stats.safetensors`` + ``stats.json``, written by ``save`` and checked by ``load``
-(versions 1-3). :mod:`insight_core.concepts.stats` (the streaming pass) builds exactly these tensors
+(versions 1-4). :mod:`insight_core.concepts.stats` (the streaming pass) builds exactly these tensors
 in ``StatsAccumulator.finalize`` and re-exports both classes.
 """
 
@@ -17,17 +17,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from insight_core.concepts.cooccurrence import DEFAULT_FLOOR, Cooccurrence
-from insight_core.concepts.exemplars import hist_edges, ragged_index
+from insight_core.concepts.exemplars import hist_edges, ragged_index, row_ptr, share_rows, shared_slots
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json, write_safetensors
 
 _FORMAT = "insight-concept-stats"
-_FORMAT_VERSION = 3
+_FORMAT_VERSION = 4
 """2 added the activation histograms and band samples; 3 stores D sparse (CSR: ``D_rowptr_m1``,
 ``D_cols_e``, ``D_vals_e``) instead of a dense ``D_mm``, and the exemplar codes unpadded (CSR over the
-``m * top_w`` exemplar rows: ``ex_code_ptr_g1``, ``ex_code_cols_e``, ``ex_code_vals_e``). Versions 1
-and 2 still load."""
-_READABLE_VERSIONS = (1, 2, 3)
+``m * top_w`` exemplar rows: ``ex_code_ptr_g1``, ``ex_code_cols_e``, ``ex_code_vals_e``); 4 stores
+each distinct exemplar patch's code once (CSR rows ``g`` sorted by (image, patch) in the same three
+tensors) plus ``ex_code_row_mw``, the row of each (concept, rank) slot (-1: empty). Versions 1-3
+still load."""
+_READABLE_VERSIONS = (1, 2, 3, 4)
 _MAX_W_ENTRIES = 1 << 24  # code entries ConceptStats.w_pairs reads at once (~0.4 GiB of temporaries)
 
 
@@ -223,7 +225,7 @@ class ConceptStats:
 
     # ---------------------------------------------------------------------------------------- I/O
     def _tensors(self) -> dict[str, torch.Tensor]:
-        """What :meth:`save` writes: per-concept tensors, D in CSR, the exemplar codes unpadded."""
+        """What :meth:`save` writes: per-concept tensors, D in CSR, each exemplar patch's code once."""
         out = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
@@ -231,10 +233,20 @@ class ConceptStats:
         }
         c = self.cooc
         out |= {"D_rowptr_m1": c.rowptr_m1, "D_cols_e": c.cols_e, "D_vals_e": c.vals_e}
-        return out | {
-            "ex_code_ptr_g1": self.ex_code_ptr_g1,
-            "ex_code_cols_e": self.ex_code_cols_e,
-            "ex_code_vals_e": self.ex_code_vals_e,
+        return out | self._shared_codes()
+
+    def _shared_codes(self) -> dict[str, torch.Tensor]:
+        """The exemplar codes with each distinct (image, patch)'s code stored once (version 4)."""
+        w = self.config.top_w
+        image_g, patch_g = (t[:, :w].reshape(-1) for t in (self.ex_image_mn, self.ex_patch_mn))
+        row_g, ptr, cols, vals = share_rows(
+            self.ex_code_ptr_g1, self.ex_code_cols_e, self.ex_code_vals_e, image_g, patch_g
+        )
+        return {
+            "ex_code_row_mw": row_g.view(self.m, w),
+            "ex_code_ptr_g1": ptr,
+            "ex_code_cols_e": cols,
+            "ex_code_vals_e": vals,
         }
 
     def save(self, tensors_path: str | Path, meta_path: str | Path) -> None:
@@ -242,7 +254,8 @@ class ConceptStats:
 
         An atlas keeps them at ``AtlasLayout.stats_tensors`` and ``AtlasLayout.stats_meta``.
         """
-        write_safetensors(tensors_path, self._tensors(), {"format": _FORMAT})
+        tensors = self._tensors()
+        write_safetensors(tensors_path, tensors, {"format": _FORMAT})
         doc = {
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
@@ -252,7 +265,11 @@ class ConceptStats:
             "k_max": self.k_max,
             "config": dataclasses.asdict(self.config),
             "cooccurrence": {"layout": "csr", "floor": self.cooc.floor, "nnz": self.cooc.nnz},
-            "exemplar_codes": {"layout": "csr", "nnz": int(self.ex_code_cols_e.numel())},
+            "exemplar_codes": {
+                "layout": "csr-shared",
+                "rows": int(tensors["ex_code_ptr_g1"].numel()) - 1,
+                "nnz": int(tensors["ex_code_cols_e"].numel()),
+            },
         }
         write_json(meta_path, doc)
 
@@ -280,6 +297,7 @@ class ConceptStats:
             floor = float(doc["cooccurrence"]["floor"]) if version >= 3 else 0.0
             nnz = int(doc["cooccurrence"]["nnz"]) if version >= 3 else 0
             code_nnz = int(doc["exemplar_codes"]["nnz"]) if version >= 3 else 0
+            code_rows = int(doc["exemplar_codes"]["rows"]) if version >= 4 else m * cfg.top_w
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise CheckpointError(f"{json_path}: missing or invalid entry: {e}") from e
         try:
@@ -298,13 +316,15 @@ class ConceptStats:
         }
         if version >= 3:
             expected |= {
-                "ex_code_ptr_g1": ((m * w + 1,), torch.int64),
+                "ex_code_ptr_g1": ((code_rows + 1,), torch.int64),
                 "ex_code_cols_e": ((code_nnz,), torch.int32),
                 "ex_code_vals_e": ((code_nnz,), torch.float32),
                 "D_rowptr_m1": ((m + 1,), torch.int64),
                 "D_cols_e": ((nnz,), torch.int32),
                 "D_vals_e": ((nnz,), torch.float32),
             }
+            if version >= 4:
+                expected["ex_code_row_mw"] = ((m, w), torch.int64)
         else:
             expected["D_mm"] = ((m, m), torch.float32)
             expected["ex_code_cols_mwk"] = ((m, w, k), torch.int32)
@@ -331,6 +351,10 @@ class ConceptStats:
             try:
                 cooc.validate(str(st_path))
                 check_codes(tensors["ex_code_ptr_g1"], tensors["ex_code_cols_e"], m, k)
+                if version >= 4:
+                    row_mw = tensors.pop("ex_code_row_mw")
+                    check_slots(row_mw, tensors["ex_image_mn"][:, :w], code_rows)
+                    tensors |= _expand_codes(row_mw, *(tensors.pop(f"ex_code_{x}") for x in _CODE))
             except ValueError as e:
                 raise CheckpointError(f"{st_path}: {e}") from e
         else:  # dense D: keep every non-zero entry, so families, names and rows are unchanged
@@ -338,6 +362,29 @@ class ConceptStats:
             tensors |= _pack_codes(tensors.pop("ex_code_cols_mwk"), tensors.pop("ex_code_vals_mwk"))
         fields = {f.name: tensors[f.name] for f in dataclasses.fields(cls) if f.name in tensors}
         return cls(**fields, cooc=cooc, n_patches=n_patches, n_images=n_images, config=cfg)
+
+
+_CODE = ("ptr_g1", "cols_e", "vals_e")
+
+
+def _expand_codes(
+    row_mw: torch.Tensor, ptr_r1: torch.Tensor, cols_e: torch.Tensor, vals_e: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Version 4's shared codes as the in-memory CSR over the ``m * w`` (concept, rank) slots."""
+    start_g, count_g = shared_slots(row_mw.reshape(-1), ptr_r1)
+    idx = ragged_index(start_g, count_g)
+    return {"ex_code_ptr_g1": row_ptr(count_g), "ex_code_cols_e": cols_e[idx], "ex_code_vals_e": vals_e[idx]}
+
+
+def check_slots(row_g: torch.Tensor, image_g: torch.Tensor, rows: int) -> None:
+    """ValueError unless every filled exemplar slot (image id >= 0) names a stored code row in
+    [0, ``rows``) and every empty one holds -1 (version 4's ``ex_code_row_mw``)."""
+    filled = image_g >= 0
+    if bool((row_g[filled] < 0).any() | (row_g[filled] >= rows).any() | (row_g[~filled] != -1).any()):
+        raise ValueError(
+            f"ex_code_row_mw must name a code row in [0, {rows}) for every filled top_w exemplar slot "
+            "and -1 for every empty one"
+        )
 
 
 def _pack_codes(cols_mwk: torch.Tensor, vals_mwk: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -80,6 +80,69 @@ def test_pair_sums_match_bincount_across_batches_and_merges(monkeypatch) -> None
     np.testing.assert_allclose(acc.sums, ref[acc.keys], rtol=1e-12)
 
 
+def test_pair_sums_spilled_past_a_budget_give_the_same_sums_and_d(monkeypatch, tmp_path: Path) -> None:
+    """A budget far below the distinct pairs spills sorted runs to disk; the sums read back block by
+    block and the D built from them are those of the in-memory accumulator. Values are multiples of
+    1/8 (exact in binary), so the float64 sums are exact whatever the order: equality is the test."""
+    monkeypatch.setattr(cooc_mod, "_COMPACT_MIN", 64)
+    rng = np.random.default_rng(4)
+    m, budget = 60, 2048  # 128 pairs of 16 bytes; ~2,500 distinct pairs occur
+    ref = np.zeros(m * m)
+    mem, disk = PairSums(m), PairSums(m, budget_bytes=budget, spill_dir=tmp_path)
+    for _ in range(40):
+        keys = rng.integers(0, m * m, 300)
+        keys = keys[keys // m != keys % m]  # off-diagonal, as the stats pass adds them
+        vals = (rng.integers(1, 16, keys.size) / 8).astype(np.float32)
+        mem.add(keys, vals)
+        disk.add(keys, vals)
+        ref += np.bincount(keys, weights=vals.astype(np.float64), minlength=m * m)
+        assert disk.keys.nbytes + disk.sums.nbytes <= budget  # the main run never outgrows it
+    assert len(disk.spilled) > 3
+    assert all(p.parent.parent == tmp_path for p in disk.spilled)
+    keys, sums = disk.items()
+    np.testing.assert_array_equal(keys, np.flatnonzero(ref))
+    np.testing.assert_array_equal(sums, ref[keys])
+    blocks = list(disk.blocks(max_entries=100))
+    assert len(blocks) > 10
+    assert all(np.all(np.diff(k) > 0) for k, _ in blocks)
+    np.testing.assert_array_equal(np.concatenate([k for k, _ in blocks]), keys)
+    row_max = np.zeros(m)
+    np.maximum.at(row_max, keys // m, sums)  # the largest sum of each row: D in (0, 1], the floor drops some
+    s_m = torch.from_numpy(row_max)
+    a, b = Cooccurrence.from_sums(m, mem, s_m, 0.3), Cooccurrence.from_sums(m, disk, s_m, 0.3)
+    assert 100 < a.nnz < keys.size
+    for x, y in ((a.rowptr_m1, b.rowptr_m1), (a.cols_e, b.cols_e), (a.vals_e, b.vals_e)):
+        assert torch.equal(x, y)
+    with pytest.raises(ConfigError, match="budget_bytes"):
+        PairSums(m, budget_bytes=-1)
+
+
+def test_stats_with_a_small_pair_budget_are_identical(monkeypatch, tmp_path: Path) -> None:
+    """The stats pass with its pair sums spilled to disk gives the same D, also through merge and the
+    state dict (dyadic activations: exact float64 sums, so equality holds)."""
+    monkeypatch.setattr(cooc_mod, "_COMPACT_MIN", 64)
+    rng = np.random.default_rng(5)
+    m, p, n_img = 48, 4, 60
+    codes = np.where(rng.random((n_img * p, m)) < 0.2, rng.integers(1, 9, (n_img * p, m)) / 8, 0.0)
+    codes = codes.astype(np.float32)
+    cfg = StatsConfig(cooc_floor=0.0)
+
+    def run(lo: int, hi: int, budget: int) -> StatsAccumulator:
+        acc = StatsAccumulator(m, cfg, pair_budget_bytes=budget, spill_dir=tmp_path)
+        for s in range(lo, hi, 5):
+            rows = slice(s * p, min(s + 5, hi) * p)
+            ids = np.arange(s, min(s + 5, hi))
+            acc.update(torch.from_numpy(codes[rows]), np.repeat(ids, p), np.tile(np.arange(p), ids.size))
+        return acc
+
+    ref = run(0, n_img, 0).finalize().cooc
+    spilling = run(0, n_img, 1024)
+    assert spilling.pairs.spilled
+    merged = run(0, 30, 1024).merge(StatsAccumulator.from_state_dict(run(30, n_img, 1024).state_dict(), cfg))
+    for got in (spilling.finalize().cooc, merged.finalize().cooc):
+        assert torch.equal(got.to_dense(), ref.to_dense())
+
+
 def test_packed_sort_and_argsort_reduce_alike() -> None:
     """m <= 2^16 packs key and float32 bits into one uint64 sort; larger m argsorts: same sums."""
     rng = np.random.default_rng(1)

@@ -378,7 +378,7 @@ def test_save_load_round_trip(tmp_path: Path, small_stats: ConceptStats) -> None
     assert doc["m"] == M
     assert doc["n_images"] == N_IMAGES
     assert doc["config"]["top_n"] == CFG.top_n
-    assert doc["version"] == 3
+    assert doc["version"] == 4
     assert doc["cooccurrence"] == {"layout": "csr", "floor": 0.0, "nnz": small_stats.cooc.nnz}
     assert "D_mm" not in load_file(str(layout.stats_tensors))
     assert back.hist_mb is not None
