@@ -296,6 +296,10 @@ class StatsOptions:
     cooc_floor: float = DEFAULT_FLOOR
     """Co-occurrence entries D[j, j'] below this are not saved (0: all); families need
     --min-confidence >= it (see insight_core/concepts/cooccurrence.py)."""
+    pair_budget_gb: float = 0.0
+    """Memory for the co-occurrence pair sums before they spill to disk under the atlas (0: never
+    spill); the result is identical. Set it when a large image set sees more distinct concept pairs
+    than fit in RAM (16 bytes each; docs/scale.md)."""
 
     def stats_config(self) -> StatsConfig:
         return StatsConfig(top_n=self.top_n, top_w=self.top_w, cooc_floor=self.cooc_floor)

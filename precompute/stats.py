@@ -20,7 +20,7 @@ from insight_core.atlas import AtlasLayout, fingerprint
 from insight_core.concepts.stats import ConceptStats, compute_stats
 from insight_core.data.features import scan_features
 from insight_core.device import resolve_device
-from insight_core.errors import CheckpointError
+from insight_core.errors import CheckpointError, ConfigError
 from precompute.common import load_atlas_sae, load_atlas_stats
 from precompute.options import Flat, StatsOptions
 
@@ -67,8 +67,14 @@ def run(job: StatsJob) -> ConceptStats:
     n_batches = sum(math.ceil(f.n_units / per_batch) for f in features.files)
     # int8 shards are dequantised on dev
     batches = _Sized(features.iter_image_batches(per_batch, device=dev), n_batches)
+    budget = int(job.stats.pair_budget_gb * 2**30)
+    if job.stats.pair_budget_gb < 0:
+        raise ConfigError(f"--pair-budget-gb must be >= 0 (0: never spill), got {job.stats.pair_budget_gb}")
+    if budget:  # spills go under the atlas (not uploaded): a large run's may not fit the system's /tmp
+        layout.pair_spill_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        stats = compute_stats(sae, batches, cfg, progress=job.progress)
+        stats = compute_stats(sae, batches, cfg, progress=job.progress, pair_budget_bytes=budget,
+                              spill_dir=layout.pair_spill_dir if budget else None)  # fmt: skip
     stats.save(layout.stats_tensors, layout.stats_meta)
     active = int((stats.freq_patches_m > 0).sum())
     record.write(key, [layout.stats_tensors, layout.stats_meta], active_concepts=active)

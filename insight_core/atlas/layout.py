@@ -353,6 +353,8 @@ class AtlasLayout:
     pooled_cache_dir = Under(".cache/pooled")
     """Cached image-level concept vectors (max / mean pooled codes) of feature files, per SAE
     (hidden: not uploaded, not needed by the app)."""
+    pair_spill_dir = Under(".cache/pair-spill")
+    """Where ``stats --pair-budget-gb`` spills co-occurrence pair sums (temporary; hidden)."""
     evals_dir = Under(_EVALS_DIR)
     planted_recovery = Under("planted_recovery.json")
     """``eval-synth``'s report on this atlas against a planted world."""

@@ -581,6 +581,7 @@ def compute_stats(
     device: str | torch.device = "cpu",
     max_code_elements: int = _MAX_CODE_ELEMENTS,
     pair_budget_bytes: int = 0,
+    spill_dir: str | Path | None = None,
 ) -> ConceptStats:
     """Encode ``(feats_bpd, image_ids_b)`` batches with ``sae`` (thresholded codes) and accumulate.
 
@@ -588,12 +589,15 @@ def compute_stats(
     0..P-1. Encoding runs on the SAE's device, accumulation on ``device``. A batch is encoded in
     chunks of whole images whose dense (rows, m) codes hold at most ``max_code_elements`` values
     (at least one image), so memory stays bounded at large m (64 images at m = 65,536 are 3.3 GB).
-    ``pair_budget_bytes`` > 0 spills the co-occurrence sums past that budget to disk (same result).
+    ``pair_budget_bytes`` > 0 spills the co-occurrence sums past that budget to disk, under
+    ``spill_dir`` (default: the system's temporary folder); the result is the same.
     """
     from insight_core.progress import tqdm
 
     sae_device = next(sae.parameters()).device
-    acc = StatsAccumulator(sae.cfg.dict_size, cfg, device=device, pair_budget_bytes=pair_budget_bytes)
+    acc = StatsAccumulator(
+        sae.cfg.dict_size, cfg, device=device, pair_budget_bytes=pair_budget_bytes, spill_dir=spill_dir
+    )
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     with tqdm(total=total, desc="stats", unit="batch", disable=not progress, dynamic_ncols=True) as bar:
         for feats_bpd, image_ids_b in batches:

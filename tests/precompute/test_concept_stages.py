@@ -90,3 +90,46 @@ def test_stats_rerun_is_a_no_op_and_missing_inputs_are_clear(planted: Path, tmp_
     assert "pass --features" in caplog.text
     assert main(["name", "--atlas", str(tmp_path / "empty")]) == 2
     assert "sae.safetensors" in caplog.text
+
+
+
+def test_stats_pair_budget_spills_and_gives_the_same_statistics(
+    planted: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """--pair-budget-gb: a budget far below the pair sums spills them under the atlas (hidden,
+    removed after use) and the saved statistics equal those computed in memory."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from insight_core.concepts import cooccurrence
+
+    spills: list[Path] = []
+    real_spill = cooccurrence.PairSums._spill
+
+    def spill(self: cooccurrence.PairSums) -> None:
+        real_spill(self)
+        spills.append(self.spilled[-1])
+
+    monkeypatch.setattr(cooccurrence.PairSums, "_spill", spill)
+    monkeypatch.setattr(cooccurrence, "_COMPACT_MIN", 1)  # compact (and so check the budget) often
+
+    runs = {}
+    for name, extra in (("memory", []), ("spilled", ["--pair-budget-gb", "1e-6"])):
+        atlas = tmp_path / name
+        shutil.copytree(planted / "oracle_atlas", atlas)
+        shutil.rmtree(atlas / "stats", ignore_errors=True)
+        args = ["stats", "--atlas", str(atlas), "--features", str(planted / "features"), "--no-progress"]
+        assert main([*args, *extra]) == 0
+        runs[name] = load_file(str(atlas / "stats" / "concept_stats.safetensors"))
+    spill = tmp_path / "spilled" / ".cache" / "pair-spill"
+    assert len(spills) > 1
+    assert all(spill in run.parents for run in spills)  # spilled there
+    assert not any(spill.iterdir())  # and cleaned up
+    assert not (tmp_path / "memory" / ".cache" / "pair-spill").exists()
+    assert runs["memory"]["D_vals_e"].size > 0
+    assert runs["memory"].keys() == runs["spilled"].keys()
+    for key, value in runs["memory"].items():
+        np.testing.assert_allclose(runs["spilled"][key], value, rtol=1e-6, err_msg=key)
+    assert main(["stats", "--atlas", str(tmp_path / "x"), "--features", str(planted / "features"),
+                 "--pair-budget-gb", "-1"]) == 2  # fmt: skip
