@@ -436,7 +436,8 @@ def _shared(options: Any, config: type) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EvalRunOptions:
-    """How an evaluation job runs (``eval-ovs``, ``eval-concepts``, ``eval-taxonomy``, ``eval-bias``)."""
+    """How an evaluation job runs (``eval-ovs``, ``eval-concepts``, ``eval-taxonomy``, ``eval-bias``,
+    ``eval-sae``, ``eval-absorption``)."""
 
     thresholded: bool = False
     """Encode with per-concept thresholds, the paper's thresholded variant (needs an SAE that has them)."""
