@@ -203,3 +203,29 @@ def test_timm_layers_on_two_processes_equal_one(photos: tuple[Path, Path], tmp_p
         manifest = json.loads((one / layer / "manifest.json").read_text())
         assert manifest == json.loads((two / layer / "manifest.json").read_text())
         assert manifest["n_images"] == 10
+
+
+def test_streamed_train_sae_on_two_processes_matches_one(photos: tuple[Path, Path], tmp_path: Path) -> None:
+    """train-sae --stream under torchrun: rank 0 plans, each rank computes the features of its own
+    chunks only; the global batch, steps and quality are a single process's; no array is stored."""
+    images, _ = photos
+    sae = "--dict-size 32 --k 4 --group-fractions 0.25 0.75 --batch-size 128 --steps 30 --lr 1e-2"
+    sae += " --warmup-steps 3 --threshold-start-step 10 --held-out-fraction 0.2 --seed 1 --no-progress"
+    args = ["train-sae", "--stream", "--images", str(images), "--backbone", "timm:vit_tiny_patch16_224",
+            "--pretrained", "none", "--shard-size", "4", *sae.split()]  # fmt: skip
+    runs = {}
+    for processes in (2, 1):
+        out = tmp_path / f"p{processes}"
+        _run([*args, "--features", str(out / "features"), "--out", str(out / "atlas")], processes=processes)
+        runs[processes] = json.loads((out / "atlas" / "sae_metrics.json").read_text())
+        plan = json.loads((out / "features" / "manifest.json").read_text())
+        assert plan["storage"] == "stream"
+        assert plan["n_images"] == 10
+    assert not list(tmp_path.rglob("*.npy"))  # streamed: no feature array anywhere
+    one, two = runs[1], runs[2]
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["steps"] == one["steps"] == 30
+    assert two["samples_seen"] == one["samples_seen"] == 30 * 128  # same global batch
+    assert two["features_storage"] == one["features_storage"] == "stream"
+    assert min(one["fve"], two["fve"]) > 0.5, (one["fve"], two["fve"])
+    assert abs(one["fve"] - two["fve"]) < 0.05, (one["fve"], two["fve"])
