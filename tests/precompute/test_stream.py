@@ -318,3 +318,33 @@ def test_probe_and_classify_read_the_streamed_folder(streamed_build, tmp_path: P
                  "--out", str(out), "--labels", str(labels), "--no-progress"]) == 0  # fmt: skip
     assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == ids
     assert not list(root.rglob("*.npy"))
+
+
+@pytest.mark.slow
+def test_sigkilled_streaming_build_resumes(imagenet_samples: list[Path], tmp_path: Path, caplog) -> None:
+    """SIGKILL a whole `build --stream` inside its training stage; rerunning the same command keeps
+    the plan, resumes training from the checkpoint and finishes an atlas that opens, storing no array."""
+    photos = _photos(imagenet_samples, tmp_path / "photos", 8, broken=False)
+    atlas = tmp_path / "atlas"
+    args = ["build", "--stream", "--atlas", str(atlas), "--images", str(photos), *TIMM_ARGS,
+            "--steps", "40", "--checkpoint-every", "3", *SAE_ARGS]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-m", "precompute", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_for(atlas / ".train_state.safetensors", proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (atlas / "sae.safetensors").exists(), "killed before training ended"
+    plan = tmp_path / "atlas-features" / "shard_00000.ids.json"
+    planned = plan.stat().st_mtime_ns
+    caplog.set_level("INFO")
+    assert main(args) == 0
+    assert "resumed from" in caplog.text
+    assert plan.stat().st_mtime_ns == planned  # the finished plan was kept, not redone
+    opened = Atlas.open(atlas, verify="all")
+    assert opened.manifest["features"]["storage"] == "stream"
+    assert json.loads((atlas / "sae_metrics.json").read_text())["steps"] == 40
+    assert not (atlas / ".train_state.safetensors").exists()
+    assert not list(tmp_path.rglob("*.npy"))
