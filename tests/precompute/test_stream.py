@@ -321,6 +321,20 @@ def test_probe_and_classify_read_the_streamed_folder(streamed_build, tmp_path: P
 
 
 @pytest.mark.slow
+def test_sae_evaluations_read_the_streamed_folder(streamed_build) -> None:
+    """eval-sae and sae-pareto compute their features from the plan like every other reader."""
+    root, _, _ = streamed_build
+    features, atlas = root / "atlas-features", root / "atlas"
+    common = ["--atlas", str(atlas), "--features", str(features), "--device", "cpu"]
+    assert main(["eval-sae", *common, "--name", "streamed", "--no-progress"]) == 0
+    report = json.loads((atlas / "evals" / "streamed" / "report.json").read_text())
+    assert report["random_weights"] is True
+    assert main(["sae-pareto", *common, "--k", "2", "4", "--name", "pareto-streamed"]) == 0
+    assert (atlas / "evals" / "pareto-streamed").is_dir()
+    assert not list(root.rglob("*.npy"))
+
+
+@pytest.mark.slow
 def test_sigkilled_streaming_build_resumes(imagenet_samples: list[Path], tmp_path: Path, caplog) -> None:
     """SIGKILL a whole `build --stream` inside its training stage; rerunning the same command keeps
     the plan, resumes training from the checkpoint and finishes an atlas that opens, storing no array."""
