@@ -129,12 +129,7 @@ class PairSums:
             for k, s in runs:  # each run is sorted: its keys of these rows are one slice
                 a, b = np.searchsorted(k, [lo, hi])
                 parts.append((np.asarray(k[a:b]), np.asarray(s[a:b])))
-            keys = np.concatenate([k for k, _ in parts])
-            sums = np.concatenate([s for _, s in parts])
-            order = np.argsort(keys, kind="stable")
-            keys, sums = keys[order], sums[order]
-            start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else keys
-            yield keys[start], np.add.reduceat(sums, start) if start.size else sums
+            yield _merge_runs(parts)
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """Every distinct key and its sum (all blocks of :meth:`blocks` at once: spilled runs are read
@@ -146,13 +141,20 @@ class PairSums:
         """Merge every pending run into the main run."""
         if not self._runs:
             return
-        keys = np.concatenate([self.keys, *(k for k, _ in self._runs)])
-        sums = np.concatenate([self.sums, *(s for _, s in self._runs)])
+        self.keys, self.sums = _merge_runs([(self.keys, self.sums), *self._runs])
         self._runs, self._pending = [], 0
-        order = np.argsort(keys, kind="stable")  # timsort: the input is a few sorted runs
-        keys, sums = keys[order], sums[order]
-        start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-        self.keys, self.sums = keys[start], np.add.reduceat(sums, start) if start.size else sums
+
+
+def _merge_runs(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct keys and summed values of a few sorted runs (each run's keys distinct)."""
+    keys = np.concatenate([k for k, _ in runs])
+    sums = np.concatenate([s for _, s in runs])
+    if not keys.size:
+        return keys, sums
+    order = np.argsort(keys, kind="stable")  # timsort: the input is a few sorted runs
+    keys, sums = keys[order], sums[order]
+    start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return keys[start], np.add.reduceat(sums, start)
 
 
 def _reduce_batch(keys: np.ndarray, vals: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
