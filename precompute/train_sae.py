@@ -123,10 +123,9 @@ def _run(job: TrainSaeJob, info: DistInfo) -> dict:
         *(job.sae.kind, features.d, sae_cfg.dict_size, sae_cfg.k),
         *(f"{train.n_rows:,}", len(features.files), f"{held.n_rows:,}"),
     )
-    trainer = SAETrainer(sae_cfg, train_cfg, train.n_rows, dist=info)
+    shuffle_rows = job.stream.shuffle_images * features.files[0].rows_per_unit if features.streamed else 0
+    trainer = SAETrainer(sae_cfg, train_cfg, train.n_rows, dist=info, shuffle_rows=shuffle_rows)
     if features.streamed:
-        per_image = features.files[0].rows_per_unit
-        trainer.buffer_chunks = max(1, -(-job.stream.shuffle_images * per_image // trainer.chunk_rows))
         log.info(
             "streaming: every batch is computed from the images; shuffle buffer %d chunks of %d rows "
             "(>= %d images)",

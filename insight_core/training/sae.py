@@ -296,10 +296,17 @@ class SAETrainer:
     """Trains a :class:`MatryoshkaSAE` on a :class:`FeatureSplit`."""
 
     def __init__(
-        self, sae_cfg: SAEConfig, cfg: TrainConfig, n_train_rows: int, *, dist: DistInfo | None = None
+        self,
+        sae_cfg: SAEConfig,
+        cfg: TrainConfig,
+        n_train_rows: int,
+        *,
+        dist: DistInfo | None = None,
+        shuffle_rows: int = 0,
     ) -> None:
         """``dist``: this process's place in a data-parallel run; None = the active process group
-        (single process when none is initialised)."""
+        (single process when none is initialised). ``shuffle_rows``: rows the shuffle buffer mixes at
+        least (0: 8 chunks; ``train-sae --shuffle-images`` sets it for streamed features)."""
         self.sae_cfg, self.cfg = sae_cfg, cfg
         self.dist = dist if dist is not None else distributed.current()
         world = self.dist.world_size
@@ -323,8 +330,8 @@ class SAETrainer:
             )
         # data-parallel: chunks small enough that every rank gets several, even on small datasets
         self.chunk_rows = min(_CHUNK_ROWS, max(1, n_train_rows // (4 * world))) if world > 1 else _CHUNK_ROWS
-        self.buffer_chunks = 8
-        """Chunks whose rows are shuffled together (``train-sae --shuffle-images`` sets it for streams)."""
+        self.buffer_chunks = max(1, -(-shuffle_rows // self.chunk_rows)) if shuffle_rows else 8
+        """Chunks whose rows are shuffled together."""
         self.sae: MatryoshkaSAE = build_sae(sae_cfg, seed=cfg.seed).to(self.device)
         self.steps_per_epoch = schedule.steps_per_epoch
         self.total_steps = schedule.total_steps
