@@ -18,11 +18,8 @@ import functools
 import json
 import logging
 import os
-import re
 import secrets
-import tempfile
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -33,6 +30,7 @@ from gradio.components.plot import PlotData
 from app import html as H
 from app.state import AppError
 from insight_core.errors import InsightError
+from insight_core.redact import redact_paths
 
 log = logging.getLogger(__name__)
 
@@ -188,25 +186,6 @@ def gpu(fn: Callable) -> Callable:
 
 # an absolute POSIX or Windows folder prefix (``/srv/a/b/``, ``C:\\a\\``, ``…/a/`` once a known root was
 # replaced) where a path starts; its last component (the file a message names) stays
-_ABS_DIRS = re.compile(r"(?<![\w.:/~\\-])…?/(?:[^\s/'\"<>|]+/)+|\b[A-Za-z]:\\(?:[^\s\\'\"<>|]+\\)+")
-_PATH_END = r"(?=[/\\\s'\"<>:,;)\]]|$)"
-
-
-def _private_roots() -> list[str]:
-    """Folders whose names say something about the server (home, working and temp folders)."""
-    return [str(Path.home()), os.getcwd(), tempfile.gettempdir(), os.path.realpath(tempfile.gettempdir())]
-
-
-def redact_paths(text: str, roots: Iterable[str | Path] = ()) -> str:
-    """``text`` with server folders replaced by ``…``: the given ``roots`` (e.g. the atlas folder; they
-    may contain spaces), home, working and temp folders, then any absolute folder prefix. File names
-    stay, so a message still names its input (``…/sae.safetensors: ...``)."""
-    found = {str(r).rstrip("/\\") for r in [*roots, *_private_roots()]}
-    for root in sorted((r for r in found if len(r) > 1), key=len, reverse=True):
-        text = re.sub(r"(?<![\w.~-])" + re.escape(root) + _PATH_END, "…", text)
-    return _ABS_DIRS.sub(lambda m: "…" + m.group(0)[-1], text)
-
-
 def public_message(err: BaseException) -> str:
     """The message of a user-facing error as the browser may see it (:func:`redact_paths`)."""
     return redact_paths(str(err)) or type(err).__name__

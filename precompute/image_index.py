@@ -31,6 +31,7 @@ from insight_core.data.features import scan_features
 from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError, ConfigError
 from insight_core.io import write_json
+from insight_core.redact import redact_paths
 from precompute.common import load_atlas_sae
 from precompute.feature_images import exemplar_images
 from precompute.index import THUMB_QUALITY, ThumbTarget, write_thumbnails
@@ -127,7 +128,7 @@ def _thumbnails(job: ImageIndexJob, layout: AtlasLayout, features: Any, n_images
     if isinstance(images, str):
         log.info("search-result thumbnails skipped: %s", images)
         record.write(key, [])
-        return {"skipped": images}
+        return {"skipped": redact_paths(images)}  # published: the reason without builder folders
     target = ThumbTarget(layout.image_thumbs_dir, layout.image_thumbs_index, opts.image_thumb_size,
                          progress=job.progress)  # fmt: skip
     same_size = isinstance(old, dict) and old.get("size") == opts.image_thumb_size

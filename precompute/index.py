@@ -40,6 +40,7 @@ from insight_core.data.sources import ImageSource
 from insight_core.errors import CheckpointError, ConfigError, FeatureFileError, ImageLoadError
 from insight_core.io import atomic_write, flush_to_disk, write_json
 from insight_core.progress import tqdm
+from insight_core.redact import redact_paths
 from precompute.common import load_atlas_stats
 from precompute.feature_images import ExemplarImages, exemplar_images
 from precompute.options import Flat, IndexOptions
@@ -410,7 +411,7 @@ def _thumbnails(
     images = exemplar_images(Path(job.features), features, job.images)
     if isinstance(images, str):
         log.info("thumbnails skipped: %s", images)
-        return {"skipped": images}
+        return {"skipped": redact_paths(images)}  # published: the reason without builder folders
     wanted = np.unique(image_ids)
     counts = write_thumbnails(layout.root, images, wanted, job, reuse)
     backbone = images.manifest.get("backbone", {})
