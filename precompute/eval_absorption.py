@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import numpy as np
 
 from insight_core.atlas import AtlasLayout, fingerprint
+from insight_core.atlas.layout import public_inputs
 from insight_core.concepts.taxonomy import Taxonomy, read_taxonomy
 from insight_core.data.features import scan_features
 from insight_core.data.labels import feature_images, read_labels
@@ -31,7 +32,7 @@ from insight_core.evaluation import absorption as absorb
 from insight_core.evaluation import sae_suite as suite
 from insight_core.models.sae import ThresholdMode
 from precompute.common import load_atlas_sae
-from precompute.eval_common import EvalRun, concept_names, eval_name, md_table, provenance
+from precompute.eval_common import EvalRun, concept_names, eval_name, feature_paths, md_table, provenance
 from precompute.eval_sae import _batches
 from precompute.options import EvalRunOptions, Flat
 
@@ -78,7 +79,7 @@ def run(job: EvalAbsorptionJob) -> dict[str, Any]:
     settings = {**dataclasses.asdict(cfg), "thresholded": job.options.thresholded,
                 "parent_first": job.parent_first}  # fmt: skip
     files = [job.labels, job.taxonomy, *([job.taxonomy_names] if job.taxonomy_names else [])]
-    key = fingerprint([layout.sae, *files, *sorted(Path(job.features).rglob("*.npy"))], {STAGE: settings})
+    key = fingerprint([layout.sae, *files, *feature_paths(job.features)], {STAGE: settings})
     run_ = EvalRun(layout, STAGE, name, key)
     if (done := run_.current_report(job.options.force)) is not None:
         return done
@@ -137,10 +138,11 @@ def _evaluate(
         "n_parents": len(results),
         "n_parents_in_taxonomy": len(parents),
         "parents": rows,
-        "labels": {"file": str(job.labels), "images": labels.n, "classes": len(labels.classes)},
-        "taxonomy": {"file": str(job.taxonomy), "nodes_used": tax.n},
+        "labels": {"file": layout.public_name(job.labels), "images": labels.n,
+                   "classes": len(labels.classes)},
+        "taxonomy": {"file": layout.public_name(job.taxonomy), "nodes_used": tax.n},
         "settings": settings,
-        "inputs": {"atlas": str(layout.root), "features": str(job.features)},
+        "inputs": public_inputs(layout.root, features=job.features),
         "backbone": backbone,
         "random_weights": random_weights,
     }

@@ -28,7 +28,15 @@ from insight_core.atlas.layout import public_inputs
 from insight_core.data.labels import read_labels
 from insight_core.errors import LabelsError
 from insight_core.evaluation.bias import BiasConfig, BiasResult, bias_statistics, group_sums
-from precompute.eval_common import PLUMBING_NOTE, EvalRun, concept_names, eval_name, md_table, write_parquet
+from precompute.eval_common import (
+    PLUMBING_NOTE,
+    EvalRun,
+    concept_names,
+    eval_name,
+    feature_paths,
+    md_table,
+    write_parquet,
+)
 from precompute.eval_images import open_pooled
 from precompute.options import EvalRunOptions, Flat
 
@@ -67,7 +75,7 @@ def run(job: EvalBiasJob) -> dict:
     codes = "concept" if job.options.thresholded else "global"
     settings = {**dataclasses.asdict(cfg), "codes": codes}
     key = fingerprint(
-        [job.attributes, layout.sae, *sorted(Path(job.features).rglob("*.npy"))], {STAGE: settings}
+        [job.attributes, layout.sae, *feature_paths(job.features)], {STAGE: settings}
     )
     run_ = EvalRun(layout, STAGE, name, key)
     if (done := run_.current_report(job.options.force)) is not None:
@@ -92,7 +100,7 @@ def run(job: EvalBiasJob) -> dict:
         "note": PLUMBING_NOTE if inp.random_weights else None,
         "random_weights": inp.random_weights,
         **result.summary(cfg.alpha),
-        "attribute_file": str(job.attributes),
+        "attribute_file": layout.public_name(job.attributes),
         "settings": settings,
         "inputs": public_inputs(job.atlas, features=job.features),
         "backbone": inp.backbone,

@@ -17,6 +17,7 @@ import torch
 
 from insight_core.atlas import AtlasLayout, EvalLayout, read_json_dict, register_evals
 from insight_core.atlas.layout import check_name
+from insight_core.data.features import scan_features
 from insight_core.data.masks import MaskSet, open_masks
 from insight_core.device import resolve_device
 from insight_core.errors import CheckpointError
@@ -56,6 +57,12 @@ def eval_name(
         base = re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or empty
         given = "-".join([prefix, base, *[s for s in suffixes if s]])[:64]
     return check_name(given, "--name")
+
+
+def feature_paths(features: Path) -> list[Path]:
+    """The files that hold a feature folder's values, for stage fingerprints: arrays and int8 scales,
+    or a streamed folder's image plan (which holds no ``.npy``)."""
+    return scan_features(features).paths
 
 
 def provenance(layout: AtlasLayout, features: Path) -> tuple[dict[str, Any], bool, dict[str, Any]]:

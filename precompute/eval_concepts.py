@@ -99,7 +99,7 @@ def run(job: EvalConceptsJob) -> dict:
         "note": PLUMBING_NOTE if inp.random_weights else None,
         "random_weights": inp.random_weights,
         **metrics.summary(),
-        "labels": {"file": str(inp.masks.layout.labels), **labels.to_json()},
+        "labels": {"file": inp.layout.public_name(inp.masks.layout.labels), **labels.to_json()},
         "settings": {
             **dataclasses.asdict(cfg),
             "codes": rule,

@@ -108,7 +108,7 @@ def _classes(job: EvalOvsJob, inp: EvalInputs, cfg: OvsConfig) -> tuple[OvsClass
     names, prompts, values = (tuple(x) for x in zip(*triples, strict=True))
     if job.class_embeddings is not None:
         emb = embeddings_from_file(job.class_embeddings, prompts)
-        return OvsClasses(names, prompts, values, emb), {"file": str(job.class_embeddings)}
+        return OvsClasses(names, prompts, values, emb), {"file": inp.layout.public_name(job.class_embeddings)}
     arch = job.arch or inp.backbone.get("arch")
     pretrained = job.pretrained or inp.backbone.get("pretrained")
     if not arch or not pretrained:
@@ -168,7 +168,7 @@ def run(job: EvalOvsJob) -> dict:
         "n_images": inp.masks.n_images,
         "n_patches": inp.masks.n_patches,
         "classes": list(classes.names),
-        "labels": {"file": str(inp.masks.layout.labels), **inp.masks.labels.to_json()},
+        "labels": {"file": inp.layout.public_name(inp.masks.layout.labels), **inp.masks.labels.to_json()},
         "settings": {**dataclasses.asdict(cfg), "codes": rule, "text": text_source},
         "inputs": public_inputs(job.atlas, features=job.features, masks=job.masks),
         "backbone": inp.backbone,

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from insight_core.atlas import AtlasLayout, fingerprint
+from insight_core.atlas.layout import public_inputs
 from insight_core.concepts.zeroshot import LABEL_TEMPLATES
 from insight_core.data.features import FeatureSet, scan_features
 from insight_core.data.labels import Labels, feature_images, read_labels
@@ -43,7 +44,7 @@ from insight_core.models.feature_path import is_text_aligned
 from insight_core.models.sae import MatryoshkaSAE, ThresholdMode
 from insight_core.models.sae_kinds import build_sae, sae_kind
 from precompute.common import load_atlas_sae
-from precompute.eval_common import PLUMBING_NOTE, EvalRun, eval_name, md_table, provenance
+from precompute.eval_common import PLUMBING_NOTE, EvalRun, eval_name, feature_paths, md_table, provenance
 from precompute.feature_images import ExemplarImages, exemplar_images
 from precompute.options import EvalRunOptions, Flat
 
@@ -108,9 +109,9 @@ def run(job: EvalSaeJob) -> dict[str, Any]:
     name = eval_name(job.options.name, "sae", job.features, empty="features")
     settings = {**dataclasses.asdict(cfg), "thresholded": job.options.thresholded, "baselines": job.baselines,
                 "evaluator": job.evaluator, "evaluator_layer": job.evaluator_layer,
-                "images": None if job.images is None else str(job.images)}  # fmt: skip
+                "images": layout.public_name(job.images)}  # fmt: skip
     files = [p for p in (job.labels, job.class_embeddings) if p is not None]
-    key = fingerprint([layout.sae, *files, *sorted(Path(job.features).rglob("*.npy"))], {STAGE: settings})
+    key = fingerprint([layout.sae, *files, *feature_paths(job.features)], {STAGE: settings})
     run_ = EvalRun(layout, STAGE, name, key)
     if (done := run_.current_report(job.options.force)) is not None:
         return done
@@ -175,10 +176,10 @@ def evaluate_atlas(job: EvalSaeJob, layout: AtlasLayout, cfg: suite.SuiteConfig,
         },
         "labels": None
         if labels is None
-        else {"file": str(job.labels), "images": labels.n, "classes": len(labels.classes)},
+        else {"file": layout.public_name(job.labels), "images": labels.n, "classes": len(labels.classes)},
         "text": text_source,
         "settings": {**dataclasses.asdict(cfg), "thresholded": job.options.thresholded},
-        "inputs": {"atlas": str(layout.root), "features": str(job.features), "rows": fs.n_rows},
+        "inputs": {**public_inputs(layout.root, features=job.features), "rows": fs.n_rows},
         "backbone": backbone,
     }
 
@@ -271,7 +272,7 @@ def _class_text(
     if job.class_embeddings is not None:
         emb = torch.from_numpy(embeddings_from_file(job.class_embeddings, labels.classes))
         suite.class_count_check(labels.classes, emb, d)
-        return emb, {"source": "file", "file": str(job.class_embeddings)}
+        return emb, {"source": "file", "file": Path(job.class_embeddings).name}
     if not is_text_aligned(backbone) or not backbone.get("arch") or not backbone.get("pretrained"):
         log.warning("no --class-embeddings and the atlas backbone is not text-aligned: zero-shot skipped")
         return None, None

@@ -42,7 +42,15 @@ from insight_core.concepts.taxonomy import (
 )
 from insight_core.data.labels import Labels, read_labels
 from insight_core.errors import CheckpointError, ConfigError
-from precompute.eval_common import PLUMBING_NOTE, EvalRun, concept_names, eval_name, md_table, write_parquet
+from precompute.eval_common import (
+    PLUMBING_NOTE,
+    EvalRun,
+    concept_names,
+    eval_name,
+    feature_paths,
+    md_table,
+    write_parquet,
+)
 from precompute.eval_images import PooledInputs, open_pooled
 from precompute.families import read_edges
 from precompute.options import EvalRunOptions, Flat
@@ -109,14 +117,15 @@ def run(job: EvalTaxonomyJob) -> list[dict]:
     taxonomy = read_taxonomy(job.taxonomy, job.taxonomy_names, parent_first=job.parent_first)
     codes = "concept" if job.options.thresholded else "global"
     settings = {**dataclasses.asdict(cfg), "codes": codes, "parent_first": job.parent_first,
-                "layers": [str(a) for a in job.atlas], "layer_names": list(job.layer_names)}  # fmt: skip
+                "layers": [Path(a).name for a in job.atlas],
+                "layer_names": list(job.layer_names)}  # fmt: skip
     files = [job.labels, job.taxonomy, *([job.taxonomy_names] if job.taxonomy_names else [])]
     layouts = [AtlasLayout(a) for a in job.atlas]
     for lay in layouts:
         if not lay.edges.is_file():
             raise CheckpointError(f"{lay.edges} not found: run the families stage on {lay.root} first")
     runs = [
-        EvalRun(lay, STAGE, name, fingerprint([*files, lay.sae, lay.edges, *sorted(Path(f).rglob("*.npy"))],
+        EvalRun(lay, STAGE, name, fingerprint([*files, lay.sae, lay.edges, *feature_paths(f)],
                                               {STAGE: settings}))
         for lay, f in zip(layouts, job.features, strict=True)
     ]  # fmt: skip
@@ -124,7 +133,7 @@ def run(job: EvalTaxonomyJob) -> list[dict]:
         return [r.current_report(force=False) or {} for r in runs]
 
     results = [_layer(job, cfg, taxonomy, codes, i) for i in range(len(job.atlas))]
-    layers = [{"layer": r.layer, "atlas": str(r.inp.layout.root), **r.alignment.summary()} for r in results]
+    layers = [{"layer": r.layer, "atlas": r.inp.layout.root.name, **r.alignment.summary()} for r in results]
     reports = []
     for r, run_ in zip(results, runs, strict=True):
         report = _report(job, name, r, layers, settings)
@@ -247,12 +256,13 @@ def _report(
         **r.alignment.summary(),
         "mapped_by_depth": {str(k): v for k, v in sorted(depth_counts.items())},
         "taxonomy": {
-            "file": str(job.taxonomy),
-            "names_file": str(job.taxonomy_names) if job.taxonomy_names else None,
+            "file": r.inp.layout.public_name(job.taxonomy),
+            "names_file": r.inp.layout.public_name(job.taxonomy_names),
             "nodes_used": tax.n,
             "max_depth": int(r.depth_n.max()) if tax.n else 0,
         },
-        "labels": {"file": str(job.labels), "images": r.labels.n, "classes": len(r.labels.classes)},
+        "labels": {"file": r.inp.layout.public_name(job.labels), "images": r.labels.n,
+                   "classes": len(r.labels.classes)},
         "settings": settings,
         "inputs": public_inputs(r.inp.layout.root, features=r.features),
         "backbone": r.inp.backbone,

@@ -195,6 +195,13 @@ class AtlasLayout:
         except (ValueError, OSError):
             return None
 
+    def public_name(self, path: str | Path | None) -> str | None:
+        """How a published report names an input file for its readers: relative to the atlas when
+        inside it, else the file name alone (the builder's folders are not published)."""
+        if path is None:
+            return None
+        return self.public(path) or Path(path).name
+
     manifest = Under(MANIFEST)
 
     @property

@@ -11,6 +11,7 @@ import pytest
 from insight_core.atlas import SynthLayout
 from insight_core.planted import load_world
 from precompute.__main__ import main
+from tests.precompute.published import assert_reports_name_no_builder_folder
 
 WORLD = "--world.d 64 --world.n-objects 4 --world.n-attributes 4 --world.n-backgrounds 3"
 WORLD += " --world.n-distractors 20 --world.objects-per-image 1 1 --world.grid 8"
@@ -47,3 +48,13 @@ def test_label_outside_the_taxonomy_is_a_clear_error(planted: Path, tmp_path: Pa
             "--taxonomy", str(s.taxonomy), "--labels", str(bad)]  # fmt: skip
     assert main(args) == 2
     assert "zeppelin" in caplog.text
+
+
+def test_report_names_inputs_without_the_builder_folder(planted: Path) -> None:
+    s = SynthLayout(planted)
+    args = ["eval-absorption", "--atlas", str(s.oracle_atlas.root), "--features", str(s.features.root),
+            "--taxonomy", str(s.taxonomy), "--labels", str(s.taxonomy_labels)]  # fmt: skip
+    assert main(args) == 0
+    assert_reports_name_no_builder_folder(s.oracle_atlas.root, planted)
+    rep = json.loads(s.oracle_atlas.eval_layout("absorption-taxonomy_labels").report_json.read_text())
+    assert rep["taxonomy"]["file"] == s.taxonomy.name

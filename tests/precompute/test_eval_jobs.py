@@ -18,6 +18,7 @@ from insight_core.io import write_npy
 from insight_core.models.sae import MatryoshkaSAE
 from precompute.__main__ import main
 from tests.insight_core.evaluation.reference_metrics import reference_metrics
+from tests.precompute.published import assert_reports_name_no_builder_folder
 
 WORLD = "--world.d 128 --world.n-objects 6 --world.n-attributes 6 --world.n-backgrounds 4"
 WORLD += " --world.n-distractors 50"
@@ -365,3 +366,16 @@ def test_thresholded_ovs_uses_per_concept_thresholds(planted: Path, tmp_path: Pa
         else:
             assert report["insight"]["miou"] < 0.5 * plain["insight"]["miou"]
         assert report["dense"]["miou"] == pytest.approx(plain["dense"]["miou"], abs=1e-6)
+
+
+def test_reports_name_inputs_without_the_builder_folder(planted: Path, tmp_path: Path) -> None:
+    synth = SynthLayout(planted)
+    atlas = tmp_path / "atlas"
+    shutil.copytree(synth.oracle_atlas.root, atlas, ignore=shutil.ignore_patterns("evals", "stages"))
+    common = ["--atlas", str(atlas), "--features", str(synth.features.root), "--masks", str(synth.masks.root),
+              "--no-progress"]  # fmt: skip
+    assert main(["eval-ovs", *common, "--class-embeddings", str(synth.world.vocab)]) == 0
+    assert main(["eval-concepts", *common]) == 0
+    assert_reports_name_no_builder_folder(atlas, planted)
+    ovs = json.loads(AtlasLayout(atlas).eval_layout("ovs-masks").report_json.read_text())
+    assert ovs["labels"]["file"] == "labels.json"

@@ -14,6 +14,7 @@ import pytest
 from insight_core.atlas import SynthLayout
 from insight_core.planted import load_world
 from precompute.__main__ import main
+from tests.precompute.published import assert_reports_name_no_builder_folder
 
 # one object per image over a background: an image's class is its object
 WORLD = "--world.d 64 --world.n-objects 5 --world.n-attributes 4 --world.n-backgrounds 3"
@@ -237,3 +238,11 @@ def test_an_evaluator_needs_the_source_images(planted: Path, caplog) -> None:
                  "--evaluator", "timm:deit_tiny_patch16_224:none", "--name", "noimages"])  # fmt: skip
     assert code == 2
     assert "--evaluator needs the images behind --features" in caplog.text
+
+
+def test_report_names_inputs_without_the_builder_folder(planted: Path) -> None:
+    rep = _run(planted, "--labels", str(planted / "objects.csv"), "--class-embeddings",
+               str(planted / "objects.npz"), "--name", "public-paths")  # fmt: skip
+    assert_reports_name_no_builder_folder(SynthLayout(planted).oracle_atlas.root, planted)
+    assert rep["labels"]["file"] == "objects.csv"
+    assert rep["inputs"]["features"] is None

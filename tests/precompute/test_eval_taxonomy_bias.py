@@ -15,6 +15,7 @@ import pytest
 from insight_core.atlas import SynthLayout
 from insight_core.planted import load_world
 from precompute.__main__ import main
+from tests.precompute.published import assert_reports_name_no_builder_folder
 
 # an is-a world: every image shows one object with one part and at most one sub-part of it, so an image
 # is an instance of the deepest planted node it shows (a "hubcap" image activates hubcap, wheel, car)
@@ -162,3 +163,16 @@ def test_bias_finds_the_planted_attribute(planted: Path, caplog) -> None:
         assert main([*args[:-3], "--attributes", str(bad), "--no-progress"]) == 2
     assert f"{bad}" in caplog.text
     assert "a bias analysis needs at least 2 groups" in caplog.text
+
+
+def test_reports_name_inputs_without_the_builder_folders(planted: Path) -> None:
+    s = SynthLayout(planted)
+    assert main(_args(planted)) == 0
+    assert main(["eval-bias", "--atlas", str(s.oracle_atlas.root), "--features", str(s.features.root),
+                 "--attributes", str(s.attributes), "--no-progress"]) == 0  # fmt: skip
+    assert_reports_name_no_builder_folder(s.oracle_atlas.root, planted)
+    taxonomy = json.loads(s.oracle_atlas.eval_layout("taxonomy-taxonomy_labels").report_json.read_text())
+    assert taxonomy["taxonomy"]["file"] == s.taxonomy.name  # still says which file, by name
+    assert taxonomy["inputs"]["features"] is None
+    bias = json.loads(s.oracle_atlas.eval_layout("bias-attributes").report_json.read_text())
+    assert bias["attribute_file"] == s.attributes.name
