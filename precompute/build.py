@@ -144,7 +144,8 @@ def _run(job: BuildJob) -> Atlas:
                                                       progress=job.progress))  # fmt: skip
     with progress.stage("manifest"):
         install_head(layout.root, features)
-        backbone = public_backbone(backbone_info(features), layout.root) or _own_features_block(bb, features)
+        own = _own_features_block(bb, features, layout)
+        backbone = public_backbone(backbone_info(features), layout.root) or own
         write_manifest(layout.root, backbone=backbone, extra=feature_origin(features, layout.root))
         opened = Atlas.open(layout.root)
     log.info(
@@ -163,12 +164,14 @@ def _text_aligned(job: BuildJob, features: Path) -> bool:
     return job.backbone.timm_name is None
 
 
-def _own_features_block(bb: BackboneOptions, features: Path) -> dict:
-    """The atlas manifest's backbone block for your own features: the backbone options describe them."""
+def _own_features_block(bb: BackboneOptions, features: Path, layout: AtlasLayout) -> dict:
+    """The atlas manifest's backbone block for your own features: the backbone options describe them
+    (``source``: the features' folder relative to the atlas, None outside it: no builder paths)."""
+    source = layout.public(features)
     timm_name = bb.timm_name
     if timm_name is not None:
         return {"kind": "timm", "arch": timm_name, "pretrained": bb.timm_config().pretrained,
                 "text_aligned": False, "layer": bb.layer[0], "tokens": bb.tokens, "pool": "none",
-                "resize": bb.resize, "norm": bb.final_norm, "source": str(features)}  # fmt: skip
+                "resize": bb.resize, "norm": bb.final_norm, "source": source}  # fmt: skip
     return {"arch": bb.arch, "pretrained": bb.pretrained, "dense": bb.dense, "resize": bb.resize,
-            "kind": "open_clip", "text_aligned": True, "source": str(features)}  # fmt: skip
+            "kind": "open_clip", "text_aligned": True, "source": source}  # fmt: skip

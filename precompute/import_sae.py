@@ -68,7 +68,7 @@ def run(job: ImportSaeJob) -> dict:
             raise ConfigError("--k-levels, --weighting and --k apply to --kind msae only")
         sae = import_dictionary_learning(job.checkpoint)
     layout.root.mkdir(parents=True, exist_ok=True)
-    meta = {"imported_from": str(job.checkpoint)}
+    meta = {"imported_from": Path(job.checkpoint).name}  # the file, not the builder's folders
     sae.save(layout.sae, config_path=layout.sae_config, extra_metadata=meta)
     record.write(key, [layout.sae, layout.sae_config], kind=sae_kind(sae))
     log.info("imported %s (%s) -> %s", job.checkpoint, sae_kind(sae), layout.sae)

@@ -143,7 +143,8 @@ def resolve_vocabulary(
         where = f"--vocab-embeddings {opts.vocab_embeddings}"
         vocab = load_vocab_embeddings(opts.vocab_embeddings)
         check_vocab_backbone(vocab, arch, pretrained, where)
-        return Resolved(vocab, _info(vocab, "file", where))
+        # the published reason names the file, not the builder's folders
+        return Resolved(vocab, _info(vocab, "file", f"--vocab-embeddings {Path(opts.vocab_embeddings).name}"))
     words = vocabulary_words(opts)
     templates = templates_for(opts)
     tag, weights_sha = _cache_tag(pretrained)

@@ -148,3 +148,23 @@ def test_name_from_word_lists_with_cache(built, shared_data: Path, caplog) -> No
     mtime = cache[0].stat().st_mtime_ns
     assert main(args) == 0
     assert cache[0].stat().st_mtime_ns == mtime  # reused, not re-encoded
+
+
+def test_build_from_your_own_features_publishes_no_builder_path(tmp_path: Path) -> None:
+    """Your own .npy features (no feature manifest): the atlas manifest's backbone block comes from
+    the options and names the feature folder only when it is inside the atlas."""
+    rng = np.random.default_rng(0)
+    own = tmp_path / "my-features"
+    own.mkdir()
+    np.save(own / "part0.npy", rng.normal(size=(24, 49, 512)).astype(np.float16))
+    np.savez(tmp_path / "vocab.npz", words=np.array([f"w{i}" for i in range(30)]),
+             embeddings=rng.normal(size=(30, 512)).astype(np.float32))  # fmt: skip
+    atlas = tmp_path / "atlas"
+    assert main(["build", "--atlas", str(atlas), "--features", str(own), "--pretrained", "none",
+                 "--dict-size", "64", "--k", "4", "--group-fractions", "0.25", "0.75", "--steps", "20",
+                 "--batch-size", "128", "--vocab-embeddings", str(tmp_path / "vocab.npz"),
+                 "--no-image-index", "--no-progress"]) == 0  # fmt: skip
+    assert json.loads((atlas / "manifest.json").read_text())["backbone"]["source"] is None
+    published = [p for p in atlas.rglob("*") if p.suffix in (".json", ".md") and ".cache" not in p.parts]
+    for path in published:  # the manifest, stage records, reports: none names the builder's folders
+        assert str(tmp_path) not in path.read_text(), path
